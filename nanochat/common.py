@@ -1,0 +1,210 @@
+"""
+Common utilities shared by every stage: the artifact root, device and dtype selection,
+torchrun-aware distributed init, rank-0 printing, a no-op wandb stand-in, peak FLOPs and
+an atomic HTTP download with retries.
+
+Nothing here reads command-line flags; scripts pass what they parsed.
+"""
+
+import os
+import time
+import urllib.request
+import urllib.error
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Artifact root: data, tokenizer, checkpoints and reports live here, never in the repo.
+
+def get_base_dir():
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base_dir, exist_ok=True)
+    return base_dir
+
+# -----------------------------------------------------------------------------
+# Distributed info (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+def is_ddp_requested():
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+def get_dist_info():
+    """Returns (ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+def is_master():
+    return get_dist_info()[1] == 0
+
+def print0(*args, **kwargs):
+    if is_master():
+        print(*args, **kwargs, flush=True)
+
+# -----------------------------------------------------------------------------
+# Device and compute dtype
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+def _detect_compute_dtype():
+    """Choose the activation dtype once, at import, and say why (the slow path is loud)."""
+    env = os.environ.get("NANOCHAT_DTYPE")
+    if env:
+        choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        if env not in choices:
+            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or pick one of those")
+        return choices[env], f"set by NANOCHAT_DTYPE={env}"
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        if major >= 8:
+            return torch.bfloat16, f"CUDA SM{major}{minor} supports bf16"
+        return torch.float32, f"CUDA SM{major}{minor} < SM80 has no fast bf16"
+    return torch.float32, "no CUDA device (CPU/MPS compute in fp32)"
+
+COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
+
+def compute_init(device_type=""):
+    """
+    Set up the device, seeds and (under torchrun) the process group.
+    Returns (ddp, rank, local_rank, world_size, device).
+    NCCL on CUDA, gloo on CPU; one process is the degenerate case (no group at all).
+    """
+    device_type = device_type or autodetect_device_type()
+    assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type!r}: use cuda, mps or cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type=cuda was requested but torch sees no CUDA device; use --device-type=cpu")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
+
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
+    if rank == 0:
+        print(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})", flush=True)
+    return ddp, rank, local_rank, world_size, device
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+def is_dist():
+    """True when a multi-rank process group is up (collectives are needed)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+# -----------------------------------------------------------------------------
+# wandb: only when installed and the run is not "dummy"
+
+class DummyWandb:
+    """Same log/finish interface as a wandb run, does nothing."""
+    def log(self, *args, **kwargs):
+        pass
+    def finish(self):
+        pass
+
+def init_wandb(project, run, config, master):
+    if run == "dummy" or not master:
+        return DummyWandb()
+    try:
+        import wandb
+    except ImportError:
+        print0(f"wandb is not installed, so --run={run} is not logged; `pip install wandb` or use --run=dummy")
+        return DummyWandb()
+    return wandb.init(project=project, name=run, config=config)
+
+# -----------------------------------------------------------------------------
+# Peak dense bf16 FLOP/s by device name (most specific first); unknown -> inf so MFU reads 0.
+
+_PEAK_FLOPS = [
+    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12),
+    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
+    ("mi250x", 383e12), ("mi250", 362.1e12),
+    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+]
+
+def get_peak_flops(device):
+    """Peak dense bf16 FLOP/s of one device; float('inf') when unknown (CPU, MPS, unlisted GPUs)."""
+    if torch.device(device).type != "cuda":
+        return float("inf")
+    name = torch.cuda.get_device_name(device).lower()
+    for key, flops in _PEAK_FLOPS:
+        if key in name:
+            return flops
+    return float("inf")
+
+# -----------------------------------------------------------------------------
+# Downloads: stream to a temp file, rename on success; retry with exponential backoff.
+
+def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 << 20):
+    """
+    Download url to path atomically. Returns True on success, False after `attempts` failures.
+    A partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end.
+    Waits backoff**attempt seconds between tries (2, 4, 8, 16 by default).
+    """
+    if os.path.exists(path):
+        return True
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+                expected = response.headers.get("Content-Length")
+                written = 0
+                while chunk := response.read(chunk_size):
+                    f.write(chunk)
+                    written += len(chunk)
+            if expected is not None and written != int(expected):
+                raise IOError(f"got {written} of {expected} bytes")
+            os.replace(tmp_path, path)
+            return True
+        except (urllib.error.URLError, OSError, IOError) as e:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            print(f"download of {url} failed (attempt {attempt}/{attempts}): {e}", flush=True)
+            if attempt < attempts:
+                time.sleep(backoff ** attempt)
+    return False
+
+def download_file_with_lock(url, path, postprocess=None):
+    """One process downloads (others wait on a file lock); optional postprocess(path) runs once."""
+    from filelock import FileLock
+    if os.path.exists(path):
+        return path
+    with FileLock(path + ".lock"):
+        if not os.path.exists(path):
+            if not download_url(url, path):
+                raise RuntimeError(f"could not download {url} to {path}; check the network, or place the file there by hand")
+            if postprocess is not None:
+                postprocess(path)
+    return path
+
+def atomic_write_text(path, text):
+    """Write a text file via a temp file and rename, so a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

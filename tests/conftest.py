@@ -1,0 +1,87 @@
+"""
+Shared test fixtures: a tiny tokenizer trained in the test session, an isolated artifact root,
+and a local HTTP server on 127.0.0.1 that serves bytes the tests put in it (with scripted faults).
+"""
+
+import os
+import threading
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+import pytest
+
+# Keep torch from oversubscribing the 2-core CI machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Hello world! How are you doing today? I'm fine, thanks. We'll see; they've gone.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))\n",
+    "Numbers: 1 12 123 1234 12345, prices $3.50 and 2024-06-01.",
+    "Café naïve résumé — señor Müller. 你好，世界！ こんにちは 안녕하세요 🙂🚀",
+    "User: what is 2+2? Assistant: 2+2 is 4. The answer is #### 4",
+    "In 1905 Einstein published four papers. The speed of light is about 299792458 m/s.",
+] * 20
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.train_from_iterator(iter(TINY_CORPUS), vocab_size=256 + 64 + 9)
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch):
+    """An isolated NANOCHAT_BASE_DIR for one test."""
+    d = tmp_path / "nanochat_base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
+
+class LocalServer:
+    """
+    Serves `routes[path] = bytes`. `faults[path]` is a list consumed one request at a time:
+    "500" answers HTTP 500, "cut" sends headers for the full length then half the body and closes.
+    `hits[path]` counts requests.
+    """
+    def __init__(self):
+        self.routes, self.faults, self.hits = {}, {}, {}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                server.hits[path] = server.hits.get(path, 0) + 1
+                fault = server.faults.get(path, []).pop(0) if server.faults.get(path) else None
+                if fault == "500":
+                    self.send_error(500, "scripted failure")
+                    return
+                if path not in server.routes:
+                    self.send_error(404, "not found")
+                    return
+                body = server.routes[path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault == "cut":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+@pytest.fixture
+def http_server():
+    server = LocalServer()
+    yield server
+    server.close()
