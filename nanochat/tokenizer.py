@@ -1,0 +1,256 @@
+"""
+Byte-level BPE tokenizer in the style of GPT-4: trained with rustbpe, run with tiktoken.
+
+    from nanochat.tokenizer import get_tokenizer, get_token_bytes
+    tok = get_tokenizer()                      # <base>/tokenizer/, written by `python -m scripts.tok_train`
+    ids = tok.encode("hello", prepend="<|bos|>")
+    ids, mask = tok.render_conversation({"messages": [...]})
+
+Ids 0..255 are the raw bytes, then the learned merges, then the 9 special tokens in SPECIAL_TOKENS order
+(so with the default 32,768 vocab, <|bos|> = 32,759). Plain text never encodes to a special token; specials
+only enter through encode_special() and the prepend=/append= arguments.
+
+Why rustbpe for training: bench/tokenizer.py trains both rustbpe and HF `tokenizers` on the same text and vocab.
+On the 2-core dev box rustbpe trained vocab 32,768 on the embedded corpus in about the same time as HF and with
+less peak memory, and (what decides it) its merges come out directly as tiktoken mergeable ranks with byte
+tokens at ids 0..255, and its pre-tokenizer uses the same regex engine (fancy-regex) as tiktoken, so training
+and inference split text identically (tests/test_tokenizer.py checks this on digits, mixed scripts, emoji).
+HF would need a GPT-2 byte<->unicode remapping of its vocab and an Oniguruma regex whose behaviour we would
+have to re-verify against tiktoken's.
+Why tiktoken for inference: it is the fastest BPE encoder we have and has a threaded batch encoder.
+
+Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encodings such as "gpt2").
+"""
+
+import copy
+import os
+import pickle
+
+import rustbpe
+import tiktoken
+import torch
+
+from nanochat.common import get_base_dir
+
+SPECIAL_TOKENS = [
+    "<|bos|>",            # document delimiter, prepended to every document
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|python_start|>", "<|python_end|>",   # the assistant calls the Python tool
+    "<|output_start|>", "<|output_end|>",   # the tool's output, fed back to the assistant
+]
+
+# GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab
+# val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (reference LOG, Jan 13).
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+TOKENIZER_FILE = "tokenizer.pkl"
+TOKEN_BYTES_FILE = "token_bytes.pt"
+
+# -----------------------------------------------------------------------------
+
+class Tokenizer:
+    """A tiktoken Encoding plus the chat conventions of nanochat (specials, render with loss mask)."""
+
+    def __init__(self, enc, bos_token):
+        self.enc = enc
+        self.special_ids = {name: enc.encode_single_token(name) for name in enc.special_tokens_set}
+        self.bos_token_id = self.encode_special(bos_token)
+
+    @classmethod
+    def train_from_iterator(cls, text_iterator, vocab_size):
+        """Learn vocab_size - 256 - 9 merges from an iterator of strings; vocab_size counts the 9 specials."""
+        num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+        if num_merges < 0:
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
+        learned = len(mergeable_ranks) - 256
+        if learned != num_merges:
+            # rustbpe stops early when no pair occurs twice; a short vocab would shift the special ids.
+            raise ValueError(f"the training text only supports {learned} merges but vocab_size={vocab_size} needs "
+                             f"{num_merges}: train on more text or lower the vocab size")
+        special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+        enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN,
+                                mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir):
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
+        try:
+            with open(path, "rb") as f:
+                enc = pickle.load(f)  # our own artifact; never load a tokenizer.pkl you did not make
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+                TypeError, ValueError) as e:
+            raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run "
+                               f"`python -m scripts.tok_train`") from e
+        if not isinstance(enc, tiktoken.Encoding):
+            raise RuntimeError(f"{path} holds a {type(enc).__name__}, not a tiktoken Encoding; delete it and "
+                               f"re-run `python -m scripts.tok_train`")
+        return cls(enc, "<|bos|>")
+
+    @classmethod
+    def from_pretrained(cls, tiktoken_name):
+        """A stock tiktoken encoding ("gpt2", "cl100k_base"); downloads on first use. BOS is <|endoftext|>."""
+        return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
+
+    def save(self, tokenizer_dir):
+        """Write tokenizer.pkl and token_bytes.pt, each through a temp file and a rename."""
+        os.makedirs(tokenizer_dir, exist_ok=True)
+        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            pickle.dump(self.enc, f)
+        os.replace(tmp, path)
+        path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(self.token_bytes(), tmp)
+        os.replace(tmp, path)
+
+    # -------------------------------------------------------------------------
+    # vocabulary
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def get_special_tokens(self):
+        return set(self.special_ids)
+
+    def encode_special(self, text):
+        if text not in self.special_ids:
+            raise ValueError(f"{text!r} is not a special token of this tokenizer; known: {sorted(self.special_ids)}")
+        return self.special_ids[text]
+
+    def id_to_token(self, token_id):
+        return self.enc.decode([token_id])
+
+    def token_bytes(self):
+        """int32 [vocab]: byte length of each token's raw bytes (not of its decoded string), 0 for specials."""
+        special = set(self.special_ids.values())
+        lengths = [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)]
+        return torch.tensor(lengths, dtype=torch.int32)
+
+    # -------------------------------------------------------------------------
+    # encode / decode
+
+    def _special_id(self, token):
+        """prepend=/append= accept a special token's name or any id."""
+        if isinstance(token, int):
+            if not 0 <= token < self.enc.n_vocab:
+                raise ValueError(f"token id {token} is outside the vocab [0, {self.enc.n_vocab})")
+            return token
+        return self.encode_special(token)
+
+    def encode(self, text, prepend=None, append=None, num_threads=8):
+        """str -> list[int]; list[str] -> list[list[int]] (threaded). Never emits specials from the text."""
+        first = [] if prepend is None else [self._special_id(prepend)]
+        last = [] if append is None else [self._special_id(append)]
+        if isinstance(text, str):
+            return first + self.enc.encode_ordinary(text) + last
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return [first + row + last for row in rows]
+        raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+
+    def __call__(self, *args, **kwargs):
+        return self.encode(*args, **kwargs)
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    # -------------------------------------------------------------------------
+    # chat
+
+    def render_conversation(self, conversation, max_tokens=2048):
+        """
+        Tokenize a chat into (ids, mask); mask 1 marks tokens the assistant is trained to produce:
+        assistant text, python calls with their delimiters, and <|assistant_end|>. BOS, user turns,
+        <|assistant_start|> and python outputs (the interpreter writes those at test time) get 0.
+        A leading system message is merged into the first user message with "\\n\\n".
+        max_tokens=None renders without truncation.
+        """
+        messages = conversation["messages"]
+        offset = 0  # to name the caller's message index after the system merge
+        if messages and messages[0]["role"] == "system":
+            if len(messages) < 2 or messages[1]["role"] != "user":
+                raise ValueError("a system message must be followed by a user message")
+            merged = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+            messages = [merged] + list(messages[2:])
+            offset = 1
+        if not messages:
+            raise ValueError("the conversation has no user or assistant messages")
+
+        ids, mask = [], []
+        def add(token_ids, supervised):
+            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
+            ids.extend(token_ids)
+            mask.extend([supervised] * len(token_ids))
+
+        add(self.bos_token_id, 0)
+        for i, message in enumerate(messages):
+            expected = "user" if i % 2 == 0 else "assistant"
+            if message["role"] != expected:
+                raise ValueError(f"message {i + offset} has role {message['role']!r} where {expected!r} was expected: "
+                                 f"roles must alternate user, assistant, user, ... after an optional system message")
+            content = message["content"]
+            if expected == "user":
+                if not isinstance(content, str):
+                    raise ValueError(f"message {i + offset}: user content must be a string, got {type(content).__name__}")
+                add(self.encode_special("<|user_start|>"), 0)
+                add(self.encode(content), 0)
+                add(self.encode_special("<|user_end|>"), 0)
+                continue
+            add(self.encode_special("<|assistant_start|>"), 0)
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            for part in parts:
+                if part["type"] == "text":
+                    add(self.encode(part["text"]), 1)
+                elif part["type"] == "python":
+                    add(self.encode(part["text"], prepend="<|python_start|>", append="<|python_end|>"), 1)
+                elif part["type"] == "python_output":
+                    add(self.encode(part["text"], prepend="<|output_start|>", append="<|output_end|>"), 0)
+                else:
+                    raise ValueError(f"message {i + offset}: unknown part type {part['type']!r}; "
+                                     f"use text, python or python_output")
+            add(self.encode_special("<|assistant_end|>"), 1)
+
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def render_for_completion(self, conversation):
+        """
+        Prompt ids for the assistant's next turn (RL, eval, chat): drops a final assistant message,
+        then appends <|assistant_start|>. A conversation ending with a user message is rendered as is.
+        Not truncated: fitting the context is the caller's decision.
+        """
+        conversation = copy.deepcopy(conversation)
+        messages = conversation["messages"]
+        if messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        ids, _ = self.render_conversation(conversation, max_tokens=None)
+        return ids + [self.encode_special("<|assistant_start|>")]
+
+    def visualize_tokenization(self, ids, mask):
+        """Debug view: supervised tokens green, the rest red, separated by '|'."""
+        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
+        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
+
+# -----------------------------------------------------------------------------
+
+def get_tokenizer():
+    return Tokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
+
+def get_token_bytes(device="cpu"):
+    path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no token_bytes at {path}: train the tokenizer with `python -m scripts.tok_train`")
+    return torch.load(path, map_location=device, weights_only=True)
