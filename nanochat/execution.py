@@ -45,18 +45,16 @@ class ExecutionResult:
 
 # Runs in the child before the program. {placeholders} are filled with repr()'d values by execute_code.
 _GUARD = r'''
-import builtins, faulthandler, linecache, os, resource, shutil, subprocess, sys
+import builtins, faulthandler, os, resource, shutil, subprocess, sys
 
 memory, cpu_seconds = {memory}, {cpu_seconds}
 for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_CPU, cpu_seconds),
                      (resource.RLIMIT_FSIZE, {max_file_bytes}), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)]:
     resource.setrlimit(limit, (value, value))
 
+# Compiled under its real file name so tracebacks can show the offending line.
 with open({program_path}, encoding="utf-8") as f:
-    _code = f.read()
-# Register the source so tracebacks show the offending line.
-linecache.cache["<program>"] = (len(_code), None, _code.splitlines(True), "<program>")
-_compiled = compile(_code, "<program>", "exec")
+    _compiled = compile(f.read(), {program_path}, "exec")
 
 faulthandler.disable()
 for name in ["exit", "quit", "help"]:
