@@ -1,0 +1,207 @@
+"""
+The task framework shared by mid-training, SFT, RL and chat evaluation.
+
+A Task is a sliced, indexable view over conversations ({"messages": [...]}, see nanochat/tokenizer.py)
+that also knows how to grade an assistant response. TaskMixture shuffles several tasks together for
+training; TaskSequence concatenates them (a curriculum). render_mc is the one multiple-choice prompt format.
+
+Real datasets come from the Hugging Face hub's auto-generated parquet export (no `datasets` dependency):
+load_hub_dataset downloads the shards once into <base>/task_data/ and reads them with pyarrow.
+Set NANOCHAT_HF_URL to point at a mirror (the tests point it at a 127.0.0.1 server).
+Leaves out: streaming, private/gated datasets (no auth token is sent).
+"""
+
+import os
+import re
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from filelock import FileLock
+
+from nanochat.common import get_base_dir, download_url, atomic_write_text
+
+# -----------------------------------------------------------------------------
+# Task: a sliced view over a dataset of conversations
+
+class Task:
+    """
+    Task(start, stop, step) views examples start, start+step, ... (< stop) of the underlying dataset.
+    Subclasses implement num_examples(), get_example(index), evaluate(conversation, response) and set eval_type:
+    "categorical" (the answer is one of conversation["letters"], scored by logits) or "generative" (sampled and graded).
+    """
+    eval_type = None
+
+    def __init__(self, start=0, stop=None, step=1):
+        assert start >= 0, f"start must be >= 0, got {start}"
+        assert stop is None or stop >= start, f"stop ({stop}) must be >= start ({start})"
+        assert step >= 1, f"step must be >= 1, got {step}"
+        self.start, self.stop, self.step = start, stop, step
+
+    def num_examples(self):
+        raise NotImplementedError
+
+    def get_example(self, index):
+        raise NotImplementedError
+
+    def evaluate(self, conversation, assistant_response):
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation (it is training data only)")
+
+    def reward(self, conversation, assistant_response):
+        """RL reward; by default 1.0 for a passing response, else 0.0."""
+        return float(self.evaluate(conversation, assistant_response))
+
+    def __len__(self):
+        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
+        return max(0, -(-(stop - self.start) // self.step))  # ceil((stop - start) / step)
+
+    def __getitem__(self, i):
+        assert 0 <= i < len(self), f"index {i} out of range for {type(self).__name__} of length {len(self)}"
+        return self.get_example(self.start + i * self.step)
+
+
+class TaskMixture(Task):
+    """
+    All examples of all tasks, shuffled together once with random.Random(42) so every epoch interleaves them.
+    Passing a task twice oversamples it (each copy contributes every example once).
+    """
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.index_map = [(t, i) for t, task in enumerate(tasks) for i in range(len(task))]
+        random.Random(42).shuffle(self.index_map)
+
+    def num_examples(self):
+        return len(self.index_map)
+
+    def get_example(self, index):
+        t, i = self.index_map[index]
+        return self.tasks[t][i]
+
+
+class TaskSequence(Task):
+    """All examples of the first task, then the second, ... (a curriculum; no shuffling)."""
+    def __init__(self, tasks, **kwargs):
+        super().__init__(**kwargs)
+        self.tasks = tasks
+        self.offsets = np.cumsum([0] + [len(task) for task in tasks]).tolist()
+
+    def num_examples(self):
+        return self.offsets[-1]
+
+    def get_example(self, index):
+        assert 0 <= index < self.offsets[-1], f"index {index} out of range for {self.offsets[-1]} examples"
+        t = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        return self.tasks[t][index - self.offsets[t]]
+
+# -----------------------------------------------------------------------------
+# Multiple choice
+
+def render_mc(question, letters, choices):
+    """
+    The multiple-choice prompt. The letter comes after its choice with no space after "=", so the token the
+    model sees in the prompt is the same bare-letter token it must emit as the answer (small models benefit).
+    """
+    assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
+    lines = [f"Multiple Choice question: {question}\n"]
+    lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
+    lines.append("\nRespond only with the letter of the correct answer.")
+    return "".join(lines)
+
+def evaluate_letter(conversation, assistant_response):
+    """Categorical grading: the response must be exactly the reference letter."""
+    letters = conversation["letters"]
+    assert assistant_response in letters, f"response {assistant_response!r} is not one of the allowed letters {letters}"
+    return assistant_response == conversation["messages"][-1]["content"]
+
+# -----------------------------------------------------------------------------
+# Hugging Face hub parquet export, downloaded once into <base>/task_data/<owner--repo>/<subset>/<split>/
+
+HF_URL = "https://huggingface.co"
+
+def get_hf_url():
+    return os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
+
+def hub_dataset_dir(repo, subset, split):
+    return os.path.join(get_base_dir(), "task_data", repo.replace("/", "--"), subset, split)
+
+def hub_dataset_ready(repo, subset, split):
+    """True when the dataset was fully downloaded (its manifest exists); never touches the network."""
+    return os.path.exists(os.path.join(hub_dataset_dir(repo, subset, split), "manifest.json"))
+
+
+class HubDataset:
+    """Rows of a pyarrow table as dicts, optionally through a permutation (from shuffle)."""
+    def __init__(self, table, indices=None):
+        self.table = table
+        self.indices = indices
+
+    def __len__(self):
+        return self.table.num_rows if self.indices is None else len(self.indices)
+
+    def __getitem__(self, i):
+        assert 0 <= i < len(self), f"row {i} out of range for {len(self)} rows"
+        j = i if self.indices is None else int(self.indices[i])
+        return {name: self.table.column(name)[j].as_py() for name in self.table.column_names}
+
+    def shuffle(self, seed):
+        """A shuffled view (the original is untouched); same order as Hugging Face datasets' .shuffle(seed=seed)."""
+        perm = np.random.default_rng(seed).permutation(len(self))
+        indices = perm if self.indices is None else self.indices[perm]
+        return HubDataset(self.table, indices)
+
+
+def _shard_sort_key(url):
+    stem = url.rsplit("/", 1)[-1].split("?")[0].removesuffix(".parquet")
+    return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
+
+def _download_hub_dataset(repo, subset, split, data_dir):
+    listing_url = f"{get_hf_url()}/api/datasets/{repo}/parquet/{subset}/{split}"
+    how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses it downloads it), or download "
+              f"the parquet files listed at {listing_url} and place them, in listing order, as {data_dir}/00000.parquet, "
+              f"00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
+    listing_path = os.path.join(data_dir, "listing.json")
+    if not download_url(listing_url, listing_path, attempts=2):
+        raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} and {listing_url} is unreachable. {how_to}")
+    with open(listing_path, encoding="utf-8") as f:
+        urls = json.load(f)
+    assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, expected a non-empty JSON list of parquet URLs"
+    files = []
+    for i, url in enumerate(sorted(urls, key=_shard_sort_key)):
+        name = f"{i:05d}.parquet"
+        if not download_url(url, os.path.join(data_dir, name)):
+            raise RuntimeError(f"could not download {url} (shard {i} of {repo} {subset}/{split}). {how_to}")
+        files.append(name)
+    # Written last: its presence means every shard is complete (download_url renames atomically).
+    manifest = {"repo": repo, "subset": subset, "split": split, "urls": urls, "files": files}
+    atomic_write_text(os.path.join(data_dir, "manifest.json"), json.dumps(manifest, indent=1))
+    os.remove(listing_path)
+
+def load_hub_dataset(repo, subset, split):
+    """
+    Rows of a hub dataset's parquet export as a HubDataset, downloading it the first time.
+    One process downloads (file lock); the others wait, then read the same files.
+    """
+    data_dir = hub_dataset_dir(repo, subset, split)
+    manifest_path = os.path.join(data_dir, "manifest.json")
+    if not os.path.exists(manifest_path):
+        os.makedirs(data_dir, exist_ok=True)
+        with FileLock(data_dir + ".lock"):
+            if not os.path.exists(manifest_path):
+                _download_hub_dataset(repo, subset, split, data_dir)
+    with open(manifest_path, encoding="utf-8") as f:
+        files = json.load(f)["files"]
+    tables = [pq.read_table(os.path.join(data_dir, name)) for name in files]
+    return HubDataset(pa.concat_tables(tables, promote_options="default"))
+
+# -----------------------------------------------------------------------------
+# "#### N" answers (GSM8K, SpellingBee and the synthetic word problems)
+
+ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
+
+def extract_answer(text):
+    """The number after the first "#### " with commas and a sentence-ending period removed ("1,234." -> "1234"), or None."""
+    match = ANSWER_RE.search(text)
+    return match.group(1).replace(",", "").rstrip(".") if match else None

@@ -1,0 +1,288 @@
+"""
+Synthetic chat tasks: the embedded default data for the offline CPU demo (no network, no files).
+
+    from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
+    train = SyntheticMath(split="train", size=2000, seed=0)
+    test = SyntheticMath(split="test", size=200, seed=0)
+
+Four small skills a tiny model can learn from a few thousand examples, in the same formats as the real tasks:
+  SyntheticIdentity  who the model is (name, maker, abilities, limits), one to three turns; graded by a keyword
+  SyntheticMath      one- and two-step word problems solved with a calculator call, "#### N" answer (like GSM8K)
+  SyntheticSpelling  letter counting with a `'word'.count('r')` call, "#### N" answer (like SpellingBee)
+  SyntheticMC        render_mc multiple choice over 4 letters (largest/smallest number, sums, next letter, ...)
+Example i is generated from its own random.Random seeded by (task, seed, split, i): deterministic, order-free.
+Train and test are disjoint in content, not just in seed: every problem has a key (e.g. the numbers of a sum) and
+a fixed hash of the key puts it in one split, so test problems are never seen in training. Identity holds out
+one phrasing per topic instead. Chance accuracy: 1/4 for SyntheticMC, ~0 for the generative tasks.
+Leaves out: open-ended chat (use SmolTalk for that).
+"""
+
+import random
+import string
+import zlib
+
+from tasks.common import Task, render_mc, evaluate_letter, extract_answer
+
+TEST_FRACTION = 0.2  # of each task's problem keys
+
+def key_split(key):
+    """A stable split assignment for a problem key (crc32, not hash(): that one is salted per process)."""
+    return "test" if zlib.crc32(key.encode("utf-8")) % 1000 < TEST_FRACTION * 1000 else "train"
+
+
+class SyntheticTask(Task):
+    """size examples of one split; subclasses implement generate(rng) -> (key, conversation)."""
+    def __init__(self, split="train", size=1000, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        assert split in ("train", "test"), f"split must be 'train' or 'test', got {split!r}"
+        self.split, self.size, self.seed = split, size, seed
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(f"{type(self).__name__}/{self.seed}/{self.split}/{index}")
+        for _ in range(1000):  # rejection: redraw until the problem belongs to this split (~1.25 draws for train, ~5 for test)
+            key, conversation = self.generate(rng)
+            if key_split(key) == self.split:
+                return conversation
+        raise RuntimeError(f"{type(self).__name__} found no {self.split} problem in 1000 draws (index {index})")
+
+    def generate(self, rng):
+        raise NotImplementedError
+
+# -----------------------------------------------------------------------------
+# Identity
+
+# topic: (keyword every answer contains, phrasings (the LAST one is held out for test), answers)
+IDENTITY = {
+    "name": ("nanochat",
+        ["What is your name?", "Who are you?", "What should I call you?", "Do you have a name?",
+         "Tell me your name.", "Introduce yourself.", "What's your name?", "May I know your name?"],
+        ["I'm nanochat, a small chat model.", "My name is nanochat.",
+         "I am nanochat, a tiny language model you can chat with."]),
+    "creator": ("Karpathy",
+        ["Who made you?", "Who created you?", "Who built you?", "Who is your creator?", "Where do you come from?",
+         "Who wrote you?", "Who trained you?"],
+        ["I was built with nanochat, an open-source project by Andrej Karpathy for training small chat models from scratch.",
+         "The nanochat code that trained me was written by Andrej Karpathy and open-source contributors."]),
+    "abilities": ("count letters",
+        ["What can you do?", "How can you help me?", "What are you good at?", "What are your skills?",
+         "What kind of tasks can you do?", "What are you able to do?"],
+        ["I can chat, answer simple questions, solve small math problems with a calculator and count letters in words.",
+         "I can have short conversations, do arithmetic with a calculator tool and count letters in words."]),
+    "limits": ("mistakes",
+        ["What are your limitations?", "Are you always right?", "Can I trust your answers?", "Do you make errors?",
+         "What can't you do?", "How reliable are you?"],
+        ["I'm a very small model, so I make mistakes often. Please double check anything important.",
+         "I make mistakes often: I am tiny and was trained on little data. I also can't browse the internet."]),
+    "human": ("language model",
+        ["Are you human?", "Are you a person?", "Are you a real person?", "Is this a human talking?",
+         "Are you a robot?", "Am I talking to a human?"],
+        ["No, I'm not a person. I'm nanochat, a small language model.",
+         "I'm not human: I am a language model called nanochat."]),
+    "training": ("trained",
+        ["How were you trained?", "How were you made?", "What data were you trained on?", "How did you learn?",
+         "How do you work?", "What is your training?"],
+        ["I'm a small transformer. I was trained on web text first, then on conversations like this one.",
+         "I was pretrained on text from the web, then trained on chat conversations to become an assistant."]),
+    "internet": ("internet",
+        ["Can you browse the internet?", "Can you look things up online?", "Do you have internet access?",
+         "Can you search the web?", "Are you connected to the internet?"],
+        ["No, I can't access the internet. I only know what I learned during training.",
+         "I have no internet access, so my knowledge comes only from my training data."]),
+    "greeting": ("help",
+        ["Hi!", "Hello!", "Hey there!", "Good morning!", "Hi, how are you?", "Hello, anyone there?"],
+        ["Hello! I'm nanochat. How can I help you today?", "Hi there! How can I help?"]),
+    "thanks": ("welcome",
+        ["Thank you!", "Thanks a lot!", "Thanks for the help.", "Great, thanks!", "Thank you so much!"],
+        ["You're welcome!", "You're welcome! Happy to help."]),
+}
+IDENTITY_TOPICS = sorted(IDENTITY)
+
+
+class SyntheticIdentity(SyntheticTask):
+    """One to three user turns about the model itself; passes if the reply to the last one has the topic's keyword."""
+    eval_type = "generative"
+
+    def get_example(self, index):
+        rng = random.Random(f"SyntheticIdentity/{self.seed}/{self.split}/{index}")
+        num_turns = rng.choice([1, 1, 1, 2, 2, 3])
+        topics = rng.sample(IDENTITY_TOPICS, num_turns)
+        messages = []
+        for turn, topic in enumerate(topics):
+            keyword, phrasings, answers = IDENTITY[topic]
+            last = turn == num_turns - 1
+            if self.split == "test" and last:
+                question = phrasings[-1]  # the held-out phrasing
+            else:
+                question = rng.choice(phrasings[:-1])
+                if rng.random() < 0.2:  # a little surface noise so the model keys on words, not punctuation
+                    question = question.lower().rstrip("?!.")
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": rng.choice(answers)}]
+        return {"messages": messages, "keyword": IDENTITY[topics[-1]][0]}
+
+    def evaluate(self, conversation, assistant_response):
+        return conversation["keyword"].lower() in assistant_response.lower()
+
+# -----------------------------------------------------------------------------
+# Word problems with a calculator call
+
+NAMES = ["Tom", "Anna", "Maya", "Leo", "Sara", "Ben", "Lina", "Omar", "Nina", "Sam", "Eva", "Raj"]
+ITEMS = ["apples", "books", "marbles", "stickers", "cookies", "pencils", "coins", "cards", "shells", "eggs"]
+
+
+class SyntheticMath(SyntheticTask):
+    """
+    Word problems with +, -, *, // and two-step +/-: the assistant states the step, calls the calculator
+    (python part = the expression, python_output = its value, exactly what the Engine's calculator returns)
+    and ends with "#### N". Integer division uses // so the calculator prints "4", not "4.0".
+    """
+    eval_type = "generative"
+
+    def generate(self, rng):
+        name, item = rng.choice(NAMES), rng.choice(ITEMS)
+        kind = rng.choice(["add", "sub", "mul", "div", "two", "bare"])
+        if kind == "add":
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+            expr, step = f"{a}+{b}", f"{name} has {a} {item} and gets {b} more, so we add"
+        elif kind == "sub":
+            a = rng.randint(10, 99)
+            b = rng.randint(1, a - 1)
+            question = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
+            expr, step = f"{a}-{b}", f"{name} gives away {b} of {a} {item}, so we subtract"
+        elif kind == "mul":
+            a, b = rng.randint(2, 12), rng.randint(2, 20)
+            question = f"{name} buys {a} bags with {b} {item} in each bag. How many {item} is that in total?"
+            expr, step = f"{a}*{b}", f"{a} bags of {b} {item} each, so we multiply"
+        elif kind == "div":
+            b, q = rng.randint(2, 9), rng.randint(2, 12)
+            a = b * q
+            question = f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?"
+            expr, step = f"{a}//{b}", f"{a} {item} shared by {b} friends, so we divide"
+        elif kind == "two":
+            a, b = rng.randint(5, 60), rng.randint(2, 40)
+            c = rng.randint(1, a + b - 1)
+            question = f"{name} has {a} {item}, buys {b} more and then gives {c} away. How many {item} are left?"
+            expr, step = f"{a}+{b}-{c}", f"{name} has {a}, adds {b} and removes {c}"
+        else:
+            a, b = rng.randint(2, 99), rng.randint(2, 99)
+            op = rng.choice(["+", "*"])
+            question = f"What is {a} {'plus' if op == '+' else 'times'} {b}?"
+            expr, step = f"{a}{op}{b}", "Let me compute it"
+        result = str(eval(expr))  # noqa: S307 (our own digits and operators)
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": f"{step}: "},
+                {"type": "python", "text": expr},
+                {"type": "python_output", "text": result},
+                {"type": "text", "text": f"\n\n#### {result}"},
+            ]},
+        ]
+        return f"{kind}:{expr}", {"messages": messages}
+
+    def evaluate(self, conversation, assistant_response):
+        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return extract_answer(assistant_response) == reference
+
+# -----------------------------------------------------------------------------
+# Letter counting with a python call
+
+WORDS = """apple banana cherry orange lemon mango grape peach melon berry strawberry
+    tomato potato carrot pepper onion garlic bread butter cheese coffee tea water sugar
+    house garden window door table chair kitchen bottle pillow blanket mirror carpet
+    river mountain forest island desert ocean valley meadow canyon volcano glacier
+    tiger rabbit monkey parrot turtle dolphin giraffe elephant kangaroo penguin squirrel
+    yellow purple silver golden scarlet violet
+    letter number pencil paper school teacher student library lesson science history
+    music guitar piano violin trumpet rhythm concert
+    summer winter autumn spring morning evening tomorrow yesterday
+    rocket planet comet galaxy shuttle balloon bicycle tractor airplane
+    happy little simple strong gentle bright quiet clever brave
+    mississippi committee balloon coffee address pepper bookkeeper assessment
+    banana cinnamon success pizza puzzle jazz llama""".split()
+WORDS = sorted(set(WORDS))
+QUESTION_TEMPLATES = [
+    "How many {l} are in {w}?",
+    "How many times does the letter {l} appear in {w}?",
+    "Count the letter {l} in the word {w}.",
+    "How many {l}s does {w} have?",
+    "In the word {w}, how many times does {l} occur?",
+]
+
+
+class SyntheticSpelling(SyntheticTask):
+    """How many times a letter occurs in a word: spell it out, count with `'word'.count('l')`, answer "#### N"."""
+    eval_type = "generative"
+
+    def generate(self, rng):
+        word = rng.choice(WORDS)
+        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(string.ascii_lowercase)
+        quote = rng.choice(["", "'", '"'])
+        question = rng.choice(QUESTION_TEMPLATES).format(l=f"{quote}{letter}{quote}", w=f"{quote}{word}{quote}")
+        count = str(word.count(letter))
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": f"Spelled out, {word} is {','.join(word)}. Counting '{letter}' with Python: "},
+                {"type": "python", "text": f"'{word}'.count('{letter}')"},
+                {"type": "python_output", "text": count},
+                {"type": "text", "text": f"\n\n#### {count}"},
+            ]},
+        ]
+        return f"{word}:{letter}", {"messages": messages}
+
+    def evaluate(self, conversation, assistant_response):
+        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return extract_answer(assistant_response) == reference
+
+# -----------------------------------------------------------------------------
+# Multiple choice
+
+MC_LETTERS = ["A", "B", "C", "D"]
+
+
+class SyntheticMC(SyntheticTask):
+    """Four-way multiple choice in the render_mc format; the correct letter is uniform over A-D."""
+    eval_type = "categorical"
+
+    def generate(self, rng):
+        kind = rng.choice(["largest", "smallest", "sum", "next_letter", "first_letter", "even"])
+        if kind in ("largest", "smallest"):
+            choices = rng.sample(range(1, 100), 4)
+            answer = max(choices) if kind == "largest" else min(choices)
+            question = f"Which number is the {kind}?"
+        elif kind == "sum":
+            a, b = rng.randint(1, 20), rng.randint(1, 20)
+            answer = a + b
+            wrong = rng.sample([d for d in range(-5, 6) if d != 0 and answer + d > 0], 3)
+            choices = [answer] + [answer + d for d in wrong]
+            question = f"What is {a} + {b}?"
+        elif kind == "next_letter":
+            i = rng.randint(0, 24)
+            answer = string.ascii_lowercase[i + 1]
+            choices = [answer] + rng.sample([c for c in string.ascii_lowercase if c != answer], 3)
+            question = f"Which letter comes right after {string.ascii_lowercase[i]} in the alphabet?"
+        elif kind == "first_letter":
+            word = rng.choice(WORDS)
+            answer = word[0]
+            choices = [answer] + rng.sample([c for c in string.ascii_lowercase if c != answer], 3)
+            question = f"What is the first letter of the word {word}?"
+        else:
+            answer = 2 * rng.randint(1, 49)
+            choices = [answer] + [2 * n + 1 for n in rng.sample(range(0, 50), 3)]
+            question = "Which of these numbers is even?"
+        choices = [str(c) for c in choices]
+        rng.shuffle(choices)
+        letter = MC_LETTERS[choices.index(str(answer))]
+        messages = [
+            {"role": "user", "content": render_mc(question, MC_LETTERS, choices)},
+            {"role": "assistant", "content": letter},
+        ]
+        key = f"{kind}:{question}:{','.join(sorted(choices))}"
+        return key, {"messages": messages, "letters": MC_LETTERS}
+
+    def evaluate(self, conversation, assistant_response):
+        return evaluate_letter(conversation, assistant_response)
