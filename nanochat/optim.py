@@ -1,0 +1,349 @@
+"""
+MuonAdamW: one optimizer for the whole model. Embeddings, lm_head and scalars take AdamW; every matrix inside
+the transformer blocks takes Muon (MuonEq + Polar Express + Muon+ + NorMuon + cautious weight decay), one group
+per distinct shape so a group's matrices stack into one (K, rows, cols) tensor and update in a few batched kernels.
+
+Param groups (built by GPT.setup_optimizer; extra keys such as "initial_lr" are kept untouched):
+    {"kind": "adamw", "params": [...], "lr", "betas": (b1, b2), "eps", "weight_decay"}
+    {"kind": "muon",  "params": [... all one 2-D shape], "lr", "momentum", "beta2", "weight_decay", "ns_steps"}
+Schedules change group["lr"], group["momentum"], group["weight_decay"] between steps; step() reads them every call.
+
+Distributed (ZeRO-2-like, no DDP wrapper): under a multi-rank process group the optimizer averages the gradients
+itself. Small AdamW params are all-reduced; large AdamW params are reduce-scattered along dim 0 and each rank updates
+and all-gathers its slice; a Muon group's stacked gradients are reduce-scattered in chunks of ceil(K/W) matrices.
+Optimizer state is sharded accordingly, so state_dict() is per rank: save and load one shard per rank, same world size.
+
+Leaves out: closures in step(), sparse gradients, params that are not 2-D in Muon groups.
+"""
+
+import math
+import functools
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import COMPUTE_DTYPE, is_dist
+
+# -----------------------------------------------------------------------------
+# Update rules as plain functions of tensors. Hyperparameters arrive as Python floats (eager) or as 0-D CPU
+# tensors (compiled), and only arithmetic that accepts both is used, so one definition serves both paths.
+
+# torch.compile fuses each step's elementwise chains into a few kernels on CUDA. On CPU (and MPS) the steps run
+# eager: the first compile costs tens of seconds on a small box and the CPU step is matmul/memory bound anyway.
+COMPILE_ON_CUDA = True
+
+# AdamW params with fewer elements than this are all-reduced whole; sharding them would cost more in latency
+# than it saves in memory.
+MIN_SHARD_NUMEL = 1024
+
+# Polar Express (Amsel et al., arXiv 2505.16932): per-iteration (a, b, c) for num_iters=5, safety 2e-2, cushion 2.
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
+    """One AdamW step in place on p (any float dtype); moments are fp32 and the math is fp32."""
+    p32 = p.float()  # p itself when p is fp32
+    g = grad.float()
+    p32.mul_(1 - lr * wd)  # decoupled weight decay first (same order as torch.optim.AdamW)
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.lerp_(g.square(), 1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    denom = (exp_avg_sq / bias2).sqrt() + eps
+    p32.sub_((lr / bias1) * exp_avg / denom)
+    p.copy_(p32)  # no-op when p is fp32; rounds back to bf16 embeddings otherwise
+
+def polar_express(X, ns_steps=5):
+    """
+    Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols), i.e. push every singular
+    value toward 1. The Frobenius normalization first puts all singular values below 1, where the iteration converges.
+    """
+    assert 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS), f"ns_steps={ns_steps} must be in 1..{len(POLAR_EXPRESS_COEFFS)}"
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    tall = X.size(-2) > X.size(-1)  # multiply on the small side: the Gram matrix is min(rows, cols) square
+    for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
+        if tall:
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    return X
+
+def cautious_update_(p, update, lr, wd):
+    """p <- p - lr*update - lr*wd*p*mask, decaying only where the update already pulls p toward zero."""
+    p32 = p.float()
+    mask = (update * p32) >= 0
+    p.copy_(p32 - lr * update - lr * wd * p32 * mask)
+
+def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2, ns_steps, red_dim):
+    """
+    One Muon step in place on params (K, rows, cols) from grads (K, rows, cols).
+    lr is already the effective lr (shape multiplier applied). red_dim=-1: NorMuon statistics per row, -2: per column.
+    """
+    # Nesterov momentum, as lerps: buf = mu*buf + (1-mu)*g, then look ahead g = (1-mu)*g + mu*buf
+    g = grads.float()
+    momentum_buffer.lerp_(g, 1 - momentum)
+    g = g.lerp(momentum_buffer, momentum)
+    X = g.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else g
+    # MuonEq: give every row the mean row norm ||X||_F/sqrt(rows), so no row dominates the orthogonalization
+    row_norm = X.norm(dim=-1, keepdim=True)
+    mean_row_norm = X.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
+    X = X * (mean_row_norm / row_norm.clamp_min(1e-7))
+    X = polar_express(X, ns_steps)
+    # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal matrix
+    X = X.float()
+    X = X * (math.sqrt(min(X.size(-2), X.size(-1))) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7))
+    # NorMuon: factored second moment per row (or column), scale by its rsqrt, then restore the total norm
+    red_size = X.size(red_dim)
+    v_mean = X.square().mean(dim=red_dim, keepdim=True)
+    second_momentum_buffer.lerp_(v_mean, 1 - beta2)
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_size).sqrt()
+    v_norm_new = ((v_mean * step_size.square()).sum(dim=(-2, -1), keepdim=True) * red_size).sqrt()
+    update = X * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
+    cautious_update_(params, update, lr, wd)
+
+def muon_lr_multiplier(rows, cols):
+    """Tall matrices (e.g. c_fc, 4d x d) get sqrt(rows/cols) more lr; wide and square ones get 1."""
+    return math.sqrt(max(1.0, rows / cols))
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+def _step_fn(fn, device):
+    return _compiled(fn) if COMPILE_ON_CUDA and device.type == "cuda" else fn
+
+# The collectives were renamed in torch 2.13 (the old names warn); 2.11/2.12 only have the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+def _noop():
+    pass
+
+# -----------------------------------------------------------------------------
+
+class MuonAdamW(torch.optim.Optimizer):
+
+    def __init__(self, param_groups):
+        # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively (NCCL does; gloo
+        # before torch 2.13 does not). The fallbacks (all_reduce SUM then slice and divide, list all_gather) are exact.
+        self.world_size = dist.get_world_size() if is_dist() else 1
+        self.rank = dist.get_rank() if is_dist() else 0
+        self.native_collectives = is_dist() and dist.get_backend() == "nccl"
+        super().__init__(param_groups, defaults={})
+        # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger recompiles
+        self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
+        self._muon_t = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
+
+    def add_param_group(self, group):
+        required = {"adamw": ("params", "lr", "betas", "eps", "weight_decay"),
+                    "muon": ("params", "lr", "momentum", "beta2", "weight_decay", "ns_steps")}
+        kind = group.get("kind")
+        if kind not in required:
+            raise ValueError(f"param group kind={kind!r}: every group needs \"kind\": \"adamw\" or \"muon\"")
+        missing = [k for k in required[kind] if k not in group]
+        if missing:
+            raise ValueError(f"{kind} param group is missing {missing}; required keys: {list(required[kind])}")
+        super().add_param_group(group)
+        params = group["params"]
+        if kind == "muon":
+            shapes = sorted({tuple(p.shape) for p in params})
+            assert len(shapes) == 1 and len(shapes[0]) == 2, f"a muon group needs 2-D params of one shape, got {shapes}"
+        else:
+            for p in params:
+                if p.numel() >= MIN_SHARD_NUMEL:
+                    assert p.shape[0] % self.world_size == 0, (
+                        f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 across {self.world_size} ranks, "
+                        f"so dim 0 must be divisible by the world size: pad it (e.g. vocab to a multiple of 64)")
+
+    # ---- collectives: each starts async work and returns (result, finish) or finish; finish() blocks until done
+
+    def _all_reduce_avg(self, x):
+        """Average x across ranks in place."""
+        if self.world_size == 1:
+            return _noop
+        if self.native_collectives:
+            return dist.all_reduce(x, op=dist.ReduceOp.AVG, async_op=True).wait
+        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True)
+        def finish():
+            work.wait()
+            x.div_(self.world_size)
+        return finish
+
+    def _reduce_scatter_avg(self, x):
+        """Average x across ranks and keep this rank's 1/W slice along dim 0. Returns (slice, finish)."""
+        W = self.world_size
+        if W == 1:
+            return x, _noop
+        n = x.size(0) // W
+        if self.native_collectives:
+            out = torch.empty_like(x[:n])
+            return out, _reduce_scatter_single(out, x, op=dist.ReduceOp.AVG, async_op=True).wait
+        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True)  # in place: x is a grad or a scratch stack
+        out = x[self.rank * n:(self.rank + 1) * n]
+        def finish():
+            work.wait()
+            out.div_(W)
+        return out, finish
+
+    def _all_gather(self, out, x):
+        """Fill out (W*n, ...) with every rank's x (n, ...) in rank order; x may be this rank's slice of out."""
+        if self.native_collectives:
+            return _all_gather_single(out, x, async_op=True).wait
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        work = dist.all_gather(parts, x, async_op=True)
+        def finish():
+            work.wait()
+            n = x.size(0)
+            for r, part in enumerate(parts):
+                out[r * n:(r + 1) * n].copy_(part)  # x may alias its own slice of out: same values, harmless
+        return finish
+
+    # ---- sharding: what this rank owns
+
+    def _adamw_sharded(self, p):
+        return self.world_size > 1 and p.numel() >= MIN_SHARD_NUMEL
+
+    def _muon_chunk(self, group):
+        return -(-len(group["params"]) // self.world_size)  # ceil(K/W) matrices per rank, the last ones zero-padded
+
+    def _expected_state_shapes(self, group, p):
+        if group["kind"] == "adamw":
+            owned = (p.shape[0] // self.world_size, *p.shape[1:]) if self._adamw_sharded(p) else tuple(p.shape)
+            return {"exp_avg": owned, "exp_avg_sq": owned}
+        chunk, (rows, cols) = self._muon_chunk(group), p.shape
+        return {"momentum_buffer": (chunk, rows, cols),
+                "second_momentum_buffer": (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)}
+
+    # ---- the step: launch all reductions, then per group wait/update/launch gather, then wait for the gathers
+
+    @torch.no_grad()
+    def step(self):
+        reduced = [self._launch_adamw_reduce(g) if g["kind"] == "adamw" else self._launch_muon_reduce(g)
+                   for g in self.param_groups]
+        gathers = []
+        for group, pending in zip(self.param_groups, reduced):
+            if group["kind"] == "adamw":
+                gathers += self._adamw_update(group, pending)
+            elif pending is not None:
+                gathers.append(self._muon_update(group, *pending))
+        for finish in gathers:
+            finish()
+
+    def _launch_adamw_reduce(self, group):
+        pending = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if self._adamw_sharded(p):
+                grad, finish = self._reduce_scatter_avg(p.grad)
+            else:
+                grad, finish = p.grad, self._all_reduce_avg(p.grad)
+            pending.append((p, grad, finish))
+        return pending
+
+    def _adamw_update(self, group, pending):
+        gathers = []
+        hp = self._adamw_t
+        for p, grad, finish in pending:
+            finish()
+            sharded = self._adamw_sharded(p)
+            n = p.shape[0] // self.world_size
+            p_owned = p[self.rank * n:(self.rank + 1) * n] if sharded else p
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p_owned, dtype=torch.float32)
+                state["exp_avg_sq"] = torch.zeros_like(p_owned, dtype=torch.float32)
+            state["step"] += 1
+            values = dict(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                          eps=group["eps"], wd=group["weight_decay"])
+            fn = _step_fn(adamw_step_fused, p.device)
+            if fn is not adamw_step_fused:
+                for k, v in values.items():
+                    hp[k].fill_(v)
+                values = hp
+            fn(p_owned, grad, state["exp_avg"], state["exp_avg_sq"], values["step"], values["lr"],
+               values["beta1"], values["beta2"], values["eps"], values["wd"])
+            if sharded:
+                gathers.append(self._all_gather(p, p_owned))
+        return gathers
+
+    def _launch_muon_reduce(self, group):
+        params = group["params"]
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if len(missing) == len(params):
+            return None
+        # the ranks must agree on which matrices take part, so a partial group is an error, not a silent skip
+        assert not missing, f"muon group of shape {tuple(params[0].shape)}: params {missing} have no grad but others do"
+        K, W = len(params), self.world_size
+        chunk = self._muon_chunk(group)
+        stacked = params[0].grad.new_zeros((chunk * W, *params[0].shape))
+        torch.stack([p.grad for p in params], out=stacked[:K])
+        return self._reduce_scatter_avg(stacked)
+
+    def _muon_update(self, group, grads, finish):
+        finish()
+        params, chunk = group["params"], self._muon_chunk(group)
+        rows, cols = params[0].shape
+        lo, hi = self.rank * chunk, min((self.rank + 1) * chunk, len(params))
+        owned = params[0].new_zeros((chunk, rows, cols))
+        if hi > lo:
+            torch.stack(params[lo:hi], out=owned[:hi - lo])
+        state = self.state[params[0]]  # one state per group, kept on its first param
+        if not state:
+            shapes = self._expected_state_shapes(group, params[0])
+            state["momentum_buffer"] = torch.zeros(shapes["momentum_buffer"], dtype=torch.float32, device=owned.device)
+            state["second_momentum_buffer"] = torch.zeros(shapes["second_momentum_buffer"], dtype=torch.float32,
+                                                          device=owned.device)
+        values = dict(momentum=group["momentum"], lr=group["lr"] * muon_lr_multiplier(rows, cols),
+                      wd=group["weight_decay"], beta2=group["beta2"])
+        fn = _step_fn(muon_step_fused, owned.device)
+        if fn is not muon_step_fused:
+            for k, v in values.items():
+                self._muon_t[k].fill_(v)
+            values = self._muon_t
+        fn(grads, owned, state["momentum_buffer"], state["second_momentum_buffer"], values["momentum"],
+           values["lr"], values["wd"], values["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
+        if self.world_size == 1:
+            def copy_back():
+                torch._foreach_copy_(params, list(owned.unbind(0)))
+            return copy_back
+        stacked = owned.new_empty((chunk * self.world_size, rows, cols))
+        gathered = self._all_gather(stacked, owned)
+        def finish_gather():
+            gathered()
+            torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
+        return finish_gather
+
+    # ---- per-rank state dicts
+
+    def load_state_dict(self, state_dict):
+        saved_kinds = [g.get("kind") for g in state_dict["param_groups"]]
+        kinds = [g["kind"] for g in self.param_groups]
+        if saved_kinds != kinds:
+            raise ValueError(f"saved optimizer has groups {saved_kinds} but this one has {kinds}: build the model and "
+                             f"optimizer with the same settings as the run that saved it")
+        super().load_state_dict(state_dict)
+        # torch casts every floating state tensor to its param's dtype; our moments stay fp32 even for bf16 params
+        # (bf16 cannot hold a 0.5% EMA increment), so put them back exactly as saved.
+        params = [(g, p) for g in self.param_groups for p in g["params"]]
+        for idx, saved in state_dict["state"].items():
+            group, p = params[idx]
+            state = self.state[p]
+            for k, v in saved.items():
+                if torch.is_tensor(v):
+                    state[k] = v.to(device=p.device, copy=True)
+            for k, shape in self._expected_state_shapes(group, p).items():
+                if k in state and tuple(state[k].shape) != shape:
+                    raise ValueError(
+                        f"optimizer state {k} for a param of shape {tuple(p.shape)} has shape {tuple(state[k].shape)}, "
+                        f"expected {shape} on rank {self.rank} of {self.world_size}: state is sharded per rank, so "
+                        f"load the shard this rank saved, with the same number of ranks")
