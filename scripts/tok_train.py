@@ -1,0 +1,86 @@
+"""
+Train the BPE tokenizer on the train split of the pretraining data; save it to <base>/tokenizer/.
+
+    python -m scripts.tok_train                                   # 2B chars, vocab 32,768
+    python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
+    NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
+
+Writes tokenizer.pkl (pickled tiktoken Encoding) and token_bytes.pt (raw byte length per token id, 0 for
+specials; loss_eval turns nats into bits per byte with it), and a "Tokenizer training" report section.
+Leaves out: shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
+"""
+
+import argparse
+import itertools
+import os
+import time
+
+import torch
+
+from nanochat.common import get_base_dir
+from nanochat.dataset import parquets_iter_batched
+from nanochat.report import get_report
+from nanochat.tokenizer import Tokenizer
+
+parser = argparse.ArgumentParser(description="Train the nanochat BPE tokenizer")
+parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_000_000,
+                    help="stop after this many characters of training text (2e9 style accepted)")
+parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop each document to this many characters")
+parser.add_argument("--vocab-size", type=int, default=32_768, help="total vocab size including the 9 special tokens")
+args = parser.parse_args()
+print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
+
+# -----------------------------------------------------------------------------
+# Training text: train-split documents, each cropped, until max_chars
+
+num_chars = 0
+num_docs = 0
+
+def text_iterator():
+    global num_chars, num_docs
+    for batch in parquets_iter_batched("train"):
+        for doc in batch:
+            doc = doc[:args.doc_cap]
+            if not doc:
+                continue
+            num_chars += len(doc)
+            num_docs += 1
+            yield doc
+            if num_chars > args.max_chars:
+                return
+
+texts = text_iterator()
+first = next(texts, None)
+if first is None:
+    raise SystemExit("the train split has no text: download or build shards first, e.g. "
+                     "`python -m nanochat.dataset -n 8` (or `--dataset local` offline)")
+
+# -----------------------------------------------------------------------------
+# Train
+
+t0 = time.time()
+tokenizer = Tokenizer.train_from_iterator(itertools.chain([first], texts), args.vocab_size)
+train_time = time.time() - t0
+print(f"trained on {num_chars:,} chars from {num_docs:,} documents in {train_time:.2f}s")
+
+# Round trip on text that stresses the split pattern: digit groups, contractions, symbols, CJK, emoji.
+sample = ("Hello world! This is a test. Numbers: 123, 4567, 89 and 3.14159. Contractions: I'm, you're, it's, "
+          "we'll, they've. Special chars: @#$%^&*()_+-=[]{}|;':\",./<>? Unicode: 你好世界 🌍🚀 naïve café\n\ttabs")
+ids = tokenizer.encode(sample)
+assert tokenizer.decode(ids) == sample, "round trip failed on the sample text"
+print(f"round trip ok: {len(sample.encode())} bytes -> {len(ids)} tokens")
+
+# -----------------------------------------------------------------------------
+# Save, then summarize token lengths over the ordinary (non-special) tokens
+
+tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+tokenizer.save(tokenizer_dir)
+print(f"saved tokenizer.pkl and token_bytes.pt to {tokenizer_dir}")
+
+token_bytes = tokenizer.token_bytes()
+lengths = token_bytes[token_bytes > 0].float()
+stats = {"token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
+         "token_bytes_mean": lengths.mean().item(), "token_bytes_std": lengths.std().item()}
+print(" | ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()))
+get_report().log("Tokenizer training", [vars(args), {"train_time": train_time, "num_chars": num_chars,
+                 "num_docs": num_docs, "num_special_tokens": len(tokenizer.get_special_tokens())}, stats])
