@@ -1,0 +1,319 @@
+"""
+Pretraining data: download parquet shards of ClimbMix (default) or FineWeb-EDU, or build a small
+local corpus with no network, and read any of them back one row group at a time.
+
+    python -m nanochat.dataset -n 8              # ClimbMix train shards 0..7 + the pinned val shard
+    python -m nanochat.dataset -n -1 -w 8        # every shard, 8 parallel downloads
+    python -m nanochat.dataset --dataset fineweb-edu -n 8
+    python -m nanochat.dataset --dataset local   # offline corpus from this machine's Python docs
+
+Shards live in <base>/base_data_<name>/shard_NNNNN.parquet: one string column "text", documents
+grouped into row groups, zstd. Readers pick the dataset from env NANOCHAT_DATASET (default climbmix).
+The validation shard is pinned per dataset (the last shard index), so it never depends on how many
+shards were fetched; train = every other shard present. Env NANOCHAT_DATA_URL overrides the URL base
+of the hosted datasets (tests point it at a local server; mirrors work the same way).
+
+Left out: checksums of downloaded shards (the host serves none; a short read is caught by
+Content-Length) and the repackaging of upstream datasets into shards.
+"""
+
+import argparse
+import hashlib
+import inspect
+import os
+import random
+import re
+import shutil
+import sysconfig
+from multiprocessing import Pool
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanochat.common import get_base_dir, download_url, print0
+
+# -----------------------------------------------------------------------------
+# Datasets: name -> (URL base, index of the last shard). The last shard is the pinned val shard.
+
+DATASETS = {
+    "climbmix": ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
+    "fineweb-edu": ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
+    "local": (None, 9),  # built by build_local_corpus(): LOCAL_NUM_SHARDS shards, the last is val
+}
+DEFAULT_DATASET = "climbmix"
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+def get_dataset_name(dataset=None):
+    name = dataset or os.environ.get("NANOCHAT_DATASET") or DEFAULT_DATASET
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} (from argument or NANOCHAT_DATASET); pick one of {sorted(DATASETS)}")
+    return name
+
+def get_data_dir(dataset=None):
+    name = get_dataset_name(dataset)
+    return os.path.join(get_base_dir(), "base_data_" + name.replace("-", "_"))
+
+def val_shard_index(dataset=None):
+    return DATASETS[get_dataset_name(dataset)][1]
+
+def fetch_command(dataset=None):
+    """The command that makes this dataset's shards appear, for error messages."""
+    name = get_dataset_name(dataset)
+    if name == "local":
+        return "python -m nanochat.dataset --dataset local"
+    return f"python -m nanochat.dataset -n 8 --dataset {name}"
+
+# -----------------------------------------------------------------------------
+# Readers
+
+_announced = set()  # datasets whose name was already printed by this process
+
+def list_parquet_files(split=None, dataset=None):
+    """
+    Sorted shard paths of one split: "train" (every shard but the pinned val shard), "val" (the pinned
+    shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the fix when empty.
+    """
+    assert split in (None, "train", "val"), f"split must be 'train', 'val' or None, got {split!r}"
+    name = get_dataset_name(dataset)
+    data_dir = get_data_dir(name)
+    if name not in _announced:
+        _announced.add(name)
+        print0(f"pretraining data: {name} ({data_dir})")
+    files = sorted(f for f in os.listdir(data_dir) if re.fullmatch(r"shard_\d{5}\.parquet", f)) if os.path.isdir(data_dir) else []
+    if not files:
+        raise FileNotFoundError(f"no parquet shards of dataset {name!r} in {data_dir}; run `{fetch_command(name)}`")
+    val = shard_name(val_shard_index(name))
+    if split == "val":
+        if val not in files:
+            fix = fetch_command(name) if name == "local" else f"python -m nanochat.dataset -n 0 --dataset {name}"
+            raise FileNotFoundError(f"validation shard {val} of dataset {name!r} is missing in {data_dir}; run `{fix}`")
+        files = [val]
+    elif split == "train":
+        files = [f for f in files if f != val]
+        if not files:
+            raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} (only the val shard); run `{fetch_command(name)}`")
+    return [os.path.join(data_dir, f) for f in files]
+
+def num_row_groups(path):
+    return pq.ParquetFile(path).num_row_groups
+
+def read_row_group(path, rg_idx):
+    """The texts of row group rg_idx of one shard."""
+    return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+def parquets_iter_batched(split, start=0, step=1, dataset=None):
+    """
+    Yield one row group's texts at a time: in every file of the split (in order), row groups
+    start, start+step, ... (rank r of W ranks passes start=r, step=W and reads a disjoint share).
+    """
+    assert 0 <= start and step >= 1, f"need start >= 0 and step >= 1, got start={start} step={step}"
+    for path in list_parquet_files(split, dataset):
+        pf = pq.ParquetFile(path)
+        for rg_idx in range(start, pf.num_row_groups, step):
+            yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+
+def write_shard(path, texts, row_group_size):
+    """Write texts as one shard (column "text", zstd), via a temp file and rename."""
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    table = pa.table({"text": pa.array(texts, type=pa.string())})
+    pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd", compression_level=3,
+                   use_dictionary=False, write_statistics=False)
+    os.replace(tmp_path, path)
+
+# -----------------------------------------------------------------------------
+# Downloader
+
+def get_url_base(dataset):
+    return os.environ.get("NANOCHAT_DATA_URL") or DATASETS[dataset][0]
+
+def _download_one(job):
+    url, path, attempts, backoff = job
+    return download_url(url, path, attempts=attempts, backoff=backoff)
+
+def download_shards(num_files, dataset=None, num_workers=4, attempts=5, backoff=2.0):
+    """
+    Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a time.
+    Shards already on disk are skipped without a request. Returns the names of shards that failed.
+    """
+    name = get_dataset_name(dataset)
+    assert name != "local", "the local corpus is built, not downloaded: call build_local_corpus()"
+    val_index = val_shard_index(name)
+    num_train = val_index if num_files < 0 else min(num_files, val_index)
+    indices = list(range(num_train)) + [val_index]
+    data_dir = get_data_dir(name)
+    os.makedirs(data_dir, exist_ok=True)
+    url_base = get_url_base(name)
+    jobs = [(f"{url_base}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)), attempts, backoff)
+            for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
+    print(f"dataset {name}: {len(indices)} shards wanted ({len(indices) - len(jobs)} present), into {data_dir}", flush=True)
+    ok = []
+    if jobs:
+        with Pool(processes=max(1, min(num_workers, len(jobs)))) as pool:
+            ok = pool.map(_download_one, jobs)
+    failed = [os.path.basename(job[1]) for job, good in zip(jobs, ok) if not good]
+    print(f"Downloaded: {len(indices) - len(failed)}/{len(indices)}", flush=True)
+    return failed
+
+# -----------------------------------------------------------------------------
+# Local corpus: the docstrings and docs of the Python installed on this machine, no network.
+# Prose first (docstrings, README/METADATA, .md/.rst/.txt), plus small stdlib modules whole so code is seen too.
+
+LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
+LOCAL_ROW_GROUP = 256       # smaller than the hosted 1,024 so each ~2M-char shard has enough row groups to stride over ranks
+LOCAL_SEED = 42
+MIN_DOC_CHARS = 200         # shorter documents are mostly "Return self." stubs
+MAX_DOC_CHARS = 16_000      # longer ones are split at paragraph breaks
+MIN_STRING_CHARS = 80       # a docstring must be at least this long to count
+MAX_PACKAGE_CHARS = 3_000_000  # so no one package (awscli's 7.6M chars of CLI examples, torch) dominates
+MAX_CODE_FILE_BYTES = 16_000  # stdlib modules up to this size go in whole, as code
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "node_modules"}
+DOC_SUFFIXES = (".md", ".rst", ".txt")
+MAX_DOC_FILE_BYTES = 1_000_000
+# names and phrases of license boilerplate, which would otherwise repeat across hundreds of packages
+LICENSE_NAME = re.compile(r"(licen[cs]e|copying|notice|authors|entry_points|top_level|requirements|sources|dependency_links)", re.I)
+LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|GNU (Lesser )?General Public License"
+                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED")  # case-sensitive: re.I is 3x slower
+# Triple-quoted strings found by regex, not ast: ~10x faster on ~170 MB of site-packages, and the few
+# strings it mis-cuts (a triple quote inside another string) fail the prose filter.
+TRIPLE_QUOTED = re.compile(r'("""|\'\'\')(.*?)\1', re.S)
+NOT_PROSE = re.compile(r"[^A-Za-z ]")
+
+def is_prose(text, min_ratio):
+    """Letters and spaces make up at least min_ratio of the text, and it is not license boilerplate."""
+    return len(NOT_PROSE.sub("", text)) >= min_ratio * len(text) and not LICENSE_TEXT.search(text) and "\ufffd" not in text
+
+def local_roots():
+    """(directory, stdlib?) pairs walked for the local corpus, in order."""
+    paths = sysconfig.get_paths()
+    roots = [(paths["stdlib"], True), (paths["purelib"], False)]
+    if paths["platlib"] != paths["purelib"]:
+        roots.append((paths["platlib"], False))
+    return roots
+
+def _read_text(path):
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+def _docs_of_file(path, is_stdlib, seen):
+    """The documents one file contributes (maybe none). seen holds hashes of strings already used."""
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    if name.endswith(".py"):
+        if name.startswith("test_"):
+            return []
+        text = _read_text(path)
+        if is_stdlib and size <= MAX_CODE_FILE_BYTES and not LICENSE_TEXT.search(text):
+            return [text]
+        parts = []
+        for match in TRIPLE_QUOTED.finditer(text):
+            if len(match.group(2)) < MIN_STRING_CHARS:
+                continue
+            s = inspect.cleandoc(match.group(2))
+            if len(s) >= MIN_STRING_CHARS and is_prose(s, 0.75):
+                h = hashlib.sha1(s.encode()).digest()
+                if h not in seen:
+                    seen.add(h)
+                    parts.append(s)
+        return ["\n\n".join(parts)] if parts else []
+    is_metadata = name == "METADATA" and path.endswith(".dist-info" + os.sep + name)
+    if (is_metadata or name.endswith(DOC_SUFFIXES)) and size <= MAX_DOC_FILE_BYTES and not LICENSE_NAME.search(name):
+        text = _read_text(path)
+        if is_metadata:  # email-style headers, a blank line, then the package's README
+            text = text.partition("\n\n")[2]
+        text = text.strip()
+        return [text] if is_prose(text, 0.7) else []
+    return []
+
+def split_doc(text, max_chars=MAX_DOC_CHARS):
+    """Split at blank lines into pieces of at most max_chars (a longer paragraph is cut hard)."""
+    pieces, current = [], ""
+    for para in text.split("\n\n"):
+        while len(para) > max_chars:
+            pieces.append(para[:max_chars])
+            para = para[max_chars:]
+        if current and len(current) + 2 + len(para) > max_chars:
+            pieces.append(current)
+            current = para
+        else:
+            current = f"{current}\n\n{para}" if current else para
+    if current:
+        pieces.append(current)
+    return pieces
+
+def collect_local_documents(roots=None):
+    """All documents from the roots, in sorted walk order, deduplicated, small ones dropped, big ones split."""
+    roots = local_roots() if roots is None else roots
+    seen, docs = set(), []
+    package_chars = {}  # chars taken per top-level entry of a root (a package, a stdlib module, a .dist-info)
+    for root, is_stdlib in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                package = (root, os.path.relpath(path, root).split(os.sep)[0])
+                if package_chars.get(package, 0) >= MAX_PACKAGE_CHARS:
+                    continue
+                for doc in _docs_of_file(path, is_stdlib, seen):
+                    for piece in split_doc(doc.strip()):
+                        h = hashlib.sha1(piece.encode()).digest()
+                        if len(piece) >= MIN_DOC_CHARS and h not in seen:
+                            seen.add(h)
+                            docs.append(piece)
+                            package_chars[package] = package_chars.get(package, 0) + len(piece)
+    return docs
+
+def build_local_corpus(force=False, roots=None, num_shards=LOCAL_NUM_SHARDS):
+    """
+    Build the local corpus into get_data_dir("local"): shuffle the documents (fixed seed) and deal them
+    round-robin into num_shards shards; the last one is the pinned val shard. All shards are written into
+    a temp directory that is renamed into place, so a crash never leaves a half corpus. Returns the shard paths.
+    """
+    data_dir = get_data_dir("local")
+    paths = [os.path.join(data_dir, shard_name(i)) for i in range(num_shards)]
+    if not force and all(os.path.exists(p) for p in paths):
+        print(f"local corpus already built in {data_dir} ({num_shards} shards); pass --force to rebuild", flush=True)
+        return paths
+    docs = collect_local_documents(roots)
+    random.Random(LOCAL_SEED).shuffle(docs)
+    assert len(docs) >= num_shards * 2, f"only {len(docs)} documents found for {num_shards} shards"
+    tmp_dir = f"{data_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    for i in range(num_shards):
+        texts = docs[i::num_shards]
+        write_shard(os.path.join(tmp_dir, shard_name(i)), texts, LOCAL_ROW_GROUP)
+        split = "val" if i == num_shards - 1 else "train"
+        print(f"{shard_name(i)} ({split}): {len(texts):,} docs, {sum(map(len, texts)):,} chars", flush=True)
+    if os.path.isdir(data_dir):
+        shutil.rmtree(data_dir)
+    os.replace(tmp_dir, data_dir)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {num_shards} shards at {data_dir}", flush=True)
+    return paths
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline local corpus")
+    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all); the val shard always comes too")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); local = build from this machine's Python docs, no network")
+    parser.add_argument("--force", action="store_true", help="local only: rebuild the corpus even if its shards exist")
+    args = parser.parse_args(argv)
+    name = get_dataset_name(args.dataset)
+    if name == "local":
+        if args.num_files != -1:
+            parser.error("-n/--num-files does not apply to --dataset local: the local corpus is always built whole")
+        build_local_corpus(force=args.force)
+        return
+    if args.force:
+        parser.error("--force applies to --dataset local only; delete a bad shard by hand to fetch it again")
+    assert args.num_workers >= 1, f"--num-workers must be >= 1, got {args.num_workers}"
+    failed = download_shards(args.num_files, name, args.num_workers)
+    if failed:
+        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; run the same command again to retry them")
+
+if __name__ == "__main__":
+    main()
