@@ -1,0 +1,201 @@
+"""
+Data loaders that turn text into (inputs, targets) batches of shape (B, T), int64.
+
+    from nanochat.dataloader import pretrain_loader, chat_loader
+    for inputs, targets, state in pretrain_loader(tokenizer, B=32, T=2048, split="train", device=device): ...
+    for inputs, targets, state in chat_loader(task, tokenizer, B=32, T=2048, device=device): ...
+
+pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dataset shards).
+  Every row starts with <|bos|> and is filled completely: each row (capacity T+1) repeatedly takes the largest
+  buffered document that still fits, and when none fits, the shortest one is cropped to fill the rest. Compared
+  with greedy cropping this wastes fewer tokens (reference measurement at T=2048: 39.4% greedy, 34.6% best-fit).
+  Resume is EXACT: the state names the next unread document and the documents sitting in the buffer (by position
+  in the data, not by content), so a new loader re-reads and re-tokenizes them and produces the very batches the
+  uninterrupted loader would have produced. The state is a small JSON-serialisable dict (a few KB at buffer 1000).
+
+chat_loader: best-fit packing of rendered conversations WITH BOS padding and no cropping, for mid-training/SFT.
+
+Sharding: stream `rank` of `world_size` reads row groups rank, rank+W, ... of every file (chat: examples
+rank, rank+W, ...). base_train gives every (GPU, gradient-accumulation micro-step) pair its own stream, so what a
+run trains on depends on the total batch only, not on how it is split across GPUs and accumulation.
+
+Leaves out: the reference's unaligned flat-token-stream loader (unused) and a per-conversation padded iterator.
+"""
+
+from bisect import bisect_left, bisect_right
+
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.dataset import list_parquet_files
+
+# -----------------------------------------------------------------------------
+# Shared: rows -> device tensors
+
+def _to_device(batch, device):
+    """
+    One host->device copy of an int64 CPU tensor. On CUDA it is staged in pinned memory and sent non-blocking, so
+    the next batch is assembled while the GPU trains; PyTorch's caching host allocator does not hand the pinned
+    block out again until that copy has finished, so no double buffering is needed here.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        staged = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)
+        staged.copy_(batch)
+        return staged.to(device, non_blocking=True)
+    return batch.to(device)
+
+# -----------------------------------------------------------------------------
+# Pretraining: BOS-aligned best-fit packing with exact resume
+
+def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", state=None,
+                    buffer_size=1000, tokenizer_threads=4, tokenizer_batch_size=128, dataset=None):
+    """
+    Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs shifted by one.
+    `state` resumes exactly where a previous loader's yielded state left off (same split, rank, world_size,
+    B, T, buffer_size, tokenizer_batch_size and the same files). The yielded state describes the loader AFTER that
+    batch. Epochs start at 1; after the last file the stream wraps to file 0 and the epoch increments.
+    Validation: call with split="val" and no state; it always starts at the beginning of the val shard.
+    """
+    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+    assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
+    paths = list_parquet_files(split, dataset=dataset)
+    bos = tokenizer.get_bos_token_id()
+
+    # Stream cursor: next unread document is doc_idx of row group rg_idx of file pq_idx, in epoch `epoch`.
+    epoch, pq_idx, rg_idx, doc_idx = 1, 0, rank, 0
+    # Buffer, kept sorted by key = (length, epoch, pq_idx, rg_idx, doc_idx): best-fit is a bisect, ties go to the
+    # document that came first in the stream, and the order never depends on when a document entered the buffer.
+    keys, tokens = [], {}  # tokens: doc position (epoch, pq, rg, doc) -> token ids (BOS first)
+
+    open_file = {"idx": None, "file": None}
+    def read_texts(p, r):
+        if open_file["idx"] != p:
+            open_file["idx"], open_file["file"] = p, pq.ParquetFile(paths[p])
+        f = open_file["file"]
+        if r >= f.num_row_groups:
+            return None
+        return f.read_row_group(r, columns=["text"]).column("text").to_pylist()
+
+    def add_docs(positions, texts):
+        for position, ids in zip(positions, tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)):
+            tokens[position] = ids
+            keys.insert(bisect_left(keys, (len(ids),) + position), (len(ids),) + position)
+
+    if state is not None:
+        for key in ("epoch", "pq_idx", "rg_idx", "doc_idx", "buffer"):
+            assert key in state, f"dataloader state lacks {key!r}: {sorted(state)}"
+        epoch, pq_idx, rg_idx, doc_idx = state["epoch"], state["pq_idx"], state["rg_idx"], state["doc_idx"]
+        assert pq_idx < len(paths), (f"dataloader state points at file {pq_idx} but the {split} split has "
+                                     f"{len(paths)} files; resume with the same data shards")
+        for e, p, r, docs in state["buffer"]:
+            texts = read_texts(p, r)
+            assert texts is not None and max(docs) < len(texts), f"buffered docs of file {p} row group {r} not found"
+            add_docs([(e, p, r, d) for d in docs], [texts[d] for d in docs])
+
+    texts, texts_at = None, None  # the row group under the cursor, read once
+    def refill():
+        """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the buffer."""
+        nonlocal epoch, pq_idx, rg_idx, doc_idx, texts, texts_at
+        files_seen = 0  # files passed without finding a document: more than all of them means there are none
+        while True:
+            if texts_at != (pq_idx, rg_idx):
+                texts, texts_at = read_texts(pq_idx, rg_idx), (pq_idx, rg_idx)
+            if texts is None:  # past this file's last row group: next file, maybe next epoch
+                files_seen += 1
+                if files_seen > len(paths):
+                    raise ValueError(f"stream {rank} of {world_size} finds no documents in the {split} files "
+                                     f"({len(paths)} files, too few row groups?): use fewer GPUs x accumulation "
+                                     f"steps or more data shards")
+                pq_idx, rg_idx, doc_idx = pq_idx + 1, rank, 0
+                if pq_idx == len(paths):
+                    pq_idx, epoch = 0, epoch + 1
+                continue
+            if doc_idx >= len(texts):
+                rg_idx, doc_idx = rg_idx + world_size, 0
+                continue
+            chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
+            add_docs([(epoch, pq_idx, rg_idx, doc_idx + i) for i in range(len(chunk))], chunk)
+            doc_idx += len(chunk)
+            return
+
+    def get_state():
+        buffer = {}
+        for position in sorted(tokens):
+            buffer.setdefault(position[:3], []).append(position[3])
+        return {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "doc_idx": doc_idx,
+                "buffer": [[e, p, r, docs] for (e, p, r), docs in buffer.items()]}
+
+    while True:
+        rows = torch.empty((B, T + 1), dtype=torch.int64)
+        for b in range(B):
+            pos = 0
+            while pos < T + 1:
+                while len(keys) < buffer_size:
+                    refill()
+                space = T + 1 - pos
+                i = bisect_right(keys, (space, float("inf"))) - 1  # largest document with length <= space
+                if i >= 0:
+                    i = bisect_left(keys, (keys[i][0],))  # the earliest one of that length
+                else:
+                    i = 0  # nothing fits: crop the shortest to fill the row exactly (the rest is dropped)
+                doc = tokens.pop(keys.pop(i)[1:])[:space]
+                rows[b, pos:pos + len(doc)] = torch.tensor(doc, dtype=torch.int64)
+                pos += len(doc)
+        rows = _to_device(rows, device)
+        yield rows[:, :-1], rows[:, 1:], get_state()
+
+# -----------------------------------------------------------------------------
+# Chat: best-fit packing with BOS padding, never cropping between rows
+
+def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", state=None,
+                buffer_size=100, train_all_tokens=False):
+    """
+    Infinite generator of (inputs, targets, state) over a dataset of conversations (len() and [i]).
+    Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when none fits, the
+    rest of the row is BOS padding (targets -1) and the next row starts. A conversation longer than T+1 tokens is
+    cropped to T+1 when it is rendered, so every conversation fits an empty row: nothing is skipped and no row is
+    all padding. Targets are -1 where the render mask is 0 (only assistant tokens are trained) and on padding;
+    train_all_tokens=True trains every real token (user turns too), as the reference's mid-training did.
+    state = {"epoch", "cursor" (next example index of this rank's stream), "buffer" (example indices),
+    "progress" (epochs consumed as a float: 0.5 = half the dataset pulled into the buffer)}; pass it back to resume.
+    """
+    n = len(dataset)
+    assert n > 0, "the conversation dataset is empty"
+    assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
+    bos = tokenizer.get_bos_token_id()
+    epoch, cursor, buffer = 1, rank, []  # buffer: (example index, ids, mask) in the order they were pulled
+
+    def render(index):
+        ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
+        return (index, ids, [1] * len(ids) if train_all_tokens else mask)
+
+    if state is not None:
+        epoch, cursor = state["epoch"], state["cursor"]
+        buffer = [render(index) for index in state["buffer"]]
+
+    while True:
+        rows = torch.full((B, T + 1), bos, dtype=torch.int64)
+        supervised = torch.zeros((B, T + 1), dtype=torch.bool)
+        for b in range(B):
+            pos = 0
+            while pos < T + 1:
+                while len(buffer) < buffer_size:
+                    buffer.append(render(cursor))
+                    cursor += world_size
+                    if cursor >= n:
+                        cursor, epoch = cursor - n, epoch + 1  # keeps the stride across the wrap
+                space = T + 1 - pos
+                fits = [i for i, item in enumerate(buffer) if len(item[1]) <= space]
+                if not fits:
+                    break  # pad the rest of this row with BOS
+                i = max(fits, key=lambda i: (len(buffer[i][1]), -i))  # largest; ties: the one pulled first
+                _, ids, mask = buffer.pop(i)
+                rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
+                supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
+                pos += len(ids)
+        targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
+        inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
+        progress = epoch - 1 + cursor / n
+        yield inputs, targets, {"epoch": epoch, "cursor": cursor, "buffer": [item[0] for item in buffer],
+                                "progress": progress}
