@@ -1,0 +1,560 @@
+"""
+The GPT model: the reference's HEAD architecture, its KV cache, optimizer routing and FLOP accounting.
+
+    from nanochat.gpt import GPT, GPTConfig
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=12, n_head=6, n_kv_head=6, n_embd=768))
+    model.to_empty(device="cuda"); model.init_weights()   # __init__ allocates nothing real; init_weights sets every value
+    loss = model(idx, targets)                            # or logits = model(idx); or model(idx, kv_cache=cache)
+
+Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) -> x0 := x -> per layer
+x = resid_lambda*x + x0_lambda*x0 then a pre-norm block (attention with RoPE, QK-norm x1.2, sliding window,
+value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of the mid-depth residual)
+-> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy (ignore_index -1).
+
+Attention has one exact implementation per device (ATTN_IMPL overrides, for tests): FA3 through the `kernels` package
+when it is installed (CUDA, bf16), else FlexAttention for sliding windows and SDPA's flash kernel for full causal on
+CUDA, plain SDPA on CPU/MPS, and an explicit masked-softmax reference that the tests hold the others to.
+Left out: dropout, biases, tied embeddings, training-time document masking.
+"""
+
+import math
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, print0
+
+SMEAR_CHANNELS = 24      # smear gate reads the first 24 channels of the normalized embedding
+VE_GATE_CHANNELS = 12    # value-embedding gate reads the first 12 channels of the attention input
+ROPE_BASE = 100_000
+QK_SCALE = 1.2           # after QK RMSNorm: sharper attention than the kernel's 1/sqrt(D) alone
+SOFTCAP = 15.0
+VOCAB_MULTIPLE = 64      # embedding/lm_head rows padded to a multiple of 64 (tensor-core friendly); logits sliced back
+SHORT_WINDOW_TILE = 128  # "S" window = T/4 rounded up to a multiple of this
+ROPE_HEADROOM = 10       # cos/sin precomputed for 10x sequence_len positions (long generations, KV cache)
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+def validate_config(config):
+    """Raise ValueError naming the bad field and the fix."""
+    c = config
+    if c.n_embd % c.n_head != 0:
+        raise ValueError(f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}; pick n_embd = n_head * head_dim")
+    if c.n_kv_head <= 0 or c.n_head % c.n_kv_head != 0:
+        raise ValueError(f"n_head={c.n_head} is not divisible by n_kv_head={c.n_kv_head}; GQA needs n_kv_head to divide n_head")
+    if (c.n_embd // c.n_head) % 2 != 0:
+        raise ValueError(f"head_dim={c.n_embd // c.n_head} is odd; rotary embeddings rotate pairs of channels, so make it even")
+    if c.n_embd < SMEAR_CHANNELS:
+        raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}: the smear gate reads {SMEAR_CHANNELS} channels; use a wider model")
+    bad = sorted(set(c.window_pattern.upper()) - set("SL"))
+    if not c.window_pattern or bad:
+        raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use only S (short window) and L (full context), e.g. 'SSSL' or 'L'")
+    if c.n_layer < 1 or c.sequence_len < 1 or c.vocab_size < 1:
+        raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, vocab_size={c.vocab_size} must all be positive")
+
+def compute_window_sizes(config):
+    """Left window per layer: the pattern tiled over layers, the last layer forced to L (full context = sequence_len)."""
+    T = config.sequence_len
+    short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)  # 512 at T=2048
+    pattern = config.window_pattern.upper()
+    sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer)]
+    sizes[-1] = T
+    return sizes
+
+def has_value_embedding(layer_idx, n_layer):
+    """Alternating layers, always including the last one."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+def norm(x):
+    # functional RMSNorm without a learnable gain, in the activation dtype
+    return F.rms_norm(x, (x.size(-1),))
+
+class Linear(nn.Linear):
+    """Bias-free linear keeping an fp32 master weight, cast to the input's dtype at use (no autocast anywhere)."""
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE):
+    """cos/sin of shape (1, seq_len, 1, head_dim/2), in COMPUTE_DTYPE, broadcasting over (B, T, H, D/2)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos().to(COMPUTE_DTYPE)[None, :, None, :], freqs.sin().to(COMPUTE_DTYPE)[None, :, None, :]
+
+def apply_rotary(x, cos, sin):
+    # non-interleaved halves: channel j pairs with channel j + D/2
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+# -----------------------------------------------------------------------------
+# Attention. Every implementation takes q (B, Tq, H, D) and k, v (B, Tk, Hkv, D) with Tq <= Tk and the queries
+# aligned to the END of the keys: query i sits at key position Tk - Tq + i and sees key j iff 0 <= pos_i - j <= window.
+# H must be a multiple of Hkv (query head h reads kv head h // (H / Hkv)). Returns (B, Tq, H, D).
+
+ATTN_IMPL = None  # None = pick per device; "fa3" | "flex" | "sdpa" | "reference" forces one (tests, debugging)
+FLEX_BLOCK = 128
+_fa3_module = None
+_fa3_checked = False
+_flex_compiled = None
+
+def visible_mask(Tq, Tk, window, device):
+    """(Tq, Tk) boolean: causal within a left window, queries aligned to the end of the keys."""
+    dist = torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :]
+    return (dist >= 0) & (dist <= window)
+
+def attention_reference(q, k, v, window):
+    """Explicit masked softmax in fp32: slow, obviously right, the yardstick for the fast paths."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.size(1), k.size(2)
+    k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(D)
+    scores = scores.masked_fill(~visible_mask(Tq, Tk, window, q.device), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+def attention_sdpa(q, k, v, window):
+    """torch SDPA: is_causal for plain causal, sliced keys for one-token decode, else an explicit (Tq, Tk) mask."""
+    Tq, Tk = q.size(1), k.size(1)
+    gqa = q.size(2) != k.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Tq == 1:
+        # decode: the last window+1 keys are exactly the visible ones, no mask needed
+        y = F.scaled_dot_product_attention(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):], enable_gqa=gqa)
+    elif Tq == Tk and window >= Tk - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build the mask once per call
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
+    """
+    FlexAttention BlockMask for causal+window over T queries/keys, built from the (T/block)^2 block grid, never a
+    T x T mask. A block pair is "full" when every (query, key) pair in it is visible (no mask_mod call needed),
+    "partial" when only some are.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    n = -(-T // block)
+    lo = torch.arange(n, device=device, dtype=torch.int32) * block
+    hi = (lo + block - 1).clamp(max=T - 1)
+    q_lo, q_hi, k_lo, k_hi = lo[:, None], hi[:, None], lo[None, :], hi[None, :]
+    full = (q_lo - k_hi >= 0) & (q_hi - k_lo <= window)
+    partial = (q_hi - k_lo >= 0) & (q_lo - k_hi <= window) & ~full
+
+    def blocks(m):  # (1, 1, n) counts and (1, 1, n, n) indices with the listed blocks first
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return m.sum(dim=-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+
+def attention_flex(q, k, v, window):
+    """
+    CUDA path without FA3: FlexAttention (compiled) for sliding windows, SDPA (flash kernel) for full causal.
+    Decode and cache chunks (Tq < Tk) go to SDPA: their masks are small, and a compiled flex kernel would
+    recompile for every new cache length.
+    """
+    global _flex_compiled
+    Tq, Tk = q.size(1), k.size(1)
+    if Tq != Tk or window >= Tk - 1:
+        return attention_sdpa(q, k, v, window)
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = flex_attention
+    if q.is_cuda:  # uncompiled flex materializes the scores; on CPU (tests) that is fine and saves a long compile
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        fn = _flex_compiled
+    block_mask = sliding_block_mask(Tq, window, q.device)
+    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+def load_fa3():
+    """FA3 kernel module from the `kernels` package (Hopper build first), or None when it is not installed / not bf16."""
+    global _fa3_module, _fa3_checked
+    if _fa3_checked:
+        return _fa3_module
+    _fa3_checked = True
+    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
+        return None
+    import os
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from kernels import get_kernel
+    major, _ = torch.cuda.get_device_capability()
+    repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
+    try:
+        _fa3_module = get_kernel(repo).flash_attn_interface
+    except Exception as e:  # no network / no build for this GPU: say so loudly, use flex
+        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) could not be loaded ({type(e).__name__}: {e}); using flex/SDPA")
+    return _fa3_module
+
+def attention_fa3(q, k, v, window):
+    # FA3 aligns causal masks bottom-right when Tq < Tk, matching our convention; some builds also return the LSE
+    y = load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    return y[0] if isinstance(y, tuple) else y
+
+ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex, "fa3": attention_fa3}
+
+def pick_attention_impl(device):
+    if ATTN_IMPL is not None:
+        if ATTN_IMPL not in ATTENTION_IMPLS:
+            raise ValueError(f"gpt.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
+        return ATTN_IMPL
+    if torch.device(device).type == "cuda":
+        return "fa3" if load_fa3() is not None else "flex"
+    return "sdpa"
+
+def attention(q, k, v, window):
+    return ATTENTION_IMPLS[pick_attention_impl(q.device)](q, k, v, window)
+
+def attention_banner(device, window_sizes, sequence_len):
+    """One line saying which attention path runs; loud when it is a slow one."""
+    impl = pick_attention_impl(device)
+    windowed = any(w < sequence_len for w in window_sizes)
+    msg = {
+        "fa3": "attention: FA3 (kernels package), sliding windows native",
+        "flex": "attention: FlexAttention block-sparse for sliding windows, SDPA flash for full causal / decode",
+        "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
+        "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
+    }[impl]
+    if impl == "sdpa" and torch.device(device).type == "cuda" and windowed:
+        msg = "WARNING: " + msg + " on CUDA is slow; use ATTN_IMPL=None (flex) or --window-pattern L"
+    return msg
+
+# -----------------------------------------------------------------------------
+# Model
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = Linear(config.n_embd, self.n_head * self.head_dim)
+        self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embedding(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:
+            # ResFormer-style value embedding, mixed per kv-head with an input-dependent gate in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        cos, sin = cos_sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        if kv_cache is not None:
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            k_cache[:, pos0:pos0 + T] = k
+            v_cache[:, pos0:pos0 + T] = v
+            lo = max(0, pos0 - window)  # keys older than the window are invisible to every new query
+            k, v = k_cache[:, lo:pos0 + T], v_cache[:, lo:pos0 + T]
+        y = attention(q, k, v, window)
+        return self.c_proj(y.reshape(B, T, -1))
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
+        x = x + self.attn(norm(x), ve, cos_sin, window, kv_cache, pos0)
+        return x + self.mlp(norm(x))
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        """Builds the structure only (runs on the meta device): values are set by init_weights()."""
+        super().__init__()
+        validate_config(config)
+        self.config = config
+        self.window_sizes = compute_window_sizes(config)
+        L, C = config.n_layer, config.n_embd
+        head_dim = C // config.n_head
+        self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(self.padded_vocab_size, C),
+            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
+        })
+        self.lm_head = Linear(C, self.padded_vocab_size)  # untied from wte
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, config.n_kv_head * head_dim)
+                                           for i in range(L) if has_value_embedding(i, L)})
+        # Embedding tables are huge and only looked up: keep them in the compute dtype (fp16 would lose too much).
+        if COMPUTE_DTYPE != torch.float16:
+            self.transformer.wte.to(dtype=COMPUTE_DTYPE)
+            self.value_embeds.to(dtype=COMPUTE_DTYPE)
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        cos, sin = rotary_tables(ROPE_HEADROOM * config.sequence_len, head_dim, self.transformer.wte.weight.device)
+        self.register_buffer("cos", cos, persistent=False)  # recomputed by init_weights, never checkpointed
+        self.register_buffer("sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """
+        Every initial value (SPEC 4.3, HEAD), s = sqrt(3/n_embd) (uniform with std 1/sqrt(n_embd)):
+        wte N(0, 0.8); lm_head N(0, 0.001); c_q, c_k, c_v U(-s, s); attention and MLP c_proj zeros;
+        c_fc U(-0.4s, 0.4s); value embeddings U(-s, s); VE gates and smear gate U(0, 0.02);
+        resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
+        Also rebuilds the rotary tables (to_empty() leaves buffers uninitialized).
+        """
+        C, L = self.config.n_embd, self.config.n_layer
+        s = math.sqrt(3.0 / C)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for ve in self.value_embeds.values():
+            nn.init.uniform_(ve.weight, -s, s)
+        self.resid_lambdas.copy_(torch.linspace(1.15, 1.05, L))
+        self.x0_lambdas.copy_(torch.linspace(0.20, 0.05, L))
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.zero_()
+        self.backout_lambda.fill_(0.2)
+        device = self.get_device()
+        self.cos, self.sin = rotary_tables(ROPE_HEADROOM * self.config.sequence_len, C // self.config.n_head, device)
+        if device.type != "meta":
+            print0(attention_banner(device, self.window_sizes, self.config.sequence_len))
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        L = self.config.n_layer
+        pos0 = 0
+        if kv_cache is not None:
+            assert kv_cache.k_cache.shape[0] == L and kv_cache.k_cache.shape[3:] == (self.config.n_kv_head, self.config.n_embd // self.config.n_head), \
+                f"KV cache shape {tuple(kv_cache.k_cache.shape)} does not fit this model (layers {L}, kv heads {self.config.n_kv_head})"
+            pos0 = kv_cache.get_pos()
+            assert pos0 + T <= kv_cache.k_cache.size(2), f"KV cache full: position {pos0} + {T} new tokens > capacity {kv_cache.k_cache.size(2)}"
+        assert pos0 + T <= self.cos.size(1), f"sequence reaches position {pos0 + T} but rotary tables cover {self.cos.size(1)} (10 x sequence_len)"
+        cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
+
+        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized
+        # embedding (from the cache when decoding). Cheap bigram-ish mixing; a no-op at init (lambda 0).
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        prev = x[:, :-1]
+        if kv_cache is not None:
+            if pos0 > 0:
+                prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), prev], dim=1)
+            kv_cache.prev_embedding = x[:, -1:].clone()
+        if prev.size(1) == T:
+            x = x + gate * prev
+        else:
+            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
+
+        x0 = x
+        backout = None
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
+            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache, pos0)
+            if i == L // 2:
+                backout = x
+        # Backout: remove part of the mid-depth residual before the head (learned, init 0.2)
+        x = norm(x - self.backout_lambda.to(x.dtype) * backout)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return losses.view(B, T)
+        assert loss_reduction == "mean", f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'"
+        # mean over supervised tokens; 0 (not NaN) when a batch has none, so one empty micro-batch cannot poison a step
+        return losses.sum() / (targets != -1).sum().clamp(min=1)
+
+    # -------------------------------------------------------------------------
+    # Optimizer
+
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5, lr_scale=1.0):
+        """
+        MuonAdamW with the HEAD routing (SPEC 5.1). AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
+        lr_scale multiplies every lr except the smear/backout group's fixed 0.2: base_train passes the batch-size
+        factor sqrt(B / 2^19) here. Each group gets "initial_lr" (schedules multiply it) and a "name" for logging.
+        Muon groups start with momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
+        """
+        from nanochat.optim import MuonAdamW
+        sigma = (self.config.n_embd / 768) ** -0.5
+
+        def adamw(name, params, lr, betas, wd):
+            return {"kind": "adamw", "name": name, "params": list(params), "lr": lr, "betas": betas, "eps": 1e-10, "weight_decay": wd}
+
+        groups = [
+            adamw("lm_head", self.lm_head.parameters(), unembedding_lr * sigma * lr_scale, (0.8, 0.96), 0.01),
+            adamw("wte", self.transformer.wte.parameters(), embedding_lr * sigma * lr_scale, (0.8, 0.995), 0.001),
+            adamw("value_embeds", self.value_embeds.parameters(), 0.5 * embedding_lr * sigma * lr_scale, (0.8, 0.995), 0.01),
+            adamw("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01 * lr_scale, (0.8, 0.95), 0.05),
+            adamw("x0_lambdas", [self.x0_lambdas], scalar_lr * lr_scale, (0.96, 0.95), 0.0),
+            adamw("smear_backout", [self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        matrices = list(self.transformer.h.parameters())  # every block matrix, VE gates included
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append({"kind": "muon", "name": f"muon{list(shape)}", "params": [p for p in matrices if tuple(p.shape) == shape],
+                           "lr": matrix_lr * lr_scale, "momentum": 0.95, "beta2": 0.9, "weight_decay": weight_decay, "ns_steps": 5})
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        grouped = [id(p) for g in groups for p in g["params"]]
+        assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
+        assert set(grouped) == {id(p) for p in self.parameters()}, \
+            f"parameters without an optimizer group: {[n for n, p in self.named_parameters() if id(p) not in set(grouped)]}"
+        return MuonAdamW(groups)
+
+    # -------------------------------------------------------------------------
+    # Accounting (SPEC 4.6)
+
+    def num_scaling_params(self):
+        """Parameter counts by kind; scaling params (for the tokens:params ratio) = transformer_matrices + lm_head."""
+        count = lambda params: sum(p.numel() for p in params)
+        counts = {
+            "wte": count(self.transformer.wte.parameters()),
+            "value_embeds": count(self.value_embeds.parameters()),
+            "lm_head": count(self.lm_head.parameters()),
+            "transformer_matrices": count(self.transformer.h.parameters()),
+            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda, self.smear_gate.weight]),
+        }
+        counts["total"] = sum(counts.values())
+        assert counts["total"] == count(self.parameters()), f"{counts} misses parameters: model has {count(self.parameters())}"
+        return counts
+
+    def num_matmul_params(self):
+        # any nn.Linear, so fp8-swapped layers (Float8Linear subclasses nn.Linear) still count
+        return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def _attn_dims(self):
+        return self.config.n_head * (self.config.n_embd // self.config.n_head)
+
+    def estimate_flops(self):
+        """Training FLOPs per token (fwd+bwd): 6 per matmul weight + 12*H*D*min(window, T) per layer for QK^T and AV."""
+        T = self.config.sequence_len
+        attn = sum(12 * self._attn_dims() * min(w, T) for w in self.window_sizes)
+        return 6 * self.num_matmul_params() + attn
+
+    def estimate_decode_flops(self, ctx):
+        """FLOPs to decode one token with ctx tokens already cached."""
+        return 2 * self.num_matmul_params() + sum(4 * self._attn_dims() * min(ctx, w) for w in self.window_sizes)
+
+    def estimate_prefill_flops(self, n):
+        """FLOPs to prefill n tokens: causal attention inside each window."""
+        attn = 0
+        for w in self.window_sizes:
+            w = min(w, n)
+            attn += 4 * self._attn_dims() * (w * (w + 1) // 2 + (n - w) * w)
+        return 2 * self.num_matmul_params() * n + attn
+
+    def kv_bytes_per_token(self):
+        head_dim = self.config.n_embd // self.config.n_head
+        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * COMPUTE_DTYPE.itemsize
+
+    def kv_read_bytes(self, ctx):
+        """KV-cache bytes one decode step reads at context length ctx (windows cap what each layer reads)."""
+        per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * COMPUTE_DTYPE.itemsize
+        return sum(per_pos * min(ctx, w) for w in self.window_sizes)
+
+    # -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Naive batch-1 streaming generation (re-runs the whole sequence each step, no cache): a reference for Engine."""
+        assert isinstance(tokens, list), f"tokens must be a list of ints, got {type(tokens).__name__}"
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids)[:, -1, :]
+            if top_k is not None and top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if temperature > 0:
+                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                next_id = logits.argmax(dim=-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+            yield next_id.item()
+
+# -----------------------------------------------------------------------------
+# KV cache for inference
+
+class KVCache:
+    """
+    Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute dtype, one shared
+    position (cache_seqlens, int32 per row, all equal) and the smear's previous normalized embedding (batch, 1, n_embd).
+    The model writes each layer's new keys/values in place; the position advances once per forward.
+    """
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
+        self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len
+        self.head_dim, self.num_layers = head_dim, num_layers
+        shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
+        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.cache_seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
+        self.prev_embedding = None
+
+    def reset(self):
+        self.cache_seqlens.zero_()
+        self.prev_embedding = None
+
+    def get_pos(self):
+        return int(self.cache_seqlens[0].item())
+
+    def get_layer_cache(self, layer_idx):
+        return self.k_cache[layer_idx], self.v_cache[layer_idx]
+
+    def advance(self, n):
+        self.cache_seqlens += n
+
+    def prefill(self, other):
+        """Copy a batch-1 cache's filled prefix (and its smear state) into every row of this one."""
+        pos = other.get_pos()
+        assert other.batch_size == 1, f"prefill copies from a batch-1 cache, got batch {other.batch_size}"
+        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim), \
+            f"cache layouts differ: {tuple(other.k_cache.shape)} vs {tuple(self.k_cache.shape)}"
+        assert pos <= self.max_seq_len, f"prefix of {pos} tokens does not fit a cache of {self.max_seq_len}"
+        self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
+        self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
+        self.cache_seqlens.fill_(pos)
+        pe = other.prev_embedding
+        self.prev_embedding = None if pe is None else pe.expand(self.batch_size, -1, -1).clone()
