@@ -1,0 +1,40 @@
+"""
+ARC (allenai/ai2_arc): grade-school science multiple choice, Easy and Challenge sets.
+
+    from tasks.arc import ARC
+    ARC(subset="ARC-Easy", split="test")        # 2,376 rows; ARC-Challenge test has 1,172; also train/validation
+
+Categorical: the allowed answers are the dataset's own labels (usually A-D, a few rows use 1-4 or 5 choices).
+"""
+
+from tasks.common import Task, load_hub_dataset, render_mc, evaluate_letter
+
+def arc_conversation(row):
+    letters, choices = row["choices"]["label"], row["choices"]["text"]
+    assert row["answerKey"] in letters, f"ARC answer {row['answerKey']!r} is not one of the labels {letters}"
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(row["question"], letters, choices)},
+            {"role": "assistant", "content": row["answerKey"]},
+        ],
+        "letters": letters,
+    }
+
+
+class ARC(Task):
+    eval_type = "categorical"
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        assert subset in ("ARC-Easy", "ARC-Challenge"), f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}"
+        assert split in ("train", "validation", "test"), f"ARC split must be train/validation/test, got {split!r}"
+        self.ds = load_hub_dataset("allenai/ai2_arc", subset, split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return arc_conversation(self.ds[index])
+
+    def evaluate(self, conversation, assistant_response):
+        return evaluate_letter(conversation, assistant_response)

@@ -1,0 +1,57 @@
+"""
+GSM8K (openai/gsm8k, "main"): grade-school math word problems, 7,473 train / 1,319 test.
+
+    from tasks.gsm8k import GSM8K
+    GSM8K(subset="main", split="test")
+
+The reference solutions carry calculator annotations "<<48/2=24>>". We turn each into a python part (48/2) and a
+python_output part (24), so the model learns to call the calculator and the Engine feeds the result back at test time.
+Generative: a response passes when its "#### N" equals the reference's (commas removed). RL reward = 1.0 / 0.0.
+"""
+
+import re
+
+from tasks.common import Task, load_hub_dataset, extract_answer
+
+CALC_RE = re.compile(r"(<<[^>]*>>)")
+
+def gsm8k_assistant_parts(answer):
+    """Text between annotations stays text; each <<expr=result>> becomes python + python_output parts."""
+    parts = []
+    for piece in CALC_RE.split(answer):
+        if piece.startswith("<<") and piece.endswith(">>"):
+            expr, sep, result = piece[2:-2].rpartition("=")
+            assert sep, f"calculator annotation {piece!r} has no '='"
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+def gsm8k_conversation(row):
+    return {"messages": [
+        {"role": "user", "content": row["question"]},
+        {"role": "assistant", "content": gsm8k_assistant_parts(row["answer"])},
+    ]}
+
+
+class GSM8K(Task):
+    eval_type = "generative"
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        assert subset in ("main", "socratic"), f"GSM8K subset must be 'main' or 'socratic', got {subset!r}"
+        assert split in ("train", "test"), f"GSM8K split must be 'train' or 'test', got {split!r}"
+        self.ds = load_hub_dataset("openai/gsm8k", subset, split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return gsm8k_conversation(self.ds[index])
+
+    def evaluate(self, conversation, assistant_response):
+        assert isinstance(assistant_response, str), "GSM8K grades the decoded completion text"
+        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        assert reference is not None, "the reference solution has no '#### N' answer"
+        return extract_answer(assistant_response) == reference

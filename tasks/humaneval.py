@@ -1,0 +1,69 @@
+"""
+HumanEval (openai/openai_humaneval): 164 Python functions to complete, graded by running their unit tests.
+
+    from tasks.humaneval import HumanEval
+    HumanEval()
+
+Generative: the completion's code is assembled into a program (imports from the prompt + the completion's code +
+the dataset's test code + check(entry_point)) and run in nanochat.execution's sandbox (5 s, 256 MiB); it passes iff
+the program exits cleanly. The sandbox is not a security boundary (see nanochat/execution.py).
+"""
+
+import re
+
+from tasks.common import Task, load_hub_dataset
+
+CODE_BLOCK_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+
+def extract_imports(prompt):
+    """The import lines at the top of a prompt (blank lines and comments may sit between them)."""
+    imports = []
+    for line in prompt.split("\n"):
+        stripped = line.strip()
+        if stripped.startswith(("import ", "from ")):
+            imports.append(stripped)
+        elif stripped and not stripped.startswith("#"):
+            break
+    return "\n".join(imports)
+
+def extract_program(completion):
+    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer with bare code)."""
+    match = CODE_BLOCK_RE.search(completion)
+    return match.group(1) if match else completion
+
+def humaneval_program(conversation, completion):
+    """The program whose clean exit means the completion passes."""
+    return "\n\n".join([
+        extract_imports(conversation["messages"][0]["content"]),
+        extract_program(completion),
+        conversation["test"],
+        f"check({conversation['entry_point']})",
+    ]) + "\n"
+
+def humaneval_conversation(row):
+    return {
+        "messages": [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
+        ],
+        "entry_point": row["entry_point"],
+        "test": row["test"],
+    }
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test").shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return humaneval_conversation(self.ds[index])
+
+    def evaluate(self, conversation, assistant_response):
+        from nanochat.execution import execute_code  # imported here: only HumanEval grading needs the sandbox
+        return execute_code(humaneval_program(conversation, assistant_response), timeout=5.0).success

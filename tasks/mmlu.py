@@ -1,0 +1,49 @@
+"""
+MMLU (cais/mmlu): 4-way multiple choice over 57 subjects.
+
+    from tasks.mmlu import MMLU
+    MMLU(subset="auxiliary_train", split="train")   # ~100K rows (ARC, MC_TEST, OBQA, RACE) for training
+    MMLU(subset="all", split="test")                # 14,042 rows for evaluation (also "validation", "dev")
+
+Categorical: the model answers with one of the letters A-D (render_mc format).
+"""
+
+from tasks.common import Task, load_hub_dataset, render_mc, evaluate_letter
+
+LETTERS = ["A", "B", "C", "D"]
+
+def mmlu_conversation(row):
+    # The auxiliary_train export nests every row inside a "train" struct column.
+    if set(row) == {"train"}:
+        row = row["train"]
+    assert len(row["choices"]) == 4, f"MMLU row has {len(row['choices'])} choices, expected 4"
+    return {
+        "messages": [
+            {"role": "user", "content": render_mc(row["question"], LETTERS, row["choices"])},
+            {"role": "assistant", "content": LETTERS[row["answer"]]},
+        ],
+        "subject": row["subject"],  # lets evaluation group accuracy by subject
+        "letters": LETTERS,
+    }
+
+
+class MMLU(Task):
+    eval_type = "categorical"
+
+    def __init__(self, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        assert subset in ("all", "auxiliary_train"), f"MMLU subset must be 'all' or 'auxiliary_train', got {subset!r}"
+        if subset == "auxiliary_train":
+            assert split == "train", f"MMLU auxiliary_train only has split 'train', got {split!r}"
+        else:
+            assert split in ("test", "validation", "dev"), f"MMLU 'all' split must be test/validation/dev, got {split!r}"
+        self.ds = load_hub_dataset("cais/mmlu", subset, split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return mmlu_conversation(self.ds[index])
+
+    def evaluate(self, conversation, assistant_response):
+        return evaluate_letter(conversation, assistant_response)

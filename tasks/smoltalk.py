@@ -1,0 +1,37 @@
+"""
+SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk), ~460K train / ~24K test rows.
+
+    from tasks.smoltalk import SmolTalk
+    train = SmolTalk(split="train")        # downloads the hub's parquet export once into <base>/task_data/
+
+Training data only (no evaluate): it teaches the model to hold a conversation.
+Leaves out: the full 1M-row smoltalk (the "smol" version is sized for small models).
+"""
+
+from tasks.common import Task, load_hub_dataset
+
+def smoltalk_conversation(row):
+    """A row's messages (optional leading system, then strict user/assistant alternation), checked."""
+    messages = row["messages"]
+    assert len(messages) >= 2, f"SmolTalk row has {len(messages)} messages, expected at least 2"
+    first = 1 if messages[0]["role"] == "system" else 0
+    for i, message in enumerate(messages[first:]):
+        expected = "user" if i % 2 == 0 else "assistant"
+        assert message["role"] == expected, f"message {first + i} has role {message['role']!r}, expected {expected!r}"
+        assert isinstance(message["content"], str), f"message {first + i} content is not a string"
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+class SmolTalk(Task):
+    eval_type = "generative"
+
+    def __init__(self, split, **kwargs):
+        super().__init__(**kwargs)
+        assert split in ("train", "test"), f"SmolTalk split must be 'train' or 'test', got {split!r}"
+        self.ds = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return smoltalk_conversation(self.ds[index])

@@ -1,0 +1,136 @@
+"""
+SpellingBee and SimpleSpelling: generated tasks that teach a token-level model to see letters.
+
+    from tasks.spellingbee import SpellingBee, SimpleSpelling
+    SpellingBee(size=80_000, split="train")     # "How many r are in strawberry?" -> manual count + python check
+    SimpleSpelling(size=200_000, split="train") # "Spell the word: apple" -> "apple:a,p,p,l,e"
+
+Words come from dwyl/english-words words_alpha.txt (370K words), downloaded once to <base>/words_alpha.txt.
+Example i is generated from random.Random(i) for train and random.Random(i + 10,000,000) for test, so the splits
+never share a seed. SpellingBee is graded like GSM8K ("#### N"); SimpleSpelling by exact match.
+Leaves out: non-ASCII words (the list is a-z only).
+"""
+
+import os
+import random
+import string
+
+from nanochat.common import get_base_dir, download_file_with_lock
+from tasks.common import Task, extract_answer
+
+WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
+TEST_SEED_OFFSET = 10_000_000
+
+# {letter} and {word} are filled in (maybe quoted); "?" is appended half the time, so none ends in punctuation.
+TEMPLATES = [
+    "How many {letter} are in the word {word}",
+    "How many times does the letter {letter} appear in {word}",
+    "Count the number of {letter} in {word}",
+    "How many {letter}s are there in {word}",
+    "In the word {word}, how many times does {letter} occur",
+    "What is the count of the letter {letter} in {word}",
+    "Tell me how many {letter} the word {word} contains",
+    "How often does {letter} show up in {word}",
+    "Can you count how many {letter} are in {word}",
+    "Number of {letter} in {word}",
+    "¿Cuántas veces aparece la letra {letter} en la palabra {word}",
+    "Cuenta cuántas {letter} hay en {word}",
+    "Combien de fois la lettre {letter} apparaît-elle dans le mot {word}",
+    "Compte les {letter} dans {word}",
+    "Wie oft kommt der Buchstabe {letter} im Wort {word} vor",
+    "Zähle die Buchstaben {letter} in {word}",
+    "单词{word}中有几个字母{letter}",
+    "{word}这个词里字母{letter}出现了几次",
+    "{word}という単語に{letter}はいくつありますか",
+    "{word}라는 단어에 {letter}가 몇 개 있나요",
+]
+
+def load_words():
+    path = os.path.join(get_base_dir(), "words_alpha.txt")
+    try:
+        download_file_with_lock(WORD_LIST_URL, path)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}. SpellingBee/SimpleSpelling need the word list: download {WORD_LIST_URL} to {path}") from e
+    with open(path, encoding="utf-8") as f:
+        words = [line.strip() for line in f if line.strip()]
+    assert words, f"{path} is empty; delete it and rerun to download {WORD_LIST_URL} again"
+    return words
+
+def spelling_bee_conversation(word, letter, user_message):
+    """The answer: spell the word, walk it letter by letter keeping a count, then confirm with a python call."""
+    count = word.count(letter)
+    walk, running = [], 0
+    for i, char in enumerate(word, start=1):
+        if char == letter:
+            running += 1
+            walk.append(f"{i}:{char} hit! count={running}")
+        else:
+            walk.append(f"{i}:{char}")
+    manual = (f"We are asked to count the letter '{letter}' in the word '{word}'. Let me first count by hand.\n\n"
+              f"Spelling out the word:\n{word}:{','.join(word)}\n\n"
+              f"Walking through the letters and looking for '{letter}':\n" + "\n".join(walk) + "\n\n"
+              f"This gives us {count}.\n\nLet me double check this using Python:\n\n")
+    return {"messages": [
+        {"role": "user", "content": user_message},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": manual},
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
+        ]},
+    ]}
+
+
+class SpellingBee(Task):
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", words=None, **kwargs):
+        super().__init__(**kwargs)
+        assert split in ("train", "test"), f"SpellingBee split must be 'train' or 'test', got {split!r}"
+        self.size, self.split = size, split
+        self.words = words if words is not None else load_words()
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+        quote_letter, quote_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        message = rng.choice(TEMPLATES).format(letter=f"{quote_letter}{letter}{quote_letter}",
+                                               word=f"{quote_word}{word}{quote_word}")
+        if rng.random() < 0.3:
+            message = message.lower()
+        if rng.random() < 0.5:
+            message += "?"
+        return spelling_bee_conversation(word, letter, message)
+
+    def evaluate(self, conversation, assistant_response):
+        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+        return extract_answer(assistant_response) == reference
+
+
+class SimpleSpelling(Task):
+    """User "Spell the word: apple", assistant "apple:a,p,p,l,e" (the spelled form SpellingBee's answers start from)."""
+    eval_type = "generative"
+
+    def __init__(self, size=1000, split="train", words=None, **kwargs):
+        super().__init__(**kwargs)
+        assert split in ("train", "test"), f"SimpleSpelling split must be 'train' or 'test', got {split!r}"
+        self.size, self.split = size, split
+        self.words = words if words is not None else load_words()
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
+        word = rng.choice(self.words)
+        return {"messages": [
+            {"role": "user", "content": f"Spell the word: {word}"},
+            {"role": "assistant", "content": f"{word}:{','.join(word)}"},
+        ]}
+
+    def evaluate(self, conversation, assistant_response):
+        return assistant_response.strip() == conversation["messages"][-1]["content"]
