@@ -125,14 +125,17 @@ def write_shard(path, texts, row_group_size):
 # -----------------------------------------------------------------------------
 # Downloader
 
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_BACKOFF = 2.0  # seconds, raised to the attempt number: waits 2, 4, 8, 16 (tests set 0)
+
 def get_url_base(dataset):
-    return os.environ.get("NANOCHAT_DATA_URL") or DATASETS[dataset][0]
+    return (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[dataset][0]).rstrip("/")
 
 def _download_one(job):
     url, path, attempts, backoff = job
     return download_url(url, path, attempts=attempts, backoff=backoff)
 
-def download_shards(num_files, dataset=None, num_workers=4, attempts=5, backoff=2.0):
+def download_shards(num_files, dataset=None, num_workers=4):
     """
     Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a time.
     Shards already on disk are skipped without a request. Returns the names of shards that failed.
@@ -145,7 +148,7 @@ def download_shards(num_files, dataset=None, num_workers=4, attempts=5, backoff=
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     url_base = get_url_base(name)
-    jobs = [(f"{url_base}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)), attempts, backoff)
+    jobs = [(f"{url_base}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)), DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
             for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
     print(f"dataset {name}: {len(indices)} shards wanted ({len(indices) - len(jobs)} present), into {data_dir}", flush=True)
     ok = []
@@ -230,14 +233,13 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
     """Split at blank lines into pieces of at most max_chars (a longer paragraph is cut hard)."""
     pieces, current = [], ""
     for para in text.split("\n\n"):
+        if current and len(current) + 2 + len(para) > max_chars:
+            pieces.append(current)
+            current = ""
         while len(para) > max_chars:
             pieces.append(para[:max_chars])
             para = para[max_chars:]
-        if current and len(current) + 2 + len(para) > max_chars:
-            pieces.append(current)
-            current = para
-        else:
-            current = f"{current}\n\n{para}" if current else para
+        current = f"{current}\n\n{para}" if current else para
     if current:
         pieces.append(current)
     return pieces
