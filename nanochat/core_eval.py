@@ -1,0 +1,329 @@
+"""
+The CORE metric of the DCLM paper (https://arxiv.org/abs/2406.11794): 22 in-context-learning tasks
+scored by a base model's likelihoods, each accuracy centered on its random baseline, then averaged.
+
+Data: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl), fetched once into
+<base>/eval_bundle/ by ensure_eval_bundle(). Three task types, one JSONL row per example:
+    multiple_choice    {"query", "choices", "gold"}           one prompt per choice, same context
+    schema             {"context_options", "continuation", "gold"}  one prompt per context, same ending
+    language_modeling  {"context", "continuation"}            exact match of the greedy continuation
+
+Called by scripts/base_train.py (max 500 examples per task) and scripts/base_eval.py (all of them):
+    out = evaluate_core(model, tokenizer, device, max_per_task=-1)
+Under torchrun every rank must call it; examples are strided across ranks and the per-example
+correctness is all-reduced. The model must accept model(idx) -> logits (B, T, vocab) and carry
+model.config.sequence_len (prompts longer than that are cropped on the left).
+Leaves out: HF models, other eval suites, confidence intervals.
+"""
+
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+import zipfile
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from filelock import FileLock
+
+from nanochat.common import get_base_dir, get_dist_info, download_file_with_lock, is_dist, print0
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+# Keys each JSONL row needs, checked at load so a bad bundle fails with a file and line, not a KeyError mid-eval.
+REQUIRED_KEYS = {
+    "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "language_modeling": ("context", "continuation"),
+}
+
+class EvalBundleUnavailable(RuntimeError):
+    """The bundle is not on disk and could not be downloaded (offline). Callers may skip CORE on this one."""
+
+# -----------------------------------------------------------------------------
+# The eval bundle on disk
+
+def get_eval_bundle_dir():
+    return os.path.join(get_base_dir(), "eval_bundle")
+
+def eval_bundle_available():
+    """True when <base>/eval_bundle/ holds a complete bundle (it only ever appears complete, by rename)."""
+    return os.path.isfile(os.path.join(get_eval_bundle_dir(), "core.yaml"))
+
+def _extract_bundle(zip_path, bundle_dir):
+    """Unzip into a temp dir next to bundle_dir, then rename, so a crash never leaves half a bundle."""
+    if os.path.exists(bundle_dir):
+        raise RuntimeError(f"{bundle_dir} exists but has no core.yaml; delete it and rerun to fetch the bundle again")
+    tmp_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp", dir=os.path.dirname(bundle_dir))
+    try:
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp_dir)
+        except zipfile.BadZipFile as e:
+            os.remove(zip_path)  # so the next run downloads it again
+            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to download it again") from e
+        # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
+        root = tmp_dir if os.path.isfile(os.path.join(tmp_dir, "core.yaml")) else os.path.join(tmp_dir, "eval_bundle")
+        if not os.path.isfile(os.path.join(root, "core.yaml")):
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE eval bundle")
+        os.replace(root, bundle_dir)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle itself was renamed out
+
+def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
+    """
+    Return <base>/eval_bundle/, downloading and unzipping it first if needed. Local rank 0 of each node
+    fetches (under a file lock, for nodes sharing a disk); everyone waits at a barrier.
+    Raises EvalBundleUnavailable with how to fetch it by hand when it cannot be had.
+    """
+    base_dir, bundle_dir = get_base_dir(), get_eval_bundle_dir()
+    failure = ""
+    if not eval_bundle_available() and get_dist_info()[2] == 0:
+        with FileLock(bundle_dir + ".lock"):
+            if not eval_bundle_available():
+                zip_path = bundle_dir + ".zip"
+                print0(f"Downloading the CORE eval bundle (~162 MB) from {url}")
+                try:
+                    download_file_with_lock(url, zip_path)
+                except RuntimeError as e:
+                    failure = f" ({e})"
+                else:
+                    _extract_bundle(zip_path, bundle_dir)
+                    os.remove(zip_path)
+    if is_dist():
+        dist.barrier()
+    if not eval_bundle_available():
+        raise EvalBundleUnavailable(
+            f"the CORE eval bundle is not at {bundle_dir} and could not be downloaded{failure}. "
+            f"Fetch it by hand: curl -L -o eval_bundle.zip {url} && unzip eval_bundle.zip -d {base_dir} "
+            f"(it must leave {bundle_dir}/core.yaml)")
+    return bundle_dir
+
+# -----------------------------------------------------------------------------
+# Task config, random baselines and data, read from the bundle
+
+def load_core_config(bundle_dir):
+    """Returns (tasks, baselines): tasks = list of dicts from core.yaml, baselines = {label: random baseline in percent}."""
+    yaml_path = os.path.join(bundle_dir, "core.yaml")
+    with open(yaml_path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    tasks = []
+    for i, entry in enumerate(config["icl_tasks"]):
+        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type") if k not in entry]
+        if missing:
+            raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
+        if entry["icl_task_type"] not in TASK_TYPES:
+            raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type {entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
+        k = entry["num_fewshot"]
+        tasks.append({
+            "label": entry["label"],
+            "dataset_uri": entry["dataset_uri"],
+            "num_fewshot": int(k[0] if isinstance(k, list) else k),  # the bundle writes e.g. [10]
+            "task_type": entry["icl_task_type"],
+            "continuation_delimiter": entry.get("continuation_delimiter", " "),
+        })
+    csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")
+    with open(csv_path, encoding="utf-8", newline="") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    for task in tasks:
+        if task["label"] not in baselines:
+            raise ValueError(f"{csv_path} has no 'Random baseline' row for task {task['label']!r} of core.yaml")
+    return tasks, baselines
+
+def load_task_data(path, task_type):
+    """Read a task's JSONL file; malformed lines and missing keys raise naming the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CORE task file {path} is missing: the eval bundle is incomplete; delete {os.path.dirname(path)} "
+                                f"up to eval_bundle/ and rerun to fetch it again")
+    data = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+            missing = [k for k in REQUIRED_KEYS[task_type] if k not in item]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: a {task_type} example needs keys {list(REQUIRED_KEYS[task_type])}, this one lacks {missing}")
+            data.append(item)
+    return data
+
+# -----------------------------------------------------------------------------
+# Prompts: few-shot examples first (each a solved example), separated by blank lines, then the item
+
+def sample_fewshot(data, idx, k):
+    """k examples other than data[idx], drawn with random.Random(1234 + idx) so every run and rank agrees."""
+    if k == 0:
+        return []
+    rng = random.Random(1234 + idx)
+    # same draws as rng.sample over the list of all indices but idx, without building that list per example
+    picks = rng.sample(range(len(data) - 1), k)
+    return [data[i + (i >= idx)] for i in picks]
+
+def render_prompts(task_type, item, delimiter, fewshot):
+    """
+    The prompt strings to score for one item.
+    multiple_choice: one per choice; schema: one per context option;
+    language_modeling: [prompt without the continuation (trailing whitespace stripped), prompt with it].
+    """
+    if task_type == "multiple_choice":
+        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+    if task_type == "schema":
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
+    shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{shots}{item['context'].strip()}{delimiter}"
+    # stripping lets the delimiter's space merge into the continuation's first token, as in running text
+    return [without.rstrip(), without + item["continuation"]]
+
+def continuation_spans(task_type, token_lists):
+    """
+    Which tokens are scored. Returns (sequences, spans) with spans[i] = (start, end) into sequences[i].
+    multiple_choice: tokens after the common prefix of all choices' prompts;
+    schema: the common suffix of all options' prompts;
+    language_modeling: tokens of prompt-with beyond prompt-without (which must be a token prefix of it).
+    """
+    if task_type == "language_modeling":
+        without, with_ = token_lists
+        if with_[:len(without)] != without or len(with_) == len(without):
+            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} tokens) is not a strict "
+                             f"token prefix of the prompt with it ({len(with_)} tokens)")
+        return [with_], [(len(without), len(with_))]
+    # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
+    # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
+    min_len = min(len(t) for t in token_lists)
+    n = 0
+    if task_type == "multiple_choice":
+        while n < min_len - 1 and all(t[n] == token_lists[0][n] for t in token_lists):
+            n += 1
+        return token_lists, [(n, len(t)) for t in token_lists]
+    while n < min_len - 1 and all(t[-1 - n] == token_lists[0][-1 - n] for t in token_lists):
+        n += 1
+    return token_lists, [(len(t) - n, len(t)) for t in token_lists]
+
+def crop_left(tokens, start, end, max_len):
+    """Drop tokens from the left so the sequence fits the model's context; the scored span moves with it."""
+    excess = len(tokens) - max_len
+    if excess <= 0:
+        return tokens, start, end
+    assert start - excess >= 1, f"continuation of {end - start} tokens does not fit in sequence_len {max_len}"
+    return tokens[excess:], start - excess, end - excess
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+@torch.no_grad()
+def score_rows(model, rows, pad_id, device):
+    """
+    One forward over right-padded rows [(tokens, start, end), ...]. Returns per row
+    (mean cross-entropy over tokens[start:end], whether argmax predicted every one of them).
+    Right padding is harmless: with causal attention no real position sees the pad tokens.
+    """
+    max_len = max(len(tokens) for tokens, _, _ in rows)
+    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
+    row_idx, pos = [], []
+    for r, (tokens, start, end) in enumerate(rows):
+        ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        row_idx += [r] * (end - start)
+        pos += range(start - 1, end - 1)  # logits at position t predict token t + 1
+    ids = ids.to(device)
+    row_idx = torch.tensor(row_idx, device=device)
+    pos = torch.tensor(pos, device=device)
+    logits = model(ids)
+    # only the continuation positions, not the (rows, T, vocab) log-softmax of everything
+    selected = logits[row_idx, pos].float()
+    targets = ids[row_idx, pos + 1]
+    losses = F.cross_entropy(selected, targets, reduction="none")
+    misses = (selected.argmax(dim=-1) != targets).float()
+    counts = torch.zeros(len(rows), device=device).index_add_(0, row_idx, torch.ones_like(losses))
+    mean_losses = torch.zeros(len(rows), device=device).index_add_(0, row_idx, losses) / counts
+    all_hit = torch.zeros(len(rows), device=device).index_add_(0, row_idx, misses) == 0
+    return mean_losses.tolist(), all_hit.tolist()
+
+def prepare_examples(task, data, indices, tokenizer, max_len):
+    """Render, tokenize (with BOS, one batched encode call) and crop examples. Returns [(idx, rows, gold)] for score_rows."""
+    prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
+                                   sample_fewshot(data, idx, task["num_fewshot"])) for idx in indices]
+    flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts], prepend=tokenizer.get_bos_token_id())
+    examples, offset = [], 0
+    for idx, prompts in zip(indices, prompt_lists):
+        sequences, spans = continuation_spans(task["task_type"], flat[offset:offset + len(prompts)])
+        offset += len(prompts)
+        rows = [crop_left(tokens, start, end, max_len) for tokens, (start, end) in zip(sequences, spans)]
+        examples.append((idx, rows, data[idx].get("gold")))
+    return examples
+
+def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chunk_size=1024):
+    """
+    Accuracy on one task. This rank takes examples rank, rank + world, ...; each chunk of them is sorted by
+    length and packed into forwards of at most ~batch_tokens (padded) tokens, so short prompts share a batch.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+    max_len = model.config.sequence_len
+    bos = tokenizer.get_bos_token_id()
+    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    my_indices = list(range(rank, len(data), world))
+    for c in range(0, len(my_indices), chunk_size):
+        # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs as Python lists
+        examples = prepare_examples(task, data, my_indices[c:c + chunk_size], tokenizer, max_len)
+        examples.sort(key=lambda ex: -max(len(tokens) for tokens, _, _ in ex[1]))
+        i = 0
+        while i < len(examples):
+            # longest first, so the first example's length is the batch's padded length
+            padded_len = max(len(tokens) for tokens, _, _ in examples[i][1])
+            j, num_rows = i, 0
+            while j < len(examples) and (j == i or (num_rows + len(examples[j][1])) * padded_len <= batch_tokens):
+                num_rows += len(examples[j][1])
+                j += 1
+            batch = examples[i:j]
+            mean_losses, all_hit = score_rows(model, [row for _, rows, _ in batch for row in rows], bos, device)
+            r = 0
+            for idx, rows, gold in batch:
+                if task["task_type"] == "language_modeling":
+                    is_correct = all_hit[r]
+                else:
+                    losses = mean_losses[r:r + len(rows)]
+                    is_correct = losses.index(min(losses)) == gold  # ties go to the first option
+                correct[idx] = float(is_correct)
+                r += len(rows)
+            i = j
+    if is_dist():
+        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
+    return correct.mean().item()
+
+def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768):
+    """
+    Evaluate every task of the bundle's core.yaml (fetching the bundle if needed).
+    max_per_task: examples per task after the fixed shuffle (-1 = all).
+    batch_tokens: padded tokens per forward; lower it if the logits (batch_tokens x vocab fp32) do not fit.
+    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered}.
+    Prints one line per task with examples/s.
+    """
+    bundle_dir = ensure_eval_bundle()
+    tasks, baselines = load_core_config(bundle_dir)
+    results, centered_results = {}, {}
+    for task in tasks:
+        t0 = time.time()
+        data = load_task_data(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), task["task_type"])
+        if not data:
+            raise ValueError(f"CORE task file {task['dataset_uri']} of {bundle_dir} has no examples")
+        random.Random(1337).shuffle(data)  # fixed order, so a cropped task is the same subset every time
+        if max_per_task > 0:
+            data = data[:max_per_task]
+        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens=batch_tokens)
+        baseline = 0.01 * baselines[task["label"]]
+        results[task["label"]] = accuracy
+        centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
+        dt = time.time() - t0
+        print0(f"{task['label']:<35} accuracy {accuracy:.4f} | centered {centered_results[task['label']]:+.4f} | "
+               f"{len(data)} examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)")
+    core_metric = sum(centered_results.values()) / len(centered_results)
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric}
