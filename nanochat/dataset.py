@@ -164,7 +164,7 @@ def download_shards(num_files, dataset=None, num_workers=4):
 # Prose first (docstrings, README/METADATA, .md/.rst/.txt), plus small stdlib modules whole so code is seen too.
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
-LOCAL_ROW_GROUP = 256       # smaller than the hosted 1,024 so each ~2M-char shard has enough row groups to stride over ranks
+LOCAL_ROW_GROUP = 256       # smaller than the hosted 1,024: a local shard has only ~700 docs, and ranks stride over row groups
 LOCAL_SEED = 42
 MIN_DOC_CHARS = 200         # shorter documents are mostly "Return self." stubs
 MAX_DOC_CHARS = 16_000      # longer ones are split at paragraph breaks
@@ -175,9 +175,9 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
 DOC_SUFFIXES = (".md", ".rst", ".txt")
 MAX_DOC_FILE_BYTES = 1_000_000
 # names and phrases of license boilerplate, which would otherwise repeat across hundreds of packages
-LICENSE_NAME = re.compile(r"(licen[cs]e|copying|notice|authors|entry_points|top_level|requirements|sources|dependency_links)", re.I)
+LICENSE_NAME = re.compile(r"^(\w*licen[cs]e|copying|notice|authors|entry_points|top_level|requirements|sources|dependency_links)", re.I)
 LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|GNU (Lesser )?General Public License"
-                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED")  # case-sensitive: re.I is 3x slower
+                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED|This software is provided 'as-is'")  # case-sensitive: re.I is 3x slower
 # Triple-quoted strings found by regex, not ast: ~10x faster on ~170 MB of site-packages, and the few
 # strings it mis-cuts (a triple quote inside another string) fail the prose filter.
 TRIPLE_QUOTED = re.compile(r'("""|\'\'\')(.*?)\1', re.S)
@@ -266,32 +266,33 @@ def collect_local_documents(roots=None):
                             package_chars[package] = package_chars.get(package, 0) + len(piece)
     return docs
 
-def build_local_corpus(force=False, roots=None, num_shards=LOCAL_NUM_SHARDS):
+def build_local_corpus(force=False, roots=None):
     """
     Build the local corpus into get_data_dir("local"): shuffle the documents (fixed seed) and deal them
-    round-robin into num_shards shards; the last one is the pinned val shard. All shards are written into
+    round-robin into LOCAL_NUM_SHARDS shards; the last one is the pinned val shard. All shards are written into
     a temp directory that is renamed into place, so a crash never leaves a half corpus. Returns the shard paths.
+    roots (default local_roots()) lets tests build from a few small directories.
     """
     data_dir = get_data_dir("local")
-    paths = [os.path.join(data_dir, shard_name(i)) for i in range(num_shards)]
+    paths = [os.path.join(data_dir, shard_name(i)) for i in range(LOCAL_NUM_SHARDS)]
     if not force and all(os.path.exists(p) for p in paths):
-        print(f"local corpus already built in {data_dir} ({num_shards} shards); pass --force to rebuild", flush=True)
+        print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards); pass --force to rebuild", flush=True)
         return paths
     docs = collect_local_documents(roots)
     random.Random(LOCAL_SEED).shuffle(docs)
-    assert len(docs) >= num_shards * 2, f"only {len(docs)} documents found for {num_shards} shards"
+    assert len(docs) >= LOCAL_NUM_SHARDS * 2, f"only {len(docs)} documents found for {LOCAL_NUM_SHARDS} shards"
     tmp_dir = f"{data_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    for i in range(num_shards):
-        texts = docs[i::num_shards]
+    for i in range(LOCAL_NUM_SHARDS):
+        texts = docs[i::LOCAL_NUM_SHARDS]
         write_shard(os.path.join(tmp_dir, shard_name(i)), texts, LOCAL_ROW_GROUP)
-        split = "val" if i == num_shards - 1 else "train"
+        split = "val" if i == LOCAL_NUM_SHARDS - 1 else "train"
         print(f"{shard_name(i)} ({split}): {len(texts):,} docs, {sum(map(len, texts)):,} chars", flush=True)
     if os.path.isdir(data_dir):
         shutil.rmtree(data_dir)
     os.replace(tmp_dir, data_dir)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {num_shards} shards at {data_dir}", flush=True)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {LOCAL_NUM_SHARDS} shards at {data_dir}", flush=True)
     return paths
 
 # -----------------------------------------------------------------------------

@@ -161,16 +161,16 @@ def test_local_corpus_is_deterministic_and_idempotent(base_dir, capsys):
     stdlib = sysconfig.get_paths()["stdlib"]
     # small stdlib modules go in whole (code); asyncio read as a non-stdlib package yields docstrings only
     roots = [(os.path.join(stdlib, "email"), True), (os.path.join(stdlib, "json"), True), (os.path.join(stdlib, "asyncio"), False)]
-    dataset.build_local_corpus(roots=roots, num_shards=4)
+    dataset.build_local_corpus(roots=roots)
     first = shard_digests(base_dir)
-    assert list(first) == [f"shard_{i:05d}.parquet" for i in range(4)]
-    dataset.build_local_corpus(force=True, roots=roots, num_shards=4)
+    assert list(first) == [f"shard_{i:05d}.parquet" for i in range(dataset.LOCAL_NUM_SHARDS)]
+    dataset.build_local_corpus(force=True, roots=roots)
     assert shard_digests(base_dir) == first
     mtime = os.path.getmtime(base_dir / "base_data_local" / "shard_00000.parquet")
-    dataset.build_local_corpus(roots=roots, num_shards=4)  # already built: skipped
+    dataset.build_local_corpus(roots=roots)  # already built: skipped
     assert os.path.getmtime(base_dir / "base_data_local" / "shard_00000.parquet") == mtime
     assert "already built" in capsys.readouterr().out
-    docs = [t for i in range(4) for t in pq.read_table(base_dir / "base_data_local" / f"shard_{i:05d}.parquet")["text"].to_pylist()]
+    docs = [t for i in range(dataset.LOCAL_NUM_SHARDS) for t in pq.read_table(base_dir / "base_data_local" / f"shard_{i:05d}.parquet")["text"].to_pylist()]
     assert len(docs) == len(set(docs)), "documents are deduplicated"
     assert all(dataset.MIN_DOC_CHARS <= len(t) <= dataset.MAX_DOC_CHARS for t in docs)
     assert any("def " in t for t in docs) and any("event loop" in t for t in docs)  # code and asyncio prose
