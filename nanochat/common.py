@@ -8,6 +8,7 @@ Nothing here reads command-line flags; scripts pass what they parsed.
 
 import os
 import time
+import http.client
 import urllib.request
 import urllib.error
 
@@ -181,7 +182,7 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
                 raise IOError(f"got {written} of {expected} bytes")
             os.replace(tmp_path, path)
             return True
-        except (urllib.error.URLError, OSError, IOError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
             print(f"download of {url} failed (attempt {attempt}/{attempts}): {e}", flush=True)
