@@ -1,0 +1,232 @@
+"""
+Evaluate a chat model on the chat tasks and compute ChatCORE.
+
+    python -m scripts.chat_eval -i sft                                  # all tasks
+    python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100       # some tasks, first 100 problems each
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
+
+Categorical tasks (ARC, MMLU, SynthMC) need no sampling: each prompt ends in <|assistant_start|> and the answer is
+the allowed letter with the highest logit at that position (one forward pass per batch). Generative tasks (GSM8K,
+HumanEval, SpellingBee, the synthetic ones) sample through the Engine, so calculator calls are executed; a problem
+passes if any of its --num-samples completions passes (pass@k). Problems are spread over ranks and counts summed.
+
+ChatCORE = mean over tasks of (accuracy - chance) / (1 - chance), printed when every real task was run.
+Without the real datasets (offline) the synthetic tasks' test splits are evaluated instead (ChatCORE-synthetic),
+and the skipped tasks are listed with how to fetch them.
+Leaves out: per-subject MMLU breakdowns, saving completions.
+"""
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir
+from tasks.common import hub_dataset_ready
+from tasks.arc import ARC
+from tasks.mmlu import MMLU
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.spellingbee import SpellingBee
+from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
+
+# name: (build the test task, is its data on disk, accuracy of random guessing)
+REAL_TASKS = {
+    "ARC-Easy": (lambda: ARC(subset="ARC-Easy", split="test"),
+                 lambda: hub_dataset_ready("allenai/ai2_arc", "ARC-Easy", "test"), 0.25),
+    "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"),
+                      lambda: hub_dataset_ready("allenai/ai2_arc", "ARC-Challenge", "test"), 0.25),
+    "MMLU": (lambda: MMLU(subset="all", split="test"), lambda: hub_dataset_ready("cais/mmlu", "all", "test"), 0.25),
+    "GSM8K": (lambda: GSM8K(subset="main", split="test"), lambda: hub_dataset_ready("openai/gsm8k", "main", "test"), 0.0),
+    "HumanEval": (lambda: HumanEval(),
+                  lambda: hub_dataset_ready("openai/openai_humaneval", "openai_humaneval", "test"), 0.0),
+    "SpellingBee": (lambda: SpellingBee(size=256, split="test"),
+                    lambda: os.path.exists(os.path.join(get_base_dir(), "words_alpha.txt")), 0.0),
+}
+# Test splits of the embedded synthetic tasks (train on split="train" of the same classes; disjoint by construction).
+SYNTHETIC_TASKS = {
+    "SynthIdentity": (lambda: SyntheticIdentity(split="test", size=200), lambda: True, 0.0),
+    "SynthMath": (lambda: SyntheticMath(split="test", size=200), lambda: True, 0.0),
+    "SynthSpelling": (lambda: SyntheticSpelling(split="test", size=200), lambda: True, 0.0),
+    "SynthMC": (lambda: SyntheticMC(split="test", size=200), lambda: True, 0.25),
+}
+ALL_TASKS = {**REAL_TASKS, **SYNTHETIC_TASKS}
+
+# -----------------------------------------------------------------------------
+# Evaluation functions (also called by mid_train / chat_sft for periodic metrics)
+
+def _rank_and_world():
+    return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+
+def _sum_across_ranks(values, device):
+    if not is_dist():
+        return values
+    counts = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return counts.tolist()
+
+@torch.inference_mode()
+def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
+    """
+    -> (num_correct, num_problems) over all ranks. Batches of consecutive problems are strided across ranks;
+    each batch is right-padded with BOS (causal attention: padding after a prompt cannot change its last logits).
+    """
+    rank, world = _rank_and_world()
+    device = model.get_device()
+    bos = tokenizer.get_bos_token_id()
+    num_problems = len(task) if max_problems is None else min(len(task), max_problems)
+    letter_ids = {}
+    correct = total = 0
+    for batch_start in range(rank * batch_size, num_problems, world * batch_size):
+        conversations = [task[i] for i in range(batch_start, min(batch_start + batch_size, num_problems))]
+        prompts = [tokenizer.render_for_completion(c) for c in conversations]
+        longest = max(len(p) for p in prompts)
+        ids = torch.tensor([p + [bos] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
+        logits = model(ids)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
+            letters = conversation["letters"]
+            for letter in letters:
+                if letter not in letter_ids:
+                    encoded = tokenizer.encode(letter)
+                    assert len(encoded) == 1, f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}, expected 1"
+                    letter_ids[letter] = encoded[0]
+            scores = logits[row, len(prompt) - 1, [letter_ids[letter] for letter in letters]]
+            predicted = letters[int(scores.argmax())]
+            correct += int(task.evaluate(conversation, predicted))
+            total += 1
+    correct, total = _sum_across_ranks([correct, total], device)
+    return correct, total
+
+@torch.inference_mode()
+def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                        max_problems=None, progress=True):
+    """
+    -> (num_passed, num_problems) over all ranks; problem i is evaluated by rank i % world, sampled with seed i
+    (so the result does not depend on the number of ranks). A prompt that leaves no room to answer in the
+    model's context counts as failed.
+    """
+    rank, world = _rank_and_world()
+    device = model.get_device()
+    context = model.config.sequence_len
+    num_problems = len(task) if max_problems is None else min(len(task), max_problems)
+    passed = total = 0
+    for i in range(rank, num_problems, world):
+        conversation = task[i]
+        tokens = tokenizer.render_for_completion(conversation)
+        budget = min(max_new_tokens, context - len(tokens))
+        if budget >= 1:
+            sequences, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=budget,
+                                                 temperature=temperature, top_k=top_k, seed=i)
+            completions = [tokenizer.decode(seq[len(tokens):]) for seq in sequences]
+            passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+        total += 1
+        if progress:
+            print(f"\r\033[Krank {rank} | {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
+    if progress and total:
+        print()
+    passed, total = _sum_across_ranks([passed, total], device)
+    return passed, total
+
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
+                  temperature=0.0, top_k=50, max_problems=None):
+    """
+    Accuracy of the model on one task, given by name (a key of ALL_TASKS) or as a Task object.
+    Every rank must call it (counts are summed across ranks). The caller puts the model in eval mode.
+    """
+    task = ALL_TASKS[task_name][0]() if isinstance(task_name, str) else task_name
+    if task.eval_type == "categorical":
+        correct, total = run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
+    else:
+        correct, total = run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens,
+                                             temperature, top_k, max_problems)
+    assert total > 0, f"no problems were evaluated for {task_name} (max_problems={max_problems})"
+    return correct / total
+
+def chance_accuracy(task_name):
+    """Accuracy of random guessing: 1/num_letters for multiple choice (all ours have 4), 0 for generative tasks."""
+    return ALL_TASKS[task_name][2]
+
+def chatcore(accuracies):
+    """Mean centered accuracy: 0 = chance, 1 = perfect, over the tasks in `accuracies` ({name: accuracy})."""
+    centered = [(acc - chance_accuracy(name)) / (1.0 - chance_accuracy(name)) for name, acc in accuracies.items()]
+    return sum(centered) / len(centered)
+
+# -----------------------------------------------------------------------------
+
+def resolve_tasks(task_names):
+    """
+    -> ({name: task}, skipped {name: reason}). Named tasks must load (a missing dataset raises with how to get it).
+    Without names: every real task whose data is here or can be fetched; once a fetch fails (offline) the rest
+    are skipped, and if no real task is available the synthetic test splits are used instead.
+    """
+    if task_names is not None:
+        unknown = [n for n in task_names if n not in ALL_TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}: choose from {'|'.join(ALL_TASKS)}")
+        return {name: ALL_TASKS[name][0]() for name in task_names}, {}
+    tasks, skipped, offline = {}, {}, False
+    for name, (build, ready, _) in REAL_TASKS.items():
+        if offline and not ready():
+            skipped[name] = "not fetched: an earlier download failed (offline?)"
+            continue
+        try:
+            tasks[name] = build()
+        except RuntimeError as e:  # the hub / word list could not be fetched; the message says how to fetch it
+            offline = True
+            skipped[name] = str(e)
+    if not tasks:
+        tasks = {name: build() for name, (build, _, _) in SYNTHETIC_TASKS.items()}
+    return tasks, skipped
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
+    parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
+    parser.add_argument("-a", "--task-name", type=str, default=None,
+                        help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all real tasks "
+                             f"(the synthetic ones when no real dataset is available)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation budget per completion")
+    parser.add_argument("-n", "--num-samples", type=int, default=1, help="completions per problem (pass@k)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical tasks)")
+    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest d<N>)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task (default: all)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    args = parser.parse_args()
+
+    from nanochat.checkpoint import load_model
+    from nanochat.engine import Engine
+    from nanochat.report import get_report
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    engine = Engine(model, tokenizer)
+
+    tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)
+    if skipped and set(tasks) == set(SYNTHETIC_TASKS):
+        print0(f"No real task data could be loaded (offline?): evaluating the synthetic tasks' test splits instead")
+    results = {}
+    for name, task in tasks.items():
+        accuracy = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size, num_samples=args.num_samples,
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 max_problems=args.max_problems)
+        results[name] = accuracy
+        print0(f"{name} accuracy: {100 * accuracy:.2f}% (chance {100 * chance_accuracy(name):.0f}%)")
+
+    summary = dict(results)
+    if all(name in results for name in REAL_TASKS):
+        summary["ChatCORE"] = chatcore({name: results[name] for name in REAL_TASKS})
+        print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
+    if all(name in results for name in SYNTHETIC_TASKS):
+        summary["ChatCORE-synthetic"] = chatcore({name: results[name] for name in SYNTHETIC_TASKS})
+        print0(f"ChatCORE-synthetic (the embedded demo tasks, not comparable to ChatCORE): {summary['ChatCORE-synthetic']:.4f}")
+    for name, reason in skipped.items():
+        print0(f"skipped {name}: {reason}")
+    if skipped:
+        print0(f"To evaluate them, run on a machine with internet access once (the datasets are cached under "
+               f"{get_base_dir()}/task_data/), e.g. python -m scripts.chat_eval -i {args.source} -a \"{'|'.join(skipped)}\"")
+    get_report().log(section=f"Chat evaluation {args.source}", data=[vars(args), summary,
+                     {f"skipped {name}": "no data" for name in skipped}])
+    compute_cleanup()
