@@ -142,8 +142,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
                 doc = tokens.pop(keys.pop(i)[1:])[:space]
                 rows[b, pos:pos + len(doc)] = torch.tensor(doc, dtype=torch.int64)
                 pos += len(doc)
-        rows = _to_device(rows, device)
-        yield rows[:, :-1], rows[:, 1:], get_state()
+        inputs, targets = _to_device(torch.stack([rows[:, :-1], rows[:, 1:]]), device).unbind(0)
+        yield inputs, targets, get_state()
 
 # -----------------------------------------------------------------------------
 # Chat: best-fit packing with BOS padding, never cropping between rows

@@ -1,0 +1,402 @@
+"""
+Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, learning rates and weight decay.
+
+    python -m scripts.base_train --depth=20                              # one GPU (or CPU/MPS, slowly)
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --fp8
+    python -m scripts.base_train --depth=20 --resume                     # continue from the newest complete checkpoint
+
+Data: pretraining shards of the dataset named by --dataset, else env NANOCHAT_DATASET, else climbmix
+(`python -m nanochat.dataset -n 8`; `--dataset local` is the offline corpus). Tokenizer: `python -m scripts.tok_train`.
+Checkpoints go to <base>/base_checkpoints/<model tag>/ at the end and every --save-every steps, with everything needed
+to resume EXACTLY: model, per-rank optimizer shards, the data loaders' positions, the loop state and every derived
+hyperparameter. A resumed run produces the same steps, bit for bit, as one that was never stopped.
+
+Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row groups, so a
+run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same batches as 1 GPU x 2.
+
+Leaves out: the reference's fp16 GradScaler path (bf16 or fp32 only), a report card section (nanochat/report.py
+reads the checkpoint meta), and batch-size ramps.
+"""
+
+import argparse
+import gc
+import itertools
+import json
+import math
+import os
+import time
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
+                             is_dist, COMPUTE_DTYPE)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer, get_token_bytes
+from nanochat.dataset import list_parquet_files, get_dataset_name
+from nanochat.dataloader import pretrain_loader
+from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step
+from nanochat.loss_eval import evaluate_bpb
+
+# -----------------------------------------------------------------------------
+# CLI
+
+parser = argparse.ArgumentParser(description="Pretrain a base model")
+parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+parser.add_argument("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET, else climbmix)")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = on for CUDA only")
+parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+ only)")
+parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="fp8 scaling (only tensorwise is implemented)")
+# model
+parser.add_argument("--depth", type=int, default=20, help="number of layers: the one complexity dial")
+parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim")
+parser.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+parser.add_argument("--max-seq-len", type=int, default=2048, help="context length T")
+parser.add_argument("--window-pattern", type=str, default="SSSL", help="per-layer attention windows, tiled: L = full context, S = T/4 rounded up to 128; last layer always L")
+# horizon (first one set wins)
+parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive from --target-flops or --target-param-data-ratio)")
+parser.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = use the ratio)")
+parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens = ratio * scaling params (-1 = unset)")
+# batch
+parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward/backward per GPU")
+parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto from depth, B_opt ~ D^0.383)")
+# optimizer
+parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW lr of the token embedding")
+parser.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW lr of lm_head")
+parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices")
+parser.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars")
+parser.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the d12 / 2^19-token reference point (scaled, then cosine to 0)")
+parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
+parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps at the end with linear LR warmdown")
+parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
+# resume
+parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (start fresh if there is none)")
+parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
+# evaluation and output
+parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
+parser.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
+parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the last step (-1 = never)")
+parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
+parser.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps and at the last step (-1 = never)")
+parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Setup: device, tokenizer, data (fail here, with the command to run, rather than after the model is built)
+
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+master = rank == 0
+device_type = device.type
+dataset = get_dataset_name(args.dataset)
+tokenizer = get_tokenizer()
+token_bytes = get_token_bytes(device)
+vocab_size = tokenizer.get_vocab_size()
+list_parquet_files("train", dataset=dataset)
+list_parquet_files("val", dataset=dataset)
+use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+if args.fp8:
+    if args.fp8_recipe != "tensorwise":
+        raise NotImplementedError(f"--fp8-recipe={args.fp8_recipe} is not implemented; use --fp8-recipe=tensorwise")
+    if device_type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        raise RuntimeError(f"--fp8 needs a CUDA GPU with fp8 tensor cores (SM89+: Ada, Hopper, Blackwell); "
+                           f"this is {device_type}" + (f" SM{torch.cuda.get_device_capability(device)}" if device_type == "cuda" else "")
+                           + ": drop --fp8")
+    if COMPUTE_DTYPE != torch.bfloat16:
+        raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype is {COMPUTE_DTYPE}: unset NANOCHAT_DTYPE or drop --fp8")
+wandb_run = init_wandb("nanochat", args.run, user_config, master)
+
+# -----------------------------------------------------------------------------
+# Model: everything follows from depth
+
+def model_config(depth):
+    model_dim = math.ceil(depth * args.aspect_ratio / args.head_dim) * args.head_dim  # nudged up to whole heads
+    num_heads = model_dim // args.head_dim
+    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern)
+
+def scaling_params(model):
+    # "Kaplan-style": transformer matrices + lm_head give the cleanest scaling laws (reference LOG, Jan 27)
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+assert args.depth >= 1 and args.head_dim >= 1, f"--depth={args.depth} and --head-dim={args.head_dim} must be positive"
+config = model_config(args.depth)
+with torch.device("meta"):
+    model = GPT(config)           # raises naming the problem for e.g. an odd head dim or a bad window pattern
+    reference_model = GPT(model_config(12))  # d12 is where the learning rates and weight decay were tuned
+param_counts = model.num_scaling_params()
+num_scaling_params = scaling_params(model)
+num_flops_per_token = model.estimate_flops()  # counted before any fp8 swap (the reference undercounted after)
+print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {args.head_dim}, "
+       f"windows {model.window_sizes}, vocab {vocab_size}")
+print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items()) + f" | scaling {num_scaling_params:,}")
+print0(f"FLOPs per token: {num_flops_per_token:e}")
+
+# Batch size: Power Lines, B_opt ~ D^0.383 with D = ratio x scaling params; relative to d12's 2^19 tokens the ratio
+# cancels, so B depends on depth only: d8 2^18, d10-d16 2^19, d18-d26 2^20, d32-d50 2^21.
+B_REF = 2 ** 19
+reference_scaling_params = scaling_params(reference_model)
+if args.total_batch_size > 0:
+    total_batch_size = args.total_batch_size
+else:
+    total_batch_size = 2 ** round(math.log2(B_REF * (num_scaling_params / reference_scaling_params) ** 0.383))
+tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+if total_batch_size % tokens_per_fwdbwd != 0:
+    raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x GPUs = "
+                     f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_fwdbwd:,}: "
+                     f"pick --total-batch-size as a multiple of {tokens_per_fwdbwd:,} or change --device-batch-size")
+grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+
+# Horizon: num_iterations > target_flops > target_param_data_ratio
+if args.num_iterations > 0:
+    num_iterations, horizon = args.num_iterations, "--num-iterations"
+elif args.target_flops > 0:
+    num_iterations, horizon = round(args.target_flops / (num_flops_per_token * total_batch_size)), "--target-flops"
+elif args.target_param_data_ratio > 0:
+    num_iterations, horizon = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size, "--target-param-data-ratio"
+else:
+    raise ValueError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+if num_iterations < 1:
+    raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} tokens per step: raise it or lower the batch")
+total_tokens = num_iterations * total_batch_size
+
+# LR: sqrt batch scaling from the 2^19 reference. Muon WD by the T_epoch rule (arXiv 2405.13698):
+# lambda ~ sqrt(B / B_ref) * D_ref / D, with D_ref the d12 tokens at the same ratio, so the ratio cancels again.
+batch_lr_scale = (total_batch_size / B_REF) ** 0.5
+weight_decay_scaled = args.weight_decay * batch_lr_scale * reference_scaling_params / num_scaling_params
+print0(f"horizon ({horizon}): {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
+       f"({total_tokens / num_scaling_params:.2f} tokens per scaling param, {num_flops_per_token * total_tokens:e} FLOPs)")
+print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x {args.max_seq_len} x {world_size} GPUs "
+       f"x {grad_accum_steps} accumulation steps | lr scale {batch_lr_scale:.4f} | muon weight decay {weight_decay_scaled:.5f}")
+
+# -----------------------------------------------------------------------------
+# Resume: find the checkpoint and refuse one from a different configuration, before allocating anything
+
+model_tag = args.model_tag or f"d{args.depth}"
+checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+num_streams = world_size * grad_accum_steps
+resume_step = None
+if args.resume_from_step >= 0:
+    resume_step = args.resume_from_step
+elif args.resume:
+    try:
+        resume_step = find_last_step(checkpoint_dir)
+    except FileNotFoundError:
+        print0(f"--resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
+derived = {  # what must match between a checkpoint and the run resuming it
+    "model_config": dict(config.__dict__), "total_batch_size": total_batch_size, "num_iterations": num_iterations,
+    "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len, "world_size": world_size,
+    "dataset": dataset,
+}
+if resume_step is not None:
+    model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
+    mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
+    if mismatches:
+        raise ValueError(f"cannot resume {checkpoint_dir} step {resume_step} with a different configuration: "
+                         + "; ".join(mismatches) + ". Use the flags of the original run (meta user_config: "
+                         + json.dumps(meta["user_config"]) + ") or a new --model-tag")
+    print0(f"resuming from {checkpoint_dir} step {resume_step}")
+
+# -----------------------------------------------------------------------------
+# Build the model and optimizer
+
+model.to_empty(device=device)
+model.init_weights()
+if resume_step is not None:
+    model.load_state_dict(model_state, strict=True)
+    del model_state
+orig_model = model  # uncompiled, un-fp8'd view for eval, sampling and saving
+if args.fp8:
+    from nanochat.fp8 import convert_to_float8_training
+    # only linears big enough to gain: dims divisible by 16 and at least 128 (gates stay bf16)
+    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: m.in_features % 16 == 0 and m.out_features % 16 == 0
+                               and min(m.in_features, m.out_features) >= 128)
+optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                                  weight_decay=weight_decay_scaled, scalar_lr=args.scalar_lr, lr_scale=batch_lr_scale)
+if resume_step is not None:
+    optimizer.load_state_dict(optimizer_state)
+    del optimizer_state
+if use_compile:
+    model = torch.compile(model, dynamic=False)
+
+# -----------------------------------------------------------------------------
+# Schedules (plain functions of the step)
+
+warmdown_iters = round(args.warmdown_ratio * num_iterations)
+warmdown_start = num_iterations - warmdown_iters
+
+def get_lr_multiplier(it):
+    """Linear warmup, constant, then linear warmdown over the last warmdown_ratio of steps to final_lr_frac."""
+    if it < args.warmup_steps:
+        return (it + 1) / args.warmup_steps
+    if it < warmdown_start:
+        return 1.0
+    progress = (num_iterations - it) / warmdown_iters
+    return progress + (1 - progress) * args.final_lr_frac
+
+def get_muon_momentum(it):
+    """0.85 -> 0.97 over the first 400 steps; during the LR warmdown, 0.97 -> 0.90."""
+    if it >= warmdown_start and warmdown_iters > 0:
+        return 0.97 - 0.07 * (it - warmdown_start) / warmdown_iters
+    frac = min(it / 400, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.97
+
+def get_weight_decay(it):
+    """Cosine from weight_decay_scaled to 0 over the run."""
+    return weight_decay_scaled * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+# -----------------------------------------------------------------------------
+# Data: one train stream per (rank, micro-step); val always from the start of the val shard
+
+stream_states = [None] * grad_accum_steps  # state after the last batch each local stream TRAINED on
+step, val_bpb, min_val_bpb, smooth_train_loss, total_training_time = 0, None, float("inf"), 0.0, 0.0
+if resume_step is not None:
+    saved_streams = meta["dataloader_state_dict"]["streams"]
+    assert len(saved_streams) == num_streams, f"checkpoint has {len(saved_streams)} data streams, this run {num_streams}"
+    stream_states = saved_streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
+    loop = meta["loop_state"]
+    step, val_bpb = resume_step, meta["val_bpb"]
+    min_val_bpb, smooth_train_loss, total_training_time = loop["min_val_bpb"], loop["smooth_train_loss"], loop["total_training_time"]
+train_loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
+                                 rank=rank * grad_accum_steps + a, world_size=num_streams, device=device,
+                                 state=stream_states[a], dataset=dataset) for a in range(grad_accum_steps)]
+batches = [next(loader) for loader in train_loaders]  # prefetched: the batches the next step trains on
+def val_batches():
+    """Fresh val streams from the start of the val shard, split like the train streams (same val set on any GPU count)."""
+    loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", rank=rank * grad_accum_steps + a,
+                               world_size=num_streams, device=device, dataset=dataset) for a in range(grad_accum_steps)]
+    for i in itertools.count():
+        yield next(loaders[i % grad_accum_steps])
+
+eval_steps = args.eval_tokens // tokens_per_fwdbwd
+if args.eval_every > 0 and eval_steps < 1:
+    raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch of {tokens_per_fwdbwd} tokens across GPUs; raise it")
+if args.core_metric_every > 0:
+    from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+    ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it by hand
+if args.sample_every > 0:
+    from nanochat.engine import Engine
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+peak_flops = get_peak_flops(device)
+start_step = step
+
+def synchronize():
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+
+# -----------------------------------------------------------------------------
+# Training loop: runs num_iterations + 1 times; the last pass only evaluates and saves
+
+while True:
+    last_step = step == num_iterations
+
+    if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        model.eval()
+        val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
+        model.train()
+        min_val_bpb = min(min_val_bpb, val_bpb)
+        print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+        wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step, "val/bpb": val_bpb})
+
+    if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+        orig_model.eval()
+        core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        orig_model.train()
+        print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
+        wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
+
+    if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        orig_model.eval()
+        engine = Engine(orig_model, tokenizer)
+        for prompt in SAMPLE_PROMPTS:
+            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+            max_tokens = min(16, args.max_seq_len - len(tokens))  # tiny test contexts can't hold 16 more
+            if max_tokens > 0:
+                sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
+                print0(tokenizer.decode(sample[0][1:]))
+        orig_model.train()
+
+    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        streams = [stream_states]
+        if is_dist():
+            streams = [None] * world_size
+            dist.all_gather_object(streams, stream_states)
+        meta = {
+            "step": step, "val_bpb": val_bpb, **derived, "user_config": user_config,
+            "model_tag": model_tag, "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
+            "num_scaling_params": num_scaling_params, "param_counts": param_counts, "flops_per_token": num_flops_per_token,
+            "batch_lr_scale": batch_lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
+            "initial_lrs": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
+            "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
+            "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time},
+        }
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+
+    if last_step:
+        break
+
+    # ---- one optimizer step
+    synchronize()
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for a in range(grad_accum_steps):
+        inputs, targets, state = batches[a]
+        loss = model(inputs, targets)
+        loss_sum += loss.detach()
+        (loss / grad_accum_steps).backward()
+        stream_states[a] = state
+        batches[a] = next(train_loaders[a])  # prefetch while the GPU works
+    lrm = get_lr_multiplier(step)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = get_muon_momentum(step)
+            group["weight_decay"] = get_weight_decay(step)
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    if is_dist():
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    train_loss = loss_sum.item() / (grad_accum_steps * world_size)
+    synchronize()
+    dt = time.time() - t0
+    step += 1
+
+    # ---- logging: debiased EMA of the loss, throughput, MFU, ETA
+    smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss
+    debiased_loss = smooth_train_loss / (1 - 0.9 ** step)
+    if step > 10:
+        total_training_time += dt  # the first steps include compilation
+    tok_per_sec = total_batch_size / dt
+    mfu = 100 * num_flops_per_token * tok_per_sec / (peak_flops * world_size)
+    epoch = min(s["epoch"] for _, _, s in batches)
+    eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m" if step > 10 else "-"
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_loss:.6f} | "
+           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | "
+           f"total time: {total_training_time / 60:.2f}m | eta: {eta}")
+    if step % 100 == 0:
+        wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
+                       "total_training_time": total_training_time, "train/loss": debiased_loss, "train/lrm": lrm,
+                       "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
+    # Python's GC walks every live object (~500 ms at scale): freeze what exists after the first step, collect rarely
+    if step == start_step + 1:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % 5000 == 0:
+        gc.collect()
+
+# -----------------------------------------------------------------------------
+
+if device_type == "cuda":
+    print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024 ** 2:.0f} MiB")
+print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
+wandb_run.finish()
+compute_cleanup()

@@ -1,0 +1,148 @@
+"""
+End-to-end tests of scripts/base_train.py on a tiny model, tiny tokenizer and tiny local shards (CPU):
+an interrupted-then-resumed run is bit-identical to an uninterrupted one; 2 gloo ranks train the same model as
+1 process with 2 accumulation steps; bad inputs fail at start-up naming the fix.
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_base_train.py
+"""
+
+import json
+import os
+import random
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--window-pattern=SL",
+         "--device-batch-size=2", "--total-batch-size=128", f"--num-iterations={STEPS}", "--warmup-steps=1",
+         "--eval-every=3", "--eval-tokens=256", "--core-metric-every=-1", "--sample-every=-1", "--save-every=3"]
+CKPT = os.path.join("base_checkpoints", "d2")
+
+def make_base_dir(path, tokenizer):
+    """Tokenizer plus local-dataset shards (2 train, 1 val) of short documents, 20 docs per row group."""
+    tokenizer.save(str(path / "tokenizer"))
+    data_dir = path / "base_data_local"
+    data_dir.mkdir(parents=True)
+    words = "the cat sat on a mat while 12 dogs ran to the park , and then ! she said hello world".split()
+    rng = random.Random(0)
+    for index in (0, 1, 9):
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(200)]
+        pq.write_table(pa.table({"text": texts}), str(data_dir / f"shard_{index:05d}.parquet"), row_group_size=20)
+
+def run(cmd, base):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+def losses(stdout):
+    """{step: debiased loss} and {step: val bpb} from the log lines."""
+    train = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+)/\d+ .*\| loss: ([\d.]+)", stdout, re.M)}
+    val = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+) \| val bpb: ([\d.]+)", stdout, re.M)}
+    return train, val
+
+def final_state(base):
+    return torch.load(os.path.join(base, CKPT, f"model_{STEPS:06d}.pt"), weights_only=True)
+
+def final_meta(base):
+    with open(os.path.join(base, CKPT, f"meta_{STEPS:06d}.json")) as f:
+        return json.load(f)
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_tokenizer):
+    """One process, 2 gradient-accumulation steps, checkpoints at steps 3 and 6."""
+    base = tmp_path_factory.mktemp("reference")
+    make_base_dir(base, tiny_tokenizer)
+    stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS], base)
+    return base, stdout
+
+def test_reference_run_records_everything_to_resume(reference_run):
+    base, stdout = reference_run
+    train, val = losses(stdout)
+    assert sorted(train) == list(range(1, STEPS + 1)) and sorted(val) == [0, 3, 6]
+    assert val[6] < val[0], f"val bpb should fall over training: {val}"
+    meta = final_meta(base)
+    assert meta["step"] == STEPS and meta["grad_accum_steps"] == 2 and meta["total_batch_size"] == 128
+    assert meta["model_config"]["window_pattern"] == "SL" and meta["window_sizes"] == [32, 32]  # S rounds up to 128 > T
+    assert len(meta["dataloader_state_dict"]["streams"]) == 2
+    assert meta["loop_state"]["min_val_bpb"] == min(meta["val_bpb"], meta["loop_state"]["min_val_bpb"])
+
+def test_resume_is_bit_identical(reference_run, tmp_path):
+    base, stdout = reference_run
+    # simulate a run that died after step 3's checkpoint: drop everything of step 6
+    resumed = tmp_path / "resumed"
+    shutil.copytree(base, resumed)
+    for f in os.listdir(resumed / CKPT):
+        if f"{STEPS:06d}" in f:
+            os.remove(resumed / CKPT / f)
+    resumed_stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], resumed)
+    assert "resuming from" in resumed_stdout and "step 3" in resumed_stdout
+    train, val = losses(stdout)
+    train_r, val_r = losses(resumed_stdout)
+    assert sorted(train_r) == [4, 5, 6]
+    assert all(train_r[s] == train[s] for s in train_r) and val_r[6] == val[6]
+    reference, result = final_state(base), final_state(resumed)
+    assert all(torch.equal(reference[k], result[k]) for k in reference), "resumed weights differ from uninterrupted"
+    assert final_meta(resumed)["loop_state"] == final_meta(base)["loop_state"]
+    assert final_meta(resumed)["dataloader_state_dict"] == final_meta(base)["dataloader_state_dict"]
+
+def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
+    base, stdout = reference_run
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    shutil.copytree(base / "tokenizer", ddp / "tokenizer")
+    shutil.copytree(base / "base_data_local", ddp / "base_data_local")
+    ddp_stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "scripts.base_train", "--", *FLAGS], ddp)
+    assert "world size: 2" in ddp_stdout
+    train, val = losses(stdout)
+    train_d, val_d = losses(ddp_stdout)
+    assert train_d.keys() == train.keys() and val_d.keys() == val.keys()
+    assert all(abs(train_d[s] - train[s]) < 1e-5 for s in train), (train, train_d)
+    assert all(abs(val_d[s] - val[s]) < 1e-5 for s in val), (val, val_d)  # same val set on any number of ranks
+    reference, result = final_state(base), final_state(ddp)
+    for k in reference:
+        assert torch.allclose(reference[k], result[k], atol=1e-5, rtol=1e-4), k
+    assert final_meta(ddp)["world_size"] == 2 and final_meta(ddp)["optim_shards"] == 2
+    assert os.path.exists(ddp / CKPT / f"optim_{STEPS:06d}_rank1.pt")
+
+# -----------------------------------------------------------------------------
+# Start-up errors (in-process: they fail before any training, so no subprocess is needed)
+
+def run_in_process(monkeypatch, base, *flags):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_DATASET", "local")
+    monkeypatch.setattr(sys, "argv", ["base_train", *flags])
+    runpy.run_module("scripts.base_train", run_name="__main__")
+
+def test_impossible_batch_split(monkeypatch, reference_run):
+    base, _ = reference_run
+    with pytest.raises(ValueError, match=r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64.*--total-batch-size"):
+        run_in_process(monkeypatch, base, *FLAGS, "--total-batch-size=96", "--model-tag=split")
+
+def test_bad_head_dim(monkeypatch, reference_run):
+    base, _ = reference_run
+    with pytest.raises(ValueError, match="head_dim=33 is odd"):
+        run_in_process(monkeypatch, base, *FLAGS, "--head-dim=33", "--model-tag=heads")
+
+def test_missing_tokenizer_and_data(monkeypatch, tmp_path, tiny_tokenizer):
+    with pytest.raises(FileNotFoundError, match="python -m scripts.tok_train"):
+        run_in_process(monkeypatch, tmp_path, *FLAGS)
+    tiny_tokenizer.save(str(tmp_path / "tokenizer"))
+    with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset --dataset local"):
+        run_in_process(monkeypatch, tmp_path, *FLAGS)
+
+@pytest.mark.parametrize("flag, named", [("--window-pattern=L", "window_pattern"), ("--depth=3", "n_layer"),
+                                         ("--total-batch-size=256", "total_batch_size"), ("--max-seq-len=64", "max_seq_len")])
+def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, named):
+    base, _ = reference_run
+    with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}"):
+        run_in_process(monkeypatch, base, *FLAGS, flag, "--resume", "--model-tag=d2")
