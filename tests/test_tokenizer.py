@@ -6,13 +6,20 @@ between the trainer's and tiktoken's text splitting, persistence, and clear erro
     OMP_NUM_THREADS=1 python -m pytest -q tests/test_tokenizer.py
 """
 
+import os
 import pickle
+import runpy
+import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import requests
 import rustbpe
 import torch
 
 from conftest import TINY_CORPUS
+from nanochat.dataset import get_data_dir, val_shard_index
 from nanochat.tokenizer import (SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, get_token_bytes, get_tokenizer)
 
 VOCAB = 256 + 64 + 9
@@ -230,3 +237,40 @@ def test_vocab_size_limits():
     # a corpus too small for the requested merges must fail, not silently shift the special ids
     with pytest.raises(ValueError, match="only supports"):
         Tokenizer.train_from_iterator(iter(["ab ab ab"]), vocab_size=256 + 9 + 100)
+
+# -----------------------------------------------------------------------------
+# scripts, run in-process on a tiny local corpus
+
+def write_local_corpus(texts):
+    data_dir = get_data_dir("local")
+    os.makedirs(data_dir, exist_ok=True)
+    for index in (0, val_shard_index("local")):  # one train shard and the pinned val shard
+        pq.write_table(pa.table({"text": texts}), f"{data_dir}/shard_{index:05d}.parquet", row_group_size=16)
+
+def run_script(name, argv, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DATASET", "local")
+    monkeypatch.setattr(sys, "argv", [name] + argv)
+    runpy.run_module(name, run_name="__main__")
+
+def test_tok_train_and_tok_eval_offline(base_dir, monkeypatch, capsys):
+    write_local_corpus(TINY_CORPUS)
+    run_script("scripts.tok_train", ["--vocab-size", str(VOCAB), "--max-chars", "2e3"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "round trip ok" in out and "token_bytes_min: 1" in out, out
+    tok = get_tokenizer()
+    assert tok.get_vocab_size() == VOCAB
+    assert torch.equal(get_token_bytes(), tok.token_bytes())
+
+    def offline(cls, name):  # what tiktoken raises with no network and no cache
+        raise requests.exceptions.ConnectionError(f"cannot reach the host for {name}")
+    monkeypatch.setattr(Tokenizer, "from_pretrained", classmethod(offline))
+    run_script("scripts.tok_eval", [], monkeypatch)
+    out = capsys.readouterr().out
+    assert "gpt2 baseline skipped" in out and "TIKTOKEN_CACHE_DIR" in out, out
+    for row in ("news", "korean", "code", "math", "science", "local-train", "local-val"):
+        assert f"| {row} " in out, out
+
+def test_tok_train_empty_corpus(base_dir, monkeypatch):
+    write_local_corpus(["", ""])
+    with pytest.raises(SystemExit, match="no text"):
+        run_script("scripts.tok_train", ["--vocab-size", str(VOCAB)], monkeypatch)
