@@ -1,0 +1,118 @@
+"""
+Chat with a trained model in the terminal, one GPU/CPU, replies streamed token by token.
+
+    python -m scripts.chat_cli                      # newest sft model; type 'quit' or 'exit' to leave, 'clear' to restart
+    python -m scripts.chat_cli -i rl -g d20 -s 400 -t 0.8
+    python -m scripts.chat_cli -p "Why is the sky blue?"     # answer once and exit
+    python -m scripts.chat_cli -i base -p "The capital of France is"   # a base model only continues text
+
+The conversation is kept as one token list across turns: <|bos|> then, per turn, <|user_start|> text <|user_end|>
+<|assistant_start|> reply <|assistant_end|>. A base model never saw that format, so with -i base every line is
+a fresh plain-text prompt to continue (completion mode). Tool calls (the calculator) run inside the Engine.
+Leaves out: system prompts, editing earlier turns, multi-GPU.
+"""
+
+import argparse
+import sys
+
+parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl (base = completion mode)")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit (default: interactive)")
+parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
+parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens (-1 = whole vocabulary)")
+parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+args = parser.parse_args()
+if args.temperature < 0:
+    parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+if args.top_k < 1 and args.top_k != -1:
+    parser.error(f"--top-k must be >= 1, or -1 for the whole vocabulary; got {args.top_k}")
+if args.max_tokens < 1:
+    parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+
+from nanochat.common import compute_init
+from nanochat.checkpoint import load_model
+from nanochat.engine import Engine
+
+# -----------------------------------------------------------------------------
+# Load
+
+_, _, _, _, device = compute_init(args.device_type)
+try:
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+engine = Engine(model, tokenizer)
+context = model.config.sequence_len
+top_k = None if args.top_k == -1 else args.top_k
+completion_mode = args.source == "base"
+
+bos = tokenizer.get_bos_token_id()
+user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
+assistant_start, assistant_end = tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|assistant_end|>")
+
+def stream_reply(tokens, seed):
+    """Generate after `tokens`, printing text as it arrives; returns the generated tokens (stop token excluded)."""
+    max_tokens = min(args.max_tokens, context - len(tokens))
+    reply, printed = [], ""
+    for token_column, _ in engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
+                                           temperature=args.temperature, top_k=top_k, seed=seed):
+        token = token_column[0]
+        if token in (assistant_end, bos):
+            break
+        reply.append(token)
+        # A character can span several tokens: print only once the decoded text stops ending in U+FFFD.
+        text = tokenizer.decode(reply)
+        if not text.endswith("\ufffd"):
+            print(text[len(printed):], end="", flush=True)
+            printed = text
+    print(tokenizer.decode(reply)[len(printed):], flush=True)
+    return reply
+
+# -----------------------------------------------------------------------------
+# Chat loop
+
+if completion_mode:
+    print("base model: completion mode, each line is a plain-text prompt to continue (no chat format)")
+elif not args.prompt:
+    print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
+conversation = [bos]
+turn = 0
+while True:
+    if args.prompt:
+        line = args.prompt
+    else:
+        try:
+            line = input("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            break
+    line = line.strip()
+    if line in ("quit", "exit"):
+        break
+    if line == "clear":
+        conversation = [bos]
+        print("(conversation cleared)")
+        continue
+    if not line:
+        continue
+
+    if completion_mode:
+        prompt = [bos] + tokenizer.encode(line)
+    else:
+        prompt = conversation + [user_start] + tokenizer.encode(line) + [user_end, assistant_start]
+    if len(prompt) >= context:
+        print(f"(the conversation is {len(prompt)} tokens, the model's context is {context}: type 'clear' to start over)")
+        if args.prompt:
+            sys.exit(1)
+        continue
+    if not completion_mode:
+        print("\nAssistant: ", end="", flush=True)
+    reply = stream_reply(prompt, seed=42 + turn)
+    turn += 1
+    conversation = prompt + reply + [assistant_end]
+    if args.prompt:
+        break

@@ -1,0 +1,116 @@
+"""
+chat_cli end to end: a tiny random model saved as an SFT (and a base) checkpoint, the CLI run with a scripted
+conversation on stdin, and its streamed replies compared with what the Engine generates for the same tokens at
+temperature 0. The main conversation runs as a real subprocess; the other modes run the script in-process
+(runpy) because a fresh torch import costs seconds on a busy 2-core machine.
+
+    python -m pytest -q tests/test_chat_cli.py
+"""
+
+import dataclasses
+import io
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_TOKENS = 12
+
+def build_model(vocab_size):
+    """Random weights everywhere (init zeros the projections and nearly zeros lm_head), so replies depend on the prompt."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
+                p.normal_(0.0, p.size(1) ** -0.5)
+    return model.eval()
+
+@pytest.fixture
+def checkpoints(base_dir, tiny_tokenizer):
+    """The same tiny model saved as sft/d1 and base/d1, plus the tokenizer, under the test's NANOCHAT_BASE_DIR."""
+    model = build_model(tiny_tokenizer.get_vocab_size())
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    for source_dir in ("chatsft_checkpoints", "base_checkpoints"):
+        save_checkpoint(str(base_dir / source_dir / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    return model
+
+def run_cli(args, stdin=""):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-t", "0", "-m", str(MAX_TOKENS), *args],
+                          input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+
+def run_cli_in_process(args, monkeypatch, capsys):
+    """-> (exit code, stdout, stderr) of the script run in this process with an empty stdin."""
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-t", "0", "-m", str(MAX_TOKENS), *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code = 0
+    try:
+        runpy.run_module("scripts.chat_cli", run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+def reply_tokens(engine, prompt):
+    seqs, _ = engine.generate_batch(prompt, max_tokens=MAX_TOKENS, temperature=0.0)
+    return seqs[0][len(prompt):]
+
+def test_interactive_conversation(checkpoints, tiny_tokenizer):
+    tok = tiny_tokenizer
+    engine = Engine(checkpoints, tok)
+    bos, assistant_end = tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>")
+    turn = lambda text: [tok.encode_special("<|user_start|>"), *tok.encode(text), tok.encode_special("<|user_end|>"),
+                         tok.encode_special("<|assistant_start|>")]
+    # Turn 1; 'clear' resets to BOS, so turn 2 starts afresh; turn 3 carries turn 2 (and its <|assistant_end|>).
+    prompt1 = [bos] + turn("hello")
+    reply1 = reply_tokens(engine, prompt1)
+    prompt2 = [bos] + turn("hi again")
+    reply2 = reply_tokens(engine, prompt2)
+    prompt3 = prompt2 + reply2 + [assistant_end] + turn("and more")
+    reply3 = reply_tokens(engine, prompt3)
+    assert len(reply1) >= 3, f"the random model ends its reply after {len(reply1)} tokens: too short to test streaming"
+    assert reply3 != reply_tokens(engine, [bos] + turn("and more")), "turn 3 does not depend on the history: pick another model seed"
+
+    result = run_cli(["-i", "sft"], stdin="hello\nclear\nhi again\nand more\nquit\n")
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.split("Assistant: ")[1:]
+    assert len(replies) == 3, result.stdout
+    for reply, tokens in zip(replies, [reply1, reply2, reply3]):
+        assert reply.startswith(tok.decode(tokens) + "\n"), (reply, tok.decode(tokens))
+    assert "(conversation cleared)" in result.stdout
+
+def test_single_prompt_then_exit(checkpoints, tiny_tokenizer, monkeypatch, capsys):
+    tok = tiny_tokenizer
+    prompt = [tok.get_bos_token_id(), tok.encode_special("<|user_start|>"), *tok.encode("hello"),
+              tok.encode_special("<|user_end|>"), tok.encode_special("<|assistant_start|>")]
+    expected = tok.decode(reply_tokens(Engine(checkpoints, tok), prompt))
+    code, out, err = run_cli_in_process(["-i", "sft", "-p", "hello"], monkeypatch, capsys)  # -p must not read stdin
+    assert code == 0, err
+    assert out.split("Assistant: ")[1] == expected + "\n"
+
+def test_base_model_completion_mode(checkpoints, tiny_tokenizer, monkeypatch, capsys):
+    tok = tiny_tokenizer
+    prompt = [tok.get_bos_token_id(), *tok.encode("The quick brown")]
+    expected = tok.decode(reply_tokens(Engine(checkpoints, tok), prompt))
+    code, out, err = run_cli_in_process(["-i", "base", "-p", "The quick brown"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "completion mode" in out
+    assert out.endswith("\n" + expected + "\n"), out
+
+def test_unknown_source_or_tag_is_a_clean_error(checkpoints, monkeypatch, capsys):
+    # a clean exit(1) with the message on stderr, not an exception escaping with a traceback
+    code, _, err = run_cli_in_process(["-i", "sft", "-g", "d99", "-p", "hello"], monkeypatch, capsys)
+    assert code == 1 and "no model tag 'd99'" in err and "d1" in err, err
+    code, _, err = run_cli_in_process(["-i", "rl", "-p", "hello"], monkeypatch, capsys)
+    assert code == 1 and "no rl checkpoints" in err, err
