@@ -82,16 +82,15 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     Raises EvalBundleUnavailable with how to fetch it by hand when it cannot be had.
     """
     base_dir, bundle_dir = get_base_dir(), get_eval_bundle_dir()
-    failure = ""
     if not eval_bundle_available() and get_dist_info()[2] == 0:
         with FileLock(bundle_dir + ".lock"):
             if not eval_bundle_available():
                 zip_path = bundle_dir + ".zip"
-                print0(f"Downloading the CORE eval bundle (~162 MB) from {url}")
+                print(f"Downloading the CORE eval bundle (~162 MB) from {url}", flush=True)
                 try:
                     download_file_with_lock(url, zip_path)
-                except RuntimeError as e:
-                    failure = f" ({e})"
+                except RuntimeError:
+                    pass  # download_url printed why; everyone raises below with how to fetch it by hand
                 else:
                     _extract_bundle(zip_path, bundle_dir)
                     os.remove(zip_path)
@@ -99,7 +98,7 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
         dist.barrier()
     if not eval_bundle_available():
         raise EvalBundleUnavailable(
-            f"the CORE eval bundle is not at {bundle_dir} and could not be downloaded{failure}. "
+            f"the CORE eval bundle is not at {bundle_dir} and could not be downloaded from {url}. "
             f"Fetch it by hand: curl -L -o eval_bundle.zip {url} && unzip eval_bundle.zip -d {base_dir} "
             f"(it must leave {bundle_dir}/core.yaml)")
     return bundle_dir
@@ -297,7 +296,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
             i = j
     if is_dist():
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    return correct.mean().item()
+    return correct.sum().item() / len(data)  # a sum of 0/1 floats is exact; the division is done in float64
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768):
     """

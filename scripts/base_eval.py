@@ -1,0 +1,124 @@
+"""
+Evaluate a base model: train/val bits per byte, the CORE metric, and a few samples.
+
+    python -m scripts.base_eval                                        # all three, newest base checkpoint
+    python -m scripts.base_eval --eval=core --max-per-task=16          # a quick CORE estimate
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
+
+bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole steps of
+device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval bundle, written to
+<base>/base_eval/base_model_SSSSSS.csv ("Task, Accuracy, Centered", then a CORE line) and printed.
+Samples (rank 0): greedy completions of fixed prompts and a few unconditioned samples.
+Without the eval bundle and without network, CORE is skipped with how to fetch the bundle; the rest still runs.
+Results also go to the report card ("Base model loss", "Base model evaluation").
+Leaves out: evaluating HF models (the reference's --hf-path).
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, is_master, atomic_write_text
+from nanochat.checkpoint import load_model
+from nanochat.report import get_report
+
+parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
+parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
+parser.add_argument("--model-tag", type=str, default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest complete one)")
+parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per device; CORE packs up to "
+                    "this many x sequence_len tokens per forward (same peak memory)")
+parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb (rounded down to whole steps)")
+parser.add_argument("--dataset", type=str, default=None, help="pretraining data for bpb (default: the one the model was trained on)")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+args = parser.parse_args()
+evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+unknown = sorted(set(evals) - {"core", "bpb", "sample"})
+if unknown or not evals:
+    parser.error(f"--eval={args.eval!r}: pick a comma-separated subset of core,bpb,sample (unknown: {unknown})")
+
+ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+step = meta["step"]
+sequence_len = model.config.sequence_len
+model_line = {"model": f"base_model (step {step})"}
+loss_report = []  # "Base model loss": bpb and samples; "Base model evaluation": CORE
+
+# -----------------------------------------------------------------------------
+# CORE
+
+if "core" in evals:
+    from nanochat.core_eval import EvalBundleUnavailable, ensure_eval_bundle, evaluate_core
+    try:
+        ensure_eval_bundle()
+    except EvalBundleUnavailable as e:
+        print0(f"Skipping CORE: {e}")
+    else:
+        print0(f"CORE on {'all' if args.max_per_task < 0 else args.max_per_task} examples per task")
+        out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
+                            batch_tokens=args.device_batch_size * sequence_len)
+        lines = ["Task, Accuracy, Centered"]
+        lines += [f"{label}, {acc:.6f}, {out['centered_results'][label]:.6f}" for label, acc in out["results"].items()]
+        lines += [f"CORE, , {out['core_metric']:.6f}"]
+        if is_master():
+            out_dir = os.path.join(get_base_dir(), "base_eval")
+            os.makedirs(out_dir, exist_ok=True)
+            csv_path = os.path.join(out_dir, f"base_model_{step:06d}.csv")
+            atomic_write_text(csv_path, "\n".join(lines) + "\n")
+            width = max(len(label) for label in out["results"])
+            print0("\n".join(f"{label:<{width}}  {acc:<10}  {centered}" for label, acc, centered in
+                             (line.split(", ") for line in lines)))
+            print0(f"Wrote {csv_path}")
+        get_report().log("Base model evaluation", [model_line, {"CORE": out["core_metric"]}, out["centered_results"]])
+
+# -----------------------------------------------------------------------------
+# Bits per byte on the train and val splits
+
+if "bpb" in evals:
+    from nanochat.dataloader import pretrain_loader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    dataset = args.dataset or meta.get("dataset")
+    tokens_per_step = args.device_batch_size * sequence_len * world_size
+    steps = args.split_tokens // tokens_per_step
+    if steps < 1:
+        raise ValueError(f"--split-tokens={args.split_tokens} is less than one step of {tokens_per_step} tokens "
+                         f"(device_batch_size {args.device_batch_size} x sequence_len {sequence_len} x {world_size} ranks); raise it")
+    print0(f"bpb over {steps * tokens_per_step:,} tokens per split ({steps} steps of {tokens_per_step:,})")
+    token_bytes = get_token_bytes(device)
+    bpb = {}
+    for split in ("train", "val"):
+        loader = pretrain_loader(tokenizer, args.device_batch_size, sequence_len, split, rank=rank,
+                                 world_size=world_size, device=device, dataset=dataset)
+        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {bpb[split]:.6f}")
+    loss_report.append({"train bpb": bpb["train"], "val bpb": bpb["val"]})
+
+# -----------------------------------------------------------------------------
+# Samples (rank 0): greedy completions of fixed prompts, then unconditioned samples from <|bos|>
+
+if "sample" in evals and is_master():
+    from nanochat.engine import Engine
+    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+               "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+    engine = Engine(model, tokenizer)
+    bos = tokenizer.get_bos_token_id()
+    samples = []
+    print0("Greedy completions:")
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=min(16, sequence_len - len(tokens)), temperature=0)
+        samples.append(tokenizer.decode(sequences[0][1:]))
+        print0(f"  {samples[-1]!r}")
+    print0("Unconditioned samples (temperature 1.0):")
+    sequences, _ = engine.generate_batch([bos], num_samples=8, max_tokens=min(128, sequence_len - 1), temperature=1.0)
+    for sequence in sequences:
+        samples.append(tokenizer.decode(sequence[1:]))
+        print0(f"  {samples[-1]!r}")
+    loss_report.append("\n".join(f"- sample {i}: {s!r}" for i, s in enumerate(samples)))
+
+if loss_report:
+    get_report().log("Base model loss", [model_line] + loss_report)
+compute_cleanup()
