@@ -81,7 +81,7 @@ def use_calculator(expr):
         return None
     try:
         return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
-    except ArithmeticError:  # 1/0, float overflow
+    except (ArithmeticError, TypeError, ValueError):  # 1/0, float overflow, 'abc'.count(1), 'abc'.count()
         return None
 
 # -----------------------------------------------------------------------------

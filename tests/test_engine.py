@@ -205,7 +205,7 @@ def test_calculator_values_and_refusals_from_worker_threads():
             "'strawberry'.count('r')": 3, "'Mississippi'.lower().count('s')": 4, "'a,b,c'.count(',')": 2}
     bad = ["2**10", "9**9**9", "1/0", "__import__('os').system('echo hi')", "open('/etc/passwd').read().count('r')",
            "'a'.center(999999999).count('a')", "().__class__.__bases__", "exit()", "(lambda: 1)()", "x.count(1)",
-           "'ab'.count('a') + 1", "()", "1e9", "", "9" * 300]
+           "'ab'.count('a') + 1", "'ab'.count(1)", "'ab'.count()", "()", "1e9", "", "9" * 300]
     # SIGALRM-based timeouts raise "signal only works in main thread" here; this calculator has none.
     with ThreadPoolExecutor(max_workers=2) as pool:
         good_results = list(pool.map(use_calculator, good))
