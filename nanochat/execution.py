@@ -10,7 +10,7 @@ sys.path) as a child process with
   * a fresh temporary working directory, removed afterwards, and stdin = /dev/null (input() raises EOFError),
   * resource limits set by the child on itself before the program runs: address space and data segment =
     maximum_memory_bytes (a big allocation raises MemoryError), CPU seconds ~ timeout, no core files, written
-    files <= 16 MiB, and no new processes (RLIMIT_NPROC = 0; ignored when running as root),
+    files <= 16 MiB, and no new processes or threads (RLIMIT_NPROC = 0; the kernel ignores it for root),
   * a guard that sets dangerous functions to None: os.system/fork/kill/remove/unlink/rmdir/rename/chdir/...,
     shutil.rmtree/move/chown, subprocess.Popen, builtins exit/quit/help, and hides resource/psutil/...,
   * the program executed with fresh globals (__name__ == "__main__"), so the guard's names are invisible.
