@@ -19,6 +19,7 @@ reads the checkpoint meta), and batch-size ramps.
 """
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -102,10 +103,8 @@ use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda"
 if args.fp8:
     if args.fp8_recipe != "tensorwise":
         raise NotImplementedError(f"--fp8-recipe={args.fp8_recipe} is not implemented; use --fp8-recipe=tensorwise")
-    if device_type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise RuntimeError(f"--fp8 needs a CUDA GPU with fp8 tensor cores (SM89+: Ada, Hopper, Blackwell); "
-                           f"this is {device_type}" + (f" SM{torch.cuda.get_device_capability(device)}" if device_type == "cuda" else "")
-                           + ": drop --fp8")
+    from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled
+    check_fp8_supported(device)  # raises on CPU/MPS and on GPUs older than SM89, naming the fix
     if COMPUTE_DTYPE != torch.bfloat16:
         raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype is {COMPUTE_DTYPE}: unset NANOCHAT_DTYPE or drop --fp8")
 wandb_run = init_wandb("nanochat", args.run, user_config, master)
@@ -210,10 +209,9 @@ model.init_weights()
 if resume_step is not None:
     model.load_state_dict(model_state, strict=True)
     del model_state
-orig_model = model  # uncompiled, un-fp8'd view for eval, sampling and saving
+orig_model = model  # uncompiled: CORE, sampling and saving use it
 if args.fp8:
-    from nanochat.fp8 import convert_to_float8_training
-    # only linears big enough to gain: dims divisible by 16 and at least 128 (gates stay bf16)
+    # only linears big enough to gain: dims divisible by 16 and at least 128 (the small gates stay bf16)
     convert_to_float8_training(model, module_filter_fn=lambda m, fqn: m.in_features % 16 == 0 and m.out_features % 16 == 0
                                and min(m.in_features, m.out_features) >= 128)
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
@@ -223,6 +221,12 @@ if resume_step is not None:
     del optimizer_state
 if use_compile:
     model = torch.compile(model, dynamic=False)
+
+def bf16_eval():
+    """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a
+    compiled model would recompile it every time, so with --fp8 evaluation runs the uncompiled model."""
+    return float8_disabled(orig_model) if args.fp8 else contextlib.nullcontext()
+eval_model = orig_model if args.fp8 else model
 
 # -----------------------------------------------------------------------------
 # Schedules (plain functions of the step)
@@ -299,7 +303,8 @@ while True:
 
     if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         model.eval()
-        val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
+        with bf16_eval():
+            val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
         model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
@@ -307,7 +312,8 @@ while True:
 
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         orig_model.eval()
-        core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+        with bf16_eval():
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
         orig_model.train()
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
@@ -315,12 +321,13 @@ while True:
     if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
-        for prompt in SAMPLE_PROMPTS:
-            tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-            max_tokens = min(16, args.max_seq_len - len(tokens))  # tiny test contexts can't hold 16 more
-            if max_tokens > 0:
-                sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
-                print0(tokenizer.decode(sample[0][1:]))
+        with bf16_eval():
+            for prompt in SAMPLE_PROMPTS:
+                tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                max_tokens = min(16, args.max_seq_len - len(tokens))  # tiny test contexts can't hold 16 more
+                if max_tokens > 0:
+                    sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
+                    print0(tokenizer.decode(sample[0][1:]))
         orig_model.train()
 
     if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
