@@ -283,3 +283,58 @@ def test_optimizer_groups_cover_every_parameter_once():
 def test_bad_config_is_a_clear_error(kw, match):
     with pytest.raises(ValueError, match=match):
         meta_model(**kw)
+
+# -----------------------------------------------------------------------------
+# fp8 (nanochat/fp8.py). Conversion refuses CPU, but torch's CPU _scaled_mm lets the matmul itself be checked here,
+# including the operand layouts the CUDA kernel requires (asserted inside fp8.scaled_mm).
+
+def test_fp8_scaling_saturates_and_round_trips():
+    from nanochat import fp8
+    x = torch.tensor([0.5, -3.0, 1e-3, 2.0])
+    x8, inv = fp8.to_fp8(x, fp8.E4M3)
+    assert x8.dtype == torch.float8_e4m3fn
+    assert x8.float().abs().max().item() == 448.0  # the largest |x| lands exactly on the e4m3 maximum
+    assert inv.item() == pytest.approx(3.0 / 448.0)
+    assert torch.allclose(x8.float() * inv, x, rtol=2 ** -4)  # 3 mantissa bits: relative error <= 1/16
+    g8, ginv = fp8.to_fp8(torch.tensor([1e-3, -7.0]), fp8.E5M2)
+    assert g8.float().abs().max().item() == 57344.0 and ginv.item() == pytest.approx(7.0 / 57344.0)
+    # an all-zero tensor gets a finite scale (amax clamped at 1e-12) and stays zero, no NaN
+    z8, zinv = fp8.to_fp8(torch.zeros(8), fp8.E4M3)
+    assert torch.isfinite(zinv) and torch.all(z8.float() == 0)
+    # a small amax still maps onto the full range; below the 1e-12 amax floor a tensor quantizes to zero
+    t8, tinv = fp8.to_fp8(torch.tensor([1e-9, -4e-9]), fp8.E4M3)
+    assert t8.float().tolist() == [112.0, -448.0] and torch.isfinite(tinv)
+    assert torch.all(fp8.to_fp8(torch.tensor([1e-20]), fp8.E4M3)[0].float() == 0)
+
+def test_fp8_linear_matches_emulated_quantized_matmul():
+    from nanochat import fp8
+    g = torch.Generator().manual_seed(5)
+    lin = gpt.Linear(64, 32)
+    nn.init.normal_(lin.weight, std=0.1, generator=g)
+    f8 = fp8.Float8Linear.from_linear(lin)
+    assert f8.weight is lin.weight
+    x = torch.randn(2, 8, 64, generator=g, requires_grad=True)
+    grad_out = torch.randn(2, 8, 32, generator=g)
+    y = f8(x)
+    y.backward(grad_out)
+    deq = lambda t, dtype: (lambda q, inv: q.float() * inv)(*fp8.to_fp8(t, dtype))
+    xq, wq, gq = deq(x.detach().view(16, 64), fp8.E4M3), deq(lin.weight.detach(), fp8.E4M3), deq(grad_out.view(16, 32), fp8.E5M2)
+    torch.testing.assert_close(y.detach().view(16, 32), xq @ wq.t(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad.view(16, 64), gq @ wq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lin.weight.grad, gq.t() @ xq, atol=1e-4, rtol=1e-4)
+    # and it is a faithful (if coarse) linear layer
+    exact = x.detach() @ lin.weight.detach().t()
+    assert ((y.detach() - exact).norm() / exact.norm()).item() < 0.05
+
+def test_fp8_conversion_refuses_cpu_and_disable_restores():
+    from nanochat import fp8
+    model = tiny_model(n_embd=128, n_head=2, n_kv_head=2)
+    with pytest.raises(RuntimeError, match="compute capability >= 8.9"):
+        fp8.convert_to_float8_training(model)
+    # float8_disabled swaps Float8Linear back to plain Linear sharing the weight, and restores on exit
+    block = model.transformer.h[0]
+    block.mlp.c_fc = fp8.Float8Linear.from_linear(block.mlp.c_fc)
+    weight = block.mlp.c_fc.weight
+    with fp8.float8_disabled(model):
+        assert type(block.mlp.c_fc) is gpt.Linear and block.mlp.c_fc.weight is weight
+    assert type(block.mlp.c_fc) is fp8.Float8Linear and block.mlp.c_fc.weight is weight

@@ -1,0 +1,122 @@
+"""
+FP8 training for linear layers: tensorwise dynamic scaling, a small stand-in for torchao's Float8Linear.
+
+    from nanochat.fp8 import convert_to_float8_training
+    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: min(mod.in_features, mod.out_features) >= 128)
+    model = torch.compile(model)          # compile after converting; uncompiled fp8 is slower than bf16
+
+Each matmul quantizes its operands on the fly, one scale per tensor: scale = FP8_MAX / max|x| (in float64, so tiny
+amaxes do not overflow), saturate to +-FP8_MAX, cast. Forward: input and weight in e4m3 (+-448, more mantissa),
+torch._scaled_mm with fast accumulation, output in the input's dtype. Backward: the incoming gradient in e5m2
+(+-57344, more range), grad_input and grad_weight through _scaled_mm without fast accumulation. Only the fp8 copies
+are saved for backward (less activation memory). Needs CUDA compute capability >= 8.9 (Ada, Hopper).
+Left out: rowwise/delayed scaling, biases, fp8 all-gather, fp8 for embeddings.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+AMAX_EPS = 1e-12
+
+def tensorwise_scale(x, fp8_dtype):
+    """float32 scalar s with max|x| * s == the format's largest finite value (s computed in float64)."""
+    amax = x.detach().abs().max().double().clamp(min=AMAX_EPS)
+    return (torch.finfo(fp8_dtype).max / amax).float()
+
+def to_fp8(x, fp8_dtype):
+    """(x_fp8, inverse_scale): x ~= x_fp8.float() * inverse_scale; values saturate instead of overflowing to inf/NaN."""
+    scale = tensorwise_scale(x, fp8_dtype)
+    fp8_max = torch.finfo(fp8_dtype).max
+    x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype).contiguous()
+    return x_fp8, scale.reciprocal()
+
+def scaled_mm(a, a_inv, b, b_inv, out_dtype, fast_accum):
+    """a @ b for fp8 operands; the CUDA kernel wants a row-major and b column-major (checked here on every device)."""
+    assert a.stride(1) == 1 and b.stride(0) == 1, f"_scaled_mm layouts: a strides {a.stride()} (row-major), b strides {b.stride()} (column-major)"
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+
+def column_major(x):
+    return x.t().contiguous().t()
+
+@torch._dynamo.allow_in_graph
+class Float8Matmul(torch.autograd.Function):
+    """y = x @ w.T with x (M, K) in the activation dtype and w (N, K) the fp32 master weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        x_fp8, x_inv = to_fp8(x, E4M3)
+        w_fp8, w_inv = to_fp8(weight, E4M3)
+        ctx.save_for_backward(x_fp8, x_inv, w_fp8, w_inv)
+        ctx.out_dtype, ctx.weight_dtype = x.dtype, weight.dtype
+        # w_fp8 is (N, K) row-major, so w_fp8.t() is the column-major (K, N) operand the kernel wants
+        return scaled_mm(x_fp8, x_inv, w_fp8.t(), w_inv, x.dtype, fast_accum=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
+        g_fp8, g_inv = to_fp8(grad_out, E5M2)
+        grad_x = scaled_mm(g_fp8, g_inv, column_major(w_fp8), w_inv, ctx.out_dtype, fast_accum=False)  # (M,N) @ (N,K)
+        grad_w = scaled_mm(g_fp8.t().contiguous(), g_inv, column_major(x_fp8), x_inv, ctx.weight_dtype, fast_accum=False)  # (N,M) @ (M,K)
+        return grad_x, grad_w
+
+class Float8Linear(nn.Linear):
+    """Bias-free nn.Linear computing in fp8; shares (does not copy) the weight of the layer it replaces."""
+
+    @classmethod
+    def from_linear(cls, linear):
+        assert linear.bias is None, "Float8Linear supports bias-free layers only (nanochat has no biases)"
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=False)
+        new.weight = linear.weight
+        return new.train(linear.training)
+
+    def forward(self, x):
+        y = Float8Matmul.apply(x.reshape(-1, x.size(-1)), self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+def check_fp8_supported(device):
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"fp8 training needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); the model is on {device}. Drop --fp8.")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise RuntimeError(f"fp8 training needs compute capability >= 8.9 (Ada/Hopper); this GPU is SM{major}{minor}. Drop --fp8.")
+
+def convert_to_float8_training(module, module_filter_fn=None):
+    """
+    Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its weight, when
+    module_filter_fn(linear, fully_qualified_name) is true (or always, without a filter). Returns `module`.
+    """
+    check_fp8_supported(next(module.parameters()).device)
+
+    def swap(parent, prefix):
+        for name, child in parent.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            swap(child, fqn)
+            if type(child) is not Float8Linear and isinstance(child, nn.Linear) and (module_filter_fn is None or module_filter_fn(child, fqn)):
+                setattr(parent, name, Float8Linear.from_linear(child))
+
+    swap(module, "")
+    return module
+
+@contextmanager
+def float8_disabled(module):
+    """Temporarily put back plain (bf16) linears sharing the same weights, e.g. for evaluation and sampling."""
+    from nanochat.gpt import Linear
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Float8Linear):
+                with torch.device("meta"):
+                    plain = Linear(child.in_features, child.out_features)
+                plain.weight = child.weight
+                setattr(parent, name, plain)
+                swapped.append((parent, name, child))
+    try:
+        yield module
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
