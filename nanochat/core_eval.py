@@ -198,15 +198,24 @@ def continuation_spans(task_type, token_lists):
         return [with_], [(len(without), len(with_))]
     # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
     # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
-    min_len = min(len(t) for t in token_lists)
-    n = 0
+    limit = min(len(t) for t in token_lists) - 1
     if task_type == "multiple_choice":
-        while n < min_len - 1 and all(t[n] == token_lists[0][n] for t in token_lists):
-            n += 1
+        n = _common_prefix_len(token_lists, limit)
         return token_lists, [(n, len(t)) for t in token_lists]
-    while n < min_len - 1 and all(t[-1 - n] == token_lists[0][-1 - n] for t in token_lists):
-        n += 1
+    n = _common_prefix_len([t[::-1] for t in token_lists], limit)
     return token_lists, [(len(t) - n, len(t)) for t in token_lists]
+
+def _common_prefix_len(seqs, limit):
+    """Longest n <= limit with seqs[i][:n] equal for all i; binary search on C-speed slice compares (prompts are long)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        head = seqs[0][:mid]
+        if all(s[:mid] == head for s in seqs[1:]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 def crop_left(tokens, start, end, max_len):
     """Drop tokens from the left so the sequence fits the model's context; the scored span moves with it."""
@@ -268,7 +277,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = model.config.sequence_len
     bos = tokenizer.get_bos_token_id()
-    correct = torch.zeros(len(data), dtype=torch.float32, device=device)
+    correct = torch.zeros(len(data), dtype=torch.float32)  # on the host: one copy to the device at the end
     my_indices = list(range(rank, len(data), world))
     for c in range(0, len(my_indices), chunk_size):
         # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs as Python lists
@@ -295,6 +304,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
                 r += len(rows)
             i = j
     if is_dist():
+        correct = correct.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(correct, op=dist.ReduceOp.SUM)
     return correct.sum().item() / len(data)  # a sum of 0/1 floats is exact; the division is done in float64
 
