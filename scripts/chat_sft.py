@@ -1,0 +1,335 @@
+"""
+Teach a pretrained model to chat. Mid-training and supervised fine-tuning are two runs of this one loop:
+
+    python -m scripts.mid_train                          # base -> mid: the large conversation mixture
+    python -m scripts.chat_sft                           # mid -> sft: the small high-quality mixture
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft1
+    python -m scripts.chat_sft --mixture=synthetic       # offline: the embedded synthetic tasks (tasks/synthetic.py)
+    python -m scripts.chat_sft --resume                  # continue from the newest complete checkpoint, exactly
+
+What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule) and the
+data mixture (build_mixture). Everything else is shared:
+- Whole conversations are packed into rows of T+1 tokens (best fit with BOS padding; none is ever cropped
+  across rows; nanochat/dataloader.chat_loader). Only the assistant's tokens are trained (--train-user-tokens=1
+  trains the user's too, as the reference's mid-training did).
+- The loss is the sum over the step's supervised tokens divided by their count across every micro-batch and
+  rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
+  the reference's per-micro-batch mean turned into NaN.
+- One epoch of the mixture (or --num-iterations steps); the LR schedule is a function of the fraction of the
+  epoch consumed: constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
+- Sequence length, batch sizes and learning rates are inherited from the source checkpoint unless overridden;
+  the source model's window pattern is carried into the new checkpoint.
+- Checkpoints hold the loader positions and the loop state, so --resume continues bit for bit.
+Leaves out: the fp16 GradScaler path and fp8 (bf16 or fp32 only).
+"""
+
+import argparse
+import gc
+import itertools
+import math
+import os
+import time
+
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
+from nanochat.checkpoint import load_model, load_checkpoint, save_checkpoint, find_last_step, find_model_tag, SOURCE_DIRS
+from nanochat.dataloader import chat_loader
+from nanochat.engine import Engine
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+from tasks.common import TaskMixture
+from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
+from scripts.chat_eval import run_chat_eval, chatcore
+
+STAGES = {
+    "mid": dict(source="base", output="mid", init_lr_frac=1.0, warmdown_ratio=0.2, title="Midtraining",
+                wandb_project="nanochat-mid"),
+    "sft": dict(source="mid", output="sft", init_lr_frac=0.8, warmdown_ratio=0.5, title="Chat SFT",
+                wandb_project="nanochat-sft"),
+}
+
+def identity_task():
+    """The identity conversations: <base>/identity_conversations.jsonl if present (CustomJSON), else synthetic ones."""
+    path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
+    if os.path.exists(path):
+        from tasks.customjson import CustomJSON
+        print0(f"identity conversations: {path}")
+        return CustomJSON(filepath=path)
+    print0(f"identity conversations: synthetic (no {path})")
+    return SyntheticIdentity(split="train", size=1000)
+
+def build_mixture(stage, mixture):
+    """-> (train task, val task, names of the chat tasks to track during training)."""
+    if mixture == "synthetic":
+        size = 4000 if stage == "mid" else 1000
+        seed = 0 if stage == "mid" else 1  # SFT sees fresh problems of the same skills
+        train = TaskMixture([SyntheticIdentity(split="train", size=size // 2, seed=seed),
+                             SyntheticMath(split="train", size=size, seed=seed),
+                             SyntheticSpelling(split="train", size=size, seed=seed),
+                             SyntheticMC(split="train", size=size, seed=seed)])
+        val = TaskMixture([SyntheticMath(split="test", size=100, seed=2), SyntheticSpelling(split="test", size=100, seed=2),
+                           SyntheticMC(split="test", size=100, seed=2)])
+        return train, val, ["SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC"]
+    from tasks.smoltalk import SmolTalk
+    from tasks.mmlu import MMLU
+    from tasks.arc import ARC
+    from tasks.gsm8k import GSM8K
+    from tasks.spellingbee import SpellingBee, SimpleSpelling
+    if stage == "mid":
+        train = TaskMixture([SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
+                             GSM8K(subset="main", split="train"), identity_task(), identity_task(),
+                             SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train")])
+        val = TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
+                           GSM8K(subset="main", split="test", stop=420)])
+    else:
+        train = TaskMixture([ARC(subset="ARC-Easy", split="train"), ARC(subset="ARC-Challenge", split="train"),
+                             GSM8K(subset="main", split="train"), SmolTalk(split="train", stop=10_000), identity_task(),
+                             SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train")])
+        val = SmolTalk(split="test")
+    return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
+
+def main(stage):
+    defaults = STAGES[stage]
+    parser = argparse.ArgumentParser(description=f"{defaults['title']}: {defaults['source']} checkpoint -> {defaults['output']}")
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+    parser.add_argument("--source", type=str, default=defaults["source"], choices=["base", "mid", "sft"], help="checkpoint to start from")
+    parser.add_argument("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
+    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    parser.add_argument("--mixture", type=str, default="real", choices=["real", "synthetic"],
+                        help="real = SmolTalk/MMLU/ARC/GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
+    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
+    parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
+    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: the source's)")
+    parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: the source's)")
+    parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of wte (default: the pretraining run's)")
+    parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of lm_head (default: the pretraining run's)")
+    parser.add_argument("--matrix-lr", type=float, default=None, help="Muon lr (default: the pretraining run's)")
+    parser.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="multiplies every learning rate")
+    parser.add_argument("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"], help="final fraction of the epoch with linear LR decay to 0")
+    parser.add_argument("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer state (momenta) from the source checkpoint")
+    parser.add_argument("--train-user-tokens", type=int, default=0, help="1 = also train on user tokens (the reference's mid-training did)")
+    parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
+    parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    parser.add_argument("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and at the end (-1 = only at the end, 0 = never)")
+    parser.add_argument("--chat-eval-max-problems", type=int, default=200, help="problems per task for those accuracies")
+    parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
+    args = parser.parse_args()
+    user_config = vars(args).copy()
+
+    # -------------------------------------------------------------------------
+    # Setup: the source model and what it inherits
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
+    source_step = source_meta["step"]
+    pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
+    T = args.max_seq_len or source_meta["max_seq_len"]
+    device_batch_size = args.device_batch_size or source_meta["device_batch_size"]
+    total_batch_size = args.total_batch_size or source_meta["total_batch_size"]
+    lrs = {k: getattr(args, k) if getattr(args, k) is not None else pretrain_config[k]
+           for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    if T > model.config.sequence_len:
+        raise ValueError(f"--max-seq-len={T} exceeds the model's context {model.config.sequence_len}")
+    tokens_per_fwdbwd = device_batch_size * T * world_size
+    if total_batch_size % tokens_per_fwdbwd != 0:
+        raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x GPUs = "
+                         f"{device_batch_size} x {T} x {world_size} = {tokens_per_fwdbwd:,}: set --total-batch-size to a multiple of it")
+    grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+    num_streams = world_size * grad_accum_steps
+    batch_lr_scale = (total_batch_size / 2 ** 19) ** 0.5  # as in base_train
+    print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> {SOURCE_DIRS[defaults['output']]} | T {T} | "
+           f"batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | "
+           f"lrs {lrs} x {args.init_lr_frac} x {batch_lr_scale:.3f}")
+
+    train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
+    print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations, {len(val_task):,} validation")
+
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
+    derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
+               "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
+               "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations}
+    resume_step = None
+    if args.resume:
+        try:
+            resume_step = find_last_step(output_dir)
+        except FileNotFoundError:
+            print0(f"--resume: no complete checkpoint in {output_dir}, starting from the {args.source} model")
+
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac * batch_lr_scale, **lrs)
+    initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = 0, 0.0, None, float("inf"), 0.0, 0.0
+    stream_states = [None] * grad_accum_steps
+    if resume_step is not None:
+        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True, rank=rank)
+        mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
+        if mismatches:
+            raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
+                             + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
+        model.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(optim_state)
+        streams = meta["dataloader_state_dict"]["streams"]
+        stream_states = streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
+        step, val_bpb = resume_step, meta["val_bpb"]
+        progress, min_val_bpb, smooth_loss, total_time = (meta["loop_state"][k] for k in
+                                                          ("progress", "min_val_bpb", "smooth_loss", "total_time"))
+        print0(f"resuming from {output_dir} step {resume_step}")
+    elif args.load_optimizer:
+        # Warm start: the momenta of the source run help a little (reference LOG, Feb 16); the fresh LRs stay.
+        if source_meta.get("optim_shards", 0) != world_size:
+            raise ValueError(f"--load-optimizer=1 needs the source's optimizer shards for {world_size} rank(s), but "
+                             f"{args.source} {model_tag} step {source_step} has {source_meta.get('optim_shards', 0)}: "
+                             f"run with as many GPUs as the source run or pass --load-optimizer=0")
+        _, optim_state, _ = load_checkpoint(os.path.join(source_dir, model_tag), source_step, device, load_optimizer=True, rank=rank)
+        optimizer.load_state_dict(optim_state)
+        for group, lr in zip(optimizer.param_groups, initial_lrs):
+            group["initial_lr"] = group["lr"] = lr
+            if group["kind"] == "muon":
+                group["weight_decay"] = 0.0
+    orig_model = model
+    if device.type == "cuda":
+        model = torch.compile(model, dynamic=False)  # packed rows have one shape
+
+    # -------------------------------------------------------------------------
+    # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total batch only
+
+    train_loaders = [chat_loader(train_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
+                                 world_size=num_streams, device=device, state=stream_states[a],
+                                 train_all_tokens=bool(args.train_user_tokens)) for a in range(grad_accum_steps)]
+    batches = [next(loader) for loader in train_loaders]
+    token_bytes = get_token_bytes(device)
+    eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+
+    def val_batches():
+        loaders = [chat_loader(val_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
+                               world_size=num_streams, device=device) for a in range(grad_accum_steps)]
+        for i in itertools.count():
+            inputs, targets, _ = next(loaders[i % grad_accum_steps])
+            yield inputs, targets
+
+    def epoch_progress():
+        """Fraction of the epoch pulled in by the furthest stream on any rank (same value on every rank)."""
+        p = torch.tensor(max(state["progress"] for _, _, state in batches), dtype=torch.float64)
+        if is_dist():
+            dist.all_reduce(p, op=dist.ReduceOp.MAX)
+        return p.item()
+
+    def get_lr_multiplier(progress):
+        return min(1.0, (1.0 - progress) / args.warmdown_ratio) if args.warmdown_ratio > 0 else 1.0
+
+    def get_muon_momentum(it):
+        frac = min(it / 300, 1.0)
+        return (1 - frac) * 0.85 + frac * 0.95
+
+    wandb_run = init_wandb(defaults["wandb_project"], args.run, user_config, master)
+    engine = Engine(orig_model, tokenizer)
+    peak_flops = get_peak_flops(device)
+    flops_per_token = orig_model.estimate_flops()
+    start_step = step
+    metrics = {}
+
+    # -------------------------------------------------------------------------
+    # Training loop
+
+    while True:
+        last_step = (step >= args.num_iterations) if args.num_iterations > 0 else (progress >= 1.0)
+
+        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+            model.eval()
+            val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
+            model.train()
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            wandb_run.log({"step": step, "val/bpb": val_bpb})
+
+        chat_eval_due = args.chat_eval_every > 0 and step > 0 and step % args.chat_eval_every == 0
+        if args.chat_eval_every != 0 and (last_step or chat_eval_due):
+            orig_model.eval()
+            metrics = {name: run_chat_eval(name, orig_model, tokenizer, engine, max_new_tokens=128,
+                                           max_problems=args.chat_eval_max_problems) for name in tracked_tasks}
+            orig_model.train()
+            metrics["ChatCORE"] = chatcore(metrics)
+            print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+            wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
+
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            streams = [stream_states]
+            if is_dist():
+                streams = [None] * world_size
+                dist.all_gather_object(streams, stream_states)
+            meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
+                    "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
+                    "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
+                    "loop_state": {"progress": progress, "min_val_bpb": min_val_bpb, "smooth_loss": smooth_loss,
+                                   "total_time": total_time}}
+            save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+            print0(f"saved checkpoint {output_dir} step {step}")
+
+        if last_step:
+            break
+
+        # ---- one optimizer step: every supervised token of the step weighs the same
+        t0 = time.time()
+        num_supervised = sum((targets >= 0).sum() for _, targets, _ in batches).float()
+        if is_dist():
+            dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
+        denominator = num_supervised.clamp(min=1.0)
+        loss_sum = torch.zeros((), device=device)
+        for a in range(grad_accum_steps):
+            inputs, targets, state = batches[a]
+            token_losses = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
+            loss = token_losses.sum() / denominator
+            loss_sum += loss.detach()
+            (loss * world_size).backward()  # the optimizer averages gradients over ranks; undo that mean
+            stream_states[a] = state
+            batches[a] = next(train_loaders[a])
+        progress = epoch_progress()
+        lrm = get_lr_multiplier(progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = get_muon_momentum(step)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if is_dist():
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        train_loss = loss_sum.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        step += 1
+        if step > start_step + 1:
+            total_time += dt
+        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        debiased = smooth_loss / (1 - 0.9 ** step)
+        tok_per_sec = total_batch_size / dt
+        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
+        print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} | lrm: {lrm:.3f} | "
+               f"supervised tokens: {int(num_supervised.item()):,} | dt: {dt * 1000:.0f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
+        if step % 10 == 0:
+            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/mfu": mfu})
+        if step == start_step + 1:  # as in base_train: no GC pauses once the steady state is reached
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+
+    # -------------------------------------------------------------------------
+    print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")
+    get_report().log(defaults["title"], [user_config, {
+        "Source": f"{args.source} {model_tag} step {source_step}", "Training conversations": len(train_task),
+        "Iterations": step, "Tokens per step": total_batch_size, "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
+        "Min val bpb": min_val_bpb, "Training time (min)": total_time / 60}, metrics])
+    wandb_run.finish()
+    compute_cleanup()
+
+if __name__ == "__main__":
+    main("sft")
