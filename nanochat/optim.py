@@ -255,8 +255,11 @@ class MuonAdamW(torch.optim.Optimizer):
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
-            n = p.shape[0] // self.world_size
-            p_owned = p[self.rank * n:(self.rank + 1) * n] if sharded else p
+            if sharded:
+                n = p.shape[0] // self.world_size
+                p_owned = p[self.rank * n:(self.rank + 1) * n]
+            else:
+                p_owned = p
             state = self.state[p]
             if not state:
                 state["step"] = 0
