@@ -168,11 +168,13 @@ def attention_flex(q, k, v, window):
     """
     CUDA path without FA3: FlexAttention (compiled) for sliding windows, SDPA (flash kernel) for full causal.
     Decode and cache chunks (Tq < Tk) go to SDPA: their masks are small, and a compiled flex kernel would
-    recompile for every new cache length.
+    recompile for every new cache length. So does uncompiled CUDA inference (sampling, CORE: a new length per
+    call), which therefore uses SDPA with an explicit mask too; training and compiled models keep flex.
     """
     global _flex_compiled
     Tq, Tk = q.size(1), k.size(1)
-    if Tq != Tk or window >= Tk - 1:
+    eager_inference = q.is_cuda and not q.requires_grad and not torch.compiler.is_compiling()
+    if Tq != Tk or window >= Tk - 1 or eager_inference:
         return attention_sdpa(q, k, v, window)
     from torch.nn.attention.flex_attention import flex_attention
     fn = flex_attention
@@ -228,7 +230,7 @@ def attention_banner(device, window_sizes, sequence_len):
     windowed = any(w < sequence_len for w in window_sizes)
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
-        "flex": "attention: FlexAttention block-sparse for sliding windows, SDPA flash for full causal / decode",
+        "flex": "attention: FlexAttention block-sparse for sliding windows (training, compiled models); SDPA for full causal, decode, eager inference",
         "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]
