@@ -165,9 +165,13 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
     Download url to path atomically. Returns True on success, False after `attempts` failures.
     A partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end.
     Waits backoff**attempt seconds between tries (2, 4, 8, 16 by default).
+    With NANOCHAT_OFFLINE=1 nothing is fetched (returns False at once): the offline demo sets it.
     """
     if os.path.exists(path):
         return True
+    if os.environ.get("NANOCHAT_OFFLINE") == "1":
+        print(f"NANOCHAT_OFFLINE=1: not downloading {url}", flush=True)
+        return False
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     for attempt in range(1, attempts + 1):

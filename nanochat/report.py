@@ -29,7 +29,9 @@ EXPECTED_SECTIONS = [
     "Chat RL", "Chat evaluation rl",
 ]
 # Rows of the summary table and the section that holds each (by source column).
-SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "ChatCORE"]
+SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE",
+                   "SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC", "ChatCORE-synthetic"]
+ALWAYS_SHOWN = ("CORE", "ChatCORE")  # other rows only when some stage measured them
 HOURLY_RATES = [("h100", 3.00), ("a100", 1.79), ("v100", 0.55)]  # $/GPU/hour, else 2.00
 
 def slugify(text):
@@ -126,7 +128,7 @@ class Report:
                       "Chat evaluation sft": "SFT", "Chat evaluation rl": "RL"}.get(section)
             if column:
                 for metric in SUMMARY_METRICS:
-                    m = re.search(rf"^- {re.escape(metric)}: ([0-9.]+)$", text, re.MULTILINE)
+                    m = re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE)
                     if m:
                         metrics[(metric, column)] = m.group(1)
             stamp = re.search(r"^timestamp: (.+)$", text, re.MULTILINE)
@@ -136,6 +138,8 @@ class Report:
                    "|---|---|---|---|---|"]
         for metric in SUMMARY_METRICS:
             row = [metrics.get((metric, c), "-") for c in ("BASE", "MID", "SFT", "RL")]
+            if metric not in ALWAYS_SHOWN and row == ["-"] * 4:
+                continue
             summary.append(f"| {metric} | " + " | ".join(row) + " |")
         if parts and last_time:
             start = re.search(r"^Run started: (.+)$", parts[0], re.MULTILINE)

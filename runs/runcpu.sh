@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The CPU demo: the whole pipeline, offline, on a laptop-class CPU in well under half an hour.
+#   bash runs/runcpu.sh
+# Tokenizer on the embedded corpus -> tiny base model -> base eval -> mid-training and SFT on the synthetic
+# chat tasks -> chat eval -> report -> one chat answer. The model is tiny, so expect it to have learned the
+# formats and some of the synthetic skills (printed against chance), not to be clever.
+# Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); set it to keep demo runs apart.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash runs/setup.sh
+export NANOCHAT_DATASET=local   # the embedded corpus; see README for real data
+export NANOCHAT_OFFLINE=1       # never wait on the network: real datasets and the CORE bundle are reported as skipped
+export WANDB_RUN="${WANDB_RUN:-dummy}"
+# Every step of the demo must fit the 2-core reference machine; tweak these two for a bigger CPU.
+DEPTH="${DEPTH:-4}"
+BASE_STEPS="${BASE_STEPS:-300}"
+
+python -m nanochat.report reset
+
+# 1. data and tokenizer (vocab 8,192: a tiny model spends less of its compute on the embedding and lm_head)
+python -m nanochat.dataset --dataset local
+python -m scripts.tok_train --vocab-size=8192
+python -m scripts.tok_eval
+
+# 2. pretraining: depth 4, width 256, 256-token context, 8K-token batches
+python -m scripts.base_train --depth=$DEPTH --head-dim=64 --max-seq-len=256 --window-pattern=L \
+    --device-batch-size=16 --total-batch-size=8192 --num-iterations=$BASE_STEPS \
+    --eval-every=100 --eval-tokens=65536 --core-metric-every=-1 --sample-every=$BASE_STEPS --run=$WANDB_RUN
+python -m scripts.base_eval --device-batch-size=16 --split-tokens=65536 --max-per-task=16
+
+# 3. teach it to chat on the synthetic tasks (identity, calculator arithmetic, spelling, multiple choice)
+python -m scripts.mid_train --mixture=synthetic --eval-every=100 --eval-tokens=32768 --run=$WANDB_RUN
+python -m scripts.chat_eval -i mid -x 100 -m 64
+python -m scripts.chat_sft --mixture=synthetic --eval-every=100 --eval-tokens=32768 --run=$WANDB_RUN
+python -m scripts.chat_eval -i sft -x 100 -m 64
+
+# 4. the report card, then talk to it
+python -m nanochat.report generate
+python -m scripts.chat_cli -i sft -p "What is your name?"
