@@ -130,10 +130,12 @@ def _noop():
 # -----------------------------------------------------------------------------
 
 class MuonAdamW(torch.optim.Optimizer):
+    """AdamW and Muon param groups in one optimizer; see the module docstring for the group keys."""
 
     def __init__(self, param_groups):
-        # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively (NCCL does; gloo
-        # before torch 2.13 does not). The fallbacks (all_reduce SUM then slice and divide, list all_gather) are exact.
+        # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively. NCCL has both; gloo
+        # only gained them in recent torch, so it takes the fallbacks (all_reduce SUM, then slice and divide; list
+        # all_gather), which give the same numbers. Tests flip native_collectives to cover both on gloo.
         self.world_size = dist.get_world_size() if is_dist() else 1
         self.rank = dist.get_rank() if is_dist() else 0
         self.native_collectives = is_dist() and dist.get_backend() == "nccl"
