@@ -24,7 +24,7 @@ from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir
 import nanochat.gpt as gpt
 from nanochat.gpt import GPT, GPTConfig
 
-# name -> (depth, head_dim, seq_len, device_batch_size); width = depth x 64 rounded up to whole heads, vocab 32,768
+# name -> (depth, head_dim, seq_len, device_batch_size); width = depth x 64 rounded up to whole heads
 CONFIGS = {
     "cpu": (4, 64, 256, 8),
     "d12": (12, 128, 2048, 32),
@@ -39,6 +39,7 @@ parser.add_argument("--window-pattern", type=str, default="", help="'' = L on CP
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = on for CUDA only")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+)")
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per step (-1 = the config's)")
+parser.add_argument("--vocab-size", type=int, default=32768, help="vocab (lm_head and embeddings; it dominates small models' cost)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
 parser.add_argument("--steps", type=int, default=10, help="timed steps")
 parser.add_argument("--loader-batches", type=int, default=20, help="batches for the loader measurement (0 = skip it)")
@@ -59,7 +60,7 @@ def bench_model(name, attn):
     depth, head_dim, T, B = CONFIGS[name]
     B = args.device_batch_size if args.device_batch_size > 0 else B
     width = -(-depth * 64 // head_dim) * head_dim
-    config = GPTConfig(sequence_len=T, vocab_size=32768, n_layer=depth, n_head=width // head_dim, n_kv_head=width // head_dim,
+    config = GPTConfig(sequence_len=T, vocab_size=args.vocab_size, n_layer=depth, n_head=width // head_dim, n_kv_head=width // head_dim,
                        n_embd=width, window_pattern=window_pattern)
     gpt.ATTN_IMPL = None if attn == "auto" else attn
     impl = gpt.pick_attention_impl(device)

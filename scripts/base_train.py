@@ -265,7 +265,8 @@ if resume_step is not None:
     stream_states = saved_streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
     loop = meta["loop_state"]
     step, val_bpb = resume_step, meta["val_bpb"]
-    min_val_bpb, smooth_train_loss, total_training_time = loop["min_val_bpb"], loop["smooth_train_loss"], loop["total_training_time"]
+    min_val_bpb = loop["min_val_bpb"] if loop["min_val_bpb"] is not None else float("inf")
+    smooth_train_loss, total_training_time = loop["smooth_train_loss"], loop["total_training_time"]
 train_loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
                                  rank=rank * grad_accum_steps + a, world_size=num_streams, device=device,
                                  state=stream_states[a], dataset=dataset) for a in range(grad_accum_steps)]
@@ -342,7 +343,8 @@ while True:
             "batch_lr_scale": batch_lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
             "initial_lrs": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
             "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
-            "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time},
+            "loop_state": {"min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,  # strict JSON has no Infinity
+                           "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time},
         }
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
         print0(f"saved checkpoint {checkpoint_dir} step {step}")

@@ -146,3 +146,24 @@ def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, 
     base, _ = reference_run
     with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}"):
         run_in_process(monkeypatch, base, *FLAGS, flag, "--resume", "--model-tag=d2")
+
+def test_fp8_off_cuda_is_an_error(monkeypatch, reference_run):
+    base, _ = reference_run
+    with pytest.raises(RuntimeError, match="(?i)drop --fp8"):
+        run_in_process(monkeypatch, base, *FLAGS, "--fp8", "--model-tag=fp8")
+
+class Vocab32K:
+    """Stands in for a 32,768-token tokenizer: the reference's batch sizes are stated for that vocab."""
+    def get_vocab_size(self):
+        return 32768
+
+@pytest.mark.parametrize("depth, batch", [(8, 2 ** 18), (12, 2 ** 19), (16, 2 ** 19), (20, 2 ** 20), (26, 2 ** 20), (32, 2 ** 21)])
+def test_auto_batch_size_follows_depth(monkeypatch, reference_run, depth, batch):
+    # B = 2^round(log2(2^19 (N/N_d12)^0.383)): the reference's d8 2^18, d10-16 2^19, d18-26 2^20, d32+ 2^21.
+    # 3 rows x 2048 never divides a power of two, so the run stops at the batch check and the message names B.
+    import nanochat.tokenizer
+    base, _ = reference_run
+    monkeypatch.setattr(nanochat.tokenizer, "get_tokenizer", Vocab32K)
+    monkeypatch.setattr(nanochat.tokenizer, "get_token_bytes", lambda device: torch.ones(32768, dtype=torch.int32))
+    with pytest.raises(ValueError, match=f"total batch {batch:,} tokens is not divisible"):
+        run_in_process(monkeypatch, base, f"--depth={depth}", "--device-batch-size=3", f"--model-tag=auto{depth}")
