@@ -21,7 +21,7 @@ from tasks.humaneval import HumanEval, humaneval_conversation, humaneval_program
 from tasks.smoltalk import smoltalk_conversation
 from tasks.spellingbee import SpellingBee, SimpleSpelling
 from tasks.customjson import CustomJSON
-from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC, IDENTITY
+from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC, IDENTITY, CATEGORIES
 
 
 class Numbers(Task):
@@ -309,8 +309,11 @@ def test_synthetic_mc_answers_are_right_and_letters_balanced():
             assert int(answer) == int(a) + int(b)
         elif question.startswith("Which letter comes right after"):
             assert ord(answer) == ord(question.split()[5]) + 1
-        elif question.startswith("What is the first letter"):
-            assert answer == question.split()[-1].rstrip("?")[0]
+        elif question.startswith("Which choice is the word"):
+            assert answer == question.split()[-1].rstrip("?")
+        elif question.startswith("Which of these is"):
+            category = re.fullmatch(r"Which of these is an? (.+)\?", question).group(1)
+            assert [c in CATEGORIES[category] for c in choices.values()].count(True) == 1 and answer in CATEGORIES[category]
         else:
             assert question == "Which of these numbers is even?" and [int(c) % 2 for c in choices.values()].count(0) == 1
             assert int(answer) % 2 == 0
