@@ -164,7 +164,9 @@ def _download_hub_dataset(repo, subset, split, data_dir):
               f"00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
     listing_path = os.path.join(data_dir, "listing.json")
     if not download_url(listing_url, listing_path, attempts=2):
-        raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} and {listing_url} is unreachable. {how_to}")
+        offline = " (NANOCHAT_OFFLINE=1 is set)" if os.environ.get("NANOCHAT_OFFLINE") == "1" else ""
+        raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} and {listing_url} "
+                           f"could not be fetched{offline}. {how_to}")
     with open(listing_path, encoding="utf-8") as f:
         urls = json.load(f)
     assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, expected a non-empty JSON list of parquet URLs"
