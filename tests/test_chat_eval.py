@@ -188,13 +188,13 @@ def test_results_identical_on_one_and_two_ranks(tiny_tokenizer, tmp_path):
 # -----------------------------------------------------------------------------
 # The script, offline, on a saved checkpoint
 
-def test_chat_eval_cli_offline_runs_synthetic_tasks(tiny_tokenizer, base_dir, http_server):
+def test_chat_eval_cli_offline_runs_synthetic_tasks(tiny_tokenizer, base_dir):
     from nanochat.checkpoint import save_checkpoint
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     model, config = tiny_model(tiny_tokenizer.get_vocab_size())
     save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
                     {"model_config": dataclasses.asdict(config)})
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_HF_URL=http_server.url, OMP_NUM_THREADS="1")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-x", "3", "-m", "4", "--device-type", "cpu"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
