@@ -24,11 +24,13 @@ from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir
 import nanochat.gpt as gpt
 from nanochat.gpt import GPT, GPTConfig
 
-# name -> (depth, head_dim, seq_len, device_batch_size); width = depth x 64 rounded up to whole heads
+# name -> (depth, head_dim, seq_len, device_batch_size, vocab); width = depth x 64 rounded up to whole heads.
+# "cpu" is the runs/runcpu.sh base model (its tokenizer has 8,192 tokens: at width 256 a 32K vocab's lm_head and
+# logits would cost ~2/3 of the step).
 CONFIGS = {
-    "cpu": (4, 64, 256, 8),
-    "d12": (12, 128, 2048, 32),
-    "d20": (20, 128, 2048, 32),
+    "cpu": (4, 64, 256, 16, 8192),
+    "d12": (12, 128, 2048, 32, 32768),
+    "d20": (20, 128, 2048, 32, 32768),
 }
 
 parser = argparse.ArgumentParser(description="Training step throughput")
@@ -39,7 +41,7 @@ parser.add_argument("--window-pattern", type=str, default="", help="'' = L on CP
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = on for CUDA only")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+)")
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per step (-1 = the config's)")
-parser.add_argument("--vocab-size", type=int, default=32768, help="vocab (lm_head and embeddings; it dominates small models' cost)")
+parser.add_argument("--vocab-size", type=int, default=-1, help="vocab (-1 = the config's; lm_head and logits dominate small models' cost)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
 parser.add_argument("--steps", type=int, default=10, help="timed steps")
 parser.add_argument("--loader-batches", type=int, default=20, help="batches for the loader measurement (0 = skip it)")
@@ -57,10 +59,11 @@ def sync():
         torch.cuda.synchronize()
 
 def bench_model(name, attn):
-    depth, head_dim, T, B = CONFIGS[name]
+    depth, head_dim, T, B, vocab_size = CONFIGS[name]
     B = args.device_batch_size if args.device_batch_size > 0 else B
+    vocab_size = args.vocab_size if args.vocab_size > 0 else vocab_size
     width = -(-depth * 64 // head_dim) * head_dim
-    config = GPTConfig(sequence_len=T, vocab_size=args.vocab_size, n_layer=depth, n_head=width // head_dim, n_kv_head=width // head_dim,
+    config = GPTConfig(sequence_len=T, vocab_size=vocab_size, n_layer=depth, n_head=width // head_dim, n_kv_head=width // head_dim,
                        n_embd=width, window_pattern=window_pattern)
     gpt.ATTN_IMPL = None if attn == "auto" else attn
     impl = gpt.pick_attention_impl(device)
@@ -94,7 +97,7 @@ def bench_model(name, attn):
     cpu_dt = (time.process_time() - c0) / args.steps  # on a shared CPU box: what the step costs without contention
     tok_per_sec = B * T / dt
     mfu = 100 * flops_per_token * tok_per_sec / peak_flops if peak_flops != float("inf") else None
-    row = {"config": name, "attn": impl, "window": window_pattern, "compile": use_compile, "fp8": args.fp8,
+    row = {"config": name, "vocab": vocab_size, "attn": impl, "window": window_pattern, "compile": use_compile, "fp8": args.fp8,
            "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "B": B, "T": T, "params": num_params,
            "flops_per_token": flops_per_token, "ms_per_step": 1000 * dt, "cpu_ms_per_step": 1000 * cpu_dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
            "loss": loss.item()}
