@@ -164,7 +164,8 @@ def download_shards(num_files, dataset=None, num_workers=4):
 # Prose first (docstrings, README/METADATA, .md/.rst/.txt), plus small stdlib modules whole so code is seen too.
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
-LOCAL_ROW_GROUP = 256       # smaller than the hosted 1,024: a local shard has only ~700 docs, and ranks stride over row groups
+LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024: a local shard has only ~700 docs (~12 row groups), and each
+                            # data stream (GPU x accumulation step) strides over row groups, so up to ~12 streams get data
 LOCAL_SEED = 42
 MIN_DOC_CHARS = 200         # shorter documents are mostly "Return self." stubs
 MAX_DOC_CHARS = 16_000      # longer ones are split at paragraph breaks

@@ -216,3 +216,23 @@ class Engine:
                     sequences[i].append(token)
                     masks[i].append(mask)
         return sequences, masks
+
+# -----------------------------------------------------------------------------
+# Greedy completions of fixed prompts: how base_train and base_eval show what a base model knows
+
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
+                  "If 5*x + 3 = 13, then x is"]
+
+def greedy_completions(engine, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
+    """-> list of prompt + greedy continuation texts (up to max_tokens, fewer where the context is shorter)."""
+    bos = tokenizer.get_bos_token_id()
+    texts = []
+    for prompt in prompts:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        budget = min(max_tokens, engine.model.config.sequence_len - len(tokens))
+        sequence = tokens
+        if budget > 0:
+            sequence = engine.generate_batch(tokens, num_samples=1, max_tokens=budget, temperature=0)[0][0]
+        texts.append(tokenizer.decode(sequence[1:]))
+    return texts

@@ -100,18 +100,13 @@ if "bpb" in evals:
 # Samples (rank 0): greedy completions of fixed prompts, then unconditioned samples from <|bos|>
 
 if "sample" in evals and is_master():
-    from nanochat.engine import Engine
-    prompts = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-               "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+    from nanochat.engine import Engine, greedy_completions
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
-    samples = []
     print0("Greedy completions:")
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        sequences, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=min(16, sequence_len - len(tokens)), temperature=0)
-        samples.append(tokenizer.decode(sequences[0][1:]))
-        print0(f"  {samples[-1]!r}")
+    samples = greedy_completions(engine, tokenizer)
+    for sample in samples:
+        print0(f"  {sample!r}")
     print0("Unconditioned samples (temperature 1.0):")
     sequences, _ = engine.generate_batch([bos], num_samples=8, max_tokens=min(128, sequence_len - 1), temperature=1.0)
     for sequence in sequences:

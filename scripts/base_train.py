@@ -14,8 +14,8 @@ hyperparameter. A resumed run produces the same steps, bit for bit, as one that 
 Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row groups, so a
 run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same batches as 1 GPU x 2.
 
-Leaves out: the reference's fp16 GradScaler path (bf16 or fp32 only), a report card section (nanochat/report.py
-reads the checkpoint meta), and batch-size ramps.
+At the end it writes the "Base model training" section of the report card (nanochat/report.py).
+Leaves out: the reference's fp16 GradScaler path (bf16 or fp32 only) and batch-size ramps.
 """
 
 import argparse
@@ -40,6 +40,7 @@ from nanochat.dataset import list_parquet_files, get_dataset_name
 from nanochat.dataloader import pretrain_loader
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -285,10 +286,8 @@ if args.core_metric_every > 0:
     from nanochat.core_eval import ensure_eval_bundle, evaluate_core
     ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it by hand
 if args.sample_every > 0:
-    from nanochat.engine import Engine
+    from nanochat.engine import Engine, greedy_completions
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 peak_flops = get_peak_flops(device)
 start_step = step
 
@@ -314,7 +313,8 @@ while True:
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         orig_model.eval()
         with bf16_eval():
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task)
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
+                                 batch_tokens=args.device_batch_size * args.max_seq_len)  # the memory of a training micro-batch
         orig_model.train()
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
@@ -323,12 +323,8 @@ while True:
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         with bf16_eval():
-            for prompt in SAMPLE_PROMPTS:
-                tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                max_tokens = min(16, args.max_seq_len - len(tokens))  # tiny test contexts can't hold 16 more
-                if max_tokens > 0:
-                    sample, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0)
-                    print0(tokenizer.decode(sample[0][1:]))
+            for text in greedy_completions(engine, tokenizer):
+                print0(text)
         orig_model.train()
 
     if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
@@ -407,5 +403,13 @@ while True:
 if device_type == "cuda":
     print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024 ** 2:.0f} MiB")
 print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
+get_report().log("Base model training", [user_config, {
+    "Number of parameters": param_counts["total"], "Number of scaling parameters": num_scaling_params,
+    "FLOPs per token": f"{num_flops_per_token:e}", "Iterations": num_iterations, "Training tokens": total_tokens,
+    "Tokens : scaling params": total_tokens / num_scaling_params, "Total batch size": total_batch_size,
+    "World size": world_size, "Muon weight decay": weight_decay_scaled, "Min val bpb": min_val_bpb,
+    "Final val bpb": val_bpb, "Total training FLOPs": f"{num_flops_per_token * total_tokens:e}",
+    "Total training time (min)": total_training_time / 60,
+    "Peak memory (MiB)": torch.cuda.max_memory_allocated() / 1024 ** 2 if device_type == "cuda" else None}])
 wandb_run.finish()
 compute_cleanup()
