@@ -16,7 +16,8 @@ data mixture (build_mixture). Everything else is shared:
   rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
   the reference's per-micro-batch mean turned into NaN.
 - One epoch of the mixture (or --num-iterations steps); the LR schedule is a function of the fraction of the
-  epoch consumed: constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
+  run done (of the epoch consumed, or of --num-iterations): constant, then a linear warmdown over the last
+  --warmdown-ratio to 0. Muon weight decay 0.
 - Sequence length, batch sizes and learning rates are inherited from the source checkpoint unless overridden;
   the source model's window pattern is carried into the new checkpoint.
 - Checkpoints hold the loader positions and the loop state, so --resume continues bit for bit.
@@ -92,6 +93,22 @@ def build_mixture(stage, mixture):
                              SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train")])
         val = SmolTalk(split="test")
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
+
+def count_supervised(micro_batch_targets):
+    """Supervised tokens (target >= 0) in this step's micro-batches, summed over ranks: the loss denominator."""
+    num_supervised = sum((targets >= 0).sum() for targets in micro_batch_targets).float()
+    if is_dist():
+        dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
+    return num_supervised
+
+def token_weighted_loss(model, inputs, targets, num_supervised):
+    """
+    One micro-batch's share of the step loss: its summed token losses over the step's supervised count. Summed over
+    micro-batches and ranks it is the mean over every supervised token of the step; a micro-batch without one adds
+    exactly 0 (and a step without any trains nothing) instead of the NaN of a per-micro-batch mean.
+    """
+    token_losses = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
+    return token_losses.sum() / num_supervised.clamp(min=1.0)
 
 def main(stage):
     defaults = STAGES[stage]
@@ -224,7 +241,8 @@ def main(stage):
         return p.item()
 
     def get_lr_multiplier(progress):
-        return min(1.0, (1.0 - progress) / args.warmdown_ratio) if args.warmdown_ratio > 0 else 1.0
+        # never below 0: the epoch's last batch can overshoot progress 1 slightly
+        return max(0.0, min(1.0, (1.0 - progress) / args.warmdown_ratio)) if args.warmdown_ratio > 0 else 1.0
 
     def get_muon_momentum(it):
         frac = min(it / 300, 1.0)
@@ -279,21 +297,18 @@ def main(stage):
 
         # ---- one optimizer step: every supervised token of the step weighs the same
         t0 = time.time()
-        num_supervised = sum((targets >= 0).sum() for _, targets, _ in batches).float()
-        if is_dist():
-            dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
-        denominator = num_supervised.clamp(min=1.0)
+        num_supervised = count_supervised([targets for _, targets, _ in batches])
         loss_sum = torch.zeros((), device=device)
         for a in range(grad_accum_steps):
             inputs, targets, state = batches[a]
-            token_losses = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
-            loss = token_losses.sum() / denominator
+            loss = token_weighted_loss(model, inputs, targets, num_supervised)
             loss_sum += loss.detach()
             (loss * world_size).backward()  # the optimizer averages gradients over ranks; undo that mean
             stream_states[a] = state
             batches[a] = next(train_loaders[a])
         progress = epoch_progress()
-        lrm = get_lr_multiplier(progress)
+        # with --num-iterations the schedule follows the steps: the run may end before the epoch does or go past it
+        lrm = get_lr_multiplier(step / args.num_iterations if args.num_iterations > 0 else progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":

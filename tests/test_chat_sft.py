@@ -1,0 +1,275 @@
+"""
+Tests of the chat training loop shared by scripts/mid_train.py and scripts/chat_sft.py, on a tiny model (depth 2,
+width 64, T 96), the tiny tokenizer and the embedded synthetic mixture (CPU):
+- the step loss is the mean over the step's supervised tokens, also when a micro-batch has none (the reference's
+  per-micro-batch mean gives NaN there), in the function the script uses and in a real run that meets such batches;
+- an interrupted-then-resumed mid-training run is bit-identical to an uninterrupted one;
+- 2 gloo ranks train the same model as 1 process with 2 accumulation steps;
+- the base model's window pattern and batch/sequence/learning-rate settings flow into the mid and SFT checkpoints
+  unless a flag overrides them;
+- bad inputs (warm start without optimizer shards, resume with another configuration, ...) fail naming the fix.
+The base checkpoint is written directly (one optimizer step on random tokens gives a real optimizer shard).
+Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_sft.py
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8
+# the source run's settings that mid/SFT inherit: B=1 rows of T=96 and 192 tokens per step = 2 accumulation steps
+SOURCE = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
+PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}  # not the defaults, to see them inherited
+FLAGS = ["--mixture=synthetic", f"--num-iterations={STEPS}", "--save-every=4", "--eval-every=4", "--eval-tokens=576",
+         "--chat-eval-every=4", "--chat-eval-max-problems=2", "--load-optimizer=0"]
+MID = os.path.join("mid_checkpoints", "d2")
+SFT = os.path.join("chatsft_checkpoints", "d2")
+
+def model_config(tokenizer):
+    return GPTConfig(sequence_len=96, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                     n_embd=64, window_pattern="SL")
+
+def make_base_dir(path, tokenizer, with_optimizer=True):
+    """Tokenizer plus base checkpoint d2 step 10 carrying the meta fields chat_sft reads."""
+    tokenizer.save(str(path / "tokenizer"))
+    torch.manual_seed(0)
+    config = model_config(tokenizer)
+    model = GPT(config)
+    model.init_weights()
+    optimizer = model.setup_optimizer(**PRETRAIN_LRS)
+    tokens = torch.randint(0, config.vocab_size, (1, 97))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    optimizer.step()  # momentum buffers exist: a real shard to warm-start from
+    meta = {"model_config": dict(config.__dict__), "user_config": {**PRETRAIN_LRS, "depth": 2}, **SOURCE}
+    save_checkpoint(str(path / "base_checkpoints" / "d2"), 10, model.state_dict(),
+                    optimizer.state_dict() if with_optimizer else None, meta)
+
+def run(cmd, base):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+def parse_log(stdout):
+    """-> {step: debiased loss}, {step: supervised tokens}, {step: val bpb}, {step: chat metrics line}."""
+    train = re.findall(r"^step (\d+) \(.*\| loss: (\S+) \|.*\| supervised tokens: ([\d,]+) \|", stdout, re.M)
+    val = re.findall(r"^step (\d+) \| val bpb: (\S+)$", stdout, re.M)
+    chat = re.findall(r"^step (\d+) \| (SynthIdentity: .*)$", stdout, re.M)
+    return ({int(s): float(loss) for s, loss, _ in train}, {int(s): int(n.replace(",", "")) for s, _, n in train},
+            {int(s): float(v) for s, v in val}, {int(s): line for s, line in chat})
+
+def checkpoint(base, directory, step):
+    with open(os.path.join(base, directory, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    return torch.load(os.path.join(base, directory, f"model_{step:06d}.pt"), weights_only=True), meta
+
+def expected_initial_lrs(tokenizer, lrs, lr_frac, total_batch_size):
+    model = GPT(model_config(tokenizer))
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=lr_frac * (total_batch_size / 2 ** 19) ** 0.5, **lrs)
+    return [group["initial_lr"] for group in optimizer.param_groups]
+
+# -----------------------------------------------------------------------------
+# The loss normalization, in the functions the training loop calls
+
+def test_step_loss_is_the_mean_over_supervised_tokens_even_with_an_empty_micro_batch(tiny_tokenizer):
+    from scripts.chat_sft import count_supervised, token_weighted_loss
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                          n_kv_head=2, n_embd=64, window_pattern="L"))
+    model.init_weights()
+    V = model.config.vocab_size
+    inputs = [torch.randint(0, V, (2, 16)) for _ in range(3)]
+    targets = [torch.randint(0, V, (2, 16)) for _ in range(3)]
+    targets[0][:, :11] = -1   # 10 supervised tokens
+    targets[1][:] = -1        # none: a row of a cropped prompt, or user turns only
+    targets[2][0, 1:] = -1    # 1 supervised token
+    targets[2][1, :] = -1
+
+    # the reference normalized each micro-batch by its own count: 0/0 = NaN poisons the whole step
+    reference_micro_loss = F.cross_entropy(model(inputs[1]).view(-1, V), targets[1].view(-1), ignore_index=-1)
+    assert torch.isnan(reference_micro_loss)
+
+    num_supervised = count_supervised(targets)
+    assert num_supervised.item() == 11
+    step_loss = 0.0
+    for x, y in zip(inputs, targets):
+        loss = token_weighted_loss(model, x, y, num_supervised)
+        assert torch.isfinite(loss), loss
+        loss.backward()
+        step_loss += loss.item()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+    # the same as one batch holding all 11 supervised tokens, each weighing 1/11 (not 1/2 for the lone one)
+    model.zero_grad(set_to_none=True)
+    full = model(torch.cat(inputs), torch.cat(targets), loss_reduction="none")
+    mean = full.sum() / 11
+    mean.backward()
+    assert math.isclose(step_loss, mean.item(), rel_tol=1e-6), (step_loss, mean.item())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=f"gradient of {name} is not the token-weighted mean")
+
+    # a step with no supervised token at all has zero gradients, and the optimizer step on them stays finite
+    model.zero_grad(set_to_none=True)
+    empty = [torch.full((2, 16), -1)]
+    loss = token_weighted_loss(model, inputs[0], empty[0], count_supervised(empty))
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    model.setup_optimizer(weight_decay=0.0).step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+# -----------------------------------------------------------------------------
+# End-to-end runs of the scripts
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_tokenizer):
+    """mid_train, one process, 2 accumulation steps, checkpoints at steps 4 and 8, val bpb and chat metrics at 0/4/8."""
+    base = tmp_path_factory.mktemp("reference")
+    make_base_dir(base, tiny_tokenizer)
+    stdout = run([sys.executable, "-m", "scripts.mid_train", *FLAGS], base)
+    return base, stdout
+
+def test_run_meets_micro_batches_without_supervised_tokens_and_stays_finite(reference_run, tiny_tokenizer):
+    """At T=96 a long multiple-choice prompt is cropped before its answer: such rows have no supervised token."""
+    from nanochat.dataloader import chat_loader
+    from scripts.chat_sft import build_mixture
+    base, stdout = reference_run
+    train_task, _, _ = build_mixture("mid", "synthetic")
+    loaders = [chat_loader(train_task, tiny_tokenizer, 1, 96, rank=a, world_size=2) for a in range(2)]
+    per_micro_batch = [[int((next(loader)[1] >= 0).sum()) for loader in loaders] for _ in range(STEPS)]
+    assert any(0 in counts and sum(counts) > 0 for counts in per_micro_batch), per_micro_batch  # one empty of two
+
+    train, supervised, val, _ = parse_log(stdout)
+    assert supervised == {step + 1: sum(counts) for step, counts in enumerate(per_micro_batch)}
+    assert sorted(train) == list(range(1, STEPS + 1)) and all(math.isfinite(v) for v in train.values()), train
+    assert sorted(val) == [0, 4, 8] and all(math.isfinite(v) for v in val.values()), val
+    state, meta = checkpoint(base, MID, STEPS)
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert math.isfinite(meta["loop_state"]["smooth_loss"])
+
+def test_mid_checkpoint_carries_window_pattern_and_inherited_settings(reference_run, tiny_tokenizer, monkeypatch):
+    from nanochat.checkpoint import load_model
+    base, stdout = reference_run
+    _, meta = checkpoint(base, MID, STEPS)
+    assert meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)  # window_pattern "SL" included
+    assert {k: meta[k] for k in SOURCE} == SOURCE
+    assert meta["source"] == "base" and meta["source_step"] == 10 and meta["optim_shards"] == 1
+    assert "T 96 | batch 192 tokens = 1 x 96 x 1 GPUs x 2 |" in stdout
+    assert f"lrs {PRETRAIN_LRS} x 1.0" in stdout
+    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, PRETRAIN_LRS, 1.0, 192)
+    assert meta["pretrain_config"]["matrix_lr"] == PRETRAIN_LRS["matrix_lr"]  # kept for SFT to inherit in turn
+    # the warmdown (last 20%) follows --num-iterations, not the epoch this short run never finishes
+    lrms = {int(s): float(m) for s, m in re.findall(r"^step (\d+) \(.*\| lrm: (\S+) \|", stdout, re.M)}
+    assert lrms == {**{s: 1.0 for s in range(1, STEPS)}, STEPS: 0.625}, lrms  # step 8 trains at progress 7/8
+    # chat metrics at every --chat-eval-every and at the end, also saved
+    _, _, _, chat = parse_log(stdout)
+    assert sorted(chat) == [4, 8]
+    assert sorted(meta["metrics"]) == ["ChatCORE", "SynthIdentity", "SynthMC", "SynthMath", "SynthSpelling"]
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    model, _, _ = load_model("mid", "cpu", model_tag="d2")  # what chat_eval / chat_cli / SFT rebuild
+    assert model.config.window_pattern == "SL"
+
+def test_resume_is_bit_identical(reference_run, tmp_path):
+    base, stdout = reference_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(base, resumed)
+    for f in os.listdir(resumed / MID):  # a run that died after step 4's checkpoint
+        if f"{STEPS:06d}" in f:
+            os.remove(resumed / MID / f)
+    resumed_stdout = run([sys.executable, "-m", "scripts.mid_train", *FLAGS, "--resume"], resumed)
+    assert f"resuming from {resumed / MID} step 4" in resumed_stdout
+    train, supervised, val, chat = parse_log(stdout)
+    train_r, supervised_r, val_r, chat_r = parse_log(resumed_stdout)
+    assert sorted(train_r) == [5, 6, 7, 8]
+    assert {s: train[s] for s in train_r} == train_r and {s: supervised[s] for s in supervised_r} == supervised_r
+    assert val_r[8] == val[8] and chat_r[8] == chat[8]
+    reference, reference_meta = checkpoint(base, MID, STEPS)
+    result, result_meta = checkpoint(resumed, MID, STEPS)
+    assert all(torch.equal(reference[k], result[k]) for k in reference), "resumed weights differ from uninterrupted"
+    for key in ("dataloader_state_dict", "val_bpb", "metrics"):
+        assert result_meta[key] == reference_meta[key], key
+    for key in ("progress", "min_val_bpb", "smooth_loss"):  # total_time is wall clock
+        assert result_meta["loop_state"][key] == reference_meta["loop_state"][key], key
+
+def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
+    base, stdout = reference_run
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    shutil.copytree(base / "tokenizer", ddp / "tokenizer")
+    shutil.copytree(base / "base_checkpoints", ddp / "base_checkpoints")
+    ddp_stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "-m", "scripts.mid_train", "--", *FLAGS], ddp)
+    assert "world size: 2" in ddp_stdout and "batch 192 tokens = 1 x 96 x 2 GPUs x 1 |" in ddp_stdout
+    train, supervised, val, chat = parse_log(stdout)
+    train_d, supervised_d, val_d, chat_d = parse_log(ddp_stdout)
+    assert supervised_d == supervised  # same data: one stream per (rank, micro-step)
+    assert train_d.keys() == train.keys() and all(abs(train_d[s] - train[s]) < 1e-5 for s in train), (train, train_d)
+    assert val_d.keys() == val.keys() and all(abs(val_d[s] - val[s]) < 1e-5 for s in val), (val, val_d)
+    assert chat_d == chat
+    reference, _ = checkpoint(base, MID, STEPS)
+    result, meta = checkpoint(ddp, MID, STEPS)
+    for k in reference:
+        torch.testing.assert_close(result[k], reference[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert meta["world_size"] == 2 and meta["optim_shards"] == 2 and len(meta["dataloader_state_dict"]["streams"]) == 2
+
+def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
+    """SFT warm-starts from the mid checkpoint's optimizer shard; flags override what they name, nothing else."""
+    base, _ = reference_run
+    stdout = run([sys.executable, "-m", "scripts.chat_sft", "--mixture=synthetic", "--num-iterations=2",
+                  "--device-batch-size=2", "--matrix-lr=0.05", "--eval-every=2", "--eval-tokens=192",
+                  "--chat-eval-every=0"], base)
+    assert "Chat SFT: mid d2 step 8 -> chatsft_checkpoints | T 96 | batch 192 tokens = 2 x 96 x 1 GPUs x 1 |" in stdout
+    lrs = {**PRETRAIN_LRS, "matrix_lr": 0.05}
+    assert f"lrs {lrs} x 0.8" in stdout
+    train, _, val, _ = parse_log(stdout)
+    assert sorted(train) == [1, 2] and all(math.isfinite(v) for v in [*train.values(), *val.values()])
+    _, meta = checkpoint(base, SFT, 2)
+    assert meta["model_config"]["window_pattern"] == "SL" and meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)
+    assert meta["source"] == "mid" and meta["source_step"] == STEPS
+    assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (96, 2, 192)
+    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.8, 192)
+    assert meta["pretrain_config"] == {**PRETRAIN_LRS, "depth": 2}  # the base run's flags, carried through mid
+
+# -----------------------------------------------------------------------------
+# Start-up errors (in-process: they fail before any training)
+
+def run_in_process(monkeypatch, base, stage, *flags):
+    from scripts.chat_sft import main
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setattr(sys, "argv", [stage, *flags])
+    main(stage)
+
+def test_warm_start_without_optimizer_shards_names_the_flag(monkeypatch, tmp_path, tiny_tokenizer):
+    make_base_dir(tmp_path, tiny_tokenizer, with_optimizer=False)
+    with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer shards .* has 0: .*--load-optimizer=0"):
+        run_in_process(monkeypatch, tmp_path, "mid", "--mixture=synthetic")
+
+@pytest.mark.parametrize("flag, named", [("--total-batch-size=96", "total_batch_size: checkpoint 192 vs now 96"),
+                                         ("--max-seq-len=64", "max_seq_len: checkpoint 96 vs now 64"),
+                                         ("--num-iterations=9", "num_iterations: checkpoint 8 vs now 9")])
+def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, named):
+    base, _ = reference_run
+    flags = [f for f in FLAGS if not f.startswith(flag.split("=")[0])] + [flag, "--resume"]
+    with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}.*--model-tag"):
+        run_in_process(monkeypatch, base, "mid", *flags)
+
+@pytest.mark.parametrize("flag, message", [
+    ("--max-seq-len=128", r"--max-seq-len=128 exceeds the model's context 96"),
+    ("--total-batch-size=100", r"not divisible by device_batch_size x seq_len x GPUs = 1 x 96 x 1 = 96.*--total-batch-size"),
+])
+def test_bad_flags_fail_naming_the_fix(monkeypatch, reference_run, flag, message):
+    base, _ = reference_run
+    with pytest.raises(ValueError, match=message):
+        run_in_process(monkeypatch, base, "mid", "--mixture=synthetic", flag, "--model-tag=d2")
