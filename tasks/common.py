@@ -207,3 +207,8 @@ def extract_answer(text):
     """The number after the first "#### " with commas and a sentence-ending period removed ("1,234." -> "1234"), or None."""
     match = ANSWER_RE.search(text)
     return match.group(1).replace(",", "").rstrip(".") if match else None
+
+def evaluate_answer(conversation, assistant_response):
+    """Generative grading: the response's "#### N" equals the reference's (the last part of the last message)."""
+    reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
+    return reference is not None and extract_answer(assistant_response) == reference

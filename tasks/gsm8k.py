@@ -11,7 +11,7 @@ Generative: a response passes when its "#### N" equals the reference's (commas r
 
 import re
 
-from tasks.common import Task, load_hub_dataset, extract_answer
+from tasks.common import Task, load_hub_dataset, evaluate_answer
 
 CALC_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -52,6 +52,4 @@ class GSM8K(Task):
 
     def evaluate(self, conversation, assistant_response):
         assert isinstance(assistant_response, str), "GSM8K grades the decoded completion text"
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        assert reference is not None, "the reference solution has no '#### N' answer"
-        return extract_answer(assistant_response) == reference
+        return evaluate_answer(conversation, assistant_response)

@@ -16,7 +16,7 @@ import random
 import string
 
 from nanochat.common import get_base_dir, download_file_with_lock
-from tasks.common import Task, extract_answer
+from tasks.common import Task, evaluate_answer
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 TEST_SEED_OFFSET = 10_000_000
@@ -81,21 +81,27 @@ def spelling_bee_conversation(word, letter, user_message):
     ]}
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """size generated examples; example i of a split is drawn from random.Random(i (+ offset for test))."""
     eval_type = "generative"
 
     def __init__(self, size=1000, split="train", words=None, **kwargs):
         super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SpellingBee split must be 'train' or 'test', got {split!r}"
+        assert split in ("train", "test"), f"{type(self).__name__} split must be 'train' or 'test', got {split!r}"
         self.size, self.split = size, split
         self.words = words if words is not None else load_words()
 
     def num_examples(self):
         return self.size
 
-    def get_example(self, index):
+    def rng_and_word(self, index):
         rng = random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
-        word = rng.choice(self.words)
+        return rng, rng.choice(self.words)
+
+
+class SpellingBee(WordTask):
+    def get_example(self, index):
+        rng, word = self.rng_and_word(index)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         quote_letter, quote_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
         message = rng.choice(TEMPLATES).format(letter=f"{quote_letter}{letter}{quote_letter}",
@@ -107,26 +113,13 @@ class SpellingBee(Task):
         return spelling_bee_conversation(word, letter, message)
 
     def evaluate(self, conversation, assistant_response):
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return extract_answer(assistant_response) == reference
+        return evaluate_answer(conversation, assistant_response)
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
     """User "Spell the word: apple", assistant "apple:a,p,p,l,e" (the spelled form SpellingBee's answers start from)."""
-    eval_type = "generative"
-
-    def __init__(self, size=1000, split="train", words=None, **kwargs):
-        super().__init__(**kwargs)
-        assert split in ("train", "test"), f"SimpleSpelling split must be 'train' or 'test', got {split!r}"
-        self.size, self.split = size, split
-        self.words = words if words is not None else load_words()
-
-    def num_examples(self):
-        return self.size
-
     def get_example(self, index):
-        rng = random.Random(index + (TEST_SEED_OFFSET if self.split == "test" else 0))
-        word = rng.choice(self.words)
+        _, word = self.rng_and_word(index)
         return {"messages": [
             {"role": "user", "content": f"Spell the word: {word}"},
             {"role": "assistant", "content": f"{word}:{','.join(word)}"},

@@ -25,7 +25,7 @@ import random
 import string
 import zlib
 
-from tasks.common import Task, render_mc, evaluate_letter, extract_answer
+from tasks.common import Task, render_mc, evaluate_letter, evaluate_answer
 
 TEST_FRACTION = 0.2  # of each task's problem keys
 
@@ -188,8 +188,7 @@ class SyntheticMath(SyntheticTask):
         return f"{kind}:{expr}", {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return extract_answer(assistant_response) == reference
+        return evaluate_answer(conversation, assistant_response)
 
 # -----------------------------------------------------------------------------
 # Letter counting with a python call
@@ -239,8 +238,7 @@ class SyntheticSpelling(SyntheticTask):
         return f"{word}:{letter}", {"messages": messages}
 
     def evaluate(self, conversation, assistant_response):
-        reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
-        return extract_answer(assistant_response) == reference
+        return evaluate_answer(conversation, assistant_response)
 
 # -----------------------------------------------------------------------------
 # Multiple choice
