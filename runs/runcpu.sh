@@ -11,9 +11,10 @@ bash runs/setup.sh
 export NANOCHAT_DATASET=local   # the embedded corpus; see README for real data
 export NANOCHAT_OFFLINE=1       # never wait on the network: real datasets and the CORE bundle are reported as skipped
 export WANDB_RUN="${WANDB_RUN:-dummy}"
-# Every step of the demo must fit the 2-core reference machine; tweak these two for a bigger CPU.
+# Sized so the whole script stays well under 30 minutes on a 2-core machine; raise these on a bigger CPU.
 DEPTH="${DEPTH:-4}"
-BASE_STEPS="${BASE_STEPS:-300}"
+BASE_STEPS="${BASE_STEPS:-200}"
+CHAT_STEPS="${CHAT_STEPS:-150}"
 
 python -m nanochat.report reset
 
@@ -22,17 +23,20 @@ python -m nanochat.dataset --dataset local
 python -m scripts.tok_train --vocab-size=8192
 python -m scripts.tok_eval
 
-# 2. pretraining: depth 4, width 256, 256-token context, 8K-token batches
+# 2. pretraining: depth 4 (width 256, 4 heads of 64), 256-token context, 4K-token batches; then bpb and samples
 python -m scripts.base_train --depth=$DEPTH --head-dim=64 --max-seq-len=256 --window-pattern=L \
-    --device-batch-size=16 --total-batch-size=8192 --num-iterations=$BASE_STEPS \
-    --eval-every=100 --eval-tokens=65536 --core-metric-every=-1 --sample-every=$BASE_STEPS --run=$WANDB_RUN
-python -m scripts.base_eval --device-batch-size=16 --split-tokens=65536 --max-per-task=16
+    --device-batch-size=16 --total-batch-size=4096 --num-iterations=$BASE_STEPS \
+    --eval-every=50 --eval-tokens=32768 --core-metric-every=-1 --sample-every=$BASE_STEPS --run=$WANDB_RUN
+python -m scripts.base_eval --device-batch-size=16 --split-tokens=32768
 
-# 3. teach it to chat on the synthetic tasks (identity, calculator arithmetic, spelling, multiple choice)
-python -m scripts.mid_train --mixture=synthetic --eval-every=100 --eval-tokens=32768 --run=$WANDB_RUN
-python -m scripts.chat_eval -i mid -x 100 -m 64
-python -m scripts.chat_sft --mixture=synthetic --eval-every=100 --eval-tokens=32768 --run=$WANDB_RUN
-python -m scripts.chat_eval -i sft -x 100 -m 64
+# 3. teach it to chat on the synthetic tasks (identity, calculator arithmetic, spelling, multiple choice),
+#    evaluating each stage on their held-out test splits against chance
+python -m scripts.mid_train --mixture=synthetic --num-iterations=$CHAT_STEPS --eval-every=50 --eval-tokens=16384 \
+    --chat-eval-every=0 --run=$WANDB_RUN
+python -m scripts.chat_eval -i mid -x 50 -m 64
+python -m scripts.chat_sft --mixture=synthetic --num-iterations=$((CHAT_STEPS / 3)) --eval-every=25 --eval-tokens=16384 \
+    --chat-eval-every=0 --run=$WANDB_RUN
+python -m scripts.chat_eval -i sft -x 50 -m 64
 
 # 4. the report card, then talk to it
 python -m nanochat.report generate

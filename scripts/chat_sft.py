@@ -275,7 +275,8 @@ def main(stage):
             metrics = {name: run_chat_eval(name, orig_model, tokenizer, engine, max_new_tokens=128,
                                            max_problems=args.chat_eval_max_problems) for name in tracked_tasks}
             orig_model.train()
-            metrics["ChatCORE"] = chatcore(metrics)
+            # centered mean over the tracked tasks only: the full ChatCORE is chat_eval's
+            metrics["ChatCORE-synthetic" if args.mixture == "synthetic" else "ChatCORE-tracked"] = chatcore(metrics)
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
 
@@ -324,7 +325,8 @@ def main(stage):
         step += 1
         if step > start_step + 1:
             total_time += dt
-        smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+        if num_supervised.item() > 0:  # a step with nothing to learn has no loss to average in
+            smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)

@@ -176,7 +176,7 @@ def test_mid_checkpoint_carries_window_pattern_and_inherited_settings(reference_
     # chat metrics at every --chat-eval-every and at the end, also saved
     _, _, _, chat = parse_log(stdout)
     assert sorted(chat) == [4, 8]
-    assert sorted(meta["metrics"]) == ["ChatCORE", "SynthIdentity", "SynthMC", "SynthMath", "SynthSpelling"]
+    assert sorted(meta["metrics"]) == ["ChatCORE-synthetic", "SynthIdentity", "SynthMC", "SynthMath", "SynthSpelling"]
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     model, _, _ = load_model("mid", "cpu", model_tag="d2")  # what chat_eval / chat_cli / SFT rebuild
     assert model.config.window_pattern == "SL"
