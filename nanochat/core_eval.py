@@ -70,7 +70,9 @@ def _extract_bundle(zip_path, bundle_dir):
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
         root = tmp_dir if os.path.isfile(os.path.join(tmp_dir, "core.yaml")) else os.path.join(tmp_dir, "eval_bundle")
         if not os.path.isfile(os.path.join(root, "core.yaml")):
-            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE eval bundle")
+            os.remove(zip_path)  # else every rerun would find it on disk and fail here again
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE eval "
+                               f"bundle; it was deleted, rerun to download it again")
         os.replace(root, bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle itself was renamed out
@@ -159,7 +161,10 @@ def load_task_data(path, task_type):
 
 def sample_fewshot(data, idx, k):
     """k examples other than data[idx], drawn with random.Random(1234 + idx) so every run and rank agrees."""
-    if k == 0:
+    # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
+    # (rng.sample would raise mid-eval); with enough examples the draws are the reference's
+    k = min(k, len(data) - 1)
+    if k <= 0:
         return []
     rng = random.Random(1234 + idx)
     # same draws as rng.sample over the list of all indices but idx, without building that list per example

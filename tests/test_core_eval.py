@@ -179,6 +179,10 @@ def test_fewshot_draws_match_seeded_sample_excluding_self():
         assert sample_fewshot(data, idx, 5) == random.Random(1234 + idx).sample(others, 5)
         assert data[idx] not in sample_fewshot(data, idx, 49)  # all the others, never itself
     assert sample_fewshot(data, 3, 0) == []
+    # a task cropped (max_per_task) below k + 1 examples gets all the others instead of crashing
+    small = data[:4]
+    assert sorted(d["i"] for d in sample_fewshot(small, 1, 10)) == [0, 2, 3]
+    assert sample_fewshot(small[:1], 0, 10) == []
 
 def test_continuation_spans_on_tiny_tokenizer(tiny_tokenizer):
     tok = tiny_tokenizer
@@ -341,6 +345,15 @@ def test_bundle_offline_and_corrupt_zip(base_dir, http_server, monkeypatch):
     http_server.routes["/bad.zip"] = b"this is not a zip file"
     with pytest.raises(RuntimeError, match="not a valid zip"):
         core_eval.ensure_eval_bundle(url=http_server.url + "/bad.zip")
+    assert not (base_dir / "eval_bundle.zip").exists() and not (base_dir / "eval_bundle").exists()
+
+    # a valid zip without core.yaml is deleted too, so a rerun downloads again instead of failing on it forever
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("readme.txt", "not a bundle")
+    http_server.routes["/other.zip"] = buf.getvalue()
+    with pytest.raises(RuntimeError, match="no core.yaml.*rerun to download it again"):
+        core_eval.ensure_eval_bundle(url=http_server.url + "/other.zip")
     assert not (base_dir / "eval_bundle.zip").exists() and not (base_dir / "eval_bundle").exists()
 
 def test_missing_task_file_and_malformed_line(tiny_tokenizer, base_dir):
