@@ -9,7 +9,8 @@ sys.path) as a child process with
   * an environment scrubbed to PATH=/usr/bin:/bin and OMP_NUM_THREADS=1 (parent secrets are not inherited),
   * a fresh temporary working directory, removed afterwards, and stdin = /dev/null (input() raises EOFError),
   * resource limits set by the child on itself before the program runs: address space and data segment =
-    maximum_memory_bytes (a big allocation raises MemoryError), CPU seconds ~ timeout, no core files, written
+    maximum_memory_bytes (a big allocation raises MemoryError; not on macOS, which refuses these limits),
+    CPU seconds ~ timeout, no core files, written
     files <= 16 MiB, and no new processes or threads (RLIMIT_NPROC = 0; the kernel ignores it for root),
   * a guard that sets dangerous functions to None: os.system/fork/kill/remove/unlink/rmdir/rename/chdir/...,
     shutil.rmtree/move/chown, subprocess.Popen, builtins exit/quit/help, and hides resource/psutil/...,
@@ -48,8 +49,11 @@ _GUARD = r'''
 import builtins, faulthandler, os, resource, shutil, subprocess, sys
 
 memory, cpu_seconds = {memory}, {cpu_seconds}
-for limit, value in [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory), (resource.RLIMIT_CPU, cpu_seconds),
-                     (resource.RLIMIT_FSIZE, {max_file_bytes}), (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)]:
+limits = [(resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, {max_file_bytes}), (resource.RLIMIT_CORE, 0),
+          (resource.RLIMIT_NPROC, 0)]
+if {limit_memory}:  # macOS refuses RLIMIT_AS/DATA (setrlimit raises ValueError): there only the timeouts bound a program
+    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
+for limit, value in limits:
     resource.setrlimit(limit, (value, value))
 
 # Compiled under its real file name so tracebacks can show the offending line.
@@ -95,7 +99,8 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(code)
         guard = _GUARD.format(memory=int(maximum_memory_bytes), cpu_seconds=int(timeout) + 1,
-                              max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path))
+                              max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path),
+                              limit_memory=sys.platform != "darwin")
         # start_new_session: the child leads its own process group, so a timeout kills anything it started too.
         proc = subprocess.Popen([sys.executable, "-I", "-c", guard], cwd=work_dir, stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
