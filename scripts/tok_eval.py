@@ -158,9 +158,9 @@ tokenizers = {"ours": get_tokenizer()}
 for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
     try:
         tokenizers[label] = Tokenizer.from_pretrained(name)
-    except requests.exceptions.ConnectionError:
+    except requests.exceptions.RequestException as e:  # offline, proxy refusal, timeout, HTTP error
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        print(f"{label} baseline skipped: tiktoken could not download {name!r} (no network). Run this script once "
+        print(f"{label} baseline skipped: tiktoken could not download {name!r} ({type(e).__name__}). Run this script once "
               f"with network access; tiktoken then caches it in $TIKTOKEN_CACHE_DIR (now {cache}).")
 
 results = {}  # (tokenizer label, text name) -> (num bytes, num tokens)
