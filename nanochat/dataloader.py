@@ -164,7 +164,9 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     assert n > 0, "the conversation dataset is empty"
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
     bos = tokenizer.get_bos_token_id()
-    epoch, cursor, buffer = 1, rank, []  # buffer: (example index, ids, mask) in the order they were pulled
+    # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's size (a tiny
+    # validation set read by many GPUs x accumulation steps) start at rank % n instead of past the end.
+    epoch, cursor, buffer = 1, rank % n, []
 
     def render(index):
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
@@ -183,8 +185,8 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 while len(buffer) < buffer_size:
                     buffer.append(render(cursor))
                     cursor += world_size
-                    if cursor >= n:
-                        cursor, epoch = cursor - n, epoch + 1  # keeps the stride across the wrap
+                    if cursor >= n:  # keeps the stride across the wrap (a stride > n passes whole epochs)
+                        cursor, epoch = cursor % n, epoch + cursor // n
                 space = T + 1 - pos
                 fits = [i for i, item in enumerate(buffer) if len(item[1]) <= space]
                 if not fits:

@@ -185,3 +185,16 @@ def test_chat_resume_and_rank_stride():
             for inputs, targets, state in batches[k + 1:]:
                 x, y, s = next(resumed)
                 assert torch.equal(x, inputs) and torch.equal(y, targets) and s == state
+
+def test_chat_more_streams_than_conversations():
+    """A 3-conversation validation set read by 4 streams (GPUs x accumulation): every stream still yields rows."""
+    tok = FakeChatTokenizer()
+    data = conversations([5, 6, 7])
+    for rank in range(4):
+        inputs, _, state = next(chat_loader(data, tok, B=1, T=9, rank=rank, world_size=4, buffer_size=2))
+        # stream r pulls r % 3, then +4 each time modulo 3; one row of 10 takes the larger of the first two
+        # (5, 6 or 7 tokens), a third pull refills the buffer and nothing else fits the 3-5 slots left
+        pulled = [(rank % 3 + 4 * k) % 3 for k in range(3)]
+        assert inputs[0, 1].item() - 100 == max(pulled[:2], key=lambda i: (data[i]["user"] + data[i]["assistant"], -pulled.index(i)))
+        assert state["buffer"] == [i for i in pulled if i != inputs[0, 1].item() - 100][-2:]
+        assert state["cursor"] == (rank % 3 + 12) % 3 and state["epoch"] == 1 + (rank % 3 + 12) // 3
