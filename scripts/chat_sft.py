@@ -199,6 +199,7 @@ def main(stage):
         step, val_bpb = resume_step, meta["val_bpb"]
         progress, min_val_bpb, smooth_loss, total_time = (meta["loop_state"][k] for k in
                                                           ("progress", "min_val_bpb", "smooth_loss", "total_time"))
+        min_val_bpb = float("inf") if min_val_bpb is None else min_val_bpb  # saved as null: never evaluated
         print0(f"resuming from {output_dir} step {resume_step}")
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little (reference LOG, Feb 16); the fresh LRs stay.
@@ -288,7 +289,8 @@ def main(stage):
             meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
                     "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
                     "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
-                    "loop_state": {"progress": progress, "min_val_bpb": min_val_bpb, "smooth_loss": smooth_loss,
+                    "loop_state": {"progress": progress, "smooth_loss": smooth_loss,
+                                   "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,  # strict JSON has no Infinity
                                    "total_time": total_time}}
             save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved checkpoint {output_dir} step {step}")

@@ -273,3 +273,25 @@ def test_bad_flags_fail_naming_the_fix(monkeypatch, reference_run, flag, message
     base, _ = reference_run
     with pytest.raises(ValueError, match=message):
         run_in_process(monkeypatch, base, "mid", "--mixture=synthetic", flag, "--model-tag=d2")
+
+def test_run_without_val_eval_writes_strict_json_and_resumes(tmp_path, tiny_tokenizer):
+    """--eval-every=-1 leaves min val bpb at infinity: the meta stores null (strict JSON) and resume reads it back."""
+    base = tmp_path / "noeval"
+    base.mkdir()
+    make_base_dir(base, tiny_tokenizer)
+    flags = ["--mixture=synthetic", "--num-iterations=2", "--save-every=1", "--eval-every=-1", "--chat-eval-every=0",
+             "--load-optimizer=0"]
+    run([sys.executable, "-m", "scripts.mid_train", *flags], base)
+    def strict_meta(step):
+        with open(base / MID / f"meta_{step:06d}.json") as f:
+            return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"meta step {step} holds {c}: not strict JSON"))
+    assert strict_meta(2)["loop_state"]["min_val_bpb"] is None and strict_meta(2)["val_bpb"] is None
+    reference = torch.load(base / MID / "model_000002.pt", weights_only=True)
+    for f in os.listdir(base / MID):
+        if "000002" in f:
+            os.remove(base / MID / f)
+    stdout = run([sys.executable, "-m", "scripts.mid_train", *flags, "--resume"], base)
+    assert f"resuming from {base / MID} step 1" in stdout
+    assert strict_meta(2)["loop_state"]["min_val_bpb"] is None
+    result = torch.load(base / MID / "model_000002.pt", weights_only=True)
+    assert all(torch.equal(reference[k], result[k]) for k in reference)
