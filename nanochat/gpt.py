@@ -216,6 +216,9 @@ def pick_attention_impl(device):
     if ATTN_IMPL is not None:
         if ATTN_IMPL not in ATTENTION_IMPLS:
             raise ValueError(f"gpt.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
+        if ATTN_IMPL == "fa3" and load_fa3() is None:
+            raise ValueError("gpt.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 and the `kernels` package "
+                             "with a build for this GPU): use None (auto) or 'flex'")
         return ATTN_IMPL
     if torch.device(device).type == "cuda":
         return "fa3" if load_fa3() is not None else "flex"

@@ -117,6 +117,10 @@ def test_override_and_auto_pick(monkeypatch):
     q, k, v = qkv(1, 4, 4, 2, 2)
     gpt.attention(q, k, v, 3)
     assert calls == [3]
+    # forcing FA3 where it cannot load is an error at pick time, not an AttributeError inside the forward
+    monkeypatch.setattr(gpt, "ATTN_IMPL", "fa3")
+    with pytest.raises(ValueError, match="FA3 is unavailable"):
+        gpt.pick_attention_impl("cpu")
     monkeypatch.setattr(gpt, "ATTN_IMPL", "flash9")
     with pytest.raises(ValueError, match="ATTN_IMPL"):
         gpt.pick_attention_impl("cpu")
