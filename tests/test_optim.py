@@ -206,6 +206,28 @@ def test_bitwise_determinism():
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
+def test_compiled_step_path_matches_eager(monkeypatch):
+    # On CUDA the update rules run through torch.compile(fullgraph=True) with hyperparameters as 0-D CPU tensors, a
+    # path CPU never takes. Trace it here (aot_eager: dynamo + autograd functionalization, no codegen) over changing
+    # lr/momentum/wd: a graph break, a Python-side value baked into the graph or a lost in-place update fails this.
+    import functools
+    import nanochat.optim as optim
+    compiled = functools.cache(lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False))
+    results = []
+    for step_fn in (optim._step_fn, lambda fn, device: compiled(fn)):
+        monkeypatch.setattr(optim, "_step_fn", step_fn)
+        params = make_params(large_dtype=torch.bfloat16)
+        opt = make_optimizer(params)
+        for step in range(4):
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * (1 - 0.2 * step)
+                if group["kind"] == "muon":
+                    group["momentum"], group["weight_decay"] = 0.85 + 0.03 * step, 0.1 / (step + 1)
+            run_steps(params, opt, 1, start=step)
+        results.append(snapshot(params))
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"param {i} {tuple(a.shape)}: compiled step differs")
+
 def test_convergence_toward_targets():
     params = make_params(seed=0)
     targets = snapshot(make_params(seed=1))
