@@ -245,6 +245,9 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
         pieces.append(current)
     return pieces
 
+# This project's own install (its METADATA carries README.md): it changes with every edit, and the corpus must not.
+OWN_ENTRIES = ("nanochat-", "nanochat.", "__editable__.nanochat", "__editable___nanochat")
+
 def collect_local_documents(roots=None):
     """All documents from the roots, in sorted walk order, deduplicated, small ones dropped, big ones split."""
     roots = local_roots() if roots is None else roots
@@ -256,7 +259,7 @@ def collect_local_documents(roots=None):
             for filename in sorted(filenames):
                 path = os.path.join(dirpath, filename)
                 package = (root, os.path.relpath(path, root).split(os.sep)[0])
-                if package_chars.get(package, 0) >= MAX_PACKAGE_CHARS:
+                if package[1].startswith(OWN_ENTRIES) or package_chars.get(package, 0) >= MAX_PACKAGE_CHARS:
                     continue
                 for doc in _docs_of_file(path, is_stdlib, seen):
                     for piece in split_doc(doc.strip()):
