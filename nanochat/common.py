@@ -106,6 +106,9 @@ def compute_init(device_type=""):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
+        # Wait for every rank first: a rank that tears down gloo while a peer is still writing its checkpoint sees the
+        # peer's connection close, and gloo's background thread aborts the process ("terminate called ...", seen in CI).
+        dist.barrier()
         dist.destroy_process_group()
 
 def is_dist():
