@@ -109,13 +109,19 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     model_state = torch.load(model_path, map_location=device, weights_only=True)
-    optimizer_state = None
-    if load_optimizer:
-        if not os.path.exists(optim_path):
-            raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
-                                    f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
-        optimizer_state = torch.load(optim_path, map_location=device, weights_only=True)
+    optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta) if load_optimizer else None
     return model_state, optimizer_state, meta
+
+def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
+    """This rank's optimizer state of a step, without reading the model (SFT's warm start needs only this)."""
+    _, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
+    if not os.path.exists(optim_path):
+        if meta is None:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
+                                f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
+    return torch.load(optim_path, map_location=device, weights_only=True)
 
 def build_model(checkpoint_dir, step, device, phase):
     """Rebuild the GPT of a checkpoint: -> (model, meta). The model config (incl. window_pattern) comes from meta."""

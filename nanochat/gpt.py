@@ -20,6 +20,7 @@ Left out: dropout, biases, tied embeddings, training-time document masking.
 
 import math
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -194,7 +195,6 @@ def load_fa3():
     _fa3_checked = True
     if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
         return None
-    import os
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from kernels import get_kernel
     major, _ = torch.cuda.get_device_capability()

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
-from nanochat.checkpoint import load_model, load_checkpoint, save_checkpoint, find_last_step, find_model_tag, SOURCE_DIRS
+from nanochat.checkpoint import load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag, SOURCE_DIRS
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -45,7 +45,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
-from scripts.chat_eval import run_chat_eval, chatcore
+from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
 STAGES = {
     "mid": dict(source="base", output="mid", init_lr_frac=1.0, warmdown_ratio=0.2, title="Midtraining",
@@ -169,6 +169,7 @@ def main(stage):
            f"lrs {lrs} x {args.init_lr_frac} x {batch_lr_scale:.3f}")
 
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks} if args.chat_eval_every != 0 else {}  # loaded once
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations, {len(val_task):,} validation")
 
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
@@ -207,7 +208,7 @@ def main(stage):
             raise ValueError(f"--load-optimizer=1 needs the source's optimizer shards for {world_size} rank(s), but "
                              f"{args.source} {model_tag} step {source_step} has {source_meta.get('optim_shards', 0)}: "
                              f"run with as many GPUs as the source run or pass --load-optimizer=0")
-        _, optim_state, _ = load_checkpoint(os.path.join(source_dir, model_tag), source_step, device, load_optimizer=True, rank=rank)
+        optim_state = load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device, rank=rank)
         optimizer.load_state_dict(optim_state)
         for group, lr in zip(optimizer.param_groups, initial_lrs):
             group["initial_lr"] = group["lr"] = lr
@@ -273,8 +274,8 @@ def main(stage):
         chat_eval_due = args.chat_eval_every > 0 and step > 0 and step % args.chat_eval_every == 0
         if args.chat_eval_every != 0 and (last_step or chat_eval_due):
             orig_model.eval()
-            metrics = {name: run_chat_eval(name, orig_model, tokenizer, engine, max_new_tokens=128,
-                                           max_problems=args.chat_eval_max_problems) for name in tracked_tasks}
+            metrics = {name: run_chat_eval(task, orig_model, tokenizer, engine, max_new_tokens=128,
+                                           max_problems=args.chat_eval_max_problems) for name, task in eval_tasks.items()}
             orig_model.train()
             # centered mean over the tracked tasks only: the full ChatCORE is chat_eval's
             metrics["ChatCORE-synthetic" if args.mixture == "synthetic" else "ChatCORE-tracked"] = chatcore(metrics)
