@@ -12,19 +12,29 @@ meta does not exist as far as find_last_step is concerned, so a crash in the mid
 checkpoint as the newest complete one. meta records how many optimizer shards belong to the step, and
 find_last_step also checks that the model and every shard load.
 
+Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256), and
+load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file, not a model
+that silently computes something else. Checkpoints saved before hashes existed load with one line saying so.
+One run at a time per directory: training scripts call lock_checkpoint_dir() at start, which takes an exclusive
+file lock (released by the OS when the process dies, even by kill -9) and names the holder to a second run.
+
 Leaves out: patching checkpoints from older code versions (missing window_pattern etc.): there are none here,
 and guessing a missing window pattern silently changes the model, so it is an error instead.
 """
 
+import datetime
 import glob
+import hashlib
 import json
 import os
 import pickle
 import re
+import socket
 
 import torch
+import torch.distributed as dist
 
-from nanochat.common import get_base_dir, get_dist_info, atomic_write_text, print0
+from nanochat.common import get_base_dir, get_dist_info, atomic_write_text, print0, is_dist
 
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 SOURCE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
@@ -34,49 +44,133 @@ def _paths(checkpoint_dir, step, rank=0):
             os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
             os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
 
+def file_sha256(path, chunk_size=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+def meta_sha256(meta):
+    """Hash of the meta's content without its own hash field, in a canonical JSON form (key order does not matter)."""
+    content = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(content)), sort_keys=True).encode()).hexdigest()
+
 def _atomic_torch_save(obj, path):
+    """torch.save through a temp file and a rename; returns the sha256 of the published file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
+        digest = file_sha256(tmp)  # read back from the page cache: no second copy of the state in memory
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    return digest
+
+def remove_orphaned_temp_files(checkpoint_dir, rank=0):
+    """
+    Delete temp files (<name>.tmp<pid>) that a killed save of this rank left behind. Only this rank's own file names
+    are touched (rank 0: model and meta; every rank: its optimizer shard), and never this process's: with the
+    directory locked by this run, any other temp file of those names belongs to a process that is gone.
+    """
+    patterns = [f"optim_*_rank{rank}.pt.tmp*"] + (["model_*.pt.tmp*", "meta_*.json.tmp*"] if rank == 0 else [])
+    removed = []
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(checkpoint_dir, pattern)):
+            if re.search(r"\.tmp\d+$", path) and not path.endswith(f".tmp{os.getpid()}"):
+                os.remove(path)
+                removed.append(os.path.basename(path))
+    if removed:
+        print(f"removed {len(removed)} temp file(s) of an interrupted save in {checkpoint_dir}: {', '.join(sorted(removed))}", flush=True)
+    return removed
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
     """
     Every rank calls this with its optimizer shard (or None); rank 0 also writes the model and, last, the meta.
-    Ranks do not wait for each other: a meta published before another rank's shard lands is simply not
-    complete yet for find_last_step.
+    Under a process group the ranks exchange their files' sha256 (one all_gather_object) so the meta records them
+    all. Put the tokenizer's fingerprint in meta as "tokenizer_fingerprint" (Tokenizer.fingerprint()) so loading
+    can refuse a different tokenizer.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
+    remove_orphaned_temp_files(checkpoint_dir, rank)
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     if rank == 0 and os.path.exists(meta_path):
         os.remove(meta_path)  # re-saving a step: un-publish it until the new files are all in place
+    hashes = {}
     if rank == 0:
-        _atomic_torch_save(model_state, model_path)
+        hashes[os.path.basename(model_path)] = _atomic_torch_save(model_state, model_path)
     if optimizer_state is not None:
-        _atomic_torch_save(optimizer_state, optim_path)
+        hashes[os.path.basename(optim_path)] = _atomic_torch_save(optimizer_state, optim_path)
+    if is_dist():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, hashes)
+        hashes = {name: digest for rank_hashes in gathered for name, digest in rank_hashes.items()}
     if rank == 0:
         world_size = get_dist_info()[3]
-        meta = dict(meta, step=step, optim_shards=world_size if optimizer_state is not None else 0)
+        meta = dict(meta, step=step, optim_shards=world_size if optimizer_state is not None else 0, sha256=hashes)
+        meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
+
+# -----------------------------------------------------------------------------
+# One run per output directory
+
+_held_locks = {}  # checkpoint_dir -> FileLock, held for the life of the process
+
+def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
+    """
+    Take an exclusive lock on checkpoint_dir for the rest of this process (rank 0 only; the other ranks of the run
+    write their shards under it). A second run on the same directory fails here, naming the holder, instead of
+    interleaving its steps with ours. The OS drops the lock when the holder dies, so a crashed run never blocks.
+    """
+    from filelock import FileLock, Timeout
+    if get_dist_info()[1] != 0:
+        return
+    checkpoint_dir = os.path.abspath(checkpoint_dir)
+    if checkpoint_dir in _held_locks:  # this process has it already (a script run twice in one process, tests)
+        return
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    lock_path, owner_path = os.path.join(checkpoint_dir, "run.lock"), os.path.join(checkpoint_dir, "run.lock.json")
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            with open(owner_path, encoding="utf-8") as f:
+                owner = json.load(f)
+            holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            holder = "a process that has not written run.lock.json yet"
+        raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for it to finish, "
+                           f"stop it, or give this run its own directory with a different --model-tag "
+                           f"(this run's: {model_tag})") from None
+    atomic_write_text(owner_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "model_tag": model_tag,
+                                              "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+    _held_locks[checkpoint_dir] = lock
 
 def _steps_with_meta(checkpoint_dir):
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
              if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(f)))]
     return sorted(steps)
 
+def read_meta(meta_path):
+    """The meta dict of a step; a file that is not a JSON object is an error naming it."""
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object a checkpoint meta is: "
+                         f"restore it or delete this step's files")
+    return meta
+
 def _is_complete(checkpoint_dir, step):
     """The meta parses, and the model and every optimizer shard it names load (mmap: no tensor data is read)."""
     model_path, _, meta_path = _paths(checkpoint_dir, step)
     try:
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        meta = read_meta(meta_path)
         paths = [model_path] + [_paths(checkpoint_dir, step, r)[1] for r in range(meta.get("optim_shards", 0))]
         for path in paths:
             torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing, truncated or corrupt file, bad JSON
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:  # missing, truncated or corrupt file, bad JSON
         print0(f"checkpoint step {step} in {checkpoint_dir} is incomplete, skipping it: {e}")
         return False
     return True
@@ -100,27 +194,61 @@ def find_model_tag(checkpoints_dir):
         return max(depth_tags, key=lambda t: int(t[1:]))
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
-def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_state, optimizer_state or None, meta)."""
-    model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
+def _verify(path, meta, checkpoint_dir, step):
+    """Check a file against the sha256 its meta recorded (no record: a checkpoint from before hashes, said once)."""
+    recorded = meta.get("sha256")
+    if recorded is None:
+        if (checkpoint_dir, step) not in _unverified_said:
+            _unverified_said.add((checkpoint_dir, step))
+            print0(f"checkpoint {checkpoint_dir} step {step} has no sha256 in its meta (saved by older code): loading it unverified")
+        return
+    name = os.path.basename(path)
+    if name not in recorded:
+        raise RuntimeError(f"{path} is not among the files recorded in meta_{step:06d}.json ({sorted(recorded)}): "
+                           f"it does not belong to this checkpoint; delete it or restore the original")
+    actual = file_sha256(path)
+    if actual != recorded[name]:
+        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded "
+                           f"when step {step} was saved. Restore the file, or delete step {step}'s files "
+                           f"(*_{step:06d}*) to fall back to the previous checkpoint")
+
+_unverified_said = set()
+
+def load_meta(checkpoint_dir, step):
+    """The meta of a step, checked against its own recorded hash (an edited field is an error, not a different model)."""
+    meta_path = _paths(checkpoint_dir, step)[2]
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} "
                                 f"(steps with meta: {_steps_with_meta(checkpoint_dir) or 'none'})")
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        meta = read_meta(meta_path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): restore it, or delete step {step}'s files "
+                         f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_sha256(meta):
+        raise ValueError(f"{meta_path} was edited after it was saved (its content no longer matches meta_sha256): a "
+                         f"changed field such as model_config.sequence_len would run the model outside what it was "
+                         f"trained for. Restore the file, or start a new run with the settings you want")
+    return meta
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """-> (model_state, optimizer_state or None, meta), every file verified against the sha256 in meta."""
+    model_path, _, _ = _paths(checkpoint_dir, step, rank)
+    meta = load_meta(checkpoint_dir, step)
+    _verify(model_path, meta, checkpoint_dir, step)
     model_state = torch.load(model_path, map_location=device, weights_only=True)
     optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta) if load_optimizer else None
     return model_state, optimizer_state, meta
 
 def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
     """This rank's optimizer state of a step, without reading the model (SFT's warm start needs only this)."""
-    _, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
+    _, optim_path, _ = _paths(checkpoint_dir, step, rank)
+    if meta is None:
+        meta = load_meta(checkpoint_dir, step)
     if not os.path.exists(optim_path):
-        if meta is None:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
         raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
                                 f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
+    _verify(optim_path, meta, checkpoint_dir, step)
     return torch.load(optim_path, map_location=device, weights_only=True)
 
 def build_model(checkpoint_dir, step, device, phase):
@@ -133,6 +261,12 @@ def build_model(checkpoint_dir, step, device, phase):
     if "window_pattern" not in config:
         raise ValueError(f"checkpoint {checkpoint_dir} step {step} has no window_pattern in its model_config; "
                          f"it was not written by this code")
+    # the context the model was trained at: a larger sequence_len would run positions it never saw
+    trained_len = (meta.get("pretrain_config") or meta.get("user_config") or {}).get("max_seq_len")
+    if trained_len is not None and config.get("sequence_len") != trained_len:
+        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len={config.get('sequence_len')} "
+                         f"but the model was pretrained with --max-seq-len={trained_len}; restore the meta file "
+                         f"(sequence_len {trained_len})")
     # torch.compile wraps parameter names in _orig_mod.; CPU/MPS compute in fp32, so bf16 tensors are upcast
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     if device.type in ("cpu", "mps"):
@@ -167,5 +301,39 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     vocab = meta["model_config"]["vocab_size"]
     assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {vocab}: "
                                                  f"the tokenizer in {get_base_dir()}/tokenizer is not the one this model was trained with")
+    check_tokenizer(meta, tokenizer, f"{source} {model_tag} step {step}")
     print0(f"loaded {source} model {model_tag} step {step} from {checkpoint_dir}")
     return model, tokenizer, meta
+
+def check_tokenizer(meta, tokenizer, what):
+    """The tokenizer must be the one the checkpoint was trained with: same vocab size is not enough (other merges)."""
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is None:
+        print0(f"{what} records no tokenizer fingerprint (saved by older code): the tokenizer is checked by vocab size only")
+        return
+    if recorded != tokenizer.fingerprint():
+        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {tokenizer.fingerprint()[:16]}...) is not "
+                         f"the one {what} was trained with ({recorded[:16]}...): restore that tokenizer, or point "
+                         f"NANOCHAT_BASE_DIR at the directory the model was trained in")
+
+# -----------------------------------------------------------------------------
+# Resuming with flags that change the run
+
+def changed_trajectory_flags(saved_config, config, flags):
+    """['--flag: checkpoint X vs now Y', ...] for each of flags (argparse dest names) whose value differs."""
+    return [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
+            for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
+
+def check_resume_flags(saved_config, config, flags, override):
+    """
+    Resuming must continue the same trajectory: a different LR, schedule or seed would make the resumed run differ
+    from one that was never stopped. Raises naming the flags, unless override (--resume-override) says it is meant;
+    then prints them, and the caller must use the new values (not the ones restored with the optimizer state).
+    """
+    changed = changed_trajectory_flags(saved_config, config, flags)
+    if changed and not override:
+        raise ValueError("resuming with flags that change the training trajectory: " + "; ".join(changed) +
+                         ". Pass the checkpoint's values, or add --resume-override to continue with the new ones")
+    if changed:
+        print0("--resume-override: continuing with new values for " + "; ".join(changed))
+    return changed

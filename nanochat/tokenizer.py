@@ -20,10 +20,18 @@ trainer and tiktoken split and encode text identically (digit groups, mixed scri
 Why tiktoken for inference: in the same bench it encoded 3.4 MB/s on one thread against HF's 0.4-0.6 MB/s,
 and it has a threaded batch encoder.
 
+On disk: tokenizer.json, data only (the split pattern, every mergeable token as base64 in rank order, the
+special tokens), so loading a planted file can never run code, unlike the pickle (tokenizer.pkl) older versions
+wrote; that one is read only with NANOCHAT_ALLOW_PICKLE_TOKENIZER=1, which converts it to tokenizer.json once.
+Tokenizer.fingerprint() is the sha256 of that data: checkpoints record it, and loading refuses another tokenizer.
+
 Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encodings such as "gpt2").
 """
 
+import base64
 import copy
+import hashlib
+import json
 import os
 import pickle
 
@@ -31,7 +39,7 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, atomic_write_text
 
 SPECIAL_TOKENS = [
     "<|bos|>",            # document delimiter, prepended to every document
@@ -45,7 +53,11 @@ SPECIAL_TOKENS = [
 # val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (reference LOG, Jan 13).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
-TOKENIZER_FILE = "tokenizer.pkl"
+TOKENIZER_FILE = "tokenizer.json"
+PICKLE_TOKENIZER_FILE = "tokenizer.pkl"  # written by older versions; loaded only with the opt-in below
+ALLOW_PICKLE_ENV = "NANOCHAT_ALLOW_PICKLE_TOKENIZER"
+TOKENIZER_FORMAT = "nanochat-bpe"
+TOKENIZER_FORMAT_VERSION = 1
 TOKEN_BYTES_FILE = "token_bytes.pt"
 
 # -----------------------------------------------------------------------------
@@ -81,19 +93,30 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir):
         path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            return cls(_encoding_from_data(_read_tokenizer_json(path), path), "<|bos|>")
+        pickle_path = os.path.join(tokenizer_dir, PICKLE_TOKENIZER_FILE)
+        if not os.path.exists(pickle_path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
+        if os.environ.get(ALLOW_PICKLE_ENV) != "1":
+            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle format of older versions: "
+                               f"loading a pickle runs whatever code it holds. If you made it yourself, load it once with "
+                               f"{ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); otherwise delete it and "
+                               f"re-run `python -m scripts.tok_train`")
         try:
-            with open(path, "rb") as f:
-                enc = pickle.load(f)  # our own artifact; never load a tokenizer.pkl you did not make
+            with open(pickle_path, "rb") as f:
+                enc = pickle.load(f)  # opted in: the user vouches for this file
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
                 TypeError, ValueError) as e:
-            raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run "
+            raise RuntimeError(f"{pickle_path} is corrupt ({type(e).__name__}: {e}); delete it and re-run "
                                f"`python -m scripts.tok_train`") from e
         if not isinstance(enc, tiktoken.Encoding):
-            raise RuntimeError(f"{path} holds a {type(enc).__name__}, not a tiktoken Encoding; delete it and "
+            raise RuntimeError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding; delete it and "
                                f"re-run `python -m scripts.tok_train`")
-        return cls(enc, "<|bos|>")
+        tokenizer = cls(enc, "<|bos|>")
+        atomic_write_text(path, json.dumps(tokenizer.to_data()))
+        print(f"{ALLOW_PICKLE_ENV}=1: loaded {pickle_path} and converted it to {path}; the .pkl is no longer needed", flush=True)
+        return tokenizer
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -101,17 +124,26 @@ class Tokenizer:
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
-        """Write tokenizer.pkl and token_bytes.pt, each through a temp file and a rename."""
+        """Write tokenizer.json and token_bytes.pt, each through a temp file and a rename."""
         os.makedirs(tokenizer_dir, exist_ok=True)
-        path = os.path.join(tokenizer_dir, TOKENIZER_FILE)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(self.enc, f)
-        os.replace(tmp, path)
+        atomic_write_text(os.path.join(tokenizer_dir, TOKENIZER_FILE), json.dumps(self.to_data()))
         path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(self.token_bytes(), tmp)
         os.replace(tmp, path)
+
+    def to_data(self):
+        """The whole tokenizer as plain data: split pattern, mergeable tokens (base64, index = rank), specials."""
+        ranks = self.enc._mergeable_ranks
+        tokens = sorted(ranks, key=ranks.get)
+        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "mergeable ranks must be 0..n-1"
+        return {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION, "pattern": self.enc._pat_str,
+                "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
+                "special_tokens": dict(sorted(self.enc._special_tokens.items(), key=lambda kv: kv[1]))}
+
+    def fingerprint(self):
+        """sha256 of the tokenizer's data: two tokenizers with the same vocab size but other merges differ here."""
+        return hashlib.sha256(json.dumps(self.to_data(), sort_keys=True).encode()).hexdigest()
 
     # -------------------------------------------------------------------------
     # vocabulary
@@ -250,8 +282,42 @@ class Tokenizer:
 def get_tokenizer():
     return Tokenizer.from_directory(os.path.join(get_base_dir(), "tokenizer"))
 
+def _read_tokenizer_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run `python -m scripts.tok_train`") from None
+    if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
+        raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; delete it and re-run `python -m scripts.tok_train`")
+    if data.get("version") != TOKENIZER_FORMAT_VERSION:
+        raise RuntimeError(f"{path} has format version {data.get('version')!r}, this code reads version "
+                           f"{TOKENIZER_FORMAT_VERSION}; re-run `python -m scripts.tok_train` or use matching code")
+    return data
+
+def _encoding_from_data(data, path):
+    """Rebuild the tiktoken Encoding from to_data()'s form, checking that ids are contiguous and distinct."""
+    try:
+        mergeable_ranks = {base64.b64decode(t, validate=True): rank for rank, t in enumerate(data["mergeable_ranks"])}
+        special_tokens = {str(name): int(i) for name, i in data["special_tokens"].items()}
+        pattern = str(data["pattern"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run `python -m scripts.tok_train`") from None
+    n = len(mergeable_ranks)
+    if n != len(data["mergeable_ranks"]) or sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
+        raise RuntimeError(f"{path} is corrupt (duplicate tokens, or special ids not {n}..{n + len(special_tokens) - 1}); "
+                           f"delete it and re-run `python -m scripts.tok_train`")
+    return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+
 def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no token_bytes at {path}: train the tokenizer with `python -m scripts.tok_train`")
-    return torch.load(path, map_location=device, weights_only=True)
+    try:
+        token_bytes = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                           f"re-run `python -m scripts.tok_train` to rewrite it") from None
+    if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1:
+        raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; re-run `python -m scripts.tok_train`")
+    return token_bytes

@@ -5,7 +5,7 @@ Train the BPE tokenizer on the train split of the pretraining data; save it to <
     python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
     NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
 
-Writes tokenizer.pkl (pickled tiktoken Encoding) and token_bytes.pt (raw byte length per token id, 0 for
+Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token id, 0 for
 specials; loss_eval turns nats into bits per byte with it), and a "Tokenizer training" report section.
 Leaves out: shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
 """
@@ -75,7 +75,7 @@ print(f"round trip ok: {len(sample.encode())} bytes -> {len(ids)} tokens")
 
 tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
 tokenizer.save(tokenizer_dir)
-print(f"saved tokenizer.pkl and token_bytes.pt to {tokenizer_dir}")
+print(f"saved tokenizer.json and token_bytes.pt to {tokenizer_dir}")
 
 token_bytes = tokenizer.token_bytes()
 lengths = token_bytes[token_bytes > 0].float()

@@ -4,6 +4,7 @@ newest complete one, tag selection, and load_model rebuilding a GPT (window patt
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_checkpoint.py
 """
 
+import hashlib
 import json
 import os
 import time
@@ -30,7 +31,9 @@ def test_round_trip(tmp_path):
     model_state, optim_state, meta = load_checkpoint(str(tmp_path), 5, "cpu", load_optimizer=True)
     assert all(torch.equal(model_state[k], v) for k, v in model.state_dict().items())
     assert torch.equal(optim_state["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
-    assert meta == {"val_bpb": 1.5, "step": 5, "optim_shards": 1}
+    hashes = {name: hashlib.sha256(open(os.path.join(tmp_path, name), "rb").read()).hexdigest()
+              for name in ["model_000005.pt", "optim_000005_rank0.pt"]}
+    assert meta == {"val_bpb": 1.5, "step": 5, "optim_shards": 1, "sha256": hashes, "meta_sha256": meta["meta_sha256"]}
     assert find_last_step(str(tmp_path)) == 5
 
 def test_save_killed_halfway_keeps_previous_checkpoint(tmp_path, monkeypatch):

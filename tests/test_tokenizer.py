@@ -7,6 +7,7 @@ between the trainer's and tiktoken's text splitting, persistence, and clear erro
 """
 
 import os
+import json
 import pickle
 import runpy
 import sys
@@ -188,7 +189,7 @@ def test_render_rejects_bad_conversations(tiny_tokenizer, messages, match):
 
 def test_save_load_round_trip(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["token_bytes.pt", "tokenizer.json"]  # no temp files left
     loaded = Tokenizer.from_directory(tmp_path)
     assert loaded.get_vocab_size() == VOCAB
     assert loaded.get_bos_token_id() == tiny_tokenizer.get_bos_token_id()
@@ -218,15 +219,49 @@ def test_missing_tokenizer_names_the_fix(base_dir):
     with pytest.raises(FileNotFoundError, match="python -m scripts.tok_train"):
         get_token_bytes()
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_object"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong_object", "bad_base64", "special_ids_gap"])
 def test_corrupt_tokenizer_file(tiny_tokenizer, tmp_path, damage):
     tiny_tokenizer.save(tmp_path)
-    path = tmp_path / "tokenizer.pkl"
-    data = path.read_bytes()
-    path.write_bytes({"garbage": b"not a pickle at all", "truncated": data[: len(data) // 2],
-                      "wrong_object": pickle.dumps({"a": 1})}[damage])
-    with pytest.raises(RuntimeError, match="tok_train"):
+    path = tmp_path / "tokenizer.json"
+    data = json.loads(path.read_text())
+    path.write_text({"garbage": "not json at all", "truncated": path.read_text()[:100],
+                     "wrong_object": json.dumps([1, 2]),
+                     "bad_base64": json.dumps(dict(data, mergeable_ranks=data["mergeable_ranks"][:-1] + ["**"])),
+                     "special_ids_gap": json.dumps(dict(data, special_tokens={"<|bos|>": VOCAB + 5}))}[damage])
+    with pytest.raises(RuntimeError, match=r"tokenizer\.json.*tok_train"):
         Tokenizer.from_directory(tmp_path)
+
+class Planted:
+    """A pickle that runs code when loaded: it creates the file named in its argument."""
+    def __init__(self, marker):
+        self.marker = marker
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+def test_pickle_tokenizer_needs_opt_in(tiny_tokenizer, tmp_path, monkeypatch):
+    marker = tmp_path / "pwned"
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "tokenizer.pkl").write_bytes(pickle.dumps(Planted(str(marker))))
+    monkeypatch.delenv("NANOCHAT_ALLOW_PICKLE_TOKENIZER", raising=False)
+    with pytest.raises(RuntimeError, match="NANOCHAT_ALLOW_PICKLE_TOKENIZER=1.*tok_train"):
+        Tokenizer.from_directory(planted)
+    assert not marker.exists()  # the pickle was never unpickled
+    # an old tokenizer the user made: with the opt-in it loads once and is converted to the data-only file
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "tokenizer.pkl").write_bytes(pickle.dumps(tiny_tokenizer.enc))
+    monkeypatch.setenv("NANOCHAT_ALLOW_PICKLE_TOKENIZER", "1")
+    loaded = Tokenizer.from_directory(old)
+    assert (old / "tokenizer.json").exists() and loaded.fingerprint() == tiny_tokenizer.fingerprint()
+    monkeypatch.delenv("NANOCHAT_ALLOW_PICKLE_TOKENIZER")
+    assert Tokenizer.from_directory(old).encode(TEXTS[0]) == tiny_tokenizer.encode(TEXTS[0])
+
+def test_fingerprint_tells_same_size_tokenizers_apart(tiny_tokenizer, tmp_path):
+    tiny_tokenizer.save(tmp_path)
+    assert Tokenizer.from_directory(tmp_path).fingerprint() == tiny_tokenizer.fingerprint()
+    other = Tokenizer.train_from_iterator(iter([t[::-1] for t in TINY_CORPUS]), vocab_size=VOCAB)
+    assert other.get_vocab_size() == VOCAB and other.fingerprint() != tiny_tokenizer.fingerprint()
 
 def test_vocab_size_limits():
     with pytest.raises(ValueError, match="at least 256 bytes"):
