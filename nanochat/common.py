@@ -56,7 +56,10 @@ def _detect_compute_dtype():
     """Choose the activation dtype once, at import, and say why (the slow path is loud)."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
-        choices = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        if env == "float16":  # fp16's 5 exponent bits underflow small gradients unless a GradScaler scales the loss
+            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the loss, so fp16 gradients would "
+                             "underflow; use NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
+        choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
         if env not in choices:
             raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or pick one of those")
         return choices[env], f"set by NANOCHAT_DTYPE={env}"
