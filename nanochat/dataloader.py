@@ -15,19 +15,22 @@ pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dat
 
 chat_loader: best-fit packing of rendered conversations WITH BOS padding and no cropping, for mid-training/SFT.
 
-Sharding: stream `rank` of `world_size` reads row groups rank, rank+W, ... of every file (chat: examples
-rank, rank+W, ...). base_train gives every (GPU, gradient-accumulation micro-step) pair its own stream, so what a
-run trains on depends on the total batch only, not on how it is split across GPUs and accumulation.
+Sharding: stream `rank` of `world_size` reads row groups rank, rank+W, ... of the global row-group list (every
+file's row groups in order, then again for the next epoch), so any stream count works, even more streams than row
+groups (chat: examples rank, rank+W, ...). base_train gives every (GPU, gradient-accumulation micro-step) pair its
+own stream, so what a run trains on depends on the total batch only, not on how it is split across GPUs and
+accumulation.
 
 Leaves out: the reference's unaligned flat-token-stream loader (unused) and a per-conversation padded iterator.
 """
 
+import os
+from array import array
 from bisect import bisect_left, bisect_right
 
-import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import list_parquet_files
+from nanochat.dataset import get_dataset_name, list_parquet_files, num_row_groups, read_row_group
 
 # -----------------------------------------------------------------------------
 # Shared: rows -> device tensors
@@ -48,83 +51,90 @@ def _to_device(batch, device):
 # -----------------------------------------------------------------------------
 # Pretraining: BOS-aligned best-fit packing with exact resume
 
+def _row_group_index(paths):
+    """(file index, row group) of every row group of the files, in order: the global list the streams stride over."""
+    key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
+    if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512 times
+        _row_group_cache[key] = [(p, r) for p, path in enumerate(paths) for r in range(num_row_groups(path))]
+    return _row_group_cache[key]
+_row_group_cache = {}
+
 def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", state=None,
                     buffer_size=1000, tokenizer_threads=4, tokenizer_batch_size=128, dataset=None):
     """
     Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs shifted by one.
+    Stream `rank` of `world_size` reads row groups rank, rank+W, rank+2W, ... of the GLOBAL row-group list (all
+    files' row groups in order, repeated once per epoch), so any number of streams finds data, even more streams
+    than there are row groups, and the streams together read every row group once per epoch.
     `state` resumes exactly where a previous loader's yielded state left off (same split, rank, world_size,
     B, T, buffer_size, tokenizer_batch_size and the same files). The yielded state describes the loader AFTER that
-    batch. Epochs start at 1; after the last file the stream wraps to file 0 and the epoch increments.
+    batch. Epochs start at 1 (epoch = global row group // row groups per epoch + 1).
     Validation: call with split="val" and no state; it always starts at the beginning of the val shard.
     """
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
     paths = list_parquet_files(split, dataset=dataset)
+    index = _row_group_index(paths)
+    if not index:
+        raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} hold no row groups "
+                         f"({len(paths)} files): rebuild or re-download them")
     bos = tokenizer.get_bos_token_id()
 
-    # Stream cursor: next unread document is doc_idx of row group rg_idx of file pq_idx, in epoch `epoch`.
-    epoch, pq_idx, rg_idx, doc_idx = 1, 0, rank, 0
-    # Buffer, kept sorted by key = (length, epoch, pq_idx, rg_idx, doc_idx): best-fit is a bisect, ties go to the
-    # document that came first in the stream, and the order never depends on when a document entered the buffer.
-    keys, tokens = [], {}  # tokens: doc position (epoch, pq, rg, doc) -> token ids (BOS first)
+    # Stream cursor: the next unread document is doc_idx of global row group g (epoch g // len(index) + 1).
+    g, doc_idx = rank, 0
+    # Buffer, kept sorted by key = (length, g, doc_idx): best-fit is a bisect, ties go to the document that came
+    # first in the stream, and the order never depends on when a document entered the buffer.
+    # Token ids are stored as int32 arrays (4 bytes a token, not ~36 for a list of Python ints): a 1-GPU run
+    # can hold hundreds of streams x 1000 buffered documents.
+    keys, tokens = [], {}  # tokens: doc position (g, doc) -> token ids (BOS first)
 
-    open_file = {"idx": None, "file": None}
-    def read_texts(p, r):
-        if open_file["idx"] != p:
-            open_file["idx"], open_file["file"] = p, pq.ParquetFile(paths[p])
-        f = open_file["file"]
-        if r >= f.num_row_groups:
-            return None
-        return f.read_row_group(r, columns=["text"]).column("text").to_pylist()
+    def read_texts(g):
+        p, r = index[g % len(index)]
+        return read_row_group(paths[p], r)
 
     def add_docs(positions, texts):
         for position, ids in zip(positions, tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)):
-            tokens[position] = ids
+            tokens[position] = array("i", ids)
             keys.insert(bisect_left(keys, (len(ids),) + position), (len(ids),) + position)
 
     if state is not None:
-        for key in ("epoch", "pq_idx", "rg_idx", "doc_idx", "buffer"):
-            assert key in state, f"dataloader state lacks {key!r}: {sorted(state)}"
-        epoch, pq_idx, rg_idx, doc_idx = state["epoch"], state["pq_idx"], state["rg_idx"], state["doc_idx"]
-        assert pq_idx < len(paths), (f"dataloader state points at file {pq_idx} but the {split} split has "
-                                     f"{len(paths)} files; resume with the same data shards")
-        for e, p, r, docs in state["buffer"]:
-            texts = read_texts(p, r)
-            assert texts is not None and max(docs) < len(texts), f"buffered docs of file {p} row group {r} not found"
-            add_docs([(e, p, r, d) for d in docs], [texts[d] for d in docs])
+        if "row_group" not in state:
+            raise ValueError("dataloader state of an older format (per-file row groups, keys "
+                             f"{sorted(state)}): resume it with the nanochat version that wrote it, or start a new run")
+        assert state["num_row_groups"] == len(index), (
+            f"dataloader state was saved with {state['num_row_groups']} {split} row groups but the files now have "
+            f"{len(index)}: resume with the same data shards")
+        g, doc_idx = state["row_group"], state["doc_idx"]
+        for rg, docs in state["buffer"]:
+            texts = read_texts(rg)
+            assert max(docs) < len(texts), f"buffered docs of row group {rg} not found: resume with the same data shards"
+            add_docs([(rg, d) for d in docs], [texts[d] for d in docs])
 
     texts, texts_at = None, None  # the row group under the cursor, read once
     def refill():
         """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the buffer."""
-        nonlocal epoch, pq_idx, rg_idx, doc_idx, texts, texts_at
-        files_seen = 0  # files passed without finding a document: more than all of them means there are none
+        nonlocal g, doc_idx, texts, texts_at
+        empty = 0  # row groups passed without a document; a whole epoch of them means there are none
         while True:
-            if texts_at != (pq_idx, rg_idx):
-                texts, texts_at = read_texts(pq_idx, rg_idx), (pq_idx, rg_idx)
-            if texts is None:  # past this file's last row group: next file, maybe next epoch
-                files_seen += 1
-                if files_seen > len(paths):
-                    raise ValueError(f"stream {rank} of {world_size} finds no documents in the {split} files "
-                                     f"({len(paths)} files, too few row groups?): use fewer GPUs x accumulation "
-                                     f"steps or more data shards")
-                pq_idx, rg_idx, doc_idx = pq_idx + 1, rank, 0
-                if pq_idx == len(paths):
-                    pq_idx, epoch = 0, epoch + 1
-                continue
+            if texts_at != g:
+                texts, texts_at = read_texts(g), g
             if doc_idx >= len(texts):
-                rg_idx, doc_idx = rg_idx + world_size, 0
+                empty = empty + 1 if doc_idx == 0 else 0
+                if empty > len(index):
+                    raise ValueError(f"the {split} files hold no documents: rebuild or re-download them")
+                g, doc_idx = g + world_size, 0
                 continue
             chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
-            add_docs([(epoch, pq_idx, rg_idx, doc_idx + i) for i in range(len(chunk))], chunk)
+            add_docs([(g, doc_idx + i) for i in range(len(chunk))], chunk)
             doc_idx += len(chunk)
             return
 
     def get_state():
         buffer = {}
         for position in sorted(tokens):
-            buffer.setdefault(position[:3], []).append(position[3])
-        return {"epoch": epoch, "pq_idx": pq_idx, "rg_idx": rg_idx, "doc_idx": doc_idx,
-                "buffer": [[e, p, r, docs] for (e, p, r), docs in buffer.items()]}
+            buffer.setdefault(position[0], []).append(position[1])
+        return {"epoch": g // len(index) + 1, "row_group": g, "doc_idx": doc_idx, "num_row_groups": len(index),
+                "buffer": [[rg, docs] for rg, docs in buffer.items()]}
 
     while True:
         rows = torch.empty((B, T + 1), dtype=torch.int64)
@@ -140,7 +150,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
                 else:
                     i = 0  # nothing fits: crop the shortest to fill the row exactly (the rest is dropped)
                 doc = tokens.pop(keys.pop(i)[1:])[:space]
-                rows[b, pos:pos + len(doc)] = torch.tensor(doc, dtype=torch.int64)
+                rows[b, pos:pos + len(doc)] = torch.frombuffer(doc, dtype=torch.int32)
                 pos += len(doc)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], rows[:, 1:]]), device).unbind(0)
         yield inputs, targets, get_state()

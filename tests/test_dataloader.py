@@ -101,6 +101,34 @@ def test_ranks_read_disjoint_row_groups(local_data):
         seen.append({chr(t) for t in inputs[:, 1].tolist()})
     assert seen == [{"a", "c", "e"}, {"b", "d", "f"}]
 
+def test_512_streams_on_a_tiny_corpus(local_data):
+    """More streams than row groups (one GPU at device batch 1: hundreds of micro-steps): every stream gets data.
+    Stream r of W reads global row groups r, r+W, ... of the 9 row groups (5 in file 0, 4 in file 1), wrapping
+    into later epochs; so the k-th row of stream r is document (r + k*W) % 9, and together the first 9 streams read
+    every row group exactly once."""
+    letters = "abcdefghi"
+    write_shards({0: [c * 7 for c in letters[:5]], 1: [c * 7 for c in letters[5:]], 9: ["zzzzzzz"]}, row_group_size=1)
+    W, kw = 512, dict(B=3, T=7, split="train", world_size=512, buffer_size=1)
+    for rank in range(W):
+        loader = pretrain_loader(CharTokenizer(), rank=rank, **kw)
+        inputs, _, state = next(loader)
+        assert [chr(t) for t in inputs[:, 1].tolist()] == [letters[(rank + j * W) % 9] for j in range(3)], rank
+    # exact resume of the last stream, deep into later epochs
+    reference = pretrain_loader(CharTokenizer(), rank=W - 1, **kw)
+    batches = [next(reference) for _ in range(6)]
+    assert batches[-1][2]["epoch"] > 300
+    resumed = pretrain_loader(CharTokenizer(), rank=W - 1, state=json.loads(json.dumps(batches[2][2])), **kw)
+    for inputs, targets, state in batches[3:]:
+        x, y, s = next(resumed)
+        assert torch.equal(x, inputs) and torch.equal(y, targets) and s == state
+
+def test_resume_with_different_shards_is_an_error(local_data):
+    write_shards({0: [c * 7 for c in "abcd"], 9: ["zzzzzzz"]}, row_group_size=1)
+    _, _, state = next(pretrain_loader(CharTokenizer(), B=1, T=7, split="train", buffer_size=1))
+    write_shards({1: ["eeeeeee"]}, row_group_size=1)  # one more train shard since the state was saved
+    with pytest.raises(AssertionError, match="resume with the same data shards"):
+        next(pretrain_loader(CharTokenizer(), B=1, T=7, split="train", buffer_size=1, state=state))
+
 def test_val_loader_starts_at_beginning(local_data, tiny_tokenizer):
     rng = random.Random(2)
     val_docs = random_texts(rng, 30)
