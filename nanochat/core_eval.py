@@ -11,8 +11,11 @@ Data: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl), 
 Called by scripts/base_train.py (max 500 examples per task) and scripts/base_eval.py (all of them):
     out = evaluate_core(model, tokenizer, device, max_per_task=-1)
 Under torchrun every rank must call it; examples are strided across ranks and the per-example
-correctness is all-reduced. The model must accept model(idx) -> logits (B, T, vocab) and carry
-model.config.sequence_len (prompts longer than that are cropped on the left).
+correctness is all-reduced. The model must accept model(idx) -> logits (B, T, vocab).
+Prompts are scored whole, however long (10-shot prompts run far past a 2,048-token training context): a model
+with ensure_rotary_positions(n) (our GPT) grows its rotary tables to the longest prompt. Only a model with a hard
+context limit, an attribute max_seq_len (e.g. HF GPT-2's 1024), gets prompts cropped on the left; an example
+whose scored tokens cannot fit in it is skipped and counted in the result's "skipped".
 Leaves out: HF models, other eval suites, confidence intervals.
 """
 
@@ -223,11 +226,15 @@ def _common_prefix_len(seqs, limit):
     return lo
 
 def crop_left(tokens, start, end, max_len):
-    """Drop tokens from the left so the sequence fits the model's context; the scored span moves with it."""
-    excess = len(tokens) - max_len
+    """
+    Drop tokens from the left so the sequence fits a hard context of max_len (None = no limit); the scored span moves
+    with it. None when the span plus the one token before it (which predicts the first scored token) cannot fit.
+    """
+    excess = len(tokens) - max_len if max_len is not None else 0
     if excess <= 0:
         return tokens, start, end
-    assert start - excess >= 1, f"continuation of {end - start} tokens does not fit in sequence_len {max_len}"
+    if start - excess < 1:
+        return None
     return tokens[excess:], start - excess, end - excess
 
 # -----------------------------------------------------------------------------
@@ -261,33 +268,46 @@ def score_rows(model, rows, pad_id, device):
     all_hit = torch.zeros(len(rows), device=device).index_add_(0, row_idx, misses) == 0
     return mean_losses.tolist(), all_hit.tolist()
 
-def prepare_examples(task, data, indices, tokenizer, max_len):
-    """Render, tokenize (with BOS, one batched encode call) and crop examples. Returns [(idx, rows, gold)] for score_rows."""
+def prepare_examples(task, data, indices, tokenizer, max_len=None):
+    """
+    Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop examples.
+    Returns ([(idx, rows, gold)] for score_rows, [indices skipped because a scored span does not fit max_len]).
+    """
     prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
                                    sample_fewshot(data, idx, task["num_fewshot"])) for idx in indices]
     flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts], prepend=tokenizer.get_bos_token_id())
-    examples, offset = [], 0
+    examples, skipped, offset = [], [], 0
     for idx, prompts in zip(indices, prompt_lists):
         sequences, spans = continuation_spans(task["task_type"], flat[offset:offset + len(prompts)])
         offset += len(prompts)
         rows = [crop_left(tokens, start, end, max_len) for tokens, (start, end) in zip(sequences, spans)]
-        examples.append((idx, rows, data[idx].get("gold")))
-    return examples
+        if None in rows:
+            skipped.append(idx)
+        else:
+            examples.append((idx, rows, data[idx].get("gold")))
+    return examples, skipped
 
 def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chunk_size=1024):
     """
-    Accuracy on one task. This rank takes examples rank, rank + world, ...; each chunk of them is sorted by
-    length and packed into forwards of at most ~batch_tokens (padded) tokens, so short prompts share a batch.
+    Returns (accuracy over the scored examples, number skipped). This rank takes examples rank, rank + world, ...;
+    each chunk of them is sorted by length and packed into forwards of at most ~batch_tokens (padded) tokens, so
+    short prompts share a batch (a prompt longer than batch_tokens gets a forward of its own).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
-    max_len = model.config.sequence_len
+    max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
     bos = tokenizer.get_bos_token_id()
-    correct = torch.zeros(len(data), dtype=torch.float32)  # on the host: one copy to the device at the end
+    # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did not fit max_len)
+    outcome = torch.zeros(2, len(data), dtype=torch.float32)
     my_indices = list(range(rank, len(data), world))
     for c in range(0, len(my_indices), chunk_size):
         # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs as Python lists
-        examples = prepare_examples(task, data, my_indices[c:c + chunk_size], tokenizer, max_len)
+        examples, skipped = prepare_examples(task, data, my_indices[c:c + chunk_size], tokenizer, max_len)
+        outcome[1, skipped] = 1.0
+        if not examples:
+            continue
         examples.sort(key=lambda ex: -max(len(tokens) for tokens, _, _ in ex[1]))
+        if hasattr(model, "ensure_rotary_positions"):
+            model.ensure_rotary_positions(max(len(tokens) for tokens, _, _ in examples[0][1]))
         i = 0
         while i < len(examples):
             # longest first, so the first example's length is the batch's padded length
@@ -305,25 +325,32 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
                 else:
                     losses = mean_losses[r:r + len(rows)]
                     is_correct = losses.index(min(losses)) == gold  # ties go to the first option
-                correct[idx] = float(is_correct)
+                outcome[0, idx] = float(is_correct)
                 r += len(rows)
             i = j
     if is_dist():
-        correct = correct.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(correct, op=dist.ReduceOp.SUM)
-    return correct.sum().item() / len(data)  # a sum of 0/1 floats is exact; the division is done in float64
+        outcome = outcome.to(device)  # NCCL reduces device tensors only
+        dist.all_reduce(outcome, op=dist.ReduceOp.SUM)
+    # sums of 0/1 floats are exact; the division is done in float64
+    num_correct, num_skipped = (int(x) for x in outcome.sum(dim=1).tolist())
+    num_scored = len(data) - num_skipped
+    if num_scored == 0:
+        raise ValueError(f"CORE task {task['label']!r}: none of its {len(data)} examples fits the model's hard context "
+                         f"limit max_seq_len={max_len}; evaluate a model with a longer context or leave the task out")
+    return num_correct / num_scored, num_skipped
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768):
     """
     Evaluate every task of the bundle's core.yaml (fetching the bundle if needed).
     max_per_task: examples per task after the fixed shuffle (-1 = all).
     batch_tokens: padded tokens per forward; lower it if the logits (batch_tokens x vocab fp32) do not fit.
-    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered}.
+    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered,
+    "skipped": {label: examples left out because they do not fit a hard context limit (0 for our models)}}.
     Prints one line per task with examples/s.
     """
     bundle_dir = ensure_eval_bundle()
     tasks, baselines = load_core_config(bundle_dir)
-    results, centered_results = {}, {}
+    results, centered_results, skipped = {}, {}, {}
     for task in tasks:
         t0 = time.time()
         data = load_task_data(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), task["task_type"])
@@ -332,12 +359,13 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
         random.Random(1337).shuffle(data)  # fixed order, so a cropped task is the same subset every time
         if max_per_task > 0:
             data = data[:max_per_task]
-        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_tokens=batch_tokens)
+        accuracy, skipped[task["label"]] = evaluate_task(model, tokenizer, data, task, device, batch_tokens=batch_tokens)
         baseline = 0.01 * baselines[task["label"]]
         results[task["label"]] = accuracy
         centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
         dt = time.time() - t0
         print0(f"{task['label']:<35} accuracy {accuracy:.4f} | centered {centered_results[task['label']]:+.4f} | "
-               f"{len(data)} examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)")
+               f"{len(data)} examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)"
+               + (f" | {skipped[task['label']]} skipped: longer than max_seq_len" if skipped[task["label"]] else ""))
     core_metric = sum(centered_results.values()) / len(centered_results)
-    return {"results": results, "centered_results": centered_results, "core_metric": core_metric}
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric, "skipped": skipped}

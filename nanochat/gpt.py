@@ -362,6 +362,16 @@ class GPT(nn.Module):
     def get_device(self):
         return self.transformer.wte.weight.device
 
+    def ensure_rotary_positions(self, num_positions):
+        """
+        Grow the rotary tables to cover num_positions (e.g. a 10-shot CORE prompt past 10 x sequence_len); positions
+        already covered keep their exact values. Attention still uses the trained windows, so longer sequences are
+        read with a sliding window at every layer, as FA3's window_size=(sequence_len, 0) does.
+        """
+        if num_positions > self.cos.size(1):
+            head_dim = self.config.n_embd // self.config.n_head
+            self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device())
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         L = self.config.n_layer
@@ -371,7 +381,7 @@ class GPT(nn.Module):
                 f"KV cache shape {tuple(kv_cache.k_cache.shape)} does not fit this model (layers {L}, kv heads {self.config.n_kv_head})"
             pos0 = kv_cache.get_pos()
             assert pos0 + T <= kv_cache.k_cache.size(2), f"KV cache full: position {pos0} + {T} new tokens > capacity {kv_cache.k_cache.size(2)}"
-        assert pos0 + T <= self.cos.size(1), f"sequence reaches position {pos0 + T} but rotary tables cover {self.cos.size(1)} (10 x sequence_len)"
+        assert pos0 + T <= self.cos.size(1), f"sequence reaches position {pos0 + T} but rotary tables cover {self.cos.size(1)}: call ensure_rotary_positions first"
         cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))

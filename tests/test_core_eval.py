@@ -14,7 +14,6 @@ import os
 import random
 import socket
 import zipfile
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -87,7 +86,7 @@ def write_bundle(root):
     (bundle / "eval_meta_data.csv").write_text(META_CSV)
     return bundle
 
-def gold_sequences(tokenizer, bundle, max_per_task=-1, max_len=1024):
+def gold_sequences(tokenizer, bundle, max_per_task=-1):
     """The token rows the gold answers are scored on (what an oracle must predict), in evaluate_core's order."""
     tasks, _ = core_eval.load_core_config(str(bundle))
     golds = {}
@@ -95,7 +94,7 @@ def gold_sequences(tokenizer, bundle, max_per_task=-1, max_len=1024):
         data = core_eval.load_task_data(os.path.join(bundle, "eval_data", task["dataset_uri"]), task["task_type"])
         random.Random(1337).shuffle(data)
         data = data[:max_per_task] if max_per_task > 0 else data
-        examples = core_eval.prepare_examples(task, data, range(len(data)), tokenizer, max_len)
+        examples, _ = core_eval.prepare_examples(task, data, range(len(data)), tokenizer)
         golds[task["label"]] = [rows[gold or 0][0] for _, rows, gold in examples]
     return golds
 
@@ -104,9 +103,8 @@ def gold_sequences(tokenizer, bundle, max_per_task=-1, max_len=1024):
 
 class OracleModel(nn.Module):
     """A big logit on the next token of whichever gold row the prefix so far follows; uniform off those rows."""
-    def __init__(self, vocab_size, sequences, sequence_len=1024):
+    def __init__(self, vocab_size, sequences):
         super().__init__()
-        self.config = SimpleNamespace(sequence_len=sequence_len)
         self.vocab_size = vocab_size
         self.trie = {}
         for seq in sequences:
@@ -128,7 +126,6 @@ class OracleModel(nn.Module):
 class UniformModel(nn.Module):
     def __init__(self, vocab_size):
         super().__init__()
-        self.config = SimpleNamespace(sequence_len=1024)
         self.vocab_size = vocab_size
 
     def forward(self, idx, targets=None, loss_reduction="mean"):
@@ -136,9 +133,8 @@ class UniformModel(nn.Module):
 
 class BigramModel(nn.Module):
     """Seeded random bigram logits: arbitrary but deterministic, and each row independent of the others."""
-    def __init__(self, vocab_size, sequence_len=1024):
+    def __init__(self, vocab_size):
         super().__init__()
-        self.config = SimpleNamespace(sequence_len=sequence_len)
         self.table = nn.Embedding(vocab_size, vocab_size)
         with torch.no_grad():
             self.table.weight.copy_(torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(0)))
@@ -220,6 +216,10 @@ def test_continuation_span_edge_cases():
     # left crop keeps the last max_len tokens and moves the span with them
     assert crop_left(list(range(10)), 7, 10, 5) == ([5, 6, 7, 8, 9], 2, 5)
     assert crop_left([1, 2, 3], 1, 3, 5) == ([1, 2, 3], 1, 3)
+    assert crop_left(list(range(10)), 7, 10, None) == (list(range(10)), 7, 10)  # no hard limit: never cropped
+    # the span and the token before it must fit: 4 tokens fit a 4-token span only with its predecessor cut off
+    assert crop_left(list(range(10)), 6, 10, 5) == ([5, 6, 7, 8, 9], 1, 5)
+    assert crop_left(list(range(10)), 6, 10, 4) is None
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -275,10 +275,95 @@ def test_batching_does_not_change_results(tiny_tokenizer, base_dir):
     one_per_forward = evaluate_core(model, tiny_tokenizer, "cpu", batch_tokens=1)
     all_in_one = evaluate_core(model, tiny_tokenizer, "cpu", batch_tokens=1 << 20)
     assert one_per_forward == all_in_one
-    # and a short context (left crop) is a different, still well-defined evaluation
-    model.config.sequence_len = 40
+    # and a hard context limit (left crop) is a different, still well-defined evaluation
+    model.max_seq_len = 40
     cropped = evaluate_core(model, tiny_tokenizer, "cpu")
     assert set(cropped["results"]) == set(all_in_one["results"])
+
+# -----------------------------------------------------------------------------
+# A real GPT: prompts past its context are scored whole; only a hard context limit crops
+
+def _random_gpt(vocab_size, sequence_len):
+    """A tiny GPT with random weights everywhere (init zeroes the projections, which would hide attention)."""
+    from nanochat.gpt import GPT, GPTConfig
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                          n_embd=64, window_pattern="L"))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    return model.eval()
+
+def _task_rows(tokenizer, bundle):
+    """{label: (task, data, uncropped examples)} in evaluate_core's order."""
+    tasks, _ = core_eval.load_core_config(str(bundle))
+    out = {}
+    for task in tasks:
+        data = core_eval.load_task_data(os.path.join(bundle, "eval_data", task["dataset_uri"]), task["task_type"])
+        random.Random(1337).shuffle(data)
+        out[task["label"]] = (task, data, core_eval.prepare_examples(task, data, range(len(data)), tokenizer)[0])
+    return out
+
+def test_prompt_longer_than_context_is_scored_whole(tiny_tokenizer, base_dir):
+    bundle = write_bundle(base_dir)
+    V = tiny_tokenizer.get_vocab_size()
+    short = _random_gpt(V, sequence_len=6)  # rotary tables for 60 positions, prompts up to 72 tokens
+    # the same weights built for a 256-token context; it attends within the same windows, as our models (and the
+    # reference's FA3 window_size=(sequence_len, 0)) read any sequence longer than their training context
+    long = _random_gpt(V, sequence_len=256)
+    long.load_state_dict(short.state_dict())
+    long.window_sizes = list(short.window_sizes)
+    rows = _task_rows(tiny_tokenizer, bundle)
+    longest = max(len(t) for _, _, examples in rows.values() for _, ex_rows, _ in examples for t, _, _ in ex_rows)
+    assert longest > short.cos.size(1) > short.config.sequence_len  # past the rotary headroom, not only the context
+    out_short = evaluate_core(short, tiny_tokenizer, "cpu")
+    assert short.cos.size(1) >= longest  # the tables grew to the longest prompt
+    out_long = evaluate_core(long, tiny_tokenizer, "cpu")
+    assert out_short == out_long
+    assert out_short["skipped"] == {"mc_task": 0, "schema_task": 0, "lm_task": 0}
+    # per-row scores too (accuracies are coarse): every continuation's mean loss is the long model's, bit for bit
+    for _, _, examples in rows.values():
+        flat = [row for _, ex_rows, _ in examples for row in ex_rows]
+        assert core_eval.score_rows(short, flat, tiny_tokenizer.get_bos_token_id(), "cpu") == \
+            core_eval.score_rows(long, flat, tiny_tokenizer.get_bos_token_id(), "cpu")
+    # and scoring whole matters here: left-cropped to the 6-token context, the same model scores differently
+    cropped = [core_eval.crop_left(t, a, b, 6) for _, _, examples in rows.values() for _, ex_rows, _ in examples
+               for t, a, b in ex_rows]
+    kept = [r for r in cropped if r is not None]
+    whole = [r for r, c in zip((row for _, _, ex in rows.values() for _, ex_rows, _ in ex for row in ex_rows), cropped)
+             if c is not None]
+    bos = tiny_tokenizer.get_bos_token_id()
+    assert core_eval.score_rows(short, kept, bos, "cpu")[0] != core_eval.score_rows(short, whole, bos, "cpu")[0]
+
+def test_hard_context_limit_crops_like_a_hand_cropped_evaluation(tiny_tokenizer, base_dir):
+    """A model with max_seq_len (like HF GPT-2's 1024) gets left-cropped prompts; spans that cannot fit are skipped."""
+    bundle = write_bundle(base_dir)
+    model = _random_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=64)
+    M = 8
+    model.max_seq_len = M
+    out = evaluate_core(model, tiny_tokenizer, "cpu")
+    # by hand: each prompt alone, its last M tokens, mean cross-entropy of the scored tokens, lowest wins
+    for label, (task, data, examples) in _task_rows(tiny_tokenizer, bundle).items():
+        correct = skipped = 0
+        for _, ex_rows, gold in examples:
+            if any(start - (len(tokens) - M) < 1 for tokens, start, _ in ex_rows):
+                skipped += 1  # the scored tokens and the one before them do not fit in M
+                continue
+            losses, hits = [], []
+            for tokens, start, end in ex_rows:
+                cut = max(0, len(tokens) - M)
+                ids = torch.tensor([tokens[cut:]])
+                with torch.no_grad():
+                    logits = model(ids)[0].float()
+                pred = logits[start - cut - 1:end - cut - 1]
+                target = ids[0, start - cut:end - cut]
+                losses.append(torch.nn.functional.cross_entropy(pred, target).item())
+                hits.append(bool((pred.argmax(-1) == target).all()))
+            correct += hits[0] if task["task_type"] == "language_modeling" else losses.index(min(losses)) == gold
+        assert out["skipped"][label] == skipped
+        assert out["results"][label] == pytest.approx(correct / (len(data) - skipped), abs=1e-9)
+    # at M = 8 the 10- and 8-token schema endings and the 8-token LM answer cannot fit; all MC answers (1 token) do
+    assert out["skipped"] == {"mc_task": 0, "schema_task": 2, "lm_task": 1}
 
 def _free_port():
     with socket.socket() as s:
