@@ -12,7 +12,10 @@ Leaves out: cost estimates beyond the hourly rate, plots.
 import os
 import re
 import sys
+import json
+import math
 import shutil
+import warnings
 import socket
 import datetime
 import platform
@@ -152,6 +155,70 @@ class Report:
         shutil.copyfile(out_path, "report.md")
         print(f"Report written to {out_path} (copied to ./report.md)")
         return out_path
+
+# -----------------------------------------------------------------------------
+# Metric logs: one JSON line per logged step, <base>/logs/<stage>_<tag>.jsonl (what the plots and sweeps read)
+
+def metric_log_path(stage, tag):
+    return os.path.join(get_base_dir(), "logs", f"{stage}_{tag}.jsonl")
+
+def read_metric_log(path):
+    """
+    -> the records of a metric log, in order. Only newline-terminated lines count: text after the last newline is
+    a line torn by a crash mid-write, skipped with a warning. A damaged line anywhere else raises, naming it.
+    """
+    with open(path, encoding="utf-8") as f:
+        *lines, torn = f.read().split("\n")
+    if torn:
+        warnings.warn(f"{path}: ignoring a truncated last line (the run stopped mid-write): {torn[:80]!r}")
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {number} is not a JSON record ({e}): fix or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path} line {number} has no integer 'step': {line[:80]!r}")
+        records.append(record)
+    return records
+
+class MetricLog:
+    """
+    Appends one JSON line per logged step to <base>/logs/<stage>_<tag>.jsonl; only rank 0 writes.
+    Each line goes out in one write followed by flush + fsync, so a crash leaves every earlier line whole (at worst
+    a torn last line, which read_metric_log skips). A fresh run starts the file over; a run resumed at step S keeps
+    the lines before S and logs S onwards again, so each step appears once.
+    Convention: the record of step S describes the model after S optimizer updates (its val bpb, and its loss on
+    the batch that update S+1 then trains on); "flops" is the training compute spent to reach it.
+    """
+    def __init__(self, stage, tag, resume_step=None):
+        self.path = metric_log_path(stage, tag)
+        self.file = None
+        if get_dist_info()[1] != 0:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_metric_log(self.path) if r["step"] < resume_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # also drops a torn line
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record):
+        assert isinstance(record.get("step"), int), f"a metric record needs an integer 'step', got {record}"
+        if self.file is None:
+            return
+        # strict JSON (no NaN/Infinity), so jq and pandas read it too: a non-finite number is written as null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+# -----------------------------------------------------------------------------
 
 class DummyReport:
     def log(self, *args, **kwargs):

@@ -14,7 +14,8 @@ hyperparameter. A resumed run produces the same steps, bit for bit, as one that 
 Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row groups, so a
 run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same batches as 1 GPU x 2.
 
-At the end it writes the "Base model training" section of the report card (nanochat/report.py).
+At the end it writes the "Base model training" section of the report card (nanochat/report.py); every step
+appends one JSON line (loss, lrm, tok/s, MFU, FLOPs, val bpb when measured) to <base>/logs/base_<tag>.jsonl.
 Leaves out: the reference's fp16 GradScaler path (bf16 or fp32 only) and batch-size ramps.
 """
 
@@ -38,9 +39,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
 from nanochat.dataloader import pretrain_loader
-from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step
+from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, lock_checkpoint_dir, check_resume_flags
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
+from nanochat.report import get_report, MetricLog
 
 # -----------------------------------------------------------------------------
 # CLI
@@ -77,6 +78,7 @@ parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multip
 # resume
 parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (start fresh if there is none)")
 parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
+parser.add_argument("--resume-override", action="store_true", help="resume even though LR/schedule flags differ from the checkpoint's, continuing with the new values")
 # evaluation and output
 parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
 parser.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
@@ -179,6 +181,7 @@ print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x {a
 
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+lock_checkpoint_dir(checkpoint_dir, model_tag)  # a second run writing this directory fails here, naming this one
 num_streams = world_size * grad_accum_steps
 resume_step = None
 if args.resume_from_step >= 0:
@@ -200,6 +203,8 @@ if resume_step is not None:
         raise ValueError(f"cannot resume {checkpoint_dir} step {resume_step} with a different configuration: "
                          + "; ".join(mismatches) + ". Use the flags of the original run (meta user_config: "
                          + json.dumps(meta["user_config"]) + ") or a new --model-tag")
+    check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr",
+                       "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac"], args.resume_override)
     print0(f"resuming from {checkpoint_dir} step {resume_step}")
 
 # -----------------------------------------------------------------------------
@@ -218,7 +223,10 @@ if args.fp8:
 optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
                                   weight_decay=weight_decay_scaled, scalar_lr=args.scalar_lr, lr_scale=batch_lr_scale)
 if resume_step is not None:
+    fresh_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(optimizer_state)
+    for group, lr in zip(optimizer.param_groups, fresh_lrs):
+        group["initial_lr"] = lr  # load_state_dict brought back the saved LRs; this run's flags (checked above) rule
     del optimizer_state
 if use_compile:
     model = torch.compile(model, dynamic=False)
@@ -290,6 +298,7 @@ if args.sample_every > 0:
 
 peak_flops = get_peak_flops(device)
 start_step = step
+metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl, one line per step
 
 def synchronize():
     if device_type == "cuda":
@@ -300,6 +309,7 @@ def synchronize():
 
 while True:
     last_step = step == num_iterations
+    record = {"step": step, "flops": num_flops_per_token * total_batch_size * step}
 
     if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         model.eval()
@@ -307,6 +317,7 @@ while True:
             val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
         model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
+        record["val_bpb"] = val_bpb
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
         wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step, "val/bpb": val_bpb})
 
@@ -316,6 +327,7 @@ while True:
             core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
                                  batch_tokens=args.device_batch_size * args.max_seq_len)  # the memory of a training micro-batch
         orig_model.train()
+        record["core_metric"] = core["core_metric"]
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
 
@@ -335,6 +347,7 @@ while True:
         meta = {
             "step": step, "val_bpb": val_bpb, **derived, "user_config": user_config,
             "model_tag": model_tag, "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
+            "tokenizer_fingerprint": tokenizer.fingerprint(),
             "num_scaling_params": num_scaling_params, "param_counts": param_counts, "flops_per_token": num_flops_per_token,
             "batch_lr_scale": batch_lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
             "initial_lrs": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
@@ -346,6 +359,7 @@ while True:
         print0(f"saved checkpoint {checkpoint_dir} step {step}")
 
     if last_step:
+        metric_log.log(record)
         break
 
     # ---- one optimizer step
@@ -386,6 +400,8 @@ while True:
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_loss:.6f} | "
            f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | "
            f"total time: {total_training_time / 60:.2f}m | eta: {eta}")
+    metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, "lrm": lrm, "dt": dt,
+                    "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch, "time": total_training_time})
     if step % 100 == 0:
         wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
                        "total_training_time": total_training_time, "train/loss": debiased_loss, "train/lrm": lrm,
@@ -412,4 +428,5 @@ get_report().log("Base model training", [user_config, {
     "Total training time (min)": total_training_time / 60,
     "Peak memory (MiB)": torch.cuda.max_memory_allocated() / 1024 ** 2 if device_type == "cuda" else None}])
 wandb_run.finish()
+metric_log.close()
 compute_cleanup()

@@ -37,11 +37,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
-from nanochat.checkpoint import load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag, SOURCE_DIRS
+from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag,
+                                 lock_checkpoint_dir, check_resume_flags, SOURCE_DIRS)
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
+from nanochat.report import get_report, MetricLog
 from nanochat.tokenizer import get_token_bytes
 from tasks.common import TaskMixture
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
@@ -137,6 +138,7 @@ def main(stage):
     parser.add_argument("--chat-eval-max-problems", type=int, default=200, help="problems per task for those accuracies")
     parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
+    parser.add_argument("--resume-override", action="store_true", help="resume even though LR/schedule flags differ from the checkpoint's, continuing with the new values")
     args = parser.parse_args()
     user_config = vars(args).copy()
 
@@ -173,6 +175,7 @@ def main(stage):
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations, {len(val_task):,} validation")
 
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
+    lock_checkpoint_dir(output_dir, model_tag)  # a second run writing this directory fails here, naming this one
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations}
@@ -193,8 +196,12 @@ def main(stage):
         if mismatches:
             raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
                              + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
+        check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac",
+                           "warmdown_ratio", "train_user_tokens"], args.resume_override)
         model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(optim_state)
+        for group, lr in zip(optimizer.param_groups, initial_lrs):
+            group["initial_lr"] = lr  # load_state_dict brought back the saved LRs; this run's flags (checked above) rule
         streams = meta["dataloader_state_dict"]["streams"]
         stream_states = streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
         step, val_bpb = resume_step, meta["val_bpb"]
@@ -256,18 +263,21 @@ def main(stage):
     flops_per_token = orig_model.estimate_flops()
     start_step = step
     metrics = {}
+    metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl, one line per step
 
     # -------------------------------------------------------------------------
     # Training loop
 
     while True:
         last_step = (step >= args.num_iterations) if args.num_iterations > 0 else (progress >= 1.0)
+        record = {"step": step, "flops": flops_per_token * total_batch_size * step}
 
         if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
             model.train()
             min_val_bpb = min(min_val_bpb, val_bpb)
+            record["val_bpb"] = val_bpb
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
             wandb_run.log({"step": step, "val/bpb": val_bpb})
 
@@ -279,6 +289,7 @@ def main(stage):
             orig_model.train()
             # centered mean over the tracked tasks only: the full ChatCORE is chat_eval's
             metrics["ChatCORE-synthetic" if args.mixture == "synthetic" else "ChatCORE-tracked"] = chatcore(metrics)
+            record.update(metrics)
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
 
@@ -289,6 +300,7 @@ def main(stage):
                 dist.all_gather_object(streams, stream_states)
             meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
                     "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
+                    "tokenizer_fingerprint": tokenizer.fingerprint(),
                     "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
                     "loop_state": {"progress": progress, "smooth_loss": smooth_loss,
                                    "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,  # strict JSON has no Infinity
@@ -297,6 +309,7 @@ def main(stage):
             print0(f"saved checkpoint {output_dir} step {step}")
 
         if last_step:
+            metric_log.log(record)
             break
 
         # ---- one optimizer step: every supervised token of the step weighs the same
@@ -335,6 +348,10 @@ def main(stage):
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
         print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} | lrm: {lrm:.3f} | "
                f"supervised tokens: {int(num_supervised.item()):,} | dt: {dt * 1000:.0f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
+        if num_supervised.item() > 0:
+            record["loss"] = train_loss
+        metric_log.log({**record, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
+                        "progress": progress, "supervised_tokens": int(num_supervised.item()), "time": total_time})
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/mfu": mfu})
         if step == start_step + 1:  # as in base_train: no GC pauses once the steady state is reached
@@ -349,6 +366,7 @@ def main(stage):
         "Iterations": step, "Tokens per step": total_batch_size, "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
         "Min val bpb": min_val_bpb, "Training time (min)": total_time / 60}, metrics])
     wandb_run.finish()
+    metric_log.close()
     compute_cleanup()
 
 if __name__ == "__main__":

@@ -19,12 +19,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.report import read_metric_log
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--window-pattern=SL",
          "--device-batch-size=2", "--total-batch-size=128", f"--num-iterations={STEPS}", "--warmup-steps=1",
          "--eval-every=3", "--eval-tokens=256", "--core-metric-every=-1", "--sample-every=-1", "--save-every=3"]
 CKPT = os.path.join("base_checkpoints", "d2")
+LOG = os.path.join("logs", "base_d2.jsonl")
+DETERMINISTIC = ("step", "flops", "loss", "smooth_loss", "lrm", "epoch", "val_bpb")  # not dt, tok/s, time
 
 def make_base_dir(path, tokenizer):
     """Tokenizer plus local-dataset shards (2 train, 1 val) of short documents, 20 docs per row group."""
@@ -83,6 +87,8 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
     for f in os.listdir(resumed / CKPT):
         if f"{STEPS:06d}" in f:
             os.remove(resumed / CKPT / f)
+    with open(resumed / LOG, "a") as f:
+        f.write('{"step": 7, "loss": 3.')  # and it died mid-write of a metric line
     resumed_stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], resumed)
     assert "resuming from" in resumed_stdout and "step 3" in resumed_stdout
     train, val = losses(stdout)
@@ -93,6 +99,12 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
     assert all(torch.equal(reference[k], result[k]) for k in reference), "resumed weights differ from uninterrupted"
     assert final_meta(resumed)["loop_state"] == final_meta(base)["loop_state"]
     assert final_meta(resumed)["dataloader_state_dict"] == final_meta(base)["dataloader_state_dict"]
+    # the metric log: every step once (steps 3+ logged again, the torn line dropped), the same numbers
+    reference_log, resumed_log = read_metric_log(base / LOG), read_metric_log(resumed / LOG)
+    assert [r["step"] for r in resumed_log] == list(range(STEPS + 1))
+    assert [{k: r.get(k) for k in DETERMINISTIC} for r in resumed_log] == \
+           [{k: r.get(k) for k in DETERMINISTIC} for r in reference_log]
+    assert [r["step"] for r in reference_log if "val_bpb" in r] == [0, 3, 6] and "loss" not in reference_log[-1]
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run

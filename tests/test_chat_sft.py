@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.report import read_metric_log
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -202,6 +203,13 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
         assert result_meta[key] == reference_meta[key], key
     for key in ("progress", "min_val_bpb", "smooth_loss"):  # total_time is wall clock
         assert result_meta["loop_state"][key] == reference_meta["loop_state"][key], key
+    # metric log <base>/logs/mid_d2.jsonl: steps 4+ logged again, each step once, the same numbers
+    wall_clock = ("dt", "tok_per_sec", "mfu", "time")
+    reference_log, resumed_log = (read_metric_log(b / "logs" / "mid_d2.jsonl") for b in (base, resumed))
+    assert [r["step"] for r in resumed_log] == list(range(STEPS + 1))
+    assert [{k: v for k, v in r.items() if k not in wall_clock} for r in resumed_log] == \
+           [{k: v for k, v in r.items() if k not in wall_clock} for r in reference_log]
+    assert [r["step"] for r in reference_log if "val_bpb" in r] == [0, 4, 8] and "SynthMath" in reference_log[8]
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run
