@@ -1,39 +1,65 @@
 """
-Run model-written Python (HumanEval programs) in a fresh, limited interpreter.
+Run model-written Python (HumanEval programs, RL rollouts) in a fresh, limited and, where the machine allows it,
+isolated interpreter.
 
     from nanochat.execution import execute_code
     result = execute_code("print(1 + 1)")      # ExecutionResult(success=True, stdout="2\n", ...)
 
 How: every call starts `python -I` (isolated mode: no PYTHON* variables, no user site, no script dir on
-sys.path) as a child process with
+sys.path) as a child process. Isolation comes from Linux namespaces, set up by bubblewrap (`bwrap`, Debian/Ubuntu
+package `bubblewrap`):
+  * its own pid namespace: the program sees only its own processes (no parent /proc/<pid>/environ or fd/1, nothing
+    else to signal), and when it ends or is killed the kernel kills every process left in the namespace, forked,
+    setsid'd or daemonized alike;
+  * its own network namespace with no interface up: no network at all, 127.0.0.1 included; own IPC and UTS too;
+  * its own file system: read-only binds of /usr (with the /bin, /lib links) and of the Python installation, a new
+    /proc and a minimal /dev; no /etc, no home directories, not the host's /tmp. The only writable place is its
+    working directory, a private tmpfs of MAX_WORK_BYTES that disappears with it;
+  * an unprivileged uid: started as root, the child drops to `nobody` (SANDBOX_UID) before the program runs, so
+    RLIMIT_NPROC = 0 binds (the kernel exempts root) and no process can be started at all; no_new_privs makes
+    setuid binaries powerless. A non-root caller's program keeps the caller's uid (in its own user namespace);
+  * --die-with-parent: if the calling process dies, the sandbox dies with it.
+Where bwrap is missing or cannot create namespaces (macOS, containers without user namespaces), one banner line
+on stderr says so and how to fix it, and only the measures below apply. Always:
   * an environment scrubbed to PATH=/usr/bin:/bin and OMP_NUM_THREADS=1 (parent secrets are not inherited),
   * a fresh temporary working directory, removed afterwards, and stdin = /dev/null (input() raises EOFError),
   * resource limits set by the child on itself before the program runs: address space and data segment =
     maximum_memory_bytes (a big allocation raises MemoryError; not on macOS, which refuses these limits),
-    CPU seconds ~ timeout, no core files, written
-    files <= 16 MiB, and no new processes or threads (RLIMIT_NPROC = 0; the kernel ignores it for root),
+    CPU seconds ~ timeout, no core files, written files <= MAX_FILE_BYTES, and no new processes or threads
+    (RLIMIT_NPROC = 0),
   * a guard that sets dangerous functions to None: os.system/fork/kill/remove/unlink/rmdir/rename/chdir/...,
-    shutil.rmtree/move/chown, subprocess.Popen, builtins exit/quit/help, and hides resource/psutil/...,
-  * the program executed with fresh globals (__name__ == "__main__"), so the guard's names are invisible.
-The wall-clock timeout is subprocess's own (the child's session is killed), so it works from any thread,
-unlike SIGALRM. Output goes to anonymous temp files and is read back capped (1 MiB each).
+    shutil.rmtree/move/chown, subprocess.Popen, builtins exit/quit/help, and hides resource/psutil/... It stops a
+    well-meaning model's accidents; a program can undo it (importlib.reload(os)), the namespaces are the boundary,
+  * the program executed with fresh globals (__name__ == "__main__"), so the guard's names are invisible,
+  * its own session and process group, SIGKILLed as a whole on every exit path (normal end, error, timeout).
+The wall-clock timeout is measured here (a pidfd poll, no signal), so it works from any thread, unlike SIGALRM.
+Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES each).
 
-What this does NOT protect against: it is NOT a security boundary. The network is open, ctypes and cffi can
-call anything, files outside the temp dir can be read and overwritten with open(), os.posix_spawn and the
-_posixsubprocess module still start processes when running as root, and the None-ed functions can be
-recovered by a determined program (e.g. via importlib.reload). It stops accidents of a well-meaning model
-(rm -rf, fork bombs, runaway loops and allocations), not attackers. Run untrusted code in a container or VM.
+What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel and has no
+seccomp filter), reading what is bound read-only (/usr and the Python installation: no secrets belong there),
+host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and timing side
+channels. Without isolation (the banner), it is NOT a security boundary: the network is open, files outside the
+temp dir can be read and overwritten, ctypes can call anything, a child that leaves the process group (setsid)
+outlives the call, and as root RLIMIT_NPROC does not bind, so processes can be started. tests/test_sandbox_attacks.py
+holds one test per attack.
 """
 
+import functools
 import os
-import sys
+import select
+import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 MAX_OUTPUT_BYTES = 1 << 20   # per stream, what the parent reads back
 MAX_FILE_BYTES = 16 << 20    # RLIMIT_FSIZE: the child's own files and its stdout/stderr
+MAX_WORK_BYTES = 64 << 20    # size of the isolated program's private, writable working directory (a tmpfs)
+SANDBOX_UID = 65534          # "nobody" on Debian, Ubuntu and Fedora: a root caller's program runs as this uid
+_ENV = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 @dataclass
 class ExecutionResult:
@@ -55,6 +81,11 @@ if {limit_memory}:  # macOS refuses RLIMIT_AS/DATA (setrlimit raises ValueError)
     limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
+drop_to_uid = {drop_to_uid}
+if drop_to_uid is not None:  # root inside bwrap: become an ordinary user, for whom RLIMIT_NPROC = 0 binds
+    os.setgroups([])
+    os.setgid(drop_to_uid)
+    os.setuid(drop_to_uid)
 
 # Compiled under its real file name so tracebacks can show the offending line.
 with open({program_path}, encoding="utf-8") as f:
@@ -89,29 +120,131 @@ def _read_capped(f, keep):
     f.seek(size - MAX_OUTPUT_BYTES)
     return note + "\n" + f.read().decode("utf-8", errors="replace")
 
+def _python_dirs():
+    """The directories the interpreter needs, outside /usr (a venv, pyenv, conda): bound read-only into the sandbox."""
+    dirs = {os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    outside = [d for d in sorted(dirs) if d != "/usr" and not d.startswith("/usr/")]
+    return [d for d in outside if not any(d.startswith(other + "/") for other in outside)]
+
+def _bwrap_command(bwrap, work_dir, program_path=None):
+    """The bwrap argv that runs a command in the namespaces the module docstring lists, in `work_dir`."""
+    command = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+               "--unshare-uts", "--unshare-cgroup-try"]
+    if os.geteuid() == 0:
+        # run by root, bwrap makes no user namespace; the guard drops to SANDBOX_UID with these two capabilities,
+        # which the kernel clears at that setuid
+        command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+    else:
+        command += ["--unshare-user"]  # what lets an ordinary user create the other namespaces
+    command += ["--ro-bind", "/usr", "/usr"]
+    for path in ["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"]:  # merged-/usr links, or real dirs
+        if os.path.islink(path):
+            command += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            command += ["--ro-bind", path, path]
+    made = set()
+    for directory in _python_dirs():
+        # its parents are created traversable but not listable (0711): /root/.pyenv/... shows nothing else of /root
+        parent = os.path.dirname(directory)
+        parents = []
+        while parent != "/":
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for parent in reversed(parents):
+            if parent not in made:
+                command += ["--perms", "0711", "--dir", parent]
+                made.add(parent)
+        command += ["--ro-bind", directory, directory]
+    command += ["--proc", "/proc", "--dev", "/dev",
+                "--perms", "0777", "--size", str(MAX_WORK_BYTES), "--tmpfs", work_dir]
+    if program_path is not None:
+        command += ["--ro-bind", program_path, program_path]
+    return command + ["--chdir", work_dir, "--remount-ro", "/"]
+
+@functools.cache
+def _probe_isolation():
+    """(bwrap's path, None) if bwrap can run this Python in its namespaces here, else (None, why not and the fix)."""
+    bwrap = shutil.which("bwrap")
+    if not sys.platform.startswith("linux"):
+        return None, f"Linux namespaces do not exist on {sys.platform}; run untrusted code on Linux or in a VM"
+    if bwrap is None:
+        return None, "bubblewrap is not installed; install it: apt-get install bubblewrap (or dnf/pacman install bubblewrap)"
+    with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as work_dir:
+        probe = subprocess.run(_bwrap_command(bwrap, work_dir) + [sys.executable, "-I", "-S", "-c", "pass"],
+                               env=_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if probe.returncode == 0:
+        return bwrap, None
+    said = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+    return None, (f"{bwrap} cannot create namespaces here ({said}); run as root, or allow unprivileged user "
+                  f"namespaces (sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
+
+_isolation_lock = threading.Lock()
+_banner_shown = False
+
+def _isolation():
+    """bwrap's path, or None after one banner line (per process) naming what is missing and how to install it."""
+    global _banner_shown
+    with _isolation_lock:  # the first calls may come from several threads at once: probe and warn once
+        bwrap, problem = _probe_isolation()
+        if bwrap is None and not _banner_shown:
+            print(f"nanochat.execution: WARNING: model-written code runs WITHOUT isolation (your files, network and "
+                  f"processes are reachable from it): {problem}", file=sys.stderr, flush=True)
+            _banner_shown = True
+    return bwrap
+
+def _wait_unreaped(proc, timeout):
+    """True once the child has exited, False after `timeout` s. Where the kernel has pidfds (Linux >= 5.3) the child
+    is left unreaped, so its pid, the id of its process group, cannot be reused before the killpg that follows."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # macOS, old kernels: reap it; a group survives its leader's pid being freed
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()  # not select(): it fails on fd numbers >= 1024
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(pidfd)
+
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
     """Run `code` in a fresh limited interpreter (see the module docstring); never raises for the program's faults."""
     assert timeout > 0, f"timeout must be positive, got {timeout}"
     assert maximum_memory_bytes > 0, f"maximum_memory_bytes must be positive, got {maximum_memory_bytes}"
+    bwrap = _isolation()
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as work_dir, \
             tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         program_path = os.path.join(work_dir, "program.py")
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(code)
+        os.chmod(program_path, 0o644)  # readable by the sandbox's unprivileged uid
         guard = _GUARD.format(memory=int(maximum_memory_bytes), cpu_seconds=int(timeout) + 1,
                               max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path),
-                              limit_memory=sys.platform != "darwin")
-        # start_new_session: the child leads its own process group, so a timeout kills anything it started too.
-        proc = subprocess.Popen([sys.executable, "-I", "-c", guard], cwd=work_dir, stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+                              limit_memory=sys.platform != "darwin",
+                              drop_to_uid=SANDBOX_UID if bwrap and os.geteuid() == 0 else None)
+        command = [sys.executable, "-I", "-c", guard]
+        if bwrap:
+            command = _bwrap_command(bwrap, work_dir, program_path) + command
+        # start_new_session: the child leads its own process group, which is killed as a whole below
+        proc = subprocess.Popen(command, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_ENV,
                                 start_new_session=True)
+        exited = False
         try:
-            returncode = proc.wait(timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            exited = _wait_unreaped(proc, timeout)
+        finally:
+            # On every exit path, a normal end included: whatever the program left in its group dies with it.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
-            returncode, timed_out = proc.returncode, True
+        returncode, timed_out = proc.returncode, not exited
+        if bwrap and returncode > 128:
+            returncode = 128 - returncode  # bwrap reports a child killed by signal N as exit code 128 + N
         # RLIMIT_CPU ends a busy loop with SIGXCPU: that is a timeout too.
         timed_out = timed_out or returncode == -signal.SIGXCPU
         stdout, stderr = _read_capped(out, keep="head"), _read_capped(err, keep="tail")

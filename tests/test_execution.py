@@ -1,17 +1,20 @@
 """
 The HumanEval sandbox (nanochat/execution.py): well-behaved programs run and report, runaway ones are stopped,
-and the common accidents (system calls, forks, deletes, stdin reads, parent secrets) fail.
+and the common accidents (system calls, forks, deletes, stdin reads, parent secrets) fail, with or without
+isolation (tests/test_sandbox_attacks.py holds the attacks that only isolation stops).
 Each case spawns one short-lived interpreter (~0.1 s); the timeout case costs its 1 s timeout.
 
     python -m pytest -q tests/test_execution.py
 """
 
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from nanochat import execution
 from nanochat.execution import execute_code
 
 def test_output_returned():
@@ -107,3 +110,25 @@ def test_works_from_worker_threads():
         results = list(pool.map(lambda code: execute_code(code, timeout=1.0), programs))
     assert [r.stdout for r in results[:4]] == [f"{i * i}\n" for i in range(4)]
     assert results[4].timeout
+
+def test_without_isolation_one_banner_names_the_fix(monkeypatch, capfd):
+    monkeypatch.setattr(execution, "_probe_isolation", lambda: (None, "bubblewrap is not installed; install it: "
+                                                                      "apt-get install bubblewrap"))
+    monkeypatch.setattr(execution, "_banner_shown", False)
+    results = [execute_code("print(6 * 7)") for _ in range(2)]
+    assert [r.stdout for r in results] == ["42\n", "42\n"], results  # it still runs, with the limits and the guard
+    err = capfd.readouterr().err
+    assert err.count("WITHOUT isolation") == 1 and "apt-get install bubblewrap" in err, err
+
+def test_isolation_problems_are_named(monkeypatch):
+    monkeypatch.setattr(execution.sys, "platform", "linux")
+    monkeypatch.setattr(execution.shutil, "which", lambda name: None)
+    assert execution._probe_isolation.__wrapped__() == (None, "bubblewrap is not installed; install it: apt-get "
+                                                              "install bubblewrap (or dnf/pacman install bubblewrap)")
+    # installed but refused, as under Ubuntu 24.04's AppArmor rule for unprivileged user namespaces
+    monkeypatch.setattr(execution.shutil, "which", lambda name: "/usr/bin/bwrap")
+    monkeypatch.setattr(execution, "_bwrap_command", lambda *args: [
+        sys.executable, "-c", "import sys; sys.exit('bwrap: setting up uid map: Permission denied')"])
+    bwrap, problem = execution._probe_isolation.__wrapped__()
+    assert bwrap is None and "(bwrap: setting up uid map: Permission denied)" in problem, problem
+    assert "unprivileged user namespaces" in problem, problem
