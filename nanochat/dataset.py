@@ -5,7 +5,7 @@ local corpus with no network, and read any of them back one row group at a time.
     python -m nanochat.dataset -n 8              # ClimbMix train shards 0..7 + the pinned val shard
     python -m nanochat.dataset -n -1 -w 8        # every shard, 8 parallel downloads
     python -m nanochat.dataset --dataset fineweb-edu -n 8
-    python -m nanochat.dataset --dataset local   # offline corpus from this machine's Python docs
+    python -m nanochat.dataset --dataset local   # offline corpus from this Python's standard library
 
 Shards live in <base>/base_data_<name>/shard_NNNNN.parquet: one string column "text", documents
 grouped into row groups, zstd. Readers pick the dataset from env NANOCHAT_DATASET (default climbmix).
@@ -19,8 +19,9 @@ Content-Length) and the repackaging of upstream datasets into shards.
 
 import argparse
 import hashlib
-import inspect
+import ast
 import os
+import platform
 import random
 import re
 import shutil
@@ -160,75 +161,46 @@ def download_shards(num_files, dataset=None, num_workers=4):
     return failed
 
 # -----------------------------------------------------------------------------
-# Local corpus: the docstrings and docs of the Python installed on this machine, no network.
-# Prose first (docstrings, README/METADATA, .md/.rst/.txt), plus small stdlib modules whole so code is seen too.
+# Local corpus: the standard library of the running Python, no network. Only the standard library, and only the
+# parts every build of a Python version ships alike, so the corpus (and the tokenizer and demo model trained on it)
+# is the same on every machine with the same Python version; walking site-packages made it depend on what was
+# installed (a fresh venv built 16.5M chars, a dev machine 32.5M). The build prints its size and a sha256.
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
-LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024: a local shard has only ~700 docs (~12 row groups), and each
-                            # data stream (GPU x accumulation step) strides over row groups, so up to ~12 streams get data
+LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024, so even the ~900-document val shard has many row groups
 LOCAL_SEED = 42
-MIN_DOC_CHARS = 200         # shorter documents are mostly "Return self." stubs
-MAX_DOC_CHARS = 16_000      # longer ones are split at paragraph breaks
-MIN_STRING_CHARS = 80       # a docstring must be at least this long to count
-MAX_PACKAGE_CHARS = 3_000_000  # so no one package (awscli's 7.6M chars of CLI examples, torch) dominates
-MAX_CODE_FILE_BYTES = 16_000  # stdlib modules up to this size go in whole, as code
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "node_modules"}
-DOC_SUFFIXES = (".md", ".rst", ".txt")
-MAX_DOC_FILE_BYTES = 1_000_000
-# names and phrases of license boilerplate, which would otherwise repeat across hundreds of packages
-LICENSE_NAME = re.compile(r"^(\w*licen[cs]e|copying|notice|authors|entry_points|top_level|requirements|sources|dependency_links)", re.I)
+MIN_DOC_CHARS = 200         # shorter pieces are mostly a stray import line or closing brace
+MAX_DOC_CHARS = 1_000       # files are split at blank lines into pieces of ~300 tokens, about one row of the demo's
+                            # 256-token context: longer pieces would be cropped at the row's end, the rest never seen
+# Left out: generated tables (encodings), parts that distributions split into other packages (Debian: tkinter,
+# idlelib, turtle, lib2to3, distutils, ensurepip, venv) or patch (site, sysconfig), and the test suite (optional).
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload", "encodings",
+             "tkinter", "idlelib", "turtledemo", "lib2to3", "distutils", "ensurepip", "venv"}
+SKIP_FILES = {"site.py", "sysconfig.py", "turtle.py"}
+# license boilerplate, which would otherwise repeat across files
 LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|GNU (Lesser )?General Public License"
-                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED|This software is provided 'as-is'")  # case-sensitive: re.I is 3x slower
-# Triple-quoted strings found by regex, not ast: ~10x faster on ~170 MB of site-packages, and the few
-# strings it mis-cuts (a triple quote inside another string) fail the prose filter.
-TRIPLE_QUOTED = re.compile(r'("""|\'\'\')(.*?)\1', re.S)
-NOT_PROSE = re.compile(r"[^A-Za-z ]")
+                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED|This software is provided 'as-is'")
 
-def is_prose(text, min_ratio):
-    """Letters and spaces make up at least min_ratio of the text, and it is not license boilerplate."""
-    return len(NOT_PROSE.sub("", text)) >= min_ratio * len(text) and not LICENSE_TEXT.search(text) and "\ufffd" not in text
-
-def local_roots():
-    """(directory, stdlib?) pairs walked for the local corpus, in order."""
-    paths = sysconfig.get_paths()
-    roots = [(paths["stdlib"], True), (paths["purelib"], False)]
-    if paths["platlib"] != paths["purelib"]:
-        roots.append((paths["platlib"], False))
-    return roots
+def local_root():
+    """The standard library directory of the running Python."""
+    return sysconfig.get_paths()["stdlib"]
 
 def _read_text(path):
     with open(path, "rb") as f:
         return f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
 
-def _docs_of_file(path, is_stdlib, seen):
-    """The documents one file contributes (maybe none). seen holds hashes of strings already used."""
+def _docs_of_file(path):
+    """The documents one stdlib file contributes: the module's source, or for pydoc's help topics (the language
+    reference as one dict of strings) each topic's prose."""
     name = os.path.basename(path)
-    size = os.path.getsize(path)
-    if name.endswith(".py"):
-        if name.startswith("test_"):
-            return []
-        text = _read_text(path)
-        if is_stdlib and size <= MAX_CODE_FILE_BYTES and not LICENSE_TEXT.search(text):
-            return [text]
-        parts = []
-        for match in TRIPLE_QUOTED.finditer(text):
-            if len(match.group(2)) < MIN_STRING_CHARS:
-                continue
-            s = inspect.cleandoc(match.group(2))
-            if len(s) >= MIN_STRING_CHARS and is_prose(s, 0.75):
-                h = hashlib.sha1(s.encode()).digest()
-                if h not in seen:
-                    seen.add(h)
-                    parts.append(s)
-        return ["\n\n".join(parts)] if parts else []
-    is_metadata = name == "METADATA" and path.endswith(".dist-info" + os.sep + name)
-    if (is_metadata or name.endswith(DOC_SUFFIXES)) and size <= MAX_DOC_FILE_BYTES and not LICENSE_NAME.search(name):
-        text = _read_text(path)
-        if is_metadata:  # email-style headers, a blank line, then the package's README
-            text = text.partition("\n\n")[2]
-        text = text.strip()
-        return [text] if is_prose(text, 0.7) else []
-    return []
+    if not name.endswith(".py") or name.startswith(("test_", "_sysconfigdata")) or name in SKIP_FILES:
+        return []
+    text = _read_text(path)
+    if name == "topics.py" and os.path.basename(os.path.dirname(path)) == "pydoc_data":
+        body = ast.parse(text).body
+        if len(body) == 1 and isinstance(body[0], ast.Assign) and isinstance(body[0].value, ast.Dict):
+            return list(ast.literal_eval(body[0].value).values())
+    return [] if LICENSE_TEXT.search(text) else [text]
 
 def split_doc(text, max_chars=MAX_DOC_CHARS):
     """Split at blank lines into pieces of at most max_chars (a longer paragraph is cut hard)."""
@@ -245,44 +217,41 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
         pieces.append(current)
     return pieces
 
-# This project's own install (its METADATA carries README.md): it changes with every edit, and the corpus must not.
-OWN_ENTRIES = ("nanochat-", "nanochat.", "__editable__.nanochat", "__editable___nanochat")
-
-def collect_local_documents(roots=None):
-    """All documents from the roots, in sorted walk order, deduplicated, small ones dropped, big ones split."""
-    roots = local_roots() if roots is None else roots
+def collect_local_documents(root=None):
+    """All documents under root (default: the stdlib), in sorted walk order, deduplicated, small pieces dropped."""
     seen, docs = set(), []
-    package_chars = {}  # chars taken per top-level entry of a root (a package, a stdlib module, a .dist-info)
-    for root, is_stdlib in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-            for filename in sorted(filenames):
-                path = os.path.join(dirpath, filename)
-                package = (root, os.path.relpath(path, root).split(os.sep)[0])
-                if package[1].startswith(OWN_ENTRIES) or package_chars.get(package, 0) >= MAX_PACKAGE_CHARS:
-                    continue
-                for doc in _docs_of_file(path, is_stdlib, seen):
-                    for piece in split_doc(doc.strip()):
-                        h = hashlib.sha1(piece.encode()).digest()
-                        if len(piece) >= MIN_DOC_CHARS and h not in seen:
-                            seen.add(h)
-                            docs.append(piece)
-                            package_chars[package] = package_chars.get(package, 0) + len(piece)
+    for dirpath, dirnames, filenames in os.walk(local_root() if root is None else root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+        for filename in sorted(filenames):
+            for doc in _docs_of_file(os.path.join(dirpath, filename)):
+                for piece in split_doc(doc.strip()):
+                    h = hashlib.sha1(piece.encode()).digest()
+                    if len(piece) >= MIN_DOC_CHARS and h not in seen:
+                        seen.add(h)
+                        docs.append(piece)
     return docs
 
-def build_local_corpus(force=False, roots=None):
+def corpus_hash(docs):
+    """sha256 of the documents in order (length-prefixed, so no two different lists collide by concatenation)."""
+    h = hashlib.sha256()
+    for doc in docs:
+        data = doc.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+def build_local_corpus(force=False, root=None):
     """
     Build the local corpus into get_data_dir("local"): shuffle the documents (fixed seed) and deal them
     round-robin into LOCAL_NUM_SHARDS shards; the last one is the pinned val shard. All shards are written into
-    a temp directory that is renamed into place, so a crash never leaves a half corpus. Returns the shard paths.
-    roots (default local_roots()) lets tests build from a few small directories.
+    a temp directory that is renamed into place, so a crash never leaves a half corpus. Returns the corpus sha256
+    (None when it was already built). root (default: the stdlib) lets tests build from a small directory.
     """
     data_dir = get_data_dir("local")
     paths = [os.path.join(data_dir, shard_name(i)) for i in range(LOCAL_NUM_SHARDS)]
     if not force and all(os.path.exists(p) for p in paths):
         print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards); pass --force to rebuild", flush=True)
-        return paths
-    docs = collect_local_documents(roots)
+        return None
+    docs = collect_local_documents(root)
     random.Random(LOCAL_SEED).shuffle(docs)
     assert len(docs) >= LOCAL_NUM_SHARDS * 2, f"only {len(docs)} documents found for {LOCAL_NUM_SHARDS} shards"
     tmp_dir = f"{data_dir}.tmp{os.getpid()}"
@@ -296,8 +265,11 @@ def build_local_corpus(force=False, roots=None):
     if os.path.isdir(data_dir):
         shutil.rmtree(data_dir)
     os.replace(tmp_dir, data_dir)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {LOCAL_NUM_SHARDS} shards at {data_dir}", flush=True)
-    return paths
+    digest = corpus_hash(docs)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {LOCAL_NUM_SHARDS} shards at {data_dir}\n"
+          f"local corpus sha256 {digest} (Python {platform.python_version()} standard library; "
+          f"the same Python version builds the same corpus on any machine)", flush=True)
+    return digest
 
 # -----------------------------------------------------------------------------
 
@@ -306,7 +278,7 @@ def main(argv=None):
     parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all); the val shard always comes too")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); local = build from this machine's Python docs, no network")
+                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); local = build from this Python's standard library, no network")
     parser.add_argument("--force", action="store_true", help="local only: rebuild the corpus even if its shards exist")
     args = parser.parse_args(argv)
     name = get_dataset_name(args.dataset)
