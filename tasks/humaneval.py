@@ -6,7 +6,8 @@ HumanEval (openai/openai_humaneval): 164 Python functions to complete, graded by
 
 Generative: the completion's code is assembled into a program (imports from the prompt + the completion's code +
 the dataset's test code + check(entry_point)) and run in nanochat.execution's sandbox (5 s, 256 MiB); it passes iff
-the program exits cleanly. The sandbox is not a security boundary (see nanochat/execution.py).
+the program exits cleanly. The sandbox isolates it in Linux namespaces where bubblewrap is installed, and says so
+loudly where not (see nanochat/execution.py).
 """
 
 import re
