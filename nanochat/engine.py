@@ -16,8 +16,11 @@ result is forced into that row as <|output_start|> str(result) <|output_end|> (m
 those tokens, so RL must not train on them). Only arithmetic and str.count are supported; it is a calculator,
 not a Python interpreter (nanochat/execution.py is the sandbox for full programs).
 
-Left out: batching different prompts together (rows share one prompt and one cache position), speculative
-decoding, paged caches, and sampling beyond temperature/top-k.
+RowBatch decodes different requests together (chat_web): each row has its own prompt, cache position, sampling
+settings and seed; rows join after a batch-1 prefill and leave when they finish, between steps.
+
+Left out: speculative decoding, paged caches (a joining or leaving row copies the batch's cache), and sampling
+beyond temperature/top-k.
 """
 
 import ast
@@ -114,6 +117,27 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        special = tokenizer.encode_special
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    def _advance_row(self, row, sampled):
+        """The token a row takes this step (a queued forced token replaces the sample) -> (token, mask)."""
+        forced = len(row.forced_tokens) > 0
+        token = row.forced_tokens.popleft() if forced else sampled
+        if token in self.stop_tokens:
+            row.completed = True
+        elif token == self.python_start:
+            row.in_python_block, row.python_tokens = True, []
+        elif token == self.python_end and row.in_python_block:
+            row.in_python_block = False
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced_tokens.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+        elif row.in_python_block:
+            row.python_tokens.append(token)
+        return token, 0 if forced else 1
 
     def _check_args(self, tokens, num_samples, max_tokens, temperature, top_k):
         """Raise ValueError naming the problem; returns the number of tokens to generate."""
@@ -156,10 +180,6 @@ class Engine:
         device = self.model.get_device()
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
-        special = self.tokenizer.encode_special
-        python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
-        output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
-        stop_tokens = {special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
 
         # Prefill once at batch 1, then copy that cache into every row of the decode cache.
         prefill_cache = self._new_cache(batch_size=1, seq_len=len(tokens))
@@ -173,24 +193,8 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            token_column, mask_column = [], []
-            for row, token in zip(rows, sampled):
-                forced = len(row.forced_tokens) > 0
-                if forced:
-                    token = row.forced_tokens.popleft()
-                token_column.append(token)
-                mask_column.append(0 if forced else 1)
-                if token in stop_tokens:
-                    row.completed = True
-                elif token == python_start:
-                    row.in_python_block, row.python_tokens = True, []
-                elif token == python_end and row.in_python_block:
-                    row.in_python_block = False
-                    result = use_calculator(self.tokenizer.decode(row.python_tokens))
-                    if result is not None:
-                        row.forced_tokens.extend([output_start, *self.tokenizer.encode(str(result)), output_end])
-                elif row.in_python_block:
-                    row.python_tokens.append(token)
+            token_column, mask_column = zip(*[self._advance_row(row, token) for row, token in zip(rows, sampled)])
+            token_column, mask_column = list(token_column), list(mask_column)
             yield token_column, mask_column
             if step == max_tokens - 1 or all(row.completed for row in rows):
                 break
@@ -204,7 +208,7 @@ class Engine:
         """
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        stop_tokens = {self.tokenizer.encode_special("<|assistant_end|>"), self.tokenizer.get_bos_token_id()}
+        stop_tokens = self.stop_tokens
         done = [False] * num_samples
         for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, mask_column)):
@@ -216,6 +220,112 @@ class Engine:
                     sequences[i].append(token)
                     masks[i].append(mask)
         return sequences, masks
+
+# -----------------------------------------------------------------------------
+# Different requests decoded together (chat_web): each row has its own prompt, position, sampling and seed
+
+class RowCache(KVCache):
+    """
+    A decode cache whose rows are independent requests at their own positions (row_positions, on the host, so the
+    model needs no device sync to size its attention). Rows join from a prefilled batch-1 cache and leave between
+    steps; both copy the cache (cheap next to a step: a few MB at depth 4, and membership changes once per request).
+    """
+    def __init__(self, model, capacity):
+        c = model.config
+        super().__init__(batch_size=0, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
+                         num_layers=c.n_layer, device=model.get_device(), dtype=COMPUTE_DTYPE)
+        self.row_positions = []
+        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=COMPUTE_DTYPE)
+
+    def add_row(self, prefilled):
+        n = prefilled.get_pos()
+        assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
+        shape = (self.num_layers, 1, self.max_seq_len, self.num_heads, self.head_dim)
+        k, v = (torch.zeros(shape, dtype=t.dtype, device=t.device) for t in (self.k_cache, self.v_cache))
+        k[:, :, :n], v[:, :, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
+        self.k_cache, self.v_cache = torch.cat([self.k_cache, k], dim=1), torch.cat([self.v_cache, v], dim=1)
+        self.prev_embedding = torch.cat([self.prev_embedding, prefilled.prev_embedding.to(self.prev_embedding.dtype)])
+        self.row_positions.append(n)
+        self.batch_size += 1
+
+    def keep_rows(self, keep):
+        index = torch.tensor(keep, dtype=torch.long, device=self.k_cache.device)
+        self.k_cache, self.v_cache = self.k_cache[:, index], self.v_cache[:, index]
+        self.prev_embedding = self.prev_embedding[index]
+        self.row_positions = [self.row_positions[i] for i in keep]
+        self.batch_size = len(keep)
+
+    def advance(self, n):
+        self.row_positions = [p + n for p in self.row_positions]
+
+class Request:
+    """One row of a RowBatch: its sampling settings, its own seeded generator, and where it stands."""
+    def __init__(self, tokens, max_tokens, temperature, top_k, seed, device):
+        self.tokens, self.max_tokens, self.temperature, self.top_k = tokens, max_tokens, temperature, top_k
+        self.rng = torch.Generator(device=device)
+        self.rng.manual_seed(seed)
+        self.state = RowState()
+        self.generated = 0
+        self.logits = None  # (1, V) logits for this row's next token
+
+class RowBatch:
+    """
+    Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row; step() gives every
+    row its next token: -> [(request, token, mask, finish)], finish None, "stop" (the token is <|assistant_end|>
+    or <|bos|>) or "length" (max_tokens reached). Finished rows leave; cancel() drops a row at once.
+    Each row samples from its own logits with its own generator, so a seeded request gives the same tokens alone
+    or next to others (up to float rounding, which batch shape can change).
+    """
+    def __init__(self, engine, capacity=None):
+        self.engine, self.model = engine, engine.model
+        self.capacity = capacity or self.model.config.sequence_len
+        self.cache = RowCache(self.model, self.capacity)
+        self.rows = []
+
+    def __len__(self):
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
+        if len(tokens) + max_tokens > self.capacity:
+            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the batch's capacity {self.capacity}")
+        request = Request(tokens, max_tokens, temperature, top_k, seed, self.model.get_device())
+        prefill_cache = self.engine._new_cache(batch_size=1, seq_len=len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
+        request.logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
+        self.cache.add_row(prefill_cache)
+        self.rows.append(request)
+        return request
+
+    def cancel(self, request):
+        keep = [i for i, r in enumerate(self.rows) if r is not request]
+        self.cache.keep_rows(keep)
+        self.rows = [self.rows[i] for i in keep]
+
+    @torch.inference_mode()
+    def step(self):
+        if not self.rows:
+            return []
+        sampled = torch.cat([sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows]).view(-1).tolist()
+        out, keep, next_tokens = [], [], []
+        for i, (request, token) in enumerate(zip(self.rows, sampled)):
+            token, mask = self.engine._advance_row(request.state, token)
+            request.generated += 1
+            finish = "stop" if request.state.completed else "length" if request.generated >= request.max_tokens else None
+            out.append((request, token, mask, finish))
+            if finish is None:
+                keep.append(i)
+                next_tokens.append(token)
+        if len(keep) < len(self.rows):
+            self.cache.keep_rows(keep)
+            self.rows = [self.rows[i] for i in keep]
+        if self.rows:
+            ids = torch.tensor(next_tokens, dtype=torch.long, device=self.model.get_device()).unsqueeze(1)
+            logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
+            for i, request in enumerate(self.rows):
+                request.logits = logits[i:i + 1]
+        return out
 
 # -----------------------------------------------------------------------------
 # Greedy completions of fixed prompts: how base_train and base_eval show what a base model knows

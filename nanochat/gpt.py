@@ -210,6 +210,23 @@ def attention_fa3(q, k, v, window):
     y = load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
     return y[0] if isinstance(y, tuple) else y
 
+def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
+    """
+    Rows at their own cache positions (a server decoding different requests together): positions (B, Tq) is where
+    each row's new tokens go, row_positions the rows' cache lengths on the host. Writes each row's keys/values at its
+    positions, then attends with a per-row causal-window mask, so a row never sees another row's longer history nor
+    a stale slot past its own end. SDPA with an explicit (B, 1, Tq, Tk) mask on every device.
+    """
+    rows = torch.arange(q.size(0), device=q.device)[:, None]
+    k_cache[rows, positions] = k
+    v_cache[rows, positions] = v
+    lo, hi = max(0, min(row_positions) - window), max(row_positions) + q.size(1)
+    dist = positions[:, :, None] - torch.arange(lo, hi, device=q.device)[None, None, :]
+    mask = ((dist >= 0) & (dist <= window))[:, None]
+    k, v = k_cache[:, lo:hi].transpose(1, 2), v_cache[:, lo:hi].transpose(1, 2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
+    return y.transpose(1, 2)
+
 ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex, "fa3": attention_fa3}
 
 def pick_attention_impl(device):
@@ -268,6 +285,10 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        if kv_cache is not None and isinstance(pos0, torch.Tensor):
+            k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
+            y = attention_rows(q, k, v, k_cache, v_cache, pos0, kv_cache.row_positions, window)
+            return self.c_proj(y.reshape(B, T, -1))
         if kv_cache is not None:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             k_cache[:, pos0:pos0 + T] = k
@@ -375,14 +396,22 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         L = self.config.n_layer
-        pos0 = 0
+        last, row_positions = 0, None
         if kv_cache is not None:
             assert kv_cache.k_cache.shape[0] == L and kv_cache.k_cache.shape[3:] == (self.config.n_kv_head, self.config.n_embd // self.config.n_head), \
                 f"KV cache shape {tuple(kv_cache.k_cache.shape)} does not fit this model (layers {L}, kv heads {self.config.n_kv_head})"
-            pos0 = kv_cache.get_pos()
-            assert pos0 + T <= kv_cache.k_cache.size(2), f"KV cache full: position {pos0} + {T} new tokens > capacity {kv_cache.k_cache.size(2)}"
-        assert pos0 + T <= self.cos.size(1), f"sequence reaches position {pos0 + T} but rotary tables cover {self.cos.size(1)}: call ensure_rotary_positions first"
-        cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
+            row_positions = kv_cache.row_positions  # None: every row at one shared position
+            last = kv_cache.get_pos() if row_positions is None else max(row_positions)
+            assert last + T <= kv_cache.k_cache.size(2), f"KV cache full: position {last} + {T} new tokens > capacity {kv_cache.k_cache.size(2)}"
+        assert last + T <= self.cos.size(1), f"sequence reaches position {last + T} but rotary tables cover {self.cos.size(1)}: call ensure_rotary_positions first"
+        if row_positions is not None:
+            # each row at its own position: (B, T) positions pick per-row rotary angles and cache slots
+            assert min(row_positions) > 0, "rows at their own positions decode after a prefill: copy a prefilled cache in first"
+            pos0 = torch.tensor(row_positions, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
+            cos_sin = self.cos[0, pos0], self.sin[0, pos0]
+        else:
+            pos0 = last
+            cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
         # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized
@@ -390,7 +419,7 @@ class GPT(nn.Module):
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         prev = x[:, :-1]
         if kv_cache is not None:
-            if pos0 > 0:
+            if row_positions is not None or pos0 > 0:
                 prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), prev], dim=1)
             kv_cache.prev_embedding = x[:, -1:].clone()
         if prev.size(1) == T:
@@ -538,6 +567,7 @@ class KVCache:
     Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute dtype, one shared
     position (cache_seqlens, int32 per row, all equal) and the smear's previous normalized embedding (batch, 1, n_embd).
     The model writes each layer's new keys/values in place; the position advances once per forward.
+    row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache) keeps them in a host list.
     """
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len
@@ -547,6 +577,7 @@ class KVCache:
         self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
         self.cache_seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
         self.prev_embedding = None
+        self.row_positions = None
 
     def reset(self):
         self.cache_seqlens.zero_()

@@ -118,6 +118,54 @@ def test_greedy_with_cache_equals_full_recompute():
         assert seq[len(prompt):] == expected
         assert mask == [0] * len(prompt) + [1] * len(expected)
 
+def run_rows(batch, joins, steps):
+    """Step a RowBatch, adding joins[step] = [(name, tokens, kwargs)] before that step -> {name: (tokens, finish)}."""
+    names, out = {}, {}
+    for step in range(steps):
+        for name, tokens, kwargs in joins.get(step, []):
+            names[id(batch.add(tokens, **kwargs))] = name
+            out[name] = ([], None)
+        for request, token, _, finish in batch.step():
+            out[names[id(request)]][0].append(token)
+            out[names[id(request)]] = (out[names[id(request)]][0], finish)
+    return out
+
+def test_row_batch_rows_at_own_positions_equal_full_recompute():
+    # Rows with different prompts (150, 20 and 90 tokens: the long one outgrows the 128-token windows) join at
+    # different steps; each must decode exactly what re-running its own sequence without a cache gives.
+    from nanochat.engine import RowBatch
+    model = tiny_gpt()
+    engine = Engine(model, TOK)
+    g = torch.Generator().manual_seed(1)
+    prompts = {name: [S["<|bos|>"]] + torch.randint(0, 256, (n - 1,), generator=g).tolist() for name, n in (("a", 150), ("b", 20), ("c", 90))}
+    stops = {S["<|assistant_end|>"], S["<|bos|>"]}
+    greedy = dict(max_tokens=30, temperature=0.0)
+    joins = {0: [("a", prompts["a"], greedy)], 3: [("b", prompts["b"], greedy), ("c", prompts["c"], dict(greedy, max_tokens=5))]}
+    out = run_rows(RowBatch(engine), joins, steps=40)
+    for name, prompt in prompts.items():
+        expected = greedy_by_recompute(model, prompt, 5 if name == "c" else 30, stops)
+        tokens, finish = out[name]
+        body = tokens[:-1] if finish == "stop" else tokens
+        assert body == expected, f"row {name}"
+        assert finish == ("stop" if len(expected) < len(tokens) or tokens[-1] in stops else "length")
+    assert out["c"][1] == "length" and len(out["c"][0]) == 5
+
+def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
+    from nanochat.engine import RowBatch
+    engine = Engine(tiny_gpt(), TOK)
+    sampled = dict(max_tokens=12, temperature=1.0, top_k=20, seed=7)
+    alone = run_rows(RowBatch(engine), {0: [("s", PROMPT, sampled)]}, steps=12)["s"]
+    other = [S["<|bos|>"]] + TOK.encode("a longer, different prompt")
+    batch = RowBatch(engine)
+    together = run_rows(batch, {0: [("o", other, dict(sampled, seed=1))], 2: [("s", PROMPT, sampled)]}, steps=14)["s"]
+    assert together == alone
+    # a cancelled row leaves at once; the others go on
+    first = batch.add(other, max_tokens=20, temperature=0.0)
+    second = batch.add(PROMPT, max_tokens=20, temperature=0.0)
+    batch.step()
+    batch.cancel(first)
+    assert len(batch) == 1 and [r for r, *_ in batch.step()] == [second]
+
 def test_temperature_zero_ignores_seed_and_fixed_seed_reproduces():
     engine = Engine(tiny_gpt(), TOK)
     greedy = [engine.generate_batch(PROMPT, num_samples=2, max_tokens=12, temperature=0.0, seed=s)[0] for s in (1, 2)]
