@@ -1,12 +1,14 @@
 """
-The report card: every stage logs a markdown section, `generate` stitches them into report.md
-with a summary table of the headline metrics.
+The report card: every stage logs a markdown section, `generate` stitches them into report.md with a summary
+(headline metrics per stage, wall time and training FLOPs per stage, the cost: hourly rate x GPUs x hours) and plots.
 
     python -m nanochat.report reset      # start a new run: header with git, hardware, software, code size
-    python -m nanochat.report generate   # write <base>/report/report.md and copy it to ./report.md
+    python -m nanochat.report generate   # write <base>/report/report.md (+ PNGs beside it), copy it to ./report.md
 
 Sections live in <base>/report/<slug>.md, one per stage, each written atomically; only rank 0 writes.
-Leaves out: cost estimates beyond the hourly rate, plots.
+Metric logs: training scripts append one JSON line per step to <base>/logs/<stage>_<tag>.jsonl (MetricLog below);
+the plots are drawn from the logs written since the last `reset` (needs matplotlib: `pip install -e '.[report]'`).
+Leaves out: interactive plots (wandb does those when installed).
 """
 
 import os
@@ -14,7 +16,7 @@ import re
 import sys
 import json
 import math
-import shutil
+import glob
 import warnings
 import socket
 import datetime
@@ -31,6 +33,9 @@ EXPECTED_SECTIONS = [
     "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
     "Chat RL", "Chat evaluation rl",
 ]
+# Accuracy of random guessing per summary metric: 4-way multiple choice, else 0 (generative tasks; CORE and ChatCORE
+# are centered so that 0 is chance). Must agree with scripts/chat_eval.py ALL_TASKS (a test holds them together).
+CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "SynthMC": 0.25}
 # Rows of the summary table and the section that holds each (by source column).
 SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE",
                    "SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC", "ChatCORE-synthetic"]
@@ -68,9 +73,9 @@ def header_markdown():
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(len(names))) / 1024**3
-        rate = next((r for key, r in HOURLY_RATES if key in names[0].lower()), 2.00) * len(names)
+        rate = next((r for key, r in HOURLY_RATES if key in names[0].lower()), 2.00)
         lines += [f"- GPUs: {len(names)} x {names[0]}", f"- VRAM: {vram:.1f} GB total",
-                  f"- CUDA: {torch.version.cuda}", f"- Hourly rate: ${rate:.2f}/hour"]
+                  f"- CUDA: {torch.version.cuda}", f"- Hourly rate: ${rate:.2f}/GPU/hour x {len(names)} GPUs"]
     else:
         lines += ["- GPUs: none"]
     lines += ["", "### Software", f"- Python: {sys.version.split()[0]}", f"- PyTorch: {torch.__version__}", ""]
@@ -118,8 +123,12 @@ class Report:
     def generate(self):
         header_path = os.path.join(self.report_dir, "header.md")
         parts = [open(header_path, encoding="utf-8").read()] if os.path.exists(header_path) else []
+        header = parts[0] if parts else ""
+        start = re.search(r"^Run started: (.+)$", header, re.MULTILINE)
+        run_start = _parse_time(start.group(1)) if start else None
         metrics = {}  # (metric, column) -> value
-        last_time = None
+        stage_times = []  # (section, wall time since the previous section, seconds)
+        previous = run_start
         for section in EXPECTED_SECTIONS:
             path = os.path.join(self.report_dir, slugify(section) + ".md")
             if not os.path.exists(path):
@@ -135,8 +144,11 @@ class Report:
                     if m:
                         metrics[(metric, column)] = m.group(1)
             stamp = re.search(r"^timestamp: (.+)$", text, re.MULTILINE)
-            if stamp and section not in ("Chat RL", "Chat evaluation rl"):
-                last_time = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")
+            if stamp:
+                when = _parse_time(stamp.group(1))
+                if previous is not None:
+                    stage_times.append((section, (when - previous).total_seconds()))
+                previous = when
         summary = ["## Summary", "", bloat_markdown(), "", "| Metric | BASE | MID | SFT | RL |",
                    "|---|---|---|---|---|"]
         for metric in SUMMARY_METRICS:
@@ -144,15 +156,15 @@ class Report:
             if metric not in ALWAYS_SHOWN and row == ["-"] * 4:
                 continue
             summary.append(f"| {metric} | " + " | ".join(row) + " |")
-        if parts and last_time:
-            start = re.search(r"^Run started: (.+)$", parts[0], re.MULTILINE)
-            if start:
-                minutes = int((last_time - datetime.datetime.strptime(start.group(1), "%Y-%m-%d %H:%M:%S")).total_seconds() // 60)
-                summary += ["", f"Total wall clock time: {minutes // 60}h{minutes % 60}m"]
+        logs = {stage: load_metric_logs(stage, since=run_start) for stage in ("base", "mid", "sft", "rl")}
+        summary += [""] + cost_markdown(header, run_start, previous, stage_times, logs)
+        summary += ["", "## Plots", ""] + plot_markdown(self.report_dir, logs, metrics)
         report = "\n".join(parts + summary) + "\n"
         out_path = os.path.join(self.report_dir, "report.md")
         atomic_write_text(out_path, report)
-        shutil.copyfile(out_path, "report.md")
+        # the copy in the current directory links the PNGs where they are
+        atomic_write_text("report.md", re.sub(r"\]\(([a-z_]+\.png)\)",
+                                              lambda m: f"]({os.path.join(os.path.abspath(self.report_dir), m.group(1))})", report))
         print(f"Report written to {out_path} (copied to ./report.md)")
         return out_path
 
@@ -217,6 +229,167 @@ class MetricLog:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+# -----------------------------------------------------------------------------
+# Summary extras and plots (PNGs beside report.md, drawn from the metric logs and the eval sections)
+
+LOG_STAGES = {"Base model training": "base", "Midtraining": "mid", "Chat SFT": "sft", "Chat RL": "rl"}
+STAGE_COLORS = {"BASE": "tab:blue", "MID": "tab:orange", "SFT": "tab:green", "RL": "tab:red"}
+
+def _parse_time(text):
+    return datetime.datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S")
+
+def _duration(seconds):
+    minutes = int(seconds // 60)
+    return f"{minutes // 60}h{minutes % 60}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+
+def load_metric_logs(stage, since=None):
+    """{tag: records} of <base>/logs/<stage>_<tag>.jsonl, only the files written since `since` (this run's)."""
+    logs = {}
+    for path in sorted(glob.glob(metric_log_path(stage, "*"))):
+        if since is None or os.path.getmtime(path) >= since.timestamp():
+            logs[os.path.basename(path)[len(stage) + 1:-len(".jsonl")]] = read_metric_log(path)
+    return logs
+
+def _total_flops(records):
+    return max((r["flops"] for r in records if r.get("flops") is not None), default=0)
+
+def cost_markdown(header, run_start, run_end, stage_times, logs):
+    """Wall time and training FLOPs per stage, the total FLOPs and the cost: hourly rate x GPUs x hours."""
+    lines = ["| Stage | Wall time (since the previous section) | Training FLOPs |", "|---|---|---|"]
+    for section, seconds in stage_times:
+        flops = sum(_total_flops(r) for r in logs.get(LOG_STAGES.get(section), {}).values())
+        lines.append(f"| {section} | {_duration(seconds)} | {f'{flops:.3e}' if flops else '-'} |")
+    total_flops = sum(_total_flops(r) for stage in logs.values() for r in stage.values())
+    lines += ["", f"Total training FLOPs: {total_flops:.3e}" if total_flops else "Total training FLOPs: - (no metric logs)"]
+    if run_start is None or run_end is None:
+        return lines + ["Total wall clock time: - (no header or no section: run `python -m nanochat.report reset` first)"]
+    seconds = (run_end - run_start).total_seconds()
+    lines.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
+    rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
+    if rate:
+        per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
+        lines.append(f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x {seconds / 3600:.2f} h = "
+                     f"${per_gpu * gpus * seconds / 3600:,.2f}")
+    else:
+        lines.append("Estimated cost: - (no GPU in the header's hardware list)")
+    return lines
+
+def _pyplot():
+    """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+def _series(records, key, min_step=0):
+    points = [(r["step"], r.get("flops"), r[key]) for r in records if r.get(key) is not None and r["step"] >= min_step]
+    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
+def _plot_base(plt, logs):
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for i, (tag, records) in enumerate(sorted(logs.items())):
+        color = f"C{i}"
+        steps, flops, loss = _series(records, "loss")
+        axes[0, 0].plot(steps, loss, color=color, alpha=0.25, linewidth=0.8, label=f"{tag} per step")
+        steps, flops, smooth = _series(records, "smooth_loss")
+        axes[0, 0].plot(steps, smooth, color=color, label=f"{tag} EMA (0.9)")
+        steps, flops, smooth = _series(records, "smooth_loss", min_step=1)  # step 0 spent 0 FLOPs: off a log axis
+        axes[0, 1].plot(flops, smooth, color=color, label=f"{tag} EMA (0.9)")
+        steps, flops, bpb = _series(records, "val_bpb")
+        axes[1, 0].plot(steps, bpb, "o-", color=color, label=f"{tag} val")
+        steps, flops, bpb = _series(records, "val_bpb", min_step=1)
+        axes[1, 1].plot(flops, bpb, "o-", color=color, label=f"{tag} val")
+    for row, ylabel in enumerate(["train loss (nats/token)", "val bpb (bits/byte)"]):
+        axes[row, 0].set_xlabel("step")
+        axes[row, 1].set_xlabel("training FLOPs (log scale)")
+        axes[row, 1].set_xscale("log")
+        for ax in axes[row]:
+            ax.set_ylabel(ylabel)
+    fig.suptitle("Base model training: loss and val bpb by step and by compute")
+    return fig, axes.flat
+
+def _plot_chat(plt, logs):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, stage_logs in logs.items():
+        for tag, records in sorted(stage_logs.items()):
+            color = STAGE_COLORS[stage.upper()]
+            steps, _, smooth = _series(records, "smooth_loss")
+            axes[0].plot(steps, smooth, color=color, label=f"{stage} {tag} train (EMA 0.9)")
+            steps, _, bpb = _series(records, "val_bpb")
+            axes[1].plot(steps, bpb, "o-", color=color, label=f"{stage} {tag} val")
+    axes[0].set_ylabel("train loss (nats/supervised token)")
+    axes[1].set_ylabel("val bpb (bits/byte, assistant tokens)")
+    for ax in axes:
+        ax.set_xlabel("step (of that stage)")
+    fig.suptitle("Mid-training and SFT: loss by step")
+    return fig, axes
+
+def _plot_rl(plt, logs):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (tag, records) in enumerate(sorted(logs.items())):
+        steps, _, reward = _series(records, "reward")
+        axes[0].plot(steps, reward, color=f"C{i}", label=f"{tag} mean reward")
+        for j, key in enumerate(sorted({k for r in records for k in r if k.startswith("pass@")},
+                                       key=lambda k: int(k[5:]) if k[5:].isdigit() else 0)):
+            steps, _, value = _series(records, key)
+            axes[1].plot(steps, value, "o-", color=f"C{i + j}", label=f"{tag} {key}")
+    axes[0].set_ylabel("mean reward per sample")
+    axes[1].set_ylabel("pass@k (fraction of problems)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle("Reinforcement learning: reward and pass@k by step")
+    return fig, axes
+
+def _plot_evals(plt, metrics):
+    names = [m for m in SUMMARY_METRICS if any(key[0] == m for key in metrics)]
+    columns = [c for c in ("BASE", "MID", "SFT", "RL") if any(key[1] == c for key in metrics)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names) + 2), 4.5))
+    width = 0.8 / len(columns)
+    for j, column in enumerate(columns):
+        xs = [i - 0.4 + width * (j + 0.5) for i, m in enumerate(names) if (m, column) in metrics]
+        values = [float(metrics[(m, column)]) for m in names if (m, column) in metrics]
+        bars = ax.bar(xs, values, width, color=STAGE_COLORS[column], label=column)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    for i, name in enumerate(names):
+        ax.hlines(CHANCE.get(name, 0.0), i - 0.45, i + 0.45, colors="black", linestyles="--", zorder=3,
+                  label="chance" if i == 0 else None)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_ylabel("accuracy (CORE, ChatCORE: centered, 0 = chance)")
+    ax.set_title("Evaluations by stage against chance")
+    ax.axhline(0, color="gray", linewidth=0.5)
+    return fig, [ax]
+
+def plot_markdown(report_dir, logs, metrics):
+    """Draw every plot there is data for into report_dir; -> the report's markdown lines linking them."""
+    plt = _pyplot()
+    if plt is None:
+        return ["No plots: matplotlib is not installed. `pip install matplotlib` (or `pip install -e '.[report]'`), "
+                "then run `python -m nanochat.report generate` again."]
+    chat_logs = {stage: logs[stage] for stage in ("mid", "sft") if logs[stage]}
+    plots = [("base_training.png", "Base model training", logs["base"] and (lambda: _plot_base(plt, logs["base"]))),
+             ("chat_training.png", "Mid-training and SFT", chat_logs and (lambda: _plot_chat(plt, chat_logs))),
+             ("rl.png", "Reinforcement learning", logs["rl"] and (lambda: _plot_rl(plt, logs["rl"]))),
+             ("evals.png", "Evaluations by stage", metrics and (lambda: _plot_evals(plt, metrics)))]
+    lines = []
+    for filename, title, draw in plots:
+        if not draw:
+            continue
+        fig, axes = draw()
+        for ax in axes:
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(report_dir, filename)
+        fig.savefig(path + ".tmp", format="png", dpi=100)
+        plt.close(fig)
+        os.replace(path + ".tmp", path)
+        lines += [f"![{title}]({filename})", ""]
+    return lines or ["No plots: no metric logs from this run in <base>/logs and no evaluation sections yet."]
 
 # -----------------------------------------------------------------------------
 
