@@ -253,11 +253,16 @@ def get_lr_multiplier(it):
     return progress + (1 - progress) * args.final_lr_frac
 
 def get_muon_momentum(it):
-    """0.85 -> 0.97 over the first 400 steps; during the LR warmdown, 0.97 -> 0.90."""
-    if it >= warmdown_start and warmdown_iters > 0:
+    """
+    0.85 -> 0.97 over the first 400 steps; then during the LR warmdown 0.97 -> 0.90. The ramp comes first, as in the
+    reference: a run shorter than 400 steps ramps to the end (200 steps: 0.85 -> 0.91, no jump to 0.97 where the
+    warmdown begins), and a longer one whose warmdown starts inside the ramp steps down to the warmdown line at 400.
+    """
+    if it < 400:
+        return 0.85 + 0.12 * it / 400
+    if warmdown_iters > 0 and it >= warmdown_start:
         return 0.97 - 0.07 * (it - warmdown_start) / warmdown_iters
-    frac = min(it / 400, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.97
+    return 0.97
 
 def get_weight_decay(it):
     """Cosine from weight_decay_scaled to 0 over the run."""
