@@ -176,8 +176,9 @@ def _probe_isolation():
     if probe.returncode == 0:
         return bwrap, None
     said = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
-    return None, (f"{bwrap} cannot create namespaces here ({said}); run as root, or allow unprivileged user "
-                  f"namespaces (sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
+    return None, (f"{bwrap} cannot create namespaces here ({said}); run as root (in a container: one started with "
+                  f"--privileged or --cap-add SYS_ADMIN), or allow unprivileged user namespaces "
+                  f"(sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
 
 _isolation_lock = threading.Lock()
 _banner_shown = False
