@@ -275,7 +275,7 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
         lines.append("Estimated cost: - (no GPU in the header's hardware list)")
     return lines
 
-def _pyplot():
+def get_pyplot():
     """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
     try:
         import matplotlib
@@ -365,7 +365,7 @@ def _plot_evals(plt, metrics):
 
 def plot_markdown(report_dir, logs, metrics):
     """Draw every plot there is data for into report_dir; -> the report's markdown lines linking them."""
-    plt = _pyplot()
+    plt = get_pyplot()
     if plt is None:
         return ["No plots: matplotlib is not installed. `pip install matplotlib` (or `pip install -e '.[report]'`), "
                 "then run `python -m nanochat.report generate` again."]

@@ -106,6 +106,15 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
            [{k: r.get(k) for k in DETERMINISTIC} for r in reference_log]
     assert [r["step"] for r in reference_log if "val_bpb" in r] == [0, 3, 6] and "loss" not in reference_log[-1]
 
+def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch):
+    base, _ = reference_run
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    from scripts.scaling_analysis import run_row  # what runs/miniseries.sh and runs/scaling_laws.sh append
+    row, meta = run_row("d2"), final_meta(base)
+    assert row["depth"] == 2 and row["num_iterations"] == STEPS and row["tokens_trained"] == STEPS * 128
+    assert row["val_bpb"] == meta["val_bpb"] and row["num_scaling_params"] == meta["num_scaling_params"] > 0
+    assert row["total_flops"] == meta["flops_per_token"] * STEPS * 128 and row["num_params"] == meta["param_counts"]["total"]
+
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run
     ddp = tmp_path / "ddp"
