@@ -42,30 +42,32 @@ t0 = time.perf_counter()
 bwrap, problem = execution._probe_isolation()
 print(f"bwrap: {bwrap or 'unusable: ' + problem} (probe {1e3 * (time.perf_counter() - t0):.0f} ms, once per process)")
 
-def timed(fn):
-    times = []
-    for _ in range(args.calls):
-        t = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t))
-    times.sort()
-    with ThreadPoolExecutor(args.workers) as pool:
-        t = time.perf_counter()
-        list(pool.map(lambda _: fn(), range(args.calls)))
-        rate = args.calls / (time.perf_counter() - t)
-    return times[len(times) // 2], times[int(0.9 * (len(times) - 1))], rate
-
-def run(code):
+def run(code, path):
+    execution._isolation = lambda: path
     result = execution.execute_code(code)
     assert result.success, result
 
-rows = [("python -I -c pass", "python floor", *timed(lambda: subprocess.run([sys.executable, "-I", "-c", "pass"])))]
-modes = [("no isolation", None)] + ([("isolated", bwrap)] if bwrap else [])
-execution._banner_shown = True  # the fallback rows are meant: no banner
-for mode, path in modes:
-    execution._isolation = lambda path=path: path
+execution._banner_shown = True  # the "no isolation" rows are meant: no banner
+calls = {("python -I -c pass", "python floor"): lambda: subprocess.run([sys.executable, "-I", "-c", "pass"])}
+for mode, path in [("no isolation", None)] + ([("isolated", bwrap)] if bwrap else []):
     for name, code in PROGRAMS.items():
-        rows.append((name, mode, *timed(lambda code=code: run(code))))
+        calls[(name, mode)] = lambda code=code, path=path: run(code, path)
+
+# Rows take turns call by call, so a shared machine's changing load weighs on all of them alike.
+times = {row: [] for row in calls}
+for _ in range(args.calls):
+    for row, fn in calls.items():
+        t = time.perf_counter()
+        fn()
+        times[row].append(1e3 * (time.perf_counter() - t))
+rows = []
+with ThreadPoolExecutor(args.workers) as pool:
+    for (name, mode), fn in calls.items():
+        t = time.perf_counter()
+        list(pool.map(lambda _: fn(), range(args.calls)))
+        rate = args.calls / (time.perf_counter() - t)
+        ordered = sorted(times[(name, mode)])
+        rows.append((name, mode, ordered[len(ordered) // 2], ordered[int(0.9 * (len(ordered) - 1))], rate))
 
 print(f"{'program':<18} {'mode':<13} {'median ms':>10} {'p90 ms':>8} {f'calls/s x{args.workers}':>12}")
 for name, mode, median, p90, rate in rows:
