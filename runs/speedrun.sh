@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The reference run on one 8xH100 node: from nothing to a chat model and its report in a few hours.
 #   bash runs/speedrun.sh            (WANDB_RUN=name to log to wandb; NPROC=8 GPUs)
-# Install your CUDA build of torch (2.11-2.13) first; runs/setup.sh leaves it alone.
+# Install your CUDA build of torch (2.11-2.13) first; runs/setup.sh leaves it alone (SKIP_SETUP=1 skips it).
+# Each stage's flags end with $(extra NAME): the flags in env EXTRA_NAME (e.g. EXTRA_base_train="--save-every=1000"),
+# appended, so they win (argparse keeps a repeated flag's last value) while every flag written here is still parsed.
+# runs/speedrun_smoke.sh runs this very script that way on CPU in minutes: keep $(extra NAME) on every stage.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -9,26 +12,30 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 export NANOCHAT_DATASET="${NANOCHAT_DATASET:-climbmix}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 NPROC="${NPROC:-8}"
-bash runs/setup.sh
-python -m nanochat.report reset
+extra() { local name="EXTRA_$1"; echo "${!name:-}"; }
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    bash runs/setup.sh
+    python -m pip install -q -e ".[gpu]"  # `kernels`: FA3 on Hopper; without it attention runs flex, slower (banner says so)
+fi
+python -m nanochat.report reset $(extra report)
 
 # data: 8 shards for the tokenizer now, the rest (~7B tokens for d24 at ratio 8) in the background
-python -m nanochat.dataset -n 8
-python -m nanochat.dataset -n 170 &
+python -m nanochat.dataset -n 8 $(extra dataset)
+python -m nanochat.dataset -n 170 $(extra dataset) &
 DATASET_PID=$!
-python -m scripts.tok_train --max-chars=2000000000
-python -m scripts.tok_eval
+python -m scripts.tok_train --max-chars=2000000000 $(extra tok_train)
+python -m scripts.tok_eval $(extra tok_eval)
 wait $DATASET_PID
 
 # pretraining and base evaluation
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-batch-size=16
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --device-batch-size=16 --fp8 --run=$WANDB_RUN $(extra base_train)
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval -- --device-batch-size=16 $(extra base_eval)
 
 # teach it to chat: mid-training, then SFT, evaluating each
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --run=$WANDB_RUN $(extra mid_train)
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid $(extra chat_eval)
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN $(extra chat_sft)
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft $(extra chat_eval)
 
-python -m nanochat.report generate
-python -m scripts.chat_cli -i sft -p "Why is the sky blue?"
+python -m nanochat.report generate $(extra report)
+python -m scripts.chat_cli -i sft -p "Why is the sky blue?" $(extra chat_cli)

@@ -51,7 +51,7 @@ parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('d
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
 parser.add_argument("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET, else climbmix)")
 parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = on for CUDA only")
-parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+ only)")
+parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False, help="fp8 matmuls for the big linears (CUDA SM89+ only; --no-fp8 undoes an earlier --fp8)")
 parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="fp8 scaling (only tensorwise is implemented)")
 # model
 parser.add_argument("--depth", type=int, default=20, help="number of layers: the one complexity dial")
