@@ -24,6 +24,7 @@ beyond temperature/top-k.
 """
 
 import ast
+import re
 from collections import deque
 
 import torch
@@ -68,7 +69,7 @@ def use_calculator(expr):
     The expression is parsed and checked node by node before it is evaluated with no builtins.
     """
     expr = expr.strip()
-    arithmetic = expr.replace(",", "")
+    arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # 1,000 -> 1000, but (1,2) stays a tuple and is refused
     if arithmetic and set(arithmetic) <= _ARITHMETIC_CHARS:
         expr = arithmetic
     elif not (set(expr) <= _STRING_CHARS and ".count(" in expr and not any(w in expr.lower() for w in _FORBIDDEN)):
@@ -326,6 +327,29 @@ class RowBatch:
             for i, request in enumerate(self.rows):
                 request.logits = logits[i:i + 1]
         return out
+
+class TextStream:
+    """
+    Tokens in, text out in whole characters. A character can span several tokens (byte-level BPE), so text is held
+    back while the decoded tail is an incomplete UTF-8 sequence (decode() shows it as U+FFFD) and released once it
+    completes; flush() releases what is left. Released pieces join to exactly tokenizer.decode(all tokens): every
+    release ends on a character boundary, where UTF-8 decoding restarts cleanly.
+    """
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token):
+        self.pending.append(token)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self):
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
 
 # -----------------------------------------------------------------------------
 # Greedy completions of fixed prompts: how base_train and base_eval show what a base model knows

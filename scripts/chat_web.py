@@ -1,0 +1,467 @@
+"""
+Serve a chat model over HTTP: a ChatGPT-like page in the browser and an OpenAI-compatible API.
+
+    python -m scripts.chat_web                          # newest sft model, http://127.0.0.1:8000/
+    python -m scripts.chat_web -i sft -g d20 -n 8       # one worker per GPU on 8 GPUs
+    python -m scripts.chat_web --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines, on purpose
+
+Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (SSE lines
+`data: {"token": ..., "gpu": ...}` then `data: {"done": true}`), POST /v1/chat/completions (OpenAI format, streamed
+or not) and GET /v1/models. With --api-key every endpoint but / and /health needs `Authorization: Bearer <key>`.
+A leading `system` message (OpenAI route only) becomes the start of the first user message, as in training.
+
+How it serves: one worker thread per device (one model replica each; one worker on CPU/MPS). Each worker decodes
+every request it holds as one batch (engine.RowBatch: each row with its own prompt, cache position, sampling and
+seed), so concurrent users share the device's steps instead of queueing for it; a request joins between steps
+after its prefill and leaves when it ends or its client disconnects. Requests go to the least loaded worker and
+wait there when it already decodes --max-batch rows. Tokens reach the event loop through an asyncio queue, so
+generation never blocks it; text is streamed in whole UTF-8 characters.
+
+Left out: CORS (the page is served from the same origin, so other websites cannot read the API from a browser),
+n > 1, top_p, stop sequences, tools, logprobs (each answered with a 400 naming the field), request logging of content.
+"""
+
+import argparse
+import os
+
+parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
+parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one model replica per GPU (CPU/MPS: 1)")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
+parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
+parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (0 = greedy)")
+parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = whole vocabulary)")
+parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default most tokens per reply")
+parser.add_argument("-p", "--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
+parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY", ""),
+                    help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
+parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes together; more wait for a row")
+args = parser.parse_args()
+
+import asyncio
+import hmac
+import json
+import queue
+import random
+import socket
+import threading
+import time
+import uuid
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from nanochat.checkpoint import SOURCE_DIRS, find_model_tag, load_model
+from nanochat.common import autodetect_device_type, compute_init, get_base_dir
+from nanochat.engine import Engine, RowBatch, TextStream
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MAX_TOKENS_LIMIT = 4_096
+MAX_TOP_K = 200
+MAX_BODY_BYTES = 1 << 20
+UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+
+device_type = args.device_type or autodetect_device_type()
+if args.num_gpus < 1 or (device_type != "cuda" and args.num_gpus != 1):
+    parser.error(f"--num-gpus={args.num_gpus}: use >= 1 on CUDA and 1 on {device_type}")
+if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
+    parser.error(f"--num-gpus={args.num_gpus} but torch sees {torch.cuda.device_count()} GPUs")
+if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_TOKENS_LIMIT:
+    parser.error(f"defaults must satisfy 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, 1 <= -m <= {MAX_TOKENS_LIMIT}")
+if args.max_batch < 1:
+    parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+
+# -----------------------------------------------------------------------------
+# Request validation: every rule answers HTTP 400 with an OpenAI-style error naming the field
+
+class APIError(Exception):
+    def __init__(self, message, param=None, status=400, kind="invalid_request_error"):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+def error_response(e):
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}, status_code=e.status)
+
+def is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+def check_range(body, name, lo, hi, integer, default):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not (is_int(value) if integer else is_number(value)) or not lo <= value <= hi:
+        kind = "an integer" if integer else "a number"
+        raise APIError(f"{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)[:50]}", name)
+    return value
+
+def message_text(content, i, openai):
+    """A message's text: a string, or (OpenAI route) a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, list) and openai:
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise APIError(f"messages[{i}].content parts must all be {{\"type\": \"text\", \"text\": \"...\"}} (images, audio and files are not supported)",
+                           f"messages[{i}].content")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise APIError(f"messages[{i}].content must be a string", f"messages[{i}].content")
+    if not content:
+        raise APIError(f"messages[{i}].content is empty", f"messages[{i}].content")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise APIError(f"messages[{i}].content has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}", f"messages[{i}].content")
+    return content
+
+# OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently ignored.
+UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "logprobs": False, "top_logprobs": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
+               "logit_bias": None, "response_format": None, "audio": None, "modalities": None, "prediction": None}
+IGNORED = {"model", "user", "store", "metadata", "parallel_tool_calls", "service_tier", "reasoning_effort"}
+OPENAI_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "max_completion_tokens", "stream", "stream_options", "seed"}
+WEB_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "seed"}
+
+def parse_chat_request(body, openai):
+    """Validated settings from a request body; raises APIError naming the first bad field."""
+    if not isinstance(body, dict):
+        raise APIError("the request body must be a JSON object")
+    known = OPENAI_FIELDS | set(UNSUPPORTED) | IGNORED if openai else WEB_FIELDS
+    for name in body:
+        if name not in known:
+            raise APIError(f"Unrecognized request argument supplied: {name}", name)
+    if openai:
+        for name, neutral in UNSUPPORTED.items():
+            value = body.get(name)
+            if value is None or value == neutral or (name == "response_format" and value == {"type": "text"}) \
+                    or (name == "logit_bias" and value == {}):
+                continue
+            raise APIError(f"{name}={json.dumps(value)[:50]} is not supported by this server", name)
+        if "model" in body and not isinstance(body["model"], str):
+            raise APIError("model must be a string", "model")
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise APIError(f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
+    roles = ("system", "user", "assistant") if openai else ("user", "assistant")
+    parsed = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise APIError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
+        if m.get("role") not in roles:
+            raise APIError(f"messages[{i}].role must be one of {', '.join(roles)}; got {json.dumps(m.get('role'))[:50]}", f"messages[{i}].role")
+        if m["role"] == "system" and i != 0:
+            raise APIError(f"messages[{i}]: a system message is accepted only as the first message", f"messages[{i}].role")
+        parsed.append((m["role"], message_text(m.get("content"), i, openai)))
+    total = sum(len(text) for _, text in parsed)
+    if total > MAX_TOTAL_CHARS:
+        raise APIError(f"the messages have {total} characters in all; the limit is {MAX_TOTAL_CHARS}", "messages")
+    if parsed[0][0] == "system":
+        if len(parsed) < 2 or parsed[1][0] != "user":
+            raise APIError("a system message must be followed by a user message", "messages")
+        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]  # as the tokenizer renders it in training
+
+    max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
+    if openai:
+        max_completion = check_range(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, True, None)
+        if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+            raise APIError("max_tokens and max_completion_tokens differ: send one of them", "max_completion_tokens")
+        max_tokens = max_completion if max_completion is not None else max_tokens
+    stream = body.get("stream", False) if openai else True
+    if not isinstance(stream, bool):
+        raise APIError("stream must be true or false", "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+        raise APIError("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    seed = body.get("seed")
+    if seed is not None and not is_int(seed):
+        raise APIError("seed must be an integer", "seed")
+    return {
+        "messages": parsed,
+        "temperature": float(check_range(body, "temperature", 0, 2, False, args.temperature)),
+        "top_k": check_range(body, "top_k", 0, MAX_TOP_K, True, args.top_k),
+        "max_tokens": max_tokens or args.max_tokens,
+        "seed": random.randrange(2**31) if seed is None else seed % 2**63,
+        "stream": stream,
+        "include_usage": stream_options.get("include_usage", False),
+    }
+
+async def read_json(request):
+    """The body as JSON, read in pieces so an oversized body is refused without buffering it whole."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise APIError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            raise APIError(f"the request body is over the {MAX_BODY_BYTES}-byte limit", status=413)
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+        raise APIError(f"the request body is not valid JSON: {str(e)[:200]}")
+
+# -----------------------------------------------------------------------------
+# Workers: one thread per device, each decoding all of its requests as one batch
+
+class Job:
+    """One request as a worker sees it; results go back to the event loop as (token, finish) or ("error", text)."""
+    def __init__(self, tokens, settings, loop):
+        self.tokens, self.settings, self.loop = tokens, settings, loop
+        self.results = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.row = None
+
+    def send(self, item):
+        self.loop.call_soon_threadsafe(self.results.put_nowait, item)
+
+class Worker(threading.Thread):
+    def __init__(self, gpu_id, device, engine):
+        super().__init__(daemon=True, name=f"worker-{gpu_id}")
+        self.gpu_id, self.device, self.engine = gpu_id, device, engine
+        self.waiting = queue.Queue()
+        self.jobs = []           # jobs with a row in the batch (worker thread only)
+        self.load = 0            # requests assigned and not finished (event loop thread only)
+        self.wake = threading.Event()
+
+    def submit(self, job):
+        self.load += 1
+        self.waiting.put(job)
+        self.wake.set()
+
+    def run(self):
+        batch = RowBatch(self.engine)
+        while True:
+            if not self.jobs and self.waiting.empty():
+                self.wake.wait()
+            self.wake.clear()
+            for job in [j for j in self.jobs if j.cancelled.is_set()]:  # the client went away: free its row now
+                batch.cancel(job.row)
+                self.jobs.remove(job)
+            while len(self.jobs) < args.max_batch and not self.waiting.empty():
+                job = self.waiting.get()
+                if job.cancelled.is_set():
+                    continue
+                s = job.settings
+                try:
+                    job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"], s["top_k"] or None, s["seed"])
+                except ValueError as e:
+                    job.send(("error", str(e)))
+                    continue
+                self.jobs.append(job)
+            if not self.jobs:
+                continue
+            try:
+                results = batch.step()
+            except Exception as e:  # fail the requests in flight loudly, keep the worker alive for the next ones
+                print(f"worker {self.gpu_id}: decode step failed: {type(e).__name__}: {e}", flush=True)
+                for job in self.jobs:
+                    job.send(("error", f"generation failed: {type(e).__name__}"))
+                self.jobs, batch = [], RowBatch(self.engine)
+                continue
+            by_row = {id(job.row): job for job in self.jobs}
+            for row, token, _, finish in results:
+                by_row[id(row)].send((token, finish))
+                if finish is not None:
+                    self.jobs.remove(by_row[id(row)])
+
+# -----------------------------------------------------------------------------
+# Load one replica per device
+
+if device_type == "cuda":
+    compute_init("cuda")
+    devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
+else:
+    devices = [compute_init(device_type)[4]]
+model_tag = args.model_tag or find_model_tag(os.path.join(get_base_dir(), SOURCE_DIRS.get(args.source, "?")))
+workers = []
+for gpu_id, device in enumerate(devices):
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
+    workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
+MODEL_ID = f"nanochat-{args.source}-{model_tag}"
+CREATED = int(time.time())
+CONTEXT = model.config.sequence_len
+bos = tokenizer.get_bos_token_id()
+user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
+assistant_start, assistant_end = tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|assistant_end|>")
+
+def render_prompt(messages):
+    """<|bos|> then each turn in its delimiters, then <|assistant_start|>: the chat format of training."""
+    tokens = [bos]
+    for role, text in messages:
+        if role == "user":
+            tokens += [user_start, *tokenizer.encode(text), user_end]
+        else:
+            tokens += [assistant_start, *tokenizer.encode(text), assistant_end]
+    return tokens + [assistant_start]
+
+async def generate(settings):
+    """Async generator of (text, finish, prompt_tokens, completion_tokens, gpu_id); finish is None until the last item."""
+    tokens = render_prompt(settings["messages"])
+    if len(tokens) >= CONTEXT:
+        raise APIError(f"the conversation is {len(tokens)} tokens but the model's context is {CONTEXT}: "
+                       f"start a new conversation or shorten it", "messages")
+    settings = dict(settings, max_tokens=min(settings["max_tokens"], CONTEXT - len(tokens)))
+    worker = min(workers, key=lambda w: w.load)
+    job = Job(tokens, settings, asyncio.get_running_loop())
+    worker.submit(job)
+    t0, count, finish = time.time(), 0, None
+    stream = TextStream(tokenizer)
+    try:
+        while True:
+            token, finish = await job.results.get()
+            if token == "error":
+                raise APIError(finish, status=500, kind="server_error")
+            if finish != "stop":  # the stop token ends the reply and is not part of it
+                count += 1
+                text = stream.push(token)
+                if finish is None:
+                    if text:
+                        yield text, None, len(tokens), count, worker.gpu_id
+                    continue
+            yield (stream.flush() if finish == "stop" else text + stream.flush()), finish, len(tokens), count, worker.gpu_id
+            return
+    finally:
+        job.cancelled.set()  # a no-op for a finished row; frees the row of a client that disconnected
+        worker.wake.set()
+        worker.load -= 1
+        print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, {finish or 'cancelled'}, {time.time() - t0:.2f}s", flush=True)
+
+# -----------------------------------------------------------------------------
+# HTTP
+
+app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
+
+@app.exception_handler(APIError)
+async def api_error_handler(request, e):
+    return error_response(e)
+
+@app.exception_handler(Exception)
+async def unexpected_error_handler(request, e):  # say what happened instead of a bare 500 page
+    print(f"error on {request.url.path}: {type(e).__name__}: {e}", flush=True)
+    return error_response(APIError(f"internal error: {type(e).__name__}", status=500, kind="server_error"))
+
+def check_key(request):
+    if not args.api_key:
+        return
+    header = request.headers.get("authorization", "")
+    if not hmac.compare_digest(header.encode(), f"Bearer {args.api_key}".encode()):
+        raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error")
+
+def sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+@app.get("/")
+async def root():
+    with open(UI_PATH, encoding="utf-8") as f:
+        return HTMLResponse(f.read())
+
+@app.get("/health")
+async def health():
+    return {"status": "ok", "ready": all(w.is_alive() for w in workers), "num_gpus": len(workers),
+            "available_workers": sum(w.load < args.max_batch for w in workers)}
+
+@app.get("/stats")
+async def stats(request: Request):
+    check_key(request)
+    return {"total_workers": len(workers), "available_workers": sum(w.load < args.max_batch for w in workers),
+            "busy_workers": sum(w.load > 0 for w in workers), "max_batch": args.max_batch,
+            "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), "requests": w.load} for w in workers]}
+
+@app.get("/v1/models")
+async def models(request: Request):
+    check_key(request)
+    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED, "owned_by": "nanochat",
+                                         "context_length": CONTEXT}]}
+
+async def first_and_rest(gen):
+    """Run the generator to its first item so that errors before any token (e.g. too long) become a plain 400."""
+    first = await gen.__anext__()
+    async def rest():
+        try:
+            yield first
+            async for item in gen:
+                yield item
+        finally:  # closed early (client gone): close the generation now rather than at garbage collection
+            await gen.aclose()
+    return rest()
+
+@app.post("/chat/completions")
+async def chat_completions(request: Request):
+    check_key(request)
+    settings = parse_chat_request(await read_json(request), openai=False)
+    items = await first_and_rest(generate(settings))
+
+    async def events():
+        try:
+            async for text, _, _, _, gpu_id in items:
+                if text:
+                    yield sse({"token": text, "gpu": gpu_id})
+            yield sse({"done": True})
+        except APIError as e:
+            yield sse({"error": e.message})
+        finally:
+            await items.aclose()
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+@app.post("/v1/chat/completions")
+async def openai_chat_completions(request: Request):
+    check_key(request)
+    settings = parse_chat_request(await read_json(request), openai=True)
+    items = await first_and_rest(generate(settings))
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    usage = lambda p, c: {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    if not settings["stream"]:
+        parts = []
+        async for text, finish, prompt_tokens, completion_tokens, _ in items:
+            parts.append(text)
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "finish_reason": finish, "logprobs": None}],
+                "usage": usage(prompt_tokens, completion_tokens)}
+
+    def chunk(delta, finish=None):
+        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for text, finish, prompt_tokens, completion_tokens, _ in items:
+                if text:
+                    yield chunk({"content": text})
+                if finish is not None:
+                    yield chunk({}, finish)
+                    if settings["include_usage"]:
+                        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                   "model": MODEL_ID, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        except APIError as e:
+            yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
+        finally:
+            await items.aclose()
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+# -----------------------------------------------------------------------------
+# Serve
+
+if __name__ == "__main__":
+    for worker in workers:
+        worker.start()
+    # Bind the socket here so that --port 0 can print the port it got before uvicorn takes over.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((args.host, args.port))
+    host, port = sock.getsockname()[:2]
+    print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) ({', '.join(str(d) for d in devices)}), "
+          f"up to {args.max_batch} requests decoded together per worker", flush=True)
+    print(f"serving http://{host}:{port}/" + ("  (API key required)" if args.api_key else ""), flush=True)
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,340 @@
+"""
+chat_web end to end: a tiny random model saved as an SFT checkpoint, served by the real script on 127.0.0.1 (a free
+port, an API key), called with the official `openai` client and plain HTTP. Greedy replies are compared with what the
+Engine generates for the same tokens. The model never emits a stop token (their lm_head rows are zero, so their logit
+is 0 while the argmax over 300+ random logits is positive), so every reply runs to max_tokens and a long one lasts
+seconds: long enough to disconnect in the middle of it.
+
+    python -m pytest -q tests/test_chat_web.py
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.engine import Engine, TextStream
+from nanochat.gpt import GPT, GPTConfig
+
+openai = pytest.importorskip("openai", reason="pip install -e '.[test]' installs the openai client")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEY = "test-key"
+
+def build_model(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
+                p.normal_(0.0, p.size(1) ** -0.5)
+        for stop in ("<|assistant_end|>", "<|bos|>"):
+            model.lm_head.weight[tokenizer.encode_special(stop)] = 0.0
+    return model.eval()
+
+def start_server(base_dir, *extra):
+    log_path = base_dir / f"server{len(list(base_dir.glob('server*.log')))}.log"
+    log = open(log_path, "w")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "-p", "0", *extra],
+                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        text = log_path.read_text()
+        if "serving http://" in text:
+            url = text.split("serving ")[1].split()[0].rstrip("/")
+            return proc, url, log_path
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"chat_web did not start:\n{log_path.read_text()[-3000:]}")
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_tokenizer):
+    """(url, model, tokenizer, log path) of chat_web serving the tiny model with --api-key."""
+    base_dir = tmp_path_factory.mktemp("chat_web_base")
+    model = build_model(tiny_tokenizer)
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    proc, url, log_path = start_server(base_dir, "--api-key", KEY, "--max-batch", "4")
+    yield url, model, tiny_tokenizer, log_path
+    proc.terminate()
+    proc.wait(timeout=30)
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+def engine_greedy_text(model, tok, user_text, max_tokens):
+    prompt = [tok.get_bos_token_id(), tok.encode_special("<|user_start|>"), *tok.encode(user_text),
+              tok.encode_special("<|user_end|>"), tok.encode_special("<|assistant_start|>")]
+    seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    return tok.decode(seqs[0][len(prompt):]), len(prompt)
+
+# -----------------------------------------------------------------------------
+# The OpenAI route
+
+def test_openai_client_stream_and_non_stream_equal_engine_greedy(served):
+    url, model, tok, _ = served
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    expected, prompt_len = engine_greedy_text(model, tok, "Hello there, café 🙂", 24)
+    messages = [{"role": "user", "content": "Hello there, café 🙂"}]
+    reply = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, 24)
+    stream = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_completion_tokens=24,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == expected
+    assert all("\ufffd" not in p for p in pieces if p) or "\ufffd" in expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24
+    # a system message is the start of the first user turn
+    with_system = client.chat.completions.create(model="nanochat", temperature=0, max_tokens=8, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    merged = client.chat.completions.create(model="nanochat", temperature=0, max_tokens=8,
+                                            messages=[{"role": "user", "content": "Be brief.\n\nHi"}])
+    assert with_system.choices[0].message.content == merged.choices[0].message.content
+
+def test_models_and_api_key(served):
+    url, *_ = served
+    listed = openai.OpenAI(base_url=url + "/v1", api_key=KEY).models.list()
+    assert [m.id for m in listed.data] == ["nanochat-sft-d1"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for headers in ({}, auth("wrong"), {"Authorization": KEY}):
+        for method, path, kw in (("post", "/v1/chat/completions", {"json": body}), ("post", "/chat/completions", {"json": body}),
+                                 ("get", "/v1/models", {}), ("get", "/stats", {})):
+            r = getattr(requests, method)(url + path, headers=headers, timeout=30, **kw)
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.json()["error"]["type"] == "authentication_error"
+    assert requests.get(url + "/health", timeout=30).json()["status"] == "ok"
+    page = requests.get(url + "/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
+
+USER = [{"role": "user", "content": "hi"}]
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": USER * 501}, "messages"),
+    ("/v1/chat/completions", {}, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 8001}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 8000}] * 5}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "system", "content": "late"}]}, "messages[1].role"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, "messages[0]"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": 2.5}, "temperature"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": -0.1}, "temperature"),
+    ("/v1/chat/completions", {"messages": USER, "temperature": "hot"}, "temperature"),
+    ("/v1/chat/completions", {"messages": USER, "top_k": 201}, "top_k"),
+    ("/v1/chat/completions", {"messages": USER, "top_k": -1}, "top_k"),
+    ("/v1/chat/completions", {"messages": USER, "top_k": 1.5}, "top_k"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_tokens": 4097}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "max_completion_tokens": 4097}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": USER, "n": 2}, "n"),
+    ("/v1/chat/completions", {"messages": USER, "top_p": 0.9}, "top_p"),
+    ("/v1/chat/completions", {"messages": USER, "tools": [{"type": "function"}]}, "tools"),
+    ("/v1/chat/completions", {"messages": USER, "stop": ["\n"]}, "stop"),
+    ("/v1/chat/completions", {"messages": USER, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {"messages": USER, "seed": "abc"}, "seed"),
+    ("/v1/chat/completions", {"messages": USER, "frobnicate": 1}, "frobnicate"),
+    ("/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, "messages[0].role"),
+    ("/chat/completions", {"messages": USER, "temperature": 3}, "temperature"),
+    ("/chat/completions", {"messages": USER, "top_k": 500}, "top_k"),
+    ("/chat/completions", {"messages": USER, "max_tokens": 5000}, "max_tokens"),
+])
+def test_validation_answers_400_naming_the_field(served, route, body, param):
+    url, *_ = served
+    r = requests.post(url + route, json=body, headers=auth(), timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+
+def test_malformed_bodies_get_4xx_and_server_keeps_serving(served):
+    url, *_ = served
+    for data in (b"{not json", b"\xff\xfe\x00garbage", b"[" * 100_000, b"null", b'"a string"', b"[1, 2]",
+                 json.dumps({"messages": USER, "temperature": float("nan")}).encode()):
+        r = requests.post(url + "/v1/chat/completions", data=data, headers=dict(auth(), **{"Content-Type": "application/json"}), timeout=30)
+        assert r.status_code == 400, (data[:20], r.status_code, r.text)
+        assert "error" in r.json()
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
+    assert requests.post(url + "/v1/chat/completions", data=big, headers=auth(), timeout=30).status_code == 413
+    # too long for the model's context (2048 tokens): a 400 naming messages, not a crash
+    long = [{"role": "user", "content": "word " * 1600}] * 3
+    r = requests.post(url + "/v1/chat/completions", json={"messages": long}, headers=auth(), timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert requests.get(url + "/health", timeout=30).json()["ready"] is True
+
+# -----------------------------------------------------------------------------
+# The UI's route, disconnects, batching
+
+def sse_events(response):
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("data: "):
+            yield json.loads(line[len("data: "):])
+
+def web_reply(url, text, max_tokens):
+    with requests.post(url + "/chat/completions", headers=auth(), stream=True, timeout=60,
+                       json={"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = list(sse_events(r))
+    assert events[-1] == {"done": True} and all(e["gpu"] == 0 for e in events[:-1])
+    return "".join(e["token"] for e in events[:-1])
+
+def test_web_route_streams_engine_greedy_and_concurrent_requests_batch(served):
+    url, model, tok, log_path = served
+    prompts = ["one", "a second, longer prompt", "third", "the fourth prompt here"]
+    expected = [engine_greedy_text(model, tok, p, 40)[0] for p in prompts]
+    assert web_reply(url, prompts[0], 40) == expected[0]
+    # four at once on one worker (--max-batch 4): decoded together, each still its own greedy reply
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, web_reply(url, prompts[i], 40))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected
+
+def test_disconnect_mid_stream_frees_the_worker(served):
+    url, model, tok, log_path = served
+    before = log_path.read_text().count("cancelled")
+    body = {"messages": [{"role": "user", "content": "tell me everything"}], "temperature": 0, "max_tokens": 4000}
+    with requests.post(url + "/chat/completions", headers=auth(), json=body, stream=True, timeout=60) as r:
+        first = next(sse_events(r))
+        assert "token" in first
+    # the server notices the closed connection, drops the row (about 2,000 tokens early) and says so
+    deadline = time.time() + 30
+    while time.time() < deadline and log_path.read_text().count("cancelled") == before:
+        time.sleep(0.1)
+    assert log_path.read_text().count("cancelled") == before + 1, log_path.read_text()[-2000:]
+    stats = requests.get(url + "/stats", headers=auth(), timeout=30).json()
+    assert stats["busy_workers"] == 0 and stats["workers"][0]["requests"] == 0
+    assert web_reply(url, "one", 5) == engine_greedy_text(model, tok, "one", 5)[0]
+
+def test_text_stream_emits_whole_characters(tiny_tokenizer):
+    # token ids 0-255 are the single bytes, so each multi-byte character below spans 2-4 tokens
+    text = "naïve 你好 🙂🚀 done"
+    stream = TextStream(tiny_tokenizer)
+    pieces = [stream.push(b) for b in text.encode()] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "🙂" in pieces and "你" in pieces  # released whole, at the byte that completes them
+
+# -----------------------------------------------------------------------------
+# The page in a real browser (headless Debian Chromium through Selenium and the system chromedriver)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+BROWSER_MISSING = not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER))
+
+@pytest.fixture
+def browser(tmp_path):
+    if BROWSER_MISSING:
+        pytest.skip("no browser: apt-get install -y chromium chromium-driver (runs/test.sh does this as root)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e '.[test]' installs selenium")
+    from selenium.webdriver.chrome.service import Service
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--no-first-run", "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+def wait_for(driver, script, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = driver.execute_script(script)
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {script}")
+
+def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    url, model, tok, _ = served
+    d = browser
+    d.get(url + "/")
+    d.execute_script("sessionStorage.setItem('nanochat-api-key', arguments[0]);", KEY)
+    # count requests, record how the reply grows (streaming shows many lengths), and catch any alert()
+    d.execute_script("""
+        window.posts = 0; window.lengths = new Set(); window.alerted = 0;
+        window.alert = () => { window.alerted++; };
+        const realFetch = window.fetch;
+        window.fetch = (...a) => { if (String(a[0]).includes('/chat/completions')) window.posts++; return realFetch(...a); };
+        new MutationObserver(() => { const r = document.querySelector('.message.assistant');
+            if (r) window.lengths.add(r.textContent.length); }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    """)
+    wait_for(d, "return document.getElementById('banner').className !== 'show' && document.readyState === 'complete'")
+    box = d.find_element(By.ID, "input")
+    box.send_keys("/temperature 0", Keys.ENTER)
+    assert "temperature set to 0" in d.find_element(By.CSS_SELECTOR, ".message.note").text
+    idle = "return !state.busy && state.messages.length === 2 && state.messages[1].content.length > 0"
+
+    # send: a streamed reply equal to the greedy reply for the same conversation
+    box.send_keys("hello", Keys.ENTER)
+    wait_for(d, idle)
+    first = d.execute_script("return state.messages[1].content")
+    assert first == engine_greedy_text(model, tok, "hello", 512)[0]
+    assert d.execute_script("return window.lengths.size") > 5, "the reply appeared at once, not streamed"
+    assert d.execute_script("return window.posts") == 1
+
+    # click the reply: regenerated (a second request), same text at temperature 0
+    d.execute_script("window.lengths.clear()")
+    d.find_element(By.CSS_SELECTOR, ".message.assistant").click()
+    wait_for(d, "return window.posts === 2 && " + idle[len("return "):])
+    assert d.execute_script("return state.messages[1].content") == first
+    assert d.execute_script("return window.lengths.size") > 5
+
+    # click the user message: back in the box to edit; the conversation is cut there
+    d.find_element(By.CSS_SELECTOR, ".message.user").click()
+    assert box.get_attribute("value") == "hello"
+    assert d.execute_script("return state.messages.length") == 0
+    box.send_keys(" again", Keys.ENTER)
+    wait_for(d, "return window.posts === 3 && " + idle[len("return "):])
+    assert d.execute_script("return state.messages[0].content") == "hello again"
+    assert d.execute_script("return state.messages[1].content") == engine_greedy_text(model, tok, "hello again", 512)[0]
+
+    # a reply full of HTML is shown as text: the page serves the next reply from this stream instead of the model
+    hostile = ["Look: <img src=x onerror=alert(1)> and <scr", "ipt>alert(2)</script>\n\n```html\n<script>alert(3)</script>\n",
+               "```\n**bold** and `<b>code</b>`\n- <iframe src=javascript:alert(4)>"]
+    d.execute_script("""
+        const pieces = arguments[0], enc = new TextEncoder(), realFetch = window.fetch;
+        window.fetch = (...a) => {
+            if (!String(a[0]).includes('/chat/completions')) return realFetch(...a);
+            const body = new ReadableStream({ start(c) {
+                for (const p of pieces) c.enqueue(enc.encode('data: ' + JSON.stringify({token: p, gpu: 0}) + '\\n\\n'));
+                c.enqueue(enc.encode('data: {"done": true}\\n\\n')); c.close(); } });
+            return Promise.resolve(new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}}));
+        };""", hostile)
+    box.send_keys("show me html", Keys.ENTER)
+    wait_for(d, "return !state.busy && state.messages.length === 4")
+    reply = d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    text = reply.get_attribute("textContent")
+    for literal in ("<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "<script>alert(3)</script>",
+                    "<b>code</b>", "<iframe src=javascript:alert(4)>"):
+        assert literal in text
+    assert d.execute_script("return document.querySelectorAll('#messages img, #messages script, #messages iframe, #messages b').length") == 0
+    assert reply.find_element(By.CSS_SELECTOR, "pre code").get_attribute("textContent") == "<script>alert(3)</script>"
+    assert reply.find_element(By.CSS_SELECTOR, "strong").text == "bold"
+    time.sleep(0.5)  # give a broken image's onerror time to fire, were it an element
+    assert d.execute_script("return window.alerted") == 0
+    d.save_screenshot(str(tmp_path / "chat_web.png"))
+    assert (tmp_path / "chat_web.png").stat().st_size > 10_000
