@@ -105,9 +105,9 @@ def test_fresh_globals():
 
 def test_works_from_worker_threads():
     # SIGALRM-based timeouts raise "signal only works in main thread"; this sandbox must not care.
-    programs = [f"print({i} * {i})" for i in range(4)] + ["while True:\n    pass\n"]
+    jobs = [(f"print({i} * {i})", 10.0) for i in range(4)] + [("while True:\n    pass\n", 1.0)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda code: execute_code(code, timeout=1.0), programs))
+        results = list(pool.map(lambda job: execute_code(*job), jobs))
     assert [r.stdout for r in results[:4]] == [f"{i * i}\n" for i in range(4)]
     assert results[4].timeout
 

@@ -99,9 +99,9 @@ while True:
             print('refused', refused, 'started', started, flush=True)
 """
     start = time.time()
-    result = execute_code(code, timeout=1.0)
+    result = execute_code(code, timeout=2.0)  # 2 s: the interpreter's start alone took up to 0.9 s on a loaded CI VM
     assert result.timeout, result
-    assert time.time() - start < 10, "the call outlived its 1 s timeout by far"
+    assert time.time() - start < 10, "the call outlived its 2 s timeout by far"
     assert "refused 1000 started 0" in result.stdout, result
     assert_nothing_survives(result)
 
@@ -124,7 +124,7 @@ print('children started', flush=True)
 def test_started_processes_die_with_the_call(monkeypatch, then):
     monkeypatch.setattr(execution, "_GUARD", execution._GUARD.replace("(resource.RLIMIT_NPROC, 0)",
                                                                       "(resource.RLIMIT_CORE, 0)"))
-    result = execute_code(ESCAPE.format(depth=4, then=then), timeout=2.0)
+    result = execute_code(ESCAPE.format(depth=4, then=then), timeout=10.0 if then == "pass" else 3.0)
     assert "children started" in result.stdout, result  # the processes really existed
     assert result.timeout == (then != "pass"), result
     assert_nothing_survives(result)
