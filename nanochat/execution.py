@@ -19,14 +19,16 @@ package `bubblewrap`):
     RLIMIT_NPROC = 0 binds (the kernel exempts root) and no process can be started at all; no_new_privs makes
     setuid binaries powerless. A non-root caller's program keeps the caller's uid (in its own user namespace);
   * --die-with-parent: if the calling process dies, the sandbox dies with it.
-Where bwrap is missing or cannot create namespaces (macOS, containers without user namespaces), one banner line
-on stderr says so and how to fix it, and only the measures below apply. Always:
+Where bwrap is missing or cannot create namespaces (macOS, most Docker containers), one banner line on stderr says
+so and how to fix it, and only the measures below apply; a root caller's program still drops to `nobody` there when
+this Python can start as nobody (not when it is installed under /root), so it cannot start processes, read
+root-only files or other processes' /proc entries. Always:
   * an environment scrubbed to PATH=/usr/bin:/bin and OMP_NUM_THREADS=1 (parent secrets are not inherited),
   * a fresh temporary working directory, removed afterwards, and stdin = /dev/null (input() raises EOFError),
   * resource limits set by the child on itself before the program runs: address space and data segment =
     maximum_memory_bytes (a big allocation raises MemoryError; not on macOS, which refuses these limits),
     CPU seconds ~ timeout, no core files, written files <= MAX_FILE_BYTES, and no new processes or threads
-    (RLIMIT_NPROC = 0),
+    (RLIMIT_NPROC = 0, which the kernel enforces on any uid but root's: hence the drop to nobody),
   * a guard that sets dangerous functions to None: os.system/fork/kill/remove/unlink/rmdir/rename/chdir/...,
     shutil.rmtree/move/chown, subprocess.Popen, builtins exit/quit/help, and hides resource/psutil/... It stops a
     well-meaning model's accidents; a program can undo it (importlib.reload(os)), the namespaces are the boundary,
@@ -38,10 +40,10 @@ Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES ea
 What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel and has no
 seccomp filter), reading what is bound read-only (/usr and the Python installation: no secrets belong there),
 host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and timing side
-channels. Without isolation (the banner), it is NOT a security boundary: the network is open, files outside the
-temp dir can be read and overwritten, ctypes can call anything, a child that leaves the process group (setsid)
-outlives the call, and as root RLIMIT_NPROC does not bind, so processes can be started. tests/test_sandbox_attacks.py
-holds one test per attack.
+channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without isolation (the
+banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
+overwritten, ctypes can call anything, and where the program runs as root (see above) it can start processes that
+leave the process group (setsid) and outlive the call. tests/test_sandbox_attacks.py holds one test per attack.
 """
 
 import functools
@@ -82,7 +84,7 @@ if {limit_memory}:  # macOS refuses RLIMIT_AS/DATA (setrlimit raises ValueError)
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
 drop_to_uid = {drop_to_uid}
-if drop_to_uid is not None:  # root inside bwrap: become an ordinary user, for whom RLIMIT_NPROC = 0 binds
+if drop_to_uid is not None:  # started as root: become an ordinary user, for whom RLIMIT_NPROC = 0 binds
     os.setgroups([])
     os.setgid(drop_to_uid)
     os.setuid(drop_to_uid)
@@ -180,6 +182,22 @@ def _probe_isolation():
                   f"--privileged or --cap-add SYS_ADMIN), or allow unprivileged user namespaces "
                   f"(sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
 
+@functools.cache
+def _can_drop_privileges():
+    """Root without bwrap: True if this Python still starts as SANDBOX_UID and can write a root-made temp dir
+    chowned to it (False where the installation sits in a directory only root may enter, e.g. pyenv under /root)."""
+    if os.geteuid() != 0:
+        return False
+    with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as work_dir:
+        os.chown(work_dir, SANDBOX_UID, SANDBOX_UID)
+        check = f"open({os.path.join(work_dir, 'probe')!r}, 'w').close()"
+        try:
+            probe = subprocess.run([sys.executable, "-I", "-c", check], user=SANDBOX_UID, group=SANDBOX_UID,
+                                   extra_groups=[], env=_ENV, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+    return probe.returncode == 0
+
 _isolation_lock = threading.Lock()
 _banner_shown = False
 
@@ -189,8 +207,12 @@ def _isolation():
     with _isolation_lock:  # the first calls may come from several threads at once: probe and warn once
         bwrap, problem = _probe_isolation()
         if bwrap is None and not _banner_shown:
+            as_root = ""
+            if os.geteuid() == 0:
+                as_root = ("; it still runs as uid nobody, so it cannot start processes" if _can_drop_privileges() else
+                           "; it runs as root, as this Python cannot start as uid nobody (install it outside /root)")
             print(f"nanochat.execution: WARNING: model-written code runs WITHOUT isolation (your files, network and "
-                  f"processes are reachable from it): {problem}", file=sys.stderr, flush=True)
+                  f"processes are reachable from it): {problem}{as_root}", file=sys.stderr, flush=True)
             _banner_shown = True
     return bwrap
 
@@ -223,10 +245,12 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
         with open(program_path, "w", encoding="utf-8") as f:
             f.write(code)
         os.chmod(program_path, 0o644)  # readable by the sandbox's unprivileged uid
+        drop = os.geteuid() == 0 and (bwrap is not None or _can_drop_privileges())
+        if drop and bwrap is None:
+            os.chown(work_dir, SANDBOX_UID, SANDBOX_UID)  # without bwrap's tmpfs, its work dir is this one
         guard = _GUARD.format(memory=int(maximum_memory_bytes), cpu_seconds=int(timeout) + 1,
                               max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path),
-                              limit_memory=sys.platform != "darwin",
-                              drop_to_uid=SANDBOX_UID if bwrap and os.geteuid() == 0 else None)
+                              limit_memory=sys.platform != "darwin", drop_to_uid=SANDBOX_UID if drop else None)
         command = [sys.executable, "-I", "-c", guard]
         if bwrap:
             command = _bwrap_command(bwrap, work_dir, program_path) + command

@@ -2,12 +2,13 @@
 Hostile programs against the code sandbox (nanochat/execution.py): each test runs one attack a model-written program
 could make and asserts it fails. Every attack here worked before the sandbox ran programs in bubblewrap namespaces.
 They are skipped, with the reason, only where bwrap is missing or cannot create namespaces (CI installs it): without
-isolation several of them would really read secrets or kill processes on the test machine. The last test holds the
+isolation several of them would really read secrets or kill processes on the test machine. The last tests hold the
 fallback (no bwrap) to what it still promises.
 
     python -m pytest -q tests/test_sandbox_attacks.py
 """
 
+import functools
 import os
 import socket
 import subprocess
@@ -244,4 +245,43 @@ def test_without_isolation_the_process_group_dies_with_the_call(monkeypatch):
     monkeypatch.setattr(execution, "_isolation", lambda: None)
     code = SHOW_WORK_DIR + "import importlib, time\nimportlib.reload(os)\nif os.fork() == 0:\n    time.sleep(60)\n"
     result = execute_code(code)
+    assert_nothing_survives(result)
+
+def python_nobody_can_start():
+    """This Python if uid nobody can start it, else Debian's system Python if that works, else None."""
+    for python in [execution.sys.executable, "/usr/bin/python3"]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(execution.sys, "executable", python)
+            if os.path.exists(python) and execution._can_drop_privileges.__wrapped__():
+                return python
+    return None
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the root fallback: needs root")
+def test_without_isolation_root_still_runs_the_program_as_nobody(monkeypatch, victim):
+    python = python_nobody_can_start()
+    if python is None:
+        pytest.skip("no Python here that uid nobody can start (the fallback then runs programs as root, and says so)")
+    monkeypatch.setattr(execution, "_isolation", lambda: None)
+    monkeypatch.setattr(execution.sys, "executable", python)
+    monkeypatch.setattr(execution, "_can_drop_privileges", functools.cache(execution._can_drop_privileges.__wrapped__))
+    code = SHOW_WORK_DIR + f"""import importlib, signal
+importlib.reload(os)
+print('uid', os.getuid())
+print('status', os.system('echo escaped'))
+for path in ['/proc/{victim.pid}/environ', '/proc/{os.getpid()}/fd/1']:
+    try:
+        print('read', path, open(path, 'rb').read(100))
+    except OSError as e:
+        print('refused', path, type(e).__name__)
+try:
+    os.kill({victim.pid}, signal.SIGKILL)
+except OSError as e:
+    print('refused kill', type(e).__name__)
+open('mine.txt', 'w').write('the work dir stays writable')
+"""
+    result = execute_code(code)
+    assert result.success, result
+    assert "uid 65534" in result.stdout and "escaped" not in result.stdout, result
+    assert "read " not in result.stdout and "hunter2" not in result.stdout, result
+    assert "refused kill PermissionError" in result.stdout and victim.poll() is None, result
     assert_nothing_survives(result)
