@@ -148,6 +148,9 @@ def plot(rows, fits, out_dir, plt):
         for r in runs:
             ax.annotate(f"d{r['depth']:.0f}", (r["total_flops"], r["val_bpb"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
+    minima = sorted((budget, fit["bpb_opt"]) for budget, fit in fits.items() if "bpb_opt" in fit)
+    if minima:
+        ax.plot(*zip(*minima), "k*--", markersize=10, linewidth=1, label="IsoFLOP minima (fitted)")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (log scale)")
     ax.set_ylabel("final val bpb (bits/byte)")
