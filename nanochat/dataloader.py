@@ -159,7 +159,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 # Chat: best-fit packing with BOS padding, never cropping between rows
 
 def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", state=None,
-                buffer_size=100, train_all_tokens=False):
+                buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None):
     """
     Infinite generator of (inputs, targets, state) over a dataset of conversations (len() and [i]).
     Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when none fits, the
@@ -167,8 +167,17 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     cropped to T+1 when it is rendered, so every conversation fits an empty row: nothing is skipped and no row is
     all padding. Targets are -1 where the render mask is 0 (only assistant tokens are trained) and on padding;
     train_all_tokens=True trains every real token (user turns too), as the reference's mid-training did.
+    Epochs never mix: the next epoch's conversations enter the buffer only once this epoch's are all placed in rows
+    (the last rows of an epoch are less full), so each conversation of the stream is trained exactly once per epoch
+    and "progress" counts conversations placed in yielded rows, not pulled into the buffer (~buffer_size of them).
+    num_epochs: after that many epochs every row is padding (targets all -1, nothing trained) and progress stays at
+    num_epochs, so a stream that finishes first waits for the others without repeating anything. None = forever.
+    max_per_batch: at most this many conversations per yielded batch, the rest padding (None = fill the rows), so
+    an optimizer step trains a set number of conversations as unpacked SFT does, whatever their lengths.
     state = {"epoch", "cursor" (next example index of this rank's stream), "buffer" (example indices),
-    "progress" (epochs consumed as a float: 0.5 = half the dataset pulled into the buffer)}; pass it back to resume.
+    "epoch_start" (the cursor this epoch began at), "consumed" (this epoch's conversations placed in rows),
+    "progress" (epochs consumed as a float: 0.5 = half of this stream's share of the dataset trained)};
+    pass it back to resume.
     """
     n = len(dataset)
     assert n > 0, "the conversation dataset is empty"
@@ -176,27 +185,37 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     bos = tokenizer.get_bos_token_id()
     # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's size (a tiny
     # validation set read by many GPUs x accumulation steps) start at rank % n instead of past the end.
-    epoch, cursor, buffer = 1, rank % n, []
+    epoch, cursor, buffer, consumed = 1, rank % n, [], 0
+    epoch_start = cursor
 
     def render(index):
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
         return (index, ids, [1] * len(ids) if train_all_tokens else mask)
 
+    def share(start):  # this stream's conversations in an epoch that begins at cursor `start`: start, start+W, ... < n
+        return -(-(n - start) // world_size)
+
     if state is not None:
-        epoch, cursor = state["epoch"], state["cursor"]
+        epoch, cursor, consumed, epoch_start = state["epoch"], state["cursor"], state["consumed"], state["epoch_start"]
         buffer = [render(index) for index in state["buffer"]]
 
     while True:
         rows = torch.full((B, T + 1), bos, dtype=torch.int64)
         supervised = torch.zeros((B, T + 1), dtype=torch.bool)
+        placed = 0
         for b in range(B):
             pos = 0
-            while pos < T + 1:
-                while len(buffer) < buffer_size:
+            while pos < T + 1 and placed != max_per_batch:
+                while len(buffer) < buffer_size and cursor < n:
                     buffer.append(render(cursor))
                     cursor += world_size
-                    if cursor >= n:  # keeps the stride across the wrap (a stride > n passes whole epochs)
-                        cursor, epoch = cursor % n, epoch + cursor // n
+                if not buffer:  # every conversation of this epoch is placed
+                    if num_epochs is not None and epoch >= num_epochs:
+                        break  # done: padding only from here on
+                    # next epoch; the stride continues across the wrap (a stride > n passes whole epochs)
+                    epoch, cursor, consumed = epoch + cursor // n, cursor % n, 0
+                    epoch_start = cursor
+                    continue
                 space = T + 1 - pos
                 fits = [i for i, item in enumerate(buffer) if len(item[1]) <= space]
                 if not fits:
@@ -206,8 +225,10 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
                 pos += len(ids)
+                consumed += 1
+                placed += 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
-        progress = epoch - 1 + cursor / n
+        progress = epoch - 1 + consumed / share(epoch_start)
         yield inputs, targets, {"epoch": epoch, "cursor": cursor, "buffer": [item[0] for item in buffer],
-                                "progress": progress}
+                                "epoch_start": epoch_start, "consumed": consumed, "progress": progress}

@@ -15,11 +15,19 @@ data mixture (build_mixture). Everything else is shared:
 - The loss is the sum over the step's supervised tokens divided by their count across every micro-batch and
   rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
   the reference's per-micro-batch mean turned into NaN.
-- One epoch of the mixture (or --num-iterations steps); the LR schedule is a function of the fraction of the
-  run done (of the epoch consumed, or of --num-iterations): constant, then a linear warmdown over the last
-  --warmdown-ratio to 0. Muon weight decay 0.
-- Sequence length, batch sizes and learning rates are inherited from the source checkpoint unless overridden;
-  the source model's window pattern is carried into the new checkpoint.
+- One epoch of the mixture, ending when every conversation of it has been trained once (or --num-iterations
+  steps); the LR schedule is a function of the fraction of the run done (of the epoch trained, or of
+  --num-iterations): constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
+- The recipes are the reference's separate mid-training and SFT stages. Mid-training: AdamW/Muon lrs 0.2 (wte),
+  0.004 (lm_head), 0.02 (Muon) with no batch-size factor, constant to 80% of the epoch then linear to 0, Muon
+  momentum 0.85 -> 0.95 over 300 steps, full token batches. SFT: the same lrs x 0.02, linear to 0 over the run,
+  momentum 0.95, and --examples-per-step=32 conversations per optimizer step (the reference's 4 unpacked rows x 8
+  GPUs; ~700 steps for an epoch of its ~23K-conversation mixture), each rank packing its share into a few rows.
+- Sequence length and batch sizes are inherited from the source checkpoint unless overridden (SFT sizes its rows
+  to hold its conversations); the start prints every setting with where it came from, the per-group lrs and
+  the epoch's step count. The source model's window pattern is carried into the new checkpoint.
+- Warm start: the source's optimizer momenta are loaded when it saved one shard per rank of this run; with another
+  number of GPUs the run warns and starts the momenta fresh.
 - Checkpoints hold the loader positions and the loop state, so --resume continues bit for bit.
 Leaves out: the fp16 GradScaler path and fp8 (bf16 or fp32 only).
 """
@@ -48,12 +56,18 @@ from tasks.common import TaskMixture
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
 from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
+# The reference's mid_train.py and chat_sft.py (the versions with a separate mid-training stage). lrs are the base
+# optimizer's per-group values (AdamW ones then scale with width as in pretraining); neither stage multiplies them by
+# pretraining's batch-size factor. momentum_ramp: Muon momentum 0.85 -> 0.95 over that many steps (0 = constant 0.95).
+# examples_per_step: conversations per optimizer step (-1 = full rows of packed conversations, as mid-training).
+RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 STAGES = {
-    "mid": dict(source="base", output="mid", init_lr_frac=1.0, warmdown_ratio=0.2, title="Midtraining",
-                wandb_project="nanochat-mid"),
-    "sft": dict(source="mid", output="sft", init_lr_frac=0.8, warmdown_ratio=0.5, title="Chat SFT",
-                wandb_project="nanochat-sft"),
+    "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2, momentum_ramp=300,
+                examples_per_step=-1, title="Midtraining", wandb_project="nanochat-mid"),
+    "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0, momentum_ramp=0,
+                examples_per_step=32, title="Chat SFT", wandb_project="nanochat-sft"),
 }
+GC_EVERY = 5000  # steps between full garbage collections once GC is frozen after step 1 (as base_train)
 
 def identity_task():
     """The identity conversations: <base>/identity_conversations.jsonl if present (CustomJSON), else synthetic ones."""
@@ -95,6 +109,11 @@ def build_mixture(stage, mixture):
         val = SmolTalk(split="test")
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
 
+def mean_rendered_length(task, tokenizer, T, sample=1000):
+    """Mean tokens per conversation as the packer renders them (cropped to T+1), over up to `sample` evenly spaced ones."""
+    indices = range(0, len(task), max(1, len(task) // sample))
+    return sum(len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in indices) / len(indices)
+
 def count_supervised(micro_batch_targets):
     """Supervised tokens (target >= 0) in this step's micro-batches, summed over ranks: the loss denominator."""
     num_supervised = sum((targets >= 0).sum() for targets in micro_batch_targets).float()
@@ -123,13 +142,19 @@ def main(stage):
                         help="real = SmolTalk/MMLU/ARC/GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
     parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
-    parser.add_argument("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: the source's)")
-    parser.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: the source's)")
-    parser.add_argument("--embedding-lr", type=float, default=None, help="AdamW lr of wte (default: the pretraining run's)")
-    parser.add_argument("--unembedding-lr", type=float, default=None, help="AdamW lr of lm_head (default: the pretraining run's)")
-    parser.add_argument("--matrix-lr", type=float, default=None, help="Muon lr (default: the pretraining run's)")
+    parser.add_argument("--device-batch-size", type=int, default=None,
+                        help="rows per forward/backward (default: the source's; SFT: enough rows for its conversations, at most the source's)")
+    parser.add_argument("--total-batch-size", type=int, default=None,
+                        help="tokens per optimizer step (default: the source's; SFT: one micro-batch per GPU)")
+    parser.add_argument("--examples-per-step", type=int, default=defaults["examples_per_step"],
+                        help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every row)")
+    parser.add_argument("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW lr of wte (x width scaling)")
+    parser.add_argument("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW lr of lm_head (x width scaling)")
+    parser.add_argument("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon lr")
     parser.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="multiplies every learning rate")
     parser.add_argument("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"], help="final fraction of the epoch with linear LR decay to 0")
+    parser.add_argument("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
+                        help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
     parser.add_argument("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer state (momenta) from the source checkpoint")
     parser.add_argument("--train-user-tokens", type=int, default=0, help="1 = also train on user tokens (the reference's mid-training did)")
     parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
@@ -152,33 +177,67 @@ def main(stage):
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
     source_step = source_meta["step"]
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
-    T = args.max_seq_len or source_meta["max_seq_len"]
-    device_batch_size = args.device_batch_size or source_meta["device_batch_size"]
-    total_batch_size = args.total_batch_size or source_meta["total_batch_size"]
-    lrs = {k: getattr(args, k) if getattr(args, k) is not None else pretrain_config[k]
-           for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    source_name = f"{args.source} checkpoint"
+    settings = {}  # name -> (value, where it came from), printed below
+
+    def setting(name, flag_value, default, origin):
+        settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
+        return settings[name][0]
+
+    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step"):
+        settings[name] = (getattr(args, name), "flag" if getattr(args, name) != defaults[name] else f"{stage} recipe")
+    T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
     if T > model.config.sequence_len:
         raise ValueError(f"--max-seq-len={T} exceeds the model's context {model.config.sequence_len}")
+
+    train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks} if args.chat_eval_every != 0 else {}  # loaded once
+    mean_len = mean_rendered_length(train_task, tokenizer, T)
+    print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations ({mean_len:.0f} tokens on average), "
+           f"{len(val_task):,} validation")
+
+    if args.examples_per_step > 0:
+        # each GPU packs its share of the step's conversations into rows; 1.5x their mean length leaves room for
+        # the longer ones (rows left over are padding: compute spent, nothing trained)
+        per_gpu = math.ceil(args.examples_per_step / world_size)
+        rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1))
+        device_batch_size = setting("device_batch_size", args.device_batch_size, min(rows, source_meta["device_batch_size"]),
+                                    f"{per_gpu} conversations per GPU, at most the {source_name}'s")
+        total_batch_size = setting("total_batch_size", args.total_batch_size, device_batch_size * T * world_size,
+                                   "one micro-batch per GPU")
+    else:
+        device_batch_size = setting("device_batch_size", args.device_batch_size, source_meta["device_batch_size"], source_name)
+        total_batch_size = setting("total_batch_size", args.total_batch_size, source_meta["total_batch_size"], source_name)
     tokens_per_fwdbwd = device_batch_size * T * world_size
     if total_batch_size % tokens_per_fwdbwd != 0:
         raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x GPUs = "
                          f"{device_batch_size} x {T} x {world_size} = {tokens_per_fwdbwd:,}: set --total-batch-size to a multiple of it")
     grad_accum_steps = total_batch_size // tokens_per_fwdbwd
     num_streams = world_size * grad_accum_steps
-    batch_lr_scale = (total_batch_size / 2 ** 19) ** 0.5  # as in base_train
+    if 0 < args.examples_per_step < num_streams:
+        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the {num_streams} data streams (GPUs x "
+                         f"accumulation steps), so some would train nothing: raise it or use fewer GPUs / a larger --device-batch-size")
+    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the first ones take the remainder
+    stream_cap = lambda s: (None if args.examples_per_step <= 0 else
+                            args.examples_per_step // num_streams + (s < args.examples_per_step % num_streams))
+    if args.num_iterations > 0:
+        steps_line = f"{args.num_iterations} steps (--num-iterations)"
+    elif args.examples_per_step > 0:
+        steps_line = f"one epoch = {math.ceil(len(train_task) / args.examples_per_step):,} steps of {args.examples_per_step} conversations"
+    else:
+        steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} steps at full rows (more as "
+                      f"padding takes its share; the run ends when every conversation is trained)")
+    lrs = {k: getattr(args, k) for k in RECIPE_LRS}
     print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> {SOURCE_DIRS[defaults['output']]} | T {T} | "
-           f"batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | "
-           f"lrs {lrs} x {args.init_lr_frac} x {batch_lr_scale:.3f}")
-
-    train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
-    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks} if args.chat_eval_every != 0 else {}  # loaded once
-    print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations, {len(val_task):,} validation")
+           f"batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | {steps_line}")
+    print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)  # a second run writing this directory fails here, naming this one
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
-               "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations}
+               "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
+               "examples_per_step": args.examples_per_step}
     resume_step = None
     if args.resume:
         try:
@@ -186,8 +245,9 @@ def main(stage):
         except FileNotFoundError:
             print0(f"--resume: no complete checkpoint in {output_dir}, starting from the {args.source} model")
 
-    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac * batch_lr_scale, **lrs)
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac, **lrs)
     initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    print0("initial lrs: " + " | ".join(f"{g['name']} {g['initial_lr']:.6g}" for g in optimizer.param_groups))
     step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = 0, 0.0, None, float("inf"), 0.0, 0.0
     stream_states = [None] * grad_accum_steps
     if resume_step is not None:
@@ -197,7 +257,7 @@ def main(stage):
             raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
                              + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
         check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac",
-                           "warmdown_ratio", "train_user_tokens"], args.resume_override)
+                           "warmdown_ratio", "momentum_ramp", "train_user_tokens"], args.resume_override)
         model.load_state_dict(model_state, strict=True)
         optimizer.load_state_dict(optim_state)
         for group, lr in zip(optimizer.param_groups, initial_lrs):
@@ -209,12 +269,16 @@ def main(stage):
                                                           ("progress", "min_val_bpb", "smooth_loss", "total_time"))
         min_val_bpb = float("inf") if min_val_bpb is None else min_val_bpb  # saved as null: never evaluated
         print0(f"resuming from {output_dir} step {resume_step}")
+    elif args.load_optimizer and source_meta.get("optim_shards", 0) == 0:
+        raise ValueError(f"--load-optimizer=1 needs the source's optimizer state, but {args.source} {model_tag} step "
+                         f"{source_step} saved none: pass --load-optimizer=0")
+    elif args.load_optimizer and source_meta["optim_shards"] != world_size:
+        # the state is sharded per rank (each rank owns a slice of every matrix group), so it cannot be re-cut here
+        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step {source_step} saved optimizer shards for "
+               f"{source_meta['optim_shards']} rank(s) and this run has {world_size}: the momenta start fresh "
+               f"(run with {source_meta['optim_shards']} GPUs to warm-start them)")
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little (reference LOG, Feb 16); the fresh LRs stay.
-        if source_meta.get("optim_shards", 0) != world_size:
-            raise ValueError(f"--load-optimizer=1 needs the source's optimizer shards for {world_size} rank(s), but "
-                             f"{args.source} {model_tag} step {source_step} has {source_meta.get('optim_shards', 0)}: "
-                             f"run with as many GPUs as the source run or pass --load-optimizer=0")
         optim_state = load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device, rank=rank)
         optimizer.load_state_dict(optim_state)
         for group, lr in zip(optimizer.param_groups, initial_lrs):
@@ -230,7 +294,9 @@ def main(stage):
 
     train_loaders = [chat_loader(train_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
                                  world_size=num_streams, device=device, state=stream_states[a],
-                                 train_all_tokens=bool(args.train_user_tokens)) for a in range(grad_accum_steps)]
+                                 train_all_tokens=bool(args.train_user_tokens),
+                                 num_epochs=1 if args.num_iterations <= 0 else None,
+                                 max_per_batch=stream_cap(rank * grad_accum_steps + a)) for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
@@ -243,18 +309,21 @@ def main(stage):
             yield inputs, targets
 
     def epoch_progress():
-        """Fraction of the epoch pulled in by the furthest stream on any rank (same value on every rank)."""
-        p = torch.tensor(max(state["progress"] for _, _, state in batches), dtype=torch.float64)
+        """
+        Fraction of the epoch TRAINED by the slowest stream on any rank (same value on every rank): the states of the
+        batches just trained, not of the prefetched ones, and conversations placed in rows, not pulled into the
+        packer's buffer. A stream done with its share yields padding only (nothing trained twice) until all are done.
+        """
+        p = torch.tensor(min(state["progress"] for state in stream_states), dtype=torch.float64)
         if is_dist():
-            dist.all_reduce(p, op=dist.ReduceOp.MAX)
+            dist.all_reduce(p, op=dist.ReduceOp.MIN)
         return p.item()
 
     def get_lr_multiplier(progress):
-        # never below 0: the epoch's last batch can overshoot progress 1 slightly
         return max(0.0, min(1.0, (1.0 - progress) / args.warmdown_ratio)) if args.warmdown_ratio > 0 else 1.0
 
     def get_muon_momentum(it):
-        frac = min(it / 300, 1.0)
+        frac = min(it / args.momentum_ramp, 1.0) if args.momentum_ramp > 0 else 1.0
         return (1 - frac) * 0.85 + frac * 0.95
 
     wandb_run = init_wandb(defaults["wandb_project"], args.run, user_config, master)
@@ -354,10 +423,14 @@ def main(stage):
                         "progress": progress, "supervised_tokens": int(num_supervised.item()), "time": total_time})
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/mfu": mfu})
-        if step == start_step + 1:  # as in base_train: no GC pauses once the steady state is reached
+        # as in base_train: no GC pauses once the steady state is reached, a full collection now and then (the chat
+        # evals and the loaders make garbage; with GC off it would pile up over a long run)
+        if step == start_step + 1:
             gc.collect()
             gc.freeze()
             gc.disable()
+        elif step % GC_EVERY == 0:
+            gc.collect()
 
     # -------------------------------------------------------------------------
     print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")

@@ -5,8 +5,8 @@ width 64, T 96), the tiny tokenizer and the embedded synthetic mixture (CPU):
   per-micro-batch mean gives NaN there), in the function the script uses and in a real run that meets such batches;
 - an interrupted-then-resumed mid-training run is bit-identical to an uninterrupted one;
 - 2 gloo ranks train the same model as 1 process with 2 accumulation steps;
-- the base model's window pattern and batch/sequence/learning-rate settings flow into the mid and SFT checkpoints
-  unless a flag overrides them;
+- the base model's window pattern and batch/sequence settings flow into the mid and SFT checkpoints unless a flag
+  overrides them; the learning rates are the stage recipe's, not the pretraining run's;
 - bad inputs (warm start without optimizer shards, resume with another configuration, ...) fail naming the fix.
 The base checkpoint is written directly (one optimizer step on random tokens gives a real optimizer shard).
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_sft.py
@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 # the source run's settings that mid/SFT inherit: B=1 rows of T=96 and 192 tokens per step = 2 accumulation steps
 SOURCE = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
-PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}  # not the defaults, to see them inherited
+PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}  # not the recipe's: they must not leak in
 FLAGS = ["--mixture=synthetic", f"--num-iterations={STEPS}", "--save-every=4", "--eval-every=4", "--eval-tokens=576",
          "--chat-eval-every=4", "--chat-eval-max-problems=2", "--load-optimizer=0"]
 MID = os.path.join("mid_checkpoints", "d2")
@@ -76,9 +76,11 @@ def checkpoint(base, directory, step):
         meta = json.load(f)
     return torch.load(os.path.join(base, directory, f"model_{step:06d}.pt"), weights_only=True), meta
 
-def expected_initial_lrs(tokenizer, lrs, lr_frac, total_batch_size):
+RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}  # both stages; no batch-size factor
+
+def expected_initial_lrs(tokenizer, lrs, lr_frac):
     model = GPT(model_config(tokenizer))
-    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=lr_frac * (total_batch_size / 2 ** 19) ** 0.5, **lrs)
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=lr_frac, **lrs)
     return [group["initial_lr"] for group in optimizer.param_groups]
 
 # -----------------------------------------------------------------------------
@@ -168,8 +170,8 @@ def test_mid_checkpoint_carries_window_pattern_and_inherited_settings(reference_
     assert {k: meta[k] for k in SOURCE} == SOURCE
     assert meta["source"] == "base" and meta["source_step"] == 10 and meta["optim_shards"] == 1
     assert "T 96 | batch 192 tokens = 1 x 96 x 1 GPUs x 2 |" in stdout
-    assert f"lrs {PRETRAIN_LRS} x 1.0" in stdout
-    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, PRETRAIN_LRS, 1.0, 192)
+    assert "matrix_lr 0.02 (mid recipe)" in stdout and "total_batch_size 192 (base checkpoint)" in stdout
+    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 1.0)  # not the pretraining lrs
     assert meta["pretrain_config"]["matrix_lr"] == PRETRAIN_LRS["matrix_lr"]  # kept for SFT to inherit in turn
     # the warmdown (last 20%) follows --num-iterations, not the epoch this short run never finishes
     lrms = {int(s): float(m) for s, m in re.findall(r"^step (\d+) \(.*\| lrm: (\S+) \|", stdout, re.M)}
@@ -239,15 +241,15 @@ def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
                   "--device-batch-size=2", "--matrix-lr=0.05", "--eval-every=2", "--eval-tokens=192",
                   "--chat-eval-every=0"], base)
     assert "Chat SFT: mid d2 step 8 -> chatsft_checkpoints | T 96 | batch 192 tokens = 2 x 96 x 1 GPUs x 1 |" in stdout
-    lrs = {**PRETRAIN_LRS, "matrix_lr": 0.05}
-    assert f"lrs {lrs} x 0.8" in stdout
+    lrs = {**RECIPE_LRS, "matrix_lr": 0.05}
+    assert "matrix_lr 0.05 (flag) | init_lr_frac 0.02 (sft recipe)" in stdout and "device_batch_size 2 (flag)" in stdout
     train, _, val, _ = parse_log(stdout)
     assert sorted(train) == [1, 2] and all(math.isfinite(v) for v in [*train.values(), *val.values()])
     _, meta = checkpoint(base, SFT, 2)
     assert meta["model_config"]["window_pattern"] == "SL" and meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)
     assert meta["source"] == "mid" and meta["source_step"] == STEPS
     assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (96, 2, 192)
-    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.8, 192)
+    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.02)
     assert meta["pretrain_config"] == {**PRETRAIN_LRS, "depth": 2}  # the base run's flags, carried through mid
 
 # -----------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def run_in_process(monkeypatch, base, stage, *flags):
 
 def test_warm_start_without_optimizer_shards_names_the_flag(monkeypatch, tmp_path, tiny_tokenizer):
     make_base_dir(tmp_path, tiny_tokenizer, with_optimizer=False)
-    with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer shards .* has 0: .*--load-optimizer=0"):
+    with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer state, but .* saved none: pass --load-optimizer=0"):
         run_in_process(monkeypatch, tmp_path, "mid", "--mixture=synthetic")
 
 @pytest.mark.parametrize("flag, named", [("--total-batch-size=96", "total_batch_size: checkpoint 192 vs now 96"),

@@ -171,14 +171,16 @@ def test_chat_best_fit_with_padding_hand_example():
     render = lambda i: tok.render_conversation(data[i])[0]
     # row 0: buffer {c0 7, c1 5, c2 4}: c0 (largest that fits 10); then c3 (9) enters the buffer, nothing fits 3 -> pad
     assert rows[0][:7] == render(0) and rows[0][7:9] == [0, 0]
-    # row 1: buffer {c1 5, c2 4, c3 9}: c3 (pulled last, but the largest that fits); 1 slot left -> pad
+    # row 1: buffer {c1 5, c2 4, c3 9}: c3 (pulled last, but the largest that fits); 1 slot left -> pad. The epoch's
+    # conversations are all pulled, so nothing refills the buffer until c1 and c2 are placed too
     assert rows[1][:9] == render(3)
     # targets: next token where the render mask is 1 (assistant tokens), -1 on user tokens, BOS and padding
     mask0 = [0] * 4 + [1] * 3
     expected0 = [t if m else -1 for t, m in zip(render(0)[1:], mask0[1:])] + [-1, -1, -1]
     assert targets[0].tolist() == expected0
     assert targets[1].tolist() == [t if m else -1 for t, m in zip(render(3)[1:], ([0] * 5 + [1] * 4)[1:])] + [-1]
-    assert state["buffer"] == [1, 2, 0] and state["epoch"] == 2
+    assert state["buffer"] == [1, 2] and state["epoch"] == 1
+    assert state["consumed"] == 2 and state["progress"] == 0.5  # placed in rows, not pulled (that would be 1.0)
 
 def test_chat_overlong_conversation_is_cropped_not_skipped():
     tok = FakeChatTokenizer()
@@ -220,9 +222,30 @@ def test_chat_more_streams_than_conversations():
     data = conversations([5, 6, 7])
     for rank in range(4):
         inputs, _, state = next(chat_loader(data, tok, B=1, T=9, rank=rank, world_size=4, buffer_size=2))
-        # stream r pulls r % 3, then +4 each time modulo 3; one row of 10 takes the larger of the first two
-        # (5, 6 or 7 tokens), a third pull refills the buffer and nothing else fits the 3-5 slots left
-        pulled = [(rank % 3 + 4 * k) % 3 for k in range(3)]
-        assert inputs[0, 1].item() - 100 == max(pulled[:2], key=lambda i: (data[i]["user"] + data[i]["assistant"], -pulled.index(i)))
-        assert state["buffer"] == [i for i in pulled if i != inputs[0, 1].item() - 100][-2:]
-        assert state["cursor"] == (rank % 3 + 12) % 3 and state["epoch"] == 1 + (rank % 3 + 12) // 3
+        # stream r starts at r % 3 and strides by 4: one conversation per epoch (r % 3 + 4 is past the end). The row
+        # takes it; the next epoch's one (5-7 tokens) does not fit the 3-5 slots left, so the rest is padding
+        first, following = rank % 3, (rank % 3 + 4) % 3
+        assert inputs[0].tolist()[:len(tok.render_conversation(data[first])[0])] == tok.render_conversation(data[first])[0]
+        assert state["buffer"] == [following] and state["epoch"] == 1 + (rank % 3 + 4) // 3
+
+def test_chat_epoch_trains_each_conversation_once_then_pads():
+    """num_epochs=1: across 3 streams every conversation is placed exactly once, then the rows are all padding."""
+    rng = random.Random(4)
+    tok = FakeChatTokenizer()
+    data = conversations([rng.randint(2, 12) for _ in range(50)])
+    placed = []
+    for rank in range(3):
+        # training every token makes the targets the rows shifted by one, so the rows' last column can be read back
+        loader = chat_loader(data, tok, B=2, T=15, rank=rank, world_size=3, buffer_size=8, num_epochs=1,
+                             train_all_tokens=True)
+        while True:
+            inputs, targets, state = next(loader)
+            rows = torch.cat([inputs, targets[:, -1:].clamp(min=0)], dim=1).tolist()
+            # the token after each BOS names the conversation: 100 + i (user) or 200 + i (no user tokens)
+            placed += [row[i] % 100 for row in rows for i in range(1, len(row)) if row[i - 1] == 0 and row[i]]
+            if state["progress"] >= 1.0:
+                break
+        assert state["progress"] == 1.0 and state["buffer"] == []
+        inputs, targets, state = next(loader)
+        assert (inputs == 0).all() and (targets == -1).all() and state["progress"] == 1.0
+    assert sorted(placed) == list(range(len(data)))
