@@ -166,10 +166,11 @@ def get_peak_flops(device):
 # -----------------------------------------------------------------------------
 # Downloads: stream to a temp file, rename on success; retry with exponential backoff.
 
-def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 << 20):
+def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 << 20, verify=None):
     """
     Download url to path atomically. Returns True on success, False after `attempts` failures.
-    A partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end.
+    A partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end, after the size matches
+    Content-Length and verify(tmp_path) (optional; raises ValueError or OSError on a bad file) accepts it.
     Waits backoff**attempt seconds between tries (2, 4, 8, 16 by default).
     With NANOCHAT_OFFLINE=1 nothing is fetched (returns False at once): the offline demo sets it.
     """
@@ -190,9 +191,11 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
                     written += len(chunk)
             if expected is not None and written != int(expected):
                 raise IOError(f"got {written} of {expected} bytes")
+            if verify is not None:
+                verify(tmp_path)
             os.replace(tmp_path, path)
             return True
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
             print(f"download of {url} failed (attempt {attempt}/{attempts}): {e}", flush=True)
@@ -212,6 +215,15 @@ def download_file_with_lock(url, path, postprocess=None):
             if postprocess is not None:
                 postprocess(path)
     return path
+
+def check_flags(rules):
+    """
+    rules: (flag, value, ok, requirement) tuples. The first value that is not ok ends the program with one line naming
+    the flag, the value and what it must be, instead of a traceback later or a silent reinterpretation (-5 as "auto").
+    """
+    for flag, value, ok, requirement in rules:
+        if not ok:
+            raise SystemExit(f"error: {flag}={value} is invalid: it must be {requirement}")
 
 def atomic_write_text(path, text):
     """Write a text file via a temp file and rename, so a crash never leaves half a file."""

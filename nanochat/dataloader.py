@@ -30,7 +30,7 @@ from bisect import bisect_left, bisect_right
 
 import torch
 
-from nanochat.dataset import get_dataset_name, list_parquet_files, num_row_groups, read_row_group
+from nanochat.dataset import get_dataset_name, list_parquet_files, num_row_groups, read_row_group, repair_command
 
 # -----------------------------------------------------------------------------
 # Shared: rows -> device tensors
@@ -77,7 +77,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
     index = _row_group_index(paths)
     if not index:
         raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} hold no row groups "
-                         f"({len(paths)} files): rebuild or re-download them")
+                         f"({', '.join(paths)}); to replace them: {repair_command(paths[0])}")
     bos = tokenizer.get_bos_token_id()
 
     # Stream cursor: the next unread document is doc_idx of global row group g (epoch g // len(index) + 1).
@@ -121,7 +121,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
             if doc_idx >= len(texts):
                 empty = empty + 1 if doc_idx == 0 else 0
                 if empty > len(index):
-                    raise ValueError(f"the {split} files hold no documents: rebuild or re-download them")
+                    raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); to replace them: {repair_command(paths[0])}")
                 g, doc_idx = g + world_size, 0
                 continue
             chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]

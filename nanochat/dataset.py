@@ -13,8 +13,10 @@ The validation shard is pinned per dataset (the last shard index), so it never d
 shards were fetched; train = every other shard present. Env NANOCHAT_DATA_URL overrides the URL base
 of the hosted datasets (tests point it at a local server; mirrors work the same way).
 
-Left out: checksums of downloaded shards (the host serves none; a short read is caught by
-Content-Length) and the repackaging of upstream datasets into shards.
+A download is renamed into place only after its size matches Content-Length and its parquet footer reads (row
+groups, a string column "text"). A shard that cannot be read fails naming the file and the command that rebuilds or
+re-downloads it.
+Left out: checksums of downloaded shards (the host serves none) and the repackaging of upstream datasets into shards.
 """
 
 import argparse
@@ -97,12 +99,53 @@ def list_parquet_files(split=None, dataset=None):
             raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} (only the val shard); run `{fetch_command(name)}`")
     return [os.path.join(data_dir, f) for f in files]
 
+def repair_command(path):
+    """What to run when the shard at `path` is unreadable (for error messages)."""
+    name = next((n for n in DATASETS if os.path.dirname(os.path.abspath(path)) == get_data_dir(n)), None)
+    if name == "local":
+        return "python -m nanochat.dataset --dataset local --force"
+    if name is None:
+        return "delete it, then rebuild or re-download it"
+    index = int(re.search(r"\d+", os.path.basename(path)).group())
+    if index == val_shard_index(name):  # -n 0 fetches only the val shard
+        return f"rm {path} && python -m nanochat.dataset -n 0 --dataset {name}"
+    return f"rm {path} && python -m nanochat.dataset -n {index + 1} --dataset {name}"
+
+SHARD_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)  # pyarrow's messages name neither file nor fix
+
+def _unreadable(path, e):
+    return RuntimeError(f"cannot read shard {path} ({type(e).__name__}: {e}); it is truncated or corrupt: "
+                        f"to replace it: {repair_command(path)}")
+
+def open_shard(path):
+    try:
+        return pq.ParquetFile(path)
+    except SHARD_ERRORS as e:
+        raise _unreadable(path, e) from None
+
+def read_texts(pf, path, rg_idx):
+    try:
+        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except SHARD_ERRORS as e:
+        raise _unreadable(path, e) from None
+
 def num_row_groups(path):
-    return pq.ParquetFile(path).num_row_groups
+    return open_shard(path).num_row_groups
 
 def read_row_group(path, rg_idx):
     """The texts of row group rg_idx of one shard."""
-    return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    return read_texts(open_shard(path), path, rg_idx)
+
+def verify_shard(path):
+    """Raises ValueError unless path is a complete parquet shard: footer readable, row groups, a string column "text"."""
+    try:
+        pf = pq.ParquetFile(path)
+        schema = pf.schema_arrow
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"not a complete parquet file ({e})") from None
+    text_ok = "text" in schema.names and (pa.types.is_string(t := schema.field("text").type) or pa.types.is_large_string(t))
+    if pf.num_row_groups < 1 or not text_ok:
+        raise ValueError(f"not a text shard: {pf.num_row_groups} row groups, schema {schema}")
 
 def parquets_iter_batched(split, start=0, step=1, dataset=None):
     """
@@ -111,9 +154,9 @@ def parquets_iter_batched(split, start=0, step=1, dataset=None):
     """
     assert 0 <= start and step >= 1, f"need start >= 0 and step >= 1, got start={start} step={step}"
     for path in list_parquet_files(split, dataset):
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         for rg_idx in range(start, pf.num_row_groups, step):
-            yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+            yield read_texts(pf, path, rg_idx)
 
 def write_shard(path, texts, row_group_size):
     """Write texts as one shard (column "text", zstd), via a temp file and rename."""
@@ -134,7 +177,7 @@ def get_url_base(dataset):
 
 def _download_one(job):
     url, path, attempts, backoff = job
-    return download_url(url, path, attempts=attempts, backoff=backoff)
+    return download_url(url, path, attempts=attempts, backoff=backoff, verify=verify_shard)
 
 def download_shards(num_files, dataset=None, num_workers=4):
     """

@@ -25,7 +25,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     yields) through model(inputs, targets, loss_reduction="none") and return bits per byte.
     Under a multi-rank group every rank must call this with the same `steps`; sums are all-reduced.
     token_bytes: int tensor [vocab] of UTF-8 byte lengths, 0 for special tokens.
-    Returns float("inf") when the targets held no bytes at all.
+    Raises ValueError when the targets hold no bytes at all (bpb is undefined: a val set of empty documents).
     """
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -47,5 +47,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()
     if total_bytes == 0:
-        return float("inf")
+        raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches hold no text bytes (every target "
+                         f"is padding or a special token), so the validation documents are empty strings; rebuild or "
+                         f"re-download the val shard (python -m nanochat.dataset)")
     return total_nats / (math.log(2) * total_bytes)

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
-                             is_dist, COMPUTE_DTYPE)
+                             is_dist, check_flags, COMPUTE_DTYPE)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
@@ -89,6 +89,23 @@ parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every
 parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
 user_config = vars(args).copy()
+check_flags([  # -1 is the one "derive it" sentinel: 0 or -5 is a typo, not a request to derive
+    ("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
+     ">= 1, or -1 to derive it from --target-flops / --target-param-data-ratio"),
+    ("--target-flops", args.target_flops, args.target_flops > 0 or args.target_flops == -1, "> 0, or -1 to use the ratio"),
+    ("--target-param-data-ratio", args.target_param_data_ratio,
+     args.target_param_data_ratio > 0 or args.target_param_data_ratio == -1, "> 0, or -1 to leave it unset"),
+    ("--total-batch-size", args.total_batch_size, args.total_batch_size >= 1 or args.total_batch_size == -1,
+     ">= 1 tokens, or -1 to derive it from --depth"),
+    ("--device-batch-size", args.device_batch_size, args.device_batch_size >= 1, ">= 1 rows"),
+    ("--depth", args.depth, args.depth >= 1, ">= 1 layers"),
+    ("--aspect-ratio", args.aspect_ratio, args.aspect_ratio >= 1, ">= 1 (model_dim = depth x aspect ratio)"),
+    ("--head-dim", args.head_dim, args.head_dim >= 1, ">= 1"),
+    ("--max-seq-len", args.max_seq_len, args.max_seq_len >= 1, ">= 1 tokens"),
+    ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, ">= 0 steps"),
+    ("--warmdown-ratio", args.warmdown_ratio, 0 <= args.warmdown_ratio <= 1, "a fraction in [0, 1]"),
+    ("--final-lr-frac", args.final_lr_frac, 0 <= args.final_lr_frac <= 1, "a fraction in [0, 1]"),
+])
 
 # -----------------------------------------------------------------------------
 # Setup: device, tokenizer, data (fail here, with the command to run, rather than after the model is built)

@@ -13,6 +13,7 @@ Leaves out: system prompts, editing earlier turns, multi-GPU.
 """
 
 import argparse
+import math
 import sys
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
@@ -25,8 +26,8 @@ parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among th
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
-if args.temperature < 0:
-    parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+if not (math.isfinite(args.temperature) and args.temperature >= 0):  # nan passes a plain "< 0" test
+    parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
 if args.top_k < 1 and args.top_k != -1:
     parser.error(f"--top-k must be >= 1, or -1 for the whole vocabulary; got {args.top_k}")
 if args.max_tokens < 1:
@@ -42,7 +43,7 @@ from nanochat.engine import Engine
 _, _, _, _, device = compute_init(args.device_type)
 try:
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-except (FileNotFoundError, ValueError) as e:
+except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 engine = Engine(model, tokenizer)
@@ -90,6 +91,10 @@ while True:
         except (EOFError, KeyboardInterrupt):
             print()
             break
+        except UnicodeDecodeError as e:  # bytes the terminal's encoding cannot decode (e.g. Latin-1 under strict UTF-8)
+            print(f"(that line is not valid {sys.stdin.encoding} text: {e.reason} at byte {e.start}; set your terminal "
+                  f"to UTF-8 or type it again)")
+            continue
     line = line.strip()
     if line in ("quit", "exit"):
         break

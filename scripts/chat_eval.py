@@ -17,12 +17,14 @@ Leaves out: per-subject MMLU breakdowns, saving completions.
 """
 
 import argparse
+import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir
+from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir, check_flags
 from tasks.common import hub_dataset_ready
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -179,6 +181,17 @@ def resolve_tasks(task_names):
         tasks = {name: build() for name, (build, _, _) in SYNTHETIC_TASKS.items()}
     return tasks, skipped
 
+def validate_args(args):
+    """Bad values end the program with one line naming the flag and the fix (a 0 batch or budget would report 0%)."""
+    check_flags([
+        ("-t/--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+        ("-m/--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1 tokens"),
+        ("-n/--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+        ("-k/--top-k", args.top_k, args.top_k >= 1, ">= 1"),
+        ("-b/--batch-size", args.batch_size, args.batch_size >= 1, ">= 1 problems"),
+        ("-x/--max-problems", args.max_problems, args.max_problems is None or args.max_problems >= 1, ">= 1, or left out for all"),
+    ])
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
     parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
@@ -195,13 +208,17 @@ if __name__ == "__main__":
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task (default: all)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args()
+    validate_args(args)
 
     from nanochat.checkpoint import load_model
     from nanochat.engine import Engine
     from nanochat.report import get_report
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
+        sys.exit(f"error: {e}")
     engine = Engine(model, tokenizer)
 
     tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)

@@ -44,7 +44,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
+from nanochat.common import check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag,
                                  lock_checkpoint_dir, check_resume_flags, SOURCE_DIRS)
 from nanochat.dataloader import chat_loader
@@ -166,6 +166,10 @@ def main(stage):
     parser.add_argument("--resume-override", action="store_true", help="resume even though LR/schedule flags differ from the checkpoint's, continuing with the new values")
     args = parser.parse_args()
     user_config = vars(args).copy()
+    check_flags([(f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) is None or getattr(args, name) >= 1,
+                  ">= 1, or left out to inherit the source checkpoint's") for name in ("max_seq_len", "device_batch_size", "total_batch_size")]
+                + [("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
+                    ">= 1, or -1 for one epoch of the mixture")])
 
     # -------------------------------------------------------------------------
     # Setup: the source model and what it inherits

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, check_flags
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer
@@ -28,6 +28,9 @@ parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_0
 parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop each document to this many characters")
 parser.add_argument("--vocab-size", type=int, default=32_768, help="total vocab size including the 9 special tokens")
 args = parser.parse_args()
+check_flags([("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
+             ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 characters per document (0 would crop every document to nothing)"),
+             ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, ">= 265 (256 byte tokens + 9 special tokens)")])
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
