@@ -214,6 +214,15 @@ def _verify(path, meta, checkpoint_dir, step):
 
 _unverified_said = set()
 
+def _torch_load(path, device, checkpoint_dir, step):
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten (no hash to tell us first)
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__  # torch adds paragraphs of advice
+        raise RuntimeError(f"{path} cannot be loaded ({reason}): it is "
+                           f"truncated or corrupt. Load another step (steps with meta: {_steps_with_meta(checkpoint_dir)}), "
+                           f"or delete step {step}'s files (*_{step:06d}*) to fall back to the previous checkpoint") from None
+
 def load_meta(checkpoint_dir, step):
     """The meta of a step, checked against its own recorded hash (an edited field is an error, not a different model)."""
     meta_path = _paths(checkpoint_dir, step)[2]
@@ -236,7 +245,7 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     model_path, _, _ = _paths(checkpoint_dir, step, rank)
     meta = load_meta(checkpoint_dir, step)
     _verify(model_path, meta, checkpoint_dir, step)
-    model_state = torch.load(model_path, map_location=device, weights_only=True)
+    model_state = _torch_load(model_path, device, checkpoint_dir, step)
     optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta) if load_optimizer else None
     return model_state, optimizer_state, meta
 
@@ -249,7 +258,7 @@ def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
         raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
                                 f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
     _verify(optim_path, meta, checkpoint_dir, step)
-    return torch.load(optim_path, map_location=device, weights_only=True)
+    return _torch_load(optim_path, device, checkpoint_dir, step)
 
 def build_model(checkpoint_dir, step, device, phase):
     """Rebuild the GPT of a checkpoint: -> (model, meta). The model config (incl. window_pattern) comes from meta."""

@@ -10,6 +10,7 @@ import json
 import math
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,9 +48,11 @@ def test_bpb_matches_hand_computation():
     # one batch alone: 6 bits / 7 bytes
     assert math.isclose(evaluate_bpb(FixedModel(), iter(BATCHES), 1, TOKEN_BYTES), 6 / 7, rel_tol=1e-6)
 
-def test_bpb_is_inf_without_bytes():
+def test_bpb_without_bytes_is_an_error():
+    # was float("inf"), which base_train wrote into its meta as non-standard JSON "Infinity"
     only_special_and_ignored = [(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[0, -1, 0, -1]]))]
-    assert evaluate_bpb(FixedModel(), iter(only_special_and_ignored), 1, TOKEN_BYTES) == float("inf")
+    with pytest.raises(ValueError, match="no text bytes"):
+        evaluate_bpb(FixedModel(), iter(only_special_and_ignored), 1, TOKEN_BYTES)
 
 def _free_port():
     with socket.socket() as s:
