@@ -21,7 +21,8 @@ if [ "${CPU:-0}" = 1 ]; then
     export NANOCHAT_DATASET=local NANOCHAT_OFFLINE=1
     DEPTHS="${DEPTHS:-1 2 3}"; RATIO="${RATIO:-1}"; NPROC_PER_NODE=1
     FLAGS="--aspect-ratio=32 --head-dim=32 --max-seq-len=128 --window-pattern=L --device-batch-size=8 \
---total-batch-size=1024 --warmup-steps=10 --eval-every=1000000 --eval-tokens=16384 --core-metric-every=-1"
+--total-batch-size=1024 --warmup-steps=10 --eval-every=1000000 --eval-tokens=16384 --core-metric-every=-1 --compile=0"
+    # --compile=0: on a busy 2-core machine compiling took minutes per run, longer than a toy run trains
 else
     DEPTHS="${DEPTHS:-12 14 16 18 20 22 24 26}"; RATIO="${RATIO:-12}"; NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
     FLAGS="--core-metric-every=999999 --core-metric-max-per-task=-1"  # CORE once, at the end, on every example

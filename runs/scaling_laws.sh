@@ -20,7 +20,8 @@ if [ "${CPU:-0}" = 1 ]; then
     export NANOCHAT_DATASET=local NANOCHAT_OFFLINE=1
     BUDGETS="${BUDGETS:-3e10 1e11 3e11}"; DEPTHS="${DEPTHS:-1 2 3}"; NPROC_PER_NODE=1
     FLAGS="--aspect-ratio=32 --head-dim=32 --max-seq-len=128 --window-pattern=L --device-batch-size=8 \
---total-batch-size=1024 --warmup-steps=10 --eval-every=1000000 --eval-tokens=16384 --core-metric-every=-1"
+--total-batch-size=1024 --warmup-steps=10 --eval-every=1000000 --eval-tokens=16384 --core-metric-every=-1 --compile=0"
+    # --compile=0: on a busy 2-core machine compiling took minutes per run, longer than a toy run trains
 else
     BUDGETS="${BUDGETS:-1e18 2.15e18 4.64e18 1e19}"; DEPTHS="${DEPTHS:-10 12 14 16 18 20}"
     NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
