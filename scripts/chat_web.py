@@ -219,6 +219,10 @@ class Job:
     def send(self, item):
         self.loop.call_soon_threadsafe(self.results.put_nowait, item)
 
+def deliver(delivered):
+    for job, item in delivered:
+        job.results.put_nowait(item)
+
 class Worker(threading.Thread):
     def __init__(self, gpu_id, device, engine):
         super().__init__(daemon=True, name=f"worker-{gpu_id}")
@@ -264,10 +268,12 @@ class Worker(threading.Thread):
                 self.jobs, batch = [], RowBatch(self.engine)
                 continue
             by_row = {id(job.row): job for job in self.jobs}
-            for row, token, _, finish in results:
-                by_row[id(row)].send((token, finish))
+            delivered = [(by_row[id(row)], (token, finish)) for row, token, _, finish in results]
+            # one wake-up of the event loop per step, not one per row
+            self.jobs[0].loop.call_soon_threadsafe(deliver, delivered)
+            for job, (_, finish) in delivered:
                 if finish is not None:
-                    self.jobs.remove(by_row[id(row)])
+                    self.jobs.remove(job)
 
 # -----------------------------------------------------------------------------
 # Load one replica per device
@@ -459,6 +465,7 @@ if __name__ == "__main__":
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # connections made right after the line below wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
     print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) ({', '.join(str(d) for d in devices)}), "
           f"up to {args.max_batch} requests decoded together per worker", flush=True)

@@ -1,0 +1,183 @@
+"""
+Load test for chat_web: N concurrent streaming clients for S seconds against a server on 127.0.0.1, then it stops.
+
+    python -m bench.serve                                  # random-weights demo-shaped model, 1 then 8 clients, 20 s each
+    python -m bench.serve --model sft --clients 1,4,8      # the sft model in $NANOCHAT_BASE_DIR (runs/runcpu.sh trains one)
+    python -m bench.serve --url http://127.0.0.1:8000 --api-key KEY   # a server you started yourself
+
+Each client sends a chat request on the OpenAI route (stream, include_usage), reads it to the end and sends the next
+until S seconds are up; requests already under way finish, so a run ends by itself. Per client count it prints
+requests, errors, p50/p95 time to first token, and aggregate tokens/s (completion tokens of every request / wall
+time), with the ratio to the first row; the last line is JSON with every number.
+--model random (default) serves a random-weights model shaped like the CPU demo's (depth 4, width 256, 4 heads,
+context 256, vocab 8,192) with a tokenizer trained here on synthetic text: speed depends on shape, not on weights.
+Left out: multi-GPU servers (point --url at one), non-streaming requests, prompt-length sweeps.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import requests
+
+parser = argparse.ArgumentParser(description="Load test chat_web with concurrent streaming clients")
+parser.add_argument("--clients", type=str, default="1,8", help="comma-separated concurrent client counts, one run each")
+parser.add_argument("--seconds", type=float, default=20.0, help="how long each run keeps sending new requests")
+parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
+parser.add_argument("--model", type=str, default="random", help="random (demo-shaped random weights) or a checkpoint source: base|mid|sft|rl")
+parser.add_argument("--url", type=str, default="", help="bench a running server at this 127.0.0.1 URL instead of starting one")
+parser.add_argument("--api-key", type=str, default="", help="API key of the --url server")
+parser.add_argument("--device-type", type=str, default="cpu", help="device of the server this script starts")
+args = parser.parse_args()
+clients_list = [int(c) for c in args.clients.split(",")]
+if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
+    parser.error(f"--url {args.url}: this load test only runs against 127.0.0.1")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["What is the capital of France?", "Tell me a short story about a fox.", "How do I sort a list in Python?",
+           "Why is the sky blue?", "Write a haiku about the sea.", "What is 12 times 7?", "Explain gravity simply.",
+           "Spell the word 'strawberry'.", "Who are you?", "Give me three ideas for dinner."]
+
+# -----------------------------------------------------------------------------
+# A server to talk to
+
+def write_random_demo_model(base_dir):
+    """Random weights in the CPU demo's shape, saved as an sft checkpoint, and an 8,192-token tokenizer."""
+    import torch
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+    rng = random.Random(0)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "an", "er", "in", "on", "st", "th", "qu", "ze"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 5))) for _ in range(30_000)]
+    texts = [" ".join(rng.choice(words) for _ in range(200)) + ". " + " ".join(PROMPTS) for _ in range(1500)]
+    tokenizer = Tokenizer.train_from_iterator(iter(texts), vocab_size=8192)
+    tokenizer.save(os.path.join(base_dir, "tokenizer"))
+    config = GPTConfig(sequence_len=256, vocab_size=tokenizer.get_vocab_size(), n_layer=4, n_head=4, n_kv_head=4,
+                       n_embd=256, window_pattern="L")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    meta = {"model_config": dataclasses.asdict(config), "user_config": {"bench": "random weights"}}
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d4"), 0, model.state_dict(), None, meta)
+
+def start_server(base_dir, source, max_batch):
+    log_path = os.path.join(base_dir, "chat_web.log")
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
+    cmd = [sys.executable, "-m", "scripts.chat_web", "-i", source, "-p", "0", "--device-type", args.device_type,
+           "--max-batch", str(max_batch)]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        text = open(log_path).read()
+        if "serving http://" in text:
+            return proc, text.split("serving ")[1].split()[0].rstrip("/")
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit(f"chat_web did not start; its log:\n{open(log_path).read()[-3000:]}")
+
+# -----------------------------------------------------------------------------
+# Clients
+
+def one_request(url, headers, rng):
+    """-> (ttft seconds, completion tokens) of one streamed request; raises on any error."""
+    body = {"model": "nanochat", "messages": [{"role": "user", "content": rng.choice(PROMPTS)}], "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    t0 = time.perf_counter()
+    ttft, tokens = None, None
+    with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=300) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        for line in r.iter_lines(decode_unicode=True):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            if event["choices"] and event["choices"][0]["delta"].get("content") and ttft is None:
+                ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if tokens is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    return ttft if ttft is not None else time.perf_counter() - t0, tokens
+
+def run_clients(url, headers, n):
+    ttfts, tokens, errors, lock = [], [], [], threading.Lock()
+    stop_at = time.perf_counter() + args.seconds
+
+    def client(i):
+        rng = random.Random(i)
+        while time.perf_counter() < stop_at:
+            try:
+                ttft, count = one_request(url, headers, rng)
+                with lock:
+                    ttfts.append(ttft)
+                    tokens.append(count)
+            except Exception as e:  # counted and shown, never fatal: errors are one of the numbers
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    q = statistics.quantiles(ttfts, n=20) if len(ttfts) >= 2 else [float("nan")] * 19
+    return {"clients": n, "requests": len(ttfts), "errors": len(errors), "first_error": errors[0] if errors else None,
+            "ttft_p50_s": statistics.median(ttfts) if ttfts else None, "ttft_p95_s": q[18],
+            "completion_tokens": sum(tokens), "wall_s": wall, "tok_per_s": sum(tokens) / wall}
+
+# -----------------------------------------------------------------------------
+# Run
+
+proc, tmp = None, None
+if args.url:
+    url = args.url.rstrip("/")
+else:
+    if args.model == "random":
+        tmp = tempfile.TemporaryDirectory(prefix="nanochat_bench_serve_")
+        base_dir = tmp.name
+        print("writing a random-weights demo-shaped model (depth 4, width 256, context 256, vocab 8,192)...", flush=True)
+        write_random_demo_model(base_dir)
+        source = "sft"
+    else:
+        from nanochat.common import get_base_dir
+        base_dir, source = get_base_dir(), args.model
+    proc, url = start_server(base_dir, source, max(clients_list))
+headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+try:
+    one_request(url, headers, random.Random(0))  # warm-up: first-call allocations, lazy imports
+    results = []
+    for n in clients_list:
+        results.append(run_clients(url, headers, n))
+        r = results[-1]
+        print(f"  {n} clients: {r['requests']} requests, {r['tok_per_s']:.0f} tok/s, {r['errors']} errors", flush=True)
+finally:
+    if proc is not None:
+        proc.terminate()
+        proc.wait(timeout=30)
+    if tmp is not None:
+        tmp.cleanup()
+
+fmt = lambda x, scale=1e3: "-" if x is None or x != x else f"{x * scale:.0f}"
+print(f"\nchat_web load test: {args.seconds:g} s per run, max_tokens {args.max_tokens}, temperature {args.temperature}, model {args.model}")
+print(f"{'clients':>8} {'requests':>9} {'errors':>7} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'tok/s':>8} {'x first':>8}")
+for r in results:
+    print(f"{r['clients']:>8} {r['requests']:>9} {r['errors']:>7} {fmt(r['ttft_p50_s']):>12} {fmt(r['ttft_p95_s']):>12} "
+          f"{r['tok_per_s']:>8.0f} {r['tok_per_s'] / results[0]['tok_per_s']:>7.2f}x")
+    if r["first_error"]:
+        print(f"         first error: {r['first_error']}")
+print(json.dumps({"url": url, "model": args.model, "seconds": args.seconds, "max_tokens": args.max_tokens, "runs": results}))
