@@ -7,6 +7,10 @@ Nothing here reads command-line flags; scripts pass what they parsed.
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import http.client
 import urllib.request
@@ -71,6 +75,64 @@ def _detect_compute_dtype():
     return torch.float32, "no CUDA device (CPU/MPS compute in fp32)"
 
 COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
+
+# -----------------------------------------------------------------------------
+# torch.compile: one decision for every training script (base, mid, SFT, RL)
+
+_OPENMP_PROBE = '#include <omp.h>\nextern "C" int probe(void) { return omp_get_max_threads(); }\n'
+
+def _cpu_compile_problem():
+    """
+    None when inductor can build CPU kernels here, else why not. Inductor compiles each CPU kernel into an OpenMP
+    shared library with $CXX, else g++ (clang++ on macOS), so build a one-line one the same way (~0.1 s of CPU).
+    """
+    cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler {cxx!r} on PATH for inductor (install g++ or set CXX)"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.cpp")
+        with open(src, "w") as f:
+            f.write(_OPENMP_PROBE)
+        try:
+            result = subprocess.run([cxx, "-shared", "-fPIC", "-fopenmp", src, "-o", os.path.join(tmp, "probe.so")],
+                                    capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"the C++ compiler {cxx!r} did not run ({e})"
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        return f"the C++ compiler {cxx!r} cannot build an OpenMP library ({lines[0][:200]})"
+    return None
+
+def decide_compile(flag, device_type):
+    """
+    Whether a training script runs its model through torch.compile, and why, as (bool, one-line reason).
+    flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for CUDA and for CPU
+    with a working C++ compiler, off for MPS. It pays on CPU too: the d4 model at T=512 (2 cores, fp32) trained at
+    3,802 tok/s compiled vs 3,028 eager; the first step carries the compile time (a minute or two on 2 cores).
+    --compile=1 where the probe fails raises, naming the fix.
+    """
+    if flag not in (-1, 0, 1):
+        raise ValueError(f"--compile={flag}: use 1 (on), 0 (off) or -1 (auto)")
+    env = os.environ.get("NANOCHAT_COMPILE")
+    if flag == -1 and env is not None:
+        if env not in ("0", "1"):
+            raise ValueError(f"NANOCHAT_COMPILE={env!r}: use 0 or 1, or unset it for auto")
+        flag, source = int(env), f"NANOCHAT_COMPILE={env}"
+    else:
+        source = f"--compile={flag}"
+    if flag == 0:
+        return False, f"off: {source}"
+    if device_type == "cpu":
+        problem = _cpu_compile_problem()
+        if problem is not None:
+            if flag == 1:
+                raise RuntimeError(f"{source} on CPU, but {problem}: fix that or pass --compile=0")
+            return False, f"off: {problem}; training uncompiled (slower, more memory), --compile=0 silences this"
+    if flag == 1:
+        return True, f"on: {source}"
+    if device_type == "mps":
+        return False, "off: MPS (inductor's Metal backend is partial); --compile=1 tries it"
+    return True, "on: CUDA" if device_type == "cuda" else f"on: {device_type} with a working C++ compiler for inductor"
 
 def compute_init(device_type=""):
     """

@@ -4,9 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # System packages some tests need (bubblewrap: the code sandbox's isolation, tests/test_sandbox_attacks.py;
-# chromium + chromium-driver: the chat_web browser test, tests/test_chat_web.py).
+# chromium + chromium-driver: the chat_web browser test, tests/test_chat_web.py; g++: torch.compile's CPU kernels,
+# the default training path, tests/test_compile.py).
 # Installed only when missing and running as root with apt (CI); elsewhere those tests skip, saying why.
-APT_PACKAGES="bubblewrap chromium chromium-driver"
+APT_PACKAGES="bubblewrap chromium chromium-driver g++"
 missing=$(for p in $APT_PACKAGES; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
 if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing

@@ -33,7 +33,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb, decide_compile,
                              is_dist, check_flags, COMPUTE_DTYPE)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
@@ -50,7 +50,7 @@ parser = argparse.ArgumentParser(description="Pretrain a base model")
 parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
 parser.add_argument("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET, else climbmix)")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = on for CUDA only")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
 parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False, help="fp8 matmuls for the big linears (CUDA SM89+ only; --no-fp8 undoes an earlier --fp8)")
 parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="fp8 scaling (only tensorwise is implemented)")
 # model
@@ -119,7 +119,8 @@ token_bytes = get_token_bytes(device)
 vocab_size = tokenizer.get_vocab_size()
 list_parquet_files("train", dataset=dataset)
 list_parquet_files("val", dataset=dataset)
-use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+use_compile, compile_reason = decide_compile(args.compile, device_type)
+print0(f"torch.compile: {compile_reason}")
 if args.fp8:
     if args.fp8_recipe != "tensorwise":
         raise NotImplementedError(f"--fp8-recipe={args.fp8_recipe} is not implemented; use --fp8-recipe=tensorwise")
@@ -430,6 +431,8 @@ while True:
                        "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
     # Python's GC walks every live object (~500 ms at scale): freeze what exists after the first step, collect rarely
     if step == start_step + 1:
+        if use_compile:
+            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
         gc.collect()
         gc.freeze()
         gc.disable()

@@ -44,7 +44,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
-from nanochat.common import check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops
+from nanochat.common import check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops, decide_compile
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag,
                                  lock_checkpoint_dir, check_resume_flags, SOURCE_DIRS)
 from nanochat.dataloader import chat_loader
@@ -135,6 +135,7 @@ def main(stage):
     parser = argparse.ArgumentParser(description=f"{defaults['title']}: {defaults['source']} checkpoint -> {defaults['output']}")
     parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
     parser.add_argument("--source", type=str, default=defaults["source"], choices=["base", "mid", "sft"], help="checkpoint to start from")
     parser.add_argument("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
     parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
@@ -290,7 +291,9 @@ def main(stage):
             if group["kind"] == "muon":
                 group["weight_decay"] = 0.0
     orig_model = model
-    if device.type == "cuda":
+    use_compile, compile_reason = decide_compile(args.compile, device.type)
+    print0(f"torch.compile: {compile_reason}")
+    if use_compile:
         model = torch.compile(model, dynamic=False)  # packed rows have one shape
 
     # -------------------------------------------------------------------------
@@ -430,6 +433,8 @@ def main(stage):
         # as in base_train: no GC pauses once the steady state is reached, a full collection now and then (the chat
         # evals and the loaders make garbage; with GC off it would pile up over a long run)
         if step == start_step + 1:
+            if use_compile:
+                print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
             gc.collect()
             gc.freeze()
             gc.disable()

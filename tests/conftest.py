@@ -11,6 +11,9 @@ import pytest
 
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Training scripts compile by default on CPU too; for a tiny model the compile (tens of seconds on 2 cores) would
+# dwarf the test. tests/test_compile.py unsets this to cover the default (compiled) path.
+os.environ.setdefault("NANOCHAT_COMPILE", "0")
 
 TINY_CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,
