@@ -180,6 +180,8 @@ def main(stage):
     source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
     model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
+    # a second run writing the same output directory fails here, naming this one (before any data is built)
+    lock_checkpoint_dir(os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag), model_tag)
     source_step = source_meta["step"]
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
     source_name = f"{args.source} checkpoint"
@@ -238,7 +240,6 @@ def main(stage):
     print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
-    lock_checkpoint_dir(output_dir, model_tag)  # a second run writing this directory fails here, naming this one
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
