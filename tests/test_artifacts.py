@@ -52,26 +52,31 @@ def save_tiny_gpt(base_dir, tokenizer, step=7, meta_extra=None):
 HOLDER = """
 import sys, time
 from nanochat.checkpoint import lock_checkpoint_dir
-lock_checkpoint_dir(sys.argv[1], "d2")
+for directory in sys.argv[1:]:
+    lock_checkpoint_dir(directory, "d2")
 print("locked", flush=True)
 time.sleep(120)
 """
 
-def start_holder(directory):
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory)], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                              env=dict(os.environ, PYTHONPATH=REPO))
+def start_holder(*directories):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *map(str, directories)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=REPO))
     assert holder.stdout.readline().strip() == "locked"
     return holder
 
 def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch, tiny_tokenizer):
     make_train_dir(tmp_path, tiny_tokenizer)
-    directory = tmp_path / "base_checkpoints" / "d2"
-    holder = start_holder(directory)  # another process, as a concurrent run on another terminal would be
+    directory, mid_directory = tmp_path / "base_checkpoints" / "d2", tmp_path / "mid_checkpoints" / "d2"
+    holder = start_holder(directory, mid_directory)  # another process, as a concurrent run on another terminal would be
     try:
         with pytest.raises(RuntimeError, match=rf"being written by another run \(pid {holder.pid} on host "
                                                rf"{socket.gethostname()}.*different --model-tag \(this run's: d2\)"):
             run_base_train(monkeypatch, tmp_path, "--num-iterations=2")
         assert not any(name.startswith(("model_", "meta_")) for name in os.listdir(directory))  # refused before training
+        save_tiny_gpt(tmp_path, tiny_tokenizer)  # a base model for mid-training (chat_sft's loop) to start from
+        monkeypatch.setattr(sys, "argv", ["mid_train", "--mixture=synthetic", "--device-type=cpu"])
+        with pytest.raises(RuntimeError, match=rf"{mid_directory} is being written by another run \(pid {holder.pid}"):
+            runpy.run_module("scripts.mid_train", run_name="__main__")
     finally:
         holder.send_signal(signal.SIGKILL)  # as a crash: the OS drops the lock with the process
         holder.wait()
