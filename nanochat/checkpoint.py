@@ -122,6 +122,8 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     Take an exclusive lock on checkpoint_dir for the rest of this process (rank 0 only; the other ranks of the run
     write their shards under it). A second run on the same directory fails here, naming the holder, instead of
     interleaving its steps with ours. The OS drops the lock when the holder dies, so a crashed run never blocks.
+    The lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start leaves no empty
+    tag directory behind for find_model_tag to pick.
     """
     from filelock import FileLock, Timeout
     if get_dist_info()[1] != 0:
@@ -129,8 +131,8 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     if checkpoint_dir in _held_locks:  # this process has it already (a script run twice in one process, tests)
         return
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    lock_path, owner_path = os.path.join(checkpoint_dir, "run.lock"), os.path.join(checkpoint_dir, "run.lock.json")
+    os.makedirs(os.path.dirname(checkpoint_dir), exist_ok=True)
+    lock_path, owner_path = f"{checkpoint_dir}.lock", f"{checkpoint_dir}.lock.json"
     lock = FileLock(lock_path, timeout=0)
     try:
         lock.acquire()
@@ -140,7 +142,7 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
                 owner = json.load(f)
             holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
         except (OSError, ValueError, KeyError, TypeError):
-            holder = "a process that has not written run.lock.json yet"
+            holder = f"a process that has not written {owner_path} yet"
         raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for it to finish, "
                            f"stop it, or give this run its own directory with a different --model-tag "
                            f"(this run's: {model_tag})") from None
@@ -294,7 +296,9 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     if source not in SOURCE_DIRS:
         raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(SOURCE_DIRS)}")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
-    if not os.path.isdir(checkpoints_dir) or not os.listdir(checkpoints_dir):
+    tags = sorted(t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))) \
+        if os.path.isdir(checkpoints_dir) else []
+    if not tags:
         raise FileNotFoundError(f"no {source} checkpoints in {checkpoints_dir}: train one with "
                                 f"`python -m {SOURCE_SCRIPTS[source]}`")
     if model_tag is None:
@@ -302,7 +306,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; "
-                                f"available: {sorted(os.listdir(checkpoints_dir))}")
+                                f"available: {tags}")
     if step is None:
         step = find_last_step(checkpoint_dir)
     model, meta = build_model(checkpoint_dir, step, device, phase)

@@ -72,7 +72,7 @@ def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch,
         with pytest.raises(RuntimeError, match=rf"being written by another run \(pid {holder.pid} on host "
                                                rf"{socket.gethostname()}.*different --model-tag \(this run's: d2\)"):
             run_base_train(monkeypatch, tmp_path, "--num-iterations=2")
-        assert not any(name.startswith(("model_", "meta_")) for name in os.listdir(directory))  # refused before training
+        assert not directory.exists()  # refused before training: nothing written, not even an empty tag directory
         save_tiny_gpt(tmp_path, tiny_tokenizer)  # a base model for mid-training (chat_sft's loop) to start from
         monkeypatch.setattr(sys, "argv", ["mid_train", "--mixture=synthetic", "--device-type=cpu"])
         with pytest.raises(RuntimeError, match=rf"{mid_directory} is being written by another run \(pid {holder.pid}"):
@@ -82,7 +82,7 @@ def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch,
         holder.wait()
     lock_checkpoint_dir(str(directory), "d2")
     lock_checkpoint_dir(str(directory), "d2")  # the holder may ask again (a script run twice in one process)
-    assert json.load(open(directory / "run.lock.json"))["pid"] == os.getpid()
+    assert json.load(open(f"{directory}.lock.json"))["pid"] == os.getpid()
 
 # -----------------------------------------------------------------------------
 # verified on load
