@@ -257,7 +257,6 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
         # start_new_session: the child leads its own process group, which is killed as a whole below
         proc = subprocess.Popen(command, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_ENV,
                                 start_new_session=True)
-        exited = False
         try:
             exited = _wait_unreaped(proc, timeout)
         finally:
