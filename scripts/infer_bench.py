@@ -27,11 +27,16 @@ parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
 parser.add_argument("--depth", type=int, default=-1, help="build a random-init model of this depth instead of loading one (-1 = load a checkpoint)")
 parser.add_argument("--max-seq-len", type=int, default=2048, help="context of the --depth model")
+parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary of the --depth model (the CPU demo's is 8192)")
+parser.add_argument("--head-dim", type=int, default=128, help="head width of the --depth model (the CPU demo's is 64)")
 parser.add_argument("--prompt-tokens", type=int, default=-1, help="prompt length (-1 = 2048 on CUDA, 128 elsewhere; clamped to fit the context)")
 parser.add_argument("--decode-tokens", type=int, default=-1, help="timed decode steps (-1 = 256 on CUDA, 16 elsewhere)")
 parser.add_argument("--batch-sizes", type=str, default="", help="comma-separated rows to decode at once (empty = 1,8,32,128 on CUDA, 1,4 elsewhere)")
 parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("--engine-samples", type=str, default="1,8", help="Engine.generate rows: comma-separated samples of one prompt (empty = skip)")
+parser.add_argument("--engine-prompt-tokens", type=int, default=64, help="prompt length of the Engine.generate rows")
+parser.add_argument("--engine-tokens", type=int, default=128, help="tokens each sample generates in the Engine.generate rows")
 args = parser.parse_args()
 
 import torch
@@ -41,8 +46,7 @@ from nanochat.engine import sample_next_token
 from nanochat.gpt import GPT, GPTConfig, KVCache
 
 WARMUP_STEPS = 8
-HEAD_DIM = 128          # --depth sizing as in base_train (SPEC 4.1): width = depth*64 rounded up to whole 128-wide heads
-ASPECT_RATIO = 64
+ASPECT_RATIO = 64       # --depth sizing as in base_train: width = depth*64 rounded up to whole --head-dim-wide heads
 # Peak HBM bandwidth in bytes/s by device name, most specific first.
 _PEAK_BANDWIDTH = [
     ("gb200", 8.0e12), ("b200", 8.0e12), ("b100", 8.0e12), ("h200", 4.8e12),
@@ -68,9 +72,9 @@ batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,128" if on_cuda els
 assert all(b >= 1 for b in batch_sizes), f"--batch-sizes must be positive integers, got {args.batch_sizes!r}"
 
 if args.depth > 0:
-    n_embd = math.ceil(args.depth * ASPECT_RATIO / HEAD_DIM) * HEAD_DIM
-    config = GPTConfig(sequence_len=args.max_seq_len, n_layer=args.depth, n_head=n_embd // HEAD_DIM,
-                       n_kv_head=n_embd // HEAD_DIM, n_embd=n_embd)
+    n_embd = math.ceil(args.depth * ASPECT_RATIO / args.head_dim) * args.head_dim
+    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_embd // args.head_dim,
+                       n_kv_head=n_embd // args.head_dim, n_embd=n_embd)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
@@ -180,6 +184,34 @@ for batch_size in batch_sizes:
     })
     del cache
 
+# Engine.generate end to end, as chat_eval and RL call it: one prompt, B samples, every step's sampling, per-row
+# tool state machine and host sync included. Special tokens map past the vocabulary, so no row stops early.
+class NoStopTokenizer:
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+    def encode_special(self, name):
+        return self.vocab_size + ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>"].index(name)
+    def get_bos_token_id(self):
+        return self.vocab_size + 5
+
+engine_results = []
+if args.engine_samples:
+    from nanochat.engine import Engine
+    engine = Engine(model, NoStopTokenizer(config.vocab_size))
+    engine_tokens = min(args.engine_tokens, config.sequence_len // 2)
+    engine_prompt = torch.randint(0, config.vocab_size, (min(args.engine_prompt_tokens, config.sequence_len - engine_tokens),),
+                                  generator=torch.Generator().manual_seed(0)).tolist()
+    for samples in [int(b) for b in args.engine_samples.split(",")]:
+        run = lambda n: sum(len(column) for column, _ in engine.generate(engine_prompt, num_samples=samples, max_tokens=n,
+                                                                         temperature=args.temperature, top_k=50))
+        run(WARMUP_STEPS)
+        sync()
+        t0 = time.perf_counter()
+        tokens = run(engine_tokens)
+        sync()
+        engine_results.append({"samples": samples, "prompt_tokens": len(engine_prompt), "tokens": tokens,
+                               "tok_per_s": tokens / (time.perf_counter() - t0)})
+
 # -----------------------------------------------------------------------------
 # Report
 
@@ -192,5 +224,8 @@ for r in decode_results:
     vram_gb = None if r["peak_vram_bytes"] is None else r["peak_vram_bytes"] / 1e9
     print(f"{r['batch_size']:>6} {r['ttft_s'] * 1e3:>9.1f} {r['tpot_s'] * 1e3:>9.2f} {r['tok_per_s']:>10,.0f} "
           f"{r['bytes_per_s'] / 1e9:>8.1f} {fmt(r['mbu'], '.1%'):>7} {fmt(r['mfu'], '.1%'):>7} {fmt(vram_gb, '.2f'):>13}")
-print(json.dumps({"device": str(device), "card": card, "prefill": prefill_result, "decode": decode_results,
+for r in engine_results:
+    print(f"Engine.generate: one {r['prompt_tokens']}-token prompt, {r['samples']} samples x {r['tokens'] // r['samples']} tokens: "
+          f"{r['tok_per_s']:,.0f} tok/s aggregate")
+print(json.dumps({"device": str(device), "card": card, "prefill": prefill_result, "decode": decode_results, "engine": engine_results,
                   "decode_tokens": decode_tokens, "warmup_steps": WARMUP_STEPS, "temperature": args.temperature}))

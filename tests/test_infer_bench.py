@@ -18,3 +18,6 @@ def test_infer_bench_random_model_json(base_dir):
     for row in result["decode"]:
         assert row["tok_per_s"] > 0 and row["tpot_s"] > 0
     assert result["prefill"]["ttft_s"] > 0 and result["prefill"]["prompt_tokens"] == 16
+    # Engine.generate rows: every sample runs the full count (no stop token can be sampled)
+    assert [(r["samples"], r["tokens"]) for r in result["engine"]] == [(1, 32), (8, 8 * 32)]
+    assert all(r["tok_per_s"] > 0 for r in result["engine"])
