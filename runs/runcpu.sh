@@ -41,3 +41,5 @@ python -m scripts.chat_eval -i sft -x 50 -m 64
 # 4. the report card, then talk to it
 python -m nanochat.report generate
 python -m scripts.chat_cli -i sft -p "What is your name?"
+echo
+echo "Chat with it in the browser: python -m scripts.chat_web -i sft   (then open http://127.0.0.1:8000/)"
