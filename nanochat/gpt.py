@@ -259,6 +259,49 @@ def attention_banner(device, window_sizes, sequence_len):
     return msg
 
 # -----------------------------------------------------------------------------
+# The loss without torch.compile
+
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB of fp32 temporaries at a time
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """
+    Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss and gradient 0),
+    the same numbers as F.cross_entropy on the softcapped logits, in chunks of rows, keeping only the raw logits and
+    one logsumexp per row for backward. Eager autograd on the plain formula keeps the tanh output and the
+    log-softmax, two more (rows, vocab) fp32 tensors, and holds four at once in the forward: at depth 4, 16 x 512
+    rows and vocab 8,192 each is 256 MiB, most of the extra peak memory of the uncompiled CPU path (docs/perf.md).
+    """
+    @staticmethod
+    def forward(ctx, logits, targets):
+        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
+        index = targets.clamp(min=0).unsqueeze(1)
+        lse = torch.empty(n, dtype=logits.dtype, device=logits.device)
+        losses = torch.empty_like(lse)
+        for i in range(0, n, chunk):
+            z = SOFTCAP * torch.tanh(logits[i:i + chunk] / SOFTCAP)
+            lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
+            losses[i:i + chunk] = lse[i:i + chunk] - z.gather(1, index[i:i + chunk]).squeeze(1)
+        losses.masked_fill_(targets == -1, 0.0)
+        ctx.save_for_backward(logits, targets, lse)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        # d loss / d z = softmax(z) - onehot(target); d z / d logits = 1 - tanh^2
+        logits, targets, lse = ctx.saved_tensors
+        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
+        index = targets.clamp(min=0).unsqueeze(1)
+        scale = (grad_losses * (targets != -1)).unsqueeze(1)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        minus_one = torch.full((min(chunk, n), 1), -1.0, dtype=logits.dtype, device=logits.device)
+        for i in range(0, n, chunk):
+            t = torch.tanh(logits[i:i + chunk] / SOFTCAP)
+            g = torch.exp(SOFTCAP * t - lse[i:i + chunk].unsqueeze(1))
+            g.scatter_add_(1, index[i:i + chunk], minus_one[:g.size(0)])
+            grad[i:i + chunk] = g.mul_(scale[i:i + chunk]).mul_(1 - t * t)
+        return grad, None
+
+# -----------------------------------------------------------------------------
 # Model
 
 class CausalSelfAttention(nn.Module):
@@ -441,10 +484,13 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
-            return logits
-        losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction="none")
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if torch.compiler.is_compiling():  # inductor fuses softcap + cross-entropy into a few row-wise kernels itself
+            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction="none")
+        else:
+            losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
         if loss_reduction == "none":
             return losses.view(B, T)
         assert loss_reduction == "mean", f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'"
