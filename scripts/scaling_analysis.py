@@ -62,21 +62,25 @@ def run_row(tag):
     }
 
 def add_run(tag, csv_path):
-    rows = [r for r in read_rows(csv_path) if r["model_tag"] != tag] if os.path.exists(csv_path) else []
+    rows = [r for r in read_csv(csv_path) if r["model_tag"] != tag] if os.path.exists(csv_path) else []
     rows.append(run_row(tag))
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    lines = [",".join(COLUMNS)] + [",".join(str(r.get(c, "")) for c in COLUMNS) for r in rows]
+    lines = [",".join(COLUMNS)] + [",".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
     print(f"{csv_path}: {tag} val bpb {rows[-1]['val_bpb']} ({len(rows)} runs)")
 
+def read_csv(csv_path):
+    """Rows as dicts of the strings in the file (other rows are rewritten exactly as they were)."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
 def read_rows(csv_path):
     """Rows as dicts; numeric columns as floats (empty = None)."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_csv(csv_path)
     missing = {"model_tag", "num_scaling_params", "tokens_trained", "total_flops", "val_bpb"} - set(rows[0] if rows else COLUMNS)
     if missing:
         raise ValueError(f"{csv_path} lacks columns {sorted(missing)}: write it with --add-run")
-    return [{k: (v if k == "model_tag" else float(v) if v not in ("", "None") else None) for k, v in r.items()} for r in rows]
+    return [{k: (v if k == "model_tag" else float(v) if v != "" else None) for k, v in r.items()} for r in rows]
 
 # -----------------------------------------------------------------------------
 # Fits

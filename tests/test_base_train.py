@@ -106,14 +106,21 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
            [{k: r.get(k) for k in DETERMINISTIC} for r in reference_log]
     assert [r["step"] for r in reference_log if "val_bpb" in r] == [0, 3, 6] and "loss" not in reference_log[-1]
 
-def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch):
+def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch, tmp_path):
     base, _ = reference_run
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    from scripts.scaling_analysis import run_row  # what runs/miniseries.sh and runs/scaling_laws.sh append
+    from scripts.scaling_analysis import run_row, add_run, COLUMNS  # what runs/miniseries.sh and runs/scaling_laws.sh append
     row, meta = run_row("d2"), final_meta(base)
     assert row["depth"] == 2 and row["num_iterations"] == STEPS and row["tokens_trained"] == STEPS * 128
     assert row["val_bpb"] == meta["val_bpb"] and row["num_scaling_params"] == meta["num_scaling_params"] > 0
     assert row["total_flops"] == meta["flops_per_token"] * STEPS * 128 and row["num_params"] == meta["param_counts"]["total"]
+    csv_path = tmp_path / "results.csv"
+    other = "other_d9,9" + "," * (len(COLUMNS) - 2)
+    csv_path.write_text(",".join(COLUMNS) + "\n" + other + "\n")
+    add_run("d2", str(csv_path))
+    add_run("d2", str(csv_path))  # again: replaces its row, leaves the others as they were
+    lines = csv_path.read_text().splitlines()
+    assert len(lines) == 3 and lines[1] == other and lines[2].startswith("d2,2,64,")
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run
