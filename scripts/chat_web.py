@@ -253,8 +253,9 @@ class Worker(threading.Thread):
                 s = job.settings
                 try:
                     job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"], s["top_k"] or None, s["seed"])
-                except ValueError as e:
-                    job.send(("error", str(e)))
+                except Exception as e:  # bad settings (ValueError) or a failed prefill: this request fails, the worker lives
+                    print(f"worker {self.gpu_id}: prefill failed: {type(e).__name__}: {e}", flush=True)
+                    job.send(("error", str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}"))
                     continue
                 self.jobs.append(job)
             if not self.jobs:
