@@ -307,6 +307,7 @@ def _plot_base(plt, logs):
         axes[row, 0].set_xlabel("step")
         axes[row, 1].set_xlabel("training FLOPs (log scale)")
         axes[row, 1].set_xscale("log")
+        axes[row, 1].xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only: no overlapping text
         for ax in axes[row]:
             ax.set_ylabel(ylabel)
     fig.suptitle("Base model training: loss and val bpb by step and by compute")

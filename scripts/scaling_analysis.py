@@ -80,7 +80,13 @@ def read_rows(csv_path):
     missing = {"model_tag", "num_scaling_params", "tokens_trained", "total_flops", "val_bpb"} - set(rows[0] if rows else COLUMNS)
     if missing:
         raise ValueError(f"{csv_path} lacks columns {sorted(missing)}: write it with --add-run")
-    return [{k: (v if k == "model_tag" else float(v) if v != "" else None) for k, v in r.items()} for r in rows]
+    def number(row, column):
+        try:
+            return float(row[column]) if row[column] != "" else None
+        except ValueError:
+            raise ValueError(f"{csv_path}: {row['model_tag']} has {column}={row[column]!r}, not a number: "
+                             f"rewrite its row with --add-run={row['model_tag']}") from None
+    return [{k: v if k == "model_tag" else number(r, k) for k, v in r.items()} for r in rows]
 
 # -----------------------------------------------------------------------------
 # Fits
@@ -163,6 +169,7 @@ def plot(rows, fits, out_dir, plt):
     return paths
 
 def _save(fig, ax, path, plt):
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log axis labelled on decades only: no overlapping text
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
