@@ -291,10 +291,19 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, meta
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
-    """-> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest complete)."""
+    """
+    -> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest complete), or from a
+    directory written by `python -m scripts.export_hf` (e.g. downloaded from the Hugging Face Hub) when source is one.
+    """
     from nanochat.tokenizer import get_tokenizer
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
+        from nanochat.hf.export import load_export
+        model, tokenizer, meta = load_export(source, device, phase)
+        print0(f"loaded exported model from {source}")
+        return model, tokenizer, meta
     if source not in SOURCE_DIRS:
-        raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(SOURCE_DIRS)}")
+        raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(SOURCE_DIRS)}, "
+                         f"or a directory written by scripts.export_hf")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
     tags = sorted(t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))) \
         if os.path.isdir(checkpoints_dir) else []

@@ -1,0 +1,275 @@
+"""
+Convert a nanochat checkpoint to a Hugging Face model directory, and load such a directory back.
+
+    from nanochat.hf.export import export_model, load_export
+    export_model(state, meta, tokenizer, "out/")        # what scripts/export_hf.py does
+    model, tokenizer, meta = load_export("out/", "cpu")   # what load_model(DIR, ...) does
+
+A directory holds model.safetensors (the state dict under nanochat's own parameter names), config.json
+(+ configuration_nanochat.py, modeling_nanochat.py via auto_map), generation_config.json (stops at
+<|assistant_end|> or <|bos|>, as Engine does), tokenizer.json + tokenizer_config.json, chat_template.jinja,
+nanochat_meta.json (the checkpoint's meta) and README.md (the model card).
+
+Tokenizer: tiktoken ranks become an HF byte-level BPE: vocab = each token's bytes in GPT-2's byte->unicode
+alphabet, id = rank; merges = every split of a token into two vocab tokens, ordered by the merged token's rank
+(tiktoken merges the adjacent pair whose concatenation has the lowest rank); ignore_merges because tiktoken
+looks a whole pre-token piece up before merging. Loading inverts the same map, so the fingerprint of the
+tokenizer read back equals the one the checkpoint recorded.
+
+Needs `safetensors` to load and also `tokenizers` to export (pip install "nanochat[hf]"); transformers only to
+run the exported model under transformers.
+"""
+
+import base64
+import json
+import os
+import shutil
+
+import torch
+
+from nanochat.common import atomic_write_text
+
+MODEL_TYPE = "nanochat_gpt"
+TEMPLATE_DIR = os.path.dirname(os.path.abspath(__file__))
+REMOTE_CODE = ["configuration_nanochat.py", "modeling_nanochat.py"]
+META_FILE = "nanochat_meta.json"
+WEIGHTS_FILE = "model.safetensors"
+GPT_FIELDS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"]
+
+# nanochat's chat format (Tokenizer.render_conversation): <|bos|>, a leading system message merged into the first
+# user message with "\n\n", user turns in <|user_start|>..<|user_end|>, assistant turns in
+# <|assistant_start|>..<|assistant_end|> whose content is a string or a list of parts (text, python, python_output).
+CHAT_TEMPLATE = """{{- '<|bos|>' -}}
+{%- set ns = namespace(system='') -%}
+{%- for message in messages -%}
+{%- if loop.first and message['role'] == 'system' -%}
+{%- set ns.system = message['content'] + '\\n\\n' -%}
+{%- elif message['role'] == 'user' -%}
+{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}
+{%- set ns.system = '' -%}
+{%- elif message['role'] == 'assistant' -%}
+{{- '<|assistant_start|>' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- else -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'python' -%}
+{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
+{%- elif part['type'] == 'python_output' -%}
+{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+{%- else -%}
+{{- part['text'] -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|assistant_end|>' -}}
+{%- else -%}
+{{- raise_exception('roles must be user/assistant, after an optional first system message; got ' + message['role']) -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|assistant_start|>' -}}
+{%- endif -%}
+"""
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters (HF ByteLevel's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return chars
+
+def hf_tokenizer_json(tokenizer):
+    """Our tokenizer (its public to_data(): pattern, tokens in rank order, specials) as an HF tokenizer.json string."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers
+    data = tokenizer.to_data()
+    byte_char = bytes_to_unicode()
+    to_str = lambda b: "".join(byte_char[x] for x in b)
+    tokens = [base64.b64decode(t) for t in data["mergeable_ranks"]]
+    ranks = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for rank, token in enumerate(tokens):
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], to_str(left), to_str(right)))
+    merges.sort()
+    bpe = models.BPE(vocab={to_str(t): i for i, t in enumerate(tokens)}, merges=[(m[3], m[4]) for m in merges],
+                     ignore_merges=True)
+    hf = HFTokenizer(bpe)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(data["pattern"]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    hf.decoder = decoders.ByteLevel()
+    specials = sorted(data["special_tokens"].items(), key=lambda kv: kv[1])
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
+    for name, i in specials:
+        assert hf.token_to_id(name) == i, f"special {name} got id {hf.token_to_id(name)} in the HF tokenizer, expected {i}"
+    return hf.to_str()
+
+def tokenizer_from_hf_json(path):
+    """Our Tokenizer from an exported tokenizer.json (the inverse of hf_tokenizer_json)."""
+    from nanochat.tokenizer import Tokenizer, _encoding_from_data, TOKENIZER_FORMAT, TOKENIZER_FORMAT_VERSION
+    with open(path, encoding="utf-8") as f:
+        hf = json.load(f)
+    char_byte = {c: b for b, c in bytes_to_unicode().items()}
+    try:
+        vocab, pattern = hf["model"]["vocab"], hf["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+        tokens = sorted(vocab, key=vocab.get)
+        assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+        data = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION, "pattern": pattern,
+                "mergeable_ranks": [base64.b64encode(bytes(char_byte[c] for c in t)).decode("ascii") for t in tokens],
+                "special_tokens": {t["content"]: t["id"] for t in hf["added_tokens"]}}
+    except (KeyError, IndexError, TypeError, AssertionError) as e:
+        raise ValueError(f"{path} is not a tokenizer.json written by scripts.export_hf ({type(e).__name__}: {e}); "
+                         f"re-export the model") from None
+    return Tokenizer(_encoding_from_data(data, path), "<|bos|>")
+
+# -----------------------------------------------------------------------------
+# Model card
+
+def model_card(meta, source, report_text=None):
+    """README.md for the Hub: YAML header, size, data, training tokens, eval numbers, how to load."""
+    cfg = meta["model_config"]
+    uc = meta.get("pretrain_config") or meta.get("user_config") or {}
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanochat]", "---", "",
+             f"# nanochat d{cfg['n_layer']} ({source})", "",
+             f"A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.", "",
+             "| | |", "|---|---|",
+             f"| stage | {source} (step {meta.get('step')}) |",
+             f"| layers / width / heads (kv) | {cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} ({cfg['n_kv_head']}) |",
+             f"| context / window pattern | {cfg['sequence_len']} / {cfg['window_pattern']} |",
+             f"| vocab | {cfg['vocab_size']} |"]
+    counts = meta.get("param_counts") or {}
+    if counts.get("total"):
+        lines.append(f"| parameters | {counts['total']:,} |")
+    if meta.get("dataset") or uc.get("dataset"):
+        lines.append(f"| pretraining data | {meta.get('dataset') or uc.get('dataset')} |")
+    if meta.get("total_batch_size") and meta.get("num_iterations"):
+        lines.append(f"| training tokens ({source}) | {meta['total_batch_size'] * meta['num_iterations']:,} |")
+    if meta.get("val_bpb") is not None:
+        lines.append(f"| validation bits per byte | {meta['val_bpb']:.4f} |")
+    for name, value in (meta.get("metrics") or {}).items():
+        if isinstance(value, (int, float)):
+            lines.append(f"| {name} | {value:.4f} |")
+    lines += ["", "## Use", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "tok = AutoTokenizer.from_pretrained(REPO)",
+              "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)",
+              "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
+              "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)",
+              "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], skip_special_tokens=True))",
+              "```", "",
+              "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, ...) written in text, as chat "
+              "templates need; nanochat itself never does for user text: pass `split_special_tokens=True` to encode "
+              "untrusted text the way nanochat does. Padded batches and beam search are not supported.", "",
+              "With nanochat: download the directory, then `python -m scripts.chat_cli -i DIR` or "
+              "`python -m scripts.chat_web -i DIR`.", ""]
+    if report_text:
+        lines += ["## Training report", "", report_text.strip(), ""]
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# Export / import
+
+def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, report_text=None):
+    """
+    Write the HF directory. state: the checkpoint's state dict (each tensor keeps its dtype unless dtype is given);
+    meta: the checkpoint's meta (model_config, tokenizer_fingerprint, metrics...). Every file is written to a temp
+    name and renamed; model.safetensors goes last but one, the README last.
+    """
+    from safetensors.torch import save_file
+    cfg = meta["model_config"]
+    state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    compute_dtype = state["transformer.wte.weight"].dtype  # embeddings are kept in the dtype the model computes in
+    os.makedirs(out_dir, exist_ok=True)
+    for name in REMOTE_CODE:
+        tmp = os.path.join(out_dir, f"{name}.tmp{os.getpid()}")
+        shutil.copyfile(os.path.join(TEMPLATE_DIR, name), tmp)
+        os.replace(tmp, os.path.join(out_dir, name))
+    specials = {name: tokenizer.encode_special(name) for name in ("<|bos|>", "<|assistant_end|>")}
+    config = {
+        "architectures": ["NanoChatForCausalLM"], "model_type": MODEL_TYPE,
+        "auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig",
+                     "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
+        **{k: cfg[k] for k in GPT_FIELDS}, "padded_vocab_size": state["transformer.wte.weight"].size(0),
+        "bos_token_id": specials["<|bos|>"], "eos_token_id": specials["<|assistant_end|>"],
+        "dtype": str(compute_dtype).removeprefix("torch."), "use_cache": True, "tie_word_embeddings": False,
+    }
+    generation = {"bos_token_id": specials["<|bos|>"], "eos_token_id": [specials["<|assistant_end|>"], specials["<|bos|>"]],
+                  "pad_token_id": specials["<|bos|>"]}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
+                        "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>",
+                        "model_max_length": cfg["sequence_len"], "clean_up_tokenization_spaces": False}
+    write = lambda name, text: atomic_write_text(os.path.join(out_dir, name), text)
+    write("config.json", json.dumps(config, indent=2))
+    write("generation_config.json", json.dumps(generation, indent=2))
+    write("tokenizer.json", hf_tokenizer_json(tokenizer))
+    write("tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
+    write("chat_template.jinja", CHAT_TEMPLATE)
+    write(META_FILE, json.dumps(meta, indent=2))
+    path = os.path.join(out_dir, WEIGHTS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    write("README.md", model_card(meta, source, report_text))
+
+def is_export_dir(path):
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+def load_export(export_dir, device, phase="eval"):
+    """-> (GPT, Tokenizer, meta) from a directory written by export_model (or downloaded from the Hub)."""
+    from nanochat.gpt import GPT, GPTConfig
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"loading {export_dir} needs the safetensors package: pip install safetensors "
+                          f"(or pip install -e '.[hf]')") from None
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
+    with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{export_dir}/config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}: "
+                         f"only directories written by `python -m scripts.export_hf` load as nanochat models")
+    missing = [name for name in (WEIGHTS_FILE, "tokenizer.json") if not os.path.exists(os.path.join(export_dir, name))]
+    if missing:
+        raise FileNotFoundError(f"{export_dir} lacks {missing}: download the whole directory, or re-export it")
+    meta_path = os.path.join(export_dir, META_FILE)
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    meta["model_config"] = {k: config[k] for k in GPT_FIELDS}  # config.json is what transformers runs: it wins
+    device = torch.device(device)
+    state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device="cpu")
+    if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, as build_model does for checkpoints
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # the rotary tables (not in the state dict) get their values here
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
+    model.train() if phase == "train" else model.eval()
+    tokenizer = tokenizer_from_hf_json(os.path.join(export_dir, "tokenizer.json"))
+    recorded = meta.get("tokenizer_fingerprint")
+    if recorded is not None and recorded != tokenizer.fingerprint():
+        raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was trained with (fingerprint "
+                         f"{tokenizer.fingerprint()[:16]}... vs {recorded[:16]}... in {META_FILE}): re-export the model")
+    if tokenizer.get_vocab_size() != config["vocab_size"]:
+        raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config['vocab_size']}")
+    return model, tokenizer, meta
