@@ -17,7 +17,7 @@ import math
 import sys
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl (base = completion mode)")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl (base = completion mode), or a directory written by scripts.export_hf")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
 parser.add_argument("-p", "--prompt", type=str, default="", help="answer this one prompt and exit (default: interactive)")

@@ -26,7 +26,7 @@ import os
 
 parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one model replica per GPU (CPU/MPS: 1)")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
+parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl, or a directory written by scripts.export_hf")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (0 = greedy)")
@@ -284,12 +284,15 @@ if device_type == "cuda":
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
 else:
     devices = [compute_init(device_type)[4]]
-model_tag = args.model_tag or find_model_tag(os.path.join(get_base_dir(), SOURCE_DIRS.get(args.source, "?")))
+if os.path.isdir(args.source):  # a directory written by scripts.export_hf (e.g. downloaded from the Hub)
+    model_tag = os.path.basename(os.path.normpath(args.source))
+else:
+    model_tag = args.model_tag or find_model_tag(os.path.join(get_base_dir(), SOURCE_DIRS.get(args.source, "?")))
 workers = []
 for gpu_id, device in enumerate(devices):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
     workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
-MODEL_ID = f"nanochat-{args.source}-{model_tag}"
+MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat-{args.source}-{model_tag}"
 CREATED = int(time.time())
 CONTEXT = model.config.sequence_len
 bos = tokenizer.get_bos_token_id()

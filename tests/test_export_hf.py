@@ -95,7 +95,7 @@ def varied_strings(n=200):
 
 def test_auto_tokenizer_matches_ours(exported):
     _, tok, out = exported
-    hf = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     strings = varied_strings()
     assert sum("<|" in s for s in strings) > 20
     for s in strings:
@@ -107,7 +107,7 @@ def test_auto_tokenizer_matches_ours(exported):
 
 def test_chat_template_matches_render_for_completion(exported):
     _, tok, out = exported
-    hf = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     conversations = [
         [{"role": "user", "content": "Why is the sky blue?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 🙂"},

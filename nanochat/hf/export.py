@@ -163,7 +163,7 @@ def model_card(meta, source, report_text=None):
             lines.append(f"| {name} | {value:.4f} |")
     lines += ["", "## Use", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(REPO)",
+              "tok = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
               "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)",
               "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
               "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)",
