@@ -107,6 +107,10 @@ def test_openai_client_stream_and_non_stream_equal_engine_greedy(served):
     merged = client.chat.completions.create(model="nanochat", temperature=0, max_tokens=8,
                                             messages=[{"role": "user", "content": "Be brief.\n\nHi"}])
     assert with_system.choices[0].message.content == merged.choices[0].message.content
+    # a seed reproduces a sampled reply; another seed gives another (24 draws over 300+ tokens: equal by chance never)
+    sampled = [client.chat.completions.create(model="nanochat", messages=messages, temperature=1.0, max_tokens=24,
+                                              seed=s, extra_body={"top_k": 0}).choices[0].message.content for s in (5, 5, 6)]
+    assert sampled[0] == sampled[1] != sampled[2]
 
 def test_models_and_api_key(served):
     url, *_ = served
