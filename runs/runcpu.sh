@@ -2,7 +2,7 @@
 # The CPU demo: the whole pipeline, offline, on a laptop-class CPU in well under half an hour.
 #   bash runs/runcpu.sh
 # Tokenizer on the embedded corpus -> tiny base model -> base eval -> mid-training and SFT on the synthetic
-# chat tasks -> chat eval -> report -> one chat answer. The model is tiny, so expect it to have learned the
+# chat tasks -> chat eval -> RL on the synthetic arithmetic -> chat eval -> report -> one chat answer. The model is tiny, so expect it to have learned the
 # formats and some of the synthetic skills (printed against chance), not to be clever.
 # Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); set it to keep demo runs apart.
 set -euo pipefail
@@ -15,6 +15,7 @@ export WANDB_RUN="${WANDB_RUN:-dummy}"
 DEPTH="${DEPTH:-4}"
 BASE_STEPS="${BASE_STEPS:-200}"
 CHAT_STEPS="${CHAT_STEPS:-150}"
+RL_STEPS="${RL_STEPS:-30}"
 
 python -m nanochat.report reset
 
@@ -38,7 +39,12 @@ python -m scripts.chat_sft --mixture=synthetic --num-iterations=$((CHAT_STEPS / 
     --chat-eval-every=0 --run=$WANDB_RUN
 python -m scripts.chat_eval -i sft -x 50 -m 64
 
-# 4. the report card, then talk to it
+# 4. reinforcement learning on the synthetic arithmetic (reward 1 for the right "#### N"): 4 questions x 8 samples per
+#    step; pass@1..4 on 50 held-out problems before and after, then the same chat evaluation as SFT's (SynthMath row)
+python -m scripts.chat_rl --task=synthetic-math --num-iterations=$RL_STEPS --examples-per-step=4 --num-samples=8     --device-batch-size=8 --max-new-tokens=64 --eval-every=-1 --eval-examples=50 --num-samples-eval=4 --run=$WANDB_RUN
+python -m scripts.chat_eval -i rl -x 50 -m 64
+
+# 5. the report card, then talk to it
 python -m nanochat.report generate
 python -m scripts.chat_cli -i sft -p "What is your name?"
 echo

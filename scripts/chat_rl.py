@@ -1,0 +1,351 @@
+"""
+Reinforcement learning on problems with a checkable answer: GSM8K, or the offline synthetic arithmetic task.
+
+    python -m scripts.chat_rl                                         # GSM8K (fetched on first use), from the sft model
+    python -m scripts.chat_rl --task=synthetic-math --num-iterations=30  # offline: the embedded word problems
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
+    python -m scripts.chat_rl --resume                                # continue from the newest complete checkpoint, exactly
+
+The algorithm is on-policy REINFORCE with a group-mean baseline (a simplified "GRPO"):
+- Each step takes --examples-per-step questions (spread over ranks) and samples --num-samples completions of each
+  through the Engine (passes of --device-batch-size), so calculator calls run and their results are forced in.
+- reward = task.reward(question, completion) (1.0 when the "#### N" answer is right); the advantage of a sample
+  is its reward minus the mean reward of its question's samples (no division by the std). A question whose
+  samples all score the same teaches nothing and contributes exactly zero gradient (its passes are skipped).
+- loss of a pass = -sum(logp(token) * advantage) over its trained tokens / (trained tokens in the pass x passes
+  per question x questions per rank): token-level normalisation (DAPO, arXiv:2503.14476) within a question.
+  Trained tokens are the ones the model sampled, its stop token included; the prompt, the forced calculator
+  output and the padding are not (mask 0).
+- No KL penalty, no reference model, no PPO ratio or clipping: one optimizer step per batch of fresh samples.
+  LR decays linearly to 0 over the run.
+- pass@k (k = 1..--num-samples-eval) on held-out test problems at step 0, every --eval-every steps and at the end.
+- Checkpoints hold the optimizer shards and the loop state. Sampling seeds are a function of (step, question,
+  pass), so the loop state is also the sampling RNG state and --resume continues bit for bit.
+Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp16 GradScaler, torch.compile
+(sequence lengths vary from step to step).
+"""
+
+import argparse
+import os
+import time
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist
+from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_last_step, find_model_tag,
+                                 lock_checkpoint_dir, SOURCE_DIRS)
+from nanochat.engine import Engine
+from nanochat.report import get_report, MetricLog
+
+def rl_tasks(name):
+    """-> (train task, held-out test task) for --task."""
+    if name == "gsm8k":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+    from tasks.synthetic import SyntheticMath
+    # seed 3: problems neither mid-training (0) nor SFT (1) saw; the test split is chat_eval's SynthMath
+    return SyntheticMath(split="train", size=8000, seed=3), SyntheticMath(split="test", size=200)
+
+# -----------------------------------------------------------------------------
+# Sampling, batching and the loss: the pieces the tests check one by one
+
+def sample_seed(*key):
+    """A stable 31-bit seed for a key like ("train", step, example, pass) (crc32: hash() is salted per process)."""
+    return zlib.crc32("/".join(map(str, key)).encode()) & 0x7FFFFFFF
+
+def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, **sampling):
+    """
+    -> passes: per pass of up to device_batch_size samples (seeded seeds[p]), a list of (tokens, mask) completions.
+    A completion ends with the stop token the model sampled (mask 1: ending is an action too) unless it ran out of
+    tokens; mask 0 marks calculator output the Engine forced in. sampling: max_tokens, temperature, top_k.
+    """
+    stop_tokens = {engine.tokenizer.encode_special("<|assistant_end|>"), engine.tokenizer.get_bos_token_id()}
+    passes = []
+    for p, start in enumerate(range(0, num_samples, device_batch_size)):
+        n = min(device_batch_size, num_samples - start)
+        rows, done = [([], []) for _ in range(n)], [False] * n
+        for token_column, mask_column in engine.generate(prompt, num_samples=n, seed=seeds[p], **sampling):
+            for i, (token, mask) in enumerate(zip(token_column, mask_column)):
+                if not done[i]:
+                    rows[i][0].append(token)
+                    rows[i][1].append(mask)
+                    done[i] = token in stop_tokens
+        passes.append(rows)
+    return passes
+
+def completion_text(tokenizer, tokens):
+    """The decoded answer without its stop token (what the task grades)."""
+    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+
+def make_batch(prompt, completions, pad_id, device="cpu"):
+    """
+    One pass as a training batch: rows prompt + completion, right-padded with pad_id.
+    -> inputs (B, L-1), targets (B, L-1) with -1 wherever the target token is prompt, forced output or padding.
+    """
+    rows = [prompt + tokens for tokens, _ in completions]
+    masks = [[0] * len(prompt) + mask for _, mask in completions]
+    length = max(len(row) for row in rows)
+    ids = torch.tensor([row + [pad_id] * (length - len(row)) for row in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], dtype=torch.bool, device=device)
+    return ids[:, :-1], ids[:, 1:].masked_fill(~mask[:, 1:], -1)
+
+def group_advantages(rewards):
+    """reward - mean reward of the question's samples (the baseline); no division by the std."""
+    rewards = torch.tensor(rewards, dtype=torch.float32)
+    return rewards - rewards.mean()
+
+def pass_loss(model, inputs, targets, advantages, normalizer):
+    """-sum(logp * advantage) over the pass's trained tokens / (their count x normalizer); logp = -cross-entropy."""
+    logp = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where targets == -1
+    num_trained = (targets >= 0).sum().clamp(min=1)
+    return -(logp * advantages.to(logp.device)[:, None]).sum() / (num_trained * normalizer)
+
+def policy_gradient_backward(model, groups, pad_id):
+    """
+    Accumulate the step's gradients. groups: per question (prompt, passes, advantages of all its samples in pass
+    order). Normalizer = passes per question x questions: every question weighs the same. -> summed loss (float).
+    Questions with all-zero advantages would add exactly zero and are skipped; parameters left without a gradient
+    get zeros, so every rank enters the optimizer's collectives with the same tensors.
+    """
+    device = model.get_device()
+    total = 0.0
+    for prompt, passes, advantages in groups:
+        if not advantages.any():
+            continue
+        start = 0
+        for completions in passes:
+            inputs, targets = make_batch(prompt, completions, pad_id, device)
+            loss = pass_loss(model, inputs, targets, advantages[start:start + len(completions)], len(passes) * len(groups))
+            loss.backward()
+            total += loss.item()
+            start += len(completions)
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return total
+
+@torch.no_grad()
+def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_size, **sampling):
+    """
+    -> ({k: fraction of problems solved by one of the first k samples}, problems) over all ranks. Problem i runs on
+    rank i % world with seeds from i only, so the numbers do not depend on the number of ranks or the step.
+    A prompt with no room left in the context counts as failed.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+    context = engine.model.config.sequence_len
+    counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())  # solved within k, total
+    for i in range(rank, num_problems, world):
+        conversation = task[i]
+        prompt = engine.tokenizer.render_for_completion(conversation)
+        budget = min(sampling["max_tokens"], context - len(prompt))
+        counts[num_samples] += 1
+        if budget < 1:
+            continue
+        seeds = [sample_seed("eval", i, p) for p in range(num_samples)]
+        passes = sample_completions(engine, prompt, num_samples, device_batch_size, seeds, **{**sampling, "max_tokens": budget})
+        outcomes = [task.evaluate(conversation, completion_text(engine.tokenizer, tokens))
+                    for completions in passes for tokens, _ in completions]
+        if any(outcomes):
+            counts[outcomes.index(True):num_samples] += 1
+    if is_dist():
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    total = int(counts[num_samples])
+    return {k: counts[k - 1].item() / max(total, 1) for k in range(1, num_samples + 1)}, total
+
+# -----------------------------------------------------------------------------
+
+def main():
+    parser = argparse.ArgumentParser(description="RL (REINFORCE with a group-mean baseline) on GSM8K or synthetic arithmetic")
+    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+    parser.add_argument("--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint to start from")
+    parser.add_argument("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
+    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    parser.add_argument("--task", type=str, default="gsm8k", choices=["gsm8k", "synthetic-math"],
+                        help="gsm8k = GSM8K main (fetched on first use); synthetic-math = embedded word problems, offline")
+    parser.add_argument("--num-epochs", type=int, default=1, help="passes over the training questions")
+    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = --num-epochs epochs)")
+    parser.add_argument("--device-batch-size", type=int, default=8, help="samples per generation / forward pass")
+    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
+    parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per completion")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (training and evaluation)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
+    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
+    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
+    parser.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps, always at step 0 and the end (-1 = only those)")
+    parser.add_argument("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
+    parser.add_argument("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
+    parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
+    parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of this run")
+    args = parser.parse_args()
+    user_config = vars(args).copy()
+
+    # -------------------------------------------------------------------------
+    # Setup
+
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    if args.examples_per_step % world_size != 0:
+        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split over {world_size} ranks: "
+                         f"use a multiple of {world_size}")
+    for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    examples_per_rank = args.examples_per_step // world_size
+    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
+    lock_checkpoint_dir(os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag), model_tag)  # one run per directory
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0), any id would do
+    train_task, test_task = rl_tasks(args.task)
+    num_steps = args.num_iterations if args.num_iterations > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    if num_steps < 1:
+        raise ValueError(f"{len(train_task)} training questions make no step of {args.examples_per_step}: "
+                         f"lower --examples-per-step or set --num-iterations")
+    eval_problems = min(args.eval_examples, len(test_task))
+    sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    passes_per_question = -(-args.num_samples // args.device_batch_size)
+    print0(f"Chat RL: {args.source} {model_tag} step {source_meta['step']} -> {SOURCE_DIRS['rl']} | task {args.task}: "
+           f"{len(train_task):,} train, {eval_problems} test problems | {num_steps} steps x {args.examples_per_step} questions "
+           f"({examples_per_rank}/rank) x {args.num_samples} samples in {passes_per_question} passes")
+
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
+    derived = {"source": args.source, "source_step": source_meta["step"], "model_config": source_meta["model_config"],
+               "world_size": world_size, "num_steps": num_steps,
+               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+                                             "temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr",
+                                             "weight_decay", "init_lr_frac")}}
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
+    for group in optimizer.param_groups:  # every group, the smear/backout scalars' fixed lr too: RL takes small steps
+        group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
+    step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
+    resume_step = None
+    if args.resume:
+        try:
+            resume_step = find_last_step(output_dir)
+        except FileNotFoundError:
+            print0(f"--resume: no complete checkpoint in {output_dir}, starting from the {args.source} model")
+    if resume_step is not None:
+        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True, rank=rank)
+        mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
+        if mismatches:
+            raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
+                             + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
+        model.load_state_dict(model_state, strict=True)
+        optimizer.load_state_dict(optim_state)
+        step = resume_step
+        history = {int(s): {int(k): v for k, v in m.items()} for s, m in meta["loop_state"]["history"].items()}
+        times = meta["loop_state"]["times"]
+        print0(f"resuming from {output_dir} step {resume_step}")
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
+    start_step = step
+    metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl, one line per step
+
+    def all_reduce_sum(values):
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if is_dist():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    # -------------------------------------------------------------------------
+    # Training loop
+
+    while True:
+        last_step = step == num_steps
+        record = {"step": step}  # the model after `step` updates: its pass@k, and the samples update step+1 trains on
+        if step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            pass_at_k, problems = evaluate_pass_at_k(engine, test_task, eval_problems, args.num_samples_eval,
+                                                     args.device_batch_size, **sampling)
+            history[step] = pass_at_k
+            record.update({f"pass@{k}": v for k, v in pass_at_k.items()})
+            print0(f"step {step:05d} | {problems} test problems | " + " | ".join(f"pass@{k}: {v:.4f}" for k, v in pass_at_k.items()))
+            wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in pass_at_k.items()}})
+
+        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+            meta = {**derived, "user_config": user_config, "model_tag": model_tag, "tokenizer_fingerprint": tokenizer.fingerprint(),
+                    "pretrain_config": source_meta.get("pretrain_config", source_meta.get("user_config")),
+                    "metrics": {f"pass@{k}": v for k, v in history[max(history)].items()},
+                    # the sampling seeds derive from the step: this loop state is also the sampling RNG state
+                    "loop_state": {"history": history, "times": times}}
+            save_checkpoint(output_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
+            print0(f"saved checkpoint {output_dir} step {step}")
+
+        if last_step:
+            metric_log.log(record)
+            break
+
+        # ---- sample: question (step * E + j) for j = rank, rank + world, ... so ranks split the same E questions
+        t0 = time.time()
+        groups, rewards, lengths, digests = [], [], [], []
+        for j in range(rank, args.examples_per_step, world_size):
+            example = step * args.examples_per_step + j
+            conversation = train_task[example % len(train_task)]
+            prompt = tokenizer.render_for_completion(conversation)
+            budget = min(args.max_new_tokens, model.config.sequence_len - len(prompt))
+            assert budget >= 1, (f"training question {example % len(train_task)} has a {len(prompt)}-token prompt, "
+                                 f"no room left in the model's {model.config.sequence_len}-token context")
+            seeds = [sample_seed("train", step, example, p) for p in range(passes_per_question)]
+            passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size, seeds,
+                                        **{**sampling, "max_tokens": budget})
+            completions = [c for completions in passes for c in completions]
+            group_rewards = [train_task.reward(conversation, completion_text(tokenizer, tokens)) for tokens, _ in completions]
+            groups.append((prompt, passes, group_advantages(group_rewards)))
+            rewards += group_rewards
+            lengths += [len(tokens) for tokens, _ in completions]
+            digests.append((example, zlib.crc32(repr([tokens for tokens, _ in completions]).encode())))
+        t1 = time.time()
+
+        # ---- train: one optimizer step on this batch of fresh samples
+        loss = policy_gradient_backward(model, groups, pad_id)
+        lrm = 1.0 - step / num_steps
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t2 = time.time()
+
+        reward_sum, num_samples, length_sum, loss_sum = all_reduce_sum([sum(rewards), len(rewards), sum(lengths), loss])
+        if is_dist():  # the digest of every sampled token of the step, in question order: the same for any world size
+            gathered = [None] * world_size
+            dist.all_gather_object(gathered, digests)
+            digests = [d for rank_digests in gathered for d in rank_digests]
+        digest = zlib.crc32(repr(sorted(digests)).encode())
+        step += 1
+        times["sample"] += t1 - t0
+        times["train"] += t2 - t1
+        mean_reward, mean_length = reward_sum / num_samples, length_sum / num_samples
+        print0(f"step {step:05d}/{num_steps:05d} | reward: {mean_reward:.6f} | loss: {loss_sum / world_size:+.6f} | "
+               f"length: {mean_length:.1f} | lrm: {lrm:.3f} | sample: {t1 - t0:.2f}s | train: {t2 - t1:.2f}s | "
+               f"samples {digest:08x}")
+        metric_log.log({**record, "reward": mean_reward, "loss": loss_sum / world_size, "sequence_length": mean_length,
+                        "lrm": lrm, "time_sample": t1 - t0, "time_train": t2 - t1})
+        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm,
+                       "time/sample": t1 - t0, "time/train": t2 - t1})
+
+    # -------------------------------------------------------------------------
+    steps_run = max(num_steps, 1)
+    print0(f"done: {num_steps} steps | per step {times['sample'] / steps_run:.2f}s sampling + {times['train'] / steps_run:.2f}s training")
+    first, final = history[min(history)], history[max(history)]
+    k_max = args.num_samples_eval
+    get_report().log("Chat RL", [user_config, {
+        "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task, "Steps": num_steps,
+        "Test problems": eval_problems, f"pass@1 at step {min(history)}": first[1], f"pass@1 at step {max(history)}": final[1],
+        f"pass@{k_max} at step {min(history)}": first[k_max], f"pass@{k_max} at step {max(history)}": final[k_max],
+        "Sampling time per step (s)": times["sample"] / steps_run, "Training time per step (s)": times["train"] / steps_run}])
+    wandb_run.finish()
+    metric_log.close()
+    compute_cleanup()
+
+if __name__ == "__main__":
+    main()
