@@ -252,6 +252,44 @@ def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
     assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.02)
     assert meta["pretrain_config"] == {**PRETRAIN_LRS, "depth": 2}  # the base run's flags, carried through mid
 
+def test_sft_first_step_runs_on_the_mid_momenta_with_fresh_lrs(reference_run, tiny_tokenizer, monkeypatch, tmp_path):
+    """Warm start: SFT's first optimizer step sees the mid shard's moments and step counts, group by group, with
+    SFT's own learning rates (mid's were 50x larger, all but smear/backout's fixed 0.2) and no Muon weight decay."""
+    import copy
+    from nanochat.checkpoint import load_optimizer_shard
+    from nanochat.optim import MuonAdamW
+    base, _ = reference_run
+    shutil.copytree(base, tmp_path / "base")
+    saved = load_optimizer_shard(os.path.join(base, MID), STEPS, "cpu")
+
+    class FirstStep(Exception):
+        pass
+
+    def capture_first_step(self):  # the state the first step would update, then stop the run
+        raise FirstStep(copy.deepcopy(self.state_dict()))
+    monkeypatch.setattr(MuonAdamW, "step", capture_first_step)
+    with pytest.raises(FirstStep) as stopped:
+        run_in_process(monkeypatch, tmp_path / "base", "sft", "--mixture=synthetic", "--num-iterations=2",
+                       "--device-batch-size=2", "--eval-every=-1", "--chat-eval-every=0")
+    seen = stopped.value.args[0]
+    assert seen["state"].keys() == saved["state"].keys() and len(saved["state"]) > 0
+    for idx, buffers in saved["state"].items():
+        assert seen["state"][idx].keys() == buffers.keys(), idx
+        for k, v in buffers.items():
+            torch.testing.assert_close(seen["state"][idx][k], v, rtol=0, atol=0, msg=f"state {idx} {k}")
+    assert [g["name"] for g in seen["param_groups"]] == [g["name"] for g in saved["param_groups"]]
+    assert [g["params"] for g in seen["param_groups"]] == [g["params"] for g in saved["param_groups"]]
+    lrs = expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 0.02)
+    assert [g["initial_lr"] for g in seen["param_groups"]] == pytest.approx(lrs)
+    assert [g["lr"] for g in seen["param_groups"]] == pytest.approx(lrs)  # step 0 of a linear decay over all steps
+    mid_lrs = expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 1.0)
+    assert [g["initial_lr"] for g in saved["param_groups"]] == pytest.approx(mid_lrs)
+    for g, s in zip(seen["param_groups"], saved["param_groups"]):
+        if g["kind"] == "muon":
+            assert (g["weight_decay"], g["momentum"]) == (0.0, 0.95), g["name"]
+        else:
+            assert (g["betas"], g["eps"], g["weight_decay"]) == (s["betas"], s["eps"], s["weight_decay"]), g["name"]
+
 # -----------------------------------------------------------------------------
 # Start-up errors (in-process: they fail before any training)
 

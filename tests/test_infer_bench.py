@@ -1,9 +1,16 @@
-"""infer_bench runs on CPU with a random model and ends with one JSON line holding every number it printed."""
+"""infer_bench runs on CPU with a random model and ends with one JSON line holding every number it printed; its byte
+and FLOP accounting matches a model of the same shape (parameter and KV-cache tensor sizes, counted matmuls)."""
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from nanochat.gpt import GPT, GPTConfig, KVCache
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,3 +28,36 @@ def test_infer_bench_random_model_json(base_dir):
     # Engine.generate rows: every sample runs the full count (no stop token can be sampled)
     assert [(r["samples"], r["tokens"]) for r in result["engine"]] == [(1, 32), (8, 8 * 32)]
     assert all(r["tok_per_s"] > 0 for r in result["engine"])
+    # byte accounting against a model of the same shape (depth 1: width 64 rounded up to one 128-wide head)
+    card = result["card"]
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=32768, n_layer=1, n_head=1, n_kv_head=1, n_embd=128))
+    model.init_weights()
+    embeddings = {id(p) for p in [model.transformer.wte.weight, *model.value_embeds.parameters()]}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
+    assert card["weight_bytes_read_per_step"] == weights and card["params"] == sum(p.numel() for p in model.parameters())
+    cache = KVCache(1, 1, 64, 128, 1, "cpu")
+    assert card["kv_bytes_per_token"] == (cache.k_cache.nbytes + cache.v_cache.nbytes) // 64
+    kv_read = card["kv_bytes_per_token"] * min(card["mid_ctx"], 64)  # one layer, window = the whole context
+    assert card["kv_read_bytes_per_row_at_mid_ctx"] == kv_read
+    for row in result["decode"]:
+        assert row["bytes_per_s"] * row["tpot_s"] == pytest.approx(weights + row["batch_size"] * kv_read)
+
+def test_flop_estimates_match_the_counted_matmuls_plus_hand_counted_attention():
+    """infer_bench's MFU divides by estimate_prefill_flops / estimate_decode_flops. FlopCounterMode counts every
+    matmul the forward runs (CPU SDPA is one fused op it does not count), so attention is added by hand:
+    4 x heads x head_dim per (query, key) pair a layer attends, causal and capped by the layer's window."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=200, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                          window_pattern="SL"))
+    model.init_weights()
+    model.window_sizes = [8, 64]  # a window shorter than the prompt: the estimates must cap at it
+    n, hd = 20, 2 * 32
+    pairs = sum(sum(min(t + 1, w) for t in range(n)) for w in model.window_sizes)
+    cache = KVCache(1, 1, 64, 32, 2, "cpu")
+    with torch.no_grad(), FlopCounterMode(display=False) as prefill:
+        model(torch.randint(0, 200, (1, n)), kv_cache=cache)
+    assert prefill.get_total_flops() + 4 * hd * pairs == model.estimate_prefill_flops(n)
+    with torch.no_grad(), FlopCounterMode(display=False) as decode:
+        model(torch.randint(0, 200, (1, 1)), kv_cache=cache)  # one token with n cached: attends to n + 1 keys
+    pairs = sum(min(n + 1, w) for w in model.window_sizes)
+    assert decode.get_total_flops() + 4 * hd * pairs == model.estimate_decode_flops(n + 1)
