@@ -130,3 +130,19 @@ def test_load_model_reads_an_export_bit_for_bit(exported):
     theirs = loaded.state_dict()
     assert theirs.keys() == model.state_dict().keys()
     assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
+
+def test_mixed_dtype_checkpoint_exports_as_it_was_trained(exported, tmp_path):
+    """A CUDA checkpoint keeps embeddings in bf16 and matrices in fp32 masters: the export keeps both dtypes (bit for
+    bit) and tells transformers to compute in bf16, as nanochat did."""
+    from nanochat.hf.export import export_model
+    model, tok, out = exported
+    state = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v for k, v in model.state_dict().items()}
+    export_model(state, json.load(open(os.path.join(out, "nanochat_meta.json"))), tok, str(tmp_path))
+    assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert all(saved[k].dtype == v.dtype and torch.equal(saved[k], v) for k, v in state.items())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True)
+    assert hf.dtype == torch.bfloat16
+    loaded, _, _ = load_model(str(tmp_path), "cpu")  # CPU computes in fp32: bf16 tensors are upcast exactly
+    assert all(torch.equal(loaded.state_dict()[k], v.float()) for k, v in state.items())
