@@ -24,7 +24,8 @@ parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
-# GPT-shaped params (SPEC 4.1/4.2): d = ceil(depth*64/128)*128, head_dim 128, value embeddings on half the layers
+# GPT-shaped params as base_train sizes them: d = ceil(depth*64/128)*128, head_dim 128,
+# value embeddings on half the layers
 
 d = math.ceil(args.depth * 64 / 128) * 128
 heads, L, V = d // 128, args.depth, args.vocab_size

@@ -165,7 +165,7 @@ def load_task_data(path, task_type):
 def sample_fewshot(data, idx, k):
     """k examples other than data[idx], drawn with random.Random(1234 + idx) so every run and rank agrees."""
     # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
-    # (rng.sample would raise mid-eval); with enough examples the draws are the reference's
+    # (rng.sample would raise mid-eval); with enough examples the draws are karpathy/nanochat's
     k = min(k, len(data) - 1)
     if k <= 0:
         return []

@@ -21,7 +21,7 @@ groups (chat: examples rank, rank+W, ...). base_train gives every (GPU, gradient
 own stream, so what a run trains on depends on the total batch only, not on how it is split across GPUs and
 accumulation.
 
-Leaves out: the reference's unaligned flat-token-stream loader (unused) and a per-conversation padded iterator.
+Leaves out: karpathy/nanochat's unaligned flat-token-stream loader (unused) and a per-conversation padded iterator.
 """
 
 import os
@@ -166,7 +166,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     rest of the row is BOS padding (targets -1) and the next row starts. A conversation longer than T+1 tokens is
     cropped to T+1 when it is rendered, so every conversation fits an empty row: nothing is skipped and no row is
     all padding. Targets are -1 where the render mask is 0 (only assistant tokens are trained) and on padding;
-    train_all_tokens=True trains every real token (user turns too), as the reference's mid-training did.
+    train_all_tokens=True trains every real token (user turns too), as karpathy/nanochat's mid-training did.
     Epochs never mix: the next epoch's conversations enter the buffer only once this epoch's are all placed in rows
     (the last rows of an epoch are less full), so each conversation of the stream is trained exactly once per epoch
     and "progress" counts conversations placed in yielded rows, not pulled into the buffer (~buffer_size of them).

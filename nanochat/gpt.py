@@ -1,5 +1,6 @@
 """
-The GPT model: the reference's HEAD architecture, its KV cache, optimizer routing and FLOP accounting.
+The GPT model: the architecture of karpathy/nanochat master (https://github.com/karpathy/nanochat), its KV cache,
+optimizer routing and FLOP accounting.
 
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
@@ -393,7 +394,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """
-        Every initial value (SPEC 4.3, HEAD), s = sqrt(3/n_embd) (uniform with std 1/sqrt(n_embd)):
+        Every initial value, s = sqrt(3/n_embd) (uniform with std 1/sqrt(n_embd)):
         wte N(0, 0.8); lm_head N(0, 0.001); c_q, c_k, c_v U(-s, s); attention and MLP c_proj zeros;
         c_fc U(-0.4s, 0.4s); value embeddings U(-s, s); VE gates and smear gate U(0, 0.02);
         resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
@@ -502,7 +503,8 @@ class GPT(nn.Module):
 
     def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5, lr_scale=1.0):
         """
-        MuonAdamW with the HEAD routing (SPEC 5.1). AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
+        MuonAdamW: Muon for the block matrices, AdamW for embeddings, lm_head and scalars.
+        AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
         lr_scale multiplies every lr except the smear/backout group's fixed 0.2: base_train passes the batch-size
         factor sqrt(B / 2^19) here. Each group gets "initial_lr" (schedules multiply it) and a "name" for logging.
         Muon groups start with momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
@@ -534,7 +536,7 @@ class GPT(nn.Module):
         return MuonAdamW(groups)
 
     # -------------------------------------------------------------------------
-    # Accounting (SPEC 4.6)
+    # Accounting: parameters by kind and FLOPs (scaling laws, MFU, infer_bench)
 
     def num_scaling_params(self):
         """Parameter counts by kind; scaling params (for the tokens:params ratio) = transformer_matrices + lm_head."""

@@ -37,7 +37,8 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid $(e
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --run=$WANDB_RUN $(extra chat_sft)
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft $(extra chat_eval)
 
-# optional, off as in the reference: RL on GSM8K (467 steps of 16 questions x 16 samples), then its GSM8K score.
+# optional, off as in karpathy/nanochat's speedrun.sh: RL on GSM8K (467 steps of 16 questions x 16 samples),
+# then its GSM8K score.
 # Its GPU cost is not measured yet; on the 2-core CPU a demo-sized step takes seconds (docs/perf.md).
 # torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --run=$WANDB_RUN
 # torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i rl -a GSM8K

@@ -11,7 +11,7 @@ device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the
 Samples (rank 0): greedy completions of fixed prompts and a few unconditioned samples.
 Without the eval bundle and without network, CORE is skipped with how to fetch the bundle; the rest still runs.
 Results also go to the report card ("Base model loss", "Base model evaluation").
-Leaves out: evaluating HF models (the reference's --hf-path).
+Leaves out: evaluating HF models (karpathy/nanochat's --hf-path).
 """
 
 import argparse

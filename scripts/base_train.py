@@ -16,7 +16,7 @@ run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the 
 
 At the end it writes the "Base model training" section of the report card (nanochat/report.py); every step
 appends one JSON line (loss, lrm, tok/s, MFU, FLOPs, val bpb when measured) to <base>/logs/base_<tag>.jsonl.
-Leaves out: the reference's fp16 GradScaler path (bf16 or fp32 only) and batch-size ramps.
+Leaves out: karpathy/nanochat's fp16 GradScaler path (bf16 or fp32 only) and batch-size ramps.
 """
 
 import argparse
@@ -140,7 +140,8 @@ def model_config(depth):
                      n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern)
 
 def scaling_params(model):
-    # "Kaplan-style": transformer matrices + lm_head give the cleanest scaling laws (reference LOG, Jan 27)
+    # "Kaplan-style": transformer matrices + lm_head give the cleanest scaling laws
+    # (https://github.com/karpathy/nanochat dev/LOG.md, Jan 27)
     counts = model.num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
 
@@ -151,7 +152,7 @@ with torch.device("meta"):
     reference_model = GPT(model_config(12))  # d12 is where the learning rates and weight decay were tuned
 param_counts = model.num_scaling_params()
 num_scaling_params = scaling_params(model)
-num_flops_per_token = model.estimate_flops()  # counted before any fp8 swap (the reference undercounted after)
+num_flops_per_token = model.estimate_flops()  # counted before any fp8 swap (karpathy/nanochat undercounted after)
 print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {args.head_dim}, "
        f"windows {model.window_sizes}, vocab {vocab_size}")
 print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items()) + f" | scaling {num_scaling_params:,}")

@@ -11,17 +11,17 @@ What differs between the stages is the table STAGES below (source checkpoint, ou
 data mixture (build_mixture). Everything else is shared:
 - Whole conversations are packed into rows of T+1 tokens (best fit with BOS padding; none is ever cropped
   across rows; nanochat/dataloader.chat_loader). Only the assistant's tokens are trained (--train-user-tokens=1
-  trains the user's too, as the reference's mid-training did).
+  trains the user's too, as karpathy/nanochat's mid-training did).
 - The loss is the sum over the step's supervised tokens divided by their count across every micro-batch and
   rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
-  the reference's per-micro-batch mean turned into NaN.
+  karpathy/nanochat's per-micro-batch mean turned into NaN.
 - One epoch of the mixture, ending when every conversation of it has been trained once (or --num-iterations
   steps); the LR schedule is a function of the fraction of the run done (of the epoch trained, or of
   --num-iterations): constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
-- The recipes are the reference's separate mid-training and SFT stages. Mid-training: AdamW/Muon lrs 0.2 (wte),
+- The recipes are karpathy/nanochat's separate mid-training and SFT stages. Mid-training: AdamW/Muon lrs 0.2 (wte),
   0.004 (lm_head), 0.02 (Muon) with no batch-size factor, constant to 80% of the epoch then linear to 0, Muon
   momentum 0.85 -> 0.95 over 300 steps, full token batches. SFT: the same lrs x 0.02, linear to 0 over the run,
-  momentum 0.95, and --examples-per-step=32 conversations per optimizer step (the reference's 4 unpacked rows x 8
+  momentum 0.95, and --examples-per-step=32 conversations per optimizer step (karpathy/nanochat's 4 unpacked rows x 8
   GPUs; ~700 steps for an epoch of its ~23K-conversation mixture), each rank packing its share into a few rows.
 - Sequence length and batch sizes are inherited from the source checkpoint unless overridden (SFT sizes its rows
   to hold its conversations); the start prints every setting with where it came from, the per-group lrs and
@@ -56,7 +56,7 @@ from tasks.common import TaskMixture
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
 from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
-# The reference's mid_train.py and chat_sft.py (the versions with a separate mid-training stage). lrs are the base
+# karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training stage). lrs are the base
 # optimizer's per-group values (AdamW ones then scale with width as in pretraining); neither stage multiplies them by
 # pretraining's batch-size factor. momentum_ramp: Muon momentum 0.85 -> 0.95 over that many steps (0 = constant 0.95).
 # examples_per_step: conversations per optimizer step (-1 = full rows of packed conversations, as mid-training).
@@ -157,7 +157,8 @@ def main(stage):
     parser.add_argument("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
                         help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
     parser.add_argument("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer state (momenta) from the source checkpoint")
-    parser.add_argument("--train-user-tokens", type=int, default=0, help="1 = also train on user tokens (the reference's mid-training did)")
+    parser.add_argument("--train-user-tokens", type=int, default=0,
+                        help="1 = also train on user tokens (karpathy/nanochat's mid-training did)")
     parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
     parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     parser.add_argument("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and at the end (-1 = only at the end, 0 = never)")
@@ -284,7 +285,8 @@ def main(stage):
                f"{source_meta['optim_shards']} rank(s) and this run has {world_size}: the momenta start fresh "
                f"(run with {source_meta['optim_shards']} GPUs to warm-start them)")
     elif args.load_optimizer:
-        # Warm start: the momenta of the source run help a little (reference LOG, Feb 16); the fresh LRs stay.
+        # Warm start: the momenta of the source run help a little
+        # (https://github.com/karpathy/nanochat dev/LOG.md, Feb 16); the fresh LRs stay.
         optim_state = load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device, rank=rank)
         optimizer.load_state_dict(optim_state)
         for group, lr in zip(optimizer.param_groups, initial_lrs):

@@ -2,7 +2,7 @@
 Inference benchmark: time to first token, time per output token, throughput, and (on CUDA) how close decoding
 gets to the memory-bandwidth limit (MBU) and to peak compute (MFU), for several batch sizes.
 
-    python -m scripts.infer_bench                                   # newest base checkpoint, SPEC sizes on CUDA
+    python -m scripts.infer_bench                                   # newest base checkpoint; 2048-token prompt on CUDA
     python -m scripts.infer_bench -i sft -g d20 --batch-sizes 1,8,32,128
     python -m scripts.infer_bench --depth 4 --device-type cpu       # a random-init model: no training needed
 

@@ -1,5 +1,5 @@
 """
-Scaling analysis of the sweeps run by runs/miniseries.sh and runs/scaling_laws.sh (the reference did this part in a
+Scaling analysis of the sweeps run by runs/miniseries.sh and runs/scaling_laws.sh (karpathy/nanochat did this part in a
 notebook): IsoFLOP curves, the compute-optimal tokens:params ratio and val bpb against training compute.
 
     python -m scripts.scaling_analysis --add-run=TAG --csv=results.csv    # append a finished base run's row
@@ -14,7 +14,7 @@ params, transformer matrices + lm_head) fitted by a parabola; its vertex is the 
 D*(C) at N* come from the budget's own runs (log D is linear in log N at fixed C, D = C / FLOPs-per-token), so the
 optimal ratio is D*/N*. A vertex outside the sizes that were run, or a curve without a minimum, is reported as such,
 not extrapolated. With 2+ budgets: N* ~ C^a and D* ~ C^b by a least-squares line in log-log.
-Leaves out: the reference notebook's alternative parameter conventions (total / non-embedding params).
+Leaves out: karpathy/nanochat's notebook's alternative parameter conventions (total / non-embedding params).
 """
 
 import argparse
