@@ -50,7 +50,7 @@ SPECIAL_TOKENS = [
 ]
 
 # GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab
-# val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (reference LOG, Jan 13).
+# val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 TOKENIZER_FILE = "tokenizer.json"
