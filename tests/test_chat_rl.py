@@ -155,6 +155,16 @@ def test_equal_rewards_give_zero_gradient(tiny_tokenizer):
     chat_rl.policy_gradient_backward(model, [equal], pad)
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
 
+def test_synthetic_math_reward_is_the_answer_check():
+    """--task=synthetic-math: reward 1.0 exactly when the completion's '#### N' is the reference answer."""
+    train, test = chat_rl.rl_tasks("synthetic-math")
+    conversation = test[0]
+    answer = conversation["messages"][-1]["content"][-1]["text"].split("#### ")[1]
+    assert train.reward(conversation, f"Let me compute: <|python_start|>x<|python_end|>\n\n#### {answer}") == 1.0
+    assert train.reward(conversation, f"#### {int(answer) + 1}") == 0.0
+    assert train.reward(conversation, answer) == 0.0  # no '#### ' marker: no answer
+    assert len(train) == 8000 and len(test) == 200
+
 # -----------------------------------------------------------------------------
 # The training loop
 
