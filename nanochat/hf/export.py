@@ -165,8 +165,10 @@ def model_card(meta, source, report_text=None):
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
               "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)",
-              "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
-              "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)",
+              *(["ids = tok(\"<|bos|>The capital of France is\", return_tensors=\"pt\").input_ids  # a base model continues text"]
+                if source == "base" else
+                ["ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
+                 "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)"]),
               "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], skip_special_tokens=True))",
               "```", "",
               "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, ...) written in text, as chat "
@@ -228,9 +230,6 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
         if os.path.exists(tmp):
             os.remove(tmp)
     write("README.md", model_card(meta, source, report_text))
-
-def is_export_dir(path):
-    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
 
 def load_export(export_dir, device, phase="eval"):
     """-> (GPT, Tokenizer, meta) from a directory written by export_model (or downloaded from the Hub)."""
