@@ -21,6 +21,10 @@ from nanochat.optim import MuonAdamW, polar_express, cautious_update_, muon_lr_m
 # a tall Muon group whose sizes K=3 and K=5 do not divide by 2 ranks (zero-padded chunks).
 SHAPES = {"small": [(4,), ()], "large": [(64, 32)], "wide": [(16, 32)] * 3, "tall": [(32, 16)] * 5}
 
+# where the wide and tall Muon matrices sit in all_params / make_grads order
+MUON_OFFSET = {"wide": len(SHAPES["small"] + SHAPES["large"]),
+               "tall": len(SHAPES["small"] + SHAPES["large"] + SHAPES["wide"])}
+
 def make_params(seed=0, large_dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     params = {k: [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes] for k, shapes in SHAPES.items()}
@@ -105,10 +109,13 @@ def test_polar_express_singular_values_near_one(shape):
     torch.testing.assert_close(polar_express(G.T), X.T, atol=1e-5, rtol=1e-4)
 
 def reference_muon(p, grads, lr, mu, beta2, wd):
-    """SPEC 5.3 written out for one matrix at a time, textbook form (no stacking, no lerps, no batching)."""
+    """Muon for one matrix at a time, textbook form (no stacking, no lerps, no batching): Nesterov momentum, MuonEq
+    row/matrix normalisation, Polar Express, Muon+ rescale, NorMuon, cautious weight decay. lr, mu and wd are
+    numbers, or lists with one value per step (the schedules base_train sets between steps)."""
     rows, cols = p.shape
     buf, v = torch.zeros_like(p), None
-    for g in grads:
+    per_step = [x if isinstance(x, list) else [x] * len(grads) for x in (lr, mu, wd)]
+    for g, lr, mu, wd in zip(grads, *per_step):
         buf = mu * buf + (1 - mu) * g
         u = (1 - mu) * g + mu * buf  # Nesterov
         u = u / u.norm(dim=1, keepdim=True) * (u.norm() / math.sqrt(rows))  # MuonEq
@@ -135,10 +142,43 @@ def test_muon_matches_per_matrix_reference():
     for g in grads:
         set_grads(params, g)
         opt.step()
-    offset = {"wide": len(SHAPES["small"] + SHAPES["large"]), "tall": len(SHAPES["small"] + SHAPES["large"] + SHAPES["wide"])}
     for k in ("wide", "tall"):
         for i, p in enumerate(params[k]):
-            expected = reference_muon(start[k][i], [g[offset[k] + i] for g in grads], lr=0.02, mu=0.95, beta2=0.9, wd=0.1)
+            expected = reference_muon(start[k][i], [g[MUON_OFFSET[k] + i] for g in grads], lr=0.02, mu=0.95, beta2=0.9,
+                                      wd=0.1)
+            torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-4, msg=f"{k}[{i}]")
+
+@pytest.mark.parametrize("tensor_hyperparams", [False, True])
+def test_lr_momentum_and_weight_decay_schedules_change_each_step(monkeypatch, tensor_hyperparams):
+    """base_train and chat_sft set lr, Muon momentum and weight decay on the groups before every step; each step must
+    use that step's values. tensor_hyperparams: the CUDA path, which feeds them as 0-D tensors refilled each step
+    (so a compiled step does not recompile), here run eagerly."""
+    import functools
+    import nanochat.optim
+    if tensor_hyperparams:
+        monkeypatch.setattr(nanochat.optim, "_step_fn", lambda fn, device: functools.partial(fn))
+    lrs, mus, wds = [0.02, 0.01, 0.005], [0.85, 0.9, 0.95], [0.3, 0.1, 0.0]
+    params, ref = make_params(), make_params()
+    start = {k: [p.detach().clone() for p in params[k]] for k in ("wide", "tall")}
+    opt = make_optimizer(params)
+    ref_opt = torch.optim.AdamW(ref["small"] + ref["large"], lr=0.01, betas=(0.8, 0.95), eps=1e-10)
+    grads = [make_grads(params, step) for step in range(3)]
+    for g, lr, mu, wd in zip(grads, lrs, mus, wds):
+        for group in [*opt.param_groups, *ref_opt.param_groups]:
+            group["lr"], group["weight_decay"] = lr, wd
+            if group.get("kind") == "muon":
+                group["momentum"] = mu
+        set_grads(params, g)
+        for p, grad in zip(ref["small"] + ref["large"], g):
+            p.grad = grad.clone()
+        opt.step()
+        ref_opt.step()
+    for p, q in zip(params["small"] + params["large"], ref["small"] + ref["large"]):
+        torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
+    for k in ("wide", "tall"):
+        for i, p in enumerate(params[k]):
+            grads_k = [g[MUON_OFFSET[k] + i] for g in grads]
+            expected = reference_muon(start[k][i], grads_k, lr=lrs, mu=mus, beta2=0.9, wd=wds)
             torch.testing.assert_close(p.detach(), expected, atol=1e-5, rtol=1e-4, msg=f"{k}[{i}]")
 
 def test_first_muon_update_is_near_semi_orthogonal():
