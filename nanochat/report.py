@@ -115,7 +115,7 @@ class Report:
 
     def reset(self):
         for name in os.listdir(self.report_dir):
-            if name.endswith(".md"):
+            if name.endswith((".md", ".png")):  # a plot of the last run must not outlive it
                 os.remove(os.path.join(self.report_dir, name))
         atomic_write_text(os.path.join(self.report_dir, "header.md"), header_markdown())
         print(f"Report reset: {self.report_dir}")

@@ -107,6 +107,8 @@ def test_report_plots_are_drawn_and_linked(base_dir, tmp_path, monkeypatch):
     assert "rl.png" not in text and not os.path.exists(report_dir / "rl.png")  # no RL log, no RL plot
     # the copy in the current directory points at the PNGs where they are
     assert f"]({report_dir / 'evals.png'})" in open(tmp_path / "report.md").read()
+    Report(str(report_dir)).reset()  # a new run starts without the last run's plots
+    assert not [f for f in os.listdir(report_dir) if f.endswith(".png")]
 
 def test_report_without_matplotlib_says_how_to_get_plots(base_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
