@@ -222,7 +222,8 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
     write("tokenizer.json", hf_tokenizer_json(tokenizer))
     write("tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
     write("chat_template.jinja", CHAT_TEMPLATE)
-    write(META_FILE, json.dumps(meta, indent=2))
+    # resume-only state (data-loader positions) says nothing about the model and can be large: left out
+    write(META_FILE, json.dumps({k: v for k, v in meta.items() if k != "dataloader_state_dict"}, indent=2))
     path = os.path.join(out_dir, WEIGHTS_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
