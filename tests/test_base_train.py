@@ -77,7 +77,8 @@ def test_reference_run_records_everything_to_resume(reference_run):
     assert meta["step"] == STEPS and meta["grad_accum_steps"] == 2 and meta["total_batch_size"] == 128
     assert meta["model_config"]["window_pattern"] == "SL" and meta["window_sizes"] == [32, 32]  # S rounds up to 128 > T
     assert len(meta["dataloader_state_dict"]["streams"]) == 2
-    assert meta["loop_state"]["min_val_bpb"] == min(meta["val_bpb"], meta["loop_state"]["min_val_bpb"])
+    val_log = [r["val_bpb"] for r in read_metric_log(base / LOG) if "val_bpb" in r]  # steps 0, 3, 6
+    assert meta["val_bpb"] == val_log[-1] and meta["loop_state"]["min_val_bpb"] == min(val_log), (meta, val_log)
 
 def test_resume_is_bit_identical(reference_run, tmp_path):
     base, stdout = reference_run
