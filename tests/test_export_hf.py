@@ -146,3 +146,13 @@ def test_mixed_dtype_checkpoint_exports_as_it_was_trained(exported, tmp_path):
     assert hf.dtype == torch.bfloat16
     loaded, _, _ = load_model(str(tmp_path), "cpu")  # CPU computes in fp32: bf16 tensors are upcast exactly
     assert all(torch.equal(loaded.state_dict()[k], v.float()) for k, v in state.items())
+
+def test_chat_cli_chats_with_an_export(exported, monkeypatch, capsys):
+    """A downloaded export is a chat_cli source: the reply is the Engine's greedy reply from the original model."""
+    model, tok, out = exported
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello"}]})
+    seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=8, temperature=0.0)
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-i", out, "-p", "hello", "-t", "0", "-m", "8"])
+    runpy.run_module("scripts.chat_cli", run_name="__main__")
+    reply = capsys.readouterr().out.split("Assistant: ")[1]
+    assert reply == tok.decode(seqs[0][len(prompt):]) + "\n"
