@@ -2,12 +2,14 @@
 Training throughput: tokens/s and MFU of full optimizer steps (forward, backward, MuonAdamW step) on random
 tokens, for fixed model configs; plus how fast the pretraining loader packs batches from the shards on disk.
 
-    python -m bench.train                                     # CPU: the small config
+    python -m bench.train                                     # CPU: the small config, compiled when a C++ compiler works
+    python -m bench.train --configs=cpu512 --compile=0        # CPU: d4 at T=512 (8,192 tokens/step), uncompiled
     python -m bench.train --configs=d12,d20 --attn=auto,sdpa  # CUDA: FA3/flex (auto) vs plain SDPA
     python -m bench.train --configs=d20 --fp8 --compile=1     # CUDA: fp8 matmuls, compiled
     NANOCHAT_DTYPE=float32 python -m bench.train --configs=d12  # precision comes from NANOCHAT_DTYPE (bf16 on SM80+)
 
-Prints a table, then one JSON line with every number. MFU = FLOPs/token x tok/s / peak bf16 FLOP/s
+Prints a table, then one JSON line with every number. "peak RSS" is the process's high-water mark so far
+(ru_maxrss): run one config per process to read it for that config alone. MFU = FLOPs/token x tok/s / peak bf16 FLOP/s
 (common.get_peak_flops; CPU has no entry, so MFU shows as "-"). "cpu ms" is the process's CPU time per step:
 on a shared CPU box it is what the step would take without contention (with one torch thread).
 Leaves out: multi-GPU scaling (run base_train under torchrun for that) and memory-bound inference (infer_bench).
@@ -16,11 +18,12 @@ Leaves out: multi-GPU scaling (run base_train under torchrun for that) and memor
 import argparse
 import json
 import os
+import resource
 import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir, COMPUTE_DTYPE
+from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, COMPUTE_DTYPE
 import nanochat.gpt as gpt
 from nanochat.gpt import GPT, GPTConfig
 
@@ -29,6 +32,7 @@ from nanochat.gpt import GPT, GPTConfig
 # logits would cost ~2/3 of the step).
 CONFIGS = {
     "cpu": (4, 64, 256, 16, 8192),
+    "cpu512": (4, 64, 512, 16, 8192),  # the same model at T=512, 8,192 tokens/step: the CPU speed/memory yardstick
     "d12": (12, 128, 2048, 32, 32768),
     "d20": (20, 128, 2048, 32, 32768),
 }
@@ -38,7 +42,7 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('
 parser.add_argument("--configs", type=str, default="", help=f"comma list of {sorted(CONFIGS)} ('' = cpu on CPU, d12,d20 on CUDA)")
 parser.add_argument("--attn", type=str, default="auto", help="comma list of attention paths: auto (per device), sdpa, flex, fa3")
 parser.add_argument("--window-pattern", type=str, default="", help="'' = L on CPU, SSSL on CUDA")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = on for CUDA only")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = auto, as the training scripts decide")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+)")
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per step (-1 = the config's)")
 parser.add_argument("--vocab-size", type=int, default=-1, help="vocab (-1 = the config's; lm_head and logits dominate small models' cost)")
@@ -51,7 +55,7 @@ device_type = args.device_type or autodetect_device_type()
 device = torch.device(device_type)
 configs = args.configs.split(",") if args.configs else (["d12", "d20"] if device_type == "cuda" else ["cpu"])
 window_pattern = args.window_pattern or ("SSSL" if device_type == "cuda" else "L")
-use_compile = args.compile == 1 or (args.compile == -1 and device_type == "cuda")
+use_compile, compile_reason = decide_compile(args.compile, device_type)
 peak_flops = get_peak_flops(device)
 
 def sync():
@@ -84,6 +88,7 @@ def bench_model(name, attn):
     y = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
     if device_type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    t_start = time.time()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             sync()
@@ -92,6 +97,9 @@ def bench_model(name, attn):
         loss.backward()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        if i == 0:
+            sync()
+            first_step_s = time.time() - t_start  # with torch.compile: mostly compilation
     sync()
     dt = (time.time() - t0) / args.steps
     cpu_dt = (time.process_time() - c0) / args.steps  # on a shared CPU box: what the step costs without contention
@@ -99,8 +107,8 @@ def bench_model(name, attn):
     mfu = 100 * flops_per_token * tok_per_sec / peak_flops if peak_flops != float("inf") else None
     row = {"config": name, "vocab": vocab_size, "attn": impl, "window": window_pattern, "compile": use_compile, "fp8": args.fp8,
            "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "B": B, "T": T, "params": num_params,
-           "flops_per_token": flops_per_token, "ms_per_step": 1000 * dt, "cpu_ms_per_step": 1000 * cpu_dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
-           "loss": loss.item()}
+           "flops_per_token": flops_per_token, "ms_per_step": 1000 * dt, "cpu_ms_per_step": 1000 * cpu_dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "first_step_s": first_step_s,
+           "loss": loss.item(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if device_type == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     del model, train_model, optimizer
@@ -125,16 +133,16 @@ def bench_loader():
     return rows
 
 results = []
-print(f"device: {device_type} | compute dtype: {COMPUTE_DTYPE} | compile: {use_compile} | fp8: {args.fp8} | "
+print(f"device: {device_type} | compute dtype: {COMPUTE_DTYPE} | torch.compile: {compile_reason} | fp8: {args.fp8} | "
       f"torch threads: {torch.get_num_threads()}")
-print(f"{'config':<6} {'attn':<9} {'window':<6} {'B x T':>10} {'params':>8} {'FLOPs/tok':>10} {'ms/step':>9} {'cpu ms':>9} {'tok/s':>10} {'MFU %':>6}")
+print(f"{'config':<6} {'attn':<9} {'window':<6} {'B x T':>10} {'params':>8} {'FLOPs/tok':>10} {'ms/step':>9} {'cpu ms':>9} {'tok/s':>10} {'MFU %':>6} {'peak RSS MB':>11} {'1st step s':>10}")
 for name in configs:
     for attn in args.attn.split(","):
         r = bench_model(name, attn)
         results.append(r)
         mfu = f"{r['mfu']:.1f}" if r["mfu"] is not None else "-"
         print(f"{name:<6} {r['attn']:<9} {r['window']:<6} {r['B']:>4} x {r['T']:<4} {r['params'] / 1e6:>7.1f}M "
-              f"{r['flops_per_token']:>10.2e} {r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>9.1f} {r['tok_per_sec']:>10,.0f} {mfu:>6}")
+              f"{r['flops_per_token']:>10.2e} {r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>9.1f} {r['tok_per_sec']:>10,.0f} {mfu:>6} {r['peak_rss_mb']:>11,.0f} {r['first_step_s']:>10.1f}")
 
 loader_rows = []
 if args.loader_batches > 0:
