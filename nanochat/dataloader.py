@@ -8,7 +8,8 @@ Data loaders that turn text into (inputs, targets) batches of shape (B, T), int6
 pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dataset shards).
   Every row starts with <|bos|> and is filled completely: each row (capacity T+1) repeatedly takes the largest
   buffered document that still fits, and when none fits, the shortest one is cropped to fill the rest. Compared
-  with greedy cropping this wastes fewer tokens (reference measurement at T=2048: 39.4% greedy, 34.6% best-fit).
+  with greedy cropping this wastes fewer tokens (karpathy/nanochat's measurement at T=2048:
+  39.4% greedy, 34.6% best-fit).
   Resume is EXACT: the state names the next unread document and the documents sitting in the buffer (by position
   in the data, not by content), so a new loader re-reads and re-tokenizes them and produces the very batches the
   uninterrupted loader would have produced. The state is a small JSON-serialisable dict (a few KB at buffer 1000).

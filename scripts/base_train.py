@@ -273,8 +273,8 @@ def get_lr_multiplier(it):
 
 def get_muon_momentum(it):
     """
-    0.85 -> 0.97 over the first 400 steps; then during the LR warmdown 0.97 -> 0.90. The ramp comes first, as in the
-    reference: a run shorter than 400 steps ramps to the end (200 steps: 0.85 -> 0.91, no jump to 0.97 where the
+    0.85 -> 0.97 over the first 400 steps; then during the LR warmdown 0.97 -> 0.90. The ramp comes first, as in
+    karpathy/nanochat: a run shorter than 400 steps ramps to the end (200 steps: 0.85 -> 0.91, no jump to 0.97 where the
     warmdown begins), and a longer one whose warmdown starts inside the ramp steps down to the warmdown line at 400.
     """
     if it < 400:
