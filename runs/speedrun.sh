@@ -40,8 +40,8 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft $(e
 # optional, off as in karpathy/nanochat's speedrun.sh: RL on GSM8K (467 steps of 16 questions x 16 samples),
 # then its GSM8K score.
 # Its GPU cost is not measured yet; on the 2-core CPU a demo-sized step takes seconds (docs/perf.md).
-# torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --run=$WANDB_RUN
-# torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i rl -a GSM8K
+# torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_rl -- --run=$WANDB_RUN $(extra chat_rl)
+# torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i rl -a GSM8K $(extra chat_eval)
 
 python -m nanochat.report generate $(extra report)
 python -m scripts.chat_cli -i sft -p "Why is the sky blue?" $(extra chat_cli)

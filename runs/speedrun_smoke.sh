@@ -26,6 +26,8 @@ export EXTRA_base_eval="--device-batch-size=2 --split-tokens=1024 --max-per-task
 export EXTRA_mid_train="--mixture=synthetic --num-iterations=2 --eval-every=1 --eval-tokens=1024 --chat-eval-max-problems=2"
 export EXTRA_chat_sft="$EXTRA_mid_train"
 export EXTRA_chat_eval="-x 2 -m 8"
+export EXTRA_chat_rl="--task=synthetic-math --num-iterations=1 --examples-per-step=2 --num-samples=2 --device-batch-size=2 \
+    --max-new-tokens=8 --eval-every=-1 --eval-examples=2 --num-samples-eval=1"  # for when speedrun.sh's RL line is on
 export EXTRA_chat_cli="-m 8"
 bash runs/speedrun.sh
 echo "speedrun smoke test passed ($SMOKE_DIR)"
