@@ -289,14 +289,17 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
     wait_for(d, "return document.getElementById('banner').className !== 'show' && document.readyState === 'complete'")
     box = d.find_element(By.ID, "input")
     box.send_keys("/temperature 0", Keys.ENTER)
-    assert "temperature set to 0" in d.find_element(By.CSS_SELECTOR, ".message.note").text
+    box.send_keys("/maxtokens 96", Keys.ENTER)
+    box.send_keys("/topk 500", Keys.ENTER)
+    notes = [n.text for n in d.find_elements(By.CSS_SELECTOR, ".message.note")]
+    assert notes[:2] == ["temperature set to 0", "maxtokens set to 96"] and "from 1 to 200" in notes[2]
     idle = "return !state.busy && state.messages.length === 2 && state.messages[1].content.length > 0"
 
     # send: a streamed reply equal to the greedy reply for the same conversation
     box.send_keys("hello", Keys.ENTER)
     wait_for(d, idle)
     first = d.execute_script("return state.messages[1].content")
-    assert first == engine_greedy_text(model, tok, "hello", 512)[0]
+    assert first == engine_greedy_text(model, tok, "hello", 96)[0]
     assert d.execute_script("return window.lengths.size") > 5, "the reply appeared at once, not streamed"
     assert d.execute_script("return window.posts") == 1
 
@@ -314,7 +317,7 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
     box.send_keys(" again", Keys.ENTER)
     wait_for(d, "return window.posts === 3 && " + idle[len("return "):])
     assert d.execute_script("return state.messages[0].content") == "hello again"
-    assert d.execute_script("return state.messages[1].content") == engine_greedy_text(model, tok, "hello again", 512)[0]
+    assert d.execute_script("return state.messages[1].content") == engine_greedy_text(model, tok, "hello again", 96)[0]
 
     # a reply full of HTML is shown as text: the page serves the next reply from this stream instead of the model
     hostile = ["Look: <img src=x onerror=alert(1)> and <scr", "ipt>alert(2)</script>\n\n```html\n<script>alert(3)</script>\n",
