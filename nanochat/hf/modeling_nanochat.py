@@ -10,8 +10,8 @@ x0 := x -> per layer x = resid_lambda*x + x0_lambda*x0, then a pre-norm block (a
 a per-layer sliding window, value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of
 the mid-depth residual) -> RMSNorm -> lm_head -> fp32 -> softcap 15.
 
-Leaves out: padded batches (rows of one batch must have the same length), beam search (the smear's previous-token
-state rides on the cache and is not reordered), training-time niceties (the weights come from the export, so
+Leaves out: padded batches (rows of one batch must have the same length), beam search and assisted decoding (the smear's
+previous-token state rides on the cache and is neither reordered nor cropped), training-time niceties (the weights come from the export, so
 _init_weights does nothing).
 """
 
