@@ -1,7 +1,8 @@
 """
 The model in nanochat/gpt.py: parameter counts and FLOPs against the published figures and a hand count,
-initialization per SPEC 4.3, KV-cache decoding equal to the full forward (smear and backout active, windows shorter
-than the cache, GQA) on every attention path, losses, learning on a tiny model, optimizer routing, config errors.
+every initial value GPT.init_weights lists, backout against a hand computation, KV-cache decoding equal to the full
+forward (smear and backout active, windows shorter than the cache, GQA) on every attention path, losses, learning on
+a tiny model, optimizer routing, config errors.
 """
 
 import math
