@@ -3,7 +3,8 @@ Time MuonAdamW.step() on the parameter shapes of a GPT of a given depth, per gro
 
 Launch: python -m bench.optim --depth 4 --vocab-size 8192
 Prints a table (one row per group, then the whole optimizer) and a JSON line last.
-Leaves out: the model itself (grads are random), multi-rank runs, and torch.compile on CPU (the optimizer runs eager there).
+Leaves out: the model itself (grads are random), multi-rank runs, and torch.compile on CPU (the optimizer runs
+eager there).
 """
 
 import argparse

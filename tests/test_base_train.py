@@ -49,7 +49,8 @@ def run(cmd, base):
 
 def losses(stdout):
     """{step: debiased loss} and {step: val bpb} from the log lines."""
-    train = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+)/\d+ .*\| loss: ([\d.]+)", stdout, re.M)}
+    train = {int(m.group(1)): float(m.group(2))
+             for m in re.finditer(r"^step (\d+)/\d+ .*\| loss: ([\d.]+)", stdout, re.M)}
     val = {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+) \| val bpb: ([\d.]+)", stdout, re.M)}
     return train, val
 
@@ -110,11 +111,13 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
 def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch, tmp_path):
     base, _ = reference_run
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    from scripts.scaling_analysis import run_row, add_run, COLUMNS  # what runs/miniseries.sh and runs/scaling_laws.sh append
+    # what runs/miniseries.sh and runs/scaling_laws.sh append
+    from scripts.scaling_analysis import run_row, add_run, COLUMNS
     row, meta = run_row("d2"), final_meta(base)
     assert row["depth"] == 2 and row["num_iterations"] == STEPS and row["tokens_trained"] == STEPS * 128
     assert row["val_bpb"] == meta["val_bpb"] and row["num_scaling_params"] == meta["num_scaling_params"] > 0
-    assert row["total_flops"] == meta["flops_per_token"] * STEPS * 128 and row["num_params"] == meta["param_counts"]["total"]
+    assert row["total_flops"] == meta["flops_per_token"] * STEPS * 128
+    assert row["num_params"] == meta["param_counts"]["total"]
     csv_path = tmp_path / "results.csv"
     other = "other_d9,9" + "," * (len(COLUMNS) - 2)
     csv_path.write_text(",".join(COLUMNS) + "\n" + other + "\n")
@@ -154,7 +157,8 @@ def run_in_process(monkeypatch, base, *flags):
 
 def test_impossible_batch_split(monkeypatch, reference_run):
     base, _ = reference_run
-    with pytest.raises(ValueError, match=r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64.*--total-batch-size"):
+    with pytest.raises(ValueError, match=r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64"
+                                         r".*--total-batch-size"):
         run_in_process(monkeypatch, base, *FLAGS, "--total-batch-size=96", "--model-tag=split")
 
 def test_bad_head_dim(monkeypatch, reference_run):
@@ -170,7 +174,8 @@ def test_missing_tokenizer_and_data(monkeypatch, tmp_path, tiny_tokenizer):
         run_in_process(monkeypatch, tmp_path, *FLAGS)
 
 @pytest.mark.parametrize("flag, named", [("--window-pattern=L", "window_pattern"), ("--depth=3", "n_layer"),
-                                         ("--total-batch-size=256", "total_batch_size"), ("--max-seq-len=64", "max_seq_len")])
+                                         ("--total-batch-size=256", "total_batch_size"),
+                                         ("--max-seq-len=64", "max_seq_len")])
 def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, named):
     base, _ = reference_run
     with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}"):
@@ -186,7 +191,8 @@ class Vocab32K:
     def get_vocab_size(self):
         return 32768
 
-@pytest.mark.parametrize("depth, batch", [(8, 2 ** 18), (12, 2 ** 19), (16, 2 ** 19), (20, 2 ** 20), (26, 2 ** 20), (32, 2 ** 21)])
+@pytest.mark.parametrize("depth, batch", [(8, 2 ** 18), (12, 2 ** 19), (16, 2 ** 19), (20, 2 ** 20), (26, 2 ** 20),
+                                          (32, 2 ** 21)])
 def test_auto_batch_size_follows_depth(monkeypatch, reference_run, depth, batch):
     # B = 2^round(log2(2^19 (N/N_d12)^0.383)): the reference's d8 2^18, d10-16 2^19, d18-26 2^20, d32+ 2^21.
     # 3 rows x 2048 never divides a power of two, so the run stops at the batch check and the message names B.

@@ -32,7 +32,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 # the source run's settings that mid/SFT inherit: B=1 rows of T=96 and 192 tokens per step = 2 accumulation steps
 SOURCE = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
-PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}  # not the recipe's: they must not leak in
+# not the recipe's: they must not leak in
+PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}
 FLAGS = ["--mixture=synthetic", f"--num-iterations={STEPS}", "--save-every=4", "--eval-every=4", "--eval-tokens=576",
          "--chat-eval-every=4", "--chat-eval-max-problems=2", "--load-optimizer=0"]
 MID = os.path.join("mid_checkpoints", "d2")
@@ -246,7 +247,8 @@ def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
     train, _, val, _ = parse_log(stdout)
     assert sorted(train) == [1, 2] and all(math.isfinite(v) for v in [*train.values(), *val.values()])
     _, meta = checkpoint(base, SFT, 2)
-    assert meta["model_config"]["window_pattern"] == "SL" and meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)
+    assert meta["model_config"]["window_pattern"] == "SL"
+    assert meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)
     assert meta["source"] == "mid" and meta["source_step"] == STEPS
     assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (96, 2, 192)
     assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.02)
@@ -301,7 +303,8 @@ def run_in_process(monkeypatch, base, stage, *flags):
 
 def test_warm_start_without_optimizer_shards_names_the_flag(monkeypatch, tmp_path, tiny_tokenizer):
     make_base_dir(tmp_path, tiny_tokenizer, with_optimizer=False)
-    with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer state, but .* saved none: pass --load-optimizer=0"):
+    with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer state, but .* saved none: "
+                                         r"pass --load-optimizer=0"):
         run_in_process(monkeypatch, tmp_path, "mid", "--mixture=synthetic")
 
 @pytest.mark.parametrize("flag, named", [("--total-batch-size=96", "total_batch_size: checkpoint 192 vs now 96"),
@@ -315,7 +318,8 @@ def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, 
 
 @pytest.mark.parametrize("flag, message", [
     ("--max-seq-len=128", r"--max-seq-len=128 exceeds the model's context 96"),
-    ("--total-batch-size=100", r"not divisible by device_batch_size x seq_len x GPUs = 1 x 96 x 1 = 96.*--total-batch-size"),
+    ("--total-batch-size=100",
+     r"not divisible by device_batch_size x seq_len x GPUs = 1 x 96 x 1 = 96.*--total-batch-size"),
 ])
 def test_bad_flags_fail_naming_the_fix(monkeypatch, reference_run, flag, message):
     base, _ = reference_run
@@ -332,7 +336,8 @@ def test_run_without_val_eval_writes_strict_json_and_resumes(tmp_path, tiny_toke
     run([sys.executable, "-m", "scripts.mid_train", *flags], base)
     def strict_meta(step):
         with open(base / MID / f"meta_{step:06d}.json") as f:
-            return json.loads(f.read(), parse_constant=lambda c: pytest.fail(f"meta step {step} holds {c}: not strict JSON"))
+            return json.loads(f.read(),
+                              parse_constant=lambda c: pytest.fail(f"meta step {step} holds {c}: not strict JSON"))
     assert strict_meta(2)["loop_state"]["min_val_bpb"] is None and strict_meta(2)["val_bpb"] is None
     reference = torch.load(base / MID / "model_000002.pt", weights_only=True)
     for f in os.listdir(base / MID):

@@ -85,7 +85,8 @@ def test_window_sizes_and_short_window_rule():
     assert meta_model(sequence_len=64, n_layer=2, window_pattern="S").window_sizes == [64, 64]
 
 def test_inference_accounting_is_consistent():
-    model = meta_model(sequence_len=256, vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, window_pattern="SL")
+    model = meta_model(sequence_len=256, vocab_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                       window_pattern="SL")
     P = model.num_matmul_params()
     assert model.window_sizes == [128, 256, 128, 256]
     # decode at context 200: short layers read 128 positions, long layers 200
@@ -186,7 +187,8 @@ def test_logits_softcapped_fp32_and_losses():
         assert logits.dtype == torch.float32 and logits.shape == (2, 16, 100)
         assert logits.abs().max() < 15
         per_token = model(idx, targets, loss_reduction="none")
-        manual = torch.nn.functional.cross_entropy(logits.view(-1, 100), targets.clamp(min=0).view(-1), reduction="none").view(2, 16)
+        manual = torch.nn.functional.cross_entropy(logits.view(-1, 100), targets.clamp(min=0).view(-1),
+                                                   reduction="none").view(2, 16)
         manual[targets == -1] = 0
         torch.testing.assert_close(per_token, manual)
         torch.testing.assert_close(model(idx, targets), manual.sum() / (targets != -1).sum())
@@ -286,7 +288,8 @@ def test_optimizer_groups_cover_every_parameter_once():
     for name, (lr, betas, wd) in expected.items():
         g = groups[name]
         assert g["kind"] == "adamw" and g["eps"] == 1e-10
-        assert (g["lr"], g["initial_lr"], tuple(g["betas"]), g["weight_decay"]) == (pytest.approx(lr), pytest.approx(lr), betas, wd), name
+        assert (g["lr"], g["initial_lr"], tuple(g["betas"]), g["weight_decay"]) == \
+               (pytest.approx(lr), pytest.approx(lr), betas, wd), name
     muon = [g for g in opt.param_groups if g["kind"] == "muon"]
     shapes = [{tuple(p.shape) for p in g["params"]} for g in muon]
     assert all(len(s) == 1 for s in shapes) and len({s.pop() for s in shapes}) == len(muon)
@@ -342,7 +345,8 @@ def test_fp8_linear_matches_emulated_quantized_matmul():
     y = f8(x)
     y.backward(grad_out)
     deq = lambda t, dtype: (lambda q, inv: q.float() * inv)(*fp8.to_fp8(t, dtype))
-    xq, wq, gq = deq(x.detach().view(16, 64), fp8.E4M3), deq(lin.weight.detach(), fp8.E4M3), deq(grad_out.view(16, 32), fp8.E5M2)
+    xq, wq = deq(x.detach().view(16, 64), fp8.E4M3), deq(lin.weight.detach(), fp8.E4M3)
+    gq = deq(grad_out.view(16, 32), fp8.E5M2)
     torch.testing.assert_close(y.detach().view(16, 32), xq @ wq.t(), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(x.grad.view(16, 64), gq @ wq, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(lin.weight.grad, gq.t() @ xq, atol=1e-4, rtol=1e-4)

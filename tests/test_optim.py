@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from nanochat.optim import MuonAdamW, polar_express, cautious_update_, muon_lr_multiplier, POLAR_EXPRESS_COEFFS
 
-# Shapes chosen to hit every path: small AdamW params, one 0-D (all-reduced), a large one (sharded along dim 0), a wide and
-# a tall Muon group whose sizes K=3 and K=5 do not divide by 2 ranks (zero-padded chunks).
+# Shapes chosen to hit every path: small AdamW params, one 0-D (all-reduced), a large one (sharded along dim 0),
+# a wide and a tall Muon group whose sizes K=3 and K=5 do not divide by 2 ranks (zero-padded chunks).
 SHAPES = {"small": [(4,), ()], "large": [(64, 32)], "wide": [(16, 32)] * 3, "tall": [(32, 16)] * 5}
 
 # where the wide and tall Muon matrices sit in all_params / make_grads order
@@ -381,7 +381,8 @@ def test_distributed_matches_single_process_with_averaged_grads(tmp_path):
             assert state[6]["momentum_buffer"].shape == (3, 32, 16)
             assert state[6]["second_momentum_buffer"].shape == (3, 32, 1)
         # ranks hold different state shards (different grads chunks) but identical params
-        assert not torch.equal(ranks[0][mode]["shard"]["state"][2]["exp_avg"], ranks[1][mode]["shard"]["state"][2]["exp_avg"])
+        shards = [ranks[r][mode]["shard"]["state"][2]["exp_avg"] for r in (0, 1)]
+        assert not torch.equal(*shards)
 
     # a rank's shard does not fit a different world size, and says so
     single = make_optimizer(make_params(), eps=DIST_EPS)
