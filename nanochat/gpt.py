@@ -49,6 +49,12 @@ class GPTConfig:
     n_embd: int = 768
     window_pattern: str = "SSSL"
 
+def config_for_depth(depth, aspect_ratio=64, head_dim=128, **fields):
+    """The one complexity dial: width = depth x aspect_ratio rounded up to whole heads of head_dim, one kv head per head."""
+    n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = n_embd // head_dim
+    return GPTConfig(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **fields)
+
 def validate_config(config):
     """Raise ValueError naming the bad field and the fix."""
     c = config
