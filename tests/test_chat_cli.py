@@ -25,7 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS = 12
 
 def build_model(vocab_size):
-    """Random weights everywhere (init zeros the projections and nearly zeros lm_head), so replies depend on the prompt."""
+    """Random weights everywhere (init zeros the projections, nearly zeros lm_head): replies depend on the prompt."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights()
@@ -47,8 +47,8 @@ def checkpoints(base_dir, tiny_tokenizer):
 
 def run_cli(args, stdin=""):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-t", "0", "-m", str(MAX_TOKENS), *args],
-                          input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
+    command = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-t", "0", "-m", str(MAX_TOKENS), *args]
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
 
 def run_cli_in_process(args, monkeypatch, capsys):
     """-> (exit code, stdout, stderr) of the script run in this process with an empty stdin."""
@@ -80,7 +80,7 @@ def test_interactive_conversation(checkpoints, tiny_tokenizer):
     prompt3 = prompt2 + reply2 + [assistant_end] + turn("and more")
     reply3 = reply_tokens(engine, prompt3)
     assert len(reply1) >= 3, f"the random model ends its reply after {len(reply1)} tokens: too short to test streaming"
-    assert reply3 != reply_tokens(engine, [bos] + turn("and more")), "turn 3 does not depend on the history: pick another model seed"
+    assert reply3 != reply_tokens(engine, [bos] + turn("and more")), "turn 3 ignores the history: pick another seed"
 
     result = run_cli(["-i", "sft"], stdin="hello\nclear\nhi again\nand more\nquit\n")
     assert result.returncode == 0, result.stderr
@@ -114,3 +114,7 @@ def test_unknown_source_or_tag_is_a_clean_error(checkpoints, monkeypatch, capsys
     assert code == 1 and "no model tag 'd99'" in err and "d1" in err, err
     code, _, err = run_cli_in_process(["-i", "rl", "-p", "hello"], monkeypatch, capsys)
     assert code == 1 and "no rl checkpoints" in err, err
+
+def test_flag_the_engine_rejects_is_a_clean_error(checkpoints, monkeypatch, capsys):
+    code, _, err = run_cli_in_process(["-i", "sft", "-k", "0", "-p", "hello"], monkeypatch, capsys)
+    assert code == 1 and "top_k must be >= 1" in err and "Traceback" not in err, err
