@@ -13,52 +13,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERIES="${1:-$(date +%b%d | tr '[:upper:]' '[:lower:]')}"
-export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-export OMP_NUM_THREADS=1
-WANDB_RUN="${WANDB_RUN:-dummy}"
-SAVE_EVERY="${SAVE_EVERY:--1}"
+source runs/common.sh
 if [ "${CPU:-0}" = 1 ]; then
-    export NANOCHAT_DATASET=local NANOCHAT_OFFLINE=1
-    DEPTHS="${DEPTHS:-1 2 3}"; RATIO="${RATIO:-1}"; NPROC_PER_NODE=1
-    FLAGS="--aspect-ratio=32 --head-dim=32 --max-seq-len=128 --window-pattern=L --device-batch-size=8 \
---total-batch-size=1024 --warmup-steps=10 --eval-every=1000000 --eval-tokens=16384 --core-metric-every=-1 --compile=0"
-    # --compile=0: on a busy 2-core machine compiling took minutes per run, longer than a toy run trains
+    DEPTHS="${DEPTHS:-1 2 3}"; RATIO="${RATIO:-1}"; FLAGS="$CPU_FLAGS"
 else
-    DEPTHS="${DEPTHS:-12 14 16 18 20 22 24 26}"; RATIO="${RATIO:-12}"; NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
+    DEPTHS="${DEPTHS:-12 14 16 18 20 22 24 26}"; RATIO="${RATIO:-12}"
     FLAGS="--core-metric-every=999999 --core-metric-max-per-task=-1"  # CORE once, at the end, on every example
 fi
 RESULTS_DIR="$NANOCHAT_BASE_DIR/${SERIES}_miniseries_results"
 CSV="$RESULTS_DIR/results.csv"
 mkdir -p "$RESULTS_DIR"
 
-if [ "${SKIP_SETUP:-0}" != 1 ]; then
-    if [ "${CPU:-0}" = 1 ]; then
-        python -m nanochat.dataset --dataset local
-        python -m scripts.tok_train --vocab-size=1024
-    else
-        python -m nanochat.dataset -n 1000
-        python -m scripts.tok_train --max-chars=2000000000
-    fi
-fi
-
 for d in $DEPTHS; do
-    TAG="${SERIES}_miniseries_d${d}"
-    if [ -f "$CSV" ] && cut -d, -f1 "$CSV" | grep -qx "$TAG"; then
-        echo "$TAG: already in $CSV, skipped"
-        continue
-    fi
     BATCH=""
     if [ "${CPU:-0}" != 1 ]; then  # rows per GPU that fit in 80 GB
-        if [ "$d" -ge 28 ]; then BATCH="--device-batch-size=8"; elif [ "$d" -ge 20 ]; then BATCH="--device-batch-size=16"; fi
+        if [ "$d" -ge 28 ]; then BATCH="--device-batch-size=8"
+        elif [ "$d" -ge 20 ]; then BATCH="--device-batch-size=16"; fi
     fi
-    ARGS="--depth=$d --target-param-data-ratio=$RATIO --model-tag=$TAG --run=${WANDB_RUN}_d$d --sample-every=-1 \
---save-every=$SAVE_EVERY --resume $FLAGS $BATCH ${TRAIN_FLAGS:-}"
-    if [ "$NPROC_PER_NODE" = 1 ]; then
-        python -m scripts.base_train $ARGS 2>&1 | tee "$RESULTS_DIR/$TAG.log"
-    else
-        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- $ARGS 2>&1 | tee "$RESULTS_DIR/$TAG.log"
-    fi
-    python -m scripts.scaling_analysis --add-run="$TAG" --csv="$CSV"
+    TAG="${SERIES}_miniseries_d${d}"
+    train_and_record "$TAG" --depth=$d --target-param-data-ratio=$RATIO --model-tag=$TAG --run=${WANDB_RUN}_d$d \
+        --sample-every=-1 --save-every=$SAVE_EVERY --resume $FLAGS $BATCH ${TRAIN_FLAGS:-}
 done
 
 python -m scripts.scaling_analysis --csv="$CSV"
