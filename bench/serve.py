@@ -27,6 +27,12 @@ import threading
 import time
 
 import requests
+import torch
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.common import get_base_dir
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 parser = argparse.ArgumentParser(description="Load test chat_web with concurrent streaming clients")
 parser.add_argument("--clients", type=str, default="1,8", help="comma-separated concurrent client counts, one run each")
@@ -52,10 +58,6 @@ PROMPTS = ["What is the capital of France?", "Tell me a short story about a fox.
 
 def write_random_demo_model(base_dir):
     """Random weights in the CPU demo's shape, saved as an sft checkpoint, and an 8,192-token tokenizer."""
-    import torch
-    from nanochat.checkpoint import save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer
     rng = random.Random(0)
     syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "shi", "po", "an", "er", "in", "on", "st", "th", "qu", "ze"]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 5))) for _ in range(30_000)]
@@ -154,7 +156,6 @@ else:
         write_random_demo_model(base_dir)
         source = "sft"
     else:
-        from nanochat.common import get_base_dir
         base_dir, source = get_base_dir(), args.model
     proc, url = start_server(base_dir, source, max(clients_list))
 headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}

@@ -58,7 +58,7 @@ def train_one(job):
     num_ranks = vocab_size - len(SPECIAL_TOKENS)
     t0, c0 = time.perf_counter(), cpu_s()
     if trainer_name == "rustbpe":
-        import rustbpe
+        import rustbpe  # here, not at the top: a spawned run loads only its own trainer (peak RSS)
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(iter(docs), num_ranks, pattern=SPLIT_PATTERN)
         learned = [(bytes(b), r) for b, r in trainer.get_mergeable_ranks()]

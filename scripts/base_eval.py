@@ -21,7 +21,12 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, is_master, atomic_write_text
 from nanochat.checkpoint import load_model
+from nanochat.core_eval import EvalBundleUnavailable, ensure_eval_bundle, evaluate_core
+from nanochat.dataloader import pretrain_loader
+from nanochat.engine import Engine, greedy_completions
+from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
 parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
@@ -50,7 +55,6 @@ loss_report = []  # "Base model loss": bpb and samples; "Base model evaluation":
 # CORE
 
 if "core" in evals:
-    from nanochat.core_eval import EvalBundleUnavailable, ensure_eval_bundle, evaluate_core
     try:
         ensure_eval_bundle()
     except EvalBundleUnavailable as e:
@@ -77,9 +81,6 @@ if "core" in evals:
 # Bits per byte on the train and val splits
 
 if "bpb" in evals:
-    from nanochat.dataloader import pretrain_loader
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes
     dataset = args.dataset or meta.get("dataset")
     tokens_per_step = args.device_batch_size * sequence_len * world_size
     steps = args.split_tokens // tokens_per_step
@@ -100,7 +101,6 @@ if "bpb" in evals:
 # Samples (rank 0): greedy completions of fixed prompts, then unconditioned samples from <|bos|>
 
 if "sample" in evals and is_master():
-    from nanochat.engine import Engine, greedy_completions
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     print0("Greedy completions:")

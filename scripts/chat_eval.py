@@ -24,7 +24,10 @@ import sys
 import torch
 import torch.distributed as dist
 
+from nanochat.checkpoint import load_model
 from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir, check_flags
+from nanochat.engine import Engine
+from nanochat.report import get_report
 from tasks.common import hub_dataset_ready
 from tasks.arc import ARC
 from tasks.mmlu import MMLU
@@ -209,10 +212,6 @@ if __name__ == "__main__":
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args()
     validate_args(args)
-
-    from nanochat.checkpoint import load_model
-    from nanochat.engine import Engine
-    from nanochat.report import get_report
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:

@@ -24,8 +24,10 @@ import json
 import math
 import os
 
+import numpy as np
+
 from nanochat.common import get_base_dir, atomic_write_text
-from nanochat.report import read_metric_log, metric_log_path
+from nanochat.report import get_pyplot, read_metric_log, metric_log_path
 
 COLUMNS = ["model_tag", "depth", "model_dim", "num_params", "num_scaling_params", "wte", "value_embeds", "lm_head",
            "transformer_matrices", "scalars", "flops_per_token", "num_iterations", "total_batch_size", "tokens_trained",
@@ -96,7 +98,6 @@ def isoflop_fit(rows):
     Per budget: {budget: dict(n_opt, d_opt, ratio, bpb_opt, coeffs, inside)} from the parabola in log10 N, or
     dict(reason=...) when there is no minimum to report. Budgets need 3+ sizes with a val bpb.
     """
-    import numpy as np
     fits = {}
     for budget in sorted({r["target_flops"] for r in rows if (r.get("target_flops") or -1) > 0}):
         runs = sorted((r for r in rows if r.get("target_flops") == budget and r["val_bpb"] is not None),
@@ -118,7 +119,6 @@ def isoflop_fit(rows):
 
 def power_law(budgets, values):
     """Exponent and prefactor of values = k * budgets^e (least squares in log-log)."""
-    import numpy as np
     e, log_k = np.polyfit(np.log10(budgets), np.log10(values), 1)
     return e, 10 ** log_k
 
@@ -126,7 +126,6 @@ def power_law(budgets, values):
 # Plots and table
 
 def plot(rows, fits, out_dir, plt):
-    import numpy as np
     budgets = sorted(fits)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, budget in enumerate(budgets):
@@ -228,7 +227,6 @@ if __name__ == "__main__":
         os.makedirs(out_dir, exist_ok=True)
         fits = isoflop_fit(rows)
         table = markdown(rows, fits, args.csv)
-        from nanochat.report import get_pyplot
         plt = get_pyplot()
         if plt is None:
             table += "\nNo plots: matplotlib is not installed (`pip install -e '.[report]'`).\n"

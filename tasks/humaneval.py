@@ -12,6 +12,7 @@ loudly where not (see nanochat/execution.py).
 
 import re
 
+from nanochat.execution import execute_code
 from tasks.common import Task, load_hub_dataset
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
@@ -66,5 +67,4 @@ class HumanEval(Task):
         return humaneval_conversation(self.ds[index])
 
     def evaluate(self, conversation, assistant_response):
-        from nanochat.execution import execute_code  # imported here: only HumanEval grading needs the sandbox
         return execute_code(humaneval_program(conversation, assistant_response), timeout=5.0).success

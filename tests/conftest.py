@@ -9,6 +9,8 @@ from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 import pytest
 
+from nanochat.tokenizer import Tokenizer
+
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Training scripts compile by default on CPU too; for a tiny model the compile (tens of seconds on 2 cores) would
@@ -28,7 +30,6 @@ TINY_CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
-    from nanochat.tokenizer import Tokenizer
     return Tokenizer.train_from_iterator(iter(TINY_CORPUS), vocab_size=256 + 64 + 9)
 
 @pytest.fixture

@@ -19,7 +19,12 @@ import pytest
 import torch
 
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step
+from nanochat.dataloader import pretrain_loader
+from nanochat.engine import use_calculator
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes
+from scripts.chat_eval import validate_args
 
 def run_script(module, argv, monkeypatch, stdin=None):
     """Run `python -m module argv` in-process; -> (exit code or None, stdout + stderr)."""
@@ -78,14 +83,12 @@ def chat_cli_nan_temperature(ctx):
 
 def chat_eval_flag(**changes):
     def row(ctx):
-        from scripts.chat_eval import validate_args
         with pytest.raises(SystemExit) as e:
             validate_args(chat_eval_args(**changes))
         return str(e.value.code)
     return row
 
 def truncated_token_bytes(ctx):
-    from nanochat.tokenizer import get_token_bytes
     ctx.tokenizer.save(str(ctx.base / "tokenizer"))
     path = ctx.base / "tokenizer" / "token_bytes.pt"
     path.write_bytes(path.read_bytes()[:100])
@@ -121,7 +124,6 @@ def meta_json_list(ctx):
     return str(e.value)
 
 def val_of_empty_strings(ctx):
-    from nanochat.loss_eval import evaluate_bpb
     class Model:
         def __call__(self, x, y, loss_reduction="none"):
             return torch.ones(y.shape)
@@ -135,7 +137,6 @@ def chat_eval_zero_max_tokens(ctx):
     return chat_eval_flag(max_new_tokens=0)(ctx)
 
 def calculator_tuple(ctx):
-    from nanochat.engine import use_calculator
     assert use_calculator("1,000 + 1") == 1001 and use_calculator("(1,2)") is None and use_calculator("1,2 + 3") is None
     return "use_calculator('(1,2)') -> None (refused), was 12"
 
@@ -147,7 +148,6 @@ def non_utf8_stdin(ctx):
     return next(line for line in text.splitlines() if "not valid" in line)
 
 def empty_val_shard(ctx):
-    from nanochat.dataloader import pretrain_loader
     data_dir = ctx.base / "base_data_local"
     data_dir.mkdir()
     pq.write_table(pa.table({"text": ["some training text"] * 20}), str(data_dir / "shard_00000.parquet"))

@@ -17,6 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from nanochat.checkpoint import save_checkpoint
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 from tasks.common import Task, render_mc, evaluate_letter, extract_answer
 from tasks.synthetic import SyntheticMath, SyntheticMC
 from scripts.chat_eval import (run_categorical_eval, run_generative_eval, run_chat_eval, chatcore, resolve_tasks,
@@ -137,7 +141,6 @@ def test_offline_resolution_falls_back_to_synthetic(http_server, base_dir, monke
 # Rank invariance: 1 process vs 2 gloo processes on a tiny random GPT
 
 def tiny_model(vocab_size):
-    from nanochat.gpt import GPT, GPTConfig
     config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
     torch.manual_seed(0)
     model = GPT(config)
@@ -148,7 +151,6 @@ def tiny_model(vocab_size):
     return model.eval(), config
 
 def evaluate_tiny(model, tokenizer):
-    from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     # graded by a hash of the sampled text: any change in which seed or problem a rank uses changes the count
     coin = ListTask([SyntheticMath("test", size=7)[i] for i in range(7)], "generative",
@@ -160,7 +162,6 @@ def evaluate_tiny(model, tokenizer):
     }
 
 def _worker(rank, world_size, port, tokenizer_dir, model_path, out_path):
-    from nanochat.tokenizer import Tokenizer
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     model, _ = tiny_model(tokenizer.get_vocab_size())
@@ -189,7 +190,6 @@ def test_results_identical_on_one_and_two_ranks(tiny_tokenizer, tmp_path):
 # The script, offline, on a saved checkpoint
 
 def test_chat_eval_cli_offline_runs_synthetic_tasks(tiny_tokenizer, base_dir):
-    from nanochat.checkpoint import save_checkpoint
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     model, config = tiny_model(tiny_tokenizer.get_vocab_size())
     save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,

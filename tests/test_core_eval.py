@@ -23,6 +23,8 @@ import torch.nn as nn
 
 from nanochat import core_eval
 from nanochat.core_eval import (continuation_spans, crop_left, evaluate_core, render_prompts, sample_fewshot)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # A small bundle: 8 multiple-choice (1-shot, "\nAnswer: "), 4 schema (0-shot), 6 language-modeling (2-shot)
@@ -285,7 +287,6 @@ def test_batching_does_not_change_results(tiny_tokenizer, base_dir):
 
 def _random_gpt(vocab_size, sequence_len):
     """A tiny GPT with random weights everywhere (init zeroes the projections, which would hide attention)."""
-    from nanochat.gpt import GPT, GPTConfig
     model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
                           n_embd=64, window_pattern="L"))
     model.init_weights()
@@ -374,7 +375,6 @@ def _worker(rank, world_size, port, tokenizer_dir, out_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    from nanochat.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_directory(tokenizer_dir)
     out = evaluate_core(BigramModel(tokenizer.get_vocab_size()), tokenizer, "cpu")
     if rank == 0:

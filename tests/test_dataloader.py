@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from nanochat.dataloader import pretrain_loader, chat_loader
+from nanochat.dataset import get_data_dir
 
 def write_shards(shards, row_group_size):
     """shards: {index: [texts]} written as <data dir>/shard_NNNNN.parquet of the "local" dataset."""
-    from nanochat.dataset import get_data_dir
     data_dir = get_data_dir("local")
     os.makedirs(data_dir, exist_ok=True)
     for index, texts in shards.items():

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file  # installed with transformers
 
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf.export import export_model
 
 SEQ_LEN = 512  # short window = 128 tokens, so a 200-token batch really slides on the "S" layers
 
@@ -134,12 +136,10 @@ def test_load_model_reads_an_export_bit_for_bit(exported):
 def test_mixed_dtype_checkpoint_exports_as_it_was_trained(exported, tmp_path):
     """A CUDA checkpoint keeps embeddings in bf16 and matrices in fp32 masters: the export keeps both dtypes (bit for
     bit) and tells transformers to compute in bf16, as nanochat did."""
-    from nanochat.hf.export import export_model
     model, tok, out = exported
     state = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v for k, v in model.state_dict().items()}
     export_model(state, json.load(open(os.path.join(out, "nanochat_meta.json"))), tok, str(tmp_path))
     assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
-    from safetensors.torch import load_file
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert all(saved[k].dtype == v.dtype and torch.equal(saved[k], v) for k, v in state.items())
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True)

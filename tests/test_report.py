@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from nanochat.report import Report, MetricLog, read_metric_log, metric_log_path, CHANCE, SUMMARY_METRICS
+from scripts.chat_eval import ALL_TASKS, chance_accuracy
 
 def test_report_sections_and_summary(base_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -120,7 +121,6 @@ def test_report_without_matplotlib_says_how_to_get_plots(base_dir, tmp_path, mon
     assert not [f for f in os.listdir(base_dir / "report") if f.endswith(".png")]
 
 def test_chance_levels_agree_with_chat_eval():
-    from scripts.chat_eval import ALL_TASKS, chance_accuracy
     for name in SUMMARY_METRICS:
         if name in ALL_TASKS:
             assert CHANCE.get(name, 0.0) == chance_accuracy(name), name

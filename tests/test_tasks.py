@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from nanochat.engine import use_calculator
 from tasks.common import Task, TaskMixture, TaskSequence, render_mc, load_hub_dataset, extract_answer
 from tasks.mmlu import mmlu_conversation
 from tasks.arc import ARC, arc_conversation
@@ -274,7 +275,6 @@ def test_synthetic_train_and_test_are_disjoint(cls):
         assert len(test) > 250 and not test & train
 
 def test_synthetic_math_tool_calls_match_the_engine_calculator():
-    from nanochat.engine import use_calculator
     for conv in [SyntheticMath("train", size=300)[i] for i in range(300)]:
         text, python, output, answer = conv["messages"][1]["content"]
         assert str(use_calculator(python["text"])) == output["text"] == str(eval(python["text"]))
@@ -283,7 +283,6 @@ def test_synthetic_math_tool_calls_match_the_engine_calculator():
         assert all(str(n) in conv["messages"][0]["content"] for n in numbers)  # the problem states its numbers
 
 def test_synthetic_spelling_counts_are_right():
-    from nanochat.engine import use_calculator
     for conv in [SyntheticSpelling("train", size=300)[i] for i in range(300)]:
         python, output = conv["messages"][1]["content"][1:3]
         word, letter = re.fullmatch(r"'(\w+)'\.count\('(\w)'\)", python["text"]).groups()
