@@ -309,8 +309,8 @@ def test_prompt_longer_than_context_is_scored_whole(tiny_tokenizer, base_dir):
     bundle = write_bundle(base_dir)
     V = tiny_tokenizer.get_vocab_size()
     short = _random_gpt(V, sequence_len=6)  # rotary tables for 60 positions, prompts up to 72 tokens
-    # the same weights built for a 256-token context; it attends within the same windows, as our models (and the
-    # reference's FA3 window_size=(sequence_len, 0)) read any sequence longer than their training context
+    # the same weights built for a 256-token context attend within the same windows, the way a model reads any
+    # sequence longer than its training context (FA3's window_size=(sequence_len, 0) does the same)
     long = _random_gpt(V, sequence_len=256)
     long.load_state_dict(short.state_dict())
     long.window_sizes = list(short.window_sizes)

@@ -81,7 +81,7 @@ def test_batch_equals_single(tiny_tokenizer):
     assert tok.encode(texts, num_threads=4) == [tok.encode(t) for t in texts]
 
 # -----------------------------------------------------------------------------
-# trainer and tiktoken must split text the same way (the reference once had a digit-grouping mismatch)
+# trainer and tiktoken must split text the same way: otherwise merges are learned that encoding never applies
 
 def test_digits_group_by_two():
     # a corpus with only one piece type: every possible merge inside "12","34","56","7" is learned (3 merges)
@@ -120,7 +120,7 @@ def test_render_conversation_mask_by_hand(tiny_tokenizer):
         {"role": "assistant", "content": "You're welcome."},
     ]}
     E = tok.encode
-    expected = [  # (ids, mask) segment by segment, as SPEC 2.4 lays them out
+    expected = [  # (ids, mask) per segment: mask 1 on what the assistant writes itself, tool output excluded
         ([sp["<|bos|>"]], 0),
         ([sp["<|user_start|>"]] + E("Be brief.\n\nWhat is 2+2?") + [sp["<|user_end|>"]], 0),
         ([sp["<|assistant_start|>"]], 0),
