@@ -51,7 +51,7 @@ def shard_name(index):
 def get_dataset_name(dataset=None):
     name = dataset or os.environ.get("NANOCHAT_DATASET") or DEFAULT_DATASET
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r} (from argument or NANOCHAT_DATASET); pick one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r} (argument or NANOCHAT_DATASET): pick one of {sorted(DATASETS)}")
     return name
 
 def get_data_dir(dataset=None):
@@ -84,7 +84,8 @@ def list_parquet_files(split=None, dataset=None):
     if name not in _announced:
         _announced.add(name)
         print0(f"pretraining data: {name} ({data_dir})")
-    files = sorted(f for f in os.listdir(data_dir) if re.fullmatch(r"shard_\d{5}\.parquet", f)) if os.path.isdir(data_dir) else []
+    listing = os.listdir(data_dir) if os.path.isdir(data_dir) else []
+    files = sorted(f for f in listing if re.fullmatch(r"shard_\d{5}\.parquet", f))
     if not files:
         raise FileNotFoundError(f"no parquet shards of dataset {name!r} in {data_dir}; run `{fetch_command(name)}`")
     val = shard_name(val_shard_index(name))
@@ -96,7 +97,8 @@ def list_parquet_files(split=None, dataset=None):
     elif split == "train":
         files = [f for f in files if f != val]
         if not files:
-            raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} (only the val shard); run `{fetch_command(name)}`")
+            raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} (only the val shard); "
+                                    f"run `{fetch_command(name)}`")
     return [os.path.join(data_dir, f) for f in files]
 
 def repair_command(path):
@@ -137,14 +139,14 @@ def read_row_group(path, rg_idx):
     return read_texts(open_shard(path), path, rg_idx)
 
 def verify_shard(path):
-    """Raises ValueError unless path is a complete parquet shard: footer readable, row groups, a string column "text"."""
+    """Raises ValueError unless path is a complete parquet shard: readable footer, row groups, string column "text"."""
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"not a complete parquet file ({e})") from None
-    text_ok = "text" in schema.names and (pa.types.is_string(t := schema.field("text").type) or pa.types.is_large_string(t))
-    if pf.num_row_groups < 1 or not text_ok:
+    text_type = schema.field("text").type if "text" in schema.names else pa.null()
+    if pf.num_row_groups < 1 or not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
         raise ValueError(f"not a text shard: {pf.num_row_groups} row groups, schema {schema}")
 
 def parquets_iter_batched(split, start=0, step=1, dataset=None):
@@ -194,7 +196,7 @@ def download_shards(num_files, dataset=None, num_workers=4):
     url_base = get_url_base(name)
     jobs = [(f"{url_base}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)), DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
             for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
-    print(f"dataset {name}: {len(indices)} shards wanted ({len(indices) - len(jobs)} present), into {data_dir}", flush=True)
+    print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in {data_dir}", flush=True)
     ok = []
     if jobs:
         with Pool(processes=max(1, min(num_workers, len(jobs)))) as pool:
@@ -221,8 +223,9 @@ SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__
              "tkinter", "idlelib", "turtledemo", "lib2to3", "distutils", "ensurepip", "venv"}
 SKIP_FILES = {"site.py", "sysconfig.py", "turtle.py"}
 # license boilerplate, which would otherwise repeat across files
-LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|GNU (Lesser )?General Public License"
-                          r"|Redistribution and use in source and binary forms|THE SOFTWARE IS PROVIDED|This software is provided 'as-is'")
+LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|THE SOFTWARE IS PROVIDED"
+                          r"|GNU (Lesser )?General Public License|Redistribution and use in source and binary forms"
+                          r"|This software is provided 'as-is'")
 
 def local_root():
     """The standard library directory of the running Python."""
@@ -292,7 +295,7 @@ def build_local_corpus(force=False, root=None):
     data_dir = get_data_dir("local")
     paths = [os.path.join(data_dir, shard_name(i)) for i in range(LOCAL_NUM_SHARDS)]
     if not force and all(os.path.exists(p) for p in paths):
-        print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards); pass --force to rebuild", flush=True)
+        print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards): --force rebuilds it", flush=True)
         return None
     docs = collect_local_documents(root)
     random.Random(LOCAL_SEED).shuffle(docs)
@@ -309,7 +312,7 @@ def build_local_corpus(force=False, root=None):
         shutil.rmtree(data_dir)
     os.replace(tmp_dir, data_dir)
     digest = corpus_hash(docs)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars in {LOCAL_NUM_SHARDS} shards at {data_dir}\n"
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, {LOCAL_NUM_SHARDS} shards in {data_dir}\n"
           f"local corpus sha256 {digest} (Python {platform.python_version()} standard library; "
           f"the same Python version builds the same corpus on any machine)", flush=True)
     return digest
@@ -318,10 +321,12 @@ def build_local_corpus(force=False, root=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline local corpus")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all); the val shard always comes too")
+    parser.add_argument("-n", "--num-files", type=int, default=-1,
+                        help="train shards to download (-1 = all); the val shard always comes too")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); local = build from this Python's standard library, no network")
+                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); "
+                             f"local = built from this Python's standard library, no network")
     parser.add_argument("--force", action="store_true", help="local only: rebuild the corpus even if its shards exist")
     args = parser.parse_args(argv)
     name = get_dataset_name(args.dataset)
@@ -335,7 +340,8 @@ def main(argv=None):
     assert args.num_workers >= 1, f"--num-workers must be >= 1, got {args.num_workers}"
     failed = download_shards(args.num_files, name, args.num_workers)
     if failed:
-        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; run the same command again to retry them")
+        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; "
+                         f"run the same command again to retry them")
 
 if __name__ == "__main__":
     main()
