@@ -51,7 +51,8 @@ SPECIAL_TOKENS = [
 
 # GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab
 # val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 TOKENIZER_FILE = "tokenizer.json"
 PICKLE_TOKENIZER_FILE = "tokenizer.pkl"  # written by older versions; loaded only with the opt-in below
@@ -59,6 +60,7 @@ ALLOW_PICKLE_ENV = "NANOCHAT_ALLOW_PICKLE_TOKENIZER"
 TOKENIZER_FORMAT = "nanochat-bpe"
 TOKENIZER_FORMAT_VERSION = 1
 TOKEN_BYTES_FILE = "token_bytes.pt"
+RETRAIN = "delete it and re-run `python -m scripts.tok_train`"  # the fix for any damaged tokenizer file
 
 # -----------------------------------------------------------------------------
 
@@ -99,23 +101,21 @@ class Tokenizer:
         if not os.path.exists(pickle_path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
         if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle format of older versions: "
-                               f"loading a pickle runs whatever code it holds. If you made it yourself, load it once with "
-                               f"{ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); otherwise delete it and "
-                               f"re-run `python -m scripts.tok_train`")
+            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle format of older "
+                               f"versions: loading a pickle runs whatever code it holds. If you made it yourself, load "
+                               f"it once with {ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); otherwise "
+                               f"{RETRAIN}")
         try:
             with open(pickle_path, "rb") as f:
                 enc = pickle.load(f)  # opted in: the user vouches for this file
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
                 TypeError, ValueError) as e:
-            raise RuntimeError(f"{pickle_path} is corrupt ({type(e).__name__}: {e}); delete it and re-run "
-                               f"`python -m scripts.tok_train`") from e
+            raise RuntimeError(f"{pickle_path} is corrupt ({type(e).__name__}: {e}); {RETRAIN}") from e
         if not isinstance(enc, tiktoken.Encoding):
-            raise RuntimeError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding; delete it and "
-                               f"re-run `python -m scripts.tok_train`")
+            raise RuntimeError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding; {RETRAIN}")
         tokenizer = cls(enc, "<|bos|>")
         atomic_write_text(path, json.dumps(tokenizer.to_data()))
-        print(f"{ALLOW_PICKLE_ENV}=1: loaded {pickle_path} and converted it to {path}; the .pkl is no longer needed", flush=True)
+        print(f"{ALLOW_PICKLE_ENV}=1: converted {pickle_path} to {path}; the .pkl is no longer needed", flush=True)
         return tokenizer
 
     @classmethod
@@ -243,7 +243,8 @@ class Tokenizer:
             content = message["content"]
             if expected == "user":
                 if not isinstance(content, str):
-                    raise ValueError(f"message {i + offset}: user content must be a string, got {type(content).__name__}")
+                    raise ValueError(f"message {i + offset}: user content must be a string, "
+                                     f"got {type(content).__name__}")
                 add(self.encode_special("<|user_start|>"), 0)
                 add(self.encode(content), 0)
                 add(self.encode_special("<|user_end|>"), 0)
@@ -294,9 +295,9 @@ def _read_tokenizer_json(path):
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run `python -m scripts.tok_train`") from None
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); {RETRAIN}") from None
     if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
-        raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; delete it and re-run `python -m scripts.tok_train`")
+        raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; {RETRAIN}")
     if data.get("version") != TOKENIZER_FORMAT_VERSION:
         raise RuntimeError(f"{path} has format version {data.get('version')!r}, this code reads version "
                            f"{TOKENIZER_FORMAT_VERSION}; re-run `python -m scripts.tok_train` or use matching code")
@@ -309,12 +310,13 @@ def _encoding_from_data(data, path):
         special_tokens = {str(name): int(i) for name, i in data["special_tokens"].items()}
         pattern = str(data["pattern"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and re-run `python -m scripts.tok_train`") from None
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); {RETRAIN}") from None
     n = len(mergeable_ranks)
     if n != len(data["mergeable_ranks"]) or sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-        raise RuntimeError(f"{path} is corrupt (duplicate tokens, or special ids not {n}..{n + len(special_tokens) - 1}); "
-                           f"delete it and re-run `python -m scripts.tok_train`")
-    return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
+        last = n + len(special_tokens) - 1
+        raise RuntimeError(f"{path} is corrupt (duplicate tokens, or special ids not {n}..{last}); {RETRAIN}")
+    return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
+                             special_tokens=special_tokens)
 
 def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
@@ -326,5 +328,5 @@ def get_token_bytes(device="cpu"):
         raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                            f"re-run `python -m scripts.tok_train` to rewrite it") from None
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1:
-        raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; re-run `python -m scripts.tok_train`")
+        raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; {RETRAIN}")
     return token_bytes
