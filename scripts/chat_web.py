@@ -26,18 +26,19 @@ import os
 
 parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one model replica per GPU (CPU/MPS: 1)")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl, or a directory written by scripts.export_hf")
+parser.add_argument("-i", "--source", type=str, default="sft",
+                    help="checkpoint source: base|mid|sft|rl, or a directory written by scripts.export_hf")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (0 = greedy)")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = whole vocabulary)")
 parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default most tokens per reply")
 parser.add_argument("-p", "--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
-parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0 = the network)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY", ""),
                     help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
-parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes together; more wait for a row")
+parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once (more wait)")
 args = parser.parse_args()
 
 import asyncio
@@ -86,7 +87,8 @@ class APIError(Exception):
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
 def error_response(e):
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}, status_code=e.status)
+    body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}
+    return JSONResponse(body, status_code=e.status)
 
 def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -105,17 +107,18 @@ def check_range(body, name, lo, hi, integer, default):
 
 def message_text(content, i, openai):
     """A message's text: a string, or (OpenAI route) a list of {"type": "text", "text": ...} parts."""
+    field = f"messages[{i}].content"
     if isinstance(content, list) and openai:
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise APIError(f"messages[{i}].content parts must all be {{\"type\": \"text\", \"text\": \"...\"}} (images, audio and files are not supported)",
-                           f"messages[{i}].content")
+            raise APIError(f"{field} parts must all be {{\"type\": \"text\", \"text\": \"...\"}} "
+                           f"(images, audio and files are not supported)", field)
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise APIError(f"messages[{i}].content must be a string", f"messages[{i}].content")
+        raise APIError(f"{field} must be a string", field)
     if not content:
-        raise APIError(f"messages[{i}].content is empty", f"messages[{i}].content")
+        raise APIError(f"{field} is empty", field)
     if len(content) > MAX_MESSAGE_CHARS:
-        raise APIError(f"messages[{i}].content has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}", f"messages[{i}].content")
+        raise APIError(f"{field} has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}", field)
     return content
 
 # OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently ignored.
@@ -123,8 +126,8 @@ UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "function
                "logprobs": False, "top_logprobs": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "response_format": None, "audio": None, "modalities": None, "prediction": None}
 IGNORED = {"model", "user", "store", "metadata", "parallel_tool_calls", "service_tier", "reasoning_effort"}
-OPENAI_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "max_completion_tokens", "stream", "stream_options", "seed"}
 WEB_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "seed"}
+OPENAI_FIELDS = WEB_FIELDS | {"max_completion_tokens", "stream", "stream_options"}
 
 def parse_chat_request(body, openai):
     """Validated settings from a request body; raises APIError naming the first bad field."""
@@ -153,9 +156,11 @@ def parse_chat_request(body, openai):
         if not isinstance(m, dict):
             raise APIError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
         if m.get("role") not in roles:
-            raise APIError(f"messages[{i}].role must be one of {', '.join(roles)}; got {json.dumps(m.get('role'))[:50]}", f"messages[{i}].role")
+            raise APIError(f"messages[{i}].role must be one of {', '.join(roles)}; "
+                           f"got {json.dumps(m.get('role'))[:50]}", f"messages[{i}].role")
         if m["role"] == "system" and i != 0:
-            raise APIError(f"messages[{i}]: a system message is accepted only as the first message", f"messages[{i}].role")
+            raise APIError(f"messages[{i}]: a system message is accepted only as the first message",
+                           f"messages[{i}].role")
         parsed.append((m["role"], message_text(m.get("content"), i, openai)))
     total = sum(len(text) for _, text in parsed)
     if total > MAX_TOTAL_CHARS:
@@ -163,7 +168,8 @@ def parse_chat_request(body, openai):
     if parsed[0][0] == "system":
         if len(parsed) < 2 or parsed[1][0] != "user":
             raise APIError("a system message must be followed by a user message", "messages")
-        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]  # as the tokenizer renders it in training
+        # merged into the first user message, as the tokenizer renders it in training
+        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]
 
     max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
     if openai:
@@ -253,9 +259,10 @@ class Worker(threading.Thread):
                 s = job.settings
                 try:
                     job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"], s["top_k"] or None, s["seed"])
-                except Exception as e:  # bad settings (ValueError) or a failed prefill: this request fails, the worker lives
+                except Exception as e:  # a bad setting (ValueError) or failed prefill fails the request, not the worker
                     print(f"worker {self.gpu_id}: prefill failed: {type(e).__name__}: {e}", flush=True)
-                    job.send(("error", str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}"))
+                    message = str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}"
+                    job.send(("error", message))
                     continue
                 self.jobs.append(job)
             if not self.jobs:
@@ -296,8 +303,8 @@ MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat
 CREATED = int(time.time())
 CONTEXT = model.config.sequence_len
 bos = tokenizer.get_bos_token_id()
-user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
-assistant_start, assistant_end = tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|assistant_end|>")
+user_start, user_end, assistant_start, assistant_end = (tokenizer.encode_special(f"<|{name}|>") for name in
+                                                        ("user_start", "user_end", "assistant_start", "assistant_end"))
 
 def render_prompt(messages):
     """<|bos|> then each turn in its delimiters, then <|assistant_start|>: the chat format of training."""
@@ -310,7 +317,7 @@ def render_prompt(messages):
     return tokens + [assistant_start]
 
 async def generate(settings):
-    """Async generator of (text, finish, prompt_tokens, completion_tokens, gpu_id); finish is None until the last item."""
+    """Async generator of (text, finish, prompt_tokens, completion_tokens, gpu_id); finish is None until the end."""
     tokens = render_prompt(settings["messages"])
     if len(tokens) >= CONTEXT:
         raise APIError(f"the conversation is {len(tokens)} tokens but the model's context is {CONTEXT}: "
@@ -333,13 +340,15 @@ async def generate(settings):
                     if text:
                         yield text, None, len(tokens), count, worker.gpu_id
                     continue
-            yield (stream.flush() if finish == "stop" else text + stream.flush()), finish, len(tokens), count, worker.gpu_id
+            text = stream.flush() if finish == "stop" else text + stream.flush()
+            yield text, finish, len(tokens), count, worker.gpu_id
             return
     finally:
         job.cancelled.set()  # a no-op for a finished row; frees the row of a client that disconnected
         worker.wake.set()
         worker.load -= 1
-        print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, {finish or 'cancelled'}, {time.time() - t0:.2f}s", flush=True)
+        print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, {finish or 'cancelled'}, "
+              f"{time.time() - t0:.2f}s", flush=True)
 
 # -----------------------------------------------------------------------------
 # HTTP
@@ -360,7 +369,8 @@ def check_key(request):
         return
     header = request.headers.get("authorization", "")
     if not hmac.compare_digest(header.encode(), f"Bearer {args.api_key}".encode()):
-        raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401, kind="authentication_error")
+        raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401,
+                       kind="authentication_error")
 
 def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
