@@ -69,13 +69,13 @@ def _extract_bundle(zip_path, bundle_dir):
                 zf.extractall(tmp_dir)
         except zipfile.BadZipFile as e:
             os.remove(zip_path)  # so the next run downloads it again
-            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to download it again") from e
+            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to fetch it again") from e
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
         root = tmp_dir if os.path.isfile(os.path.join(tmp_dir, "core.yaml")) else os.path.join(tmp_dir, "eval_bundle")
         if not os.path.isfile(os.path.join(root, "core.yaml")):
             os.remove(zip_path)  # else every rerun would find it on disk and fail here again
-            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE eval "
-                               f"bundle; it was deleted, rerun to download it again")
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE "
+                               f"eval bundle; it was deleted, rerun to download it again")
         os.replace(root, bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle itself was renamed out
@@ -112,7 +112,7 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
 # Task config, random baselines and data, read from the bundle
 
 def load_core_config(bundle_dir):
-    """Returns (tasks, baselines): tasks = list of dicts from core.yaml, baselines = {label: random baseline in percent}."""
+    """-> (tasks, baselines): tasks = list of dicts from core.yaml, baselines = {label: random baseline in percent}."""
     yaml_path = os.path.join(bundle_dir, "core.yaml")
     with open(yaml_path, encoding="utf-8") as f:
         config = yaml.safe_load(f)
@@ -122,7 +122,8 @@ def load_core_config(bundle_dir):
         if missing:
             raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
         if entry["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type {entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
+            raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type {entry['icl_task_type']!r}, "
+                             f"expected one of {TASK_TYPES}")
         k = entry["num_fewshot"]
         tasks.append({
             "label": entry["label"],
@@ -142,8 +143,8 @@ def load_core_config(bundle_dir):
 def load_task_data(path, task_type):
     """Read a task's JSONL file; malformed lines and missing keys raise naming the file and line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CORE task file {path} is missing: the eval bundle is incomplete; delete {os.path.dirname(path)} "
-                                f"up to eval_bundle/ and rerun to fetch it again")
+        raise FileNotFoundError(f"CORE task file {path} is missing: the eval bundle is incomplete; delete "
+                                f"{os.path.dirname(path)} up to eval_bundle/ and rerun to fetch it again")
     data = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -155,7 +156,8 @@ def load_task_data(path, task_type):
                 raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
             missing = [k for k in REQUIRED_KEYS[task_type] if k not in item]
             if missing:
-                raise ValueError(f"{path}:{lineno}: a {task_type} example needs keys {list(REQUIRED_KEYS[task_type])}, this one lacks {missing}")
+                raise ValueError(f"{path}:{lineno}: a {task_type} example needs keys "
+                                 f"{list(REQUIRED_KEYS[task_type])}, this one lacks {missing}")
             data.append(item)
     return data
 
@@ -201,8 +203,8 @@ def continuation_spans(task_type, token_lists):
     if task_type == "language_modeling":
         without, with_ = token_lists
         if with_[:len(without)] != without or len(with_) == len(without):
-            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} tokens) is not a strict "
-                             f"token prefix of the prompt with it ({len(with_)} tokens)")
+            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} tokens) is not a "
+                             f"strict token prefix of the prompt with it ({len(with_)} tokens)")
         return [with_], [(len(without), len(with_))]
     # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
     # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
@@ -214,7 +216,7 @@ def continuation_spans(task_type, token_lists):
     return token_lists, [(len(t) - n, len(t)) for t in token_lists]
 
 def _common_prefix_len(seqs, limit):
-    """Longest n <= limit with seqs[i][:n] equal for all i; binary search on C-speed slice compares (prompts are long)."""
+    """Longest n <= limit with seqs[i][:n] equal for all i: a binary search of C-speed slice compares (long prompts)."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -359,7 +361,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
         random.Random(1337).shuffle(data)  # fixed order, so a cropped task is the same subset every time
         if max_per_task > 0:
             data = data[:max_per_task]
-        accuracy, skipped[task["label"]] = evaluate_task(model, tokenizer, data, task, device, batch_tokens=batch_tokens)
+        accuracy, skipped[task["label"]] = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
         baseline = 0.01 * baselines[task["label"]]
         results[task["label"]] = accuracy
         centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
