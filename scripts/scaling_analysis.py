@@ -41,13 +41,15 @@ def run_row(tag):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
     metas = sorted(glob.glob(os.path.join(checkpoint_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it first (python -m scripts.base_train --model-tag={tag} ...)")
+        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it first "
+                                f"(python -m scripts.base_train --model-tag={tag} ...)")
     with open(metas[-1], encoding="utf-8") as f:
         meta = json.load(f)
     if meta["step"] != meta["num_iterations"]:
-        raise ValueError(f"run {tag} has not finished: newest checkpoint is step {meta['step']} of {meta['num_iterations']}; "
-                         f"rerun it with --resume")
-    records = read_metric_log(metric_log_path("base", tag)) if os.path.exists(metric_log_path("base", tag)) else []
+        raise ValueError(f"run {tag} has not finished: newest checkpoint is step {meta['step']} of "
+                         f"{meta['num_iterations']}; rerun it with --resume")
+    log_path = metric_log_path("base", tag)
+    records = read_metric_log(log_path) if os.path.exists(log_path) else []
     core = [r["core_metric"] for r in records if r.get("core_metric") is not None]
     counts = meta["param_counts"]
     tokens = meta["num_iterations"] * meta["total_batch_size"]
@@ -79,7 +81,8 @@ def read_csv(csv_path):
 def read_rows(csv_path):
     """Rows as dicts; numeric columns as floats (empty = None)."""
     rows = read_csv(csv_path)
-    missing = {"model_tag", "num_scaling_params", "tokens_trained", "total_flops", "val_bpb"} - set(rows[0] if rows else COLUMNS)
+    needed = {"model_tag", "num_scaling_params", "tokens_trained", "total_flops", "val_bpb"}
+    missing = needed - set(rows[0] if rows else COLUMNS)
     if missing:
         raise ValueError(f"{csv_path} lacks columns {sorted(missing)}: write it with --add-run")
     def number(row, column):
@@ -108,7 +111,8 @@ def isoflop_fit(rows):
         log_n = np.log10([r["num_scaling_params"] for r in runs])
         a, b, c = np.polyfit(log_n, [r["val_bpb"] for r in runs], 2)
         if a <= 0:
-            fits[budget] = {"reason": "val bpb has no minimum over these sizes (the fitted curve bends down)", "coeffs": (a, b, c)}
+            reason = "val bpb has no minimum over these sizes (the fitted curve bends down)"
+            fits[budget] = {"reason": reason, "coeffs": (a, b, c)}
             continue
         x_opt = -b / (2 * a)
         slope, intercept = np.polyfit(log_n, np.log10([r["tokens_trained"] for r in runs]), 1)
@@ -184,8 +188,9 @@ def markdown(rows, fits, csv_paths):
     for r in sorted(rows, key=lambda r: (r.get("target_flops") or -1, r["num_scaling_params"])):
         budget = f"{r['target_flops']:.3g}" if (r.get("target_flops") or -1) > 0 else "-"
         core = f"{r['core_score']:.4f}" if r.get("core_score") is not None else "-"
-        lines.append(f"| {r['model_tag']} | {r['depth']:.0f} | {r['num_scaling_params']:,.0f} | {r['tokens_trained']:,.0f} | "
-                     f"{r['tokens_trained'] / r['num_scaling_params']:.2f} | {budget} | {r['total_flops']:.3e} | "
+        lines.append(f"| {r['model_tag']} | {r['depth']:.0f} | {r['num_scaling_params']:,.0f} | "
+                     f"{r['tokens_trained']:,.0f} | {r['tokens_trained'] / r['num_scaling_params']:.2f} | {budget} | "
+                     f"{r['total_flops']:.3e} | "
                      f"{r['val_bpb']:.4f} | {core} | {r.get('train_time_sec') or 0:.0f} |")
     if fits:
         lines += ["", "## IsoFLOP minima (parabola in log10 N)", "",
@@ -200,8 +205,8 @@ def markdown(rows, fits, csv_paths):
         good = {b: f for b, f in fits.items() if "n_opt" in f and f["inside"]}
         if good:
             ratios = [f["ratio"] for f in good.values()]
-            lines += ["", f"Optimal tokens:params ratio (geometric mean over {len(good)} budget(s) with a minimum inside "
-                          f"the sweep): {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"]
+            lines += ["", f"Optimal tokens:params ratio (geometric mean over {len(good)} budget(s) with a minimum "
+                          f"inside the sweep): {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"]
         if len(good) >= 2:
             a, _ = power_law(list(good), [f["n_opt"] for f in good.values()])
             b, _ = power_law(list(good), [f["d_opt"] for f in good.values()])
@@ -212,9 +217,9 @@ def markdown(rows, fits, csv_paths):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sweep results: record a run, or analyse the CSVs")
-    parser.add_argument("--csv", type=str, nargs="+", required=True, help="results CSV(s) (--add-run: the one to append to)")
+    parser.add_argument("--csv", nargs="+", required=True, help="results CSV(s) (--add-run: the one to append to)")
     parser.add_argument("--add-run", type=str, default=None, help="model tag of a finished base run to append to --csv")
-    parser.add_argument("--out-dir", type=str, default=None, help="where the PNGs and scaling.md go (default: beside the first CSV)")
+    parser.add_argument("--out-dir", default=None, help="where the PNGs and scaling.md go (default: the first CSV's folder)")
     args = parser.parse_args()
     if args.add_run:
         assert len(args.csv) == 1, f"--add-run appends to one CSV, got {args.csv}"
@@ -231,7 +236,8 @@ if __name__ == "__main__":
         if plt is None:
             table += "\nNo plots: matplotlib is not installed (`pip install -e '.[report]'`).\n"
         else:
-            table += "\n" + "\n".join(f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plot(rows, fits, out_dir, plt)) + "\n"
+            names = [os.path.basename(p) for p in plot(rows, fits, out_dir, plt)]
+            table += "\n" + "\n".join(f"![{name}]({name})" for name in names) + "\n"
         atomic_write_text(os.path.join(out_dir, "scaling.md"), table)
         print(table)
         print(f"wrote {out_dir}/scaling.md")
