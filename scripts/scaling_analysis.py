@@ -219,7 +219,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sweep results: record a run, or analyse the CSVs")
     parser.add_argument("--csv", nargs="+", required=True, help="results CSV(s) (--add-run: the one to append to)")
     parser.add_argument("--add-run", type=str, default=None, help="model tag of a finished base run to append to --csv")
-    parser.add_argument("--out-dir", default=None, help="where the PNGs and scaling.md go (default: the first CSV's folder)")
+    parser.add_argument("--out-dir", default=None, help="folder for the PNGs and scaling.md (default: the first CSV's)")
     args = parser.parse_args()
     if args.add_run:
         assert len(args.csv) == 1, f"--add-run appends to one CSV, got {args.csv}"
