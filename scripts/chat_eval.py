@@ -43,7 +43,8 @@ REAL_TASKS = {
     "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"),
                       lambda: hub_dataset_ready("allenai/ai2_arc", "ARC-Challenge", "test"), 0.25),
     "MMLU": (lambda: MMLU(subset="all", split="test"), lambda: hub_dataset_ready("cais/mmlu", "all", "test"), 0.25),
-    "GSM8K": (lambda: GSM8K(subset="main", split="test"), lambda: hub_dataset_ready("openai/gsm8k", "main", "test"), 0.0),
+    "GSM8K": (lambda: GSM8K(subset="main", split="test"),
+              lambda: hub_dataset_ready("openai/gsm8k", "main", "test"), 0.0),
     "HumanEval": (lambda: HumanEval(),
                   lambda: hub_dataset_ready("openai/openai_humaneval", "openai_humaneval", "test"), 0.0),
     "SpellingBee": (lambda: SpellingBee(size=256, split="test"),
@@ -94,7 +95,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
             for letter in letters:
                 if letter not in letter_ids:
                     encoded = tokenizer.encode(letter)
-                    assert len(encoded) == 1, f"answer letter {letter!r} encodes to {len(encoded)} tokens {encoded}, expected 1"
+                    assert len(encoded) == 1, f"answer letter {letter!r} encodes to {encoded}, not one token"
                     letter_ids[letter] = encoded[0]
             scores = logits[row, len(prompt) - 1, [letter_ids[letter] for letter in letters]]
             predicted = letters[int(scores.argmax())]
@@ -187,17 +188,19 @@ def resolve_tasks(task_names):
 def validate_args(args):
     """Bad values end the program with one line naming the flag and the fix (a 0 batch or budget would report 0%)."""
     check_flags([
-        ("-t/--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0, "a finite number >= 0 (0 = greedy)"),
+        ("-t/--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+         "a finite number >= 0 (0 = greedy)"),
         ("-m/--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1 tokens"),
         ("-n/--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
         ("-k/--top-k", args.top_k, args.top_k >= 1, ">= 1"),
         ("-b/--batch-size", args.batch_size, args.batch_size >= 1, ">= 1 problems"),
-        ("-x/--max-problems", args.max_problems, args.max_problems is None or args.max_problems >= 1, ">= 1, or left out for all"),
+        ("-x/--max-problems", args.max_problems, args.max_problems is None or args.max_problems >= 1,
+         ">= 1, or left out for all"),
     ])
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
-    parser.add_argument("-i", "--source", type=str, required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
+    parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
     parser.add_argument("-a", "--task-name", type=str, default=None,
                         help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all real tasks "
                              f"(the synthetic ones when no real dataset is available)")
@@ -208,7 +211,7 @@ if __name__ == "__main__":
     parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical tasks)")
     parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest d<N>)")
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="evaluate at most this many problems per task (default: all)")
+    parser.add_argument("-x", "--max-problems", type=int, default=None, help="most problems per task (default: all)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     args = parser.parse_args()
     validate_args(args)
@@ -225,9 +228,9 @@ if __name__ == "__main__":
         print0(f"No real task data could be loaded (offline?): evaluating the synthetic tasks' test splits instead")
     results = {}
     for name, task in tasks.items():
-        accuracy = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size, num_samples=args.num_samples,
-                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                                 max_problems=args.max_problems)
+        accuracy = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size,
+                                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
         results[name] = accuracy
         print0(f"{name} accuracy: {100 * accuracy:.2f}% (chance {100 * chance_accuracy(name):.0f}%)")
 
@@ -237,12 +240,14 @@ if __name__ == "__main__":
         print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
     if all(name in results for name in SYNTHETIC_TASKS):
         summary["ChatCORE-synthetic"] = chatcore({name: results[name] for name in SYNTHETIC_TASKS})
-        print0(f"ChatCORE-synthetic (the embedded demo tasks, not comparable to ChatCORE): {summary['ChatCORE-synthetic']:.4f}")
+        print0(f"ChatCORE-synthetic (the embedded demo tasks, not comparable to ChatCORE): "
+               f"{summary['ChatCORE-synthetic']:.4f}")
     for name, reason in skipped.items():
         print0(f"skipped {name}: {reason}")
     if skipped:
         print0(f"To evaluate them, run on a machine with internet access once (the datasets are cached under "
-               f"{get_base_dir()}/task_data/), e.g. python -m scripts.chat_eval -i {args.source} -a \"{'|'.join(skipped)}\"")
+               f"{get_base_dir()}/task_data/), e.g. "
+               f"python -m scripts.chat_eval -i {args.source} -a \"{'|'.join(skipped)}\"")
     get_report().log(section=f"Chat evaluation {args.source}", data=[vars(args), summary,
                      {f"skipped {name}": "no data" for name in skipped}])
     compute_cleanup()
