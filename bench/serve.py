@@ -1,8 +1,8 @@
 """
 Load test for chat_web: N concurrent streaming clients for S seconds against a server on 127.0.0.1, then it stops.
 
-    python -m bench.serve                                  # random-weights demo-shaped model, 1 then 8 clients, 20 s each
-    python -m bench.serve --model sft --clients 1,4,8      # the sft model in $NANOCHAT_BASE_DIR (runs/runcpu.sh trains one)
+    python -m bench.serve                              # random demo-shaped model, 1 then 8 clients, 20 s each
+    python -m bench.serve --model sft --clients 1,4,8  # the sft model in $NANOCHAT_BASE_DIR (runs/runcpu.sh trains one)
     python -m bench.serve --url http://127.0.0.1:8000 --api-key KEY   # a server you started yourself
 
 Each client sends a chat request on the OpenAI route (stream, include_usage), reads it to the end and sends the next
@@ -39,8 +39,8 @@ parser.add_argument("--clients", type=str, default="1,8", help="comma-separated 
 parser.add_argument("--seconds", type=float, default=20.0, help="how long each run keeps sending new requests")
 parser.add_argument("--max-tokens", type=int, default=128, help="max_tokens per request")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the requests")
-parser.add_argument("--model", type=str, default="random", help="random (demo-shaped random weights) or a checkpoint source: base|mid|sft|rl")
-parser.add_argument("--url", type=str, default="", help="bench a running server at this 127.0.0.1 URL instead of starting one")
+parser.add_argument("--model", default="random", help="random (demo-shaped, random weights) or base|mid|sft|rl")
+parser.add_argument("--url", default="", help="bench a running server at this 127.0.0.1 URL instead of starting one")
 parser.add_argument("--api-key", type=str, default="", help="API key of the --url server")
 parser.add_argument("--device-type", type=str, default="cpu", help="device of the server this script starts")
 args = parser.parse_args()
@@ -152,7 +152,7 @@ else:
     if args.model == "random":
         tmp = tempfile.TemporaryDirectory(prefix="nanochat_bench_serve_")
         base_dir = tmp.name
-        print("writing a random-weights demo-shaped model (depth 4, width 256, context 256, vocab 8,192)...", flush=True)
+        print("writing a random demo-shaped model (depth 4, width 256, context 256, vocab 8,192)...", flush=True)
         write_random_demo_model(base_dir)
         source = "sft"
     else:
@@ -174,11 +174,13 @@ finally:
         tmp.cleanup()
 
 fmt = lambda x, scale=1e3: "-" if x is None or x != x else f"{x * scale:.0f}"
-print(f"\nchat_web load test: {args.seconds:g} s per run, max_tokens {args.max_tokens}, temperature {args.temperature}, model {args.model}")
-print(f"{'clients':>8} {'requests':>9} {'errors':>7} {'TTFT p50 ms':>12} {'TTFT p95 ms':>12} {'tok/s':>8} {'x first':>8}")
+print(f"\nchat_web load test: {args.seconds:g} s per run, max_tokens {args.max_tokens}, "
+      f"temperature {args.temperature}, model {args.model}")
+print(" clients  requests  errors  TTFT p50 ms  TTFT p95 ms    tok/s  x first")
 for r in results:
-    print(f"{r['clients']:>8} {r['requests']:>9} {r['errors']:>7} {fmt(r['ttft_p50_s']):>12} {fmt(r['ttft_p95_s']):>12} "
-          f"{r['tok_per_s']:>8.0f} {r['tok_per_s'] / results[0]['tok_per_s']:>7.2f}x")
+    print(f"{r['clients']:>8} {r['requests']:>9} {r['errors']:>7} {fmt(r['ttft_p50_s']):>12} "
+          f"{fmt(r['ttft_p95_s']):>12} {r['tok_per_s']:>8.0f} {r['tok_per_s'] / results[0]['tok_per_s']:>7.2f}x")
     if r["first_error"]:
         print(f"         first error: {r['first_error']}")
-print(json.dumps({"url": url, "model": args.model, "seconds": args.seconds, "max_tokens": args.max_tokens, "runs": results}))
+summary = {"url": url, "model": args.model, "seconds": args.seconds, "max_tokens": args.max_tokens, "runs": results}
+print(json.dumps(summary))

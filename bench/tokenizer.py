@@ -40,7 +40,7 @@ def peak_rss_mb():
 
 def byte_decoder():
     """HF ByteLevel shows each byte as a printable char (the GPT-2 table); invert it."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -75,8 +75,8 @@ def train_one(job):
         learned = tok.to_str()
     train_s, train_cpu_s = time.perf_counter() - t0, cpu_s() - c0
     peak = peak_rss_mb()
-    return {"trainer": trainer_name, "vocab": vocab_size, "train_s": train_s, "train_cpu_s": train_cpu_s, "chars": sum(map(len, docs)),
-            "peak_rss_mb": peak, "train_delta_mb": peak - before, "learned": learned}
+    return {"trainer": trainer_name, "vocab": vocab_size, "train_s": train_s, "train_cpu_s": train_cpu_s,
+            "chars": sum(map(len, docs)), "peak_rss_mb": peak, "train_delta_mb": peak - before, "learned": learned}
 
 def mb_per_s(fn, num_bytes, repeats=3):
     """Best of `repeats`: on a shared box the fastest run is the least disturbed one."""
@@ -115,7 +115,8 @@ if __name__ == "__main__":
             ids = enc.encode_ordinary_batch(val, num_threads=BATCH_THREADS)
             run["encoder"] = "tiktoken"
             run["encode_1t_mb_s"] = mb_per_s(lambda: enc.encode_ordinary(speed_text), speed_bytes)
-            run["encode_batch_mb_s"] = mb_per_s(lambda: enc.encode_ordinary_batch(speed_docs, num_threads=BATCH_THREADS), speed_bytes)
+            encode_batch = lambda: enc.encode_ordinary_batch(speed_docs, num_threads=BATCH_THREADS)
+            run["encode_batch_mb_s"] = mb_per_s(encode_batch, speed_bytes)
         else:
             hf = HFTokenizer.from_str(learned)
             ids = [e.ids for e in hf.encode_batch(val)]
@@ -128,18 +129,19 @@ if __name__ == "__main__":
             run["tiktoken_agrees_docs"] = sum(enc.encode_ordinary(d) == row for d, row in zip(val, ids))
         run["val_bytes_per_token"] = val_bytes / sum(map(len, ids))
 
-    header = f"| {'trainer':<8} | {'vocab':>6} | {'train s':>7} | {'train CPU s':>11} | {'peak RSS MB':>11} | {'train delta MB':>14} | " \
-             f"{'encoder':<8} | {'enc 1-thread MB/s':>17} | {'enc batch MB/s':>14} | {'val bytes/tok':>13} |"
+    header = ("| trainer  |  vocab | train s | train CPU s | peak RSS MB | train delta MB | encoder  "
+              "| enc 1-thread MB/s | enc batch MB/s | val bytes/tok |")
     print(f"\ntraining text: local train split, {runs[0]['chars']:,} chars; encode text: local val shard, "
           f"{len(val):,} docs, {val_bytes:,} bytes (throughput: first {len(speed_docs)} docs, {speed_bytes:,} bytes, "
           f"best of 3); batch = {BATCH_THREADS} threads on {multiprocessing.cpu_count()} cores\n")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     for r in runs:
-        print(f"| {r['trainer']:<8} | {r['vocab']:>6} | {r['train_s']:>7.1f} | {r['train_cpu_s']:>11.1f} | {r['peak_rss_mb']:>11.0f} | "
-              f"{r['train_delta_mb']:>14.0f} | {r['encoder']:<8} | {r['encode_1t_mb_s']:>17.1f} | "
-              f"{r['encode_batch_mb_s']:>14.1f} | {r['val_bytes_per_token']:>13.3f} |")
+        print(f"| {r['trainer']:<8} | {r['vocab']:>6} | {r['train_s']:>7.1f} | {r['train_cpu_s']:>11.1f} | "
+              f"{r['peak_rss_mb']:>11.0f} | {r['train_delta_mb']:>14.0f} | {r['encoder']:<8} | "
+              f"{r['encode_1t_mb_s']:>17.1f} | {r['encode_batch_mb_s']:>14.1f} | {r['val_bytes_per_token']:>13.3f} |")
     for r in runs:
         if "tiktoken_agrees_docs" in r:
-            print(f"tiktoken with HF's vocab {r['vocab']} merges: {r['tiktoken_agrees_docs']}/{len(val)} val docs encode identically to HF")
+            print(f"tiktoken with HF's vocab {r['vocab']} merges: {r['tiktoken_agrees_docs']}/{len(val)} val docs "
+                  f"encode identically to HF")
     print(json.dumps({"val_docs": len(val), "val_bytes": val_bytes, "runs": runs}))

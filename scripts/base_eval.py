@@ -30,13 +30,13 @@ from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
 parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
-parser.add_argument("--model-tag", type=str, default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
+parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest complete one)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
-parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per device; CORE packs up to "
-                    "this many x sequence_len tokens per forward (same peak memory)")
-parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="tokens per split for bpb (rounded down to whole steps)")
-parser.add_argument("--dataset", type=str, default=None, help="pretraining data for bpb (default: the one the model was trained on)")
+parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per device; CORE packs "
+                    "up to this many x sequence_len tokens per forward (same peak memory)")
+parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split (whole steps)")
+parser.add_argument("--dataset", default=None, help="pretraining data for bpb (default: the model's training data)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
 args = parser.parse_args()
 evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -86,7 +86,8 @@ if "bpb" in evals:
     steps = args.split_tokens // tokens_per_step
     if steps < 1:
         raise ValueError(f"--split-tokens={args.split_tokens} is less than one step of {tokens_per_step} tokens "
-                         f"(device_batch_size {args.device_batch_size} x sequence_len {sequence_len} x {world_size} ranks); raise it")
+                         f"(device_batch_size {args.device_batch_size} x sequence_len {sequence_len} x "
+                         f"{world_size} ranks); raise it")
     print0(f"bpb over {steps * tokens_per_step:,} tokens per split ({steps} steps of {tokens_per_step:,})")
     token_bytes = get_token_bytes(device)
     bpb = {}

@@ -160,8 +160,8 @@ for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
         tokenizers[label] = Tokenizer.from_pretrained(name)
     except requests.exceptions.RequestException as e:  # offline, proxy refusal, timeout, HTTP error
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        print(f"{label} baseline skipped: tiktoken could not download {name!r} ({type(e).__name__}). Run this script once "
-              f"with network access; tiktoken then caches it in $TIKTOKEN_CACHE_DIR (now {cache}).")
+        print(f"{label} baseline skipped: tiktoken could not download {name!r} ({type(e).__name__}). Run this script "
+              f"once with network access; tiktoken then caches it in $TIKTOKEN_CACHE_DIR (now {cache}).")
 
 results = {}  # (tokenizer label, text name) -> (num bytes, num tokens)
 for label, tok in tokenizers.items():
@@ -182,7 +182,8 @@ tables = []
 baselines = [label for label in tokenizers if label != "ours"]
 if not baselines:
     lines = [f"Ours (vocab {vocab['ours']:,}): bytes per token", "",
-             f"| {'Text':<16} | {'Bytes':>7} | {'Tokens':>7} | {'Ratio':>6} |", f"|{'-' * 18}|{'-' * 9}|{'-' * 9}|{'-' * 8}|"]
+             f"| {'Text':<16} | {'Bytes':>7} | {'Tokens':>7} | {'Ratio':>6} |",
+             f"|{'-' * 18}|{'-' * 9}|{'-' * 9}|{'-' * 8}|"]
     for name, _ in all_text:
         num_bytes, num_tokens = results[("ours", name)]
         lines.append(f"| {name:<16} | {num_bytes:>7} | {num_tokens:>7} | {ratio('ours', name):>6.2f} |")
@@ -196,8 +197,8 @@ for base in baselines:
         num_bytes, base_tokens = results[(base, name)]
         our_tokens = results[("ours", name)][1]
         diff = (base_tokens - our_tokens) / base_tokens * 100
-        lines.append(f"| {name:<16} | {num_bytes:>7} | {base_tokens:>9} | {ratio(base, name):>10.2f} | {our_tokens:>8} | "
-                     f"{ratio('ours', name):>10.2f} | {diff:>+10.1f} |")
+        lines.append(f"| {name:<16} | {num_bytes:>7} | {base_tokens:>9} | {ratio(base, name):>10.2f} | "
+                     f"{our_tokens:>8} | {ratio('ours', name):>10.2f} | {diff:>+10.1f} |")
     tables.append(lines)
 
 for lines in tables:

@@ -5,8 +5,8 @@ Train the BPE tokenizer on the train split of the pretraining data; save it to <
     python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
     NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
 
-Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token id, 0 for
-specials; loss_eval turns nats into bits per byte with it), and a "Tokenizer training" report section.
+Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token
+id, 0 for specials; loss_eval turns nats into bits per byte with it), and a "Tokenizer training" report section.
 Leaves out: shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
 """
 
@@ -25,12 +25,12 @@ from nanochat.tokenizer import Tokenizer
 parser = argparse.ArgumentParser(description="Train the nanochat BPE tokenizer")
 parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_000_000,
                     help="stop after this many characters of training text (2e9 style accepted)")
-parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop each document to this many characters")
+parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop documents to this many chars")
 parser.add_argument("--vocab-size", type=int, default=32_768, help="total vocab size including the 9 special tokens")
 args = parser.parse_args()
 check_flags([("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
-             ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 characters per document (0 would crop every document to nothing)"),
-             ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, ">= 265 (256 byte tokens + 9 special tokens)")])
+             ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
+             ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, ">= 265 (256 bytes + 9 special tokens)")])
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
