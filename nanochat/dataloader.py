@@ -108,7 +108,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
         g, doc_idx = state["row_group"], state["doc_idx"]
         for rg, docs in state["buffer"]:
             texts = read_texts(rg)
-            assert max(docs) < len(texts), f"buffered docs of row group {rg} not found: resume with the same data shards"
+            assert max(docs) < len(texts), f"buffered docs of row group {rg} are gone: resume with the same data shards"
             add_docs([(rg, d) for d in docs], [texts[d] for d in docs])
 
     texts, texts_at = None, None  # the row group under the cursor, read once
@@ -122,7 +122,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
             if doc_idx >= len(texts):
                 empty = empty + 1 if doc_idx == 0 else 0
                 if empty > len(index):
-                    raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); to replace them: {repair_command(paths[0])}")
+                    raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); "
+                                     f"to replace them: {repair_command(paths[0])}")
                 g, doc_idx = g + world_size, 0
                 continue
             chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]

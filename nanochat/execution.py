@@ -79,7 +79,7 @@ import builtins, faulthandler, os, resource, shutil, subprocess, sys
 memory, cpu_seconds = {memory}, {cpu_seconds}
 limits = [(resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, {max_file_bytes}), (resource.RLIMIT_CORE, 0),
           (resource.RLIMIT_NPROC, 0)]
-if {limit_memory}:  # macOS refuses RLIMIT_AS/DATA (setrlimit raises ValueError): there only the timeouts bound a program
+if {limit_memory}:  # macOS refuses RLIMIT_AS/DATA (setrlimit raises ValueError): there only timeouts bound a program
     limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
@@ -171,7 +171,8 @@ def _probe_isolation():
     if not sys.platform.startswith("linux"):
         return None, f"Linux namespaces do not exist on {sys.platform}; run untrusted code on Linux or in a VM"
     if bwrap is None:
-        return None, "bubblewrap is not installed; install it: apt-get install bubblewrap (or dnf/pacman install bubblewrap)"
+        return None, ("bubblewrap is not installed; install it: apt-get install bubblewrap "
+                      "(or dnf/pacman install bubblewrap)")
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as work_dir:
         probe = subprocess.run(_bwrap_command(bwrap, work_dir) + [sys.executable, "-I", "-S", "-c", "pass"],
                                env=_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)

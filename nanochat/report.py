@@ -163,8 +163,9 @@ class Report:
         out_path = os.path.join(self.report_dir, "report.md")
         atomic_write_text(out_path, report)
         # the copy in the current directory links the PNGs where they are
-        atomic_write_text("report.md", re.sub(r"\]\(([a-z_]+\.png)\)",
-                                              lambda m: f"]({os.path.join(os.path.abspath(self.report_dir), m.group(1))})", report))
+        png_dir = os.path.abspath(self.report_dir)
+        link = lambda m: f"]({os.path.join(png_dir, m.group(1))})"
+        atomic_write_text("report.md", re.sub(r"\]\(([a-z_]+\.png)\)", link, report))
         print(f"Report written to {out_path} (copied to ./report.md)")
         return out_path
 
@@ -261,9 +262,9 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
         flops = sum(_total_flops(r) for r in logs.get(LOG_STAGES.get(section), {}).values())
         lines.append(f"| {section} | {_duration(seconds)} | {f'{flops:.3e}' if flops else '-'} |")
     total_flops = sum(_total_flops(r) for stage in logs.values() for r in stage.values())
-    lines += ["", f"Total training FLOPs: {total_flops:.3e}" if total_flops else "Total training FLOPs: - (no metric logs)"]
+    lines += ["", f"Total training FLOPs: {f'{total_flops:.3e}' if total_flops else '- (no metric logs)'}"]
     if run_start is None or run_end is None:
-        return lines + ["Total wall clock time: - (no header or no section: run `python -m nanochat.report reset` first)"]
+        return lines + ["Total wall clock time: - (no header or no section: run `python -m nanochat.report reset`)"]
     seconds = (run_end - run_start).total_seconds()
     lines.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
     rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
