@@ -47,7 +47,8 @@ results["sha256_mib_per_s"] = size_mib / results["sha256_s"]
 results["save_overhead_pct"] = 100 * results["sha256_s"] / results["save_s"]
 results["load_overhead_pct"] = 100 * results["sha256_s"] / results["load_s"]
 
-print(f"{'size (MiB)':>10} | {'save (s)':>8} | {'load (s)':>8} | {'sha256 (s)':>10} | {'MiB/s':>6} | {'+save':>6} | {'+load':>6}")
+print("size (MiB) | save (s) | load (s) | sha256 (s) |  MiB/s |  +save |  +load")
 print(f"{size_mib:>10.0f} | {results['save_s']:>8.3f} | {results['load_s']:>8.3f} | {results['sha256_s']:>10.3f} | "
-      f"{results['sha256_mib_per_s']:>6.0f} | {results['save_overhead_pct']:>5.0f}% | {results['load_overhead_pct']:>5.0f}%")
+      f"{results['sha256_mib_per_s']:>6.0f} | {results['save_overhead_pct']:>5.0f}% | "
+      f"{results['load_overhead_pct']:>5.0f}%")
 print(json.dumps(results))

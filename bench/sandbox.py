@@ -20,20 +20,21 @@ from nanochat import execution
 
 parser = argparse.ArgumentParser(description="time execute_code per call, isolated vs not")
 parser.add_argument("--calls", type=int, default=20, help="timed calls per row (median and p90 reported)")
-parser.add_argument("--workers", type=int, default=2, help="threads for the calls/s column (HumanEval grading in parallel)")
+parser.add_argument("--workers", type=int, default=2, help="threads for calls/s (parallel HumanEval grading)")
 args = parser.parse_args()
 assert args.calls >= 2 and args.workers >= 1, f"--calls >= 2 and --workers >= 1, got {args.calls}, {args.workers}"
 
 PROGRAMS = {
     "print": "print(1 + 1)\n",
     # the shape of a HumanEval program: a solution, the dataset's check(), a call
-    "humaneval-like": "from typing import List\n\n"
-                      "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
-                      "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n\n"
-                      "def check(candidate):\n"
-                      "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)\n"
-                      "    assert not candidate([1.0, 2.0, 3.0], 0.5)\n\n"
-                      "check(has_close_elements)\n",
+    "humaneval-like": (
+        "from typing import List\n\n"
+        "def has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+        "    return any(abs(a - b) < threshold for i, a in enumerate(numbers) for b in numbers[i + 1:])\n\n"
+        "def check(candidate):\n"
+        "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)\n"
+        "    assert not candidate([1.0, 2.0, 3.0], 0.5)\n\n"
+        "check(has_close_elements)\n"),
 }
 
 # -----------------------------------------------------------------------------

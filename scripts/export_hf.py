@@ -20,15 +20,16 @@ parser = argparse.ArgumentParser(description="Export a checkpoint to the Hugging
 parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
 parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-parser.add_argument("-o", "--output", type=str, required=True, help="output directory (created; files in it are replaced)")
+parser.add_argument("-o", "--output", required=True, help="output directory (created; files in it are replaced)")
 parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16"],
                     help="cast every weight to this dtype ('' = keep the checkpoint's dtypes)")
-parser.add_argument("--check", action="store_true", help="reload the export and compare weights and logits with the checkpoint")
+parser.add_argument("--check", action="store_true", help="reload the export and compare weights and logits")
 args = parser.parse_args()
 
 import torch
 
-from nanochat.checkpoint import SOURCE_DIRS, SOURCE_SCRIPTS, check_tokenizer, find_last_step, find_model_tag, load_checkpoint
+from nanochat.checkpoint import (SOURCE_DIRS, SOURCE_SCRIPTS, check_tokenizer, find_last_step, find_model_tag,
+                                 load_checkpoint)
 from nanochat.common import get_base_dir
 from nanochat.hf.export import export_model, load_export
 from nanochat.tokenizer import get_tokenizer

@@ -159,9 +159,9 @@ def _shard_sort_key(url):
 
 def _download_hub_dataset(repo, subset, split, data_dir):
     listing_url = f"{get_hf_url()}/api/datasets/{repo}/parquet/{subset}/{split}"
-    how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses it downloads it), or download "
-              f"the parquet files listed at {listing_url} and place them, in listing order, as {data_dir}/00000.parquet, "
-              f"00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
+    how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses it downloads it), or "
+              f"download the parquet files listed at {listing_url} and place them, in listing order, as "
+              f"{data_dir}/00000.parquet, 00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
     listing_path = os.path.join(data_dir, "listing.json")
     if not download_url(listing_url, listing_path, attempts=2):
         offline = " (NANOCHAT_OFFLINE=1 is set)" if os.environ.get("NANOCHAT_OFFLINE") == "1" else ""
@@ -169,7 +169,7 @@ def _download_hub_dataset(repo, subset, split, data_dir):
                            f"could not be fetched{offline}. {how_to}")
     with open(listing_path, encoding="utf-8") as f:
         urls = json.load(f)
-    assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, expected a non-empty JSON list of parquet URLs"
+    assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a non-empty list of parquet URLs"
     files = []
     for i, url in enumerate(sorted(urls, key=_shard_sort_key)):
         name = f"{i:05d}.parquet"
@@ -204,7 +204,7 @@ def load_hub_dataset(repo, subset, split):
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 def extract_answer(text):
-    """The number after the first "#### " with commas and a sentence-ending period removed ("1,234." -> "1234"), or None."""
+    """The number after the first "#### ", commas and a sentence-ending period removed ("1,234." -> "1234"); or None."""
     match = ANSWER_RE.search(text)
     return match.group(1).replace(",", "").rstrip(".") if match else None
 

@@ -32,7 +32,8 @@ def parse_conversation_line(line):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(f"message {i} must be an object with 'role' and 'content', got {message!r}")
         if message["role"] != expected:
-            raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} (strict user/assistant alternation)")
+            raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} "
+                             f"(strict user/assistant alternation)")
         if not isinstance(message["content"], str):
             raise ValueError(f"message {i} content must be a string, got {type(message['content']).__name__}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -29,7 +29,7 @@ def extract_imports(prompt):
     return "\n".join(imports)
 
 def extract_program(completion):
-    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer with bare code)."""
+    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer bare code)."""
     match = CODE_BLOCK_RE.search(completion)
     return match.group(1) if match else completion
 

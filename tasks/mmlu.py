@@ -36,7 +36,7 @@ class MMLU(Task):
         if subset == "auxiliary_train":
             assert split == "train", f"MMLU auxiliary_train only has split 'train', got {split!r}"
         else:
-            assert split in ("test", "validation", "dev"), f"MMLU 'all' split must be test/validation/dev, got {split!r}"
+            assert split in ("test", "validation", "dev"), f"MMLU 'all' splits are test/validation/dev, got {split!r}"
         self.ds = load_hub_dataset("cais/mmlu", subset, split).shuffle(seed=42)
 
     def num_examples(self):

@@ -50,7 +50,8 @@ def load_words():
     try:
         download_file_with_lock(WORD_LIST_URL, path)
     except RuntimeError as e:
-        raise RuntimeError(f"{e}. SpellingBee/SimpleSpelling need the word list: download {WORD_LIST_URL} to {path}") from e
+        raise RuntimeError(f"{e}. SpellingBee/SimpleSpelling need the word list: "
+                           f"download {WORD_LIST_URL} to {path}") from e
     with open(path, encoding="utf-8") as f:
         words = [line.strip() for line in f if line.strip()]
     assert words, f"{path} is empty; delete it and rerun to download {WORD_LIST_URL} again"

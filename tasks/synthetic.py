@@ -46,7 +46,7 @@ class SyntheticTask(Task):
 
     def get_example(self, index):
         rng = random.Random(f"{type(self).__name__}/{self.seed}/{self.split}/{index}")
-        for _ in range(1000):  # rejection: redraw until the problem belongs to this split (~1.25 draws for train, ~5 for test)
+        for _ in range(1000):  # redraw until the problem belongs to this split (~1.25 draws for train, ~5 for test)
             key, conversation = self.generate(rng)
             if key_split(key) == self.split:
                 return conversation
@@ -68,7 +68,8 @@ IDENTITY = {
     "creator": ("Karpathy",
         ["Who made you?", "Who created you?", "Who built you?", "Who is your creator?", "Where do you come from?",
          "Who wrote you?", "Who trained you?"],
-        ["I was built with nanochat, an open-source project by Andrej Karpathy for training small chat models from scratch.",
+        ["I was built with nanochat, an open-source project by Andrej Karpathy for training small chat models "
+         "from scratch.",
          "The nanochat code that trained me was written by Andrej Karpathy and open-source contributors."]),
     "abilities": ("count letters",
         ["What can you do?", "How can you help me?", "What are you good at?", "What are your skills?",
