@@ -69,12 +69,12 @@ def chat_eval_args(**changes):
 # -----------------------------------------------------------------------------
 # the rows: each returns the message the user sees, and the test checks it names the value and the fix
 
-def base_train_flag(flag):
+def base_train_row(flag, fix):
     def row(ctx):
         code, text = run_script("scripts.base_train", [flag], ctx.monkeypatch)
         assert code == 1, text
         return text
-    return row
+    return f"base_train {flag}", row, flag, fix
 
 def chat_cli_nan_temperature(ctx):
     code, text = run_script("scripts.chat_cli", ["-t", "nan"], ctx.monkeypatch)
@@ -143,7 +143,8 @@ def calculator_tuple(ctx):
 def non_utf8_stdin(ctx):
     save_chat_model(ctx.base, ctx.tokenizer)
     stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nquit\n"), encoding="utf-8", errors="strict")
-    code, text = run_script("scripts.chat_cli", ["--device-type", "cpu", "-t", "0", "-m", "2"], ctx.monkeypatch, stdin=stdin)
+    argv = ["--device-type", "cpu", "-t", "0", "-m", "2"]
+    code, text = run_script("scripts.chat_cli", argv, ctx.monkeypatch, stdin=stdin)
     assert code is None, text  # the session goes on to the next line ("quit") and ends normally
     return next(line for line in text.splitlines() if "not valid" in line)
 
@@ -163,18 +164,19 @@ def tok_train_doc_cap_zero(ctx):
 
 ROWS = [
     # (row, action, the value it must name, the fix it must name)
-    ("base_train --num-iterations=0", base_train_flag("--num-iterations=0"), "--num-iterations=0", "or -1 to derive"),
-    ("base_train --total-batch-size=-5", base_train_flag("--total-batch-size=-5"), "--total-batch-size=-5", "or -1 to derive"),
-    ("base_train --device-batch-size=0", base_train_flag("--device-batch-size=0"), "--device-batch-size=0", ">= 1 rows"),
-    ("base_train --device-batch-size=-8", base_train_flag("--device-batch-size=-8"), "--device-batch-size=-8", ">= 1 rows"),
-    ("base_train --aspect-ratio=0", base_train_flag("--aspect-ratio=0"), "--aspect-ratio=0", ">= 1"),
+    base_train_row("--num-iterations=0", "or -1 to derive"),
+    base_train_row("--total-batch-size=-5", "or -1 to derive"),
+    base_train_row("--device-batch-size=0", ">= 1 rows"),
+    base_train_row("--device-batch-size=-8", ">= 1 rows"),
+    base_train_row("--aspect-ratio=0", ">= 1"),
     ("chat_cli -t nan", chat_cli_nan_temperature, "got nan", "finite number >= 0"),
     ("chat_eval -b 0", chat_eval_flag(batch_size=0), "-b/--batch-size=0", ">= 1"),
     ("chat_eval -m 0", chat_eval_zero_max_tokens, "-m/--max-new-tokens=0", ">= 1"),
     ("truncated token_bytes.pt", truncated_token_bytes, "token_bytes.pt is corrupt", "python -m scripts.tok_train"),
-    ("chat_cli -s N of a corrupt checkpoint", corrupt_checkpoint_step, "model_000003.pt is corrupt", "delete step 3's files"),
-    ("-s N of a corrupt checkpoint saved without hashes", corrupt_checkpoint_step_without_hashes, "model_000003.pt cannot be loaded",
+    ("chat_cli -s N of a corrupt checkpoint", corrupt_checkpoint_step, "model_000003.pt is corrupt",
      "delete step 3's files"),
+    ("-s N of a corrupt checkpoint saved without hashes", corrupt_checkpoint_step_without_hashes,
+     "model_000003.pt cannot be loaded", "delete step 3's files"),
     ("meta that is a JSON list", meta_json_list, "meta_000005.json holds a JSON list", "delete this step's files"),
     ("val shard of empty strings", val_of_empty_strings, "no text bytes", "re-download the val shard"),
     ("calculator (1,2)", calculator_tuple, "(1,2)", "refused"),

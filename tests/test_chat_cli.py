@@ -47,7 +47,7 @@ def checkpoints(base_dir, tiny_tokenizer):
 
 def run_cli(args, stdin=""):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-t", "0", "-m", str(MAX_TOKENS), *args]
+    command = [sys.executable, "-m", "scripts.chat_cli", "--device-type=cpu", "-t", "0", "-m", str(MAX_TOKENS), *args]
     return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=120)
 
 def run_cli_in_process(args, monkeypatch, capsys):

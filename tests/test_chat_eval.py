@@ -109,7 +109,8 @@ def test_generative_eval_is_pass_at_k_within_the_context(tiny_tokenizer):
     task = SyntheticMath(split="test", size=6)
     engine = ScriptedEngine(tiny_tokenizer, task)
     lengths = [len(tiny_tokenizer.render_for_completion(task[i])) for i in range(6)]
-    model = SimpleNamespace(config=SimpleNamespace(sequence_len=max(lengths) + 5), get_device=lambda: torch.device("cpu"))
+    config = SimpleNamespace(sequence_len=max(lengths) + 5)
+    model = SimpleNamespace(config=config, get_device=lambda: torch.device("cpu"))
     assert run_generative_eval(task, tiny_tokenizer, model, engine, num_samples=1, max_new_tokens=32) == (0, 6)
     assert run_generative_eval(task, tiny_tokenizer, model, engine, num_samples=2, max_new_tokens=32) == (3, 6)
     assert engine.max_tokens[-6:] == [min(32, max(lengths) + 5 - n) for n in lengths]  # clipped to the context
@@ -141,7 +142,8 @@ def test_offline_resolution_falls_back_to_synthetic(http_server, base_dir, monke
 # Rank invariance: 1 process vs 2 gloo processes on a tiny random GPT
 
 def tiny_model(vocab_size):
-    config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32, window_pattern="L")
+    config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
+                       window_pattern="L")
     torch.manual_seed(0)
     model = GPT(config)
     model.init_weights()
@@ -195,11 +197,11 @@ def test_chat_eval_cli_offline_runs_synthetic_tasks(tiny_tokenizer, base_dir):
     save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
                     {"model_config": dataclasses.asdict(config)})
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-x", "3", "-m", "4", "--device-type", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-x", "3", "-m", "4", "--device-type", "cpu"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in SYNTHETIC_TASKS:
         assert f"{name} accuracy: " in proc.stdout
-    assert "ChatCORE-synthetic" in proc.stdout and "skipped ARC-Easy" in proc.stdout and "skipped SpellingBee" in proc.stdout
+    assert all(s in proc.stdout for s in ("ChatCORE-synthetic", "skipped ARC-Easy", "skipped SpellingBee"))
     section = (base_dir / "report" / "chat-evaluation-sft.md").read_text()
     assert "- SynthMC: " in section and "- ChatCORE-synthetic: " in section

@@ -31,7 +31,8 @@ KEY = "test-key"
 
 def build_model(tokenizer):
     torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    V = tokenizer.get_vocab_size()
+    model = GPT(GPTConfig(sequence_len=2048, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.init_weights()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -93,8 +94,8 @@ def test_openai_client_stream_and_non_stream_equal_engine_greedy(served):
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].finish_reason == "length"
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_len, 24)
-    stream = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_completion_tokens=24,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, stream=True,
+                                            max_completion_tokens=24, stream_options={"include_usage": True})
     chunks = list(stream)
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == expected
@@ -109,7 +110,8 @@ def test_openai_client_stream_and_non_stream_equal_engine_greedy(served):
     assert with_system.choices[0].message.content == merged.choices[0].message.content
     # a seed reproduces a sampled reply; another seed gives another (24 draws over 300+ tokens: equal by chance never)
     sampled = [client.chat.completions.create(model="nanochat", messages=messages, temperature=1.0, max_tokens=24,
-                                              seed=s, extra_body={"top_k": 0}).choices[0].message.content for s in (5, 5, 6)]
+                                              seed=s, extra_body={"top_k": 0}).choices[0].message.content
+               for s in (5, 5, 6)]
     assert sampled[0] == sampled[1] != sampled[2]
 
 def test_models_and_api_key(served):
@@ -120,8 +122,8 @@ def test_models_and_api_key(served):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for headers in ({}, auth("wrong"), {"Authorization": KEY}):
-        for method, path, kw in (("post", "/v1/chat/completions", {"json": body}), ("post", "/chat/completions", {"json": body}),
-                                 ("get", "/v1/models", {}), ("get", "/stats", {})):
+        for method, path, kw in (("post", "/v1/chat/completions", {"json": body}), ("post", "/chat/completions",
+                                 {"json": body}), ("get", "/v1/models", {}), ("get", "/stats", {})):
             r = getattr(requests, method)(url + path, headers=headers, timeout=30, **kw)
             assert r.status_code == 401, (path, headers, r.text)
             assert r.json()["error"]["type"] == "authentication_error"
@@ -174,7 +176,8 @@ def test_malformed_bodies_get_4xx_and_server_keeps_serving(served):
     url, *_ = served
     for data in (b"{not json", b"\xff\xfe\x00garbage", b"[" * 100_000, b"null", b'"a string"', b"[1, 2]",
                  json.dumps({"messages": USER, "temperature": float("nan")}).encode()):
-        r = requests.post(url + "/v1/chat/completions", data=data, headers=dict(auth(), **{"Content-Type": "application/json"}), timeout=30)
+        headers = dict(auth(), **{"Content-Type": "application/json"})
+        r = requests.post(url + "/v1/chat/completions", data=data, headers=headers, timeout=30)
         assert r.status_code == 400, (data[:20], r.status_code, r.text)
         assert "error" in r.json()
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
@@ -194,8 +197,8 @@ def sse_events(response):
             yield json.loads(line[len("data: "):])
 
 def web_reply(url, text, max_tokens):
-    with requests.post(url + "/chat/completions", headers=auth(), stream=True, timeout=60,
-                       json={"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens}) as r:
+    body = {"messages": [{"role": "user", "content": text}], "temperature": 0, "max_tokens": max_tokens}
+    with requests.post(url + "/chat/completions", headers=auth(), stream=True, timeout=60, json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r))
     assert events[-1] == {"done": True} and all(e["gpu"] == 0 for e in events[:-1])
@@ -208,7 +211,8 @@ def test_web_route_streams_engine_greedy_and_concurrent_requests_batch(served):
     assert web_reply(url, prompts[0], 40) == expected[0]
     # four at once on one worker (--max-batch 4): decoded together, each still its own greedy reply
     results = [None] * 4
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, web_reply(url, prompts[i], 40))) for i in range(4)]
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, web_reply(url, prompts[i], 40)))
+               for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -254,8 +258,9 @@ def browser(tmp_path):
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run", "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'profile'}"):
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1100,900",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -282,9 +287,11 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
         window.posts = 0; window.lengths = new Set(); window.alerted = 0;
         window.alert = () => { window.alerted++; };
         const realFetch = window.fetch;
-        window.fetch = (...a) => { if (String(a[0]).includes('/chat/completions')) window.posts++; return realFetch(...a); };
+        window.fetch = (...a) => {
+            if (String(a[0]).includes('/chat/completions')) window.posts++; return realFetch(...a); };
         new MutationObserver(() => { const r = document.querySelector('.message.assistant');
-            if (r) window.lengths.add(r.textContent.length); }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            if (r) window.lengths.add(r.textContent.length); })
+            .observe(document.body, {subtree: true, childList: true, characterData: true});
     """)
     wait_for(d, "return document.getElementById('banner').className !== 'show' && document.readyState === 'complete'")
     box = d.find_element(By.ID, "input")
@@ -320,7 +327,8 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
     assert d.execute_script("return state.messages[1].content") == engine_greedy_text(model, tok, "hello again", 96)[0]
 
     # a reply full of HTML is shown as text: the page serves the next reply from this stream instead of the model
-    hostile = ["Look: <img src=x onerror=alert(1)> and <scr", "ipt>alert(2)</script>\n\n```html\n<script>alert(3)</script>\n",
+    hostile = ["Look: <img src=x onerror=alert(1)> and <scr",
+               "ipt>alert(2)</script>\n\n```html\n<script>alert(3)</script>\n",
                "```\n**bold** and `<b>code</b>`\n- <iframe src=javascript:alert(4)>"]
     d.execute_script("""
         const pieces = arguments[0], enc = new TextEncoder(), realFetch = window.fetch;
@@ -338,7 +346,8 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
     for literal in ("<img src=x onerror=alert(1)>", "<script>alert(2)</script>", "<script>alert(3)</script>",
                     "<b>code</b>", "<iframe src=javascript:alert(4)>"):
         assert literal in text
-    assert d.execute_script("return document.querySelectorAll('#messages img, #messages script, #messages iframe, #messages b').length") == 0
+    tags = "#messages img, #messages script, #messages iframe, #messages b"
+    assert d.execute_script(f"return document.querySelectorAll('{tags}').length") == 0
     assert reply.find_element(By.CSS_SELECTOR, "pre code").get_attribute("textContent") == "<script>alert(3)</script>"
     assert reply.find_element(By.CSS_SELECTOR, "strong").text == "bold"
     time.sleep(0.5)  # give a broken image's onerror time to fire, were it an element

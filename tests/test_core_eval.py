@@ -59,7 +59,8 @@ WORDS = ["dog", "fox", "quick", "brown"]
 MC_DATA = [{"query": f"Question {i}: which word is number {i % 4}?", "choices": WORDS, "gold": i % 4} for i in range(8)]
 SCHEMA_DATA = [
     {"context_options": ["The trophy did not fit in the suitcase because the trophy",
-                         "The trophy did not fit in the suitcase because the suitcase"], "continuation": "was too big.", "gold": 0},
+                         "The trophy did not fit in the suitcase because the suitcase"],
+     "continuation": "was too big.", "gold": 0},
     {"context_options": ["The fox jumped over the dog because the fox",
                          "The fox jumped over the dog because the dog"], "continuation": "was lazy.", "gold": 1},
     {"context_options": ["Hello said the man to the boy since the man",
@@ -154,7 +155,8 @@ def test_render_prompts_each_type():
         "Which animal purrs?\nAnswer: cat\n\nWhich animal barks?\nAnswer: dog",
         "Which animal purrs?\nAnswer: cat\n\nWhich animal barks?\nAnswer: cat",
     ]
-    schema = {"context_options": ["Anna thanked Bea because Anna", "Anna thanked Bea because Bea"], "continuation": "helped.", "gold": 1}
+    schema = {"context_options": ["Anna thanked Bea because Anna", "Anna thanked Bea because Bea"],
+              "continuation": "helped.", "gold": 1}
     shot = {"context_options": ["Tom beat Sam so Tom", "Tom beat Sam so Sam"], "continuation": "was sad.", "gold": 1}
     assert render_prompts("schema", schema, " ", [shot, shot]) == [
         "Tom beat Sam so Sam was sad.\n\nTom beat Sam so Sam was sad.\n\nAnna thanked Bea because Anna helped.",
@@ -188,7 +190,8 @@ def test_continuation_spans_on_tiny_tokenizer(tiny_tokenizer):
     decode_spans = lambda seqs, spans: [tok.decode(s[a:b]) for s, (a, b) in zip(seqs, spans)]
 
     # multiple choice: everything after the common token prefix
-    prompts = render_prompts("multiple_choice", {"query": "Which animal barks?", "choices": ["dog", "fox", "red"], "gold": 0}, "\nAnswer: ", [])
+    mc = {"query": "Which animal barks?", "choices": ["dog", "fox", "red"], "gold": 0}
+    prompts = render_prompts("multiple_choice", mc, "\nAnswer: ", [])
     seqs, spans = continuation_spans("multiple_choice", tok.encode(prompts, prepend=bos))
     assert decode_spans(seqs, spans) == [" dog", " fox", " red"]
     assert seqs[0][:spans[0][0]] == [bos] + tok.encode("Which animal barks?\nAnswer:")
@@ -412,7 +415,8 @@ def test_bundle_download_and_unzip(base_dir, tmp_path, http_server):
     bundle_dir = core_eval.ensure_eval_bundle(url=url)
     assert bundle_dir == str(base_dir / "eval_bundle") and core_eval.eval_bundle_available()
     assert (base_dir / "eval_bundle" / "core.yaml").read_text() == CORE_YAML
-    assert (base_dir / "eval_bundle/eval_data/language_understanding/lm_task.jsonl").read_text().count("\n") == len(LM_DATA)
+    lm_task = base_dir / "eval_bundle/eval_data/language_understanding/lm_task.jsonl"
+    assert lm_task.read_text().count("\n") == len(LM_DATA)
     assert not (base_dir / "eval_bundle.zip").exists()  # the zip is transient
     assert not [p for p in os.listdir(base_dir) if "tmp" in p]  # no temp dirs left behind
     core_eval.ensure_eval_bundle(url=url)

@@ -149,7 +149,7 @@ def test_missing_data_names_the_command(local_data, tiny_tokenizer):
 # Chat packer
 
 class FakeChatTokenizer:
-    """render_conversation of {"id": i, "user": u, "assistant": a}: BOS, u user tokens (100+i), a assistant tokens (200+i)."""
+    """render_conversation of {"id": i, "user": u, "assistant": a}: BOS, u user tokens (100+i), a assistant (200+i)."""
     def get_bos_token_id(self):
         return 0
     def render_conversation(self, conversation, max_tokens=2048):
@@ -225,7 +225,8 @@ def test_chat_more_streams_than_conversations():
         # stream r starts at r % 3 and strides by 4: one conversation per epoch (r % 3 + 4 is past the end). The row
         # takes it; the next epoch's one (5-7 tokens) does not fit the 3-5 slots left, so the rest is padding
         first, following = rank % 3, (rank % 3 + 4) % 3
-        assert inputs[0].tolist()[:len(tok.render_conversation(data[first])[0])] == tok.render_conversation(data[first])[0]
+        ids = tok.render_conversation(data[first])[0]
+        assert inputs[0].tolist()[:len(ids)] == ids
         assert state["buffer"] == [following] and state["epoch"] == 1 + (rank % 3 + 4) // 3
 
 def test_chat_epoch_trains_each_conversation_once_then_pads():

@@ -60,13 +60,13 @@ def test_retry_after_http_500(served, base_dir):
     served.faults["/shard_00000.parquet"] = ["500"]
     assert dataset.download_shards(1, "climbmix", num_workers=2) == []
     assert served.hits["/shard_00000.parquet"] == 2
-    assert (base_dir / "base_data_climbmix" / "shard_00000.parquet").read_bytes() == served.routes["/shard_00000.parquet"]
+    assert (base_dir / "base_data_climbmix/shard_00000.parquet").read_bytes() == served.routes["/shard_00000.parquet"]
 
 def test_cut_connection_leaves_no_partial_file_then_succeeds(served, base_dir):
     served.faults["/shard_00001.parquet"] = ["cut"]
     assert dataset.download_shards(2, "climbmix", num_workers=2) == []
     assert served.hits["/shard_00001.parquet"] == 2
-    assert (base_dir / "base_data_climbmix" / "shard_00001.parquet").read_bytes() == served.routes["/shard_00001.parquet"]
+    assert (base_dir / "base_data_climbmix/shard_00001.parquet").read_bytes() == served.routes["/shard_00001.parquet"]
     assert data_dir_files(base_dir) == ["shard_00000.parquet", "shard_00001.parquet", CLIMBMIX_VAL]  # no .tmp left
 
 def test_persistent_failure_exits_nonzero_naming_shard(served, base_dir, capsys):
@@ -79,7 +79,8 @@ def test_persistent_failure_exits_nonzero_naming_shard(served, base_dir, capsys)
     assert data_dir_files(base_dir) == ["shard_00000.parquet", CLIMBMIX_VAL]  # nothing at the failed path, no temp file
     # the same command again fetches only the missing shard
     dataset.main(["-n", "2", "-w", "2"])
-    assert served.hits["/shard_00000.parquet"] == 1 and served.hits["/shard_00001.parquet"] == dataset.DOWNLOAD_ATTEMPTS + 1
+    assert served.hits["/shard_00000.parquet"] == 1
+    assert served.hits["/shard_00001.parquet"] == dataset.DOWNLOAD_ATTEMPTS + 1
 
 def test_present_files_are_skipped(served, base_dir, capsys):
     d = base_dir / "base_data_climbmix"
@@ -115,9 +116,10 @@ def climbmix_shards(base_dir, monkeypatch):
 
 def test_reader_splits_exclude_val(climbmix_shards):
     d = str(climbmix_shards)
-    assert dataset.list_parquet_files("train") == [f"{d}/shard_00000.parquet", f"{d}/shard_00001.parquet"]
+    train = [f"{d}/shard_00000.parquet", f"{d}/shard_00001.parquet"]
+    assert dataset.list_parquet_files("train") == train
     assert dataset.list_parquet_files("val") == [f"{d}/{CLIMBMIX_VAL}"]
-    assert dataset.list_parquet_files() == [f"{d}/shard_00000.parquet", f"{d}/shard_00001.parquet", f"{d}/{CLIMBMIX_VAL}"]
+    assert dataset.list_parquet_files() == train + [f"{d}/{CLIMBMIX_VAL}"]
 
 def test_row_group_striding(climbmix_shards):
     # shard 0 row groups: [a0 a1] [a2 a3] [a4]; shard 1: [b0 b1] [b2]
@@ -169,12 +171,13 @@ def test_local_corpus_is_deterministic_and_idempotent(base_dir, capsys):
     assert dataset.build_local_corpus(root=root) is None  # already built: skipped
     assert os.path.getmtime(base_dir / "base_data_local" / "shard_00000.parquet") == mtime
     assert "already built" in capsys.readouterr().out
-    docs = [t for i in range(dataset.LOCAL_NUM_SHARDS) for t in pq.read_table(base_dir / "base_data_local" / f"shard_{i:05d}.parquet")["text"].to_pylist()]
+    shards = [pq.read_table(base_dir / "base_data_local" / f"shard_{i:05d}.parquet")["text"].to_pylist()
+              for i in range(dataset.LOCAL_NUM_SHARDS)]
+    docs = [t for shard in shards for t in shard]
     assert len(docs) == len(set(docs)), "documents are deduplicated"
     assert all(dataset.MIN_DOC_CHARS <= len(t) <= dataset.MAX_DOC_CHARS for t in docs)
     assert any("def " in t for t in docs)
     # the hash is of the shuffled documents, dealt round-robin into the shards
-    shards = [pq.read_table(base_dir / "base_data_local" / f"shard_{i:05d}.parquet")["text"].to_pylist() for i in range(dataset.LOCAL_NUM_SHARDS)]
     dealt = [shards[i % dataset.LOCAL_NUM_SHARDS][i // dataset.LOCAL_NUM_SHARDS] for i in range(len(docs))]
     assert dataset.corpus_hash(dealt) == digest
 
@@ -183,11 +186,13 @@ def test_full_local_corpus(base_dir, monkeypatch, capsys):
     built again, the pinned val shard held out, hosted format."""
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
     with monkeypatch.context() as m:  # a machine with nothing in site-packages
-        m.setattr(sysconfig, "get_paths", lambda real=sysconfig.get_paths: dict(real(), purelib="/nonexistent", platlib="/nonexistent"))
+        m.setattr(sysconfig, "get_paths",
+                  lambda real=sysconfig.get_paths: dict(real(), purelib="/nonexistent", platlib="/nonexistent"))
         dataset.main(["--dataset", "local"])
     first = re.search(r"local corpus sha256 ([0-9a-f]{64}) \(Python ", capsys.readouterr().out).group(1)
     train, val = dataset.list_parquet_files("train"), dataset.list_parquet_files("val")
-    assert len(train) == dataset.LOCAL_NUM_SHARDS - 1 and val[0].endswith(f"shard_{dataset.LOCAL_NUM_SHARDS - 1:05d}.parquet")
+    assert len(train) == dataset.LOCAL_NUM_SHARDS - 1
+    assert val[0].endswith(f"shard_{dataset.LOCAL_NUM_SHARDS - 1:05d}.parquet")
     train_docs = [t for batch in dataset.parquets_iter_batched("train") for t in batch]
     val_docs = [t for batch in dataset.parquets_iter_batched("val") for t in batch]
     total = sum(map(len, train_docs)) + sum(map(len, val_docs))

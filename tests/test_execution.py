@@ -55,7 +55,7 @@ def test_big_allocation_is_memory_exceeded():
 def test_macos_runs_without_memory_limits(monkeypatch):
     # macOS's setrlimit refuses RLIMIT_AS/DATA; setting them anyway failed every program there (HumanEval 0%)
     monkeypatch.setattr("nanochat.execution.sys.platform", "darwin")
-    result = execute_code("x = bytearray(64 * 1024 * 1024)\nprint('allocated')\n", maximum_memory_bytes=32 * 1024 * 1024)
+    result = execute_code("x = bytearray(64 * 2**20)\nprint('allocated')\n", maximum_memory_bytes=32 * 2**20)
     assert result.success and result.stdout == "allocated\n", result
 
 def test_system_subprocess_fork_kill_fail():

@@ -26,7 +26,7 @@ SEQ_LEN = 512  # short window = 128 tokens, so a 200-token batch really slides o
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_tokenizer):
-    """(nanochat model, tokenizer, export dir): a random GPT with every parameter non-trivial, exported by the script."""
+    """(nanochat model, tokenizer, export dir): a random GPT, every parameter non-trivial, exported by the script."""
     base = tmp_path_factory.mktemp("nanochat_base")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
@@ -58,8 +58,9 @@ def hf_model(out):
 
 def test_export_directory(exported):
     _, _, out = exported
+    files = set(os.listdir(out))
     assert {"model.safetensors", "config.json", "configuration_nanochat.py", "modeling_nanochat.py", "tokenizer.json",
-            "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md"} <= set(os.listdir(out))
+            "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md"} <= files
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat.NanoChatForCausalLM"
     card = open(os.path.join(out, "README.md")).read()
@@ -87,8 +88,8 @@ def varied_strings(n=200):
     rng = random.Random(0)
     pieces = ["def f(x):\n    return x ** 2\n", "for (int i = 0; i < n; ++i) { a[i] = i; }", "你好，世界！", "こんにちは",
               "안녕하세요", "🙂🚀👍🏽", "Café naïve résumé", "  leading spaces", "tabs\tand\nnewlines\r\n", "1234567890",
-              "<|bos|>", "<|user_start|>hi<|user_end|>", "<|assistant_end|>", "it's we'll they've I'M", "$3.50 2024-06-01",
-              "\u200b zero width", "ﬁ ligature", "x" * 40, "   ", "\n\n\n", "émoji🙂mix中文abc123"]
+              "<|bos|>", "<|user_start|>hi<|user_end|>", "<|assistant_end|>", "it's we'll they've I'M",
+              "$3.50 2024-06-01", "\u200b zero width", "ﬁ ligature", "x" * 40, "   ", "\n\n\n", "émoji🙂mix中文abc123"]
     strings = []
     for _ in range(n):
         k = rng.randint(1, 4)
@@ -137,7 +138,8 @@ def test_mixed_dtype_checkpoint_exports_as_it_was_trained(exported, tmp_path):
     """A CUDA checkpoint keeps embeddings in bf16 and matrices in fp32 masters: the export keeps both dtypes (bit for
     bit) and tells transformers to compute in bf16, as nanochat did."""
     model, tok, out = exported
-    state = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v for k, v in model.state_dict().items()}
+    state = {k: v.bfloat16() if k.startswith(("transformer.wte", "value_embeds")) else v
+             for k, v in model.state_dict().items()}
     export_model(state, json.load(open(os.path.join(out, "nanochat_meta.json"))), tok, str(tmp_path))
     assert json.load(open(tmp_path / "config.json"))["dtype"] == "bfloat16"
     saved = load_file(str(tmp_path / "model.safetensors"))
@@ -152,7 +154,8 @@ def test_chat_cli_chats_with_an_export(exported, monkeypatch, capsys):
     model, tok, out = exported
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello"}]})
     seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=8, temperature=0.0)
-    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-i", out, "-p", "hello", "-t", "0", "-m", "8"])
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-i", out, "-p", "hello", "-t", "0",
+                                      "-m", "8"])
     runpy.run_module("scripts.chat_cli", run_name="__main__")
     reply = capsys.readouterr().out.split("Assistant: ")[1]
     assert reply == tok.decode(seqs[0][len(prompt):]) + "\n"

@@ -72,7 +72,8 @@ def test_task_sequence_is_plain_concatenation():
 
 def test_render_mc_exact_format():
     text = render_mc("What is 2+2?", ["A", "B"], ["4", "5"])
-    assert text == "Multiple Choice question: What is 2+2?\n- 4=A\n- 5=B\n\nRespond only with the letter of the correct answer."
+    assert text == ("Multiple Choice question: What is 2+2?\n- 4=A\n- 5=B\n\n"
+                    "Respond only with the letter of the correct answer.")
 
 def test_extract_answer():
     assert extract_answer("so the total is\n#### 1,234") == "1234"
@@ -83,7 +84,8 @@ def test_extract_answer():
 # Conversation forms on hand-written rows
 
 def test_mmlu_conversation_and_auxiliary_nesting():
-    row = {"question": "Capital of France?", "subject": "geography", "choices": ["Rome", "Paris", "Oslo", "Bern"], "answer": 1}
+    row = {"question": "Capital of France?", "subject": "geography", "choices": ["Rome", "Paris", "Oslo", "Bern"],
+           "answer": 1}
     conv = mmlu_conversation(row)
     assert conv["messages"][0]["content"] == render_mc("Capital of France?", list("ABCD"), row["choices"])
     assert "- Paris=B\n" in conv["messages"][0]["content"]
@@ -120,7 +122,7 @@ def test_gsm8k_calculator_annotations_become_tool_parts():
 
 HUMANEVAL_ROW = {
     "task_id": "HumanEval/0",
-    "prompt": "from typing import List\nimport math\n\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Add two numbers.\"\"\"\n",
+    "prompt": 'from typing import List\nimport math\n\n\ndef add(a: int, b: int) -> int:\n    """Add two numbers."""\n',
     "canonical_solution": "    return a + b\n",
     "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
     "entry_point": "add",
@@ -171,9 +173,9 @@ def test_spelling_bee_answer_and_determinism():
 
 def test_custom_json(tmp_path):
     good = tmp_path / "chats.jsonl"
-    good.write_text(json.dumps([{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "nanochat"}])
-                    + "\n\n" + json.dumps([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]) + "\n")
+    turn = lambda user, assistant: [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    chats = [json.dumps(turn("Who are you?", "nanochat")), "", json.dumps(turn("a", "b") + turn("c", "d")), ""]
+    good.write_text("\n".join(chats))
     task = CustomJSON(str(good))
     assert len(task) == 2 and task[1]["messages"][2] == {"role": "user", "content": "c"}
     bad = tmp_path / "bad.jsonl"
@@ -207,7 +209,7 @@ def arc_hub(http_server, base_dir, monkeypatch):
     prefix = "/api/datasets/allenai/ai2_arc/parquet/ARC-Easy/test"
     http_server.routes[prefix + "/0.parquet"] = parquet_bytes(ARC_ROWS[:4])
     http_server.routes[prefix + "/1.parquet"] = parquet_bytes(ARC_ROWS[4:])
-    http_server.routes[prefix] = json.dumps([http_server.url + prefix + "/1.parquet", http_server.url + prefix + "/0.parquet"]).encode()
+    http_server.routes[prefix] = json.dumps([f"{http_server.url}{prefix}/{i}.parquet" for i in (1, 0)]).encode()
     monkeypatch.setenv("NANOCHAT_HF_URL", http_server.url)
     return http_server
 
@@ -234,7 +236,8 @@ def test_hub_dataset_shuffle_is_numpy_permutation_and_leaves_original(arc_hub):
 def test_arc_task_end_to_end_from_hub(arc_hub):
     task = ARC(subset="ARC-Easy", split="test", stop=3)
     order = np.random.default_rng(42).permutation(7)  # tasks shuffle with seed 42
-    assert len(task) == 3 and task[0]["messages"][0]["content"].startswith(f"Multiple Choice question: Question {order[0]}?")
+    assert len(task) == 3
+    assert task[0]["messages"][0]["content"].startswith(f"Multiple Choice question: Question {order[0]}?")
     assert task.evaluate(task[0], "B") and not task.evaluate(task[0], "A")
 
 def test_hub_dataset_missing_offline_says_how_to_fetch(http_server, base_dir, monkeypatch):
@@ -312,7 +315,9 @@ def test_synthetic_mc_answers_are_right_and_letters_balanced():
             assert answer == question.split()[-1].rstrip("?")
         elif question.startswith("Which of these is"):
             category = re.fullmatch(r"Which of these is an? (.+)\?", question).group(1)
-            assert [c in CATEGORIES[category] for c in choices.values()].count(True) == 1 and answer in CATEGORIES[category]
+            assert [c in CATEGORIES[category] for c in choices.values()].count(True) == 1
+            assert answer in CATEGORIES[category]
         else:
-            assert question == "Which of these numbers is even?" and [int(c) % 2 for c in choices.values()].count(0) == 1
+            assert question == "Which of these numbers is even?"
+            assert [int(c) % 2 for c in choices.values()].count(0) == 1
             assert int(answer) % 2 == 0

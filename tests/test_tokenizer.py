@@ -170,7 +170,7 @@ def test_render_for_completion(tiny_tokenizer):
     assert tok.render_for_completion({"messages": conversation["messages"][:1]}) == prompt
 
 @pytest.mark.parametrize("messages, match", [
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user' where 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "message 1 has role 'user' where 'assist"),
     ([{"role": "assistant", "content": "a"}], "message 0 has role 'assistant' where 'user'"),
     ([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "system", "content": "x"}],
      "message 2 has role 'system' where 'assistant'"),
