@@ -7,7 +7,7 @@ ARC (allenai/ai2_arc): grade-school science multiple choice, Easy and Challenge 
 Categorical: the allowed answers are the dataset's own labels (usually A-D, a few rows use 1-4 or 5 choices).
 """
 
-from tasks.common import Task, load_hub_dataset, render_mc, evaluate_letter
+from tasks.common import HubTask, render_mc, evaluate_letter
 
 def arc_conversation(row):
     letters, choices = row["choices"]["label"], row["choices"]["text"]
@@ -21,20 +21,14 @@ def arc_conversation(row):
     }
 
 
-class ARC(Task):
+class ARC(HubTask):
     eval_type = "categorical"
+    conversation = staticmethod(arc_conversation)
 
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         assert subset in ("ARC-Easy", "ARC-Challenge"), f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}"
         assert split in ("train", "validation", "test"), f"ARC split must be train/validation/test, got {split!r}"
-        self.ds = load_hub_dataset("allenai/ai2_arc", subset, split).shuffle(seed=42)
-
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        return arc_conversation(self.ds[index])
+        super().__init__("allenai/ai2_arc", subset, split, **kwargs)
 
     def evaluate(self, conversation, assistant_response):
         return evaluate_letter(conversation, assistant_response)

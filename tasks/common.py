@@ -198,6 +198,19 @@ def load_hub_dataset(repo, subset, split):
     tables = [pq.read_table(os.path.join(data_dir, name)) for name in files]
     return HubDataset(pa.concat_tables(tables, promote_options="default"))
 
+
+class HubTask(Task):
+    """A Task over a hub dataset in one fixed shuffled order (seed 42); subclasses give conversation(row)."""
+    def __init__(self, repo, subset, split, **kwargs):
+        super().__init__(**kwargs)
+        self.ds = load_hub_dataset(repo, subset, split).shuffle(seed=42)
+
+    def num_examples(self):
+        return len(self.ds)
+
+    def get_example(self, index):
+        return self.conversation(self.ds[index])
+
 # -----------------------------------------------------------------------------
 # "#### N" answers (GSM8K, SpellingBee and the synthetic word problems)
 

@@ -11,7 +11,7 @@ Generative: a response passes when its "#### N" equals the reference's (commas r
 
 import re
 
-from tasks.common import Task, load_hub_dataset, evaluate_answer
+from tasks.common import HubTask, evaluate_answer
 
 CALC_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -35,20 +35,14 @@ def gsm8k_conversation(row):
     ]}
 
 
-class GSM8K(Task):
+class GSM8K(HubTask):
     eval_type = "generative"
+    conversation = staticmethod(gsm8k_conversation)
 
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         assert subset in ("main", "socratic"), f"GSM8K subset must be 'main' or 'socratic', got {subset!r}"
         assert split in ("train", "test"), f"GSM8K split must be 'train' or 'test', got {split!r}"
-        self.ds = load_hub_dataset("openai/gsm8k", subset, split).shuffle(seed=42)
-
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        return gsm8k_conversation(self.ds[index])
+        super().__init__("openai/gsm8k", subset, split, **kwargs)
 
     def evaluate(self, conversation, assistant_response):
         assert isinstance(assistant_response, str), "GSM8K grades the decoded completion text"

@@ -13,7 +13,7 @@ loudly where not (see nanochat/execution.py).
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import Task, load_hub_dataset
+from tasks.common import HubTask
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 
@@ -53,18 +53,12 @@ def humaneval_conversation(row):
     }
 
 
-class HumanEval(Task):
+class HumanEval(HubTask):
     eval_type = "generative"
+    conversation = staticmethod(humaneval_conversation)
 
     def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.ds = load_hub_dataset("openai/openai_humaneval", "openai_humaneval", "test").shuffle(seed=42)
-
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        return humaneval_conversation(self.ds[index])
+        super().__init__("openai/openai_humaneval", "openai_humaneval", "test", **kwargs)
 
     def evaluate(self, conversation, assistant_response):
         return execute_code(humaneval_program(conversation, assistant_response), timeout=5.0).success

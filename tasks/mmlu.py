@@ -8,7 +8,7 @@ MMLU (cais/mmlu): 4-way multiple choice over 57 subjects.
 Categorical: the model answers with one of the letters A-D (render_mc format).
 """
 
-from tasks.common import Task, load_hub_dataset, render_mc, evaluate_letter
+from tasks.common import HubTask, render_mc, evaluate_letter
 
 LETTERS = ["A", "B", "C", "D"]
 
@@ -27,23 +27,17 @@ def mmlu_conversation(row):
     }
 
 
-class MMLU(Task):
+class MMLU(HubTask):
     eval_type = "categorical"
+    conversation = staticmethod(mmlu_conversation)
 
     def __init__(self, subset, split, **kwargs):
-        super().__init__(**kwargs)
         assert subset in ("all", "auxiliary_train"), f"MMLU subset must be 'all' or 'auxiliary_train', got {subset!r}"
         if subset == "auxiliary_train":
             assert split == "train", f"MMLU auxiliary_train only has split 'train', got {split!r}"
         else:
             assert split in ("test", "validation", "dev"), f"MMLU 'all' splits are test/validation/dev, got {split!r}"
-        self.ds = load_hub_dataset("cais/mmlu", subset, split).shuffle(seed=42)
-
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        return mmlu_conversation(self.ds[index])
+        super().__init__("cais/mmlu", subset, split, **kwargs)
 
     def evaluate(self, conversation, assistant_response):
         return evaluate_letter(conversation, assistant_response)

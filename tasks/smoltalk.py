@@ -8,7 +8,7 @@ Training data only (no evaluate): it teaches the model to hold a conversation.
 Leaves out: the full 1M-row smoltalk (the "smol" version is sized for small models).
 """
 
-from tasks.common import Task, load_hub_dataset
+from tasks.common import HubTask
 
 def smoltalk_conversation(row):
     """A row's messages (optional leading system, then strict user/assistant alternation), checked."""
@@ -22,16 +22,10 @@ def smoltalk_conversation(row):
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
 
 
-class SmolTalk(Task):
+class SmolTalk(HubTask):
     eval_type = "generative"
+    conversation = staticmethod(smoltalk_conversation)
 
     def __init__(self, split, **kwargs):
-        super().__init__(**kwargs)
         assert split in ("train", "test"), f"SmolTalk split must be 'train' or 'test', got {split!r}"
-        self.ds = load_hub_dataset("HuggingFaceTB/smol-smoltalk", "default", split).shuffle(seed=42)
-
-    def num_examples(self):
-        return len(self.ds)
-
-    def get_example(self, index):
-        return smoltalk_conversation(self.ds[index])
+        super().__init__("HuggingFaceTB/smol-smoltalk", "default", split, **kwargs)
