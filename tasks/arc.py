@@ -23,12 +23,10 @@ def arc_conversation(row):
 
 class ARC(HubTask):
     eval_type = "categorical"
+    evaluate = staticmethod(evaluate_letter)
     conversation = staticmethod(arc_conversation)
 
     def __init__(self, subset, split, **kwargs):
         assert subset in ("ARC-Easy", "ARC-Challenge"), f"ARC subset must be ARC-Easy or ARC-Challenge, got {subset!r}"
         assert split in ("train", "validation", "test"), f"ARC split must be train/validation/test, got {split!r}"
         super().__init__("allenai/ai2_arc", subset, split, **kwargs)
-
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_letter(conversation, assistant_response)

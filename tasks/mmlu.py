@@ -29,6 +29,7 @@ def mmlu_conversation(row):
 
 class MMLU(HubTask):
     eval_type = "categorical"
+    evaluate = staticmethod(evaluate_letter)
     conversation = staticmethod(mmlu_conversation)
 
     def __init__(self, subset, split, **kwargs):
@@ -38,6 +39,3 @@ class MMLU(HubTask):
         else:
             assert split in ("test", "validation", "dev"), f"MMLU 'all' splits are test/validation/dev, got {split!r}"
         super().__init__("cais/mmlu", subset, split, **kwargs)
-
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_letter(conversation, assistant_response)

@@ -101,6 +101,8 @@ class WordTask(Task):
 
 
 class SpellingBee(WordTask):
+    evaluate = staticmethod(evaluate_answer)
+
     def get_example(self, index):
         rng, word = self.rng_and_word(index)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
@@ -112,9 +114,6 @@ class SpellingBee(WordTask):
         if rng.random() < 0.5:
             message += "?"
         return spelling_bee_conversation(word, letter, message)
-
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_answer(conversation, assistant_response)
 
 
 class SimpleSpelling(WordTask):

@@ -144,6 +144,7 @@ class SyntheticMath(SyntheticTask):
     and ends with "#### N". Integer division uses // so the calculator prints "4", not "4.0".
     """
     eval_type = "generative"
+    evaluate = staticmethod(evaluate_answer)
 
     def generate(self, rng):
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
@@ -188,9 +189,6 @@ class SyntheticMath(SyntheticTask):
         ]
         return f"{kind}:{expr}", {"messages": messages}
 
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_answer(conversation, assistant_response)
-
 # -----------------------------------------------------------------------------
 # Letter counting with a python call
 
@@ -220,6 +218,7 @@ QUESTION_TEMPLATES = [
 class SyntheticSpelling(SyntheticTask):
     """How many times a letter occurs in a word: spell it out, count with `'word'.count('l')`, answer "#### N"."""
     eval_type = "generative"
+    evaluate = staticmethod(evaluate_answer)
 
     def generate(self, rng):
         word = rng.choice(WORDS)
@@ -237,9 +236,6 @@ class SyntheticSpelling(SyntheticTask):
             ]},
         ]
         return f"{word}:{letter}", {"messages": messages}
-
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_answer(conversation, assistant_response)
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -265,6 +261,7 @@ class SyntheticMC(SyntheticTask):
     smallest of four numbers, small sums, the next letter of the alphabet, which number is even.
     """
     eval_type = "categorical"
+    evaluate = staticmethod(evaluate_letter)
 
     def generate(self, rng):
         kind = rng.choice(["match", "category", "category", "largest", "smallest", "sum", "next_letter", "even"])
@@ -307,6 +304,3 @@ class SyntheticMC(SyntheticTask):
         ]
         key = f"{kind}:{question}:{','.join(sorted(choices))}"
         return key, {"messages": messages, "letters": MC_LETTERS}
-
-    def evaluate(self, conversation, assistant_response):
-        return evaluate_letter(conversation, assistant_response)
