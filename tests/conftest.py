@@ -4,6 +4,7 @@ and a local HTTP server on 127.0.0.1 that serves bytes the tests put in it (with
 """
 
 import os
+import socket
 import threading
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
@@ -31,6 +32,13 @@ TINY_CORPUS = [
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
     return Tokenizer.train_from_iterator(iter(TINY_CORPUS), vocab_size=256 + 64 + 9)
+
+@pytest.fixture
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on: the rendezvous of a 2-process gloo test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 @pytest.fixture
 def base_dir(tmp_path, monkeypatch):

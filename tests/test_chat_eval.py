@@ -6,7 +6,6 @@ ChatCORE arithmetic, offline task resolution, rank invariance (1 vs 2 gloo proce
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import zlib
@@ -174,18 +173,15 @@ def _worker(rank, world_size, port, tokenizer_dir, model_path, out_path):
             json.dump(results, f)
     dist.destroy_process_group()
 
-def test_results_identical_on_one_and_two_ranks(tiny_tokenizer, tmp_path):
+def test_results_identical_on_one_and_two_ranks(tiny_tokenizer, tmp_path, free_port):
     model, _ = tiny_model(tiny_tokenizer.get_vocab_size())
     single = json.loads(json.dumps(evaluate_tiny(model, tiny_tokenizer)))  # tuples -> lists, as from the workers
     assert single["categorical"][1] == 13 and single["generative"][1] == 7
     assert 0 < single["generative"][0] < 7  # the coin grader is not degenerate
     tiny_tokenizer.save(str(tmp_path / "tok"))
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path / "tok"), str(tmp_path / "model.pt"), str(tmp_path / "out.json")),
-             nprocs=2, join=True)
+    paths = [str(tmp_path / name) for name in ("tok", "model.pt", "out.json")]
+    mp.spawn(_worker, args=(2, free_port, *paths), nprocs=2, join=True)
     assert json.loads((tmp_path / "out.json").read_text()) == single
 
 # -----------------------------------------------------------------------------

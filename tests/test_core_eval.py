@@ -12,7 +12,6 @@ import io
 import json
 import os
 import random
-import socket
 import zipfile
 
 import pytest
@@ -369,11 +368,6 @@ def test_hard_context_limit_crops_like_a_hand_cropped_evaluation(tiny_tokenizer,
     # at M = 8 the 10- and 8-token schema endings and the 8-token LM answer cannot fit; all MC answers (1 token) do
     assert out["skipped"] == {"mc_task": 0, "schema_task": 2, "lm_task": 1}
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 def _worker(rank, world_size, port, tokenizer_dir, out_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -385,14 +379,14 @@ def _worker(rank, world_size, port, tokenizer_dir, out_path):
             json.dump(out, f)
     dist.destroy_process_group()
 
-def test_two_processes_match_one(tiny_tokenizer, base_dir, tmp_path):
+def test_two_processes_match_one(tiny_tokenizer, base_dir, tmp_path, free_port):
     write_bundle(base_dir)
     single = evaluate_core(BigramModel(tiny_tokenizer.get_vocab_size()), tiny_tokenizer, "cpu")
     assert 0 < sum(single["results"].values()) < 3  # a model that is neither always right nor always wrong
     tokenizer_dir = str(tmp_path / "tok")
     tiny_tokenizer.save(tokenizer_dir)
     out_path = str(tmp_path / "out.json")
-    mp.spawn(_worker, args=(2, _free_port(), tokenizer_dir, out_path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, tokenizer_dir, out_path), nprocs=2, join=True)
     with open(out_path) as f:
         assert json.load(f) == single
 

@@ -8,7 +8,6 @@ so every loss is a whole number of bits. Also checks the all-reduce on 2 gloo pr
 
 import json
 import math
-import socket
 
 import pytest
 import torch
@@ -54,11 +53,6 @@ def test_bpb_without_bytes_is_an_error():
     with pytest.raises(ValueError, match="no text bytes"):
         evaluate_bpb(FixedModel(), iter(only_special_and_ignored), 1, TOKEN_BYTES)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 def _worker(rank, world_size, port, out_path):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -67,9 +61,9 @@ def _worker(rank, world_size, port, out_path):
         json.dump(bpb, f)
     dist.destroy_process_group()
 
-def test_bpb_sums_across_two_processes(tmp_path):
+def test_bpb_sums_across_two_processes(tmp_path, free_port):
     out_path = str(tmp_path / "bpb")
-    mp.spawn(_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, out_path), nprocs=2, join=True)
     for rank in range(2):
         with open(f"{out_path}.{rank}") as f:
             assert math.isclose(json.load(f), EXPECTED_BPB, rel_tol=1e-6)  # every rank gets the global answer
