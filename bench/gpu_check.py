@@ -32,6 +32,14 @@ import time
 
 import torch
 
+import nanochat.optim as optim
+from nanochat.common import COMPUTE_DTYPE, atomic_write_text
+from nanochat.core_eval import evaluate_task
+from nanochat.fp8 import Float8Matmul
+from nanochat.gpt import ATTENTION_IMPLS, GPT, attention_reference, config_for_depth, load_fa3
+from nanochat.optim import MuonAdamW
+from nanochat.tokenizer import Tokenizer
+
 # tolerances, as max |fast - reference| / max |reference| (attention) or relative Frobenius error (fp8, optimizer)
 ATTN_FWD_TOL, ATTN_GRAD_TOL = 2e-2, 5e-2   # bf16 has an 8-bit mantissa: ~0.4% per rounding, accumulated over softmax
 FP8_FWD_TOL, FP8_GRAD_TOL = 0.10, 0.15     # e4m3 (3 mantissa bits) ~3.6% rms per operand; e5m2 grads ~7%
@@ -46,11 +54,6 @@ rows = []
 def add_row(check, status, value="", detail="", **numbers):
     rows.append({"check": check, "status": status, "value": value, "detail": detail, **numbers})
     print(f"  {check:<26} {status:<5} {value or detail}", flush=True)
-
-def skip_reason(device):
-    if device.type != "cuda":
-        return "no CUDA device"
-    return None
 
 # -----------------------------------------------------------------------------
 # Numerics
@@ -71,11 +74,9 @@ ATTN_CASES = [  # name, B, Tq, Tk, H, Hkv, D, window
 
 def check_attention(device, impls, cases=ATTN_CASES):
     """Each implementation vs attention_reference run in fp32 on the same bf16 inputs: worst error over the cases."""
-    import nanochat.gpt as gpt
-    from nanochat.gpt import ATTENTION_IMPLS, attention_reference
     for impl in impls:
         name = f"attention {impl}"
-        if impl == "fa3" and gpt.load_fa3() is None:
+        if impl == "fa3" and load_fa3() is None:
             add_row(name, "skip", detail="FA3 unavailable (needs the `kernels` package: pip install -e '.[gpu]', "
                     "a bf16 compute dtype and a kernel build for this GPU)")
             continue
@@ -101,8 +102,7 @@ def check_attention(device, impls, cases=ATTN_CASES):
                 detail, fwd_err=worst_fwd, grad_err=worst_grad)
 
 def check_fp8(device, M=4096, K=1536, N=6144):
-    """Float8Matmul (x bf16 (M, K) @ w fp32 (N, K).T) vs the fp32 matmul, forward and both grads; bf16's error beside."""
-    from nanochat.fp8 import Float8Matmul
+    """Float8Matmul (x bf16 (M, K) @ w fp32 (N, K).T) vs the fp32 matmul, forward and both grads; bf16's beside."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(M, K, generator=g).to(device, torch.bfloat16)
     w = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device)
@@ -116,8 +116,9 @@ def check_fp8(device, M=4096, K=1536, N=6144):
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
     yb = xb @ wb.to(torch.bfloat16).t()  # what the bf16 Linear computes
     yb.backward(dy)
-    errs = {"fwd": rel_fro_err(y8, y32), "grad_x": rel_fro_err(x8.grad, x32.grad), "grad_w": rel_fro_err(w8.grad, w32.grad)}
-    bf16 = {"fwd": rel_fro_err(yb, y32), "grad_x": rel_fro_err(xb.grad, x32.grad), "grad_w": rel_fro_err(wb.grad, w32.grad)}
+    errors = lambda y, x_, w_: {"fwd": rel_fro_err(y, y32), "grad_x": rel_fro_err(x_.grad, x32.grad),
+                                "grad_w": rel_fro_err(w_.grad, w32.grad)}
+    errs, bf16 = errors(y8, x8, w8), errors(yb, xb, wb)
     ok = errs["fwd"] <= FP8_FWD_TOL and max(errs["grad_x"], errs["grad_w"]) <= FP8_GRAD_TOL
     value = ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + f" (tol {FP8_FWD_TOL:g}/{FP8_GRAD_TOL:g})"
     add_row("fp8 matmul vs fp32", "ok" if ok else "FAIL", value,
@@ -128,19 +129,17 @@ def optimizer_params(device, d=768, V=32768, L=2):
     """A d12-shaped slice of the model: every Muon shape family, the big AdamW tables and the scalars."""
     g = torch.Generator(device="cpu").manual_seed(0)
     make = lambda *shape: torch.nn.Parameter((torch.randn(*shape, generator=g) * 0.02).to(device))
-    groups = [
-        {"kind": "adamw", "params": [make(V, d), make(V, d)], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0},
-        {"kind": "adamw", "params": [make(L), make(L)], "lr": 0.5, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0},
-        {"kind": "muon", "params": [make(d, d) for _ in range(4 * L)], "lr": 0.02, "momentum": 0.95, "beta2": 0.95, "weight_decay": 0.2, "ns_steps": 5},
-        {"kind": "muon", "params": [make(4 * d, d) for _ in range(L)], "lr": 0.02, "momentum": 0.95, "beta2": 0.95, "weight_decay": 0.2, "ns_steps": 5},
-        {"kind": "muon", "params": [make(d, 4 * d) for _ in range(L)], "lr": 0.02, "momentum": 0.95, "beta2": 0.95, "weight_decay": 0.2, "ns_steps": 5},
-    ]
+    adamw = lambda params, lr: dict(kind="adamw", params=params, lr=lr, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    muon = lambda params: dict(kind="muon", params=params, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.2,
+                               ns_steps=5)
+    groups = [adamw([make(V, d), make(V, d)], 0.01), adamw([make(L), make(L)], 0.5),  # made in this order: same draws
+              muon([make(d, d) for _ in range(4 * L)]), muon([make(4 * d, d) for _ in range(L)]),
+              muon([make(d, 4 * d) for _ in range(L)])]
     grads = [[torch.randn(p.shape, generator=g).to(device) for p in group["params"]] for group in groups]
     return groups, grads
 
 def run_optimizer(device, d, V, steps=3):
     """Updates after `steps` steps, the schedules changing lr and momentum every step (as base_train does)."""
-    from nanochat.optim import MuonAdamW
     groups, grads = optimizer_params(device, d, V)
     initial = [[p.detach().clone() for p in group["params"]] for group in groups]
     opt = MuonAdamW(groups)
@@ -157,14 +156,13 @@ def run_optimizer(device, d, V, steps=3):
 
 def check_optimizer(device, d=768, V=32768):
     """Compiled step as base_train runs it vs the eager step with every op in fp32: relative error of the updates."""
-    import nanochat.optim as optim
-    compiled = run_optimizer(device, d, V)  # optim compiles its CUDA steps (COMPILE_ON_CUDA) with the process's dtype
-    saved = optim.COMPILE_ON_CUDA, optim.COMPUTE_DTYPE
-    optim.COMPILE_ON_CUDA, optim.COMPUTE_DTYPE = False, torch.float32  # eager steps read these at call time
+    compiled = run_optimizer(device, d, V)  # optim compiles its CUDA steps (optim._step_fn) with the process's dtype
+    saved = optim._step_fn, optim.COMPUTE_DTYPE
+    optim._step_fn, optim.COMPUTE_DTYPE = (lambda fn, device: fn), torch.float32  # eager steps read these at call time
     try:
         reference = run_optimizer(device, d, V)
     finally:
-        optim.COMPILE_ON_CUDA, optim.COMPUTE_DTYPE = saved
+        optim._step_fn, optim.COMPUTE_DTYPE = saved
     errs = {"adamw": 0.0, "muon": 0.0}
     for (kind, deltas), (_, ref_deltas) in zip(compiled, reference):
         for delta, ref_delta in zip(deltas, ref_deltas):
@@ -172,7 +170,7 @@ def check_optimizer(device, d=768, V=32768):
     ok = errs["adamw"] <= OPT_ADAMW_TOL and errs["muon"] <= OPT_MUON_TOL
     add_row("optimizer compiled vs fp32", "ok" if ok else "FAIL",
             f"adamw {errs['adamw']:.1e}, muon {errs['muon']:.1e} (tol {OPT_ADAMW_TOL:g}/{OPT_MUON_TOL:g})",
-            f"3 steps, width {d}, vocab {V}; compiled={optim.COMPILE_ON_CUDA and device.type == 'cuda'}, "
+            f"3 steps, width {d}, vocab {V}; compiled={device.type == 'cuda'}, "
             f"Muon orthogonalization dtype {str(optim.COMPUTE_DTYPE).removeprefix('torch.')}", update_err=errs)
 
 # -----------------------------------------------------------------------------
@@ -202,8 +200,9 @@ def check_train_speed(device, fp8, timeout, steps, configs=("d12", "d20"), compi
             for config in configs:
                 add_row(f"train {config} {label}", "skip", detail=f"fp8 needs SM89+, this GPU is SM{major}{minor}")
             return
-    cmd = [sys.executable, "-m", "bench.train", f"--configs={','.join(configs)}", f"--compile={compile}", f"--steps={steps}",
-           "--warmup=3", "--loader-batches=0", f"--device-type={device.type}"] + (["--fp8"] if fp8 else [])
+    cmd = [sys.executable, "-m", "bench.train", f"--configs={','.join(configs)}", f"--compile={compile}",
+           f"--steps={steps}", "--warmup=3", "--loader-batches=0", f"--device-type={device.type}"]
+    cmd += ["--fp8"] if fp8 else []
     out, err = run_json(cmd, timeout)
     if out is None:
         for config in configs:
@@ -214,8 +213,9 @@ def check_train_speed(device, fp8, timeout, steps, configs=("d12", "d20"), compi
         ok = math.isfinite(r["loss"])
         add_row(f"train {r['config']} {label}", "ok" if ok else "FAIL",
                 f"{r['ms_per_step']:.0f} ms/step, {r['tok_per_sec']:,.0f} tok/s, MFU {mfu}",
-                f"B {r['B']} x T {r['T']}, attention {r['attn']}, window {r['window']}, compiled {r['compile']}, loss {r['loss']:.3f}, "
-                f"peak {r.get('peak_mem_mib', 0) / 1024:.1f} GiB", **{k: r[k] for k in ("ms_per_step", "tok_per_sec", "mfu")})
+                f"B {r['B']} x T {r['T']}, attention {r['attn']}, window {r['window']}, compiled {r['compile']}, "
+                f"loss {r['loss']:.3f}, peak {r.get('peak_mem_mib', 0) / 1024:.1f} GiB",
+                **{k: r[k] for k in ("ms_per_step", "tok_per_sec", "mfu")})
 
 def check_infer_speed(device, timeout, depth=20, batch_sizes="1,32", decode_tokens=64):
     name = f"infer_bench d{depth}"
@@ -233,15 +233,16 @@ def check_infer_speed(device, timeout, depth=20, batch_sizes="1,32", decode_toke
     add_row(name, "ok", ", ".join(parts), f"random-init d{depth}, {decode_tokens} timed decode steps",
             prefill=p, decode=out["decode"])
 
-CORE_WORDS = ("the a of to and in is was for on that with as it by at from he she they this an be are or which one "
-              "people man woman water room table ball car dog house road hand door window paper phone music game").split()
+CORE_WORDS = """the a of to and in is was for on that with as it by at from he she they this an be are or which one
+people man woman water room table ball car dog house road hand door window paper phone music game""".split()
 
 def synthetic_core_task(n, seed=0):
     """n HellaSwag-shaped items (a ~60-word context, 4 endings of ~25 words), scored 10-shot like CORE's HellaSwag."""
     rng = random.Random(seed)
     text = lambda n: " ".join(rng.choice(CORE_WORDS) for _ in range(n))
     data = [{"query": text(60), "choices": [text(25) for _ in range(4)], "gold": rng.randrange(4)} for _ in range(n)]
-    task = {"label": "synthetic-hellaswag", "task_type": "multiple_choice", "num_fewshot": 10, "continuation_delimiter": " "}
+    task = {"label": "synthetic-hellaswag", "task_type": "multiple_choice", "num_fewshot": 10,
+            "continuation_delimiter": " "}
     return task, data
 
 def sync(device):
@@ -249,18 +250,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 def check_core_speed(device, n=256, depth=20):
-    """CORE scoring throughput of a random-init model (d20: width 1280; bf16, eager, as base_eval runs it), examples/s."""
-    from nanochat.core_eval import evaluate_task
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import Tokenizer
+    """CORE scoring examples/s of a random-init model (d20: width 1280; bf16, eager, as base_eval runs it)."""
     task, data = synthetic_core_task(n)
     # a small BPE on the same words: most become one or two tokens, as real words do with a 32K vocab
     tokenizer = Tokenizer.train_from_iterator(iter([" ".join(CORE_WORDS)] * 8), vocab_size=256 + 96 + 9)
-    width = depth * 64
-    config = GPTConfig(sequence_len=2048, vocab_size=32768, n_layer=depth, n_head=width // 128 or 1,
-                       n_kv_head=width // 128 or 1, n_embd=width)
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config_for_depth(depth, sequence_len=2048, vocab_size=32768))
     model.to_empty(device=device)
     model.init_weights()
     model.eval()
@@ -288,7 +283,6 @@ def main():
 
     t_start = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from nanochat.common import COMPUTE_DTYPE
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"gpu_check: torch {torch.__version__}, device {device} ({card}), compute dtype {COMPUTE_DTYPE}", flush=True)
     # (row names, function adding those rows)
@@ -298,11 +292,12 @@ def main():
               (["fp8 matmul vs fp32"], lambda: check_fp8(device)),
               (["optimizer compiled vs fp32"], lambda: check_optimizer(device))]
     if not args.skip_speed:
-        checks += [(["train d12 bf16", "train d20 bf16"], lambda: check_train_speed(device, False, args.timeout, args.train_steps)),
-                   (["train d12 fp8", "train d20 fp8"], lambda: check_train_speed(device, True, args.timeout, args.train_steps)),
+        train = lambda fp8: check_train_speed(device, fp8, args.timeout, args.train_steps)
+        checks += [(["train d12 bf16", "train d20 bf16"], lambda: train(False)),
+                   (["train d12 fp8", "train d20 fp8"], lambda: train(True)),
                    (["infer_bench d20"], lambda: check_infer_speed(device, args.timeout)),
                    (["CORE examples/s d20"], lambda: check_core_speed(device))]
-    reason = skip_reason(device)
+    reason = "no CUDA device" if device.type != "cuda" else None
     if reason is None and COMPUTE_DTYPE != torch.bfloat16:
         reason = f"compute dtype is {COMPUTE_DTYPE}, not bf16 (unset NANOCHAT_DTYPE; SM80+ needed)"
     for names, fn in checks:
@@ -339,10 +334,7 @@ def main():
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         for name, text in (("gpu_check.txt", table + "\n"), ("gpu_check.json", json.dumps(record, indent=1) + "\n")):
-            tmp = os.path.join(out_dir, f".{name}.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
-                f.write(text)
-            os.replace(tmp, os.path.join(out_dir, name))
+            atomic_write_text(os.path.join(out_dir, name), text)
     sys.exit(1 if failed else 0)
 
 if __name__ == "__main__":

@@ -9,15 +9,15 @@ eager there).
 
 import argparse
 import json
-import math
 import time
 
 import torch
 
+from nanochat.gpt import config_for_depth
 from nanochat.optim import MuonAdamW
 
 parser = argparse.ArgumentParser(description="time MuonAdamW.step() on GPT-shaped params")
-parser.add_argument("--depth", type=int, default=4, help="transformer depth; width = depth*64 rounded up to 128")
+parser.add_argument("--depth", type=int, default=4, help="transformer depth; width and heads as base_train sizes them")
 parser.add_argument("--vocab-size", type=int, default=8192, help="rows of wte, lm_head and value embeddings")
 parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
 parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (state allocation, compile on CUDA)")
@@ -25,11 +25,10 @@ parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda")
 args = parser.parse_args()
 
 # -----------------------------------------------------------------------------
-# GPT-shaped params as base_train sizes them: d = ceil(depth*64/128)*128, head_dim 128,
-# value embeddings on half the layers
+# GPT-shaped params as base_train sizes them (config_for_depth), value embeddings on half the layers
 
-d = math.ceil(args.depth * 64 / 128) * 128
-heads, L, V = d // 128, args.depth, args.vocab_size
+config = config_for_depth(args.depth, vocab_size=args.vocab_size)
+d, heads, L, V = config.n_embd, config.n_head, config.n_layer, config.vocab_size
 device = torch.device(args.device)
 def make(shape, count=1):
     return [torch.nn.Parameter(torch.randn(shape, device=device) * 0.02) for _ in range(count)]

@@ -2,7 +2,7 @@
 Training throughput: tokens/s and MFU of full optimizer steps (forward, backward, MuonAdamW step) on random
 tokens, for fixed model configs; plus how fast the pretraining loader packs batches from the shards on disk.
 
-    python -m bench.train                                     # CPU: the small config, compiled when a C++ compiler works
+    python -m bench.train                                     # CPU: the small config, compiled if a C++ compiler works
     python -m bench.train --configs=cpu512 --compile=0        # CPU: d4 at T=512 (8,192 tokens/step), uncompiled
     python -m bench.train --configs=d12,d20 --attn=auto,sdpa  # CUDA: FA3/flex (auto) vs plain SDPA
     python -m bench.train --configs=d20 --fp8 --compile=1     # CUDA: fp8 matmuls, compiled
@@ -25,7 +25,10 @@ import torch
 
 from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, COMPUTE_DTYPE
 import nanochat.gpt as gpt
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.dataloader import pretrain_loader
+from nanochat.fp8 import convert_to_float8_training, worth_fp8
+from nanochat.gpt import GPT, config_for_depth
+from nanochat.tokenizer import get_tokenizer
 
 # name -> (depth, head_dim, seq_len, device_batch_size, vocab); width = depth x 64 rounded up to whole heads.
 # "cpu" is the runs/runcpu.sh base model (its tokenizer has 8,192 tokens: at width 256 a 32K vocab's lm_head and
@@ -39,13 +42,15 @@ CONFIGS = {
 
 parser = argparse.ArgumentParser(description="Training step throughput")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-parser.add_argument("--configs", type=str, default="", help=f"comma list of {sorted(CONFIGS)} ('' = cpu on CPU, d12,d20 on CUDA)")
-parser.add_argument("--attn", type=str, default="auto", help="comma list of attention paths: auto (per device), sdpa, flex, fa3")
+parser.add_argument("--configs", type=str, default="",
+                    help=f"comma list of {sorted(CONFIGS)} ('' = cpu on CPU, d12,d20 on CUDA)")
+parser.add_argument("--attn", type=str, default="auto", help="comma list of attention paths: auto, sdpa, flex, fa3")
 parser.add_argument("--window-pattern", type=str, default="", help="'' = L on CPU, SSSL on CUDA")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = auto, as the training scripts decide")
+parser.add_argument("--compile", type=int, default=-1, help="torch.compile: 1 on, 0 off, -1 = auto (as training)")
 parser.add_argument("--fp8", action="store_true", help="fp8 matmuls for the big linears (CUDA SM89+)")
 parser.add_argument("--device-batch-size", type=int, default=-1, help="rows per step (-1 = the config's)")
-parser.add_argument("--vocab-size", type=int, default=-1, help="vocab (-1 = the config's; lm_head and logits dominate small models' cost)")
+parser.add_argument("--vocab-size", type=int, default=-1,
+                    help="vocab (-1 = the config's; lm_head and logits dominate small models' cost)")
 parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
 parser.add_argument("--steps", type=int, default=10, help="timed steps")
 parser.add_argument("--loader-batches", type=int, default=20, help="batches for the loader measurement (0 = skip it)")
@@ -66,9 +71,8 @@ def bench_model(name, attn):
     depth, head_dim, T, B, vocab_size = CONFIGS[name]
     B = args.device_batch_size if args.device_batch_size > 0 else B
     vocab_size = args.vocab_size if args.vocab_size > 0 else vocab_size
-    width = -(-depth * 64 // head_dim) * head_dim
-    config = GPTConfig(sequence_len=T, vocab_size=vocab_size, n_layer=depth, n_head=width // head_dim, n_kv_head=width // head_dim,
-                       n_embd=width, window_pattern=window_pattern)
+    config = config_for_depth(depth, head_dim=head_dim, sequence_len=T, vocab_size=vocab_size,
+                              window_pattern=window_pattern)
     gpt.ATTN_IMPL = None if attn == "auto" else attn
     impl = gpt.pick_attention_impl(device)
     with torch.device("meta"):
@@ -78,9 +82,7 @@ def bench_model(name, attn):
     flops_per_token = model.estimate_flops()
     num_params = sum(p.numel() for p in model.parameters())
     if args.fp8:
-        from nanochat.fp8 import convert_to_float8_training
-        convert_to_float8_training(model, module_filter_fn=lambda m, fqn: m.in_features % 16 == 0 and m.out_features % 16 == 0
-                                   and min(m.in_features, m.out_features) >= 128)
+        convert_to_float8_training(model, module_filter_fn=worth_fp8)  # as base_train converts
     optimizer = model.setup_optimizer()
     train_model = torch.compile(model, dynamic=False) if use_compile else model
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -105,9 +107,10 @@ def bench_model(name, attn):
     cpu_dt = (time.process_time() - c0) / args.steps  # on a shared CPU box: what the step costs without contention
     tok_per_sec = B * T / dt
     mfu = 100 * flops_per_token * tok_per_sec / peak_flops if peak_flops != float("inf") else None
-    row = {"config": name, "vocab": vocab_size, "attn": impl, "window": window_pattern, "compile": use_compile, "fp8": args.fp8,
-           "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "B": B, "T": T, "params": num_params,
-           "flops_per_token": flops_per_token, "ms_per_step": 1000 * dt, "cpu_ms_per_step": 1000 * cpu_dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "first_step_s": first_step_s,
+    row = {"config": name, "vocab": vocab_size, "attn": impl, "window": window_pattern, "compile": use_compile,
+           "fp8": args.fp8, "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "B": B, "T": T, "params": num_params,
+           "flops_per_token": flops_per_token, "ms_per_step": 1000 * dt, "cpu_ms_per_step": 1000 * cpu_dt,
+           "tok_per_sec": tok_per_sec, "mfu": mfu, "first_step_s": first_step_s,
            "loss": loss.item(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if device_type == "cuda":
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -116,8 +119,6 @@ def bench_model(name, attn):
 
 def bench_loader():
     """Batches per second of pretrain_loader on the shards under the base dir (device cpu: packing only)."""
-    from nanochat.tokenizer import get_tokenizer
-    from nanochat.dataloader import pretrain_loader
     tokenizer = get_tokenizer()
     rows = []
     for B, T in [(8, 256), (32, 2048)]:
@@ -135,14 +136,16 @@ def bench_loader():
 results = []
 print(f"device: {device_type} | compute dtype: {COMPUTE_DTYPE} | torch.compile: {compile_reason} | fp8: {args.fp8} | "
       f"torch threads: {torch.get_num_threads()}")
-print(f"{'config':<6} {'attn':<9} {'window':<6} {'B x T':>10} {'params':>8} {'FLOPs/tok':>10} {'ms/step':>9} {'cpu ms':>9} {'tok/s':>10} {'MFU %':>6} {'peak RSS MB':>11} {'1st step s':>10}")
+print(f"{'config':<6} {'attn':<9} {'window':<6} {'B x T':>10} {'params':>8} {'FLOPs/tok':>10} {'ms/step':>9} "
+      f"{'cpu ms':>9} {'tok/s':>10} {'MFU %':>6} {'peak RSS MB':>11} {'1st step s':>10}")
 for name in configs:
     for attn in args.attn.split(","):
         r = bench_model(name, attn)
         results.append(r)
         mfu = f"{r['mfu']:.1f}" if r["mfu"] is not None else "-"
         print(f"{name:<6} {r['attn']:<9} {r['window']:<6} {r['B']:>4} x {r['T']:<4} {r['params'] / 1e6:>7.1f}M "
-              f"{r['flops_per_token']:>10.2e} {r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>9.1f} {r['tok_per_sec']:>10,.0f} {mfu:>6} {r['peak_rss_mb']:>11,.0f} {r['first_step_s']:>10.1f}")
+              f"{r['flops_per_token']:>10.2e} {r['ms_per_step']:>9.1f} {r['cpu_ms_per_step']:>9.1f} "
+              f"{r['tok_per_sec']:>10,.0f} {mfu:>6} {r['peak_rss_mb']:>11,.0f} {r['first_step_s']:>10.1f}")
 
 loader_rows = []
 if args.loader_batches > 0:
@@ -151,6 +154,7 @@ if args.loader_batches > 0:
     except FileNotFoundError as e:  # no tokenizer or shards yet: say so, the model numbers above still stand
         print(f"loader: not measured: {e}")
     for r in loader_rows:
-        print(f"loader {r['B']:>4} x {r['T']:<4}: first batch {r['first_batch_s']:.2f}s, then {r['ms_per_batch']:.1f} ms/batch "
-              f"= {r['tok_per_sec']:,.0f} tok/s ({os.environ.get('NANOCHAT_DATASET', 'climbmix')} data, {get_base_dir()})")
+        print(f"loader {r['B']:>4} x {r['T']:<4}: first batch {r['first_batch_s']:.2f}s, then "
+              f"{r['ms_per_batch']:.1f} ms/batch = {r['tok_per_sec']:,.0f} tok/s "
+              f"({os.environ.get('NANOCHAT_DATASET', 'climbmix')} data, {get_base_dir()})")
 print(json.dumps({"device": device_type, "train": results, "loader": loader_rows}))

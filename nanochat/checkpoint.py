@@ -33,11 +33,16 @@ import socket
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 
 from nanochat.common import get_base_dir, get_dist_info, atomic_write_text, print0, is_dist
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.hf.export import load_export
+from nanochat.tokenizer import get_tokenizer
 
-SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
-SOURCE_SCRIPTS = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
+# the checkpoint directory under <base> of each stage, and the script that writes it
+SOURCE_DIRS = dict(base="base_checkpoints", mid="mid_checkpoints", sft="chatsft_checkpoints", rl="chatrl_checkpoints")
+SOURCE_SCRIPTS = dict(base="scripts.base_train", mid="scripts.mid_train", sft="scripts.chat_sft", rl="scripts.chat_rl")
 
 def _paths(checkpoint_dir, step, rank=0):
     return (os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
@@ -82,7 +87,8 @@ def remove_orphaned_temp_files(checkpoint_dir, rank=0):
                 os.remove(path)
                 removed.append(os.path.basename(path))
     if removed:
-        print(f"removed {len(removed)} temp file(s) of an interrupted save in {checkpoint_dir}: {', '.join(sorted(removed))}", flush=True)
+        print(f"removed {len(removed)} temp file(s) of an interrupted save in {checkpoint_dir}: "
+              f"{', '.join(sorted(removed))}", flush=True)
     return removed
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
@@ -125,7 +131,6 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     The lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start leaves no empty
     tag directory behind for find_model_tag to pick.
     """
-    from filelock import FileLock, Timeout
     if get_dist_info()[1] != 0:
         return
     checkpoint_dir = os.path.abspath(checkpoint_dir)
@@ -172,7 +177,7 @@ def _is_complete(checkpoint_dir, step):
         paths = [model_path] + [_paths(checkpoint_dir, step, r)[1] for r in range(meta.get("optim_shards", 0))]
         for path in paths:
             torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:  # missing, truncated or corrupt file, bad JSON
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:  # missing, cut, bad
         print0(f"checkpoint step {step} in {checkpoint_dir} is incomplete, skipping it: {e}")
         return False
     return True
@@ -202,7 +207,8 @@ def _verify(path, meta, checkpoint_dir, step):
     if recorded is None:
         if (checkpoint_dir, step) not in _unverified_said:
             _unverified_said.add((checkpoint_dir, step))
-            print0(f"checkpoint {checkpoint_dir} step {step} has no sha256 in its meta (saved by older code): loading it unverified")
+            print0(f"checkpoint {checkpoint_dir} step {step} has no sha256 in its meta (saved by older code): "
+                   f"loading it unverified")
         return
     name = os.path.basename(path)
     if name not in recorded:
@@ -210,8 +216,8 @@ def _verify(path, meta, checkpoint_dir, step):
                            f"it does not belong to this checkpoint; delete it or restore the original")
     actual = file_sha256(path)
     if actual != recorded[name]:
-        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... recorded "
-                           f"when step {step} was saved. Restore the file, or delete step {step}'s files "
+        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... "
+                           f"recorded when step {step} was saved. Restore the file, or delete step {step}'s files "
                            f"(*_{step:06d}*) to fall back to the previous checkpoint")
 
 _unverified_said = set()
@@ -220,13 +226,13 @@ def _torch_load(path, device, checkpoint_dir, step):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten (no hash to tell us first)
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__  # torch adds paragraphs of advice
-        raise RuntimeError(f"{path} cannot be loaded ({reason}): it is "
-                           f"truncated or corrupt. Load another step (steps with meta: {_steps_with_meta(checkpoint_dir)}), "
-                           f"or delete step {step}'s files (*_{step:06d}*) to fall back to the previous checkpoint") from None
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__  # torch adds pages of advice
+        raise RuntimeError(f"{path} cannot be loaded ({reason}): it is truncated or corrupt. Load another step (steps "
+                           f"with meta: {_steps_with_meta(checkpoint_dir)}), or delete step {step}'s files "
+                           f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
 
 def load_meta(checkpoint_dir, step):
-    """The meta of a step, checked against its own recorded hash (an edited field is an error, not a different model)."""
+    """The meta of a step, checked against its own recorded hash (an edited field is an error, not another model)."""
     meta_path = _paths(checkpoint_dir, step)[2]
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} "
@@ -264,7 +270,6 @@ def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
 
 def build_model(checkpoint_dir, step, device, phase):
     """Rebuild the GPT of a checkpoint: -> (model, meta). The model config (incl. window_pattern) comes from meta."""
-    from nanochat.gpt import GPT, GPTConfig
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     device = torch.device(device)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
@@ -275,8 +280,9 @@ def build_model(checkpoint_dir, step, device, phase):
     # the context the model was trained at: a larger sequence_len would run positions it never saw
     trained_len = (meta.get("pretrain_config") or meta.get("user_config") or {}).get("max_seq_len")
     if trained_len is not None and config.get("sequence_len") != trained_len:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len={config.get('sequence_len')} "
-                         f"but the model was pretrained with --max-seq-len={trained_len}; restore the meta file "
+        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len="
+                         f"{config.get('sequence_len')} but the model was pretrained with --max-seq-len={trained_len}; "
+                         f"restore the meta file "
                          f"(sequence_len {trained_len})")
     # torch.compile wraps parameter names in _orig_mod.; CPU/MPS compute in fp32, so bf16 tensors are upcast
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
@@ -295,9 +301,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     -> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest complete), or from a
     directory written by `python -m scripts.export_hf` (e.g. downloaded from the Hugging Face Hub) when source is one.
     """
-    from nanochat.tokenizer import get_tokenizer
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-        from nanochat.hf.export import load_export
         model, tokenizer, meta = load_export(source, device, phase)
         print0(f"loaded exported model from {source}")
         return model, tokenizer, meta
@@ -310,19 +314,17 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     if not tags:
         raise FileNotFoundError(f"no {source} checkpoints in {checkpoints_dir}: train one with "
                                 f"`python -m {SOURCE_SCRIPTS[source]}`")
-    if model_tag is None:
-        model_tag = find_model_tag(checkpoints_dir)
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_model_tag(checkpoints_dir))
     if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; "
-                                f"available: {tags}")
+        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; available: {tags}")
+    model_tag = os.path.basename(checkpoint_dir)
     if step is None:
         step = find_last_step(checkpoint_dir)
     model, meta = build_model(checkpoint_dir, step, device, phase)
     tokenizer = get_tokenizer()
     vocab = meta["model_config"]["vocab_size"]
-    assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {vocab}: "
-                                                 f"the tokenizer in {get_base_dir()}/tokenizer is not the one this model was trained with")
+    assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab "
+                                                 f"{vocab}: {get_base_dir()}/tokenizer is not this model's tokenizer")
     check_tokenizer(meta, tokenizer, f"{source} {model_tag} step {step}")
     print0(f"loaded {source} model {model_tag} step {step} from {checkpoint_dir}")
     return model, tokenizer, meta
@@ -331,28 +333,70 @@ def check_tokenizer(meta, tokenizer, what):
     """The tokenizer must be the one the checkpoint was trained with: same vocab size is not enough (other merges)."""
     recorded = meta.get("tokenizer_fingerprint")
     if recorded is None:
-        print0(f"{what} records no tokenizer fingerprint (saved by older code): the tokenizer is checked by vocab size only")
+        print0(f"{what} records no tokenizer fingerprint (saved by older code): the tokenizer is checked by vocab "
+               f"size only")
         return
     if recorded != tokenizer.fingerprint():
-        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {tokenizer.fingerprint()[:16]}...) is not "
-                         f"the one {what} was trained with ({recorded[:16]}...): restore that tokenizer, or point "
-                         f"NANOCHAT_BASE_DIR at the directory the model was trained in")
+        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {tokenizer.fingerprint()[:16]}...) "
+                         f"is not the one {what} was trained with ({recorded[:16]}...): restore that tokenizer, or "
+                         f"point NANOCHAT_BASE_DIR at the directory the model was trained in")
 
 # -----------------------------------------------------------------------------
-# Resuming with flags that change the run
+# Resuming: the same steps, bit for bit, as a run that was never stopped
 
-def changed_trajectory_flags(saved_config, config, flags):
-    """['--flag: checkpoint X vs now Y', ...] for each of flags (argparse dest names) whose value differs."""
-    return [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
-            for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
+def find_resume_step(checkpoint_dir, fresh_start):
+    """--resume: the newest complete step of checkpoint_dir, or None (and a line: the run starts fresh_start)."""
+    try:
+        return find_last_step(checkpoint_dir)
+    except FileNotFoundError:
+        print0(f"--resume: no complete checkpoint in {checkpoint_dir}, starting {fresh_start}")
+        return None
+
+def check_resume_config(meta, derived, checkpoint_dir, step):
+    """derived: what must match between a checkpoint and the run resuming it (model shape, batch, horizon, GPUs...)."""
+    mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
+    if mismatches:
+        raise ValueError(f"cannot resume {checkpoint_dir} step {step} with a different configuration: "
+                         + "; ".join(mismatches) + ". Use the original run's flags (its user_config: "
+                         + json.dumps(meta.get("user_config")) + ") or a new --model-tag")
+
+def load_optimizer_state(optimizer, optimizer_state):
+    """Restore the momenta, but keep this run's initial_lr per group (load_state_dict brings back the saved ones)."""
+    initial_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    optimizer.load_state_dict(optimizer_state)
+    for group, lr in zip(optimizer.param_groups, initial_lrs):
+        group["initial_lr"] = lr
+
+def loop_meta(stream_states, **loop_state):
+    """
+    The meta entries a loop resumes from: every rank's data loader states, gathered in rank order (rank r's streams
+    follow rank r-1's, as restore_loop slices them), and the loop's own variables (inf saved as null: strict JSON).
+    """
+    streams = [stream_states]
+    if is_dist():
+        streams = [None] * dist.get_world_size()
+        dist.all_gather_object(streams, stream_states)
+    return {"dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
+            "loop_state": {k: None if v == float("inf") else v for k, v in loop_state.items()}}
+
+def restore_loop(meta, rank, num_local_streams):
+    """-> (this rank's data loader states, the loop variables) saved by loop_meta (null back to inf)."""
+    streams = meta["dataloader_state_dict"]["streams"]
+    world_size = get_dist_info()[3]
+    assert len(streams) == world_size * num_local_streams, \
+        f"checkpoint has {len(streams)} data streams, this run {world_size * num_local_streams}"
+    loop_state = {k: float("inf") if v is None else v for k, v in meta["loop_state"].items()}
+    return streams[rank * num_local_streams:(rank + 1) * num_local_streams], loop_state
 
 def check_resume_flags(saved_config, config, flags, override):
     """
     Resuming must continue the same trajectory: a different LR, schedule or seed would make the resumed run differ
     from one that was never stopped. Raises naming the flags, unless override (--resume-override) says it is meant;
     then prints them, and the caller must use the new values (not the ones restored with the optimizer state).
+    flags: argparse dest names. -> ['--flag: checkpoint X vs now Y', ...] for those that differ.
     """
-    changed = changed_trajectory_flags(saved_config, config, flags)
+    changed = [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
+               for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
     if changed and not override:
         raise ValueError("resuming with flags that change the training trajectory: " + "; ".join(changed) +
                          ". Pass the checkpoint's values, or add --resume-override to continue with the new ones")

@@ -6,6 +6,7 @@ an atomic HTTP download with retries.
 Nothing here reads command-line flags; scripts pass what they parsed.
 """
 
+import gc
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import urllib.error
 
 import torch
 import torch.distributed as dist
+from filelock import FileLock
 
 # -----------------------------------------------------------------------------
 # Artifact root: data, tokenizer, checkpoints and reports live here, never in the repo.
@@ -30,12 +32,9 @@ def get_base_dir():
 # -----------------------------------------------------------------------------
 # Distributed info (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
-def is_ddp_requested():
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
 def get_dist_info():
     """Returns (ddp, rank, local_rank, world_size) from torchrun's environment."""
-    if is_ddp_requested():
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
@@ -61,8 +60,8 @@ def _detect_compute_dtype():
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env == "float16":  # fp16's 5 exponent bits underflow small gradients unless a GradScaler scales the loss
-            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the loss, so fp16 gradients would "
-                             "underflow; use NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
+            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the loss, so fp16 gradients "
+                             "would underflow; use NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
         choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
         if env not in choices:
             raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or pick one of those")
@@ -166,7 +165,8 @@ def compute_init(device_type=""):
     else:
         device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
     if rank == 0:
-        print(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})", flush=True)
+        print(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})",
+              flush=True)
     return ddp, rank, local_rank, world_size, device
 
 def compute_cleanup():
@@ -267,13 +267,13 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
 
 def download_file_with_lock(url, path, postprocess=None):
     """One process downloads (others wait on a file lock); optional postprocess(path) runs once."""
-    from filelock import FileLock
     if os.path.exists(path):
         return path
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             if not download_url(url, path):
-                raise RuntimeError(f"could not download {url} to {path}; check the network, or place the file there by hand")
+                raise RuntimeError(f"could not download {url} to {path}; check the network, or place the file there "
+                                   f"by hand")
             if postprocess is not None:
                 postprocess(path)
     return path
@@ -286,6 +286,25 @@ def check_flags(rules):
     for flag, value, ok, requirement in rules:
         if not ok:
             raise SystemExit(f"error: {flag}={value} is invalid: it must be {requirement}")
+
+def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
+    """Forward/backward passes per optimizer step: the total batch must split into whole rows x seq_len x GPUs."""
+    per_pass = device_batch_size * seq_len * world_size
+    if total_batch_size % per_pass != 0:
+        raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x "
+                         f"GPUs = {device_batch_size} x {seq_len} x {world_size} = {per_pass:,}: pick "
+                         f"--total-batch-size as a multiple of {per_pass:,} or change --device-batch-size")
+    return total_batch_size // per_pass
+
+def collect_garbage(step, start_step, every=5000):
+    """After each step. Python's GC walks every live object (~500 ms at scale): after the first step freeze what exists
+    and turn automatic collection off; collect every `every` steps (evals and loaders make garbage)."""
+    if step == start_step + 1:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    elif step % every == 0:
+        gc.collect()
 
 def atomic_write_text(path, text):
     """Write a text file via a temp file and rename, so a crash never leaves half a file."""

@@ -1,8 +1,8 @@
 """
 FP8 training for linear layers: tensorwise dynamic scaling, a small stand-in for torchao's Float8Linear.
 
-    from nanochat.fp8 import convert_to_float8_training
-    convert_to_float8_training(model, module_filter_fn=lambda mod, fqn: min(mod.in_features, mod.out_features) >= 128)
+    from nanochat.fp8 import convert_to_float8_training, worth_fp8
+    convert_to_float8_training(model, module_filter_fn=worth_fp8)
     model = torch.compile(model)          # compile after converting; uncompiled fp8 is slower than bf16
 
 Each matmul quantizes its operands on the fly, one scale per tensor: scale = FP8_MAX / max|x| (in float64, so tiny
@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+
+from nanochat.gpt import Linear
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_EPS = 1e-12
@@ -35,7 +37,8 @@ def to_fp8(x, fp8_dtype):
 
 def scaled_mm(a, a_inv, b, b_inv, out_dtype, fast_accum):
     """a @ b for fp8 operands; the CUDA kernel wants a row-major and b column-major (checked here on every device)."""
-    assert a.stride(1) == 1 and b.stride(0) == 1, f"_scaled_mm layouts: a strides {a.stride()} (row-major), b strides {b.stride()} (column-major)"
+    assert a.stride(1) == 1 and b.stride(0) == 1, \
+        f"_scaled_mm layouts: a strides {a.stride()} (row-major), b strides {b.stride()} (column-major)"
     return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 def column_major(x):
@@ -58,8 +61,9 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
         g_fp8, g_inv = to_fp8(grad_out, E5M2)
-        grad_x = scaled_mm(g_fp8, g_inv, column_major(w_fp8), w_inv, ctx.out_dtype, fast_accum=False)  # (M,N) @ (N,K)
-        grad_w = scaled_mm(g_fp8.t().contiguous(), g_inv, column_major(x_fp8), x_inv, ctx.weight_dtype, fast_accum=False)  # (N,M) @ (M,K)
+        grad_x = scaled_mm(g_fp8, g_inv, column_major(w_fp8), w_inv, ctx.out_dtype, False)  # (M,N) @ (N,K)
+        g_t = g_fp8.t().contiguous()
+        grad_w = scaled_mm(g_t, g_inv, column_major(x_fp8), x_inv, ctx.weight_dtype, False)  # (N,M) @ (M,K)
         return grad_x, grad_w
 
 class Float8Linear(nn.Linear):
@@ -79,11 +83,19 @@ class Float8Linear(nn.Linear):
 
 def check_fp8_supported(device):
     device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"fp8 training needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); the model is on {device}. Drop --fp8.")
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        raise RuntimeError(f"fp8 training needs compute capability >= 8.9 (Ada/Hopper); this GPU is SM{major}{minor}. Drop --fp8.")
+    where = f"the model is on {device}"
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) >= (8, 9):
+            return
+        where = f"this GPU is SM{major}{minor}"
+    raise RuntimeError(f"fp8 training needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper); {where}. Drop --fp8.")
+
+def worth_fp8(linear, fqn=""):
+    """The linears fp8 speeds up: dims divisible by 16 (torch._scaled_mm requires it), the smaller one >= 128 (the
+    small gates stay bf16)."""
+    n_in, n_out = linear.in_features, linear.out_features
+    return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
 
 def convert_to_float8_training(module, module_filter_fn=None):
     """
@@ -96,7 +108,8 @@ def convert_to_float8_training(module, module_filter_fn=None):
         for name, child in parent.named_children():
             fqn = f"{prefix}.{name}" if prefix else name
             swap(child, fqn)
-            if type(child) is not Float8Linear and isinstance(child, nn.Linear) and (module_filter_fn is None or module_filter_fn(child, fqn)):
+            if type(child) is not Float8Linear and isinstance(child, nn.Linear) \
+                    and (module_filter_fn is None or module_filter_fn(child, fqn)):
                 setattr(parent, name, Float8Linear.from_linear(child))
 
     swap(module, "")
@@ -105,7 +118,6 @@ def convert_to_float8_training(module, module_filter_fn=None):
 @contextmanager
 def float8_disabled(module):
     """Temporarily put back plain (bf16) linears sharing the same weights, e.g. for evaluation and sampling."""
-    from nanochat.gpt import Linear
     swapped = []
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):

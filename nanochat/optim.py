@@ -9,9 +9,8 @@ Param groups (built by GPT.setup_optimizer; extra keys such as "initial_lr" are 
 Schedules change group["lr"], group["momentum"], group["weight_decay"] between steps; step() reads them every call.
 
 Distributed (ZeRO-2-like, no DDP wrapper): under a multi-rank process group the optimizer averages the gradients
-itself. Small AdamW params are all-reduced; large AdamW params are reduce-scattered along dim 0 and each rank updates
-and all-gathers its slice; a Muon group's stacked gradients are reduce-scattered in chunks of ceil(K/W) matrices.
-Optimizer state is sharded accordingly, so state_dict() is per rank: save and load one shard per rank, same world size.
+itself (see MuonAdamW). Optimizer state is sharded, so state_dict() is per rank: save and load one shard per rank.
+Also here: how the learning rates and weight decay scale with the batch size (batch_lr_scale and friends).
 
 Leaves out: closures in step(), sparse gradients, params that are not 2-D in Muon groups.
 """
@@ -27,10 +26,6 @@ from nanochat.common import COMPUTE_DTYPE, is_dist
 # -----------------------------------------------------------------------------
 # Update rules as plain functions of tensors. Hyperparameters arrive as Python floats (eager) or as 0-D CPU
 # tensors (compiled), and only arithmetic that accepts both is used, so one definition serves both paths.
-
-# torch.compile fuses each step's elementwise chains into a few kernels on CUDA. On CPU (and MPS) the steps run
-# eager: the first compile costs tens of seconds on a small box and the CPU step is matmul/memory bound anyway.
-COMPILE_ON_CUDA = True
 
 # AdamW params with fewer elements than this are all-reduced whole; sharding them would cost more in latency
 # than it saves in memory.
@@ -118,7 +113,9 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 def _step_fn(fn, device):
-    return _compiled(fn) if COMPILE_ON_CUDA and device.type == "cuda" else fn
+    """Compiled on CUDA, whatever the model's --compile: there it fuses each elementwise chain into a few kernels. On
+    CPU/MPS the first compile costs tens of seconds on a small box and the step is matmul/memory bound anyway."""
+    return _compiled(fn) if device.type == "cuda" else fn
 
 # The collectives were renamed in torch 2.13 (the old names warn); 2.11/2.12 only have the old ones.
 _all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
@@ -128,9 +125,34 @@ def _noop():
     pass
 
 # -----------------------------------------------------------------------------
+# Batch-size scaling: the learning rates and weight decay were tuned at d12 with 2^19-token batches
+
+REFERENCE_BATCH_TOKENS = 2 ** 19
+
+def batch_size_for(num_scaling_params, reference_scaling_params):
+    """Power Lines, B_opt ~ D^0.383 with D = ratio x scaling params; relative to d12's 2^19 the ratio cancels, so B
+    follows the model size, rounded to a power of two: d8 2^18, d10-d16 2^19, d18-d26 2^20, d32+ 2^21."""
+    return 2 ** round(math.log2(REFERENCE_BATCH_TOKENS * (num_scaling_params / reference_scaling_params) ** 0.383))
+
+def batch_lr_scale(total_batch_size):
+    """Every learning rate scales with sqrt(B / 2^19), the square-root rule for adaptive optimizers."""
+    return (total_batch_size / REFERENCE_BATCH_TOKENS) ** 0.5
+
+def scaled_weight_decay(weight_decay, total_batch_size, num_scaling_params, reference_scaling_params):
+    """T_epoch rule (arXiv 2405.13698): lambda ~ sqrt(B / 2^19) x D_ref / D, D_ref = d12's tokens at the same
+    data:param ratio, so the ratio cancels and D_ref / D = reference / this model's scaling params."""
+    return weight_decay * batch_lr_scale(total_batch_size) * reference_scaling_params / num_scaling_params
+
+# -----------------------------------------------------------------------------
 
 class MuonAdamW(torch.optim.Optimizer):
-    """AdamW and Muon param groups in one optimizer; see the module docstring for the group keys."""
+    """
+    AdamW and Muon param groups in one optimizer; see the module docstring for the group keys. step() runs in three
+    phases so communication overlaps compute: (1) launch every gradient reduction at once: small AdamW params are
+    all-reduced whole, large ones reduce-scattered along dim 0, a Muon group's stacked (K, rows, cols) grads
+    reduce-scattered in chunks of ceil(K/W) matrices; (2) per group, wait for its reduction and update only the slice
+    this rank owns (so each rank orthogonalizes 1/W of the matrices); (3) all-gather the updated slices to every rank.
+    """
 
     def __init__(self, param_groups):
         # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively. NCCL has both; gloo

@@ -21,9 +21,7 @@ Leaves out: karpathy/nanochat's fp16 GradScaler path (bf16 or fp32 only) and bat
 
 import argparse
 import contextlib
-import gc
 import itertools
-import json
 import math
 import os
 import time
@@ -33,66 +31,76 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb, decide_compile,
-                             is_dist, check_flags, COMPUTE_DTYPE)
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
+                             decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, COMPUTE_DTYPE)
+from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
 from nanochat.dataloader import pretrain_loader
-from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, lock_checkpoint_dir, check_resume_flags
+from nanochat.checkpoint import (save_checkpoint, load_checkpoint, lock_checkpoint_dir, find_resume_step,
+                                 check_resume_config, check_resume_flags, load_optimizer_state, loop_meta, restore_loop,
+                                 SOURCE_DIRS)
+from nanochat.core_eval import ensure_eval_bundle, evaluate_core
+from nanochat.engine import Engine, greedy_completions
+from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled, worth_fp8
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import batch_size_for, batch_lr_scale, scaled_weight_decay
 from nanochat.report import get_report, MetricLog
 
 # -----------------------------------------------------------------------------
 # CLI
 
 parser = argparse.ArgumentParser(description="Pretrain a base model")
-parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-parser.add_argument("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET, else climbmix)")
-parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-parser.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=False, help="fp8 matmuls for the big linears (CUDA SM89+ only; --no-fp8 undoes an earlier --fp8)")
-parser.add_argument("--fp8-recipe", type=str, default="tensorwise", choices=["rowwise", "tensorwise"], help="fp8 scaling (only tensorwise is implemented)")
+add = parser.add_argument
+add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+add("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET or climbmix)")
+add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a "
+    "working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
+add("--fp8", action=argparse.BooleanOptionalAction, default=False,
+    help="fp8 matmuls (tensorwise scaling) for the big linears (CUDA SM89+; --no-fp8 undoes --fp8)")
 # model
-parser.add_argument("--depth", type=int, default=20, help="number of layers: the one complexity dial")
-parser.add_argument("--aspect-ratio", type=int, default=64, help="model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim")
-parser.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-parser.add_argument("--max-seq-len", type=int, default=2048, help="context length T")
-parser.add_argument("--window-pattern", type=str, default="SSSL", help="per-layer attention windows, tiled: L = full context, S = T/4 rounded up to 128; last layer always L")
+add("--depth", type=int, default=20, help="number of layers: the one complexity dial")
+add("--aspect-ratio", type=int, default=64, help="width = depth x this, up to whole heads")
+add("--head-dim", type=int, default=128, help="attention head dimension")
+add("--max-seq-len", type=int, default=2048, help="context length T")
+add("--window-pattern", type=str, default="SSSL", help="per-layer attention windows, tiled: L = full context, "
+    "S = T/4 rounded up to 128; last layer always L")
 # horizon (first one set wins)
-parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = derive from --target-flops or --target-param-data-ratio)")
-parser.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = use the ratio)")
-parser.add_argument("--target-param-data-ratio", type=float, default=12, help="tokens = ratio * scaling params (-1 = unset)")
+add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --target-flops or the ratio)")
+add("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = use the ratio)")
+add("--target-param-data-ratio", type=float, default=12, help="tokens / scaling params (-1 = unset)")
 # batch
-parser.add_argument("--device-batch-size", type=int, default=32, help="rows per forward/backward per GPU")
-parser.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = auto from depth, B_opt ~ D^0.383)")
+add("--device-batch-size", type=int, default=32, help="rows per forward/backward per GPU")
+add("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth, B_opt ~ D^0.383)")
 # optimizer
-parser.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW lr of the token embedding")
-parser.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW lr of lm_head")
-parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices")
-parser.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars")
-parser.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at the d12 / 2^19-token reference point (scaled, then cosine to 0)")
-parser.add_argument("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
-parser.add_argument("--warmdown-ratio", type=float, default=0.65, help="fraction of steps at the end with linear LR warmdown")
-parser.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
+add("--embedding-lr", type=float, default=0.3, help="AdamW lr of the token embedding")
+add("--unembedding-lr", type=float, default=0.008, help="AdamW lr of lm_head")
+add("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices")
+add("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars")
+add("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 with 2^19-token batches (then scaled)")
+add("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
+add("--warmdown-ratio", type=float, default=0.65, help="final fraction of steps: linear LR warmdown")
+add("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
 # resume
-parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (start fresh if there is none)")
-parser.add_argument("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
-parser.add_argument("--resume-override", action="store_true", help="resume even though LR/schedule flags differ from the checkpoint's, continuing with the new values")
+add("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (or start fresh)")
+add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
+add("--resume-override", action="store_true", help="resume with LR/schedule flags that differ from the checkpoint's")
 # evaluation and output
-parser.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
-parser.add_argument("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
-parser.add_argument("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the last step (-1 = never)")
-parser.add_argument("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
-parser.add_argument("--sample-every", type=int, default=2000, help="print greedy samples every N steps and at the last step (-1 = never)")
-parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-parser.add_argument("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+add("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
+add("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
+add("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the last step (-1 = never)")
+add("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
+add("--sample-every", type=int, default=2000, help="greedy samples every N steps and at the last step (-1 = never)")
+add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+add("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
 user_config = vars(args).copy()
 check_flags([  # -1 is the one "derive it" sentinel: 0 or -5 is a typo, not a request to derive
     ("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
      ">= 1, or -1 to derive it from --target-flops / --target-param-data-ratio"),
-    ("--target-flops", args.target_flops, args.target_flops > 0 or args.target_flops == -1, "> 0, or -1 to use the ratio"),
+    ("--target-flops", args.target_flops, args.target_flops > 0 or args.target_flops == -1,
+     "> 0, or -1 to use the ratio"),
     ("--target-param-data-ratio", args.target_param_data_ratio,
      args.target_param_data_ratio > 0 or args.target_param_data_ratio == -1, "> 0, or -1 to leave it unset"),
     ("--total-batch-size", args.total_batch_size, args.total_batch_size >= 1 or args.total_batch_size == -1,
@@ -122,34 +130,27 @@ list_parquet_files("val", dataset=dataset)
 use_compile, compile_reason = decide_compile(args.compile, device_type)
 print0(f"torch.compile: {compile_reason}")
 if args.fp8:
-    if args.fp8_recipe != "tensorwise":
-        raise NotImplementedError(f"--fp8-recipe={args.fp8_recipe} is not implemented; use --fp8-recipe=tensorwise")
-    from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled
     check_fp8_supported(device)  # raises on CPU/MPS and on GPUs older than SM89, naming the fix
     if COMPUTE_DTYPE != torch.bfloat16:
-        raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype is {COMPUTE_DTYPE}: unset NANOCHAT_DTYPE or drop --fp8")
+        raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype is {COMPUTE_DTYPE}: "
+                           f"unset NANOCHAT_DTYPE or drop --fp8")
 wandb_run = init_wandb("nanochat", args.run, user_config, master)
 
 # -----------------------------------------------------------------------------
 # Model: everything follows from depth
 
-def model_config(depth):
-    model_dim = math.ceil(depth * args.aspect_ratio / args.head_dim) * args.head_dim  # nudged up to whole heads
-    num_heads = model_dim // args.head_dim
-    return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
-                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=args.window_pattern)
-
 def scaling_params(model):
     # "Kaplan-style": transformer matrices + lm_head give the cleanest scaling laws
-    # (https://github.com/karpathy/nanochat dev/LOG.md, Jan 27)
+    # (https://github.com/karpathy/nanochat/blob/master/dev/LOG.md, Jan 27)
     counts = model.num_scaling_params()
     return counts["transformer_matrices"] + counts["lm_head"]
 
-assert args.depth >= 1 and args.head_dim >= 1, f"--depth={args.depth} and --head-dim={args.head_dim} must be positive"
-config = model_config(args.depth)
+shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, sequence_len=args.max_seq_len,
+             vocab_size=vocab_size, window_pattern=args.window_pattern)
+config = config_for_depth(args.depth, **shape)
 with torch.device("meta"):
     model = GPT(config)           # raises naming the problem for e.g. an odd head dim or a bad window pattern
-    reference_model = GPT(model_config(12))  # d12 is where the learning rates and weight decay were tuned
+    reference_model = GPT(config_for_depth(12, **shape))  # d12 is where the learning rates and weight decay were tuned
 param_counts = model.num_scaling_params()
 num_scaling_params = scaling_params(model)
 num_flops_per_token = model.estimate_flops()  # counted before any fp8 swap (karpathy/nanochat undercounted after)
@@ -158,70 +159,62 @@ print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {ar
 print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items()) + f" | scaling {num_scaling_params:,}")
 print0(f"FLOPs per token: {num_flops_per_token:e}")
 
-# Batch size: Power Lines, B_opt ~ D^0.383 with D = ratio x scaling params; relative to d12's 2^19 tokens the ratio
-# cancels, so B depends on depth only: d8 2^18, d10-d16 2^19, d18-d26 2^20, d32-d50 2^21.
-B_REF = 2 ** 19
-reference_scaling_params = scaling_params(reference_model)
-if args.total_batch_size > 0:
-    total_batch_size = args.total_batch_size
-else:
-    total_batch_size = 2 ** round(math.log2(B_REF * (num_scaling_params / reference_scaling_params) ** 0.383))
-tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-if total_batch_size % tokens_per_fwdbwd != 0:
-    raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x GPUs = "
-                     f"{args.device_batch_size} x {args.max_seq_len} x {world_size} = {tokens_per_fwdbwd:,}: "
-                     f"pick --total-batch-size as a multiple of {tokens_per_fwdbwd:,} or change --device-batch-size")
-grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+# -----------------------------------------------------------------------------
+# Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token batches.
+#   1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))        Power Lines, B_opt ~ D^0.383 (batch_size_for)
+#   2. horizon       steps = --num-iterations | --target-flops / (FLOPs per token x B) | ratio x N / B
+#   3. LR scale      every lr x sqrt(B / 2^19)                                                   (batch_lr_scale)
+#   4. weight decay  --weight-decay x sqrt(B / 2^19) x N_d12 / N, cosine to 0 over the run  (scaled_weight_decay)
 
-# Horizon: num_iterations > target_flops > target_param_data_ratio
+reference_scaling_params = scaling_params(reference_model)
+total_batch_size = args.total_batch_size
+if total_batch_size == -1:
+    total_batch_size = batch_size_for(num_scaling_params, reference_scaling_params)
+grad_accum_steps = grad_accum_steps_for(total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+
 if args.num_iterations > 0:
     num_iterations, horizon = args.num_iterations, "--num-iterations"
 elif args.target_flops > 0:
     num_iterations, horizon = round(args.target_flops / (num_flops_per_token * total_batch_size)), "--target-flops"
 elif args.target_param_data_ratio > 0:
-    num_iterations, horizon = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size, "--target-param-data-ratio"
+    num_iterations = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size
+    horizon = "--target-param-data-ratio"
 else:
     raise ValueError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
 if num_iterations < 1:
-    raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} tokens per step: raise it or lower the batch")
+    raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} tokens per step: "
+                     f"raise it or lower the batch")
 total_tokens = num_iterations * total_batch_size
-
-# LR: sqrt batch scaling from the 2^19 reference. Muon WD by the T_epoch rule (arXiv 2405.13698):
-# lambda ~ sqrt(B / B_ref) * D_ref / D, with D_ref the d12 tokens at the same ratio, so the ratio cancels again.
-batch_lr_scale = (total_batch_size / B_REF) ** 0.5
-weight_decay_scaled = args.weight_decay * batch_lr_scale * reference_scaling_params / num_scaling_params
+lr_scale = batch_lr_scale(total_batch_size)
+weight_decay_scaled = scaled_weight_decay(args.weight_decay, total_batch_size, num_scaling_params,
+                                          reference_scaling_params)
 print0(f"horizon ({horizon}): {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
-       f"({total_tokens / num_scaling_params:.2f} tokens per scaling param, {num_flops_per_token * total_tokens:e} FLOPs)")
+       f"({total_tokens / num_scaling_params:.2f} tokens per scaling param, "
+       f"{num_flops_per_token * total_tokens:e} FLOPs)")
 print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x {args.max_seq_len} x {world_size} GPUs "
-       f"x {grad_accum_steps} accumulation steps | lr scale {batch_lr_scale:.4f} | muon weight decay {weight_decay_scaled:.5f}")
+       f"x {grad_accum_steps} accumulation steps | lr scale {lr_scale:.4f} | muon weight decay "
+       f"{weight_decay_scaled:.5f}")
 
 # -----------------------------------------------------------------------------
 # Resume: find the checkpoint and refuse one from a different configuration, before allocating anything
 
 model_tag = args.model_tag or f"d{args.depth}"
-checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", model_tag)
+checkpoint_dir = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
 lock_checkpoint_dir(checkpoint_dir, model_tag)  # a second run writing this directory fails here, naming this one
 num_streams = world_size * grad_accum_steps
-resume_step = None
-if args.resume_from_step >= 0:
-    resume_step = args.resume_from_step
-elif args.resume:
-    try:
-        resume_step = find_last_step(checkpoint_dir)
-    except FileNotFoundError:
-        print0(f"--resume: no complete checkpoint in {checkpoint_dir}, starting from scratch")
+resume_step = args.resume_from_step if args.resume_from_step >= 0 else None
+if resume_step is None and args.resume:
+    resume_step = find_resume_step(checkpoint_dir, "from scratch")
 derived = {  # what must match between a checkpoint and the run resuming it
     "model_config": dict(config.__dict__), "total_batch_size": total_batch_size, "num_iterations": num_iterations,
     "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len, "world_size": world_size,
     "dataset": dataset,
 }
 if resume_step is not None:
-    model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True, rank=rank)
-    mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
-    if mismatches:
-        raise ValueError(f"cannot resume {checkpoint_dir} step {resume_step} with a different configuration: "
-                         + "; ".join(mismatches) + ". Use the flags of the original run (meta user_config: "
-                         + json.dumps(meta["user_config"]) + ") or a new --model-tag")
+    model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
+                                                         rank=rank)
+    check_resume_config(meta, derived, checkpoint_dir, resume_step)
     check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr",
                        "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac"], args.resume_override)
     print0(f"resuming from {checkpoint_dir} step {resume_step}")
@@ -236,16 +229,12 @@ if resume_step is not None:
     del model_state
 orig_model = model  # uncompiled: CORE, sampling and saving use it
 if args.fp8:
-    # only linears big enough to gain: dims divisible by 16 and at least 128 (the small gates stay bf16)
-    convert_to_float8_training(model, module_filter_fn=lambda m, fqn: m.in_features % 16 == 0 and m.out_features % 16 == 0
-                               and min(m.in_features, m.out_features) >= 128)
-optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
-                                  weight_decay=weight_decay_scaled, scalar_lr=args.scalar_lr, lr_scale=batch_lr_scale)
+    convert_to_float8_training(model, module_filter_fn=worth_fp8)
+optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                  matrix_lr=args.matrix_lr, weight_decay=weight_decay_scaled, scalar_lr=args.scalar_lr,
+                                  lr_scale=lr_scale)
 if resume_step is not None:
-    fresh_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(optimizer_state)
-    for group, lr in zip(optimizer.param_groups, fresh_lrs):
-        group["initial_lr"] = lr  # load_state_dict brought back the saved LRs; this run's flags (checked above) rule
+    load_optimizer_state(optimizer, optimizer_state)  # the momenta; this run's LRs (checked above) rule
     del optimizer_state
 if use_compile:
     model = torch.compile(model, dynamic=False)
@@ -293,33 +282,28 @@ def get_weight_decay(it):
 stream_states = [None] * grad_accum_steps  # state after the last batch each local stream TRAINED on
 step, val_bpb, min_val_bpb, smooth_train_loss, total_training_time = 0, None, float("inf"), 0.0, 0.0
 if resume_step is not None:
-    saved_streams = meta["dataloader_state_dict"]["streams"]
-    assert len(saved_streams) == num_streams, f"checkpoint has {len(saved_streams)} data streams, this run {num_streams}"
-    stream_states = saved_streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
-    loop = meta["loop_state"]
+    stream_states, loop = restore_loop(meta, rank, grad_accum_steps)
     step, val_bpb = resume_step, meta["val_bpb"]
-    min_val_bpb = loop["min_val_bpb"] if loop["min_val_bpb"] is not None else float("inf")
-    smooth_train_loss, total_training_time = loop["smooth_train_loss"], loop["total_training_time"]
+    min_val_bpb, smooth_train_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
+    total_training_time = loop["total_training_time"]
 train_loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
                                  rank=rank * grad_accum_steps + a, world_size=num_streams, device=device,
                                  state=stream_states[a], dataset=dataset) for a in range(grad_accum_steps)]
 batches = [next(loader) for loader in train_loaders]  # prefetched: the batches the next step trains on
 def val_batches():
-    """Fresh val streams from the start of the val shard, split like the train streams (same val set on any GPU count)."""
-    loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", rank=rank * grad_accum_steps + a,
-                               world_size=num_streams, device=device, dataset=dataset) for a in range(grad_accum_steps)]
+    """Fresh val streams from the start of the val shard, split like the train ones (the same val set on any GPUs)."""
+    loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", dataset=dataset,
+                               device=device, rank=rank * grad_accum_steps + a, world_size=num_streams)
+               for a in range(grad_accum_steps)]
     for i in itertools.count():
         yield next(loaders[i % grad_accum_steps])
 
 eval_steps = args.eval_tokens // tokens_per_fwdbwd
 if args.eval_every > 0 and eval_steps < 1:
-    raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch of {tokens_per_fwdbwd} tokens across GPUs; raise it")
+    raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch of {tokens_per_fwdbwd} tokens "
+                     f"across GPUs; raise it")
 if args.core_metric_every > 0:
-    from nanochat.core_eval import ensure_eval_bundle, evaluate_core
     ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it by hand
-if args.sample_every > 0:
-    from nanochat.engine import Engine, greedy_completions
-
 peak_flops = get_peak_flops(device)
 start_step = step
 metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl, one line per step
@@ -343,13 +327,13 @@ while True:
         min_val_bpb = min(min_val_bpb, val_bpb)
         record["val_bpb"] = val_bpb
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
-        wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step, "val/bpb": val_bpb})
+        wandb_run.log({"step": step, "total_training_flops": record["flops"], "val/bpb": val_bpb})
 
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         orig_model.eval()
         with bf16_eval():
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,
-                                 batch_tokens=args.device_batch_size * args.max_seq_len)  # the memory of a training micro-batch
+            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,  # in the
+                                 batch_tokens=args.device_batch_size * args.max_seq_len)  # memory of a micro-batch
         orig_model.train()
         record["core_metric"] = core["core_metric"]
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
@@ -364,20 +348,16 @@ while True:
         orig_model.train()
 
     if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-        streams = [stream_states]
-        if is_dist():
-            streams = [None] * world_size
-            dist.all_gather_object(streams, stream_states)
         meta = {
             "step": step, "val_bpb": val_bpb, **derived, "user_config": user_config,
             "model_tag": model_tag, "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
             "tokenizer_fingerprint": tokenizer.fingerprint(),
-            "num_scaling_params": num_scaling_params, "param_counts": param_counts, "flops_per_token": num_flops_per_token,
-            "batch_lr_scale": batch_lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
+            "num_scaling_params": num_scaling_params, "param_counts": param_counts,
+            "flops_per_token": num_flops_per_token,
+            "batch_lr_scale": lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
             "initial_lrs": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
-            "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
-            "loop_state": {"min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,  # strict JSON has no Infinity
-                           "smooth_train_loss": smooth_train_loss, "total_training_time": total_training_time},
+            **loop_meta(stream_states, min_val_bpb=min_val_bpb, smooth_train_loss=smooth_train_loss,
+                        total_training_time=total_training_time),
         }
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
         print0(f"saved checkpoint {checkpoint_dir} step {step}")
@@ -430,15 +410,9 @@ while True:
         wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
                        "total_training_time": total_training_time, "train/loss": debiased_loss, "train/lrm": lrm,
                        "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
-    # Python's GC walks every live object (~500 ms at scale): freeze what exists after the first step, collect rarely
-    if step == start_step + 1:
-        if use_compile:
-            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-    elif step % 5000 == 0:
-        gc.collect()
+    if step == start_step + 1 and use_compile:
+        print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
+    collect_garbage(step, start_step)
 
 # -----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ Reinforcement learning on problems with a checkable answer: GSM8K, or the offlin
     python -m scripts.chat_rl                                         # GSM8K (fetched on first use), from the sft model
     python -m scripts.chat_rl --task=synthetic-math --num-iterations=30  # offline: the embedded word problems
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
-    python -m scripts.chat_rl --resume                                # continue from the newest complete checkpoint, exactly
+    python -m scripts.chat_rl --resume                                # continue from the newest checkpoint, exactly
 
 The algorithm is on-policy REINFORCE with a group-mean baseline (a simplified "GRPO"):
 - Each step takes --examples-per-step questions (spread over ranks) and samples --num-samples completions of each
@@ -34,17 +34,17 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist
-from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_last_step, find_model_tag,
-                                 lock_checkpoint_dir, SOURCE_DIRS)
+from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_model_tag, lock_checkpoint_dir,
+                                 find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
+from tasks.gsm8k import GSM8K
+from tasks.synthetic import SyntheticMath
 
 def rl_tasks(name):
     """-> (train task, held-out test task) for --task."""
     if name == "gsm8k":
-        from tasks.gsm8k import GSM8K
         return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-    from tasks.synthetic import SyntheticMath
     # seed 3: problems neither mid-training (0) nor SFT (1) saw; the test split is chat_eval's SynthMath
     return SyntheticMath(split="train", size=8000, seed=3), SyntheticMath(split="test", size=200)
 
@@ -118,7 +118,8 @@ def policy_gradient_backward(model, groups, pad_id):
         start = 0
         for completions in passes:
             inputs, targets = make_batch(prompt, completions, pad_id, device)
-            loss = pass_loss(model, inputs, targets, advantages[start:start + len(completions)], len(passes) * len(groups))
+            pass_advantages = advantages[start:start + len(completions)]
+            loss = pass_loss(model, inputs, targets, pass_advantages, len(passes) * len(groups))
             loss.backward()
             total += loss.item()
             start += len(completions)
@@ -145,7 +146,8 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
         if budget < 1:
             continue
         seeds = [sample_seed("eval", i, p) for p in range(num_samples)]
-        passes = sample_completions(engine, prompt, num_samples, device_batch_size, seeds, **{**sampling, "max_tokens": budget})
+        passes = sample_completions(engine, prompt, num_samples, device_batch_size, seeds,
+                                    **{**sampling, "max_tokens": budget})
         outcomes = [task.evaluate(conversation, completion_text(engine.tokenizer, tokens))
                     for completions in passes for tokens, _ in completions]
         if any(outcomes):
@@ -158,32 +160,33 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
 # -----------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(description="RL (REINFORCE with a group-mean baseline) on GSM8K or synthetic arithmetic")
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-    parser.add_argument("--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint to start from")
-    parser.add_argument("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
-    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
-    parser.add_argument("--task", type=str, default="gsm8k", choices=["gsm8k", "synthetic-math"],
-                        help="gsm8k = GSM8K main (fetched on first use); synthetic-math = embedded word problems, offline")
-    parser.add_argument("--num-epochs", type=int, default=1, help="passes over the training questions")
-    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = --num-epochs epochs)")
-    parser.add_argument("--device-batch-size", type=int, default=8, help="samples per generation / forward pass")
-    parser.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
-    parser.add_argument("--num-samples", type=int, default=16, help="completions sampled per question")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per completion")
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (training and evaluation)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    parser.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
-    parser.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
-    parser.add_argument("--matrix-lr", type=float, default=0.02, help="Muon lr")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    parser.add_argument("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
-    parser.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps, always at step 0 and the end (-1 = only those)")
-    parser.add_argument("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
-    parser.add_argument("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
-    parser.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of this run")
+    parser = argparse.ArgumentParser(description="RL (REINFORCE, group-mean baseline) on GSM8K or synthetic arithmetic")
+    add = parser.add_argument
+    add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint to start from")
+    add("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    add("--task", type=str, default="gsm8k", choices=["gsm8k", "synthetic-math"],
+        help="gsm8k = GSM8K main (fetched on first use); synthetic-math = embedded word problems, offline")
+    add("--num-epochs", type=int, default=1, help="passes over the training questions")
+    add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = --num-epochs epochs)")
+    add("--device-batch-size", type=int, default=8, help="samples per generation / forward pass")
+    add("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
+    add("--num-samples", type=int, default=16, help="completions sampled per question")
+    add("--max-new-tokens", type=int, default=256, help="generation budget per completion")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (training and evaluation)")
+    add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
+    add("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
+    add("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
+    add("--matrix-lr", type=float, default=0.02, help="Muon lr")
+    add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
+    add("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
+    add("--eval-every", type=int, default=60, help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
+    add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
+    add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
+    add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
+    add("--resume", action="store_true", help="resume from the newest complete checkpoint of this run")
     args = parser.parse_args()
     user_config = vars(args).copy()
 
@@ -201,12 +204,16 @@ def main():
     examples_per_rank = args.examples_per_step // world_size
     source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
     model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
-    lock_checkpoint_dir(os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag), model_tag)  # one run per directory
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
+                                               step=args.model_step)
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
+    lock_checkpoint_dir(output_dir, model_tag)  # one run per directory
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0), any id would do
     train_task, test_task = rl_tasks(args.task)
-    num_steps = args.num_iterations if args.num_iterations > 0 else (len(train_task) // args.examples_per_step) * args.num_epochs
+    num_steps = args.num_iterations
+    if num_steps <= 0:
+        num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
         raise ValueError(f"{len(train_task)} training questions make no step of {args.examples_per_step}: "
                          f"lower --examples-per-step or set --num-iterations")
@@ -214,34 +221,26 @@ def main():
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     passes_per_question = -(-args.num_samples // args.device_batch_size)
     print0(f"Chat RL: {args.source} {model_tag} step {source_meta['step']} -> {SOURCE_DIRS['rl']} | task {args.task}: "
-           f"{len(train_task):,} train, {eval_problems} test problems | {num_steps} steps x {args.examples_per_step} questions "
-           f"({examples_per_rank}/rank) x {args.num_samples} samples in {passes_per_question} passes")
+           f"{len(train_task):,} train, {eval_problems} test problems | {num_steps} steps x {args.examples_per_step} "
+           f"questions ({examples_per_rank}/rank) x {args.num_samples} samples in {passes_per_question} passes")
 
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
     derived = {"source": args.source, "source_step": source_meta["step"], "model_config": source_meta["model_config"],
                "world_size": world_size, "num_steps": num_steps,
-               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
-                                             "temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr",
-                                             "weight_decay", "init_lr_frac")}}
+               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step", "num_samples",
+                                             "max_new_tokens", "temperature", "top_k", "embedding_lr",
+                                             "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac")}}
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     for group in optimizer.param_groups:  # every group, the smear/backout scalars' fixed lr too: RL takes small steps
         group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
-    resume_step = None
-    if args.resume:
-        try:
-            resume_step = find_last_step(output_dir)
-        except FileNotFoundError:
-            print0(f"--resume: no complete checkpoint in {output_dir}, starting from the {args.source} model")
+    resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
     if resume_step is not None:
-        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True, rank=rank)
-        mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
-        if mismatches:
-            raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
-                             + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
+        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True,
+                                                         rank=rank)
+        check_resume_config(meta, derived, output_dir, resume_step)  # the LRs are in derived: no override here
         model.load_state_dict(model_state, strict=True)
-        optimizer.load_state_dict(optim_state)
+        load_optimizer_state(optimizer, optim_state)
         step = resume_step
         history = {int(s): {int(k): v for k, v in m.items()} for s, m in meta["loop_state"]["history"].items()}
         times = meta["loop_state"]["times"]
@@ -267,11 +266,13 @@ def main():
                                                      args.device_batch_size, **sampling)
             history[step] = pass_at_k
             record.update({f"pass@{k}": v for k, v in pass_at_k.items()})
-            print0(f"step {step:05d} | {problems} test problems | " + " | ".join(f"pass@{k}: {v:.4f}" for k, v in pass_at_k.items()))
+            print0(f"step {step:05d} | {problems} test problems | "
+                   + " | ".join(f"pass@{k}: {v:.4f}" for k, v in pass_at_k.items()))
             wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in pass_at_k.items()}})
 
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {**derived, "user_config": user_config, "model_tag": model_tag, "tokenizer_fingerprint": tokenizer.fingerprint(),
+            meta = {**derived, "user_config": user_config, "model_tag": model_tag,
+                    "tokenizer_fingerprint": tokenizer.fingerprint(),
                     "pretrain_config": source_meta.get("pretrain_config", source_meta.get("user_config")),
                     "metrics": {f"pass@{k}": v for k, v in history[max(history)].items()},
                     # the sampling seeds derive from the step: this loop state is also the sampling RNG state
@@ -297,7 +298,8 @@ def main():
             passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size, seeds,
                                         **{**sampling, "max_tokens": budget})
             completions = [c for completions in passes for c in completions]
-            group_rewards = [train_task.reward(conversation, completion_text(tokenizer, tokens)) for tokens, _ in completions]
+            group_rewards = [train_task.reward(conversation, completion_text(tokenizer, tokens))
+                             for tokens, _ in completions]
             groups.append((prompt, passes, group_advantages(group_rewards)))
             rewards += group_rewards
             lengths += [len(tokens) for tokens, _ in completions]
@@ -335,14 +337,15 @@ def main():
 
     # -------------------------------------------------------------------------
     steps_run = max(num_steps, 1)
-    print0(f"done: {num_steps} steps | per step {times['sample'] / steps_run:.2f}s sampling + {times['train'] / steps_run:.2f}s training")
-    first, final = history[min(history)], history[max(history)]
-    k_max = args.num_samples_eval
+    print0(f"done: {num_steps} steps | per step {times['sample'] / steps_run:.2f}s sampling + "
+           f"{times['train'] / steps_run:.2f}s training")
+    first, last, k_max = min(history), max(history), args.num_samples_eval
     get_report().log("Chat RL", [user_config, {
         "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task, "Steps": num_steps,
-        "Test problems": eval_problems, f"pass@1 at step {min(history)}": first[1], f"pass@1 at step {max(history)}": final[1],
-        f"pass@{k_max} at step {min(history)}": first[k_max], f"pass@{k_max} at step {max(history)}": final[k_max],
-        "Sampling time per step (s)": times["sample"] / steps_run, "Training time per step (s)": times["train"] / steps_run}])
+        "Test problems": eval_problems,
+        **{f"pass@{k} at step {s}": history[s][k] for k in (1, k_max) for s in (first, last)},
+        "Sampling time per step (s)": times["sample"] / steps_run,
+        "Training time per step (s)": times["train"] / steps_run}])
     wandb_run.finish()
     metric_log.close()
     compute_cleanup()

@@ -18,11 +18,8 @@ data mixture (build_mixture). Everything else is shared:
 - One epoch of the mixture, ending when every conversation of it has been trained once (or --num-iterations
   steps); the LR schedule is a function of the fraction of the run done (of the epoch trained, or of
   --num-iterations): constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
-- The recipes are karpathy/nanochat's separate mid-training and SFT stages. Mid-training: AdamW/Muon lrs 0.2 (wte),
-  0.004 (lm_head), 0.02 (Muon) with no batch-size factor, constant to 80% of the epoch then linear to 0, Muon
-  momentum 0.85 -> 0.95 over 300 steps, full token batches. SFT: the same lrs x 0.02, linear to 0 over the run,
-  momentum 0.95, and --examples-per-step=32 conversations per optimizer step (karpathy/nanochat's 4 unpacked rows x 8
-  GPUs; ~700 steps for an epoch of its ~23K-conversation mixture), each rank packing its share into a few rows.
+- The recipes (STAGES) are karpathy/nanochat's separate mid-training and SFT stages. SFT's 32 conversations per step
+  are its 4 unpacked rows x 8 GPUs (~700 steps for an epoch of its ~23K-conversation mixture), packed here.
 - Sequence length and batch sizes are inherited from the source checkpoint unless overridden (SFT sizes its rows
   to hold its conversations); the start prints every setting with where it came from, the per-group lrs and
   the epoch's step count. The source model's window pattern is carried into the new checkpoint.
@@ -33,7 +30,6 @@ Leaves out: the fp16 GradScaler path and fp8 (bf16 or fp32 only).
 """
 
 import argparse
-import gc
 import itertools
 import math
 import os
@@ -44,15 +40,23 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
-from nanochat.common import check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, get_peak_flops, decide_compile
-from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_last_step, find_model_tag,
-                                 lock_checkpoint_dir, check_resume_flags, SOURCE_DIRS)
+from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist,
+                             get_peak_flops, decide_compile, grad_accum_steps_for, collect_garbage)
+from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
+                                 lock_checkpoint_dir, find_resume_step, check_resume_config, check_resume_flags,
+                                 load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS)
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report, MetricLog
 from nanochat.tokenizer import get_token_bytes
+from tasks.arc import ARC
 from tasks.common import TaskMixture
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SpellingBee, SimpleSpelling
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
 from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
@@ -67,13 +71,11 @@ STAGES = {
     "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0, momentum_ramp=0,
                 examples_per_step=32, title="Chat SFT", wandb_project="nanochat-sft"),
 }
-GC_EVERY = 5000  # steps between full garbage collections once GC is frozen after step 1 (as base_train)
 
 def identity_task():
     """The identity conversations: <base>/identity_conversations.jsonl if present (CustomJSON), else synthetic ones."""
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
     if os.path.exists(path):
-        from tasks.customjson import CustomJSON
         print0(f"identity conversations: {path}")
         return CustomJSON(filepath=path)
     print0(f"identity conversations: synthetic (no {path})")
@@ -88,14 +90,9 @@ def build_mixture(stage, mixture):
                              SyntheticMath(split="train", size=size, seed=seed),
                              SyntheticSpelling(split="train", size=size, seed=seed),
                              SyntheticMC(split="train", size=size, seed=seed)])
-        val = TaskMixture([SyntheticMath(split="test", size=100, seed=2), SyntheticSpelling(split="test", size=100, seed=2),
-                           SyntheticMC(split="test", size=100, seed=2)])
+        val = TaskMixture([cls(split="test", size=100, seed=2) for cls in (SyntheticMath, SyntheticSpelling,
+                                                                           SyntheticMC)])
         return train, val, ["SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC"]
-    from tasks.smoltalk import SmolTalk
-    from tasks.mmlu import MMLU
-    from tasks.arc import ARC
-    from tasks.gsm8k import GSM8K
-    from tasks.spellingbee import SpellingBee, SimpleSpelling
     if stage == "mid":
         train = TaskMixture([SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
                              GSM8K(subset="main", split="train"), identity_task(), identity_task(),
@@ -110,7 +107,7 @@ def build_mixture(stage, mixture):
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
 
 def mean_rendered_length(task, tokenizer, T, sample=1000):
-    """Mean tokens per conversation as the packer renders them (cropped to T+1), over up to `sample` evenly spaced ones."""
+    """Mean tokens per conversation as the packer renders them (cropped to T+1), over `sample` evenly spaced ones."""
     indices = range(0, len(task), max(1, len(task) // sample))
     return sum(len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in indices) / len(indices)
 
@@ -132,44 +129,50 @@ def token_weighted_loss(model, inputs, targets, num_supervised):
 
 def main(stage):
     defaults = STAGES[stage]
-    parser = argparse.ArgumentParser(description=f"{defaults['title']}: {defaults['source']} checkpoint -> {defaults['output']}")
-    parser.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-    parser.add_argument("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-    parser.add_argument("--source", type=str, default=defaults["source"], choices=["base", "mid", "sft"], help="checkpoint to start from")
-    parser.add_argument("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
-    parser.add_argument("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
-    parser.add_argument("--mixture", type=str, default="real", choices=["real", "synthetic"],
-                        help="real = SmolTalk/MMLU/ARC/GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
-    parser.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
-    parser.add_argument("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
-    parser.add_argument("--device-batch-size", type=int, default=None,
-                        help="rows per forward/backward (default: the source's; SFT: enough rows for its conversations, at most the source's)")
-    parser.add_argument("--total-batch-size", type=int, default=None,
-                        help="tokens per optimizer step (default: the source's; SFT: one micro-batch per GPU)")
-    parser.add_argument("--examples-per-step", type=int, default=defaults["examples_per_step"],
-                        help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every row)")
-    parser.add_argument("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW lr of wte (x width scaling)")
-    parser.add_argument("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW lr of lm_head (x width scaling)")
-    parser.add_argument("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon lr")
-    parser.add_argument("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="multiplies every learning rate")
-    parser.add_argument("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"], help="final fraction of the epoch with linear LR decay to 0")
-    parser.add_argument("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
-                        help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
-    parser.add_argument("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer state (momenta) from the source checkpoint")
-    parser.add_argument("--train-user-tokens", type=int, default=0,
-                        help="1 = also train on user tokens (karpathy/nanochat's mid-training did)")
-    parser.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
-    parser.add_argument("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
-    parser.add_argument("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and at the end (-1 = only at the end, 0 = never)")
-    parser.add_argument("--chat-eval-max-problems", type=int, default=200, help="problems per task for those accuracies")
-    parser.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    parser.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
-    parser.add_argument("--resume-override", action="store_true", help="resume even though LR/schedule flags differ from the checkpoint's, continuing with the new values")
+    parser = argparse.ArgumentParser(description=f"{defaults['title']}: {defaults['source']} -> {defaults['output']}")
+    add = parser.add_argument
+    add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a "
+        "working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
+    add("--source", type=str, default=defaults["source"], choices=["base", "mid", "sft"], help="checkpoint to start at")
+    add("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    add("--mixture", type=str, default="real", choices=["real", "synthetic"],
+        help="real = SmolTalk/MMLU/ARC/GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
+    add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
+    add("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
+    add("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: the source's; "
+        "SFT: enough rows for its conversations, at most the source's)")
+    add("--total-batch-size", type=int, default=None,
+        help="tokens per optimizer step (default: the source's; SFT: one micro-batch per GPU)")
+    add("--examples-per-step", type=int, default=defaults["examples_per_step"],
+        help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every row)")
+    add("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW lr of wte (x width scaling)")
+    add("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW lr of lm_head (x width scale)")
+    add("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon lr")
+    add("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="multiplies every learning rate")
+    add("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"],
+        help="final fraction of the epoch with linear LR decay to 0")
+    add("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
+        help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
+    add("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer momenta from the source checkpoint")
+    add("--train-user-tokens", type=int, default=0, help="1 = train user tokens too (karpathy/nanochat's mid did)")
+    add("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
+    add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
+    add("--chat-eval-every", type=int, default=-1,
+        help="chat task accuracies every N steps and at the end (-1 = only at the end, 0 = never)")
+    add("--chat-eval-max-problems", type=int, default=200, help="problems per task for those accuracies")
+    add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    add("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
+    add("--resume-override", action="store_true",
+        help="resume even though LR/schedule flags differ from the checkpoint's, with the new values")
     args = parser.parse_args()
     user_config = vars(args).copy()
-    check_flags([(f"--{name.replace('_', '-')}", getattr(args, name), getattr(args, name) is None or getattr(args, name) >= 1,
-                  ">= 1, or left out to inherit the source checkpoint's") for name in ("max_seq_len", "device_batch_size", "total_batch_size")]
+    inherited = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("max_seq_len", "device_batch_size",
+                                                                         "total_batch_size")}
+    check_flags([(flag, v, v is None or v >= 1, ">= 1, or left out to inherit the source's")
+                 for flag, v in inherited.items()]
                 + [("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
                     ">= 1, or -1 for one epoch of the mixture")])
 
@@ -180,9 +183,10 @@ def main(stage):
     master = rank == 0
     source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
     model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag, step=args.model_step)
-    # a second run writing the same output directory fails here, naming this one (before any data is built)
-    lock_checkpoint_dir(os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag), model_tag)
+    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
+                                               step=args.model_step)
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
+    lock_checkpoint_dir(output_dir, model_tag)  # a second run on output_dir fails here (before any data), naming us
     source_step = source_meta["step"]
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
     source_name = f"{args.source} checkpoint"
@@ -192,14 +196,14 @@ def main(stage):
         settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
         return settings[name][0]
 
-    for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step"):
+    for name in (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step"):
         settings[name] = (getattr(args, name), "flag" if getattr(args, name) != defaults[name] else f"{stage} recipe")
     T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
     if T > model.config.sequence_len:
         raise ValueError(f"--max-seq-len={T} exceeds the model's context {model.config.sequence_len}")
 
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
-    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks} if args.chat_eval_every != 0 else {}  # loaded once
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks if args.chat_eval_every != 0}  # loaded once
     mean_len = mean_rendered_length(train_task, tokenizer, T)
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations ({mean_len:.0f} tokens on average), "
            f"{len(val_task):,} validation")
@@ -209,48 +213,43 @@ def main(stage):
         # the longer ones (rows left over are padding: compute spent, nothing trained)
         per_gpu = math.ceil(args.examples_per_step / world_size)
         rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1))
-        device_batch_size = setting("device_batch_size", args.device_batch_size, min(rows, source_meta["device_batch_size"]),
+        device_batch_size = setting("device_batch_size", args.device_batch_size,
+                                    min(rows, source_meta["device_batch_size"]),
                                     f"{per_gpu} conversations per GPU, at most the {source_name}'s")
         total_batch_size = setting("total_batch_size", args.total_batch_size, device_batch_size * T * world_size,
                                    "one micro-batch per GPU")
     else:
-        device_batch_size = setting("device_batch_size", args.device_batch_size, source_meta["device_batch_size"], source_name)
-        total_batch_size = setting("total_batch_size", args.total_batch_size, source_meta["total_batch_size"], source_name)
+        device_batch_size, total_batch_size = (setting(k, getattr(args, k), source_meta[k], source_name)
+                                               for k in ("device_batch_size", "total_batch_size"))
+    grad_accum_steps = grad_accum_steps_for(total_batch_size, device_batch_size, T, world_size)
     tokens_per_fwdbwd = device_batch_size * T * world_size
-    if total_batch_size % tokens_per_fwdbwd != 0:
-        raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x GPUs = "
-                         f"{device_batch_size} x {T} x {world_size} = {tokens_per_fwdbwd:,}: set --total-batch-size to a multiple of it")
-    grad_accum_steps = total_batch_size // tokens_per_fwdbwd
     num_streams = world_size * grad_accum_steps
     if 0 < args.examples_per_step < num_streams:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the {num_streams} data streams (GPUs x "
-                         f"accumulation steps), so some would train nothing: raise it or use fewer GPUs / a larger --device-batch-size")
-    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the first ones take the remainder
+        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the {num_streams} data streams "
+                         f"(GPUs x accumulation steps), so some would train nothing: raise it or use fewer GPUs / a "
+                         f"larger --device-batch-size")
+    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the first take the rest
     stream_cap = lambda s: (None if args.examples_per_step <= 0 else
                             args.examples_per_step // num_streams + (s < args.examples_per_step % num_streams))
     if args.num_iterations > 0:
         steps_line = f"{args.num_iterations} steps (--num-iterations)"
     elif args.examples_per_step > 0:
-        steps_line = f"one epoch = {math.ceil(len(train_task) / args.examples_per_step):,} steps of {args.examples_per_step} conversations"
+        steps_line = (f"one epoch = {math.ceil(len(train_task) / args.examples_per_step):,} steps of "
+                      f"{args.examples_per_step} conversations")
     else:
-        steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} steps at full rows (more as "
-                      f"padding takes its share; the run ends when every conversation is trained)")
+        steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} steps at full rows "
+                      f"(more as padding takes its share; the run ends when every conversation is trained)")
     lrs = {k: getattr(args, k) for k in RECIPE_LRS}
-    print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> {SOURCE_DIRS[defaults['output']]} | T {T} | "
-           f"batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | {steps_line}")
+    print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> {SOURCE_DIRS[defaults['output']]} | "
+           f"T {T} | batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x "
+           f"{grad_accum_steps} | {steps_line}")
     print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
                "examples_per_step": args.examples_per_step}
-    resume_step = None
-    if args.resume:
-        try:
-            resume_step = find_last_step(output_dir)
-        except FileNotFoundError:
-            print0(f"--resume: no complete checkpoint in {output_dir}, starting from the {args.source} model")
+    resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
 
     optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac, **lrs)
     initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
@@ -258,39 +257,33 @@ def main(stage):
     step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = 0, 0.0, None, float("inf"), 0.0, 0.0
     stream_states = [None] * grad_accum_steps
     if resume_step is not None:
-        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True, rank=rank)
-        mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
-        if mismatches:
-            raise ValueError(f"cannot resume {output_dir} step {resume_step} with a different configuration: "
-                             + "; ".join(mismatches) + ". Use the original run's flags or a new --model-tag")
-        check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "init_lr_frac",
-                           "warmdown_ratio", "momentum_ramp", "train_user_tokens"], args.resume_override)
+        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True,
+                                                         rank=rank)
+        check_resume_config(meta, derived, output_dir, resume_step)
+        check_resume_flags(meta["user_config"], user_config, [*RECIPE_LRS, "init_lr_frac", "warmdown_ratio",
+                           "momentum_ramp", "train_user_tokens"], args.resume_override)
         model.load_state_dict(model_state, strict=True)
-        optimizer.load_state_dict(optim_state)
-        for group, lr in zip(optimizer.param_groups, initial_lrs):
-            group["initial_lr"] = lr  # load_state_dict brought back the saved LRs; this run's flags (checked above) rule
-        streams = meta["dataloader_state_dict"]["streams"]
-        stream_states = streams[rank * grad_accum_steps:(rank + 1) * grad_accum_steps]
+        load_optimizer_state(optimizer, optim_state)  # the momenta; this run's LRs (checked above) rule
+        stream_states, loop = restore_loop(meta, rank, grad_accum_steps)
         step, val_bpb = resume_step, meta["val_bpb"]
-        progress, min_val_bpb, smooth_loss, total_time = (meta["loop_state"][k] for k in
+        progress, min_val_bpb, smooth_loss, total_time = (loop[k] for k in
                                                           ("progress", "min_val_bpb", "smooth_loss", "total_time"))
-        min_val_bpb = float("inf") if min_val_bpb is None else min_val_bpb  # saved as null: never evaluated
         print0(f"resuming from {output_dir} step {resume_step}")
     elif args.load_optimizer and source_meta.get("optim_shards", 0) == 0:
         raise ValueError(f"--load-optimizer=1 needs the source's optimizer state, but {args.source} {model_tag} step "
                          f"{source_step} saved none: pass --load-optimizer=0")
     elif args.load_optimizer and source_meta["optim_shards"] != world_size:
         # the state is sharded per rank (each rank owns a slice of every matrix group), so it cannot be re-cut here
-        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step {source_step} saved optimizer shards for "
-               f"{source_meta['optim_shards']} rank(s) and this run has {world_size}: the momenta start fresh "
+        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step {source_step} saved optimizer shards "
+               f"for {source_meta['optim_shards']} rank(s) and this run has {world_size}: the momenta start fresh "
                f"(run with {source_meta['optim_shards']} GPUs to warm-start them)")
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little
-        # (https://github.com/karpathy/nanochat dev/LOG.md, Feb 16); the fresh LRs stay.
-        optim_state = load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device, rank=rank)
-        optimizer.load_state_dict(optim_state)
-        for group, lr in zip(optimizer.param_groups, initial_lrs):
-            group["initial_lr"] = group["lr"] = lr
+        # (https://github.com/karpathy/nanochat/blob/master/dev/LOG.md, Feb 16); the fresh LRs stay.
+        load_optimizer_state(optimizer, load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device,
+                                                             rank=rank))
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"]
             if group["kind"] == "muon":
                 group["weight_decay"] = 0.0
     orig_model = model
@@ -306,7 +299,8 @@ def main(stage):
                                  world_size=num_streams, device=device, state=stream_states[a],
                                  train_all_tokens=bool(args.train_user_tokens),
                                  num_epochs=1 if args.num_iterations <= 0 else None,
-                                 max_per_batch=stream_cap(rank * grad_accum_steps + a)) for a in range(grad_accum_steps)]
+                                 max_per_batch=stream_cap(rank * grad_accum_steps + a))
+                     for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
@@ -364,7 +358,8 @@ def main(stage):
         if args.chat_eval_every != 0 and (last_step or chat_eval_due):
             orig_model.eval()
             metrics = {name: run_chat_eval(task, orig_model, tokenizer, engine, max_new_tokens=128,
-                                           max_problems=args.chat_eval_max_problems) for name, task in eval_tasks.items()}
+                                           max_problems=args.chat_eval_max_problems)
+                       for name, task in eval_tasks.items()}
             orig_model.train()
             # centered mean over the tracked tasks only: the full ChatCORE is chat_eval's
             metrics["ChatCORE-synthetic" if args.mixture == "synthetic" else "ChatCORE-tracked"] = chatcore(metrics)
@@ -373,17 +368,11 @@ def main(stage):
             wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
 
         if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            streams = [stream_states]
-            if is_dist():
-                streams = [None] * world_size
-                dist.all_gather_object(streams, stream_states)
             meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
                     "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
                     "tokenizer_fingerprint": tokenizer.fingerprint(),
-                    "dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
-                    "loop_state": {"progress": progress, "smooth_loss": smooth_loss,
-                                   "min_val_bpb": min_val_bpb if math.isfinite(min_val_bpb) else None,  # strict JSON has no Infinity
-                                   "total_time": total_time}}
+                    **loop_meta(stream_states, progress=progress, smooth_loss=smooth_loss, min_val_bpb=min_val_bpb,
+                                total_time=total_time)}
             save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved checkpoint {output_dir} step {step}")
 
@@ -426,29 +415,24 @@ def main(stage):
         tok_per_sec = total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
         print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} | lrm: {lrm:.3f} | "
-               f"supervised tokens: {int(num_supervised.item()):,} | dt: {dt * 1000:.0f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
+               f"supervised tokens: {int(num_supervised.item()):,} | dt: {dt * 1000:.0f}ms | "
+               f"tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
         if num_supervised.item() > 0:
             record["loss"] = train_loss
         metric_log.log({**record, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
                         "progress": progress, "supervised_tokens": int(num_supervised.item()), "time": total_time})
         if step % 10 == 0:
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/mfu": mfu})
-        # as in base_train: no GC pauses once the steady state is reached, a full collection now and then (the chat
-        # evals and the loaders make garbage; with GC off it would pile up over a long run)
-        if step == start_step + 1:
-            if use_compile:
-                print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
-            gc.collect()
-            gc.freeze()
-            gc.disable()
-        elif step % GC_EVERY == 0:
-            gc.collect()
+        if step == start_step + 1 and use_compile:
+            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
+        collect_garbage(step, start_step)
 
     # -------------------------------------------------------------------------
     print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")
     get_report().log(defaults["title"], [user_config, {
         "Source": f"{args.source} {model_tag} step {source_step}", "Training conversations": len(train_task),
-        "Iterations": step, "Tokens per step": total_batch_size, "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
+        "Iterations": step, "Tokens per step": total_batch_size,
+        "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
         "Min val bpb": min_val_bpb, "Training time (min)": total_time / 60}, metrics])
     wandb_run.finish()
     metric_log.close()

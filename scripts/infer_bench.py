@@ -22,31 +22,32 @@ import statistics
 import time
 
 parser = argparse.ArgumentParser(description="Benchmark KV-cached inference")
-parser.add_argument("-i", "--source", type=str, default="base", help="checkpoint source: base|mid|sft|rl (ignored with --depth)")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-parser.add_argument("--depth", type=int, default=-1, help="build a random-init model of this depth instead of loading one (-1 = load a checkpoint)")
-parser.add_argument("--max-seq-len", type=int, default=2048, help="context of the --depth model")
-parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary of the --depth model (the CPU demo's is 8192)")
-parser.add_argument("--head-dim", type=int, default=128, help="head width of the --depth model (the CPU demo's is 64)")
-parser.add_argument("--prompt-tokens", type=int, default=-1, help="prompt length (-1 = 2048 on CUDA, 128 elsewhere; clamped to fit the context)")
-parser.add_argument("--decode-tokens", type=int, default=-1, help="timed decode steps (-1 = 256 on CUDA, 16 elsewhere)")
-parser.add_argument("--batch-sizes", type=str, default="", help="comma-separated rows to decode at once (empty = 1,8,32,128 on CUDA, 1,4 elsewhere)")
-parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("--engine-samples", type=str, default="1,8", help="Engine.generate rows: comma-separated samples of one prompt (empty = skip)")
-parser.add_argument("--engine-prompt-tokens", type=int, default=64, help="prompt length of the Engine.generate rows")
-parser.add_argument("--engine-tokens", type=int, default=128, help="tokens each sample generates in the Engine.generate rows")
+add = parser.add_argument
+add("-i", "--source", type=str, default="base", help="checkpoint source: base|mid|sft|rl (ignored with --depth)")
+add("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
+add("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
+add("--depth", type=int, default=-1, help="a random-init model of this depth instead of a checkpoint (-1 = load one)")
+add("--max-seq-len", type=int, default=2048, help="context of the --depth model")
+add("--vocab-size", type=int, default=32768, help="vocabulary of the --depth model (the CPU demo's is 8192)")
+add("--head-dim", type=int, default=128, help="head width of the --depth model (the CPU demo's is 64)")
+add("--prompt-tokens", type=int, default=-1, help="prompt length (-1 = 2048 on CUDA, else 128; clamped to the context)")
+add("--decode-tokens", type=int, default=-1, help="timed decode steps (-1 = 256 on CUDA, 16 elsewhere)")
+add("--batch-sizes", type=str, default="", help="rows decoded at once, comma list ('' = 1,8,32,128 on CUDA, else 1,4)")
+add("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+add("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+add("--engine-samples", type=str, default="1,8", help="Engine.generate rows: comma list of sample counts ('' = skip)")
+add("--engine-prompt-tokens", type=int, default=64, help="prompt length of the Engine.generate rows")
+add("--engine-tokens", type=int, default=128, help="tokens each sample generates in the Engine.generate rows")
 args = parser.parse_args()
 
 import torch
 
+from nanochat.checkpoint import load_model
 from nanochat.common import compute_init, get_peak_flops, COMPUTE_DTYPE
-from nanochat.engine import sample_next_token
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.engine import Engine, sample_next_token
+from nanochat.gpt import GPT, KVCache, config_for_depth
 
 WARMUP_STEPS = 8
-ASPECT_RATIO = 64       # --depth sizing as in base_train: width = depth*64 rounded up to whole --head-dim-wide heads
 # Peak HBM bandwidth in bytes/s by device name, most specific first.
 _PEAK_BANDWIDTH = [
     ("gb200", 8.0e12), ("b200", 8.0e12), ("b100", 8.0e12), ("h200", 4.8e12),
@@ -71,24 +72,22 @@ decode_tokens = args.decode_tokens if args.decode_tokens > 0 else (256 if on_cud
 batch_sizes = [int(b) for b in (args.batch_sizes or ("1,8,32,128" if on_cuda else "1,4")).split(",")]
 assert all(b >= 1 for b in batch_sizes), f"--batch-sizes must be positive integers, got {args.batch_sizes!r}"
 
-if args.depth > 0:
-    n_embd = math.ceil(args.depth * ASPECT_RATIO / args.head_dim) * args.head_dim
-    config = GPTConfig(sequence_len=args.max_seq_len, vocab_size=args.vocab_size, n_layer=args.depth, n_head=n_embd // args.head_dim,
-                       n_kv_head=n_embd // args.head_dim, n_embd=n_embd)
+if args.depth > 0:  # sized as base_train sizes it
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config_for_depth(args.depth, head_dim=args.head_dim, sequence_len=args.max_seq_len,
+                                     vocab_size=args.vocab_size))
     model.to_empty(device=device)
     model.init_weights()
     model_name = f"random d{args.depth}"
 else:
-    from nanochat.checkpoint import load_model
     model, _, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     model_name = f"{args.source} step {meta['step']}"
 model.eval()
 config = model.config
 # A random prompt: the cost of a forward does not depend on which tokens go in, and --depth needs no tokenizer.
 prompt_tokens = min(prompt_tokens, config.sequence_len - WARMUP_STEPS - decode_tokens)
-assert prompt_tokens >= 1, f"--decode-tokens {decode_tokens} + {WARMUP_STEPS} warm-up leave no room for a prompt in context {config.sequence_len}"
+assert prompt_tokens >= 1, (f"--decode-tokens {decode_tokens} + {WARMUP_STEPS} warm-up leave no room for a prompt in "
+                           f"context {config.sequence_len}")
 prompt = torch.randint(0, config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0)).to(device)
 
 # -----------------------------------------------------------------------------
@@ -113,7 +112,8 @@ card = {
     "kv_read_bytes_per_row_at_mid_ctx": kv_read, "mid_ctx": mid_ctx,
     "peak_bandwidth": peak_bw, "peak_flops": peak_flops, "vram_bytes": vram,
     "batch1_decode_ceiling_tok_per_s": peak_bw / (weight_bytes + kv_read) if peak_bw else None,
-    "max_full_context_rows": (vram - weight_bytes) // (model.kv_bytes_per_token() * config.sequence_len) if vram else None,
+    "max_full_context_rows": (vram - weight_bytes) // (model.kv_bytes_per_token() * config.sequence_len)
+                             if vram else None,
 }
 print(f"device: {torch.cuda.get_device_name(device) if on_cuda else device} | model: {model_name}")
 for k, v in card.items():
@@ -127,8 +127,9 @@ def sync():
         torch.cuda.synchronize(device)
 
 def new_cache(batch_size, seq_len):
-    return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len, head_dim=config.n_embd // config.n_head,
-                   num_layers=config.n_layer, device=device, dtype=COMPUTE_DTYPE)
+    return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
+                   dtype=COMPUTE_DTYPE)
 
 def ratio(numerator, denominator):
     return numerator / denominator if denominator else None
@@ -176,7 +177,8 @@ for batch_size in batch_sizes:
         step_times.append(dt)
     tpot = statistics.median(step_times)
     decode_results.append({
-        "batch_size": batch_size, "ttft_s": ttft, "tpot_s": tpot, "tok_per_s": batch_size * len(step_times) / sum(step_times),
+        "batch_size": batch_size, "ttft_s": ttft, "tpot_s": tpot,
+        "tok_per_s": batch_size * len(step_times) / sum(step_times),
         "bytes_per_s": (weight_bytes + batch_size * kv_read) / tpot,  # achieved; shown even where the peak is unknown
         "mbu": ratio((weight_bytes + batch_size * kv_read) / tpot, peak_bw),
         "mfu": ratio(batch_size * model.estimate_decode_flops(mid_ctx) / tpot, peak_flops),
@@ -190,20 +192,21 @@ class NoStopTokenizer:
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
     def encode_special(self, name):
-        return self.vocab_size + ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|assistant_end|>"].index(name)
+        return self.vocab_size + ["<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                                  "<|assistant_end|>"].index(name)
     def get_bos_token_id(self):
         return self.vocab_size + 5
 
 engine_results = []
 if args.engine_samples:
-    from nanochat.engine import Engine
     engine = Engine(model, NoStopTokenizer(config.vocab_size))
     engine_tokens = min(args.engine_tokens, config.sequence_len // 2)
-    engine_prompt = torch.randint(0, config.vocab_size, (min(args.engine_prompt_tokens, config.sequence_len - engine_tokens),),
+    engine_prompt_len = min(args.engine_prompt_tokens, config.sequence_len - engine_tokens)
+    engine_prompt = torch.randint(0, config.vocab_size, (engine_prompt_len,),
                                   generator=torch.Generator().manual_seed(0)).tolist()
     for samples in [int(b) for b in args.engine_samples.split(",")]:
-        run = lambda n: sum(len(column) for column, _ in engine.generate(engine_prompt, num_samples=samples, max_tokens=n,
-                                                                         temperature=args.temperature, top_k=50))
+        run = lambda n: sum(len(column) for column, _ in engine.generate(
+            engine_prompt, num_samples=samples, max_tokens=n, temperature=args.temperature, top_k=50))
         run(WARMUP_STEPS)
         sync()
         t0 = time.perf_counter()
@@ -219,13 +222,16 @@ fmt = lambda x, spec: "-" if x is None else format(x, spec)
 print(f"\nprefill (batch 1, {prompt_tokens} tokens): TTFT {prefill_result['ttft_s'] * 1e3:.1f} ms | "
       f"{prefill_result['tok_per_s']:,.0f} tok/s | MFU {fmt(prefill_result['mfu'], '.1%')}")
 print(f"decode ({decode_tokens} timed steps after {WARMUP_STEPS} warm-up, context {prompt_tokens}+):")
-print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'GB/s':>8} {'MBU':>7} {'MFU':>7} {'peak VRAM GB':>13}")
+print(f"{'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'GB/s':>8} {'MBU':>7} {'MFU':>7} "
+      f"{'peak VRAM GB':>13}")
 for r in decode_results:
     vram_gb = None if r["peak_vram_bytes"] is None else r["peak_vram_bytes"] / 1e9
     print(f"{r['batch_size']:>6} {r['ttft_s'] * 1e3:>9.1f} {r['tpot_s'] * 1e3:>9.2f} {r['tok_per_s']:>10,.0f} "
-          f"{r['bytes_per_s'] / 1e9:>8.1f} {fmt(r['mbu'], '.1%'):>7} {fmt(r['mfu'], '.1%'):>7} {fmt(vram_gb, '.2f'):>13}")
+          f"{r['bytes_per_s'] / 1e9:>8.1f} {fmt(r['mbu'], '.1%'):>7} {fmt(r['mfu'], '.1%'):>7} "
+          f"{fmt(vram_gb, '.2f'):>13}")
 for r in engine_results:
-    print(f"Engine.generate: one {r['prompt_tokens']}-token prompt, {r['samples']} samples x {r['tokens'] // r['samples']} tokens: "
-          f"{r['tok_per_s']:,.0f} tok/s aggregate")
-print(json.dumps({"device": str(device), "card": card, "prefill": prefill_result, "decode": decode_results, "engine": engine_results,
-                  "decode_tokens": decode_tokens, "warmup_steps": WARMUP_STEPS, "temperature": args.temperature}))
+    print(f"Engine.generate: one {r['prompt_tokens']}-token prompt, {r['samples']} samples x "
+          f"{r['tokens'] // r['samples']} tokens: {r['tok_per_s']:,.0f} tok/s aggregate")
+print(json.dumps({"device": str(device), "card": card, "prefill": prefill_result, "decode": decode_results,
+                  "engine": engine_results, "decode_tokens": decode_tokens, "warmup_steps": WARMUP_STEPS,
+                  "temperature": args.temperature}))
