@@ -12,7 +12,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_artifacts.py
 
 import json
 import os
-import random
 import runpy
 import signal
 import socket
@@ -26,25 +25,17 @@ import torch
 
 from nanochat.checkpoint import (save_checkpoint, load_model, load_checkpoint, lock_checkpoint_dir, check_resume_flags,
                                  find_last_step)
-from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from conftest import TINY_CORPUS
+from test_base_train import make_base_dir, run_in_process
+from test_checkpoint import save_tiny_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def save_tiny_gpt(base_dir, tokenizer, step=7, meta_extra=None):
-    """A d2 GPT saved as base checkpoint d2 `step`, its meta as base_train writes it (max_seq_len, fingerprint)."""
-    tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=32, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="SL")
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    meta = {"model_config": dict(config.__dict__), "user_config": {"max_seq_len": 32},
-            "tokenizer_fingerprint": tokenizer.fingerprint(), **(meta_extra or {})}
-    directory = base_dir / "base_checkpoints" / "d2"
-    save_checkpoint(str(directory), step, model.state_dict(), None, meta)
-    return directory
+def saved_d2(base_dir, tokenizer):
+    """-> the directory of base checkpoint d2 step 7, saved as base_train saves it."""
+    save_tiny_gpt(base_dir, tokenizer)
+    return base_dir / "base_checkpoints" / "d2"
 
 # -----------------------------------------------------------------------------
 # one run per directory
@@ -65,7 +56,7 @@ def start_holder(*directories):
     return holder
 
 def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch, tiny_tokenizer):
-    make_train_dir(tmp_path, tiny_tokenizer)
+    make_base_dir(tmp_path, tiny_tokenizer)
     directory, mid_directory = tmp_path / "base_checkpoints" / "d2", tmp_path / "mid_checkpoints" / "d2"
     holder = start_holder(directory, mid_directory)  # another process, as a concurrent run on another terminal would be
     try:
@@ -88,7 +79,7 @@ def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch,
 # verified on load
 
 def test_flipped_bit_in_the_weights_is_an_error(base_dir, tiny_tokenizer):
-    directory = save_tiny_gpt(base_dir, tiny_tokenizer)
+    directory = saved_d2(base_dir, tiny_tokenizer)
     path = directory / "model_000007.pt"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10  # one bit, inside the tensor data: torch.load alone would not notice
@@ -97,7 +88,7 @@ def test_flipped_bit_in_the_weights_is_an_error(base_dir, tiny_tokenizer):
         load_model("base", "cpu")
 
 def test_edited_sequence_len_is_an_error(base_dir, tiny_tokenizer):
-    directory = save_tiny_gpt(base_dir, tiny_tokenizer)
+    directory = saved_d2(base_dir, tiny_tokenizer)
     meta_path = directory / "meta_000007.json"
     meta = json.load(open(meta_path))
     meta["model_config"]["sequence_len"] = 4096
@@ -110,14 +101,14 @@ def test_edited_sequence_len_is_an_error(base_dir, tiny_tokenizer):
         load_model("base", "cpu")
 
 def test_a_different_tokenizer_of_the_same_size_is_an_error(base_dir, tiny_tokenizer):
-    save_tiny_gpt(base_dir, tiny_tokenizer)
+    saved_d2(base_dir, tiny_tokenizer)
     other = Tokenizer.train_from_iterator(iter([t[::-1] for t in TINY_CORPUS]), vocab_size=tiny_tokenizer.get_vocab_size())
     other.save(str(base_dir / "tokenizer"))
     with pytest.raises(ValueError, match=r"is not the one base d2 step 7 was trained with"):
         load_model("base", "cpu")
 
 def test_old_checkpoint_without_hashes_loads_unverified(base_dir, tiny_tokenizer, capsys):
-    directory = save_tiny_gpt(base_dir, tiny_tokenizer)
+    directory = saved_d2(base_dir, tiny_tokenizer)
     meta_path = directory / "meta_000007.json"
     meta = json.load(open(meta_path))
     for key in ("sha256", "meta_sha256", "tokenizer_fingerprint"):
@@ -152,26 +143,12 @@ def test_next_save_removes_temp_files_of_a_killed_save(tmp_path):
 # -----------------------------------------------------------------------------
 # resume with flags that change the trajectory
 
-def make_train_dir(path, tokenizer):
-    """Tokenizer plus local-dataset shards (2 train, 1 val) for a tiny base_train run."""
-    tokenizer.save(str(path / "tokenizer"))
-    data_dir = path / "base_data_local"
-    data_dir.mkdir(parents=True)
-    rng = random.Random(0)
-    words = "the cat sat on a mat while 12 dogs ran to the park and then she said hello".split()
-    for index in (0, 1, 9):
-        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(100)]
-        pq.write_table(pa.table({"text": texts}), str(data_dir / f"shard_{index:05d}.parquet"), row_group_size=20)
-
 TRAIN_FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--window-pattern=SL",
                "--device-batch-size=2", "--total-batch-size=64", "--warmup-steps=1", "--eval-every=-1",
                "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--compile=0"]
 
 def run_base_train(monkeypatch, base, *flags):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    monkeypatch.setenv("NANOCHAT_DATASET", "local")
-    monkeypatch.setattr(sys, "argv", ["base_train", *TRAIN_FLAGS, *flags])
-    runpy.run_module("scripts.base_train", run_name="__main__")
+    run_in_process(monkeypatch, base, *TRAIN_FLAGS, *flags)
 
 def test_check_resume_flags():
     saved = {"matrix_lr": 0.02, "warmup_steps": 40, "seed": 1}
@@ -181,7 +158,7 @@ def test_check_resume_flags():
     assert check_resume_flags(saved, dict(saved, seed=2), ["seed"], True) == ["--seed: checkpoint 1 vs now 2"]
 
 def test_base_train_resume_with_new_lr_needs_override_and_then_uses_it(tmp_path, monkeypatch, tiny_tokenizer):
-    make_train_dir(tmp_path, tiny_tokenizer)
+    make_base_dir(tmp_path, tiny_tokenizer)
     run_base_train(monkeypatch, tmp_path, "--num-iterations=4", "--save-every=2")
     directory = str(tmp_path / "base_checkpoints" / "d2")
     original_state, _, original = load_checkpoint(directory, 4, "cpu")

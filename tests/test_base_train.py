@@ -187,14 +187,14 @@ def test_fp8_off_cuda_is_an_error(monkeypatch, reference_run):
         run_in_process(monkeypatch, base, *FLAGS, "--fp8", "--model-tag=fp8")
 
 class Vocab32K:
-    """Stands in for a 32,768-token tokenizer: the reference's batch sizes are stated for that vocab."""
+    """Stands in for a 32,768-token tokenizer: karpathy/nanochat's batch sizes are stated for that vocab."""
     def get_vocab_size(self):
         return 32768
 
 @pytest.mark.parametrize("depth, batch", [(8, 2 ** 18), (12, 2 ** 19), (16, 2 ** 19), (20, 2 ** 20), (26, 2 ** 20),
                                           (32, 2 ** 21)])
 def test_auto_batch_size_follows_depth(monkeypatch, reference_run, depth, batch):
-    # B = 2^round(log2(2^19 (N/N_d12)^0.383)): the reference's d8 2^18, d10-16 2^19, d18-26 2^20, d32+ 2^21.
+    # B = 2^round(log2(2^19 (N/N_d12)^0.383)): karpathy/nanochat's d8 2^18, d10-16 2^19, d18-26 2^20, d32+ 2^21.
     # 3 rows x 2048 never divides a power of two, so the run stops at the batch check and the message names B.
     import nanochat.tokenizer
     base, _ = reference_run

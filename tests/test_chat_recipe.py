@@ -3,7 +3,7 @@ The chat stages' recipes and their epoch, end to end through scripts/chat_sft.ma
 64, T 96), the tiny tokenizer and a 40-conversation task whose every conversation names its index ("item 17"):
 - one epoch trains every conversation exactly once and then stops, at 1 rank and at 2 gloo ranks (read from the
   rows each training micro-batch actually receives, not from the loader's bookkeeping);
-- the reference's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02 with no batch-size factor whatever the
+- karpathy/nanochat's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02 with no batch-size factor whatever the
   source's lrs and batch, Muon momentum ramp (mid) or constant 0.95 (SFT), SFT's 32 conversations per step;
 - SFT warm-started from a 2-rank mid checkpoint on 1 rank warns, starts the momenta fresh and goes on.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_recipe.py
@@ -21,9 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 from nanochat.checkpoint import find_last_step, load_meta
-from nanochat.gpt import GPT
 from tasks.common import Task
-from test_chat_sft import MID, SFT, checkpoint, make_base_dir, model_config
+from test_chat_sft import MID, SFT, RECIPE_LRS, checkpoint, expected_initial_lrs, make_base_dir
 
 N = 40  # conversations in the training task
 
@@ -84,11 +83,6 @@ def run_two_ranks(base, stage, flags, out_dir):
 def last_step(base, directory):
     return find_last_step(str(base / directory))
 
-def recipe_lrs(tokenizer, lr_frac):
-    optimizer = GPT(model_config(tokenizer)).setup_optimizer(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02,
-                                                             weight_decay=0.0, lr_scale=lr_frac)
-    return [group["initial_lr"] for group in optimizer.param_groups]
-
 def muon_momenta(base, directory, step, rank=0):
     state = torch.load(os.path.join(base, directory, f"optim_{step:06d}_rank{rank}.pt"), weights_only=True)
     return [g["momentum"] for g in state["param_groups"] if g.get("kind") == "muon"]
@@ -108,7 +102,7 @@ def check_mid_epoch(base, trained, tokenizer):
     step = last_step(base, MID)
     meta = load_meta(str(base / MID), step)
     assert meta["loop_state"]["progress"] == 1.0
-    assert meta["initial_lrs"] == recipe_lrs(tokenizer, 1.0)  # 0.2/0.004/0.02 x 1.0, no batch-size factor
+    assert meta["initial_lrs"] == expected_initial_lrs(tokenizer, RECIPE_LRS, 1.0)  # x 1.0, no batch-size factor
     # the momentum ramp 0.85 -> 0.95 over 300 steps, as set for the last step trained (step - 1)
     momenta = muon_momenta(base, MID, step)
     assert momenta == pytest.approx([0.85 + 0.1 * (step - 1) / 300] * len(momenta))
@@ -144,6 +138,6 @@ def test_sft_recipe_and_warm_start_from_two_ranks(mid_two_ranks, tiny_tokenizer,
     # 32 conversations per step: 40 take 2 steps; the recipe's lrs x 0.02; momentum constant 0.95
     assert meta["step"] == math.ceil(N / 32) == 2 and meta["examples_per_step"] == 32
     assert "one epoch = 2 steps of 32 conversations" in stdout
-    assert meta["initial_lrs"] == recipe_lrs(tiny_tokenizer, 0.02)
+    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 0.02)
     assert set(muon_momenta(tmp_path, "sft_0", 2)) == {0.95}
     assert "matrix_lr 0.02 (sft recipe)" in stdout and "max_seq_len 96 (mid checkpoint)" in stdout

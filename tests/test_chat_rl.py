@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -24,6 +23,7 @@ from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from tasks.common import Task
 import scripts.chat_rl as chat_rl
+from test_base_train import run as run_script  # the script in a subprocess under base; its stdout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = os.path.join("chatrl_checkpoints", "d2")
@@ -211,11 +211,7 @@ FLAGS = ["--task=synthetic-math", "--num-iterations=4", "--examples-per-step=4",
 def run(base, launcher, extra_flags=()):
     wrapper = base / "rl_wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=REPO, tests=os.path.join(REPO, "tests")))
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    cmd = [*launcher, str(wrapper), *FLAGS, *extra_flags]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    return run_script([*launcher, str(wrapper), *FLAGS, *extra_flags], base)
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, tiny_tokenizer):

@@ -1,7 +1,7 @@
 """
 Tests of the chat training loop shared by scripts/mid_train.py and scripts/chat_sft.py, on a tiny model (depth 2,
 width 64, T 96), the tiny tokenizer and the embedded synthetic mixture (CPU):
-- the step loss is the mean over the step's supervised tokens, also when a micro-batch has none (the reference's
+- the step loss is the mean over the step's supervised tokens, also when a micro-batch has none (karpathy/nanochat's
   per-micro-batch mean gives NaN there), in the function the script uses and in a real run that meets such batches;
 - an interrupted-then-resumed mid-training run is bit-identical to an uninterrupted one;
 - 2 gloo ranks train the same model as 1 process with 2 accumulation steps;
@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import read_metric_log
+from test_base_train import run  # the script in a subprocess under base; its stdout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -57,12 +57,6 @@ def make_base_dir(path, tokenizer, with_optimizer=True):
     meta = {"model_config": dict(config.__dict__), "user_config": {**PRETRAIN_LRS, "depth": 2}, **SOURCE}
     save_checkpoint(str(path / "base_checkpoints" / "d2"), 10, model.state_dict(),
                     optimizer.state_dict() if with_optimizer else None, meta)
-
-def run(cmd, base):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
 
 def parse_log(stdout):
     """-> {step: debiased loss}, {step: supervised tokens}, {step: val bpb}, {step: chat metrics line}."""
@@ -101,7 +95,7 @@ def test_step_loss_is_the_mean_over_supervised_tokens_even_with_an_empty_micro_b
     targets[2][0, 1:] = -1    # 1 supervised token
     targets[2][1, :] = -1
 
-    # the reference normalized each micro-batch by its own count: 0/0 = NaN poisons the whole step
+    # karpathy/nanochat normalized each micro-batch by its own count: 0/0 = NaN poisons the whole step
     reference_micro_loss = F.cross_entropy(model(inputs[1]).view(-1, V), targets[1].view(-1), ignore_index=-1)
     assert torch.isnan(reference_micro_loss)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import nanochat.checkpoint as ckpt
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, find_model_tag, load_model
+from nanochat.gpt import GPT, GPTConfig
 
 def small_model_and_optimizer(seed):
     torch.manual_seed(seed)
@@ -99,7 +100,8 @@ def test_find_model_tag(tmp_path):
 # load_model with a tiny GPT
 
 def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="d2", step=7, prefix="", bf16=False):
-    from nanochat.gpt import GPT, GPTConfig
+    """A d2 GPT saved as checkpoint <source_dir>/<tag> `step`, its meta as base_train writes it (max_seq_len,
+    tokenizer fingerprint). tests/test_artifacts.py uses it too."""
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     config = GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
@@ -110,7 +112,8 @@ def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     state = {prefix + k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
-    meta = {"model_config": config.__dict__, "user_config": {}}
+    meta = {"model_config": config.__dict__, "user_config": {"max_seq_len": 32},
+            "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}
     save_checkpoint(str(base_dir / source_dir / tag), step, state, None, meta)
     return model
 
