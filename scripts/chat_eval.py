@@ -225,7 +225,7 @@ if __name__ == "__main__":
 
     tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)
     if skipped and set(tasks) == set(SYNTHETIC_TASKS):
-        print0(f"No real task data could be loaded (offline?): evaluating the synthetic tasks' test splits instead")
+        print0("No real task data could be loaded (offline?): evaluating the synthetic tasks' test splits instead")
     results = {}
     for name, task in tasks.items():
         accuracy = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size,

@@ -15,8 +15,6 @@ import itertools
 import os
 import time
 
-import torch
-
 from nanochat.common import get_base_dir, check_flags
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report

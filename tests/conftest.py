@@ -9,7 +9,9 @@ import threading
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 import pytest
+import torch
 
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 # Keep torch from oversubscribing the 2-core CI machine.
@@ -32,6 +34,22 @@ TINY_CORPUS = [
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
     return Tokenizer.train_from_iterator(iter(TINY_CORPUS), vocab_size=256 + 64 + 9)
+
+@pytest.fixture(scope="session")
+def random_chat_gpt():
+    """(vocab_size, sequence_len) -> a 2-layer GPT with random matrices: init zeros the projections and nearly zeros
+    lm_head, which would make every reply the same whatever the prompt."""
+    def build(vocab_size, sequence_len):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
+                              n_embd=32))
+        model.init_weights()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
+                    p.normal_(0.0, p.size(1) ** -0.5)
+        return model.eval()
+    return build
 
 @pytest.fixture
 def free_port():

@@ -9,7 +9,6 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_bad_inputs.py
 import argparse
 import io
 import json
-import os
 import runpy
 import sys
 

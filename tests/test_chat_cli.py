@@ -15,30 +15,17 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_TOKENS = 12
 
-def build_model(vocab_size):
-    """Random weights everywhere (init zeros the projections, nearly zeros lm_head): replies depend on the prompt."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
-                p.normal_(0.0, p.size(1) ** -0.5)
-    return model.eval()
-
 @pytest.fixture
-def checkpoints(base_dir, tiny_tokenizer):
+def checkpoints(base_dir, tiny_tokenizer, random_chat_gpt):
     """The same tiny model saved as sft/d1 and base/d1, plus the tokenizer, under the test's NANOCHAT_BASE_DIR."""
-    model = build_model(tiny_tokenizer.get_vocab_size())
+    model = random_chat_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=128)
     meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
     for source_dir in ("chatsft_checkpoints", "base_checkpoints"):
         save_checkpoint(str(base_dir / source_dir / "d1"), 5, model.state_dict(), None, meta)

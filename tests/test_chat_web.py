@@ -22,25 +22,11 @@ import torch
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine, TextStream
-from nanochat.gpt import GPT, GPTConfig
 
 openai = pytest.importorskip("openai", reason="pip install -e '.[test]' installs the openai client")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
-
-def build_model(tokenizer):
-    torch.manual_seed(0)
-    V = tokenizer.get_vocab_size()
-    model = GPT(GPTConfig(sequence_len=2048, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
-    model.init_weights()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:
-                p.normal_(0.0, p.size(1) ** -0.5)
-        for stop in ("<|assistant_end|>", "<|bos|>"):
-            model.lm_head.weight[tokenizer.encode_special(stop)] = 0.0
-    return model.eval()
 
 def start_server(base_dir, *extra):
     log_path = base_dir / f"server{len(list(base_dir.glob('server*.log')))}.log"
@@ -61,10 +47,13 @@ def start_server(base_dir, *extra):
     raise AssertionError(f"chat_web did not start:\n{log_path.read_text()[-3000:]}")
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_tokenizer):
+def served(tmp_path_factory, tiny_tokenizer, random_chat_gpt):
     """(url, model, tokenizer, log path) of chat_web serving the tiny model with --api-key."""
     base_dir = tmp_path_factory.mktemp("chat_web_base")
-    model = build_model(tiny_tokenizer)
+    model = random_chat_gpt(tiny_tokenizer.get_vocab_size(), sequence_len=2048)
+    with torch.no_grad():  # stop tokens pinned at logit 0: replies seldom end early
+        for stop in ("<|assistant_end|>", "<|bos|>"):
+            model.lm_head.weight[tiny_tokenizer.encode_special(stop)] = 0.0
     meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
     save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
