@@ -321,8 +321,7 @@ def build_local_corpus(force=False, root=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline local corpus")
-    parser.add_argument("-n", "--num-files", type=int, default=-1,
-                        help="train shards to download (-1 = all); the val shard always comes too")
+    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards (-1 = all), plus the val shard")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                         help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); "
@@ -340,8 +339,7 @@ def main(argv=None):
     assert args.num_workers >= 1, f"--num-workers must be >= 1, got {args.num_workers}"
     failed = download_shards(args.num_files, name, args.num_workers)
     if failed:
-        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; "
-                         f"run the same command again to retry them")
+        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; rerun to retry")
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (e
 args = parser.parse_args()
 if not math.isfinite(args.temperature):  # argparse's float accepts nan, which Engine's "< 0" check lets through
     parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
-# The other flags are checked by Engine.generate, whose ValueError names the bad value (printed below).
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model

@@ -87,8 +87,7 @@ class APIError(Exception):
         self.message, self.param, self.status, self.kind = message, param, status, kind
 
 def error_response(e):
-    body = {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}
-    return JSONResponse(body, status_code=e.status)
+    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}, e.status)
 
 def is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -153,14 +152,14 @@ def parse_chat_request(body, openai):
     roles = ("system", "user", "assistant") if openai else ("user", "assistant")
     parsed = []
     for i, m in enumerate(messages):
+        at = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise APIError(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
+            raise APIError(f"{at} must be an object with role and content", at)
         if m.get("role") not in roles:
-            raise APIError(f"messages[{i}].role must be one of {', '.join(roles)}; "
-                           f"got {json.dumps(m.get('role'))[:50]}", f"messages[{i}].role")
+            raise APIError(f"{at}.role must be one of {', '.join(roles)}; got {json.dumps(m.get('role'))[:50]}",
+                           f"{at}.role")
         if m["role"] == "system" and i != 0:
-            raise APIError(f"messages[{i}]: a system message is accepted only as the first message",
-                           f"messages[{i}].role")
+            raise APIError(f"{at}: a system message is accepted only as the first message", f"{at}.role")
         parsed.append((m["role"], message_text(m.get("content"), i, openai)))
     total = sum(len(text) for _, text in parsed)
     if total > MAX_TOTAL_CHARS:
@@ -168,8 +167,7 @@ def parse_chat_request(body, openai):
     if parsed[0][0] == "system":
         if len(parsed) < 2 or parsed[1][0] != "user":
             raise APIError("a system message must be followed by a user message", "messages")
-        # merged into the first user message, as the tokenizer renders it in training
-        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]
+        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]  # as rendered in training
 
     max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
     if openai:

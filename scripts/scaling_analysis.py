@@ -111,8 +111,7 @@ def isoflop_fit(rows):
         log_n = np.log10([r["num_scaling_params"] for r in runs])
         a, b, c = np.polyfit(log_n, [r["val_bpb"] for r in runs], 2)
         if a <= 0:
-            reason = "val bpb has no minimum over these sizes (the fitted curve bends down)"
-            fits[budget] = {"reason": reason, "coeffs": (a, b, c)}
+            fits[budget] = {"reason": "val bpb has no minimum over these sizes (fit bends down)", "coeffs": (a, b, c)}
             continue
         x_opt = -b / (2 * a)
         slope, intercept = np.polyfit(log_n, np.log10([r["tokens_trained"] for r in runs]), 1)

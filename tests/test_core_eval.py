@@ -88,6 +88,11 @@ def write_bundle(root):
     (bundle / "eval_meta_data.csv").write_text(META_CSV)
     return bundle
 
+@pytest.fixture
+def bundle(base_dir):
+    """The fixture bundle written under the test's NANOCHAT_BASE_DIR, where evaluate_core looks for it."""
+    return write_bundle(base_dir)
+
 def gold_sequences(tokenizer, bundle, max_per_task=-1):
     """The token rows the gold answers are scored on (what an oracle must predict), in evaluate_core's order."""
     tasks, _ = core_eval.load_core_config(str(bundle))
@@ -228,8 +233,7 @@ def test_continuation_span_edge_cases():
 # -----------------------------------------------------------------------------
 # Scoring
 
-def test_oracle_scores_one_and_uniform_scores_the_baseline(tiny_tokenizer, base_dir):
-    bundle = write_bundle(base_dir)
+def test_oracle_scores_one_and_uniform_scores_the_baseline(tiny_tokenizer, bundle):
     V = tiny_tokenizer.get_vocab_size()
     golds = gold_sequences(tiny_tokenizer, bundle)
     oracle = OracleModel(V, [s for seqs in golds.values() for s in seqs])
@@ -243,8 +247,7 @@ def test_oracle_scores_one_and_uniform_scores_the_baseline(tiny_tokenizer, base_
     assert out["results"] == {"mc_task": 0.25, "schema_task": 0.5, "lm_task": 0.0}
     assert out["centered_results"] == pytest.approx({"mc_task": 0.0, "schema_task": 0.0, "lm_task": 0.0}, abs=1e-12)
 
-def test_partial_oracle_centering_and_max_per_task(tiny_tokenizer, base_dir):
-    bundle = write_bundle(base_dir)
+def test_partial_oracle_centering_and_max_per_task(tiny_tokenizer, bundle):
     V = tiny_tokenizer.get_vocab_size()
     golds = gold_sequences(tiny_tokenizer, bundle)
     # the oracle knows the MC answers of the first 3 shuffled examples only; the rest fall back to choice 0
@@ -263,8 +266,7 @@ def test_partial_oracle_centering_and_max_per_task(tiny_tokenizer, base_dir):
     out = evaluate_core(OracleModel(V, cropped["mc_task"]), tiny_tokenizer, "cpu", max_per_task=known)
     assert out["results"]["mc_task"] == 1.0
 
-def test_lm_exact_match_fails_on_one_wrong_token(tiny_tokenizer, base_dir):
-    bundle = write_bundle(base_dir)
+def test_lm_exact_match_fails_on_one_wrong_token(tiny_tokenizer, bundle):
     V = tiny_tokenizer.get_vocab_size()
     golds = gold_sequences(tiny_tokenizer, bundle)
     lm = [list(s) for s in golds["lm_task"]]
@@ -273,8 +275,7 @@ def test_lm_exact_match_fails_on_one_wrong_token(tiny_tokenizer, base_dir):
     out = evaluate_core(OracleModel(V, lm), tiny_tokenizer, "cpu")
     assert out["results"]["lm_task"] == pytest.approx(5 / 6)
 
-def test_batching_does_not_change_results(tiny_tokenizer, base_dir):
-    write_bundle(base_dir)
+def test_batching_does_not_change_results(tiny_tokenizer, bundle):
     model = BigramModel(tiny_tokenizer.get_vocab_size())
     one_per_forward = evaluate_core(model, tiny_tokenizer, "cpu", batch_tokens=1)
     all_in_one = evaluate_core(model, tiny_tokenizer, "cpu", batch_tokens=1 << 20)
@@ -307,8 +308,7 @@ def _task_rows(tokenizer, bundle):
         out[task["label"]] = (task, data, core_eval.prepare_examples(task, data, range(len(data)), tokenizer)[0])
     return out
 
-def test_prompt_longer_than_context_is_scored_whole(tiny_tokenizer, base_dir):
-    bundle = write_bundle(base_dir)
+def test_prompt_longer_than_context_is_scored_whole(tiny_tokenizer, bundle):
     V = tiny_tokenizer.get_vocab_size()
     short = _random_gpt(V, sequence_len=6)  # rotary tables for 60 positions, prompts up to 72 tokens
     # the same weights built for a 256-token context attend within the same windows, the way a model reads any
@@ -379,8 +379,7 @@ def _worker(rank, world_size, port, tokenizer_dir, out_path):
             json.dump(out, f)
     dist.destroy_process_group()
 
-def test_two_processes_match_one(tiny_tokenizer, base_dir, tmp_path, free_port):
-    write_bundle(base_dir)
+def test_two_processes_match_one(tiny_tokenizer, bundle, tmp_path, free_port):
     single = evaluate_core(BigramModel(tiny_tokenizer.get_vocab_size()), tiny_tokenizer, "cpu")
     assert 0 < sum(single["results"].values()) < 3  # a model that is neither always right nor always wrong
     tokenizer_dir = str(tmp_path / "tok")
@@ -439,8 +438,7 @@ def test_bundle_offline_and_corrupt_zip(base_dir, http_server, monkeypatch):
         core_eval.ensure_eval_bundle(url=http_server.url + "/other.zip")
     assert not (base_dir / "eval_bundle.zip").exists() and not (base_dir / "eval_bundle").exists()
 
-def test_missing_task_file_and_malformed_line(tiny_tokenizer, base_dir):
-    bundle = write_bundle(base_dir)
+def test_missing_task_file_and_malformed_line(tiny_tokenizer, bundle):
     model = UniformModel(tiny_tokenizer.get_vocab_size())
     lm_path = bundle / "eval_data/language_understanding/lm_task.jsonl"
     lines = lm_path.read_text().splitlines()
