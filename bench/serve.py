@@ -182,5 +182,4 @@ for r in results:
           f"{fmt(r['ttft_p95_s']):>12} {r['tok_per_s']:>8.0f} {r['tok_per_s'] / results[0]['tok_per_s']:>7.2f}x")
     if r["first_error"]:
         print(f"         first error: {r['first_error']}")
-summary = {"url": url, "model": args.model, "seconds": args.seconds, "max_tokens": args.max_tokens, "runs": results}
-print(json.dumps(summary))
+print(json.dumps(dict(url=url, model=args.model, seconds=args.seconds, max_tokens=args.max_tokens, runs=results)))

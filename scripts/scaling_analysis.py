@@ -41,8 +41,7 @@ def run_row(tag):
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
     metas = sorted(glob.glob(os.path.join(checkpoint_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it first "
-                                f"(python -m scripts.base_train --model-tag={tag} ...)")
+        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it (base_train --model-tag={tag})")
     with open(metas[-1], encoding="utf-8") as f:
         meta = json.load(f)
     if meta["step"] != meta["num_iterations"]:

@@ -37,8 +37,7 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def random_chat_gpt():
-    """(vocab_size, sequence_len) -> a 2-layer GPT with random matrices: init zeros the projections and nearly zeros
-    lm_head, which would make every reply the same whatever the prompt."""
+    """(vocab_size, sequence_len) -> a 2-layer GPT with random matrices (after init every reply ignores the prompt)."""
     def build(vocab_size, sequence_len):
         torch.manual_seed(0)
         model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,

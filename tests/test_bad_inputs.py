@@ -142,8 +142,7 @@ def calculator_tuple(ctx):
 def non_utf8_stdin(ctx):
     save_chat_model(ctx.base, ctx.tokenizer)
     stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nquit\n"), encoding="utf-8", errors="strict")
-    argv = ["--device-type", "cpu", "-t", "0", "-m", "2"]
-    code, text = run_script("scripts.chat_cli", argv, ctx.monkeypatch, stdin=stdin)
+    code, text = run_script("scripts.chat_cli", ["--device-type=cpu", "-t0", "-m2"], ctx.monkeypatch, stdin=stdin)
     assert code is None, text  # the session goes on to the next line ("quit") and ends normally
     return next(line for line in text.splitlines() if "not valid" in line)
 

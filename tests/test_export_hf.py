@@ -154,8 +154,7 @@ def test_chat_cli_chats_with_an_export(exported, monkeypatch, capsys):
     model, tok, out = exported
     prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "hello"}]})
     seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=8, temperature=0.0)
-    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-i", out, "-p", "hello", "-t", "0",
-                                      "-m", "8"])
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type=cpu", "-i", out, "-p", "hello", "-t", "0", "-m", "8"])
     runpy.run_module("scripts.chat_cli", run_name="__main__")
     reply = capsys.readouterr().out.split("Assistant: ")[1]
     assert reply == tok.decode(seqs[0][len(prompt):]) + "\n"

@@ -37,8 +37,7 @@ def test_speedrun_smoke(tmp_path):
     result = subprocess.run(["bash", str(tmp_path / "repo" / "runs" / "speedrun_smoke.sh")], env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    smoke = tmp_path / "smoke"
     for path in ("tokenizer", "base_checkpoints/d2", "mid_checkpoints/d2", "chatsft_checkpoints/d2",
                  "report/report.md"):
-        assert (smoke / path).exists(), f"{path} missing after the smoke run"
+        assert (tmp_path / "smoke" / path).exists(), f"{path} missing after the smoke run"
     assert "Assistant:" in result.stdout, "chat_cli answered the prompt"
