@@ -6,7 +6,7 @@ One call checks a GPU machine: are the fast paths right, and how fast is it? Run
     python -m bench.gpu_check --skip-speed        # numerics only (~1 minute)
 
 Numerics (each against a reference in fp32, on the GPU):
-  attention  FA3, flex and SDPA in bf16 vs gpt.attention_reference: forward and q/k/v grads for full causal,
+  attention  FA3, flex and SDPA in bf16 vs attention_reference: forward and q/k/v grads for full causal,
              a sliding window, GQA and a query chunk appended to a longer key cache (decode alignment).
   fp8        nanochat.fp8's forward (e4m3) and backward (e5m2 grads) matmuls vs an fp32 matmul, next to bf16's error.
   optimizer  MuonAdamW's compiled step (as base_train runs it: Muon's orthogonalization in bf16) vs the eager step
@@ -36,7 +36,8 @@ import nanochat.optim as optim
 from nanochat.common import COMPUTE_DTYPE, atomic_write_text
 from nanochat.core_eval import evaluate_task
 from nanochat.fp8 import Float8Matmul
-from nanochat.gpt import ATTENTION_IMPLS, GPT, attention_reference, config_for_depth, load_fa3
+from nanochat.attention import ATTENTION_IMPLS, attention_reference, load_fa3
+from nanochat.gpt import GPT, config_for_depth
 from nanochat.optim import MuonAdamW
 from nanochat.tokenizer import Tokenizer
 

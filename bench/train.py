@@ -24,7 +24,7 @@ import time
 import torch
 
 from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, COMPUTE_DTYPE
-import nanochat.gpt as gpt
+import nanochat.attention as attention
 from nanochat.dataloader import pretrain_loader
 from nanochat.fp8 import convert_to_float8_training, worth_fp8
 from nanochat.gpt import GPT, config_for_depth
@@ -73,8 +73,8 @@ def bench_model(name, attn):
     vocab_size = args.vocab_size if args.vocab_size > 0 else vocab_size
     config = config_for_depth(depth, head_dim=head_dim, sequence_len=T, vocab_size=vocab_size,
                               window_pattern=window_pattern)
-    gpt.ATTN_IMPL = None if attn == "auto" else attn
-    impl = gpt.pick_attention_impl(device)
+    attention.ATTN_IMPL = None if attn == "auto" else attn
+    impl = attention.pick_attention_impl(device)
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -1,5 +1,5 @@
 """
-Attention paths in nanochat/gpt.py against the explicit masked-softmax reference (and the reference against
+Attention paths in nanochat/attention.py against the explicit masked-softmax reference (and the reference against
 hand-worked answers): full causal, sliding windows, GQA, one-token decode and cache chunks, gradients,
 FlexAttention's block-mask structure, and the ATTN_IMPL override.
 FlexAttention runs here uncompiled on CPU (forward only: torch has no CPU flex backward); the CUDA kernel reads the
@@ -9,7 +9,8 @@ same BlockMask, whose full/partial block classification is checked exhaustively 
 import pytest
 import torch
 
-from nanochat import gpt
+from nanochat import attention as attn
+from nanochat.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -26,7 +27,7 @@ def qkv(B, Tq, Tk, H, Hkv, D=16, seed=0, requires_grad=False):
 def test_reference_window_zero_returns_own_value():
     # window 0: every query sees only its own key, so softmax is 1 on it and the output is v itself
     q, k, v = qkv(2, 9, 9, 2, 2)
-    torch.testing.assert_close(gpt.attention_reference(q, k, v, 0), v)
+    torch.testing.assert_close(attn.attention_reference(q, k, v, 0), v)
 
 def test_reference_uniform_scores_average_visible_values():
     # q = 0 makes every score equal: the output is the plain mean of the visible values
@@ -34,21 +35,21 @@ def test_reference_uniform_scores_average_visible_values():
     q = torch.zeros(1, 12, 1, 16)
     window = 3
     expected = torch.stack([v[0, max(0, t - window):t + 1, 0].mean(0) for t in range(12)])
-    torch.testing.assert_close(gpt.attention_reference(q, k, v, window)[0, :, 0], expected)
+    torch.testing.assert_close(attn.attention_reference(q, k, v, window)[0, :, 0], expected)
 
 def test_reference_gqa_equals_repeated_kv_heads():
     q, k, v = qkv(1, 10, 10, 4, 2)
-    got = gpt.attention_reference(q, k, v, 4)
+    got = attn.attention_reference(q, k, v, 4)
     # query heads 0,1 read kv head 0; heads 2,3 read kv head 1
     for h in range(4):
-        expected = gpt.attention_reference(q[:, :, h:h + 1], k[:, :, h // 2:h // 2 + 1], v[:, :, h // 2:h // 2 + 1], 4)
+        expected = attn.attention_reference(q[:, :, h:h + 1], k[:, :, h // 2:h // 2 + 1], v[:, :, h // 2:h // 2 + 1], 4)
         torch.testing.assert_close(got[:, :, h:h + 1], expected)
 
 def test_reference_decode_query_sits_at_end_of_keys():
     # a single query attends like the last row of the full computation
     q, k, v = qkv(1, 20, 20, 2, 2)
-    full = gpt.attention_reference(q, k, v, 5)
-    torch.testing.assert_close(gpt.attention_reference(q[:, -1:], k, v, 5), full[:, -1:])
+    full = attn.attention_reference(q, k, v, 5)
+    torch.testing.assert_close(attn.attention_reference(q[:, -1:], k, v, 5), full[:, -1:])
 
 # -----------------------------------------------------------------------------
 # Fast paths == reference
@@ -69,8 +70,8 @@ CASES = [  # (B, Tq, Tk, H, Hkv, window)
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,window", CASES)
 def test_fast_path_matches_reference(impl, B, Tq, Tk, H, Hkv, window):
     q, k, v = qkv(B, Tq, Tk, H, Hkv, seed=Tq * 1000 + window % 997)
-    expected = gpt.attention_reference(q, k, v, window)
-    got = gpt.ATTENTION_IMPLS[impl](q, k, v, window)
+    expected = attn.attention_reference(q, k, v, window)
+    got = attn.ATTENTION_IMPLS[impl](q, k, v, window)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -78,8 +79,8 @@ def test_fast_path_matches_reference(impl, B, Tq, Tk, H, Hkv, window):
 def test_sdpa_gradients_match_reference(Tq, Tk, window):
     q, k, v = qkv(2, Tq, Tk, 4, 2, requires_grad=True)
     grad_out = torch.randn(2, Tq, 4, 16, generator=torch.Generator().manual_seed(1))
-    ref_grads = torch.autograd.grad(gpt.attention_reference(q, k, v, window), (q, k, v), grad_out)
-    got_grads = torch.autograd.grad(gpt.attention_sdpa(q, k, v, window), (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(attn.attention_reference(q, k, v, window), (q, k, v), grad_out)
+    got_grads = torch.autograd.grad(attn.attention_sdpa(q, k, v, window), (q, k, v), grad_out)
     for name, got, ref in zip("qkv", got_grads, ref_grads):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
 
@@ -87,9 +88,9 @@ def test_sdpa_gradients_match_reference(Tq, Tk, window):
 def test_flex_block_mask_classifies_blocks_exactly(T, window):
     # Compiled flex skips mask_mod on "full" blocks and skips absent blocks, so each block pair must be
     # full iff every in-range (q, k) pair is visible, listed iff at least one is.
-    bm = gpt.sliding_block_mask(T, window, "cpu")
-    dense = gpt.visible_mask(T, T, window, "cpu")
-    n, blk = -(-T // gpt.FLEX_BLOCK), gpt.FLEX_BLOCK
+    bm = attn.sliding_block_mask(T, window, "cpu")
+    dense = attn.visible_mask(T, T, window, "cpu")
+    n, blk = -(-T // attn.FLEX_BLOCK), attn.FLEX_BLOCK
     partial_n, partial_idx = bm.kv_num_blocks[0, 0], bm.kv_indices[0, 0]
     full_n, full_idx = bm.full_kv_num_blocks[0, 0], bm.full_kv_indices[0, 0]
     for qb in range(n):
@@ -105,22 +106,31 @@ def test_flex_block_mask_classifies_blocks_exactly(T, window):
 # Dispatch
 
 def test_override_and_auto_pick(monkeypatch):
-    monkeypatch.setattr(gpt, "ATTN_IMPL", None)
-    assert gpt.pick_attention_impl("cpu") == "sdpa"
+    monkeypatch.setattr(attn, "ATTN_IMPL", None)
+    assert attn.pick_attention_impl("cpu") == "sdpa"
     for impl in ["reference", "sdpa", "flex"]:
-        monkeypatch.setattr(gpt, "ATTN_IMPL", impl)
-        assert gpt.pick_attention_impl("cpu") == impl
+        monkeypatch.setattr(attn, "ATTN_IMPL", impl)
+        assert attn.pick_attention_impl("cpu") == impl
     # the override really routes calls: a spy in place of the reference sees them
     calls = []
-    monkeypatch.setitem(gpt.ATTENTION_IMPLS, "reference", lambda q, k, v, w: calls.append(w) or q)
-    monkeypatch.setattr(gpt, "ATTN_IMPL", "reference")
+    monkeypatch.setitem(attn.ATTENTION_IMPLS, "reference", lambda q, k, v, w: calls.append(w) or q)
+    monkeypatch.setattr(attn, "ATTN_IMPL", "reference")
     q, k, v = qkv(1, 4, 4, 2, 2)
-    gpt.attention(q, k, v, 3)
+    attn.attention(q, k, v, 3)
     assert calls == [3]
     # forcing FA3 where it cannot load is an error at pick time, not an AttributeError inside the forward
-    monkeypatch.setattr(gpt, "ATTN_IMPL", "fa3")
+    monkeypatch.setattr(attn, "ATTN_IMPL", "fa3")
     with pytest.raises(ValueError, match="FA3 is unavailable"):
-        gpt.pick_attention_impl("cpu")
-    monkeypatch.setattr(gpt, "ATTN_IMPL", "flash9")
+        attn.pick_attention_impl("cpu")
+    monkeypatch.setattr(attn, "ATTN_IMPL", "flash9")
     with pytest.raises(ValueError, match="ATTN_IMPL"):
-        gpt.pick_attention_impl("cpu")
+        attn.pick_attention_impl("cpu")
+
+def test_banner_names_the_path_and_building_a_model_prints_nothing(capsys):
+    assert attn.attention_banner("cpu", [128, 256], 256) == "attention: torch SDPA (sliding windows via an explicit T x T mask)"
+    assert attn.attention_banner("cpu", [256, 256], 256) == "attention: torch SDPA"
+    with torch.device("meta"):
+        model = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.to_empty(device="cpu")
+    model.init_weights()  # scripts print the banner once; loading a model (chat_cli, chat_eval, ...) says nothing
+    assert capsys.readouterr().out == ""

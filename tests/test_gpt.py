@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat import gpt
+from nanochat import attention as attn, gpt
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig, KVCache
 
@@ -196,7 +196,7 @@ def test_logits_softcapped_fp32_and_losses():
 
 @pytest.mark.parametrize("impl", ["reference", "sdpa", "flex"])
 def test_kv_cache_decode_equals_full_forward(impl, monkeypatch):
-    monkeypatch.setattr(gpt, "ATTN_IMPL", impl)
+    monkeypatch.setattr(attn, "ATTN_IMPL", impl)
     model = tiny_model()
     model.window_sizes = [6, 256, 11, 256]  # short windows, well inside the cache length
     idx = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(2))

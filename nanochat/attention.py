@@ -1,0 +1,174 @@
+"""
+Causal sliding-window attention, one exact implementation per device.
+
+Every implementation takes q (B, Tq, H, D) and k, v (B, Tk, Hkv, D) with Tq <= Tk and the queries aligned to the END
+of the keys: query i sits at key position Tk - Tq + i and sees key j iff 0 <= pos_i - j <= window. H must be a
+multiple of Hkv (query head h reads kv head h // (H / Hkv)). Each returns (B, Tq, H, D).
+
+    y = attention(q, k, v, window)       # picks per device: fa3 | flex on CUDA, sdpa on CPU/MPS
+    print0(attention_banner(device, window_sizes, sequence_len))   # scripts say which path runs
+
+FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise FlexAttention for sliding windows and
+SDPA's flash kernel for full causal on CUDA; plain SDPA on CPU/MPS. attention_reference is an explicit masked softmax
+that the tests hold the others to. ATTN_IMPL forces one (tests, debugging).
+"""
+
+import importlib.util
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import COMPUTE_DTYPE, print0
+
+ATTN_IMPL = None  # None = pick per device; "fa3" | "flex" | "sdpa" | "reference" forces one (tests, debugging)
+FLEX_BLOCK = 128
+_fa3_module = None
+_fa3_checked = False
+_flex_compiled = None
+
+def visible_mask(Tq, Tk, window, device):
+    """(Tq, Tk) boolean: causal within a left window, queries aligned to the end of the keys."""
+    dist = torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :]
+    return (dist >= 0) & (dist <= window)
+
+def attention_reference(q, k, v, window):
+    """Explicit masked softmax in fp32: slow, obviously right, the yardstick for the fast paths."""
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.size(1), k.size(2)
+    k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) / math.sqrt(D)
+    scores = scores.masked_fill(~visible_mask(Tq, Tk, window, q.device), float("-inf"))
+    return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
+
+def attention_sdpa(q, k, v, window):
+    """torch SDPA: is_causal for plain causal, sliced keys for one-token decode, else an explicit (Tq, Tk) mask."""
+    Tq, Tk = q.size(1), k.size(1)
+    gqa = q.size(2) != k.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Tq == 1:
+        # decode: the last window+1 keys are exactly the visible ones, no mask needed
+        y = F.scaled_dot_product_attention(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):], enable_gqa=gqa)
+    elif Tq == Tk and window >= Tk - 1:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:
+        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build the mask once per call
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
+    """
+    FlexAttention BlockMask for causal+window over T queries/keys, built from the (T/block)^2 block grid, never a
+    T x T mask. A block pair is "full" when every (query, key) pair in it is visible (no mask_mod call needed),
+    "partial" when only some are.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+    n = -(-T // block)
+    lo = torch.arange(n, device=device, dtype=torch.int32) * block
+    hi = (lo + block - 1).clamp(max=T - 1)
+    q_lo, q_hi, k_lo, k_hi = lo[:, None], hi[:, None], lo[None, :], hi[None, :]
+    full = (q_lo - k_hi >= 0) & (q_hi - k_lo <= window)
+    partial = (q_hi - k_lo >= 0) & (q_lo - k_hi <= window) & ~full
+
+    def blocks(m):  # (1, 1, n) counts and (1, 1, n, n) indices with the listed blocks first
+        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
+        return m.sum(dim=-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+
+def attention_flex(q, k, v, window):
+    """
+    CUDA path without FA3: FlexAttention (compiled) for sliding windows, SDPA (flash kernel) for full causal.
+    Decode and cache chunks (Tq < Tk) go to SDPA: their masks are small, and a compiled flex kernel would
+    recompile for every new cache length. So does uncompiled CUDA inference (sampling, CORE: a new length per
+    call), which therefore uses SDPA with an explicit mask too; training and compiled models keep flex.
+    """
+    global _flex_compiled
+    Tq, Tk = q.size(1), k.size(1)
+    eager_inference = q.is_cuda and not q.requires_grad and not torch.compiler.is_compiling()
+    if Tq != Tk or window >= Tk - 1 or eager_inference:
+        return attention_sdpa(q, k, v, window)
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = flex_attention
+    if q.is_cuda:  # uncompiled flex materializes the scores; on CPU (tests) that is fine and saves a long compile
+        if _flex_compiled is None:
+            _flex_compiled = torch.compile(flex_attention, dynamic=False)
+        fn = _flex_compiled
+    block_mask = sliding_block_mask(Tq, window, q.device)
+    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+def load_fa3():
+    """FA3 kernel module from the `kernels` package (Hopper build first), or None when it is not installed / not bf16."""
+    global _fa3_module, _fa3_checked
+    if _fa3_checked:
+        return _fa3_module
+    _fa3_checked = True
+    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
+        return None
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from kernels import get_kernel
+    major, _ = torch.cuda.get_device_capability()
+    repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
+    try:
+        _fa3_module = get_kernel(repo).flash_attn_interface
+    except Exception as e:  # no network / no build for this GPU: say so loudly, use flex
+        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) could not be loaded ({type(e).__name__}: {e}); using flex/SDPA")
+    return _fa3_module
+
+def attention_fa3(q, k, v, window):
+    # FA3 aligns causal masks bottom-right when Tq < Tk, matching our convention; some builds also return the LSE
+    y = load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+    return y[0] if isinstance(y, tuple) else y
+
+def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
+    """
+    Rows at their own cache positions (a server decoding different requests together): positions (B, Tq) is where
+    each row's new tokens go, row_positions the rows' cache lengths on the host. Writes each row's keys/values at its
+    positions, then attends with a per-row causal-window mask, so a row never sees another row's longer history nor
+    a stale slot past its own end. SDPA with an explicit (B, 1, Tq, Tk) mask on every device.
+    """
+    rows = torch.arange(q.size(0), device=q.device)[:, None]
+    k_cache[rows, positions] = k
+    v_cache[rows, positions] = v
+    lo, hi = max(0, min(row_positions) - window), max(row_positions) + q.size(1)
+    dist = positions[:, :, None] - torch.arange(lo, hi, device=q.device)[None, None, :]
+    mask = ((dist >= 0) & (dist <= window))[:, None]
+    k, v = k_cache[:, lo:hi].transpose(1, 2), v_cache[:, lo:hi].transpose(1, 2)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
+    return y.transpose(1, 2)
+
+ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex, "fa3": attention_fa3}
+
+def pick_attention_impl(device):
+    if ATTN_IMPL is not None:
+        if ATTN_IMPL not in ATTENTION_IMPLS:
+            raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
+        if ATTN_IMPL == "fa3" and load_fa3() is None:
+            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 and the `kernels` package "
+                             "with a build for this GPU): use None (auto) or 'flex'")
+        return ATTN_IMPL
+    if torch.device(device).type == "cuda":
+        return "fa3" if load_fa3() is not None else "flex"
+    return "sdpa"
+
+def attention(q, k, v, window):
+    return ATTENTION_IMPLS[pick_attention_impl(q.device)](q, k, v, window)
+
+def attention_banner(device, window_sizes, sequence_len):
+    """One line saying which attention path runs; loud when it is a slow one."""
+    impl = pick_attention_impl(device)
+    windowed = any(w < sequence_len for w in window_sizes)
+    msg = {
+        "fa3": "attention: FA3 (kernels package), sliding windows native",
+        "flex": "attention: FlexAttention block-sparse for sliding windows (training, compiled models); SDPA for full causal, decode, eager inference",
+        "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
+        "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
+    }[impl]
+    if impl == "sdpa" and torch.device(device).type == "cuda" and windowed:
+        msg = "WARNING: " + msg + " on CUDA is slow; use ATTN_IMPL=None (flex) or --window-pattern L"
+    return msg
