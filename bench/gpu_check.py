@@ -33,7 +33,7 @@ import time
 import torch
 
 import nanochat.optim as optim
-from nanochat.common import COMPUTE_DTYPE, atomic_write_text
+from nanochat.common import COMPUTE_DTYPE, atomic_write_text, synchronize
 from nanochat.core_eval import evaluate_task
 from nanochat.fp8 import Float8Matmul
 from nanochat.attention import ATTENTION_IMPLS, attention_reference, load_fa3
@@ -246,10 +246,6 @@ def synthetic_core_task(n, seed=0):
             "continuation_delimiter": " "}
     return task, data
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
 def check_core_speed(device, n=256, depth=20):
     """CORE scoring examples/s of a random-init model (d20: width 1280; bf16, eager, as base_eval runs it)."""
     task, data = synthetic_core_task(n)
@@ -262,10 +258,10 @@ def check_core_speed(device, n=256, depth=20):
     model.eval()
     with torch.no_grad():
         evaluate_task(model, tokenizer, data[:16], task, device)  # warm-up: kernels, allocator
-        sync(device)
+        synchronize(device)
         t0 = time.time()
         evaluate_task(model, tokenizer, data, task, device)
-        sync(device)
+        synchronize(device)
     dt = time.time() - t0
     lengths = [len(t) for t in tokenizer.encode([d["query"] for d in data[:8]])]
     add_row(f"CORE examples/s d{depth}", "ok", f"{n / dt:,.1f} examples/s",

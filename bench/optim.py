@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from nanochat.common import synchronize
 from nanochat.gpt import config_for_depth
 from nanochat.optim import MuonAdamW
 
@@ -52,12 +53,10 @@ def time_step(groups):
     for i in range(args.warmup + args.steps):
         for p in params:
             p.grad = torch.randn_like(p)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3, sum(p.numel() for p in params)

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from nanochat.common import autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, COMPUTE_DTYPE
+from nanochat.common import (autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, synchronize,
+                             COMPUTE_DTYPE)
 import nanochat.attention as attention
 from nanochat.dataloader import pretrain_loader
 from nanochat.fp8 import convert_to_float8_training, worth_fp8
@@ -63,10 +64,6 @@ window_pattern = args.window_pattern or ("SSSL" if device_type == "cuda" else "L
 use_compile, compile_reason = decide_compile(args.compile, device_type)
 peak_flops = get_peak_flops(device)
 
-def sync():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
 def bench_model(name, attn):
     depth, head_dim, T, B, vocab_size = CONFIGS[name]
     B = args.device_batch_size if args.device_batch_size > 0 else B
@@ -93,16 +90,16 @@ def bench_model(name, attn):
     t_start = time.time()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
-            sync()
+            synchronize(device)
             t0, c0 = time.time(), time.process_time()
         loss = train_model(x, y)
         loss.backward()
         optimizer.step()
         model.zero_grad(set_to_none=True)
         if i == 0:
-            sync()
+            synchronize(device)
             first_step_s = time.time() - t_start  # with torch.compile: mostly compilation
-    sync()
+    synchronize(device)
     dt = (time.time() - t0) / args.steps
     cpu_dt = (time.process_time() - c0) / args.steps  # on a shared CPU box: what the step costs without contention
     tok_per_sec = B * T / dt

@@ -381,10 +381,7 @@ def loop_meta(stream_states, **loop_state):
 
 def restore_loop(meta, rank, num_local_streams):
     """-> (this rank's data loader states, the loop variables) saved by loop_meta (null back to inf)."""
-    streams = meta["dataloader_state_dict"]["streams"]
-    world_size = get_dist_info()[3]
-    assert len(streams) == world_size * num_local_streams, \
-        f"checkpoint has {len(streams)} data streams, this run {world_size * num_local_streams}"
+    streams = meta["dataloader_state_dict"]["streams"]  # as many as this run's: check_resume_config checked the batch
     loop_state = {k: float("inf") if v is None else v for k, v in meta["loop_state"].items()}
     return streams[rank * num_local_streams:(rank + 1) * num_local_streams], loop_state
 

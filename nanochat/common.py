@@ -176,6 +176,11 @@ def compute_cleanup():
         dist.barrier()
         dist.destroy_process_group()
 
+def synchronize(device):
+    """Wait for the device's queued work, so wall-clock timings measure it (CUDA runs asynchronously; else a no-op)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
 def is_dist():
     """True when a multi-rank process group is up (collectives are needed)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

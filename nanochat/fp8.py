@@ -83,13 +83,11 @@ class Float8Linear(nn.Linear):
 
 def check_fp8_supported(device):
     device = torch.device(device)
-    where = f"the model is on {device}"
-    if device.type == "cuda" and torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) >= (8, 9):
-            return
-        where = f"this GPU is SM{major}{minor}"
-    raise RuntimeError(f"fp8 training needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper); {where}. Drop --fp8.")
+    sm = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    if sm is None or sm < (8, 9):
+        where = f"the model is on {device}" if sm is None else f"this GPU is SM{sm[0]}{sm[1]}"
+        raise RuntimeError(f"fp8 training needs a CUDA GPU of compute capability >= 8.9 (Ada/Hopper); {where}. "
+                           f"Drop --fp8.")
 
 def worth_fp8(linear, fqn=""):
     """The linears fp8 speeds up: dims divisible by 16 (torch._scaled_mm requires it), the smaller one >= 128 (the

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
-                             decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, COMPUTE_DTYPE)
+                             decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, synchronize,
+                             COMPUTE_DTYPE)
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
@@ -308,10 +309,6 @@ peak_flops = get_peak_flops(device)
 start_step = step
 metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl, one line per step
 
-def synchronize():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
 # -----------------------------------------------------------------------------
 # Training loop: runs num_iterations + 1 times; the last pass only evaluates and saves
 
@@ -367,7 +364,7 @@ while True:
         break
 
     # ---- one optimizer step
-    synchronize()
+    synchronize(device)
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
     for a in range(grad_accum_steps):
@@ -388,7 +385,7 @@ while True:
     if is_dist():
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # gloo has no AVG
     train_loss = loss_sum.item() / (grad_accum_steps * world_size)
-    synchronize()
+    synchronize(device)
     dt = time.time() - t0
     step += 1
 

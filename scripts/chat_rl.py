@@ -33,7 +33,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist
+from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, synchronize
 from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_model_tag, lock_checkpoint_dir,
                                  find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
@@ -249,12 +249,6 @@ def main():
     start_step = step
     metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl, one line per step
 
-    def all_reduce_sum(values):
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if is_dist():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
     # -------------------------------------------------------------------------
     # Training loop
 
@@ -313,16 +307,17 @@ def main():
             group["lr"] = group["initial_lr"] * lrm
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t2 = time.time()
 
-        reward_sum, num_samples, length_sum, loss_sum = all_reduce_sum([sum(rewards), len(rewards), sum(lengths), loss])
-        if is_dist():  # the digest of every sampled token of the step, in question order: the same for any world size
+        totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64, device=device)
+        if is_dist():  # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
+            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             gathered = [None] * world_size
             dist.all_gather_object(gathered, digests)
             digests = [d for rank_digests in gathered for d in rank_digests]
         digest = zlib.crc32(repr(sorted(digests)).encode())
+        reward_sum, num_samples, length_sum, loss_sum = totals.tolist()
         step += 1
         times["sample"] += t1 - t0
         times["train"] += t2 - t1

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist,
-                             get_peak_flops, decide_compile, grad_accum_steps_for, collect_garbage)
+                             get_peak_flops, decide_compile, grad_accum_steps_for, collect_garbage, synchronize)
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
                                  lock_checkpoint_dir, find_resume_step, check_resume_config, check_resume_flags,
                                  load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS)
@@ -403,8 +403,7 @@ def main(stage):
         if is_dist():
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
         train_loss = loss_sum.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         dt = time.time() - t0
         step += 1
         if step > start_step + 1:

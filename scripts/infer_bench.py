@@ -43,7 +43,7 @@ args = parser.parse_args()
 import torch
 
 from nanochat.checkpoint import load_model
-from nanochat.common import compute_init, get_peak_flops, COMPUTE_DTYPE
+from nanochat.common import compute_init, get_peak_flops, synchronize, COMPUTE_DTYPE
 from nanochat.engine import Engine, sample_next_token
 from nanochat.gpt import GPT, KVCache, config_for_depth
 
@@ -122,10 +122,6 @@ for k, v in card.items():
 # -----------------------------------------------------------------------------
 # Measurements
 
-def sync():
-    if on_cuda:
-        torch.cuda.synchronize(device)
-
 def new_cache(batch_size, seq_len):
     return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                    head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
@@ -139,23 +135,23 @@ rng = torch.Generator(device=device).manual_seed(42)
 @torch.inference_mode()
 def prefill(batch_size):
     """Batch-1 prefill, copy into a batch_size decode cache, sample the first tokens: -> (cache, tokens, seconds)."""
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     cache1 = new_cache(1, prompt_tokens)
     logits = model(prompt, kv_cache=cache1)[:, -1, :].expand(batch_size, -1)
     cache = new_cache(batch_size, prompt_tokens + WARMUP_STEPS + decode_tokens)
     cache.prefill(cache1)
     tokens = sample_next_token(logits, rng, args.temperature)
-    sync()
+    synchronize(device)
     return cache, tokens, time.perf_counter() - t0
 
 @torch.inference_mode()
 def decode_step(cache, tokens):
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     logits = model(tokens, kv_cache=cache)[:, -1, :]
     tokens = sample_next_token(logits, rng, args.temperature)
-    sync()
+    synchronize(device)
     return tokens, time.perf_counter() - t0
 
 prefill(1)  # warm-up: allocator, kernel selection, compiled attention paths
@@ -208,10 +204,10 @@ if args.engine_samples:
         run = lambda n: sum(len(column) for column, _ in engine.generate(
             engine_prompt, num_samples=samples, max_tokens=n, temperature=args.temperature, top_k=50))
         run(WARMUP_STEPS)
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         tokens = run(engine_tokens)
-        sync()
+        synchronize(device)
         engine_results.append({"samples": samples, "prompt_tokens": len(engine_prompt), "tokens": tokens,
                                "tok_per_s": tokens / (time.perf_counter() - t0)})
 
