@@ -3,8 +3,8 @@ The chat stages' recipes and their epoch, end to end through scripts/chat_sft.ma
 64, T 96), the tiny tokenizer and a 40-conversation task whose every conversation names its index ("item 17"):
 - one epoch trains every conversation exactly once and then stops, at 1 rank and at 2 gloo ranks (read from the
   rows each training micro-batch actually receives, not from the loader's bookkeeping);
-- karpathy/nanochat's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02 with no batch-size factor whatever the
-  source's lrs and batch, Muon momentum ramp (mid) or constant 0.95 (SFT), SFT's 32 conversations per step;
+- karpathy/nanochat's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02, no batch-size factor whatever
+  the source's lrs and batch, Muon momentum ramp (mid) or constant 0.95 (SFT), SFT's 32 conversations per step;
 - SFT warm-started from a 2-rank mid checkpoint on 1 rank warns, starts the momenta fresh and goes on.
 Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_recipe.py
 """
@@ -27,7 +27,7 @@ from test_chat_sft import MID, SFT, RECIPE_LRS, checkpoint, expected_initial_lrs
 N = 40  # conversations in the training task
 
 class NumberedTask(Task):
-    """Conversation i: the user names item i and the assistant repeats it (lengths vary with the digits and the filler)."""
+    """Conversation i: the user names item i and the assistant repeats it (lengths vary with digits and filler)."""
     def __init__(self, size, **kwargs):
         super().__init__(**kwargs)
         self.size = size
@@ -59,7 +59,8 @@ def run_recorded(base, stage, flags, setattr_fn=setattr):
 
     setattr_fn(chat_sft, "build_mixture", lambda stage, mixture: (NumberedTask(N), NumberedTask(8), []))
     setattr_fn(chat_sft, "token_weighted_loss", recording_loss)
-    setattr_fn(sys, "argv", [stage, "--mixture=synthetic", "--eval-every=-1", "--chat-eval-every=0", "--model-tag=d2", *flags])
+    setattr_fn(sys, "argv", [stage, "--mixture=synthetic", "--eval-every=-1", "--chat-eval-every=0", "--model-tag=d2",
+                             *flags])
     chat_sft.main(stage)
     return trained
 
@@ -91,7 +92,7 @@ MID_FLAGS = ["--load-optimizer=0", "--device-batch-size=1", "--total-batch-size=
 
 @pytest.fixture(scope="module")
 def mid_two_ranks(tmp_path_factory, tiny_tokenizer):
-    """Mid-training of one epoch on 2 gloo ranks (1 row of 96 tokens each) from a base whose lrs are not the recipe's."""
+    """Mid-training of one epoch on 2 gloo ranks (a 96-token row each) from a base whose lrs are not the recipe's."""
     base = tmp_path_factory.mktemp("recipe")
     make_base_dir(base, tiny_tokenizer)  # pretraining lrs 0.25/0.005/0.03 and 192-token batches: neither may leak in
     out = tmp_path_factory.mktemp("trained")

@@ -77,7 +77,7 @@ def tiny_model(tokenizer):
 # The loss of a hand-worked step
 
 def completion(num_trained, num_forced=0, token=40):
-    """A completion with num_trained sampled tokens (mask 1) and num_forced forced calculator tokens (mask 0) after the first."""
+    """num_trained sampled tokens (mask 1), with num_forced forced calculator tokens (mask 0) after the first."""
     tokens = [token] * (num_trained + num_forced)
     mask = [1] + [0] * num_forced + [1] * (num_trained - 1)
     return tokens, mask
@@ -86,7 +86,7 @@ def completion(num_trained, num_forced=0, token=40):
 def test_hand_worked_advantages_and_loss(tiny_tokenizer, device_batch_size, expected_over_ln_v):
     """
     With lm_head = 0 every logit is 0, so every trained token has logp = -ln V and the loss is ln V times
-    sum_questions sum_passes sum_samples(advantage x trained tokens) / (trained tokens in the pass x passes x questions).
+    sum_questions sum_passes sum_samples(advantage x trained tokens) / (trained tokens in pass x passes x questions).
     Rewards q1 [1,0,0,0], q2 [1,1,0,0], q3 [1,1,1,1] -> advantages [.75,-.25,-.25,-.25], [.5,.5,-.5,-.5], [0,0,0,0].
     Trained tokens q1 [4,1,2,1], q2 [2,3,1,2] (forced tokens in between do not count), q3 [3,3,3,3].
     One pass of 4:  q1 (3 - .25 - .5 - .25) / (8 x 1 x 3) = 1/12, q2 (1 + 1.5 - .5 - 1) / 24 = 1/24, q3 0 -> ln V / 8.
@@ -114,7 +114,7 @@ def test_hand_worked_advantages_and_loss(tiny_tokenizer, device_batch_size, expe
 def test_masks_hand_laid(tiny_tokenizer):
     """Rows prompt + completion padded with <|assistant_end|>; targets -1 at prompt, forced output and padding."""
     end = tiny_tokenizer.encode_special("<|assistant_end|>")
-    out_start, out_end = tiny_tokenizer.encode_special("<|output_start|>"), tiny_tokenizer.encode_special("<|output_end|>")
+    out_start, out_end = (tiny_tokenizer.encode_special(f"<|output_{s}|>") for s in ("start", "end"))
     prompt = [1, 2, 3]
     completions = [([10, 11, out_start, 12, out_end, 13, end], [1, 1, 0, 0, 0, 1, 1]),  # a calculator result forced in
                    ([20, end], [1, 1]),                                              # short: padded
@@ -186,8 +186,8 @@ def test_reward_for_a_fixed_token_rises_from_zero_to_one(tmp_path, tiny_tokenize
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setattr(chat_rl, "rl_tasks", lambda name: contains_tasks("q"))
     monkeypatch.setattr(sys, "argv", ["chat_rl", "--num-iterations=20", "--examples-per-step=4", "--num-samples=8",
-                                      "--max-new-tokens=4", "--init-lr-frac=1.0", "--eval-every=-1", "--eval-examples=8",
-                                      "--num-samples-eval=2", "--save-every=-1"])
+                                      "--max-new-tokens=4", "--init-lr-frac=1.0", "--eval-every=-1",
+                                      "--eval-examples=8", "--num-samples-eval=2", "--save-every=-1"])
     chat_rl.main()
     train, evals = parse_log(capsys.readouterr().out)
     rewards = [train[s][0] for s in sorted(train)]
@@ -204,9 +204,9 @@ from test_chat_rl import contains_tasks
 chat_rl.rl_tasks = lambda name: contains_tasks("e")
 chat_rl.main()
 """
-FLAGS = ["--task=synthetic-math", "--num-iterations=4", "--examples-per-step=4", "--num-samples=4", "--device-batch-size=2",
-         "--max-new-tokens=6", "--init-lr-frac=0.5", "--eval-every=2", "--eval-examples=4", "--num-samples-eval=2",
-         "--save-every=2"]
+FLAGS = ["--task=synthetic-math", "--num-iterations=4", "--examples-per-step=4", "--num-samples=4",
+         "--device-batch-size=2", "--max-new-tokens=6", "--init-lr-frac=0.5", "--eval-every=2", "--eval-examples=4",
+         "--num-samples-eval=2", "--save-every=2"]
 
 def run(base, launcher, extra_flags=()):
     wrapper = base / "rl_wrapper.py"
@@ -275,5 +275,5 @@ def test_two_ranks_equal_one_process(reference_run, tmp_path):
     reference, result = load_step(base, 4), load_step(ddp, 4)
     differ = {k: int((~torch.isclose(result[k], reference[k], atol=1e-5, rtol=1e-4)).sum()) for k in reference}
     total = sum(t.numel() for t in reference.values())
-    print(f"weights differing beyond rounding: {sum(differ.values())} of {total}", {k: n for k, n in differ.items() if n})
+    print(f"weights beyond rounding: {sum(differ.values())} of {total}", {k: n for k, n in differ.items() if n})
     assert sum(differ.values()) <= 1e-3 * total, differ

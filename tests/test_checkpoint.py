@@ -50,7 +50,8 @@ def test_save_killed_halfway_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(d, 20, newer.state_dict(), newer_opt.state_dict(), {"tag": "new"})
     monkeypatch.undo()
-    assert os.path.exists(os.path.join(d, "model_000020.pt")) and not os.path.exists(os.path.join(d, "meta_000020.json"))
+    assert os.path.exists(os.path.join(d, "model_000020.pt"))
+    assert not os.path.exists(os.path.join(d, "meta_000020.json"))
 
     # dies while writing the model file: nothing of step 30 appears, not even a temp file
     real_save = torch.save

@@ -23,8 +23,9 @@ def test_gpu_check_skips_every_row_without_cuda(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     names = [r["check"] for r in record["rows"]]
-    assert names == ["attention fa3", "attention flex", "attention sdpa", "fp8 matmul vs fp32", "optimizer compiled vs fp32",
-                     "train d12 bf16", "train d20 bf16", "train d12 fp8", "train d20 fp8", "infer_bench d20", "CORE examples/s d20"]
+    assert names == ["attention fa3", "attention flex", "attention sdpa", "fp8 matmul vs fp32",
+                     "optimizer compiled vs fp32", "train d12 bf16", "train d20 bf16", "train d12 fp8", "train d20 fp8",
+                     "infer_bench d20", "CORE examples/s d20"]
     assert all(r["status"] == "skip" and r["detail"] == "no CUDA device" for r in record["rows"])
     assert "11 checks: 0 ok, 0 FAIL, 11 skipped" in result.stdout
     assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == record
@@ -40,7 +41,7 @@ TINY_CASES = [  # name, B, Tq, Tk, H, Hkv, D, window
 def test_numeric_checks_pass_on_cpu_and_catch_a_broken_path(monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     import bench.gpu_check as gc
-    import nanochat.gpt as gpt
+    import nanochat.attention as attention
     monkeypatch.setattr(gc, "rows", [])
     cpu = torch.device("cpu")
     gc.check_attention(cpu, ["sdpa"], cases=TINY_CASES)  # flex has no backward on CPU (torch 2.13)
@@ -53,6 +54,6 @@ def test_numeric_checks_pass_on_cpu_and_catch_a_broken_path(monkeypatch):
     # a path that ignores the sliding window (full causal instead) must fail the window case
     full_causal = lambda q, k, v, window: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True).transpose(1, 2)
-    monkeypatch.setitem(gpt.ATTENTION_IMPLS, "sdpa", full_causal)
+    monkeypatch.setitem(attention.ATTENTION_IMPLS, "sdpa", full_causal)
     gc.check_attention(cpu, ["sdpa"], cases=TINY_CASES[:2])
     assert gc.rows[-1]["status"] == "FAIL" and "window 16" in gc.rows[-1]["detail"]
