@@ -53,7 +53,7 @@ def attention_sdpa(q, k, v, window):
     elif Tq == Tk and window >= Tk - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build the mask once per call
+        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build the mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
 
@@ -78,7 +78,8 @@ def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
 
-    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(T, T))
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
 
 def attention_flex(q, k, v, window):
     """
@@ -99,11 +100,12 @@ def attention_flex(q, k, v, window):
             _flex_compiled = torch.compile(flex_attention, dynamic=False)
         fn = _flex_compiled
     block_mask = sliding_block_mask(Tq, window, q.device)
-    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, enable_gqa=q.size(2) != k.size(2))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    y = fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 def load_fa3():
-    """FA3 kernel module from the `kernels` package (Hopper build first), or None when it is not installed / not bf16."""
+    """FA3 kernel module from the `kernels` package (Hopper build first), or None when not installed / not bf16."""
     global _fa3_module, _fa3_checked
     if _fa3_checked:
         return _fa3_module
@@ -117,7 +119,7 @@ def load_fa3():
     try:
         _fa3_module = get_kernel(repo).flash_attn_interface
     except Exception as e:  # no network / no build for this GPU: say so loudly, use flex
-        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) could not be loaded ({type(e).__name__}: {e}); using flex/SDPA")
+        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) did not load ({type(e).__name__}: {e}); using flex")
     return _fa3_module
 
 def attention_fa3(q, k, v, window):
@@ -142,15 +144,15 @@ def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
     return y.transpose(1, 2)
 
-ATTENTION_IMPLS = {"reference": attention_reference, "sdpa": attention_sdpa, "flex": attention_flex, "fa3": attention_fa3}
+ATTENTION_IMPLS = dict(reference=attention_reference, sdpa=attention_sdpa, flex=attention_flex, fa3=attention_fa3)
 
 def pick_attention_impl(device):
     if ATTN_IMPL is not None:
         if ATTN_IMPL not in ATTENTION_IMPLS:
             raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
         if ATTN_IMPL == "fa3" and load_fa3() is None:
-            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 and the `kernels` package "
-                             "with a build for this GPU): use None (auto) or 'flex'")
+            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 and the `kernels` "
+                             "package with a build for this GPU): use None (auto) or 'flex'")
         return ATTN_IMPL
     if torch.device(device).type == "cuda":
         return "fa3" if load_fa3() is not None else "flex"
@@ -165,7 +167,8 @@ def attention_banner(device, window_sizes, sequence_len):
     windowed = any(w < sequence_len for w in window_sizes)
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
-        "flex": "attention: FlexAttention block-sparse for sliding windows (training, compiled models); SDPA for full causal, decode, eager inference",
+        "flex": "attention: FlexAttention block-sparse for sliding windows (training, compiled models); "
+                "SDPA for full causal, decode, eager inference",
         "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]

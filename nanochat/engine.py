@@ -2,7 +2,7 @@
 Fast sampling from a GPT with a KV cache, plus the calculator tool the chat model may call.
 
     engine = Engine(model, tokenizer)
-    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8, top_k=50):
+    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                                   # one token per sample per step, streamed
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
@@ -57,8 +57,8 @@ def _is_string_method_chain(node):
             and all(isinstance(a, ast.Constant) and isinstance(a.value, (str, int)) for a in node.args))
 
 def _is_arithmetic(tree):
-    return all(isinstance(node, _ARITHMETIC_NODES) or (isinstance(node, ast.Constant) and type(node.value) in (int, float))
-               for node in ast.walk(tree))
+    is_number = lambda node: isinstance(node, ast.Constant) and type(node.value) in (int, float)
+    return all(isinstance(node, _ARITHMETIC_NODES) or is_number(node) for node in ast.walk(tree))
 
 def use_calculator(expr):
     """
@@ -92,15 +92,21 @@ def use_calculator(expr):
 # Sampling
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary."""
+    """
+    logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary.
+    Sampling inverts each row's CDF at one uniform draw: the distribution torch.multinomial samples, from one random
+    number per row where multinomial draws one per vocabulary entry (2 ms vs 0.06 ms for 8 x 8,192 on a 2-core CPU).
+    A token of probability 0 has an empty CDF step, so it is never picked.
+    """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    if top_k is not None:
-        values, indices = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
-        probs = F.softmax(values / temperature, dim=-1)
-        return indices.gather(1, torch.multinomial(probs, num_samples=1, generator=rng))
-    probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=rng)
+    indices = None
+    if top_k is not None and top_k < logits.size(-1):
+        logits, indices = torch.topk(logits, top_k, dim=-1)
+    cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
+    choice = (cdf[:, :-1] <= u).sum(dim=-1, keepdim=True)  # how many of the first V-1 steps lie at or below u
+    return choice if indices is None else indices.gather(1, choice)
 
 # -----------------------------------------------------------------------------
 # Engine
@@ -157,8 +163,8 @@ class Engine:
                              f"context of {context}: use 1 <= max_tokens <= {context - len(tokens)}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 <= temperature < float("inf"):  # also refuses nan, which argparse's float accepts
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and top_k < 1:
             raise ValueError(f"top_k must be >= 1, or None for the full vocabulary; got {top_k}")
         return max_tokens
@@ -240,7 +246,8 @@ class RowCache(KVCache):
 
     def add_row(self, prefilled):
         n = prefilled.get_pos()
-        assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
+        assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, \
+            f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
         shape = (self.num_layers, 1, self.max_seq_len, self.num_heads, self.head_dim)
         k, v = (torch.zeros(shape, dtype=t.dtype, device=t.device) for t in (self.k_cache, self.v_cache))
         k[:, :, :n], v[:, :, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
@@ -290,7 +297,7 @@ class RowBatch:
     def add(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
         if len(tokens) + max_tokens > self.capacity:
-            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the batch's capacity {self.capacity}")
+            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the capacity {self.capacity}")
         request = Request(tokens, max_tokens, temperature, top_k, seed, self.model.get_device())
         prefill_cache = self.engine._new_cache(batch_size=1, seq_len=len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
@@ -308,12 +315,14 @@ class RowBatch:
     def step(self):
         if not self.rows:
             return []
-        sampled = torch.cat([sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows]).view(-1).tolist()
+        sampled = torch.cat([sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows])
+        sampled = sampled.view(-1).tolist()  # one host sync for the whole batch
         out, keep, next_tokens = [], [], []
         for i, (request, token) in enumerate(zip(self.rows, sampled)):
             token, mask = self.engine._advance_row(request.state, token)
             request.generated += 1
-            finish = "stop" if request.state.completed else "length" if request.generated >= request.max_tokens else None
+            out_of_tokens = request.generated >= request.max_tokens
+            finish = "stop" if request.state.completed else "length" if out_of_tokens else None
             out.append((request, token, mask, finish))
             if finish is None:
                 keep.append(i)
@@ -354,9 +363,9 @@ class TextStream:
 # -----------------------------------------------------------------------------
 # Greedy completions of fixed prompts: how base_train and base_eval show what a base model knows
 
-SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
-                  "The opposite of hot is", "The planets of the solar system are:", "My favorite color is",
-                  "If 5*x + 3 = 13, then x is"]
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
+                  "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
+                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 def greedy_completions(engine, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
     """-> list of prompt + greedy continuation texts (up to max_tokens, fewer where the context is shorter)."""

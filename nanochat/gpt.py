@@ -5,7 +5,7 @@ optimizer routing and FLOP accounting.
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=12, n_head=6, n_kv_head=6, n_embd=768))
-    model.to_empty(device="cuda"); model.init_weights()   # __init__ allocates nothing real; init_weights sets every value
+    model.to_empty(device="cuda"); model.init_weights()   # __init__ allocates nothing; init_weights sets every value
     loss = model(idx, targets)                            # or logits = model(idx); or model(idx, kv_cache=cache)
 
 Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) -> x0 := x -> per layer
@@ -47,7 +47,7 @@ class GPTConfig:
     window_pattern: str = "SSSL"
 
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, **fields):
-    """The one complexity dial: width = depth x aspect_ratio rounded up to whole heads of head_dim, one kv head per head."""
+    """The one complexity dial: width = depth x aspect_ratio rounded up to whole heads of head_dim; no GQA."""
     n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **fields)
@@ -58,19 +58,20 @@ def validate_config(config):
     if c.n_embd % c.n_head != 0:
         raise ValueError(f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}; pick n_embd = n_head * head_dim")
     if c.n_kv_head <= 0 or c.n_head % c.n_kv_head != 0:
-        raise ValueError(f"n_head={c.n_head} is not divisible by n_kv_head={c.n_kv_head}; GQA needs n_kv_head to divide n_head")
+        raise ValueError(f"n_head={c.n_head} is not divisible by n_kv_head={c.n_kv_head}: GQA needs that")
     if (c.n_embd // c.n_head) % 2 != 0:
-        raise ValueError(f"head_dim={c.n_embd // c.n_head} is odd; rotary embeddings rotate pairs of channels, so make it even")
+        raise ValueError(f"head_dim={c.n_embd // c.n_head} is odd; rotary embeddings rotate pairs of channels")
     if c.n_embd < SMEAR_CHANNELS:
-        raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}: the smear gate reads {SMEAR_CHANNELS} channels; use a wider model")
+        raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}, the channels the smear gate reads: use a wider model")
     bad = sorted(set(c.window_pattern.upper()) - set("SL"))
     if not c.window_pattern or bad:
-        raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use only S (short window) and L (full context), e.g. 'SSSL' or 'L'")
+        raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use only S (short window) "
+                         "and L (full context), e.g. 'SSSL' or 'L'")
     if c.n_layer < 1 or c.sequence_len < 1 or c.vocab_size < 1:
-        raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, vocab_size={c.vocab_size} must all be positive")
+        raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, vocab_size={c.vocab_size}: need all > 0")
 
 def compute_window_sizes(config):
-    """Left window per layer: the pattern tiled over layers, the last layer forced to L (full context = sequence_len)."""
+    """Left window per layer: the pattern tiled over layers, the last layer forced to L (full context)."""
     T = config.sequence_len
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)  # 512 at T=2048
     pattern = config.window_pattern.upper()
@@ -162,7 +163,8 @@ class CausalSelfAttention(nn.Module):
         self.c_k = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_v = Linear(config.n_embd, self.n_kv_head * self.head_dim)
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
-        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embedding(layer_idx, config.n_layer) else None
+        has_ve = has_value_embedding(layer_idx, config.n_layer)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
 
     def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
         B, T, _ = x.shape
@@ -266,7 +268,8 @@ class GPT(nn.Module):
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
-        self.cos, self.sin = rotary_tables(ROPE_HEADROOM * self.config.sequence_len, C // self.config.n_head, self.get_device())
+        self.cos, self.sin = rotary_tables(ROPE_HEADROOM * self.config.sequence_len, C // self.config.n_head,
+                                           self.get_device())
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -286,15 +289,17 @@ class GPT(nn.Module):
         L = self.config.n_layer
         last, row_positions = 0, None
         if kv_cache is not None:
-            assert kv_cache.k_cache.shape[0] == L and kv_cache.k_cache.shape[3:] == (self.config.n_kv_head, self.config.n_embd // self.config.n_head), \
-                f"KV cache shape {tuple(kv_cache.k_cache.shape)} does not fit this model (layers {L}, kv heads {self.config.n_kv_head})"
+            shape, kv_heads = tuple(kv_cache.k_cache.shape), self.config.n_kv_head
+            assert shape[0] == L and shape[3:] == (kv_heads, self.config.n_embd // self.config.n_head), \
+                f"KV cache shape {shape} does not fit this model (layers {L}, kv heads {kv_heads})"
             row_positions = kv_cache.row_positions  # None: every row at one shared position
             last = kv_cache.get_pos() if row_positions is None else max(row_positions)
-            assert last + T <= kv_cache.k_cache.size(2), f"KV cache full: position {last} + {T} new tokens > capacity {kv_cache.k_cache.size(2)}"
-        assert last + T <= self.cos.size(1), f"sequence reaches position {last + T} but rotary tables cover {self.cos.size(1)}: call ensure_rotary_positions first"
+            assert last + T <= shape[2], f"KV cache full: position {last} + {T} new tokens > capacity {shape[2]}"
+        assert last + T <= self.cos.size(1), \
+            f"sequence reaches position {last + T}, rotary tables cover {self.cos.size(1)}: ensure_rotary_positions"
         if row_positions is not None:
             # each row at its own position: (B, T) positions pick per-row rotary angles and cache slots
-            assert min(row_positions) > 0, "rows at their own positions decode after a prefill: copy a prefilled cache in first"
+            assert min(row_positions) > 0, "rows at their own positions decode after a prefill: add prefilled rows"
             pos0 = torch.tensor(row_positions, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
             cos_sin = self.cos[0, pos0], self.sin[0, pos0]
         else:
@@ -328,12 +333,18 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        if kv_cache is not None and x.device.type == "cpu" and B * T <= 64:
+            # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split; with MKL on a
+            # 2-core EPYC, 8 rows x 8,192 vocab take 1.1 ms this way and 2.4 ms as x @ W^T (docs/perf.md).
+            logits = (self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1)
+        else:
+            logits = self.lm_head(x)
+        logits = logits[..., :self.config.vocab_size].float()
         if targets is None:
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         if torch.compiler.is_compiling():  # inductor fuses softcap + cross-entropy into a few row-wise kernels itself
             logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction="none")
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.view(-1), ignore_index=-1, reduction="none")
         else:
             losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
         if loss_reduction == "none":
@@ -345,7 +356,8 @@ class GPT(nn.Module):
     # -------------------------------------------------------------------------
     # Optimizer
 
-    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5, lr_scale=1.0):
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
+                        lr_scale=1.0):
         """
         MuonAdamW: Muon for the block matrices, AdamW for embeddings, lm_head and scalars.
         AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
@@ -357,26 +369,29 @@ class GPT(nn.Module):
         sigma = (self.config.n_embd / 768) ** -0.5
 
         def adamw(name, params, lr, betas, wd):
-            return {"kind": "adamw", "name": name, "params": list(params), "lr": lr, "betas": betas, "eps": 1e-10, "weight_decay": wd}
+            return dict(kind="adamw", name=name, params=list(params), lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
 
         groups = [
             adamw("lm_head", self.lm_head.parameters(), unembedding_lr * sigma * lr_scale, (0.8, 0.96), 0.01),
             adamw("wte", self.transformer.wte.parameters(), embedding_lr * sigma * lr_scale, (0.8, 0.995), 0.001),
-            adamw("value_embeds", self.value_embeds.parameters(), 0.5 * embedding_lr * sigma * lr_scale, (0.8, 0.995), 0.01),
+            adamw("value_embeds", self.value_embeds.parameters(), 0.5 * embedding_lr * sigma * lr_scale, (0.8, 0.995),
+                  0.01),
             adamw("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01 * lr_scale, (0.8, 0.95), 0.05),
             adamw("x0_lambdas", [self.x0_lambdas], scalar_lr * lr_scale, (0.96, 0.95), 0.0),
-            adamw("smear_backout", [self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+            adamw("smear_backout", [self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95),
+                  0.0),
         ]
         matrices = list(self.transformer.h.parameters())  # every block matrix, VE gates included
         for shape in sorted({tuple(p.shape) for p in matrices}):
-            groups.append({"kind": "muon", "name": f"muon{list(shape)}", "params": [p for p in matrices if tuple(p.shape) == shape],
-                           "lr": matrix_lr * lr_scale, "momentum": 0.95, "beta2": 0.9, "weight_decay": weight_decay, "ns_steps": 5})
+            groups.append(dict(kind="muon", name=f"muon{list(shape)}", params=[p for p in matrices if p.shape == shape],
+                               lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9, weight_decay=weight_decay,
+                               ns_steps=5))
         for g in groups:
             g["initial_lr"] = g["lr"]
         grouped = [id(p) for g in groups for p in g["params"]]
         assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
         assert set(grouped) == {id(p) for p in self.parameters()}, \
-            f"parameters without an optimizer group: {[n for n, p in self.named_parameters() if id(p) not in set(grouped)]}"
+            f"parameters without a group: {[n for n, p in self.named_parameters() if id(p) not in set(grouped)]}"
         return MuonAdamW(groups)
 
     # -------------------------------------------------------------------------
@@ -390,10 +405,11 @@ class GPT(nn.Module):
             "value_embeds": count(self.value_embeds.parameters()),
             "lm_head": count(self.lm_head.parameters()),
             "transformer_matrices": count(self.transformer.h.parameters()),
-            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda, self.smear_gate.weight]),
+            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda,
+                              self.smear_gate.weight]),
         }
         counts["total"] = sum(counts.values())
-        assert counts["total"] == count(self.parameters()), f"{counts} misses parameters: model has {count(self.parameters())}"
+        assert counts["total"] == count(self.parameters()), f"{counts} misses some of {count(self.parameters())}"
         return counts
 
     def num_matmul_params(self):
@@ -434,7 +450,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 streaming generation (re-runs the whole sequence each step, no cache): a reference for Engine."""
+        """Naive batch-1 streaming generation (the whole sequence again each step, no cache): Engine's yardstick."""
         assert isinstance(tokens, list), f"tokens must be a list of ints, got {type(tokens).__name__}"
         device = self.get_device()
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -459,7 +475,7 @@ class KVCache:
     Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute dtype, one shared
     position (cache_seqlens, int32 per row, all equal) and the smear's previous normalized embedding (batch, 1, n_embd).
     The model writes each layer's new keys/values in place; the position advances once per forward.
-    row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache) keeps them in a host list.
+    row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache) lists them on the host.
     """
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len
@@ -488,7 +504,8 @@ class KVCache:
         """Copy a batch-1 cache's filled prefix (and its smear state) into every row of this one."""
         pos = other.get_pos()
         assert other.batch_size == 1, f"prefill copies from a batch-1 cache, got batch {other.batch_size}"
-        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim), \
+        layout = lambda c: (c.num_layers, c.num_heads, c.head_dim)
+        assert layout(other) == layout(self), \
             f"cache layouts differ: {tuple(other.k_cache.shape)} vs {tuple(self.k_cache.shape)}"
         assert pos <= self.max_seq_len, f"prefix of {pos} tokens does not fit a cache of {self.max_seq_len}"
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]

@@ -13,7 +13,6 @@ Leaves out: system prompts, editing earlier turns, multi-GPU.
 """
 
 import argparse
-import math
 import sys
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
@@ -27,12 +26,10 @@ parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among th
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 args = parser.parse_args()
-if not math.isfinite(args.temperature):  # argparse's float accepts nan, which Engine's "< 0" check lets through
-    parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine
+from nanochat.engine import Engine, TextStream
 
 # -----------------------------------------------------------------------------
 # Load
@@ -55,19 +52,14 @@ user_start, user_end, assistant_start, assistant_end = (tokenizer.encode_special
 def stream_reply(tokens, seed):
     """Generate after `tokens`, printing text as it arrives; returns the generated tokens (stop token excluded)."""
     max_tokens = min(args.max_tokens, context - len(tokens))
-    reply, printed = [], ""
+    reply, stream = [], TextStream(tokenizer)  # prints whole characters (one can span several tokens)
     for token_column, _ in engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
                                            temperature=args.temperature, top_k=top_k, seed=seed):
-        token = token_column[0]
-        if token in (assistant_end, bos):
+        if token_column[0] in engine.stop_tokens:
             break
-        reply.append(token)
-        # A character can span several tokens: print only once the decoded text stops ending in U+FFFD.
-        text = tokenizer.decode(reply)
-        if not text.endswith("\ufffd"):
-            print(text[len(printed):], end="", flush=True)
-            printed = text
-    print(tokenizer.decode(reply)[len(printed):], flush=True)
+        reply.append(token_column[0])
+        print(stream.push(token_column[0]), end="", flush=True)
+    print(stream.flush(), flush=True)
     return reply
 
 # -----------------------------------------------------------------------------

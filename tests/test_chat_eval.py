@@ -153,9 +153,10 @@ def tiny_model(vocab_size):
 
 def evaluate_tiny(model, tokenizer):
     engine = Engine(model, tokenizer)
-    # graded by a hash of the sampled text: any change in which seed or problem a rank uses changes the count
+    # graded by a hash of the sampled text (1 in 4 samples pass, so a problem with 2 samples passes with p = 7/16):
+    # any change in which seed or problem a rank uses changes the count
     coin = ListTask([SyntheticMath("test", size=7)[i] for i in range(7)], "generative",
-                    evaluate=lambda conv, text: zlib.crc32(text.encode()) % 2 == 0)
+                    evaluate=lambda conv, text: zlib.crc32(text.encode()) % 4 == 0)
     return {
         "categorical": run_categorical_eval(SyntheticMC("test", size=13), tokenizer, model, batch_size=3),
         "generative": run_generative_eval(coin, tokenizer, model, engine, num_samples=2, max_new_tokens=6,

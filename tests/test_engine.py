@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from nanochat.engine import Engine, use_calculator
+from nanochat.engine import Engine, RowBatch, sample_next_token, use_calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS
 
@@ -133,7 +133,6 @@ def run_rows(batch, joins, steps):
 def test_row_batch_rows_at_own_positions_equal_full_recompute():
     # Rows with different prompts (150, 20 and 90 tokens: the long one outgrows the 128-token windows) join at
     # different steps; each must decode exactly what re-running its own sequence without a cache gives.
-    from nanochat.engine import RowBatch
     model = tiny_gpt()
     engine = Engine(model, TOK)
     g = torch.Generator().manual_seed(1)
@@ -151,7 +150,6 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
     assert out["c"][1] == "length" and len(out["c"][0]) == 5
 
 def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
-    from nanochat.engine import RowBatch
     engine = Engine(tiny_gpt(), TOK)
     sampled = dict(max_tokens=12, temperature=1.0, top_k=20, seed=7)
     alone = run_rows(RowBatch(engine), {0: [("s", PROMPT, sampled)]}, steps=12)["s"]
@@ -189,6 +187,19 @@ def test_different_seeds_differ():
     engine = Engine(uniform_model(), TOK)
     runs = [engine.generate_batch(PROMPT, num_samples=4, max_tokens=8, temperature=1.0, seed=s)[0] for s in (1, 2)]
     assert runs[0] != runs[1]
+
+def test_sampling_frequencies_follow_the_softmax():
+    # 40,000 draws from softmax(logits / 0.5) over 6 tokens (one of probability 0): every frequency within 5 standard
+    # errors (a false failure ~1e-6 per token), the zero-probability token never drawn, top-k renormalizes over the k.
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, float("-inf")]]).expand(8, -1)
+    rng = torch.Generator().manual_seed(0)
+    for top_k, keep in [(None, 6), (3, 3)]:
+        draws = torch.cat([sample_next_token(logits, rng, temperature=0.5, top_k=top_k) for _ in range(5000)]).view(-1)
+        p = torch.zeros(6)
+        p[:keep] = torch.softmax(logits[0, :keep] / 0.5, dim=-1)
+        freq = torch.bincount(draws, minlength=6) / draws.numel()
+        assert (freq - p).abs().max() <= 5 * (p * (1 - p) / draws.numel()).sqrt().max(), (top_k, freq, p)
+        assert freq[keep:].sum() == 0
 
 def test_top_k_keeps_only_the_k_best():
     favourites = [ord("a"), ord("b"), ord("c")]
@@ -270,8 +281,9 @@ def test_bad_arguments_raise_clear_errors():
         engine.generate_batch([S["<|bos|>"]] * 64, max_tokens=1)
     with pytest.raises(ValueError, match="max_tokens"):
         engine.generate_batch(PROMPT, max_tokens=64)
-    with pytest.raises(ValueError, match="temperature"):
-        engine.generate_batch(PROMPT, max_tokens=4, temperature=-0.5)
+    for temperature in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            engine.generate_batch(PROMPT, max_tokens=4, temperature=temperature)
     with pytest.raises(ValueError, match="top_k"):
         engine.generate_batch(PROMPT, max_tokens=4, top_k=0)
     with pytest.raises(ValueError, match="empty"):
