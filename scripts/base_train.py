@@ -31,6 +31,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
+from nanochat.attention import attention_banner
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
                              decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, synchronize,
                              COMPUTE_DTYPE)
@@ -159,6 +160,7 @@ print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {ar
        f"windows {model.window_sizes}, vocab {vocab_size}")
 print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items()) + f" | scaling {num_scaling_params:,}")
 print0(f"FLOPs per token: {num_flops_per_token:e}")
+print0(attention_banner(device, model.window_sizes, config.sequence_len))
 
 # -----------------------------------------------------------------------------
 # Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token batches.

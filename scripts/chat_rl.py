@@ -33,6 +33,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
+from nanochat.attention import attention_banner
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, synchronize
 from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_model_tag, lock_checkpoint_dir,
                                  find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS)
@@ -61,7 +62,6 @@ def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, **
     A completion ends with the stop token the model sampled (mask 1: ending is an action too) unless it ran out of
     tokens; mask 0 marks calculator output the Engine forced in. sampling: max_tokens, temperature, top_k.
     """
-    stop_tokens = {engine.tokenizer.encode_special("<|assistant_end|>"), engine.tokenizer.get_bos_token_id()}
     passes = []
     for p, start in enumerate(range(0, num_samples, device_batch_size)):
         n = min(device_batch_size, num_samples - start)
@@ -71,14 +71,13 @@ def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, **
                 if not done[i]:
                     rows[i][0].append(token)
                     rows[i][1].append(mask)
-                    done[i] = token in stop_tokens
+                    done[i] = token in engine.stop_tokens
         passes.append(rows)
     return passes
 
-def completion_text(tokenizer, tokens):
+def completion_text(engine, tokens):
     """The decoded answer without its stop token (what the task grades)."""
-    stops = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-    return tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in stops else tokens)
+    return engine.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in engine.stop_tokens else tokens)
 
 def make_batch(prompt, completions, pad_id, device="cpu"):
     """
@@ -148,7 +147,7 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
         seeds = [sample_seed("eval", i, p) for p in range(num_samples)]
         passes = sample_completions(engine, prompt, num_samples, device_batch_size, seeds,
                                     **{**sampling, "max_tokens": budget})
-        outcomes = [task.evaluate(conversation, completion_text(engine.tokenizer, tokens))
+        outcomes = [task.evaluate(conversation, completion_text(engine, tokens))
                     for completions in passes for tokens, _ in completions]
         if any(outcomes):
             counts[outcomes.index(True):num_samples] += 1
@@ -206,6 +205,7 @@ def main():
     model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
                                                step=args.model_step)
+    print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)  # one run per directory
     engine = Engine(model, tokenizer)
@@ -292,7 +292,7 @@ def main():
             passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size, seeds,
                                         **{**sampling, "max_tokens": budget})
             completions = [c for completions in passes for c in completions]
-            group_rewards = [train_task.reward(conversation, completion_text(tokenizer, tokens))
+            group_rewards = [train_task.reward(conversation, completion_text(engine, tokens))
                              for tokens, _ in completions]
             groups.append((prompt, passes, group_advantages(group_rewards)))
             rewards += group_rewards

@@ -40,6 +40,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 import torch.distributed as dist
 
+from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist,
                              get_peak_flops, decide_compile, grad_accum_steps_for, collect_garbage, synchronize)
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
@@ -185,6 +186,7 @@ def main(stage):
     model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
     model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
                                                step=args.model_step)
+    print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)  # a second run on output_dir fails here (before any data), naming us
     source_step = source_meta["step"]
