@@ -76,9 +76,10 @@ def base_train_row(flag, fix):
     return f"base_train {flag}", row, flag, fix
 
 def chat_cli_nan_temperature(ctx):
-    code, text = run_script("scripts.chat_cli", ["-t", "nan"], ctx.monkeypatch)
-    assert code == 2
-    return text.strip().splitlines()[-1]  # argparse prints its usage line first
+    save_chat_model(ctx.base, ctx.tokenizer)  # Engine checks sampling flags when it generates
+    code, text = run_script("scripts.chat_cli", ["-t", "nan", "-p", "hi", "--device-type", "cpu"], ctx.monkeypatch)
+    assert code == 1, text
+    return text.strip().splitlines()[-1]
 
 def chat_eval_flag(**changes):
     def row(ctx):
