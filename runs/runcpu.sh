@@ -2,8 +2,9 @@
 # The CPU demo: the whole pipeline, offline, on a laptop-class CPU in well under half an hour.
 #   bash runs/runcpu.sh
 # Tokenizer on the embedded corpus -> tiny base model -> base eval -> mid-training and SFT on the synthetic
-# chat tasks -> chat eval -> RL on the synthetic arithmetic -> chat eval -> report -> one chat answer. The model is tiny, so expect it to have learned the
-# formats and some of the synthetic skills (printed against chance), not to be clever.
+# chat tasks -> chat eval -> RL on the synthetic arithmetic -> chat eval -> report -> one chat answer. The model is
+# tiny, so expect it to have learned the formats and some of the synthetic skills (printed against chance), not to be
+# clever.
 # Artifacts go to $NANOCHAT_BASE_DIR (default ~/.cache/nanochat); set it to keep demo runs apart.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +36,14 @@ python -m scripts.base_eval --device-batch-size=16 --split-tokens=32768
 python -m scripts.mid_train --mixture=synthetic --num-iterations=$CHAT_STEPS --eval-every=50 --eval-tokens=16384 \
     --chat-eval-every=0 --run=$WANDB_RUN
 python -m scripts.chat_eval -i mid -x 50 -m 64
-python -m scripts.chat_sft --mixture=synthetic --num-iterations=$((CHAT_STEPS / 3)) --eval-every=25 --eval-tokens=16384 \
-    --chat-eval-every=0 --run=$WANDB_RUN
+python -m scripts.chat_sft --mixture=synthetic --num-iterations=$((CHAT_STEPS / 3)) --eval-every=25 \
+    --eval-tokens=16384 --chat-eval-every=0 --run=$WANDB_RUN
 python -m scripts.chat_eval -i sft -x 50 -m 64
 
 # 4. reinforcement learning on the synthetic arithmetic (reward 1 for the right "#### N"): 4 questions x 8 samples per
 #    step; pass@1..4 on 50 held-out problems before and after, then the same chat evaluation as SFT's (SynthMath row)
-python -m scripts.chat_rl --task=synthetic-math --num-iterations=$RL_STEPS --examples-per-step=4 --num-samples=8     --device-batch-size=8 --max-new-tokens=64 --eval-every=-1 --eval-examples=50 --num-samples-eval=4 --run=$WANDB_RUN
+python -m scripts.chat_rl --task=synthetic-math --num-iterations=$RL_STEPS --examples-per-step=4 --num-samples=8 \
+    --device-batch-size=8 --max-new-tokens=64 --eval-every=-1 --eval-examples=50 --num-samples-eval=4 --run=$WANDB_RUN
 python -m scripts.chat_eval -i rl -x 50 -m 64
 
 # 5. the report card, then talk to it

@@ -15,7 +15,7 @@ NPROC="${NPROC:-8}"
 extra() { local name="EXTRA_$1"; echo "${!name:-}"; }
 if [ "${SKIP_SETUP:-0}" != 1 ]; then
     bash runs/setup.sh
-    python -m pip install -q -e ".[gpu]"  # `kernels`: FA3 on Hopper; without it attention runs flex, slower (banner says so)
+    python -m pip install -q -e ".[gpu]"  # `kernels`: FA3 on Hopper; without it attention runs flex (slower)
 fi
 python -m nanochat.report reset $(extra report)
 

@@ -100,7 +100,8 @@ def test_flex_block_mask_classifies_blocks_exactly(T, window):
         for kb in range(n):
             tile = dense[qb * blk:(qb + 1) * blk, kb * blk:(kb + 1) * blk]
             assert (kb in full) == bool(tile.all()), f"T={T} w={window} block ({qb},{kb}) full flag wrong"
-            assert (kb in partial) == bool(tile.any() and not tile.all()), f"T={T} w={window} block ({qb},{kb}) partial flag wrong"
+            is_partial = bool(tile.any() and not tile.all())
+            assert (kb in partial) == is_partial, f"T={T} w={window} block ({qb},{kb}) partial flag wrong"
 
 # -----------------------------------------------------------------------------
 # Dispatch
@@ -127,7 +128,8 @@ def test_override_and_auto_pick(monkeypatch):
         attn.pick_attention_impl("cpu")
 
 def test_banner_names_the_path_and_building_a_model_prints_nothing(capsys):
-    assert attn.attention_banner("cpu", [128, 256], 256) == "attention: torch SDPA (sliding windows via an explicit T x T mask)"
+    windowed = "attention: torch SDPA (sliding windows via an explicit T x T mask)"
+    assert attn.attention_banner("cpu", [128, 256], 256) == windowed
     assert attn.attention_banner("cpu", [256, 256], 256) == "attention: torch SDPA"
     with torch.device("meta"):
         model = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))

@@ -76,9 +76,11 @@ PROMPT = [S["<|bos|>"], S["<|user_start|>"], *TOK.encode("hi"), S["<|user_end|>"
 
 def tiny_gpt():
     """A random GPT whose every part matters: random weights everywhere (init zeros the projections), smear and
-    backout on, 2 query heads sharing 1 kv head, windows 128/128/256 so a ~190-token sequence outgrows the short ones."""
+    backout on, 2 query heads sharing 1 kv head, windows 128/128/256 so a ~190-token sequence outgrows the short
+    ones."""
     torch.manual_seed(0)
-    config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=3, n_head=2, n_kv_head=1, n_embd=32, window_pattern="SSL")
+    config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                       window_pattern="SSL")
     model = GPT(config)
     model.init_weights()
     with torch.no_grad():
@@ -108,7 +110,7 @@ def greedy_by_recompute(model, tokens, max_tokens, stop_tokens):
 def test_greedy_with_cache_equals_full_recompute():
     model = tiny_gpt()
     engine = Engine(model, TOK)
-    prompt = [S["<|bos|>"]] + [int(t) for t in torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(1))]
+    prompt = [S["<|bos|>"]] + torch.randint(0, 256, (150,), generator=torch.Generator().manual_seed(1)).tolist()
     stops = {S["<|assistant_end|>"], S["<|bos|>"]}
     expected = greedy_by_recompute(model, prompt, 40, stops)
     assert len(expected) >= 20, f"the random model stopped after {len(expected)} tokens: too short to test the windows"
@@ -136,10 +138,12 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
     model = tiny_gpt()
     engine = Engine(model, TOK)
     g = torch.Generator().manual_seed(1)
-    prompts = {name: [S["<|bos|>"]] + torch.randint(0, 256, (n - 1,), generator=g).tolist() for name, n in (("a", 150), ("b", 20), ("c", 90))}
+    prompts = {name: [S["<|bos|>"]] + torch.randint(0, 256, (n - 1,), generator=g).tolist()
+               for name, n in (("a", 150), ("b", 20), ("c", 90))}
     stops = {S["<|assistant_end|>"], S["<|bos|>"]}
     greedy = dict(max_tokens=30, temperature=0.0)
-    joins = {0: [("a", prompts["a"], greedy)], 3: [("b", prompts["b"], greedy), ("c", prompts["c"], dict(greedy, max_tokens=5))]}
+    joins = {0: [("a", prompts["a"], greedy)],
+             3: [("b", prompts["b"], greedy), ("c", prompts["c"], dict(greedy, max_tokens=5))]}
     out = run_rows(RowBatch(engine), joins, steps=40)
     for name, prompt in prompts.items():
         expected = greedy_by_recompute(model, prompt, 5 if name == "c" else 30, stops)
@@ -168,7 +172,8 @@ def test_temperature_zero_ignores_seed_and_fixed_seed_reproduces():
     engine = Engine(tiny_gpt(), TOK)
     greedy = [engine.generate_batch(PROMPT, num_samples=2, max_tokens=12, temperature=0.0, seed=s)[0] for s in (1, 2)]
     assert greedy[0] == greedy[1]
-    sampled = [engine.generate_batch(PROMPT, num_samples=3, max_tokens=12, temperature=1.0, top_k=20, seed=7)[0] for _ in range(2)]
+    sample = lambda: engine.generate_batch(PROMPT, num_samples=3, max_tokens=12, temperature=1.0, top_k=20, seed=7)[0]
+    sampled = [sample(), sample()]
     assert sampled[0] == sampled[1]
 
 # -----------------------------------------------------------------------------

@@ -79,7 +79,7 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}
 
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to printable unicode characters (HF ByteLevel's alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -115,7 +115,7 @@ def hf_tokenizer_json(tokenizer):
     specials = sorted(data["special_tokens"].items(), key=lambda kv: kv[1])
     hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
     for name, i in specials:
-        assert hf.token_to_id(name) == i, f"special {name} got id {hf.token_to_id(name)} in the HF tokenizer, expected {i}"
+        assert hf.token_to_id(name) == i, f"special {name}: id {hf.token_to_id(name)} in the HF tokenizer, expected {i}"
     return hf.to_str()
 
 def tokenizer_from_hf_json(path):
@@ -145,10 +145,11 @@ def model_card(meta, source, report_text=None):
     uc = meta.get("pretrain_config") or meta.get("user_config") or {}
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanochat]", "---", "",
              f"# nanochat d{cfg['n_layer']} ({source})", "",
-             f"A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.", "",
+             "A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.", "",
              "| | |", "|---|---|",
              f"| stage | {source} (step {meta.get('step')}) |",
-             f"| layers / width / heads (kv) | {cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} ({cfg['n_kv_head']}) |",
+             f"| layers / width / heads (kv) | {cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} "
+             f"({cfg['n_kv_head']}) |",
              f"| context / window pattern | {cfg['sequence_len']} / {cfg['window_pattern']} |",
              f"| vocab | {cfg['vocab_size']} |"]
     counts = meta.get("param_counts") or {}
@@ -167,10 +168,10 @@ def model_card(meta, source, report_text=None):
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "tok = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
               "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)",
-              *(["ids = tok(\"<|bos|>The capital of France is\", return_tensors=\"pt\").input_ids  # a base model continues text"]
+              *(["ids = tok(\"<|bos|>The capital of France is\", return_tensors=\"pt\").input_ids  # continues text"]
                 if source == "base" else
                 ["ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
-                 "                              add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)"]),
+                 "    add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)"]),
               "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], skip_special_tokens=True))",
               "```", "",
               "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, ...) written in text, as chat "
@@ -211,8 +212,8 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
         "bos_token_id": specials["<|bos|>"], "eos_token_id": specials["<|assistant_end|>"],
         "dtype": str(compute_dtype).removeprefix("torch."), "use_cache": True, "tie_word_embeddings": False,
     }
-    generation = {"bos_token_id": specials["<|bos|>"], "eos_token_id": [specials["<|assistant_end|>"], specials["<|bos|>"]],
-                  "pad_token_id": specials["<|bos|>"]}
+    bos, end = specials["<|bos|>"], specials["<|assistant_end|>"]
+    generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
                         "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>",
                         "model_max_length": cfg["sequence_len"], "clean_up_tokenization_spaces": False}
@@ -271,7 +272,7 @@ def load_export(export_dir, device, phase="eval"):
     recorded = meta.get("tokenizer_fingerprint")
     if recorded is not None and recorded != tokenizer.fingerprint():
         raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was trained with (fingerprint "
-                         f"{tokenizer.fingerprint()[:16]}... vs {recorded[:16]}... in {META_FILE}): re-export the model")
+                         f"{tokenizer.fingerprint()[:16]}... vs {recorded[:16]}... in {META_FILE}): re-export it")
     if tokenizer.get_vocab_size() != config["vocab_size"]:
-        raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config['vocab_size']}")
+        raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model's {config['vocab_size']}")
     return model, tokenizer, meta

@@ -10,9 +10,9 @@ x0 := x -> per layer x = resid_lambda*x + x0_lambda*x0, then a pre-norm block (a
 a per-layer sliding window, value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of
 the mid-depth residual) -> RMSNorm -> lm_head -> fp32 -> softcap 15.
 
-Leaves out: padded batches (rows of one batch must have the same length), beam search and assisted decoding (the smear's
-previous-token state rides on the cache and is neither reordered nor cropped), training-time niceties (the weights come from the export, so
-_init_weights does nothing).
+Leaves out: padded batches (rows of one batch must have the same length), beam search and assisted decoding (the
+smear's previous-token state rides on the cache and is neither reordered nor cropped), training-time niceties (the
+weights come from the export, so _init_weights does nothing).
 """
 
 import math
@@ -140,9 +140,11 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         L, C, V = config.n_layer, config.n_embd, config.padded_vocab_size
         kv_dim = config.n_kv_head * (C // config.n_head)
         self.window_sizes = window_sizes(config)
-        self.transformer = nn.ModuleDict({"wte": nn.Embedding(V, C), "h": nn.ModuleList([Block(config, i) for i in range(L)])})
+        self.transformer = nn.ModuleDict({"wte": nn.Embedding(V, C),
+                                          "h": nn.ModuleList([Block(config, i) for i in range(L)])})
         self.lm_head = nn.Linear(C, V, bias=False)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim) for i in range(L) if has_value_embedding(i, L)})
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+                                           for i in range(L) if has_value_embedding(i, L)})
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
@@ -161,7 +163,7 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, use_cache=None, labels=None,
                 logits_to_keep=0, **kwargs):
-        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 says `cache`, older versions the other
+        cache = cache if cache is not None else past_key_values  # `cache` from transformers 5.24, the other before
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("this model does not support padded batches (attention_mask has zeros): "
@@ -201,5 +203,5 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         loss = None
         if labels is not None:  # transformers convention: labels are the inputs, shifted here; -100 is ignored
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
