@@ -23,6 +23,7 @@ import time
 import tiktoken
 
 from nanochat.dataset import parquets_iter_batched
+from nanochat.hf.export import bytes_to_unicode
 from nanochat.tokenizer import SPLIT_PATTERN, SPECIAL_TOKENS
 
 VOCAB_SIZES = [4096, 32768]
@@ -37,18 +38,6 @@ def cpu_s():
 
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-def byte_decoder():
-    """HF ByteLevel shows each byte as a printable char (the GPT-2 table); invert it."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in chars.items()}
 
 def train_one(job):
     """Runs in a fresh process. Returns timing, memory and the learned tokenizer in a picklable form."""
@@ -107,7 +96,7 @@ if __name__ == "__main__":
         speed_docs.append(val[len(speed_docs)])
     speed_bytes = sum(len(d.encode()) for d in speed_docs)
     speed_text = "\n".join(speed_docs)
-    decoder = byte_decoder()
+    decoder = {c: b for b, c in bytes_to_unicode().items()}  # HF ByteLevel's printable chars -> bytes
     for run in runs:
         learned = run.pop("learned")
         if run["trainer"] == "rustbpe":
