@@ -344,7 +344,8 @@ class GPT(nn.Module):
             return SOFTCAP * torch.tanh(logits / SOFTCAP)
         if torch.compiler.is_compiling():  # inductor fuses softcap + cross-entropy into a few row-wise kernels itself
             logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-            losses = F.cross_entropy(logits.flatten(0, 1), targets.view(-1), ignore_index=-1, reduction="none")
+            logits = logits.view(-1, logits.size(-1))
+            losses = F.cross_entropy(logits, targets.view(-1), ignore_index=-1, reduction="none")
         else:
             losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
         if loss_reduction == "none":
