@@ -24,7 +24,7 @@ import time
 import torch
 
 from nanochat.common import (autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, synchronize,
-                             COMPUTE_DTYPE)
+                             compile_for_training, COMPUTE_DTYPE)
 import nanochat.attention as attention
 from nanochat.dataloader import pretrain_loader
 from nanochat.fp8 import convert_to_float8_training, worth_fp8
@@ -81,7 +81,7 @@ def bench_model(name, attn):
     if args.fp8:
         convert_to_float8_training(model, module_filter_fn=worth_fp8)  # as base_train converts
     optimizer = model.setup_optimizer()
-    train_model = torch.compile(model, dynamic=False) if use_compile else model
+    train_model = compile_for_training(model, device_type) if use_compile else model
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)

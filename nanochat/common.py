@@ -18,6 +18,7 @@ import urllib.request
 import urllib.error
 
 import torch
+import torch._functorch.config as functorch_config
 import torch.distributed as dist
 from filelock import FileLock
 
@@ -106,8 +107,9 @@ def decide_compile(flag, device_type):
     """
     Whether a training script runs its model through torch.compile, and why, as (bool, one-line reason).
     flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for CUDA and for CPU
-    with a working C++ compiler, off for MPS. It pays on CPU too: the d4 model at T=512 (idle 2-core machine, fp32)
-    trained at 3,802 tok/s compiled vs 3,028 eager; the first step carries the compile time (minutes on 2 cores).
+    with a working C++ compiler, off for MPS. On CPU it pays in memory more than in speed: d4 at T=512 (16 x 512, fp32,
+    2-core VM) peaks at 1,566 MiB compiled vs 2,422-2,518 eager, at 1.04-1.31x the eager tok/s (docs/perf.md); the
+    first step carries the compile time (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):
@@ -132,6 +134,17 @@ def decide_compile(flag, device_type):
     if device_type == "mps":
         return False, "off: MPS (inductor's Metal backend is partial); --compile=1 tries it"
     return True, "on: CUDA" if device_type == "cuda" else "on: CPU with a working C++ compiler for inductor"
+
+def compile_for_training(model, device_type):
+    """
+    torch.compile for a training loop (one shape per step: dynamic=False). On CPU the partitioner keeps at most half of
+    the activations it would save and recomputes the rest in backward: d4 at T=512 (16 x 512) then peaks at
+    1,330-1,570 MiB instead of 1,670-1,700 for ~4% more time per step (docs/perf.md); memory, not FLOPs, is what a
+    laptop runs out of. CUDA keeps the default (save everything), whose cost has not been measured.
+    """
+    if device_type == "cpu":
+        functorch_config.activation_memory_budget = 0.5
+    return torch.compile(model, dynamic=False)
 
 def compute_init(device_type=""):
     """

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from nanochat.attention import attention_banner
 from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
                              decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, synchronize,
-                             COMPUTE_DTYPE)
+                             compile_for_training, COMPUTE_DTYPE)
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
@@ -240,7 +240,7 @@ if resume_step is not None:
     load_optimizer_state(optimizer, optimizer_state)  # the momenta; this run's LRs (checked above) rule
     del optimizer_state
 if use_compile:
-    model = torch.compile(model, dynamic=False)
+    model = compile_for_training(model, device_type)
 
 def bf16_eval():
     """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a

@@ -42,7 +42,8 @@ import torch.distributed as dist
 
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist,
-                             get_peak_flops, decide_compile, grad_accum_steps_for, collect_garbage, synchronize)
+                             get_peak_flops, decide_compile, compile_for_training, grad_accum_steps_for,
+                             collect_garbage, synchronize)
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
                                  lock_checkpoint_dir, find_resume_step, check_resume_config, check_resume_flags,
                                  load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS)
@@ -292,7 +293,7 @@ def main(stage):
     use_compile, compile_reason = decide_compile(args.compile, device.type)
     print0(f"torch.compile: {compile_reason}")
     if use_compile:
-        model = torch.compile(model, dynamic=False)  # packed rows have one shape
+        model = compile_for_training(model, device.type)  # packed rows have one shape
 
     # -------------------------------------------------------------------------
     # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total batch only
