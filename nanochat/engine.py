@@ -95,7 +95,8 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """
     logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary.
     Sampling inverts each row's CDF at one uniform draw: the distribution torch.multinomial samples, from one random
-    number per row where multinomial draws one per vocabulary entry (2 ms vs 0.06 ms for 8 x 8,192 on a 2-core CPU).
+    number per row where multinomial draws one per vocabulary entry (softmax + draw: 1.74 vs 0.26 ms for 8 x 8,192 on
+    a 2-core CPU).
     A token of probability 0 has an empty CDF step, so it is never picked.
     """
     if temperature == 0.0:
@@ -107,6 +108,13 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
     choice = (cdf[:, :-1] <= u).sum(dim=-1, keepdim=True)  # how many of the first V-1 steps lie at or below u
     return choice if indices is None else indices.gather(1, choice)
+
+def check_sampling(temperature, top_k):
+    """Raise ValueError naming a bad sampling setting; CLIs call it before loading a model to fail fast."""
+    if not 0 <= temperature < float("inf"):  # also refuses nan, which argparse's float accepts
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, or None for the full vocabulary; got {top_k}")
 
 # -----------------------------------------------------------------------------
 # Engine
@@ -163,10 +171,7 @@ class Engine:
                              f"context of {context}: use 1 <= max_tokens <= {context - len(tokens)}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if not 0 <= temperature < float("inf"):  # also refuses nan, which argparse's float accepts
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1, or None for the full vocabulary; got {top_k}")
+        check_sampling(temperature, top_k)
         return max_tokens
 
     def _new_cache(self, batch_size, seq_len):

@@ -29,11 +29,17 @@ args = parser.parse_args()
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine, TextStream
+from nanochat.engine import Engine, TextStream, check_sampling
 
 # -----------------------------------------------------------------------------
 # Load
 
+top_k = None if args.top_k == -1 else args.top_k
+try:
+    check_sampling(args.temperature, top_k)  # before minutes of loading
+except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
 _, _, _, _, device = compute_init(args.device_type)
 try:
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
@@ -42,7 +48,6 @@ except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt o
     sys.exit(1)
 engine = Engine(model, tokenizer)
 context = model.config.sequence_len
-top_k = None if args.top_k == -1 else args.top_k
 completion_mode = args.source == "base"
 
 bos = tokenizer.get_bos_token_id()
@@ -107,7 +112,7 @@ while True:
         print("\nAssistant: ", end="", flush=True)
     try:
         reply = stream_reply(prompt, seed=42 + turn)
-    except ValueError as e:  # a flag Engine rejects (-t, -k, -m): every turn would fail the same way
+    except ValueError as e:  # -m Engine rejects for this model: every turn would fail the same way
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     turn += 1
