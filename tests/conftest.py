@@ -35,14 +35,24 @@ def tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
     return Tokenizer.train_from_iterator(iter(TINY_CORPUS), vocab_size=256 + 64 + 9)
 
+def seeded_gpt(config, perturb=0.0, seed=0):
+    """GPT(config) initialized under torch.manual_seed(seed); perturb > 0 then adds perturb * N(0, 1) to every
+    parameter (init zeroes the projections and shrinks lm_head, which would hide their paths)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    model.init_weights()
+    if perturb:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    return model
+
 @pytest.fixture(scope="session")
 def random_chat_gpt():
     """(vocab_size, sequence_len) -> a 2-layer GPT with random matrices (after init every reply ignores the prompt)."""
     def build(vocab_size, sequence_len):
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2,
-                              n_embd=32))
-        model.init_weights()
+        model = seeded_gpt(GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=2, n_head=2,
+                                     n_kv_head=2, n_embd=32))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:

@@ -20,10 +20,11 @@ import torch
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step
 from nanochat.dataloader import pretrain_loader
 from nanochat.engine import use_calculator
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from scripts.chat_eval import validate_args
+from conftest import seeded_gpt
 
 def run_script(module, argv, monkeypatch, stdin=None):
     """Run `python -m module argv` in-process; -> (exit code or None, stdout + stderr)."""
@@ -51,9 +52,7 @@ def save_chat_model(base, tokenizer, steps=(3, 5)):
     tokenizer.save(str(base / "tokenizer"))
     config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
                        n_embd=32, window_pattern="L")
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
+    model = seeded_gpt(config)
     meta = {"model_config": dict(config.__dict__), "user_config": {}, "tokenizer_fingerprint": tokenizer.fingerprint()}
     for step in steps:
         save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), step, model.state_dict(), None, meta)

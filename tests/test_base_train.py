@@ -47,6 +47,22 @@ def run(cmd, base):
     assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+def copy_dirs(base, dest, *names):
+    """A fresh base dir holding copies of base/<name> for each name (the DDP run starts from the same inputs)."""
+    for name in names:
+        shutil.copytree(base / name, dest / name)
+    return dest
+
+def died_before(base, dest, checkpoint_dir, step):
+    """A copy of base without `step`'s checkpoint files: a run that died before saving that step."""
+    shutil.copytree(base, dest)
+    for f in os.listdir(dest / checkpoint_dir):
+        if f"{step:06d}" in f:
+            os.remove(dest / checkpoint_dir / f)
+    return dest
+
 def losses(stdout):
     """{step: debiased loss} and {step: val bpb} from the log lines."""
     train = {int(m.group(1)): float(m.group(2))
@@ -83,12 +99,7 @@ def test_reference_run_records_everything_to_resume(reference_run):
 
 def test_resume_is_bit_identical(reference_run, tmp_path):
     base, stdout = reference_run
-    # simulate a run that died after step 3's checkpoint: drop everything of step 6
-    resumed = tmp_path / "resumed"
-    shutil.copytree(base, resumed)
-    for f in os.listdir(resumed / CKPT):
-        if f"{STEPS:06d}" in f:
-            os.remove(resumed / CKPT / f)
+    resumed = died_before(base, tmp_path / "resumed", CKPT, STEPS)  # resumes from step 3
     with open(resumed / LOG, "a") as f:
         f.write('{"step": 7, "loss": 3.')  # and it died mid-write of a metric line
     resumed_stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], resumed)
@@ -128,12 +139,8 @@ def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch, t
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run
-    ddp = tmp_path / "ddp"
-    ddp.mkdir()
-    shutil.copytree(base / "tokenizer", ddp / "tokenizer")
-    shutil.copytree(base / "base_data_local", ddp / "base_data_local")
-    ddp_stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      "-m", "scripts.base_train", "--", *FLAGS], ddp)
+    ddp = copy_dirs(base, tmp_path / "ddp", "tokenizer", "base_data_local")
+    ddp_stdout = run([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], ddp)
     assert "world size: 2" in ddp_stdout
     train, val = losses(stdout)
     train_d, val_d = losses(ddp_stdout)

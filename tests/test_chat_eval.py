@@ -18,12 +18,13 @@ import torch.multiprocessing as mp
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import Tokenizer
 from tasks.common import Task, render_mc, evaluate_letter, extract_answer
 from tasks.synthetic import SyntheticMath, SyntheticMC
 from scripts.chat_eval import (run_categorical_eval, run_generative_eval, run_chat_eval, chatcore, resolve_tasks,
                                REAL_TASKS, SYNTHETIC_TASKS)
+from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -143,13 +144,7 @@ def test_offline_resolution_falls_back_to_synthetic(http_server, base_dir, monke
 def tiny_model(vocab_size):
     config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,
                        window_pattern="L")
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():  # the init zeroes projections and shrinks lm_head; make every logit matter
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return model.eval(), config
+    return seeded_gpt(config, perturb=0.3).eval(), config
 
 def evaluate_tiny(model, tokenizer):
     engine = Engine(model, tokenizer)

@@ -13,17 +13,17 @@ Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_rl.py
 import math
 import os
 import re
-import shutil
 import sys
 
 import pytest
 import torch
 
 from nanochat.checkpoint import save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from tasks.common import Task
 import scripts.chat_rl as chat_rl
-from test_base_train import run as run_script  # the script in a subprocess under base; its stdout
+from test_base_train import run as run_script, TORCHRUN, copy_dirs, died_before  # run: the script under base
+from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = os.path.join("chatrl_checkpoints", "d2")
@@ -58,9 +58,7 @@ def model_config(tokenizer):
 def make_sft_dir(path, tokenizer):
     """Tokenizer plus an 'sft' checkpoint d2 step 5: random init and one optimizer step on random tokens."""
     tokenizer.save(str(path / "tokenizer"))
-    torch.manual_seed(0)
-    model = GPT(model_config(tokenizer))
-    model.init_weights()
+    model = seeded_gpt(model_config(tokenizer))
     tokens = torch.randint(0, model.config.vocab_size, (2, 65))
     model(tokens[:, :-1], tokens[:, 1:].contiguous()).backward()
     model.setup_optimizer().step()
@@ -68,10 +66,7 @@ def make_sft_dir(path, tokenizer):
     save_checkpoint(str(path / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None, meta)
 
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    model = GPT(model_config(tokenizer))
-    model.init_weights()
-    return model
+    return seeded_gpt(model_config(tokenizer))
 
 # -----------------------------------------------------------------------------
 # The loss of a hand-worked step
@@ -239,11 +234,7 @@ def test_reference_run_trains_and_saves(reference_run):
 
 def test_resume_is_bit_identical(reference_run, tmp_path):
     base, stdout = reference_run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(base, resumed)
-    for f in os.listdir(resumed / RL):  # a run that died after step 2's checkpoint
-        if "000004" in f:
-            os.remove(resumed / RL / f)
+    resumed = died_before(base, tmp_path / "resumed", RL, 4)  # resumes from step 2
     resumed_stdout = run(resumed, [sys.executable], ["--resume"])
     assert f"resuming from {resumed / RL} step 2" in resumed_stdout
     train, evals = parse_log(stdout)
@@ -256,11 +247,8 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
 
 def test_two_ranks_equal_one_process(reference_run, tmp_path):
     base, stdout = reference_run
-    ddp = tmp_path / "ddp"
-    ddp.mkdir()
-    shutil.copytree(base / "tokenizer", ddp / "tokenizer")
-    shutil.copytree(base / "chatsft_checkpoints", ddp / "chatsft_checkpoints")
-    ddp_stdout = run(ddp, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])
+    ddp = copy_dirs(base, tmp_path / "ddp", "tokenizer", "chatsft_checkpoints")
+    ddp_stdout = run(ddp, TORCHRUN)
     assert "world size: 2" in ddp_stdout and "(2/rank)" in ddp_stdout
     train, evals = parse_log(stdout)
     train_d, evals_d = parse_log(ddp_stdout)

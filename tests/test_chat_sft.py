@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.report import read_metric_log
-from test_base_train import run  # the script in a subprocess under base; its stdout
+from test_base_train import run, TORCHRUN, copy_dirs, died_before  # run: the script in a subprocess; its stdout
+from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -46,10 +47,8 @@ def model_config(tokenizer):
 def make_base_dir(path, tokenizer, with_optimizer=True):
     """Tokenizer plus base checkpoint d2 step 10 carrying the meta fields chat_sft reads."""
     tokenizer.save(str(path / "tokenizer"))
-    torch.manual_seed(0)
     config = model_config(tokenizer)
-    model = GPT(config)
-    model.init_weights()
+    model = seeded_gpt(config)
     optimizer = model.setup_optimizer(**PRETRAIN_LRS)
     tokens = torch.randint(0, config.vocab_size, (1, 97))
     model(tokens[:, :-1], tokens[:, 1:]).backward()
@@ -83,10 +82,8 @@ def expected_initial_lrs(tokenizer, lrs, lr_frac):
 
 def test_step_loss_is_the_mean_over_supervised_tokens_even_with_an_empty_micro_batch(tiny_tokenizer):
     from scripts.chat_sft import count_supervised, token_weighted_loss
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
-                          n_kv_head=2, n_embd=64, window_pattern="L"))
-    model.init_weights()
+    model = seeded_gpt(GPTConfig(sequence_len=16, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                                 n_kv_head=2, n_embd=64, window_pattern="L"))
     V = model.config.vocab_size
     inputs = [torch.randint(0, V, (2, 16)) for _ in range(3)]
     targets = [torch.randint(0, V, (2, 16)) for _ in range(3)]
@@ -181,11 +178,7 @@ def test_mid_checkpoint_carries_window_pattern_and_inherited_settings(reference_
 
 def test_resume_is_bit_identical(reference_run, tmp_path):
     base, stdout = reference_run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(base, resumed)
-    for f in os.listdir(resumed / MID):  # a run that died after step 4's checkpoint
-        if f"{STEPS:06d}" in f:
-            os.remove(resumed / MID / f)
+    resumed = died_before(base, tmp_path / "resumed", MID, STEPS)  # resumes from step 4
     resumed_stdout = run([sys.executable, "-m", "scripts.mid_train", *FLAGS, "--resume"], resumed)
     assert f"resuming from {resumed / MID} step 4" in resumed_stdout
     train, supervised, val, chat = parse_log(stdout)
@@ -210,12 +203,8 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     base, stdout = reference_run
-    ddp = tmp_path / "ddp"
-    ddp.mkdir()
-    shutil.copytree(base / "tokenizer", ddp / "tokenizer")
-    shutil.copytree(base / "base_checkpoints", ddp / "base_checkpoints")
-    ddp_stdout = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                      "-m", "scripts.mid_train", "--", *FLAGS], ddp)
+    ddp = copy_dirs(base, tmp_path / "ddp", "tokenizer", "base_checkpoints")
+    ddp_stdout = run([*TORCHRUN, "-m", "scripts.mid_train", "--", *FLAGS], ddp)
     assert "world size: 2" in ddp_stdout and "batch 192 tokens = 1 x 96 x 2 GPUs x 1 |" in ddp_stdout
     train, supervised, val, chat = parse_log(stdout)
     train_d, supervised_d, val_d, chat_d = parse_log(ddp_stdout)
@@ -334,9 +323,7 @@ def test_run_without_val_eval_writes_strict_json_and_resumes(tmp_path, tiny_toke
                               parse_constant=lambda c: pytest.fail(f"meta step {step} holds {c}: not strict JSON"))
     assert strict_meta(2)["loop_state"]["min_val_bpb"] is None and strict_meta(2)["val_bpb"] is None
     reference = torch.load(base / MID / "model_000002.pt", weights_only=True)
-    for f in os.listdir(base / MID):
-        if "000002" in f:
-            os.remove(base / MID / f)
+    base = died_before(base, tmp_path / "resumed", MID, 2)
     stdout = run([sys.executable, "-m", "scripts.mid_train", *flags, "--resume"], base)
     assert f"resuming from {base / MID} step 1" in stdout
     assert strict_meta(2)["loop_state"]["min_val_bpb"] is None

@@ -15,7 +15,8 @@ import torch.nn as nn
 
 import nanochat.checkpoint as ckpt
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, find_model_tag, load_model
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
+from conftest import seeded_gpt
 
 def small_model_and_optimizer(seed):
     torch.manual_seed(seed)
@@ -106,12 +107,7 @@ def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     config = GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
-    torch.manual_seed(0)
-    model = GPT(config)
-    model.init_weights()
-    with torch.no_grad():  # make every parameter non-trivial so a wrong load shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
+    model = seeded_gpt(config, perturb=0.01)  # every parameter non-trivial, so a wrong load shows
     state = {prefix + k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
     meta = {"model_config": config.__dict__, "user_config": {"max_seq_len": 32},
             "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from nanochat.engine import Engine, RowBatch, sample_next_token, use_calculator
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS
+from conftest import seeded_gpt
 
 # -----------------------------------------------------------------------------
 # Mocks
@@ -78,11 +79,8 @@ def tiny_gpt():
     """A random GPT whose every part matters: random weights everywhere (init zeros the projections), smear and
     backout on, 2 query heads sharing 1 kv head, windows 128/128/256 so a ~190-token sequence outgrows the short
     ones."""
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=256, vocab_size=V, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
-                       window_pattern="SSL")
-    model = GPT(config)
-    model.init_weights()
+    model = seeded_gpt(GPTConfig(sequence_len=256, vocab_size=V, n_layer=3, n_head=2, n_kv_head=1, n_embd=32,
+                                 window_pattern="SSL"))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 2 and "wte" not in name and "value_embeds" not in name:

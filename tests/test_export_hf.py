@@ -19,8 +19,9 @@ from safetensors.torch import load_file  # installed with transformers
 
 from nanochat.checkpoint import load_model, save_checkpoint
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.hf.export import export_model
+from conftest import seeded_gpt
 
 SEQ_LEN = 512  # short window = 128 tokens, so a 200-token batch really slides on the "S" layers
 
@@ -33,12 +34,8 @@ def exported(tmp_path_factory, tiny_tokenizer):
         tiny_tokenizer.save(str(base / "tokenizer"))
         config = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=3, n_head=4,
                            n_kv_head=2, n_embd=64, window_pattern="SL")
-        torch.manual_seed(0)
-        model = GPT(config)
-        model.init_weights()
-        with torch.no_grad():  # c_proj, smear and lambdas start at 0 or 1: perturb all so each one's path shows
-            for p in model.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
+        model = seeded_gpt(config, perturb=0.05)  # c_proj, smear and lambdas start at 0 or 1: each path shows
+        with torch.no_grad():
             model.smear_lambda.fill_(0.5)
         meta = {"model_config": config.__dict__, "user_config": {}, "val_bpb": 1.234, "metrics": {"gsm8k": 0.05},
                 "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}

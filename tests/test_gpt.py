@@ -14,6 +14,7 @@ import torch.nn as nn
 from nanochat import attention as attn, gpt
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from conftest import seeded_gpt
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -25,9 +26,7 @@ def tiny_model(seed=0, active=True, **kw):
     """A small CPU model; `active` makes the zero/identity-at-init parts (smear, c_proj) do something."""
     cfg = dict(sequence_len=256, vocab_size=100, n_layer=4, n_head=4, n_kv_head=2, n_embd=48, window_pattern="SL")
     cfg.update(kw)
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**cfg))
-    model.init_weights()
+    model = seeded_gpt(GPTConfig(**cfg), seed=seed)
     if active:
         with torch.no_grad():
             model.smear_lambda.fill_(0.8)

@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nanochat.gpt import GPT, GPTConfig, KVCache
+from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,10 +48,8 @@ def test_flop_estimates_match_the_counted_matmuls_plus_hand_counted_attention():
     """infer_bench's MFU divides by estimate_prefill_flops / estimate_decode_flops. FlopCounterMode counts every
     matmul the forward runs (CPU SDPA is one fused op it does not count), so attention is added by hand:
     4 x heads x head_dim per (query, key) pair a layer attends, causal and capped by the layer's window."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(sequence_len=64, vocab_size=200, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
-                          window_pattern="SL"))
-    model.init_weights()
+    model = seeded_gpt(GPTConfig(sequence_len=64, vocab_size=200, n_layer=2, n_head=2, n_kv_head=1, n_embd=64,
+                                 window_pattern="SL"))
     model.window_sizes = [8, 64]  # a window shorter than the prompt: the estimates must cap at it
     n, hd = 20, 2 * 32
     pairs = sum(sum(min(t + 1, w) for t in range(n)) for w in model.window_sizes)
