@@ -7,18 +7,12 @@ ARC (allenai/ai2_arc): grade-school science multiple choice, Easy and Challenge 
 Categorical: the allowed answers are the dataset's own labels (usually A-D, a few rows use 1-4 or 5 choices).
 """
 
-from tasks.common import HubTask, render_mc, evaluate_letter
+from tasks.common import HubTask, mc_conversation, evaluate_letter
 
 def arc_conversation(row):
     letters, choices = row["choices"]["label"], row["choices"]["text"]
     assert row["answerKey"] in letters, f"ARC answer {row['answerKey']!r} is not one of the labels {letters}"
-    return {
-        "messages": [
-            {"role": "user", "content": render_mc(row["question"], letters, choices)},
-            {"role": "assistant", "content": row["answerKey"]},
-        ],
-        "letters": letters,
-    }
+    return mc_conversation(row["question"], letters, choices, row["answerKey"])
 
 
 class ARC(HubTask):

@@ -110,6 +110,12 @@ def render_mc(question, letters, choices):
     lines.append("\nRespond only with the letter of the correct answer.")
     return "".join(lines)
 
+def mc_conversation(question, letters, choices, answer, **extra):
+    """The render_mc prompt, the answer letter as the reply, and the letters evaluate_letter allows."""
+    messages = [{"role": "user", "content": render_mc(question, letters, choices)},
+                {"role": "assistant", "content": answer}]
+    return {"messages": messages, "letters": letters, **extra}
+
 def evaluate_letter(conversation, assistant_response):
     """Categorical grading: the response must be exactly the reference letter."""
     letters = conversation["letters"]

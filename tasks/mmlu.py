@@ -8,7 +8,7 @@ MMLU (cais/mmlu): 4-way multiple choice over 57 subjects.
 Categorical: the model answers with one of the letters A-D (render_mc format).
 """
 
-from tasks.common import HubTask, render_mc, evaluate_letter
+from tasks.common import HubTask, mc_conversation, evaluate_letter
 
 LETTERS = ["A", "B", "C", "D"]
 
@@ -17,14 +17,8 @@ def mmlu_conversation(row):
     if set(row) == {"train"}:
         row = row["train"]
     assert len(row["choices"]) == 4, f"MMLU row has {len(row['choices'])} choices, expected 4"
-    return {
-        "messages": [
-            {"role": "user", "content": render_mc(row["question"], LETTERS, row["choices"])},
-            {"role": "assistant", "content": LETTERS[row["answer"]]},
-        ],
-        "subject": row["subject"],  # lets evaluation group accuracy by subject
-        "letters": LETTERS,
-    }
+    # "subject" lets evaluation group accuracy by subject
+    return mc_conversation(row["question"], LETTERS, row["choices"], LETTERS[row["answer"]], subject=row["subject"])
 
 
 class MMLU(HubTask):

@@ -25,7 +25,7 @@ import random
 import string
 import zlib
 
-from tasks.common import Task, render_mc, evaluate_letter, evaluate_answer
+from tasks.common import Task, mc_conversation, evaluate_letter, evaluate_answer
 
 TEST_FRACTION = 0.2  # of each task's problem keys
 
@@ -297,10 +297,5 @@ class SyntheticMC(SyntheticTask):
             question = "Which of these numbers is even?"
         choices = [str(c) for c in choices]
         rng.shuffle(choices)
-        letter = MC_LETTERS[choices.index(str(answer))]
-        messages = [
-            {"role": "user", "content": render_mc(question, MC_LETTERS, choices)},
-            {"role": "assistant", "content": letter},
-        ]
         key = f"{kind}:{question}:{','.join(sorted(choices))}"
-        return key, {"messages": messages, "letters": MC_LETTERS}
+        return key, mc_conversation(question, MC_LETTERS, choices, MC_LETTERS[choices.index(str(answer))])
