@@ -7,9 +7,8 @@ Data loaders that turn text into (inputs, targets) batches of shape (B, T), int6
 
 pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dataset shards).
   Every row starts with <|bos|> and is filled completely: each row (capacity T+1) repeatedly takes the largest
-  buffered document that still fits, and when none fits, the shortest one is cropped to fill the rest. Compared
-  with greedy cropping this wastes fewer tokens (karpathy/nanochat's measurement at T=2048:
-  39.4% greedy, 34.6% best-fit).
+  buffered document that still fits, and when none fits, the shortest one is cropped to fill the rest. This crops
+  fewer tokens than greedy packing (karpathy/nanochat's measurement at T=2048: 39.4% greedy, 34.6% best-fit).
   Resume is EXACT: the state names the next unread document and the documents sitting in the buffer (by position
   in the data, not by content), so a new loader re-reads and re-tokenizes them and produces the very batches the
   uninterrupted loader would have produced. The state is a small JSON-serialisable dict (a few KB at buffer 1000).
@@ -63,14 +62,11 @@ _row_group_cache = {}
 def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", state=None,
                     buffer_size=1000, tokenizer_threads=4, tokenizer_batch_size=128, dataset=None):
     """
-    Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs shifted by one.
-    Stream `rank` of `world_size` reads row groups rank, rank+W, rank+2W, ... of the GLOBAL row-group list (all
-    files' row groups in order, repeated once per epoch), so any number of streams finds data, even more streams
-    than there are row groups, and the streams together read every row group once per epoch.
-    `state` resumes exactly where a previous loader's yielded state left off (same split, rank, world_size,
-    B, T, buffer_size, tokenizer_batch_size and the same files). The yielded state describes the loader AFTER that
-    batch. Epochs start at 1 (epoch = global row group // row groups per epoch + 1).
-    Validation: call with split="val" and no state; it always starts at the beginning of the val shard.
+    Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs shifted by one;
+    streams are sharded as the module docstring says. `state` resumes exactly where a previous loader's yielded
+    state left off (same split, rank, world_size, B, T, buffer_size, tokenizer_batch_size and the same files). The
+    yielded state describes the loader AFTER that batch. Epochs start at 1 (epoch = global row group // row groups
+    per epoch + 1). Validation: call with split="val" and no state; it always starts at the beginning of the val shard.
     """
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"

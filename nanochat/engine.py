@@ -16,9 +16,6 @@ result is forced into that row as <|output_start|> str(result) <|output_end|> (m
 those tokens, so RL must not train on them). Only arithmetic and str.count are supported; it is a calculator,
 not a Python interpreter (nanochat/execution.py is the sandbox for full programs).
 
-RowBatch decodes different requests together (chat_web): each row has its own prompt, cache position, sampling
-settings and seed; rows join after a batch-1 prefill and leave when they finish, between steps.
-
 Left out: speculative decoding, paged caches (a joining or leaving row copies the batch's cache), and sampling
 beyond temperature/top-k.
 """
@@ -66,7 +63,6 @@ def use_calculator(expr):
     Allowed: arithmetic on numbers with + - * / // ( ) (commas in numbers like 1,000 are dropped; ** is refused),
     or a str.count(...) call on a string literal such as 'strawberry'.count('r') (optionally after .lower() etc.).
     Safe to call from any thread: no signals, and every admitted expression is cheap by construction.
-    The expression is parsed and checked node by node before it is evaluated with no builtins.
     """
     expr = expr.strip()
     arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # 1,000 -> 1000, but (1,2) stays a tuple and is refused
@@ -96,8 +92,7 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary.
     Sampling inverts each row's CDF at one uniform draw: the distribution torch.multinomial samples, from one random
     number per row where multinomial draws one per vocabulary entry (softmax + draw: 1.74 vs 0.26 ms for 8 x 8,192 on
-    a 2-core CPU).
-    A token of probability 0 has an empty CDF step, so it is never picked.
+    a 2-core CPU). A token of probability 0 has an empty CDF step, so it is never picked.
     """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -220,15 +215,11 @@ class Engine:
         """
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        stop_tokens = self.stop_tokens
         done = [False] * num_samples
         for token_column, mask_column in self.generate(tokens, num_samples, **kwargs):
             for i, (token, mask) in enumerate(zip(token_column, mask_column)):
-                if done[i]:
-                    continue
-                if token in stop_tokens:
-                    done[i] = True
-                else:
+                done[i] = done[i] or token in self.stop_tokens
+                if not done[i]:
                     sequences[i].append(token)
                     masks[i].append(mask)
         return sequences, masks
