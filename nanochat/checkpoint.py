@@ -9,14 +9,11 @@ Layout: <base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/ holds, per step (zer
 model_SSSSSS.pt (rank 0), optim_SSSSSS_rankR.pt (one per rank, optional) and meta_SSSSSS.json (rank 0).
 Every file is written to a temp name and renamed, and the meta file is published LAST: a checkpoint without its
 meta does not exist as far as find_last_step is concerned, so a crash in the middle of a save leaves the previous
-checkpoint as the newest complete one. meta records how many optimizer shards belong to the step, and
-find_last_step also checks that the model and every shard load.
+checkpoint as the newest complete one.
 
 Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256), and
 load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file, not a model
-that silently computes something else. Checkpoints saved before hashes existed load with one line saying so.
-One run at a time per directory: training scripts call lock_checkpoint_dir() at start, which takes an exclusive
-file lock (released by the OS when the process dies, even by kill -9) and names the holder to a second run.
+that silently computes something else. One run at a time per directory: see lock_checkpoint_dir.
 
 Leaves out: patching checkpoints from older code versions (missing window_pattern etc.): there are none here,
 and guessing a missing window pattern silently changes the model, so it is an error instead.
@@ -190,10 +187,13 @@ def find_last_step(checkpoint_dir):
     raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} "
                             f"(steps with meta: {_steps_with_meta(checkpoint_dir) or 'none'})")
 
+def _model_tags(checkpoints_dir):
+    names = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
+    return [t for t in names if os.path.isdir(os.path.join(checkpoints_dir, t))]
+
 def find_model_tag(checkpoints_dir):
     """The largest d<N> tag, else the most recently modified directory."""
-    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))] \
-        if os.path.isdir(checkpoints_dir) else []
+    tags = _model_tags(checkpoints_dir)
     if not tags:
         raise FileNotFoundError(f"no model tags (subdirectories) in {checkpoints_dir}")
     depth_tags = [t for t in tags if re.fullmatch(r"d\d+", t)]
@@ -282,8 +282,7 @@ def build_model(checkpoint_dir, step, device, phase):
     if trained_len is not None and config.get("sequence_len") != trained_len:
         raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len="
                          f"{config.get('sequence_len')} but the model was pretrained with --max-seq-len={trained_len}; "
-                         f"restore the meta file "
-                         f"(sequence_len {trained_len})")
+                         f"restore the meta file (sequence_len {trained_len})")
     # torch.compile wraps parameter names in _orig_mod.; CPU/MPS compute in fp32, so bf16 tensors are upcast
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     if device.type in ("cpu", "mps"):
@@ -309,14 +308,13 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
         raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(SOURCE_DIRS)}, "
                          f"or a directory written by scripts.export_hf")
     checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[source])
-    tags = sorted(t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))) \
-        if os.path.isdir(checkpoints_dir) else []
+    tags = _model_tags(checkpoints_dir)
     if not tags:
         raise FileNotFoundError(f"no {source} checkpoints in {checkpoints_dir}: train one with "
                                 f"`python -m {SOURCE_SCRIPTS[source]}`")
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_model_tag(checkpoints_dir))
     if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; available: {tags}")
+        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; available: {sorted(tags)}")
     model_tag = os.path.basename(checkpoint_dir)
     if step is None:
         step = find_last_step(checkpoint_dir)

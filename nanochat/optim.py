@@ -275,15 +275,10 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _adamw_update(self, group, pending):
         gathers = []
-        hp = self._adamw_t
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
-            if sharded:
-                n = p.shape[0] // self.world_size
-                p_owned = p[self.rank * n:(self.rank + 1) * n]
-            else:
-                p_owned = p
+            p_owned = p.chunk(self.world_size)[self.rank] if sharded else p  # dim 0 divides by W (add_param_group)
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -295,8 +290,8 @@ class MuonAdamW(torch.optim.Optimizer):
             fn = _step_fn(adamw_step_fused, p.device)
             if fn is not adamw_step_fused:
                 for k, v in values.items():
-                    hp[k].fill_(v)
-                values = hp
+                    self._adamw_t[k].fill_(v)
+                values = self._adamw_t
             fn(p_owned, grad, state["exp_avg"], state["exp_avg_sq"], values["step"], values["lr"],
                values["beta1"], values["beta2"], values["eps"], values["wd"])
             if sharded:
@@ -325,11 +320,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if hi > lo:
             torch.stack(params[lo:hi], out=owned[:hi - lo])
         state = self.state[params[0]]  # one state per group, kept on its first param
-        if not state:
-            shapes = self._expected_state_shapes(group, params[0])
-            state["momentum_buffer"] = torch.zeros(shapes["momentum_buffer"], dtype=torch.float32, device=owned.device)
-            state["second_momentum_buffer"] = torch.zeros(shapes["second_momentum_buffer"], dtype=torch.float32,
-                                                          device=owned.device)
+        if not state:  # momentum_buffer and second_momentum_buffer
+            state.update({k: torch.zeros(shape, dtype=torch.float32, device=owned.device)
+                          for k, shape in self._expected_state_shapes(group, params[0]).items()})
         values = dict(momentum=group["momentum"], lr=group["lr"] * muon_lr_multiplier(rows, cols),
                       wd=group["weight_decay"], beta2=group["beta2"])
         fn = _step_fn(muon_step_fused, owned.device)

@@ -280,11 +280,6 @@ class Tokenizer:
         ids, _ = self.render_conversation(conversation, max_tokens=None)
         return ids + [self.encode_special("<|assistant_start|>")]
 
-    def visualize_tokenization(self, ids, mask):
-        """Debug view: supervised tokens green, the rest red, separated by '|'."""
-        green, red, reset = "\033[92m", "\033[91m", "\033[0m"
-        return "|".join(f"{green if m else red}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
-
 # -----------------------------------------------------------------------------
 
 def get_tokenizer():
