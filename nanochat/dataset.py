@@ -227,10 +227,6 @@ LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apac
                           r"|GNU (Lesser )?General Public License|Redistribution and use in source and binary forms"
                           r"|This software is provided 'as-is'")
 
-def local_root():
-    """The standard library directory of the running Python."""
-    return sysconfig.get_paths()["stdlib"]
-
 def _read_text(path):
     with open(path, "rb") as f:
         return f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
@@ -266,7 +262,7 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
 def collect_local_documents(root=None):
     """All documents under root (default: the stdlib), in sorted walk order, deduplicated, small pieces dropped."""
     seen, docs = set(), []
-    for dirpath, dirnames, filenames in os.walk(local_root() if root is None else root):
+    for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"] if root is None else root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
         for filename in sorted(filenames):
             for doc in _docs_of_file(os.path.join(dirpath, filename)):

@@ -1,6 +1,7 @@
 """
 Shared test fixtures: a tiny tokenizer trained in the test session, an isolated artifact root,
 and a local HTTP server on 127.0.0.1 that serves bytes the tests put in it (with scripted faults).
+Run one file with `python -m pytest -q tests/<file>` (OMP_NUM_THREADS defaults to 1 here, see below).
 """
 
 import os

@@ -7,7 +7,6 @@ Artifacts cannot be mixed, swapped or silently corrupted:
   checkpoints from before hashes still load, saying they are unverified;
 - temp files of a killed save are removed by the next save in the directory;
 - --resume with flags that change the trajectory fails naming them unless --resume-override, which then uses them.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_artifacts.py
 """
 
 import json

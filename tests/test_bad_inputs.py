@@ -3,7 +3,6 @@ Every bad input gets a clear error: one line naming the value and the fix, never
 a silent reinterpretation (--num-iterations=0 meaning "derive"), or a wrong result reported as success.
 One row per case; each row runs the real entry point (the script in-process, stopping at its argument checks, or
 the library function the script calls) and checks the message.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_bad_inputs.py
 """
 
 import argparse

@@ -2,7 +2,6 @@
 End-to-end tests of scripts/base_train.py on a tiny model, tiny tokenizer and tiny local shards (CPU):
 an interrupted-then-resumed run is bit-identical to an uninterrupted one; 2 gloo ranks train the same model as
 1 process with 2 accumulation steps; bad inputs fail at start-up naming the fix.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_base_train.py
 """
 
 import json

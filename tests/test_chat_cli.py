@@ -3,8 +3,6 @@ chat_cli end to end: a tiny random model saved as an SFT (and a base) checkpoint
 conversation on stdin, and its streamed replies compared with what the Engine generates for the same tokens at
 temperature 0. The main conversation runs as a real subprocess; the other modes run the script in-process
 (runpy) because a fresh torch import costs seconds on a busy 2-core machine.
-
-    python -m pytest -q tests/test_chat_cli.py
 """
 
 import dataclasses

@@ -6,7 +6,6 @@ The chat stages' recipes and their epoch, end to end through scripts/chat_sft.ma
 - karpathy/nanochat's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02, no batch-size factor whatever
   the source's lrs and batch, Muon momentum ramp (mid) or constant 0.95 (SFT), SFT's 32 conversations per step;
 - SFT warm-started from a 2-rank mid checkpoint on 1 rank warns, starts the momenta fresh and goes on.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_recipe.py
 """
 
 import math

@@ -7,7 +7,6 @@ Tests of scripts/chat_rl.py on a tiny model (depth 3, width 64, context 64) and 
 - an interrupted-then-resumed run is bit-identical (weights, sampled completions, rewards, pass@k);
 - 2 gloo ranks equal 1 process on the same questions.
 The tests replace the task (rl_tasks) with one a random tiny model can score on; everything else is the script's.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_rl.py
 """
 
 import math

@@ -9,7 +9,6 @@ width 64, T 96), the tiny tokenizer and the embedded synthetic mixture (CPU):
   overrides them; the learning rates are the stage recipe's, not the pretraining run's;
 - bad inputs (warm start without optimizer shards, resume with another configuration, ...) fail naming the fix.
 The base checkpoint is written directly (one optimizer step on random tokens gives a real optimizer shard).
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_chat_sft.py
 """
 
 import json

@@ -4,8 +4,6 @@ port, an API key), called with the official `openai` client and plain HTTP. Gree
 Engine generates for the same tokens. The model never emits a stop token (their lm_head rows are zero, so their logit
 is 0 while the argmax over 300+ random logits is positive), so every reply runs to max_tokens and a long one lasts
 seconds: long enough to disconnect in the middle of it.
-
-    python -m pytest -q tests/test_chat_web.py
 """
 
 import dataclasses

@@ -1,7 +1,6 @@
 """
 Tests for nanochat/checkpoint.py: round trip, a save that dies half-way leaves the previous checkpoint as the
 newest complete one, tag selection, and load_model rebuilding a GPT (window pattern, _orig_mod., bf16, errors).
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_checkpoint.py
 """
 
 import hashlib

@@ -1,7 +1,6 @@
 """
 The torch.compile decision every training script takes (common.decide_compile), and the default path it picks on
 a CPU with a C++ compiler: a compiled training step must train exactly like the eager one.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_compile.py
 """
 
 import pytest

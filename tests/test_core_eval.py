@@ -4,8 +4,6 @@ eval_meta_data.csv, eval_data/*.jsonl with one task of each type), scored by fak
 an oracle that knows the gold prompts, a uniform model and a seeded bigram model.
 Checks rendered prompts and continuation spans against hand-worked strings, accuracy and centering,
 batching and 1-vs-2-process invariance, the bundle download/unzip and the errors a user can hit.
-
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_core_eval.py
 """
 
 import io

@@ -1,7 +1,6 @@
 """
 Tests for nanochat/dataloader.py: best-fit packing on hand-worked examples, exact resume (1 and 2 ranks,
 across an epoch wrap), the val loader, and the chat packer's padding, cropping and loss mask.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_dataloader.py
 """
 
 import json

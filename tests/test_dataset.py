@@ -2,8 +2,6 @@
 Tests of nanochat/dataset.py: the shard downloader against a local HTTP server with scripted faults,
 the train/val split and row-group striding of the readers, and the offline local corpus
 (deterministic, >= 10M chars, val held out).
-
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_dataset.py
 """
 
 import glob

@@ -5,8 +5,6 @@ The reference for the cache is the obvious thing: re-run the whole sequence thro
 take the argmax. A tiny random GPT (sliding windows shorter than the sequence, smear and backout switched on, GQA)
 must give exactly those tokens. Sampling and the tool state machine are checked with mock models whose logits
 are written by hand, and a byte-level mock tokenizer, so nothing here depends on a trained tokenizer.
-
-    python -m pytest -q tests/test_engine.py
 """
 
 from concurrent.futures import ThreadPoolExecutor

@@ -3,8 +3,6 @@ The HumanEval sandbox (nanochat/execution.py): well-behaved programs run and rep
 and the common accidents (system calls, forks, deletes, stdin reads, parent secrets) fail, with or without
 isolation (tests/test_sandbox_attacks.py holds the attacks that only isolation stops).
 Each case spawns one short-lived interpreter (~0.1 s); the timeout case costs its 1 s timeout.
-
-    python -m pytest -q tests/test_execution.py
 """
 
 import os

@@ -2,7 +2,6 @@
 Tests for scripts/export_hf.py and nanochat/hf/: a tiny GPT with sliding windows, exported, then run by transformers
 (logits, greedy generate with its KV cache), its tokenizer.json and chat template read by AutoTokenizer, and the
 directory loaded back by load_model bit for bit.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_export_hf.py
 """
 
 import json

@@ -2,7 +2,6 @@
 bench/gpu_check.sh on a machine without CUDA: runs to completion, every row a "no CUDA device" skip, table + JSON,
 files under $OUT. Its numeric checks also run here on CPU at toy sizes (the same code the GPU runs, other device), and
 a broken attention path must FAIL them.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_check.py
 """
 
 import json

@@ -1,6 +1,5 @@
 """
 Tests for the GPU path's guard rails that run on CPU: the compute dtype refuses float16 (no loss scaling).
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_gpu_path.py
 """
 
 import pytest

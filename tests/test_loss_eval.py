@@ -2,8 +2,6 @@
 Bits-per-byte tests against a hand computation: a 4-token vocabulary with known byte lengths
 (token 0 special, 0 bytes) and a fake model whose next-token probabilities are fixed powers of 1/2,
 so every loss is a whole number of bits. Also checks the all-reduce on 2 gloo processes.
-
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_loss_eval.py
 """
 
 import json

@@ -2,8 +2,6 @@
 MuonAdamW on CPU: AdamW against torch.optim.AdamW, Muon against hand-worked facts (orthogonality, the lr shape
 multiplier, cautious weight decay), determinism, convergence, state_dict round trips, and the sharded distributed
 step on 2 gloo processes against 1 process stepping with the averaged gradients.
-
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_optim.py
 """
 
 import copy
@@ -35,10 +33,8 @@ def make_optimizer(params, muon_lr=0.02, muon_wd=0.1, adamw_wd=0.01, eps=1e-10):
     return MuonAdamW([
         {"kind": "adamw", "params": params["small"] + params["large"], "lr": 0.01, "betas": (0.8, 0.95),
          "eps": eps, "weight_decay": adamw_wd, "initial_lr": 0.01},
-        {"kind": "muon", "params": params["wide"], "lr": muon_lr, "momentum": 0.95, "beta2": 0.9,
-         "weight_decay": muon_wd, "ns_steps": 5, "initial_lr": muon_lr},
-        {"kind": "muon", "params": params["tall"], "lr": muon_lr, "momentum": 0.95, "beta2": 0.9,
-         "weight_decay": muon_wd, "ns_steps": 5, "initial_lr": muon_lr},
+        *({"kind": "muon", "params": params[k], "lr": muon_lr, "momentum": 0.95, "beta2": 0.9,
+           "weight_decay": muon_wd, "ns_steps": 5, "initial_lr": muon_lr} for k in ("wide", "tall")),
     ])
 
 def all_params(params):

@@ -4,8 +4,6 @@ could make and asserts it fails. Every attack here worked before the sandbox ran
 They are skipped, with the reason, only where bwrap is missing or cannot create namespaces (CI installs it): without
 isolation several of them would really read secrets or kill processes on the test machine. The last tests hold the
 fallback (no bwrap) to what it still promises.
-
-    python -m pytest -q tests/test_sandbox_attacks.py
 """
 
 import functools

@@ -2,7 +2,6 @@
 scripts/scaling_analysis.py on hand-made sweeps with a known answer: val bpb a parabola in log10 N with its minimum at
 N0 per budget, tokens D = C / (6 N). The fit must find N0 (and D*/N* = C / (6 N0^2)) within 1 %, the exponent of
 N* ~ C^a, and say so plainly when the minimum lies outside the sizes that were run.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_scaling_analysis.py
 """
 
 import math

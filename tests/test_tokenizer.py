@@ -2,8 +2,6 @@
 Tokenizer tests: a tiny rustbpe tokenizer (256 bytes + 64 merges + 9 specials, the `tiny_tokenizer` fixture)
 checked for round trips, special-token safety, the chat loss mask against hand-laid-out answers, agreement
 between the trainer's and tiktoken's text splitting, persistence, and clear errors on bad input.
-
-    OMP_NUM_THREADS=1 python -m pytest -q tests/test_tokenizer.py
 """
 
 import os

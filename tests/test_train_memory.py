@@ -1,7 +1,6 @@
 """
 The uncompiled training loss (gpt.SoftcapCrossEntropy): the same losses and gradients as F.cross_entropy on the
 softcapped logits, while keeping only one (rows, vocab) tensor for backward instead of three.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_train_memory.py
 """
 
 import torch
