@@ -220,6 +220,12 @@ class HubTask(Task):
 # -----------------------------------------------------------------------------
 # "#### N" answers (GSM8K, SpellingBee and the synthetic word problems)
 
+def calculator_conversation(question, before, expr, output, after):
+    """A question, and a reply that says `before`, calls the calculator on expr (its output), then says `after`."""
+    reply = [{"type": "text", "text": before}, {"type": "python", "text": expr},
+             {"type": "python_output", "text": output}, {"type": "text", "text": after}]
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 def extract_answer(text):

@@ -16,7 +16,7 @@ import random
 import string
 
 from nanochat.common import get_base_dir, download_file_with_lock
-from tasks.common import Task, evaluate_answer
+from tasks.common import Task, calculator_conversation, evaluate_answer
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 TEST_SEED_OFFSET = 10_000_000
@@ -71,15 +71,8 @@ def spelling_bee_conversation(word, letter, user_message):
               f"Spelling out the word:\n{word}:{','.join(word)}\n\n"
               f"Walking through the letters and looking for '{letter}':\n" + "\n".join(walk) + "\n\n"
               f"This gives us {count}.\n\nLet me double check this using Python:\n\n")
-    return {"messages": [
-        {"role": "user", "content": user_message},
-        {"role": "assistant", "content": [
-            {"type": "text", "text": manual},
-            {"type": "python", "text": f"'{word}'.count('{letter}')"},
-            {"type": "python_output", "text": str(count)},
-            {"type": "text", "text": f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}"},
-        ]},
-    ]}
+    return calculator_conversation(user_message, manual, f"'{word}'.count('{letter}')", str(count),
+                                   f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}")
 
 
 class WordTask(Task):

@@ -25,7 +25,7 @@ import random
 import string
 import zlib
 
-from tasks.common import Task, mc_conversation, evaluate_letter, evaluate_answer
+from tasks.common import Task, mc_conversation, calculator_conversation, evaluate_letter, evaluate_answer
 
 TEST_FRACTION = 0.2  # of each task's problem keys
 
@@ -178,16 +178,7 @@ class SyntheticMath(SyntheticTask):
             question = f"What is {a} {'plus' if op == '+' else 'times'} {b}?"
             expr, step = f"{a}{op}{b}", "Let me compute it"
         result = str(eval(expr))  # noqa: S307 (our own digits and operators)
-        messages = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": [
-                {"type": "text", "text": f"{step}: "},
-                {"type": "python", "text": expr},
-                {"type": "python_output", "text": result},
-                {"type": "text", "text": f"\n\n#### {result}"},
-            ]},
-        ]
-        return f"{kind}:{expr}", {"messages": messages}
+        return f"{kind}:{expr}", calculator_conversation(question, f"{step}: ", expr, result, f"\n\n#### {result}")
 
 # -----------------------------------------------------------------------------
 # Letter counting with a python call
@@ -226,16 +217,9 @@ class SyntheticSpelling(SyntheticTask):
         quote = rng.choice(["", "'", '"'])
         question = rng.choice(QUESTION_TEMPLATES).format(l=f"{quote}{letter}{quote}", w=f"{quote}{word}{quote}")
         count = str(word.count(letter))
-        messages = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": [
-                {"type": "text", "text": f"Spelled out, {word} is {','.join(word)}. Counting '{letter}' with Python: "},
-                {"type": "python", "text": f"'{word}'.count('{letter}')"},
-                {"type": "python_output", "text": count},
-                {"type": "text", "text": f"\n\n#### {count}"},
-            ]},
-        ]
-        return f"{word}:{letter}", {"messages": messages}
+        before = f"Spelled out, {word} is {','.join(word)}. Counting '{letter}' with Python: "
+        return f"{word}:{letter}", calculator_conversation(question, before, f"'{word}'.count('{letter}')", count,
+                                                           f"\n\n#### {count}")
 
 # -----------------------------------------------------------------------------
 # Multiple choice
