@@ -366,10 +366,8 @@ def load_optimizer_state(optimizer, optimizer_state):
         group["initial_lr"] = lr
 
 def loop_meta(stream_states, **loop_state):
-    """
-    The meta entries a loop resumes from: every rank's data loader states, gathered in rank order (rank r's streams
-    follow rank r-1's, as restore_loop slices them), and the loop's own variables (inf saved as null: strict JSON).
-    """
+    """The meta entries a loop resumes from: every rank's data loader states, gathered in rank order (rank r's streams
+    follow rank r-1's, as restore_loop slices them), and the loop's own variables (inf saved as null: strict JSON)."""
     streams = [stream_states]
     if is_dist():
         streams = [None] * dist.get_world_size()

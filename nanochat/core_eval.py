@@ -228,10 +228,8 @@ def _common_prefix_len(seqs, limit):
     return lo
 
 def crop_left(tokens, start, end, max_len):
-    """
-    Drop tokens from the left so the sequence fits a hard context of max_len (None = no limit); the scored span moves
-    with it. None when the span plus the one token before it (which predicts the first scored token) cannot fit.
-    """
+    """Drop tokens from the left so the sequence fits a hard context of max_len (None = no limit); the scored span moves
+    with it. None when the span plus the one token before it (which predicts the first scored token) cannot fit."""
     excess = len(tokens) - max_len if max_len is not None else 0
     if excess <= 0:
         return tokens, start, end
@@ -271,10 +269,8 @@ def score_rows(model, rows, pad_id, device):
     return mean_losses.tolist(), all_hit.tolist()
 
 def prepare_examples(task, data, indices, tokenizer, max_len=None):
-    """
-    Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop examples.
-    Returns ([(idx, rows, gold)] for score_rows, [indices skipped because a scored span does not fit max_len]).
-    """
+    """Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop examples.
+    Returns ([(idx, rows, gold)] for score_rows, [indices skipped because a scored span does not fit max_len])."""
     prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
                                    sample_fewshot(data, idx, task["num_fewshot"])) for idx in indices]
     flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts], prepend=tokenizer.get_bos_token_id())

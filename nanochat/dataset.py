@@ -74,10 +74,8 @@ def fetch_command(dataset=None):
 _announced = set()  # datasets whose name was already printed by this process
 
 def list_parquet_files(split=None, dataset=None):
-    """
-    Sorted shard paths of one split: "train" (every shard but the pinned val shard), "val" (the pinned
-    shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the fix when empty.
-    """
+    """Sorted shard paths of one split: "train" (every shard but the pinned val shard), "val" (the pinned
+    shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the fix when empty."""
     assert split in (None, "train", "val"), f"split must be 'train', 'val' or None, got {split!r}"
     name = get_dataset_name(dataset)
     data_dir = get_data_dir(name)
@@ -150,10 +148,8 @@ def verify_shard(path):
         raise ValueError(f"not a text shard: {pf.num_row_groups} row groups, schema {schema}")
 
 def parquets_iter_batched(split, start=0, step=1, dataset=None):
-    """
-    Yield one row group's texts at a time: in every file of the split (in order), row groups
-    start, start+step, ... (rank r of W ranks passes start=r, step=W and reads a disjoint share).
-    """
+    """Yield one row group's texts at a time: in every file of the split (in order), row groups
+    start, start+step, ... (rank r of W ranks passes start=r, step=W and reads a disjoint share)."""
     assert 0 <= start and step >= 1, f"need start >= 0 and step >= 1, got start={start} step={step}"
     for path in list_parquet_files(split, dataset):
         pf = open_shard(path)
@@ -182,10 +178,8 @@ def _download_one(job):
     return download_url(url, path, attempts=attempts, backoff=backoff, verify=verify_shard)
 
 def download_shards(num_files, dataset=None, num_workers=4):
-    """
-    Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a time.
-    Shards already on disk are skipped without a request. Returns the names of shards that failed.
-    """
+    """Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a time.
+    Shards already on disk are skipped without a request. Returns the names of shards that failed."""
     name = get_dataset_name(dataset)
     assert name != "local", "the local corpus is built, not downloaded: call build_local_corpus()"
     val_index = val_shard_index(name)

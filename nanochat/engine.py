@@ -209,10 +209,8 @@ class Engine:
             logits = self.model(ids, kv_cache=decode_cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """
-        Returns (sequences, masks): per sample the prompt plus its generated tokens, stop token excluded,
-        and a mask (0 for the prompt and forced tool output, 1 for sampled tokens).
-        """
+        """Returns (sequences, masks): per sample the prompt plus its generated tokens, stop token excluded,
+        and a mask (0 for the prompt and forced tool output, 1 for sampled tokens)."""
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples

@@ -96,10 +96,8 @@ def worth_fp8(linear, fqn=""):
     return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
 
 def convert_to_float8_training(module, module_filter_fn=None):
-    """
-    Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its weight, when
-    module_filter_fn(linear, fully_qualified_name) is true (or always, without a filter). Returns `module`.
-    """
+    """Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its weight, when
+    module_filter_fn(linear, fully_qualified_name) is true (or always, without a filter). Returns `module`."""
     check_fp8_supported(next(module.parameters()).device)
 
     def swap(parent, prefix):

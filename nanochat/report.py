@@ -176,10 +176,8 @@ def metric_log_path(stage, tag):
     return os.path.join(get_base_dir(), "logs", f"{stage}_{tag}.jsonl")
 
 def read_metric_log(path):
-    """
-    -> the records of a metric log, in order. Only newline-terminated lines count: text after the last newline is
-    a line torn by a crash mid-write, skipped with a warning. A damaged line anywhere else raises, naming it.
-    """
+    """-> the records of a metric log, in order. Only newline-terminated lines count: text after the last newline is
+    a line torn by a crash mid-write, skipped with a warning. A damaged line anywhere else raises, naming it."""
     with open(path, encoding="utf-8") as f:
         *lines, torn = f.read().split("\n")
     if torn:

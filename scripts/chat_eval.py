@@ -73,10 +73,8 @@ def _sum_across_ranks(values, device):
 
 @torch.inference_mode()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
-    """
-    -> (num_correct, num_problems) over all ranks. Batches of consecutive problems are strided across ranks;
-    each batch is right-padded with BOS (causal attention: padding after a prompt cannot change its last logits).
-    """
+    """-> (num_correct, num_problems) over all ranks. Batches of consecutive problems are strided across ranks;
+    each batch is right-padded with BOS (causal attention: padding after a prompt cannot change its last logits)."""
     rank, world = _rank_and_world()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
@@ -135,10 +133,8 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None):
-    """
-    Accuracy of the model on one task, given by name (a key of ALL_TASKS) or as a Task object.
-    Every rank must call it (counts are summed across ranks). The caller puts the model in eval mode.
-    """
+    """Accuracy of the model on one task, given by name (a key of ALL_TASKS) or as a Task object.
+    Every rank must call it (counts are summed across ranks). The caller puts the model in eval mode."""
     task = ALL_TASKS[task_name][0]() if isinstance(task_name, str) else task_name
     if task.eval_type == "categorical":
         correct, total = run_categorical_eval(task, tokenizer, model, batch_size, max_problems)

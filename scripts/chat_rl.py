@@ -80,10 +80,8 @@ def completion_text(engine, tokens):
     return engine.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in engine.stop_tokens else tokens)
 
 def make_batch(prompt, completions, pad_id, device="cpu"):
-    """
-    One pass as a training batch: rows prompt + completion, right-padded with pad_id.
-    -> inputs (B, L-1), targets (B, L-1) with -1 wherever the target token is prompt, forced output or padding.
-    """
+    """One pass as a training batch: rows prompt + completion, right-padded with pad_id.
+    -> inputs (B, L-1), targets (B, L-1) with -1 wherever the target token is prompt, forced output or padding."""
     rows = [prompt + tokens for tokens, _ in completions]
     masks = [[0] * len(prompt) + mask for _, mask in completions]
     length = max(len(row) for row in rows)

@@ -96,10 +96,8 @@ def read_rows(csv_path):
 # Fits
 
 def isoflop_fit(rows):
-    """
-    Per budget: {budget: dict(n_opt, d_opt, ratio, bpb_opt, coeffs, inside)} from the parabola in log10 N, or
-    dict(reason=...) when there is no minimum to report. Budgets need 3+ sizes with a val bpb.
-    """
+    """Per budget: {budget: dict(n_opt, d_opt, ratio, bpb_opt, coeffs, inside)} from the parabola in log10 N, or
+    dict(reason=...) when there is no minimum to report. Budgets need 3+ sizes with a val bpb."""
     fits = {}
     for budget in sorted({r["target_flops"] for r in rows if (r.get("target_flops") or -1) > 0}):
         runs = sorted((r for r in rows if r.get("target_flops") == budget and r["val_bpb"] is not None),

@@ -63,10 +63,8 @@ class Task:
 
 
 class TaskMixture(Task):
-    """
-    All examples of all tasks, shuffled together once with random.Random(42) so every epoch interleaves them.
-    Passing a task twice oversamples it (each copy contributes every example once).
-    """
+    """All examples of all tasks, shuffled together once with random.Random(42) so every epoch interleaves them.
+    Passing a task twice oversamples it (each copy contributes every example once)."""
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = tasks
@@ -100,10 +98,8 @@ class TaskSequence(Task):
 # Multiple choice
 
 def render_mc(question, letters, choices):
-    """
-    The multiple-choice prompt. The letter comes after its choice with no space after "=", so the token the
-    model sees in the prompt is the same bare-letter token it must emit as the answer (small models benefit).
-    """
+    """The multiple-choice prompt. The letter comes after its choice with no space after "=", so the token the
+    model sees in the prompt is the same bare-letter token it must emit as the answer (small models benefit)."""
     assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
     lines = [f"Multiple Choice question: {question}\n"]
     lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
@@ -188,10 +184,8 @@ def _download_hub_dataset(repo, subset, split, data_dir):
     os.remove(listing_path)
 
 def load_hub_dataset(repo, subset, split):
-    """
-    Rows of a hub dataset's parquet export as a HubDataset, downloading it the first time.
-    One process downloads (file lock); the others wait, then read the same files.
-    """
+    """Rows of a hub dataset's parquet export as a HubDataset, downloading it the first time.
+    One process downloads (file lock); the others wait, then read the same files."""
     data_dir = hub_dataset_dir(repo, subset, split)
     manifest_path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(manifest_path):
