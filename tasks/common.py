@@ -106,11 +106,13 @@ def render_mc(question, letters, choices):
     lines.append("\nRespond only with the letter of the correct answer.")
     return "".join(lines)
 
+def qa_conversation(question, answer, **extra):
+    """One user message and the assistant's answer (a string or a list of parts), plus any extra fields."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **extra}
+
 def mc_conversation(question, letters, choices, answer, **extra):
     """The render_mc prompt, the answer letter as the reply, and the letters evaluate_letter allows."""
-    messages = [{"role": "user", "content": render_mc(question, letters, choices)},
-                {"role": "assistant", "content": answer}]
-    return {"messages": messages, "letters": letters, **extra}
+    return qa_conversation(render_mc(question, letters, choices), answer, letters=letters, **extra)
 
 def evaluate_letter(conversation, assistant_response):
     """Categorical grading: the response must be exactly the reference letter."""
@@ -216,9 +218,8 @@ class HubTask(Task):
 
 def calculator_conversation(question, before, expr, output, after):
     """A question, and a reply that says `before`, calls the calculator on expr (its output), then says `after`."""
-    reply = [{"type": "text", "text": before}, {"type": "python", "text": expr},
-             {"type": "python_output", "text": output}, {"type": "text", "text": after}]
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+    return qa_conversation(question, [{"type": "text", "text": before}, {"type": "python", "text": expr},
+                                      {"type": "python_output", "text": output}, {"type": "text", "text": after}])
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 

@@ -11,7 +11,7 @@ Generative: a response passes when its "#### N" equals the reference's (commas r
 
 import re
 
-from tasks.common import HubTask, evaluate_answer
+from tasks.common import HubTask, qa_conversation, evaluate_answer
 
 CALC_RE = re.compile(r"(<<[^>]*>>)")
 
@@ -22,17 +22,13 @@ def gsm8k_assistant_parts(answer):
         if piece.startswith("<<") and piece.endswith(">>"):
             expr, sep, result = piece[2:-2].rpartition("=")
             assert sep, f"calculator annotation {piece!r} has no '='"
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
         elif piece:
             parts.append({"type": "text", "text": piece})
     return parts
 
 def gsm8k_conversation(row):
-    return {"messages": [
-        {"role": "user", "content": row["question"]},
-        {"role": "assistant", "content": gsm8k_assistant_parts(row["answer"])},
-    ]}
+    return qa_conversation(row["question"], gsm8k_assistant_parts(row["answer"]))
 
 
 class GSM8K(HubTask):

@@ -13,7 +13,7 @@ loudly where not (see nanochat/execution.py).
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import HubTask
+from tasks.common import HubTask, qa_conversation
 
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
 
@@ -43,14 +43,8 @@ def humaneval_program(conversation, completion):
     ]) + "\n"
 
 def humaneval_conversation(row):
-    return {
-        "messages": [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["prompt"] + "\n" + row["canonical_solution"]},
-        ],
-        "entry_point": row["entry_point"],
-        "test": row["test"],
-    }
+    return qa_conversation(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],
+                           entry_point=row["entry_point"], test=row["test"])
 
 
 class HumanEval(HubTask):

@@ -16,7 +16,7 @@ import random
 import string
 
 from nanochat.common import get_base_dir, download_file_with_lock
-from tasks.common import Task, calculator_conversation, evaluate_answer
+from tasks.common import Task, qa_conversation, calculator_conversation, evaluate_answer
 
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 TEST_SEED_OFFSET = 10_000_000
@@ -113,10 +113,7 @@ class SimpleSpelling(WordTask):
     """User "Spell the word: apple", assistant "apple:a,p,p,l,e" (the spelled form SpellingBee's answers start from)."""
     def get_example(self, index):
         _, word = self.rng_and_word(index)
-        return {"messages": [
-            {"role": "user", "content": f"Spell the word: {word}"},
-            {"role": "assistant", "content": f"{word}:{','.join(word)}"},
-        ]}
+        return qa_conversation(f"Spell the word: {word}", f"{word}:{','.join(word)}")
 
     def evaluate(self, conversation, assistant_response):
         return assistant_response.strip() == conversation["messages"][-1]["content"]
