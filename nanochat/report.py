@@ -102,13 +102,8 @@ class Report:
     def log(self, section, data):
         """Write one section: strings verbatim, dicts as '- key: value' lines; falsy items skipped."""
         lines = [f"## {section}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
-        for item in data:
-            if not item:
-                continue
-            if isinstance(item, str):
-                lines.append(item)
-            else:
-                lines += [f"- {k}: {_format_value(v)}" for k, v in item.items()]
+        for item in filter(None, data):
+            lines += [item] if isinstance(item, str) else [f"- {k}: {_format_value(v)}" for k, v in item.items()]
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         atomic_write_text(path, "\n".join(lines) + "\n\n")
         return path

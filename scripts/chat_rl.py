@@ -112,14 +112,11 @@ def policy_gradient_backward(model, groups, pad_id):
     for prompt, passes, advantages in groups:
         if not advantages.any():
             continue
-        start = 0
-        for completions in passes:
+        for completions, pass_advantages in zip(passes, advantages.split([len(c) for c in passes])):
             inputs, targets = make_batch(prompt, completions, pad_id, device)
-            pass_advantages = advantages[start:start + len(completions)]
             loss = pass_loss(model, inputs, targets, pass_advantages, len(passes) * len(groups))
             loss.backward()
             total += loss.item()
-            start += len(completions)
     for p in model.parameters():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
