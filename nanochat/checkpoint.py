@@ -283,17 +283,20 @@ def build_model(checkpoint_dir, step, device, phase):
         raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len="
                          f"{config.get('sequence_len')} but the model was pretrained with --max-seq-len={trained_len}; "
                          f"restore the meta file (sequence_len {trained_len})")
-    # torch.compile wraps parameter names in _orig_mod.; CPU/MPS compute in fp32, so bf16 tensors are upcast
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
-    if device.type in ("cpu", "mps"):
-        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile's prefix
+    return model_from_state(config, model_state, device, phase), meta
+
+def model_from_state(config, state, device, phase):
+    """The GPT of a model_config dict holding a state dict (from a checkpoint or an export), on device."""
+    if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, so bf16 tensors are upcast
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     model.to_empty(device=device)
     model.init_weights()  # buffers that are not in the state dict (rotary tables) get their values here
-    model.load_state_dict(model_state, strict=True, assign=True)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
-    return model, meta
+    return model
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """

@@ -145,8 +145,8 @@ def model_card(meta, source, report_text=None):
     uc = meta.get("pretrain_config") or meta.get("user_config") or {}
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanochat]", "---", "",
              f"# nanochat d{cfg['n_layer']} ({source})", "",
-             "A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.", "",
-             "| | |", "|---|---|",
+             "A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.",
+             "", "| | |", "|---|---|",
              f"| stage | {source} (step {meta.get('step')}) |",
              f"| layers / width / heads (kv) | {cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} "
              f"({cfg['n_kv_head']}) |",
@@ -237,7 +237,7 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
 
 def load_export(export_dir, device, phase="eval"):
     """-> (GPT, Tokenizer, meta) from a directory written by export_model (or downloaded from the Hub)."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.checkpoint import model_from_state  # checkpoint imports this module: import at call time
     try:
         from safetensors.torch import load_file
     except ImportError:
@@ -258,21 +258,14 @@ def load_export(export_dir, device, phase="eval"):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
     meta["model_config"] = {k: config[k] for k in GPT_FIELDS}  # config.json is what transformers runs: it wins
-    device = torch.device(device)
     state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device="cpu")
-    if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, as build_model does for checkpoints
-        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # the rotary tables (not in the state dict) get their values here
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
-    model.train() if phase == "train" else model.eval()
+    model = model_from_state(meta["model_config"], state, torch.device(device), phase)
     tokenizer = tokenizer_from_hf_json(os.path.join(export_dir, "tokenizer.json"))
     recorded = meta.get("tokenizer_fingerprint")
     if recorded is not None and recorded != tokenizer.fingerprint():
         raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was trained with (fingerprint "
                          f"{tokenizer.fingerprint()[:16]}... vs {recorded[:16]}... in {META_FILE}): re-export it")
     if tokenizer.get_vocab_size() != config["vocab_size"]:
-        raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model's {config['vocab_size']}")
+        raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model's "
+                         f"{config['vocab_size']}")
     return model, tokenizer, meta
