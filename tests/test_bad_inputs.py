@@ -10,6 +10,7 @@ import io
 import json
 import runpy
 import sys
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -130,9 +131,6 @@ def val_of_empty_strings(ctx):
         evaluate_bpb(Model(), iter([(torch.full((2, 4), bos), torch.full((2, 4), bos))] * 2), 2, token_bytes)
     return str(e.value)
 
-def chat_eval_zero_max_tokens(ctx):
-    return chat_eval_flag(max_new_tokens=0)(ctx)
-
 def calculator_tuple(ctx):
     assert use_calculator("1,000 + 1") == 1001 and use_calculator("(1,2)") is None and use_calculator("1,2 + 3") is None
     return "use_calculator('(1,2)') -> None (refused), was 12"
@@ -167,7 +165,7 @@ ROWS = [
     base_train_row("--aspect-ratio=0", ">= 1"),
     ("chat_cli -t nan", chat_cli_nan_temperature, "got nan", "finite number >= 0"),
     ("chat_eval -b 0", chat_eval_flag(batch_size=0), "-b/--batch-size=0", ">= 1"),
-    ("chat_eval -m 0", chat_eval_zero_max_tokens, "-m/--max-new-tokens=0", ">= 1"),
+    ("chat_eval -m 0", chat_eval_flag(max_new_tokens=0), "-m/--max-new-tokens=0", ">= 1"),
     ("truncated token_bytes.pt", truncated_token_bytes, "token_bytes.pt is corrupt", "python -m scripts.tok_train"),
     ("chat_cli -s N of a corrupt checkpoint", corrupt_checkpoint_step, "model_000003.pt is corrupt",
      "delete step 3's files"),
@@ -181,13 +179,9 @@ ROWS = [
     ("tok_train --doc-cap=0", tok_train_doc_cap_zero, "--doc-cap=0", "crop every document to nothing"),
 ]
 
-class Context:
-    def __init__(self, base, tokenizer, monkeypatch):
-        self.base, self.tokenizer, self.monkeypatch = base, tokenizer, monkeypatch
-
 @pytest.mark.parametrize("row, action, value, fix", ROWS, ids=[r[0] for r in ROWS])
 def test_bad_input_gets_one_clear_line(row, action, value, fix, base_dir, tiny_tokenizer, monkeypatch):
     monkeypatch.setenv("NANOCHAT_DATASET", "local")
-    message = action(Context(base_dir, tiny_tokenizer, monkeypatch))
+    message = action(SimpleNamespace(base=base_dir, tokenizer=tiny_tokenizer, monkeypatch=monkeypatch))
     assert "\n" not in message.strip(), f"{row}: more than one line: {message!r}"
     assert value in message and fix in message, f"{row}: {message!r} should name {value!r} and {fix!r}"
