@@ -98,8 +98,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
             predicted = letters[int(scores.argmax())]
             correct += int(task.evaluate(conversation, predicted))
             total += 1
-    correct, total = _sum_across_ranks([correct, total], device)
-    return correct, total
+    return tuple(_sum_across_ranks([correct, total], device))
 
 @torch.inference_mode()
 def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
@@ -128,8 +127,7 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
             print(f"\r\033[Krank {rank} | {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
     if progress and total:
         print()
-    passed, total = _sum_across_ranks([passed, total], device)
-    return passed, total
+    return tuple(_sum_across_ranks([passed, total], device))
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
                   temperature=0.0, top_k=50, max_problems=None):
