@@ -161,16 +161,15 @@ def run_in_process(monkeypatch, base, *flags):
     monkeypatch.setattr(sys, "argv", ["base_train", *flags])
     runpy.run_module("scripts.base_train", run_name="__main__")
 
-def test_impossible_batch_split(monkeypatch, reference_run):
-    base, _ = reference_run
-    with pytest.raises(ValueError, match=r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64"
-                                         r".*--total-batch-size"):
-        run_in_process(monkeypatch, base, *FLAGS, "--total-batch-size=96", "--model-tag=split")
-
-def test_bad_head_dim(monkeypatch, reference_run):
-    base, _ = reference_run
-    with pytest.raises(ValueError, match="head_dim=33 is odd"):
-        run_in_process(monkeypatch, base, *FLAGS, "--head-dim=33", "--model-tag=heads")
+@pytest.mark.parametrize("flags, error, message", [
+    (["--total-batch-size=96", "--model-tag=split"], ValueError,
+     r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64.*--total-batch-size"),
+    (["--head-dim=33", "--model-tag=heads"], ValueError, "head_dim=33 is odd"),
+    (["--fp8", "--model-tag=fp8"], RuntimeError, "(?i)drop --fp8"),
+], ids=["impossible batch split", "odd head_dim", "fp8 off CUDA"])
+def test_bad_flag_fails_at_start(monkeypatch, reference_run, flags, error, message):
+    with pytest.raises(error, match=message):
+        run_in_process(monkeypatch, reference_run[0], *FLAGS, *flags)
 
 def test_missing_tokenizer_and_data(monkeypatch, tmp_path, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="python -m scripts.tok_train"):
@@ -186,11 +185,6 @@ def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, 
     base, _ = reference_run
     with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}"):
         run_in_process(monkeypatch, base, *FLAGS, flag, "--resume", "--model-tag=d2")
-
-def test_fp8_off_cuda_is_an_error(monkeypatch, reference_run):
-    base, _ = reference_run
-    with pytest.raises(RuntimeError, match="(?i)drop --fp8"):
-        run_in_process(monkeypatch, base, *FLAGS, "--fp8", "--model-tag=fp8")
 
 class Vocab32K:
     """Stands in for a 32,768-token tokenizer: karpathy/nanochat's batch sizes are stated for that vocab."""
