@@ -21,10 +21,9 @@ from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPTConfig
 from tasks.common import Task
 import scripts.chat_rl as chat_rl
-from test_base_train import run as run_script, TORCHRUN, copy_dirs, died_before  # run: the script under base
+from test_base_train import REPO, run as run_script, TORCHRUN, copy_dirs, died_before  # run: the script under base
 from conftest import seeded_gpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RL = os.path.join("chatrl_checkpoints", "d2")
 
 class ContainsTask(Task):

@@ -28,7 +28,6 @@ from nanochat.report import read_metric_log
 from test_base_train import run, TORCHRUN, copy_dirs, died_before  # run: the script in a subprocess; its stdout
 from conftest import seeded_gpt
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 # the source run's settings that mid/SFT inherit: B=1 rows of T=96 and 192 tokens per step = 2 accumulation steps
 SOURCE = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
