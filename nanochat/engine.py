@@ -62,7 +62,8 @@ def use_calculator(expr):
     Evaluate a tool call; returns the number, or None when the expression is not allowed or fails.
     Allowed: arithmetic on numbers with + - * / // ( ) (commas in numbers like 1,000 are dropped; ** is refused),
     or a str.count(...) call on a string literal such as 'strawberry'.count('r') (optionally after .lower() etc.).
-    Safe to call from any thread: no signals, and every admitted expression is cheap by construction.
+    Safe to call from any thread: no signals, and every admitted expression is cheap by construction. The expression
+    is parsed and checked node by node before it is evaluated with no builtins.
     """
     expr = expr.strip()
     arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # 1,000 -> 1000, but (1,2) stays a tuple and is refused
