@@ -10,7 +10,7 @@ sys.path) as a child process. Isolation comes from Linux namespaces, set up by b
 package `bubblewrap`):
   * its own pid namespace: the program sees only its own processes (no parent /proc/<pid>/environ or fd/1, nothing
     else to signal), and when it ends or is killed the kernel kills every process left in the namespace, forked,
-    setsid'd or daemonized alike;
+    setsid'd or daemonized alike, and the call returns only once they are all gone;
   * its own network namespace with no interface up: no network at all, 127.0.0.1 included; own IPC and UTS too;
   * its own file system: read-only binds of /usr (with the /bin, /lib links) and of the Python installation, a new
     /proc and a minimal /dev; no /etc, no home directories, not the host's /tmp. The only writable place is its
@@ -47,6 +47,7 @@ leave the process group (setsid) and outlive the call. tests/test_sandbox_attack
 """
 
 import functools
+import json
 import os
 import select
 import shutil
@@ -235,6 +236,21 @@ def _wait_unreaped(proc, timeout):
     finally:
         os.close(pidfd)
 
+def _sandbox_init(info_read, info_write):
+    """A pidfd of bwrap's init in the new pid namespace, from the JSON bwrap writes to --info-fd (None if bwrap
+    failed before starting it). Opened while bwrap lives: bwrap alone can reap it, so its pid cannot be reused."""
+    os.close(info_write)  # bwrap holds its copy; EOF here means bwrap is gone
+    with os.fdopen(info_read, "rb") as f:
+        info = b""
+        while not info.rstrip().endswith(b"}") and (chunk := f.read1(4096)):
+            info += chunk
+    if not info.rstrip().endswith(b"}"):
+        return None
+    try:
+        return os.pidfd_open(json.loads(info)["child-pid"])
+    except OSError:  # ended and reaped already (and so all it started), or no pidfds (Linux < 5.3): killpg alone
+        return None
+
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
     """Run `code` in a fresh limited interpreter (see the module docstring); never raises for the program's faults."""
     assert timeout > 0, f"timeout must be positive, got {timeout}"
@@ -253,14 +269,24 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
                               max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path),
                               limit_memory=sys.platform != "darwin", drop_to_uid=SANDBOX_UID if drop else None)
         command = [sys.executable, "-I", "-c", guard]
+        info_read, info_write = os.pipe() if bwrap else (None, None)
         if bwrap:
-            command = _bwrap_command(bwrap, work_dir, program_path) + command
+            command = _bwrap_command(bwrap, work_dir, program_path) + ["--info-fd", str(info_write)] + command
         # start_new_session: the child leads its own process group, which is killed as a whole below
         proc = subprocess.Popen(command, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_ENV,
-                                start_new_session=True)
+                                start_new_session=True, pass_fds=(info_write,) if bwrap else ())
+        sandbox_init = _sandbox_init(info_read, info_write) if bwrap else None
         try:
             exited = _wait_unreaped(proc, timeout)
         finally:
+            if sandbox_init is not None:
+                # Killing the namespace's init kills every process in it, and the kernel completes the init's exit
+                # only after they are all gone; bwrap, which waits for its init, exits after that. Killing bwrap
+                # instead would return while the namespace still dies in the background (seen on a loaded VM).
+                if not exited:
+                    signal.pidfd_send_signal(sandbox_init, signal.SIGKILL)
+                    _wait_unreaped(proc, timeout)
+                os.close(sandbox_init)
             # On every exit path, a normal end included: whatever the program left in its group dies with it.
             try:
                 os.killpg(proc.pid, signal.SIGKILL)

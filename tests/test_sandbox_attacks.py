@@ -46,6 +46,11 @@ def assert_nothing_survives(result):
 def victim():
     """A host process holding a secret in its environment, like a training run with WANDB_API_KEY set."""
     proc = subprocess.Popen(["sleep", "60"], env={"PATH": "/usr/bin:/bin", "NANOCHAT_VICTIM_SECRET": "hunter2"})
+    # Popen returns when exec closes its close-on-exec pipe, which the kernel does before it lays out the new
+    # program's environment: until then /proc/PID/environ reads empty (seen once in CI).
+    deadline = time.monotonic() + 10
+    while not Path(f"/proc/{proc.pid}/environ").read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()
