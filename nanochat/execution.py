@@ -230,11 +230,15 @@ def _wait_unreaped(proc, timeout):
         except subprocess.TimeoutExpired:
             return False
     try:
-        poller = select.poll()  # not select(): it fails on fd numbers >= 1024
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
+        return _wait_exit(pidfd, timeout)
     finally:
         os.close(pidfd)
+
+def _wait_exit(pidfd, timeout):
+    """True once the process behind `pidfd` has exited, False after `timeout` s."""
+    poller = select.poll()  # not select(): it fails on fd numbers >= 1024
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 def _sandbox_init(info_read, info_write):
     """A pidfd of bwrap's init in the new pid namespace, from the JSON bwrap writes to --info-fd (None if bwrap
@@ -280,12 +284,14 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
             exited = _wait_unreaped(proc, timeout)
         finally:
             if sandbox_init is not None:
-                # Killing the namespace's init kills every process in it, and the kernel completes the init's exit
-                # only after they are all gone; bwrap, which waits for its init, exits after that. Killing bwrap
-                # instead would return while the namespace still dies in the background (seen on a loaded VM).
-                if not exited:
+                # bwrap exits as soon as the program does (or when killed), and its --die-with-parent kill of the
+                # rest of the namespace then runs on in the background. Killing the namespace's init kills every
+                # process in it, and the kernel reports the init's exit (the pidfd poll) only once they are all gone.
+                try:
                     signal.pidfd_send_signal(sandbox_init, signal.SIGKILL)
-                    _wait_unreaped(proc, timeout)
+                except ProcessLookupError:
+                    pass
+                _wait_exit(sandbox_init, timeout)
                 os.close(sandbox_init)
             # On every exit path, a normal end included: whatever the program left in its group dies with it.
             try:
