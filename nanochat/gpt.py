@@ -284,6 +284,10 @@ class GPT(nn.Module):
             head_dim = self.config.n_embd // self.config.n_head
             self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device())
 
+    def softcap(self, logits):
+        """The real vocabulary's logits (lm_head is padded), in fp32, squashed into (-SOFTCAP, SOFTCAP)."""
+        return SOFTCAP * torch.tanh(logits[..., :self.config.vocab_size].float() / SOFTCAP)
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
         L = self.config.n_layer
@@ -333,21 +337,24 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        if kv_cache is not None and x.device.type == "cpu" and B * T <= 64:
+        if targets is not None and torch.compiler.is_compiling():
+            # Inductor fuses softcap + cross-entropy into row-wise kernels itself. On CPU the head runs on 4 chunks of
+            # rows: glibc unmaps every freed block over 32 MiB, so a whole (B*T, vocab) logits tensor and its gradient
+            # are page-faulted in afresh each step, while the chunks' buffers are reused. d4 head forward + backward
+            # on a 2-core EPYC: 1.6 s vs 2.3 s (docs/perf.md). CUDA keeps one matmul.
+            rows, row_targets = x.view(B * T, -1), targets.view(-1)
+            chunks = 4 if x.device.type == "cpu" else 1
+            losses = torch.cat([F.cross_entropy(self.softcap(self.lm_head(r)), t, ignore_index=-1, reduction="none")
+                                for r, t in zip(rows.chunk(chunks), row_targets.chunk(chunks))])
+        elif targets is not None:
+            logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+            losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
+        elif kv_cache is not None and x.device.type == "cpu" and B * T <= 64:
             # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split; with MKL on a
             # 2-core EPYC, 8 rows x 8,192 vocab take 1.1 ms this way and 2.4 ms as x @ W^T (docs/perf.md).
-            logits = (self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1)
+            return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
         else:
-            logits = self.lm_head(x)
-        logits = logits[..., :self.config.vocab_size].float()
-        if targets is None:
-            return SOFTCAP * torch.tanh(logits / SOFTCAP)
-        if torch.compiler.is_compiling():  # inductor fuses softcap + cross-entropy into a few row-wise kernels itself
-            logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
-            logits = logits.view(-1, logits.size(-1))
-            losses = F.cross_entropy(logits, targets.view(-1), ignore_index=-1, reduction="none")
-        else:
-            losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
+            return self.softcap(self.lm_head(x))
         if loss_reduction == "none":
             return losses.view(B, T)
         assert loss_reduction == "mean", f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'"
