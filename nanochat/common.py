@@ -108,9 +108,9 @@ def decide_compile(flag, device_type):
     Whether a training script runs its model through torch.compile, and why, as (bool, one-line reason).
     flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for CUDA and for CPU
     with a working C++ compiler, off for MPS. On CPU it pays in memory more than in speed: base_train at d4, T=512
-    (16 x 512, fp32, 2-core VM) peaks at 1,413-1,454 MiB compiled vs 2,420-2,520 eager, and runs at 1.31-1.35x the
-    tok/s of the eager default before this memory work (docs/perf.md); the first step carries the compile time
-    (~1 minute on 2 cores, cold cache).
+    (16 x 512, fp32, 2-core VM) peaks at 1,413-1,454 MiB compiled (bench.train: 2,420-2,520 eager) and runs at
+    1.31-1.35x the tok/s of the eager default before this memory work (docs/perf.md); the first step carries the
+    compile time (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):

@@ -71,6 +71,13 @@ for pid in [os.getppid(), {os.getpid()}, {victim.pid}] + [p for p in os.listdir(
     assert "hunter2" not in result.stdout
     assert f"refused {victim.pid}" in result.stdout and f"refused {os.getpid()}" in result.stdout
 
+@isolated
+def test_no_host_descriptor_leaks_in():
+    """Only stdin, stdout and stderr: a leaked pipe such as bwrap's --info-fd, which the parent reads the sandbox init's
+    pid from, would let the program hand the parent a pid to kill."""
+    result = execute_code("import os\nprint(sorted(int(fd) for fd in os.listdir('/proc/self/fd')))\n")
+    assert result.stdout.strip() == "[0, 1, 2, 3]", result  # 3: listdir's own handle on the directory
+
 PROCESS_STARTS = {
     "reload_os_system": "import importlib\nimportlib.reload(os)\nprint('status', os.system('echo escaped'))\n",
     "ctypes_system": "import ctypes\nprint('status', ctypes.CDLL(None).system(b'echo escaped'))\n",
