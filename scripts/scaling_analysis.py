@@ -36,12 +36,14 @@ COLUMNS = ["model_tag", "depth", "model_dim", "num_params", "num_scaling_params"
 # -----------------------------------------------------------------------------
 # One row per finished run, from its own records
 
-def run_row(tag):
-    """The CSV row of base run `tag`: final checkpoint meta + metric log. Raises if the run has not finished."""
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
+def run_row(tag, checkpoints_dir=None):
+    """The CSV row of base run `tag` (under checkpoints_dir, default <base>/base_checkpoints): final checkpoint meta +
+    metric log. Raises if the run has not finished."""
+    checkpoint_dir = os.path.join(checkpoints_dir or os.path.join(get_base_dir(), "base_checkpoints"), tag)
     metas = sorted(glob.glob(os.path.join(checkpoint_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it (base_train --model-tag={tag})")
+        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it (base_train --model-tag={tag}) "
+                                f"or point --checkpoints-dir at the folder that holds {tag}/")
     with open(metas[-1], encoding="utf-8") as f:
         meta = json.load(f)
     if meta["step"] != meta["num_iterations"]:
@@ -64,9 +66,9 @@ def run_row(tag):
         "core_score": core[-1] if core else "", "train_time_sec": round(meta["loop_state"]["total_training_time"], 2),
     }
 
-def add_run(tag, csv_path):
+def add_run(tag, csv_path, checkpoints_dir=None):
     rows = [r for r in read_csv(csv_path) if r["model_tag"] != tag] if os.path.exists(csv_path) else []
-    rows.append(run_row(tag))
+    rows.append(run_row(tag, checkpoints_dir))
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
     lines = [",".join(COLUMNS)] + [",".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
@@ -216,10 +218,12 @@ if __name__ == "__main__":
     parser.add_argument("--csv", nargs="+", required=True, help="results CSV(s) (--add-run: the one to append to)")
     parser.add_argument("--add-run", type=str, default=None, help="model tag of a finished base run to append to --csv")
     parser.add_argument("--out-dir", default=None, help="folder for the PNGs and scaling.md (default: the first CSV's)")
+    parser.add_argument("--checkpoints-dir", default=None,
+                        help="where --add-run finds <tag>/ (default: $NANOCHAT_BASE_DIR/base_checkpoints)")
     args = parser.parse_args()
     if args.add_run:
         assert len(args.csv) == 1, f"--add-run appends to one CSV, got {args.csv}"
-        add_run(args.add_run, args.csv[0])
+        add_run(args.add_run, args.csv[0], args.checkpoints_dir)
     else:
         rows = [r for path in args.csv for r in read_rows(path)]
         if not rows:

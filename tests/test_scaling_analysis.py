@@ -4,8 +4,11 @@ N0 per budget, tokens D = C / (6 N). The fit must find N0 (and D*/N* = C / (6 N0
 N* ~ C^a, and say so plainly when the minimum lies outside the sizes that were run.
 """
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -52,3 +55,20 @@ def test_plots_are_written(tmp_path):
     for p in paths:
         with open(p, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+def test_add_run_reads_a_finished_run_from_any_checkpoints_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))  # no metric log there: core_score stays empty
+    meta = {"step": 5, "num_iterations": 5, "total_batch_size": 1000, "num_scaling_params": 2000,
+            "flops_per_token": 12000, "val_bpb": 1.5, "model_config": {"n_layer": 2, "n_embd": 128},
+            "param_counts": {"total": 3000, "wte": 500}, "user_config": {"target_flops": 6e7},
+            "loop_state": {"min_val_bpb": 1.4, "total_training_time": 9.5}}
+    (tmp_path / "elsewhere" / "d2").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "d2" / "meta_000005.json").write_text(json.dumps(meta))
+    csv_path = tmp_path / "results.csv"
+    cmd = [sys.executable, "-m", "scripts.scaling_analysis", "--add-run=d2", f"--csv={csv_path}"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    missing = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+    assert missing.returncode != 0 and "--checkpoints-dir" in missing.stderr
+    subprocess.run(cmd + [f"--checkpoints-dir={tmp_path / 'elsewhere'}"], check=True, cwd=repo)
+    [row] = read_rows(str(csv_path))
+    assert (row["model_tag"], row["tokens_trained"], row["param_data_ratio"], row["min_val_bpb"]) == ("d2", 5000, 2.5, 1.4)
