@@ -80,7 +80,8 @@ def test_extract_answer():
     assert extract_answer("so the total is\n#### 1,234") == "1234"
     assert extract_answer("#### 18.") == "18." and extract_answer("#### -7.5 dollars") == "-7.5"
     assert extract_answer("#### 3\n#### 4") == "3"  # the first marker counts
-    assert extract_answer("no marker 42") is None and extract_answer("####18") is None and extract_answer("#### $5") is None
+    assert extract_answer("no marker 42") is None and extract_answer("####18") is None
+    assert extract_answer("#### $5") is None
 
 # -----------------------------------------------------------------------------
 # Conversation forms on hand-written rows
@@ -123,7 +124,7 @@ def test_gsm8k_calculator_annotations_become_tool_parts():
     assert grade(None, big, "#### 1200") and grade(None, big, "#### 1,200")
 
 def test_gsm8k_grade_and_rl_reward_reject_a_trailing_period():
-    """OpenAI's normalization only removes commas: "#### 18." is the string "18.", not 18. The RL reward is the grade."""
+    """OpenAI's normalization only removes commas: "#### 18." is the string "18.", not 18. RL rewards the grade."""
     conv = gsm8k_conversation({"question": "q", "answer": "6 * 3 = <<6*3=18>>18\n#### 18"})
     task = GSM8K.__new__(GSM8K)  # grading needs no data
     assert task.evaluate(conv, "#### 18") and task.reward(conv, "So:\n#### 18 apples") == 1.0
@@ -154,7 +155,7 @@ def test_humaneval_program_assembly():
     ("```python  \n\n  x = 1  \n\n```trailing", "x = 1"),                                # whitespace stripped
     ("  def f(): return 1\n", "def f(): return 1"),                                     # no fence: all, stripped
     ("```python\nx = 1```", "```python\nx = 1```"),                                       # closing fence not on a line
-    ("```py\nx = 1\n```\ny = 2\n```", "y = 2"),                                          # "py" is no tag: 2nd fence opens
+    ("```py\nx = 1\n```\ny = 2\n```", "y = 2"),                                      # "py" is no tag: 2nd fence opens
 ])
 def test_humaneval_code_extraction(completion, code):
     assert extract_program(completion) == code
