@@ -146,12 +146,15 @@ class SpellingBee(WordTask):
 
     def get_example(self, index):
         rng, word = self.rng_and_word(index)
+        # the published recipe's draws in its order (word, letter, template, case, quotes, "?"): from the same word
+        # list, example i asks about the same word and letter, in the same language (TEMPLATES is grouped alike)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
-        quote_letter, quote_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
-        message = rng.choice(TEMPLATES).format(letter=f"{quote_letter}{letter}{quote_letter}",
-                                               word=f"{quote_word}{word}{quote_word}")
+        template = rng.choice(TEMPLATES)
         if rng.random() < 0.3:
-            message = message.lower()
+            template = template.lower()
+        quote_letter, quote_word = rng.choice(["", "'", '"']), rng.choice(["", "'", '"'])
+        message = template.format(letter=f"{quote_letter}{letter}{quote_letter}",
+                                  word=f"{quote_word}{word}{quote_word}")
         if rng.random() < 0.5:
             message += "?"
         return spelling_bee_conversation(word, letter, message)
@@ -159,6 +162,12 @@ class SpellingBee(WordTask):
 
 class SimpleSpelling(WordTask):
     """User "Spell the word: apple", assistant "apple:a,p,p,l,e" (the spelled form SpellingBee's answers start from)."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the word list shuffled with seed 42, as the published recipe: else example i would spell SpellingBee's word i
+        self.words = list(self.words)
+        random.Random(42).shuffle(self.words)
+
     def get_example(self, index):
         _, word = self.rng_and_word(index)
         return qa_conversation(f"Spell the word: {word}", f"{word}:{','.join(word)}")

@@ -6,6 +6,7 @@ the hub parquet download (against a 127.0.0.1 server), CustomJSON validation and
 import io
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -187,6 +188,14 @@ def test_spelling_bee_answer_and_determinism():
         assert parts[0]["text"].count("hit!") == count and (count == 0 or f"hit! count={count}" in parts[0]["text"])
         assert parts[3]["text"].endswith(f"#### {count}")
         assert train.evaluate(conv, assistant_text(conv)) and not train.evaluate(conv, f"#### {count + 1}")
+    many = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(8) for j in range(8)]
+    bee, simple = SpellingBee(50, words=many), SimpleSpelling(50, words=many)
+    shuffled = list(many)
+    random.Random(42).shuffle(shuffled)  # SimpleSpelling's own word order
+    for i in range(50):
+        assert simple[i]["messages"][0]["content"] == f"Spell the word: {random.Random(i).choice(shuffled)}"
+    same = sum(simple[i]["messages"][0]["content"].split()[-1] in assistant_text(bee[i]) for i in range(50))
+    assert same < 5, same  # not SpellingBee's word i (1 in 64 by chance)
     spell = SimpleSpelling(3, words=["apple"])
     assert spell[0]["messages"] == [{"role": "user", "content": "Spell the word: apple"},
                                     {"role": "assistant", "content": "apple:a,p,p,l,e"}]
