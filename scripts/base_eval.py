@@ -38,8 +38,8 @@ from nanochat.tokenizer import get_token_bytes
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
 parser.add_argument("--eval", type=str, default=None, help="comma-separated subset of core,bpb,sample "
                     "(default: all three; core,bpb with --hf-path)")
-parser.add_argument("--hf-path", type=str, default=None, help="evaluate this Hugging Face causal LM (hub name or "
-                    "local directory) instead of a nanochat checkpoint")
+parser.add_argument("--hf-path", type=str, default=None, help="evaluate this Hugging Face causal LM instead of a "
+                    "nanochat checkpoint: a hub name, or a local directory (which may run its own modeling code)")
 parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest complete one)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")

@@ -174,3 +174,10 @@ def test_exported_checkpoint_scores_as_the_native_one(base_dir, tiny_tokenizer, 
     bpb_lines = lambda text: [line for line in text.splitlines() if " bpb: " in line]
     assert bpb_lines(native_printed) == bpb_lines(printed) and len(bpb_lines(printed)) == 2
     assert read_core_csv(base_dir / "base_eval" / "base_model_000007.csv") == (rows, core)
+
+@pytest.mark.parametrize("argv, named", [(["--eval", "core,sample"], "use --eval=core,bpb"),
+                                         (["--model-tag", "d12"], "--hf-path names the model on its own")])
+def test_hf_path_refuses_what_only_a_nanochat_checkpoint_has(base_dir, capsys, argv, named):
+    with pytest.raises(SystemExit) as e:
+        run_script("scripts.base_eval", ["--hf-path", str(base_dir / "nowhere"), *argv])
+    assert e.value.code == 2 and named in capsys.readouterr().err
