@@ -50,11 +50,9 @@ class HFTokenizer:
     def get_bos_token_id(self):
         return self.bos_token_id
 
-    def get_vocab_size(self):
-        return len(self.tokenizer)
-
     def encode(self, text, prepend=None, num_threads=None):
-        """str -> list[int]; list[str] -> list[list[int]]; prepend: a token id put first."""
+        """str -> list[int]; list[str] -> list[list[int]]; prepend: a token id put first. num_threads is what the
+        pretraining loader passes; the Rust tokenizer batches on its own threads."""
         rows = self.tokenizer([text] if isinstance(text, str) else text, add_special_tokens=False,
                               split_special_tokens=True)["input_ids"]
         rows = [([] if prepend is None else [prepend]) + row for row in rows]
