@@ -16,7 +16,7 @@ Prompts are scored whole, however long (10-shot prompts run far past a 2,048-tok
 with ensure_rotary_positions(n) (our GPT) grows its rotary tables to the longest prompt. Only a model with a hard
 context limit, an attribute max_seq_len (e.g. HF GPT-2's 1024), gets prompts cropped on the left; an example
 whose scored tokens cannot fit in it is skipped and counted in the result's "skipped".
-Leaves out: HF models, other eval suites, confidence intervals.
+Leaves out: loading HF models (nanochat/hf/causal_lm.py adapts them), other eval suites, confidence intervals.
 """
 
 import csv

@@ -4,18 +4,24 @@ Evaluate a base model: train/val bits per byte, the CORE metric, and a few sampl
     python -m scripts.base_eval                                        # all three, newest base checkpoint
     python -m scripts.base_eval --eval=core --max-per-task=16          # a quick CORE estimate
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
+    python -m scripts.base_eval --hf-path=openai-community/gpt2        # any HF causal LM: CORE and bpb
 
 bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole steps of
 device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval bundle, written to
 <base>/base_eval/base_model_SSSSSS.csv ("Task, Accuracy, Centered", then a CORE line) and printed.
 Samples (rank 0): greedy completions of fixed prompts and a few unconditioned samples.
+--hf-path evaluates a Hugging Face causal LM (hub name or directory, e.g. one written by scripts.export_hf) through
+nanochat/hf/causal_lm.py: CORE with prompts cropped on the left to its max_position_embeddings (GPT-2: 1024), as
+karpathy/nanochat did for its published GPT-2 CORE, written to <base>/base_eval/<name>.csv; bpb on our pretraining
+data with the model's own tokenizer (byte-level BPE only); no samples.
 Without the eval bundle and without network, CORE is skipped with how to fetch the bundle; the rest still runs.
 Results also go to the report card ("Base model loss", "Base model evaluation").
-Leaves out: evaluating HF models (karpathy/nanochat's --hf-path).
+Leaves out: samples from HF models.
 """
 
 import argparse
 import os
+import re
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
@@ -24,12 +30,16 @@ from nanochat.checkpoint import load_model
 from nanochat.core_eval import EvalBundleUnavailable, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import pretrain_loader
 from nanochat.engine import Engine, greedy_completions
+from nanochat.hf.causal_lm import load_hf_model
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
-parser.add_argument("--eval", type=str, default="core,bpb,sample", help="comma-separated subset of core,bpb,sample")
+parser.add_argument("--eval", type=str, default=None, help="comma-separated subset of core,bpb,sample "
+                    "(default: all three; core,bpb with --hf-path)")
+parser.add_argument("--hf-path", type=str, default=None, help="evaluate this Hugging Face causal LM instead of a "
+                    "nanochat checkpoint: a hub name, or a local directory (which may run its own modeling code)")
 parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
 parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest complete one)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
@@ -39,16 +49,29 @@ parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb t
 parser.add_argument("--dataset", default=None, help="pretraining data for bpb (default: the model's training data)")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
 args = parser.parse_args()
+if args.eval is None:
+    args.eval = "core,bpb" if args.hf_path else "core,bpb,sample"
 evals = [e.strip() for e in args.eval.split(",") if e.strip()]
 unknown = sorted(set(evals) - {"core", "bpb", "sample"})
 if unknown or not evals:
     parser.error(f"--eval={args.eval!r}: pick a comma-separated subset of core,bpb,sample (unknown: {unknown})")
+if args.hf_path and (args.model_tag or args.step is not None):
+    parser.error("--model-tag and --step pick a nanochat checkpoint; --hf-path names the model on its own")
+if args.hf_path and "sample" in evals:
+    parser.error("--hf-path models are not sampled here (nanochat's Engine runs nanochat models only); "
+                 "use --eval=core,bpb")
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
-step = meta["step"]
-sequence_len = model.config.sequence_len
-model_line = {"model": f"base_model (step {step})"}
+if args.hf_path:
+    model, tokenizer = load_hf_model(args.hf_path, device)
+    meta, sequence_len = {}, model.max_seq_len  # bpb rows are as long as the model's context
+    if sequence_len is None:
+        parser.error(f"{args.hf_path}'s config has no max_position_embeddings: its context length is unknown")
+    model_line, csv_name = {"model": args.hf_path}, re.sub(r"[^\w.-]+", "-", args.hf_path).strip("-.") + ".csv"
+else:
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    sequence_len = model.config.sequence_len
+    model_line, csv_name = {"model": f"base_model (step {meta['step']})"}, f"base_model_{meta['step']:06d}.csv"
 loss_report = []  # "Base model loss": bpb and samples; "Base model evaluation": CORE
 
 # -----------------------------------------------------------------------------
@@ -69,7 +92,7 @@ if "core" in evals:
         if is_master():
             out_dir = os.path.join(get_base_dir(), "base_eval")
             os.makedirs(out_dir, exist_ok=True)
-            csv_path = os.path.join(out_dir, f"base_model_{step:06d}.csv")
+            csv_path = os.path.join(out_dir, csv_name)
             atomic_write_text(csv_path, "\n".join(lines) + "\n")
             width = max(len(label) for label in out["results"])
             print0("\n".join(f"{label:<{width}}  {acc:<10}  {centered}" for label, acc, centered in
@@ -89,7 +112,7 @@ if "bpb" in evals:
                          f"(device_batch_size {args.device_batch_size} x sequence_len {sequence_len} x "
                          f"{world_size} ranks); raise it")
     print0(f"bpb over {steps * tokens_per_step:,} tokens per split ({steps} steps of {tokens_per_step:,})")
-    token_bytes = get_token_bytes(device)
+    token_bytes = tokenizer.token_bytes().to(device) if args.hf_path else get_token_bytes(device)
     bpb = {}
     for split in ("train", "val"):
         loader = pretrain_loader(tokenizer, args.device_batch_size, sequence_len, split, rank=rank,

@@ -224,9 +224,11 @@ def calculator_conversation(question, before, expr, output, after):
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 def extract_answer(text):
-    """The number after the first "#### ", commas and a sentence-ending period removed ("1,234." -> "1234"); or None."""
+    """The characters after the first "#### " that make a number, commas removed ("1,234" -> "1234"); or None.
+    A trailing period stays ("#### 18." -> "18.", which does not equal "18"), as in OpenAI's own normalization
+    (github.com/openai/grade-school-math, dataset.py), so GSM8K scores and RL rewards compare with published ones."""
     match = ANSWER_RE.search(text)
-    return match.group(1).replace(",", "").rstrip(".") if match else None
+    return match.group(1).replace(",", "") if match else None
 
 def evaluate_answer(conversation, assistant_response):
     """Generative grading: the response's "#### N" equals the reference's (the last part of the last message)."""

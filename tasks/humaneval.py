@@ -15,7 +15,10 @@ import re
 from nanochat.execution import execute_code
 from tasks.common import HubTask, qa_conversation
 
-CODE_BLOCK_RE = re.compile(r"```(?:python)?\n(.*?)```", re.DOTALL)
+# The published nanochat HumanEval scores use this extraction, so ours does too, quirks included: the opening fence
+# must end its line and the closing one start a line; "```py" is no opening fence (its closing fence may then open a
+# block); the block or, without one, the whole completion is stripped (a body-only answer loses its first indent).
+CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 def extract_imports(prompt):
     """The import lines at the top of a prompt (blank lines and comments may sit between them)."""
@@ -29,18 +32,15 @@ def extract_imports(prompt):
     return "\n".join(imports)
 
 def extract_program(completion):
-    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer bare code)."""
+    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer bare code);
+    either stripped of surrounding whitespace."""
     match = CODE_BLOCK_RE.search(completion)
-    return match.group(1) if match else completion
+    return (match.group(1) if match else completion).strip()
 
 def humaneval_program(conversation, completion):
     """The program whose clean exit means the completion passes."""
-    return "\n\n".join([
-        extract_imports(conversation["messages"][0]["content"]),
-        extract_program(completion),
-        conversation["test"],
-        f"check({conversation['entry_point']})",
-    ]) + "\n"
+    return (extract_imports(conversation["messages"][0]["content"]) + "\n\n" + extract_program(completion) + "\n\n"
+            + conversation["test"] + "\n" + f"check({conversation['entry_point']})")
 
 def humaneval_conversation(row):
     return qa_conversation(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],

@@ -6,6 +6,7 @@ the hub parquet download (against a 127.0.0.1 server), CustomJSON validation and
 import io
 import json
 import os
+import random
 import re
 
 import numpy as np
@@ -18,9 +19,10 @@ from tasks.common import Task, TaskMixture, TaskSequence, render_mc, load_hub_da
 from tasks.mmlu import mmlu_conversation
 from tasks.arc import ARC, arc_conversation
 from tasks.gsm8k import GSM8K, gsm8k_conversation
-from tasks.humaneval import HumanEval, humaneval_conversation, humaneval_program, extract_imports
+from tasks.humaneval import HumanEval, humaneval_conversation, humaneval_program, extract_imports, extract_program
 from tasks.smoltalk import smoltalk_conversation
-from tasks.spellingbee import SpellingBee, SimpleSpelling
+from tasks import spellingbee
+from tasks.spellingbee import SpellingBee, SimpleSpelling, TEMPLATES, TEMPLATES_BY_LANGUAGE
 from tasks.customjson import CustomJSON
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC, IDENTITY, CATEGORIES
 
@@ -77,8 +79,10 @@ def test_render_mc_exact_format():
 
 def test_extract_answer():
     assert extract_answer("so the total is\n#### 1,234") == "1234"
-    assert extract_answer("#### -7.") == "-7"
-    assert extract_answer("no marker 42") is None
+    assert extract_answer("#### 18.") == "18." and extract_answer("#### -7.5 dollars") == "-7.5"
+    assert extract_answer("#### 3\n#### 4") == "3"  # the first marker counts
+    assert extract_answer("no marker 42") is None and extract_answer("####18") is None
+    assert extract_answer("#### $5") is None
 
 # -----------------------------------------------------------------------------
 # Conversation forms on hand-written rows
@@ -120,6 +124,14 @@ def test_gsm8k_calculator_annotations_become_tool_parts():
     big = gsm8k_conversation({"question": "q", "answer": "#### 1,200"})
     assert grade(None, big, "#### 1200") and grade(None, big, "#### 1,200")
 
+def test_gsm8k_grade_and_rl_reward_reject_a_trailing_period():
+    """OpenAI's normalization only removes commas: "#### 18." is the string "18.", not 18. RL rewards the grade."""
+    conv = gsm8k_conversation({"question": "q", "answer": "6 * 3 = <<6*3=18>>18\n#### 18"})
+    task = GSM8K.__new__(GSM8K)  # grading needs no data
+    assert task.evaluate(conv, "#### 18") and task.reward(conv, "So:\n#### 18 apples") == 1.0
+    assert not task.evaluate(conv, "#### 18.") and task.reward(conv, "The answer is\n#### 18.") == 0.0
+    assert task.reward(conv, "#### 18.0") == 0.0 and task.reward(conv, "18") == 0.0
+
 HUMANEVAL_ROW = {
     "task_id": "HumanEval/0",
     "prompt": 'from typing import List\nimport math\n\n\ndef add(a: int, b: int) -> int:\n    """Add two numbers."""\n',
@@ -134,10 +146,20 @@ def test_humaneval_program_assembly():
     assert extract_imports(HUMANEVAL_ROW["prompt"]) == "from typing import List\nimport math"
     fenced = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nand ```python\nother()\n```"
     program = humaneval_program(conv, fenced)
-    assert program == ("from typing import List\nimport math\n\ndef add(a, b):\n    return a + b\n\n\n"
-                       + HUMANEVAL_ROW["test"] + "\n\ncheck(add)\n")
-    assert "def add(a, b):\n    return a - b" in humaneval_program(conv, "```\ndef add(a, b):\n    return a - b\n```")
-    assert humaneval_program(conv, "def add(a, b): return a + b").split("\n\n")[1] == "def add(a, b): return a + b"
+    assert program == ("from typing import List\nimport math\n\ndef add(a, b):\n    return a + b\n\n"
+                       + HUMANEVAL_ROW["test"] + "\ncheck(add)")
+
+@pytest.mark.parametrize("completion, code", [
+    ("```python\ndef f():\n    return 1\n```", "def f():\n    return 1"),                 # language tag
+    ("```\ndef f():\n    return 1\n```", "def f():\n    return 1"),                       # no language tag
+    ("Sure:\n```python\nx = 1\n```\nThis sets x. ```python\ny = 2\n```", "x = 1"),      # text around: first block
+    ("```python  \n\n  x = 1  \n\n```trailing", "x = 1"),                                # whitespace stripped
+    ("  def f(): return 1\n", "def f(): return 1"),                                     # no fence: all, stripped
+    ("```python\nx = 1```", "```python\nx = 1```"),                                       # closing fence not on a line
+    ("```py\nx = 1\n```\ny = 2\n```", "y = 2"),                                      # "py" is no tag: 2nd fence opens
+])
+def test_humaneval_code_extraction(completion, code):
+    assert extract_program(completion) == code
 
 def test_humaneval_grading_runs_the_tests():
     conv = humaneval_conversation(HUMANEVAL_ROW)
@@ -166,10 +188,43 @@ def test_spelling_bee_answer_and_determinism():
         assert parts[0]["text"].count("hit!") == count and (count == 0 or f"hit! count={count}" in parts[0]["text"])
         assert parts[3]["text"].endswith(f"#### {count}")
         assert train.evaluate(conv, assistant_text(conv)) and not train.evaluate(conv, f"#### {count + 1}")
+    many = [f"word{chr(97 + i)}{chr(97 + j)}" for i in range(8) for j in range(8)]
+    bee, simple = SpellingBee(50, words=many), SimpleSpelling(50, words=many)
+    shuffled = list(many)
+    random.Random(42).shuffle(shuffled)  # SimpleSpelling's own word order
+    for i in range(50):
+        assert simple[i]["messages"][0]["content"] == f"Spell the word: {random.Random(i).choice(shuffled)}"
+    same = sum(simple[i]["messages"][0]["content"].split()[-1] in assistant_text(bee[i]) for i in range(50))
+    assert same < 5, same  # not SpellingBee's word i (1 in 64 by chance)
     spell = SimpleSpelling(3, words=["apple"])
     assert spell[0]["messages"] == [{"role": "user", "content": "Spell the word: apple"},
                                     {"role": "assistant", "content": "apple:a,p,p,l,e"}]
     assert spell.evaluate(spell[0], " apple:a,p,p,l,e ") and not spell.evaluate(spell[0], "apple:a,p,l,e")
+
+def test_spelling_bee_has_the_51_templates_by_language():
+    counts = {language: len(templates) for language, templates in TEMPLATES_BY_LANGUAGE.items()}
+    assert counts == {"en": 30, "es": 4, "zh": 4, "ko": 4, "fr": 3, "de": 3, "ja": 3}
+    assert len(set(TEMPLATES)) == 51
+    script = {"zh": "[\u4e00-\u9fff]", "ja": "[\u3040-\u30ff]", "ko": "[\uac00-\ud7af]"}
+    for language, pattern in script.items():  # the CJK ones are written in their own script (kana for Japanese)
+        assert all(re.search(pattern, t) for t in TEMPLATES_BY_LANGUAGE[language]), language
+    assert not any(re.search(script["ja"], t) for t in TEMPLATES_BY_LANGUAGE["zh"])
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_every_spelling_bee_template_renders_and_is_answerable(template, monkeypatch):
+    assert template.count("{letter}") == 1 and template.count("{word}") == 1, template
+    monkeypatch.setattr(spellingbee, "TEMPLATES", [template])
+    task = SpellingBee(40, "train", words=["strawberry", "banana", "mississippi"])
+    for conv in [task[i] for i in range(40)]:
+        question = conv["messages"][0]["content"]
+        word, letter = re.fullmatch(r"'(\w+)'\.count\('(\w)'\)", conv["messages"][1]["content"][1]["text"]).groups()
+        # the template, maybe lowercased, with the letter and the word (each maybe quoted), maybe a "?" after
+        filled = re.escape(template).replace(r"\{letter\}", f"(?P<q1>[\"']?){letter}(?P=q1)")
+        filled = filled.replace(r"\{word\}", f"(?P<q2>[\"']?){word}(?P=q2)")
+        assert re.fullmatch(filled + r"\??", question, flags=re.IGNORECASE), (template, question)
+        count = word.count(letter)
+        assert task.evaluate(conv, f"{word}:{','.join(word)}\n\n#### {count}")
+        assert not task.evaluate(conv, f"#### {count + 1}")
 
 def test_custom_json(tmp_path):
     good = tmp_path / "chats.jsonl"
