@@ -158,9 +158,10 @@ class MuonAdamW(torch.optim.Optimizer):
         # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively. NCCL has both; gloo
         # only gained them in recent torch, so it takes the fallbacks (all_reduce SUM, then slice and divide; list
         # all_gather), which give the same numbers. Tests flip native_collectives to cover both on gloo.
+        # A CUDA run's group is "cpu:gloo,cuda:nccl" (common.process_group_backend): CUDA grads go through NCCL.
         self.world_size = dist.get_world_size() if is_dist() else 1
         self.rank = dist.get_rank() if is_dist() else 0
-        self.native_collectives = is_dist() and dist.get_backend() == "nccl"
+        self.native_collectives = is_dist() and "nccl" in str(dist.get_backend())
         super().__init__(param_groups, defaults={})
         # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger recompiles
         self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
