@@ -109,8 +109,26 @@ def muon_lr_multiplier(rows, cols):
     return math.sqrt(max(1.0, rows / cols))
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+def _compiled(fn, backend="inductor"):
+    """
+    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per distinct argument signature (shape,
+    dtype), as many as the model has parameter shapes: 4 AdamW and 4 Muon ones at d12 or d20, so d12 then d20 in one
+    process (bench.train) makes 8 of each. Dynamo allows 8 graphs per function (recompile_limit) and with
+    fullgraph=True the 9th raises instead of running eagerly, so each new signature raises the limit, for this call
+    only, to the number of signatures seen. A recompile loop on a signature already seen (a value baked into the graph
+    that changes every step) still meets the plain limit. (dynamic=True would trace one symbolic graph instead, with
+    kernels nobody has timed on a GPU; a static graph per shape is a few seconds of compile each.)
+    """
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+    seen = set()
+    def step(*args):
+        key = tuple((a.shape, a.stride(), a.dtype, a.requires_grad) if torch.is_tensor(a) else a for a in args)
+        if key in seen:
+            return compiled(*args)
+        seen.add(key)
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, len(seen))):
+            return compiled(*args)
+    return step
 
 def _step_fn(fn, device):
     """Compiled on CUDA, whatever the model's --compile: there it fuses each elementwise chain into a few kernels. On

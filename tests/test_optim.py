@@ -234,11 +234,9 @@ def test_compiled_step_path_matches_eager(monkeypatch):
     # On CUDA the update rules run through torch.compile(fullgraph=True) with hyperparameters as 0-D CPU tensors, a
     # path CPU never takes. Trace it here (aot_eager: dynamo + autograd functionalization, no codegen) over changing
     # lr/momentum/wd: a graph break, a Python-side value baked into the graph or a lost in-place update fails this.
-    import functools
     import nanochat.optim as optim
-    compiled = functools.cache(lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False))
     results = []
-    for step_fn in (optim._step_fn, lambda fn, device: compiled(fn)):
+    for step_fn in (optim._step_fn, lambda fn, device: optim._compiled(fn, "aot_eager")):
         monkeypatch.setattr(optim, "_step_fn", step_fn)
         params = make_params(large_dtype=torch.bfloat16)
         opt = make_optimizer(params)
@@ -251,6 +249,37 @@ def test_compiled_step_path_matches_eager(monkeypatch):
         results.append(snapshot(params))
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"param {i} {tuple(a.shape)}: compiled step differs")
+
+def test_compiled_steps_survive_more_shapes_than_dynamos_recompile_limit(monkeypatch):
+    # Each parameter shape is one static graph of the compiled step; dynamo's default allows 8 per function and
+    # fullgraph=True raises on the 9th (FailOnRecompileLimitHit), which two model sizes in one process reach. 10 AdamW
+    # and 9 Muon shapes through the real compile wrapper (eager backend: dynamo's guards and limits, no codegen) must
+    # step like the uncompiled rules.
+    import nanochat.optim as optim
+    assert torch._dynamo.config.recompile_limit == 8  # the default this test is sized against
+    torch._dynamo.reset()  # graphs other tests compiled count toward the same per-function limit
+    def build():
+        g = torch.Generator().manual_seed(0)
+        adamw = [torch.nn.Parameter(torch.randn(n, 3, generator=g)) for n in range(1, 11)]
+        muon = [[torch.nn.Parameter(torch.randn(rows, 6, generator=g)) for _ in range(2)] for rows in range(2, 11)]
+        opt = MuonAdamW([{"kind": "adamw", "params": adamw, "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10,
+                          "weight_decay": 0.01},
+                         *({"kind": "muon", "params": ps, "lr": 0.02, "momentum": 0.95, "beta2": 0.9,
+                            "weight_decay": 0.1, "ns_steps": 5} for ps in muon)])
+        return adamw + [p for ps in muon for p in ps], opt
+    results = []
+    for step_fn in (optim._step_fn, lambda fn, device: optim._compiled(fn, "eager")):
+        monkeypatch.setattr(optim, "_step_fn", step_fn)
+        params, opt = build()
+        for step in range(2):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    torch._dynamo.reset()
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"param {i} {tuple(a.shape)}: compiled step differs")
 
 def test_convergence_toward_targets():
     params = make_params(seed=0)
