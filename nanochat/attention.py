@@ -9,8 +9,9 @@ multiple of Hkv (query head h reads kv head h // (H / Hkv)). Each returns (B, Tq
     print0(attention_banner(device, window_sizes, sequence_len))   # scripts say which path runs
 
 FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise, on CUDA, FlexAttention for sliding
-windows in a compiled model (SDPA with a mask uncompiled) and SDPA's flash kernel for full causal; SDPA on CPU/MPS. attention_reference is an explicit masked softmax
-that the tests hold the others to. ATTN_IMPL forces one (tests, debugging).
+windows in a compiled model (SDPA with a mask uncompiled) and SDPA's flash kernel for full causal; SDPA on CPU/MPS.
+attention_reference is an explicit masked softmax that the tests hold the others to. ATTN_IMPL forces one (tests,
+debugging).
 """
 
 import importlib.util
