@@ -365,34 +365,38 @@ def _dist_worker(rank, world_size, init_file, out_dir):
     finally:
         dist.destroy_process_group()
 
-def test_distributed_matches_single_process_with_averaged_grads(tmp_path):
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distributed_matches_single_process_with_averaged_grads(tmp_path, world_size):
+    # 4 ranks: the wide group's K=3 leaves rank 3 nothing but padding, the tall group's K=5 gives rank 2 one real
+    # matrix and one padded slot and rank 3 none (chunk ceil(5/4) = 2); 8 GPUs split d12's 12 layers the same way.
+    W = world_size
+    mp.spawn(_dist_worker, args=(W, str(tmp_path / "init"), str(tmp_path)), nprocs=W)
 
-    # reference: one process, grads averaged over the two ranks' grads
+    # reference: one process, grads averaged over the ranks' grads
     params = make_params()
     opt = make_optimizer(params, eps=DIST_EPS)
     for step in range(3):
-        g0, g1 = make_grads(params, step, 0), make_grads(params, step, 1)
-        set_grads(params, [(a + b) / 2 for a, b in zip(g0, g1)])
+        per_rank = [make_grads(params, step, r) for r in range(W)]
+        set_grads(params, [sum(gs) / W for gs in zip(*per_rank)])
         opt.step()
     reference = snapshot(params)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
     for mode in MODES:
         for r, res in enumerate(ranks):
             for i, (a, b) in enumerate(zip(res[mode]["final"], reference)):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{mode} rank {r} param {i}")
             for a, b in zip(res[mode]["final"], res[mode]["resumed"]):
                 assert torch.equal(a, b), f"{mode} rank {r}: resuming its state shard changed the next step"
-            # the shard holds this rank's part only: half of the large param, ceil(K/2) Muon matrices
+            # the shard holds this rank's part only: 1/W of the large param, ceil(K/W) Muon matrices
             # (state is keyed by param index: small 0-1, large 2, wide 3-5 (group state on 3), tall 6-10 (on 6))
             state = res[mode]["shard"]["state"]
             assert state[0]["exp_avg"].shape == (4,) and state[1]["exp_avg"].shape == ()
-            assert state[2]["exp_avg"].shape == (32, 32)
-            assert state[3]["momentum_buffer"].shape == (2, 16, 32)
-            assert state[3]["second_momentum_buffer"].shape == (2, 1, 32)
-            assert state[6]["momentum_buffer"].shape == (3, 32, 16)
-            assert state[6]["second_momentum_buffer"].shape == (3, 32, 1)
+            assert state[2]["exp_avg"].shape == (64 // W, 32)
+            assert state[3]["momentum_buffer"].shape == (-(-3 // W), 16, 32)
+            assert state[3]["second_momentum_buffer"].shape == (-(-3 // W), 1, 32)
+            assert state[6]["momentum_buffer"].shape == (-(-5 // W), 32, 16)
+            assert state[6]["second_momentum_buffer"].shape == (-(-5 // W), 32, 1)
         # ranks hold different state shards (different grads chunks) but identical params
         shards = [ranks[r][mode]["shard"]["state"][2]["exp_avg"] for r in (0, 1)]
         assert not torch.equal(*shards)
