@@ -1,11 +1,13 @@
 """
 The multi-GPU process group, checked on CPU: a CUDA run asks torch for NCCL on CUDA tensors AND gloo on CPU ones (NCCL
 refuses CPU tensors, and scripts all-reduce small host-built tensors such as SFT's epoch fraction), and 2 real gloo
-processes run compute_init's per-device backend string through every kind of collective the scripts use.
+processes run compute_init's per-device backend string through every kind of collective the scripts use. Also the
+fp8 layer's token-count guard for CUDA's _scaled_mm.
 """
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -72,3 +74,16 @@ def test_two_gloo_ranks_run_every_collective_kind_through_compute_init(tmp_path,
         assert res["totals"] == [3, 30]
         assert res["gathered"] == [{"rank": 0, "digest": "d0"}, {"rank": 1, "digest": "d1"}]
         assert res["initialized_after"] is False
+
+def test_fp8_training_forward_names_a_token_count_cuda_cannot_take():
+    # CUDA's _scaled_mm needs the weight gradient's inner dim (the M tokens) divisible by 16: say so at the forward,
+    # not as a kernel error inside the compiled backward. Inference (no grad: decode, M = 1) is unaffected.
+    from nanochat import fp8
+    from nanochat.gpt import Linear
+    layer = fp8.Float8Linear.from_linear(Linear(64, 32))
+    torch.nn.init.normal_(layer.weight, std=0.1)
+    with pytest.raises(ValueError, match=r"batch x sequence = 10\) divisible by 16"):
+        layer(torch.randn(2, 5, 64))
+    with torch.no_grad():
+        assert layer(torch.randn(1, 1, 64)).shape == (1, 1, 32)
+    assert layer(torch.randn(2, 8, 64)).shape == (2, 8, 32)
