@@ -8,9 +8,10 @@ multiple of Hkv (query head h reads kv head h // (H / Hkv)). Each returns (B, Tq
     y = attention(q, k, v, window)       # picks per device: fa3 | flex on CUDA, sdpa on CPU/MPS
     print0(attention_banner(device, window_sizes, sequence_len))   # scripts say which path runs
 
-FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise FlexAttention for sliding windows and
-SDPA's flash kernel for full causal on CUDA; plain SDPA on CPU/MPS. attention_reference is an explicit masked softmax
-that the tests hold the others to. ATTN_IMPL forces one (tests, debugging).
+FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise, on CUDA, FlexAttention for sliding
+windows in a compiled model (SDPA with a mask uncompiled) and SDPA's flash kernel for full causal; SDPA on CPU/MPS.
+attention_reference is an explicit masked softmax that the tests hold the others to. ATTN_IMPL forces one (tests,
+debugging).
 """
 
 import importlib.util
@@ -26,7 +27,6 @@ ATTN_IMPL = None  # None = pick per device; "fa3" | "flex" | "sdpa" | "reference
 FLEX_BLOCK = 128
 _fa3_module = None
 _fa3_checked = False
-_flex_compiled = None
 
 def visible_mask(Tq, Tk, window, device):
     """(Tq, Tk) boolean: causal within a left window, queries aligned to the end of the keys."""
@@ -83,25 +83,20 @@ def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
 
 def attention_flex(q, k, v, window):
     """
-    CUDA path without FA3: FlexAttention (compiled) for sliding windows, SDPA (flash kernel) for full causal.
-    Decode and cache chunks (Tq < Tk) go to SDPA: their masks are small, and a compiled flex kernel would
-    recompile for every new cache length. So does uncompiled CUDA inference (sampling, CORE: a new length per
-    call), which therefore uses SDPA with an explicit mask too; training and compiled models keep flex.
+    CUDA path without FA3. Inside a torch.compile trace (the compiled training model) sliding windows run as
+    FlexAttention: the plain flex_attention call becomes part of the model's graph, which compiles it into one
+    block-sparse kernel. Everything else goes to SDPA: full causal (flash kernel), decode and cache chunks (Tq < Tk:
+    small masks), and any uncompiled call, sliding windows included, with an explicit (T, T) mask. Uncompiled flex
+    would materialize the B x H x T x T scores, and a standalone torch.compile(flex_attention) with static shapes
+    recompiles for every new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
     """
-    global _flex_compiled
     Tq, Tk = q.size(1), k.size(1)
-    eager_inference = q.is_cuda and not q.requires_grad and not torch.compiler.is_compiling()
-    if Tq != Tk or window >= Tk - 1 or eager_inference:
+    if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
         return attention_sdpa(q, k, v, window)
     from torch.nn.attention.flex_attention import flex_attention
-    fn = flex_attention
-    if q.is_cuda:  # uncompiled flex materializes the scores; on CPU (tests) that is fine and saves a long compile
-        if _flex_compiled is None:
-            _flex_compiled = torch.compile(flex_attention, dynamic=False)
-        fn = _flex_compiled
     block_mask = sliding_block_mask(Tq, window, q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    y = fn(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
+    y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 def load_fa3():
@@ -167,8 +162,8 @@ def attention_banner(device, window_sizes, sequence_len):
     windowed = any(w < sequence_len for w in window_sizes)
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
-        "flex": "attention: FlexAttention block-sparse for sliding windows (training, compiled models); "
-                "SDPA for full causal, decode, eager inference",
+        "flex": "attention: FlexAttention block-sparse for sliding windows in a compiled model; SDPA for full "
+                "causal, decode and uncompiled calls (sliding windows via an explicit T x T mask)",
         "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]

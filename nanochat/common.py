@@ -147,11 +147,21 @@ def compile_for_training(model, device_type):
         functorch_config.activation_memory_budget = 0.5
     return torch.compile(model, dynamic=False)
 
+def process_group_backend(device_type):
+    """
+    The torch.distributed backend string for a run on `device_type`, one backend per tensor device. On CUDA, NCCL
+    carries CUDA tensors (gradients, losses) and gloo the CPU ones: NCCL refuses CPU tensors, and a small counter built
+    on the host and all-reduced (an epoch fraction, a score tally) would otherwise abort a multi-GPU run at that line.
+    Object collectives (all_gather_object) pick the CPU backend when one is listed, so they pickle through gloo too.
+    Elsewhere gloo alone, spelled the same per-device way so the 2-rank CPU tests parse the form CUDA runs use.
+    """
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "cpu:gloo"
+
 def compute_init(device_type=""):
     """
     Set up the device, seeds and (under torchrun) the process group.
     Returns (ddp, rank, local_rank, world_size, device).
-    NCCL on CUDA, gloo on CPU; one process is the degenerate case (no group at all).
+    The group's backends come from process_group_backend; one process is the degenerate case (no group at all).
     """
     device_type = device_type or autodetect_device_type()
     assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type!r}: use cuda, mps or cpu"
@@ -169,12 +179,12 @@ def compute_init(device_type=""):
     ddp, rank, local_rank, world_size = get_dist_info()
     if ddp and device_type == "cuda":
         device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=device)
-        dist.barrier()
+        torch.cuda.set_device(device)  # before the group: NCCL initializes eagerly on the bound device_id
+        dist.init_process_group(backend=process_group_backend(device_type), device_id=device)
+        dist.barrier()  # on the bound device, so through NCCL
     elif ddp:
         device = torch.device(device_type)
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend=process_group_backend(device_type))
         dist.barrier()
     else:
         device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)

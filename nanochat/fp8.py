@@ -78,7 +78,12 @@ class Float8Linear(nn.Linear):
         return new.train(linear.training)
 
     def forward(self, x):
-        y = Float8Matmul.apply(x.reshape(-1, x.size(-1)), self.weight)
+        x2d = x.reshape(-1, x.size(-1))
+        # the weight gradient multiplies (N, M) @ (M, K) and CUDA's _scaled_mm wants every inner dim divisible by 16
+        if torch.is_grad_enabled() and x2d.size(0) % 16:
+            raise ValueError(f"fp8 training needs the tokens of a forward (batch x sequence = {x2d.size(0)}) divisible "
+                             f"by 16 for torch._scaled_mm; change --device-batch-size or --max-seq-len, or drop --fp8")
+        y = Float8Matmul.apply(x2d, self.weight)
         return y.view(*x.shape[:-1], self.out_features)
 
 def check_fp8_supported(device):

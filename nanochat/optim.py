@@ -109,8 +109,26 @@ def muon_lr_multiplier(rows, cols):
     return math.sqrt(max(1.0, rows / cols))
 
 @functools.cache
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+def _compiled(fn, backend="inductor"):
+    """
+    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per distinct argument signature (shape,
+    dtype), as many as the model has parameter shapes: 4 AdamW and 4 Muon ones at d12 or d20, so d12 then d20 in one
+    process (bench.train) makes 8 of each. Dynamo allows 8 graphs per function (recompile_limit) and with
+    fullgraph=True the 9th raises instead of running eagerly, so each new signature raises the limit, for this call
+    only, to the number of signatures seen. A recompile loop on a signature already seen (a value baked into the graph
+    that changes every step) still meets the plain limit. (dynamic=True would trace one symbolic graph instead, with
+    kernels nobody has timed on a GPU; a static graph per shape is a few seconds of compile each.)
+    """
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
+    seen = set()
+    def step(*args):
+        key = tuple((a.shape, a.stride(), a.dtype, a.requires_grad) if torch.is_tensor(a) else a for a in args)
+        if key in seen:
+            return compiled(*args)
+        seen.add(key)
+        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, len(seen))):
+            return compiled(*args)
+    return step
 
 def _step_fn(fn, device):
     """Compiled on CUDA, whatever the model's --compile: there it fuses each elementwise chain into a few kernels. On
@@ -158,9 +176,10 @@ class MuonAdamW(torch.optim.Optimizer):
         # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively. NCCL has both; gloo
         # only gained them in recent torch, so it takes the fallbacks (all_reduce SUM, then slice and divide; list
         # all_gather), which give the same numbers. Tests flip native_collectives to cover both on gloo.
+        # A CUDA run's group is "cpu:gloo,cuda:nccl" (common.process_group_backend): CUDA grads go through NCCL.
         self.world_size = dist.get_world_size() if is_dist() else 1
         self.rank = dist.get_rank() if is_dist() else 0
-        self.native_collectives = is_dist() and dist.get_backend() == "nccl"
+        self.native_collectives = is_dist() and "nccl" in str(dist.get_backend())
         super().__init__(param_groups, defaults={})
         # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger recompiles
         self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}

@@ -2,8 +2,9 @@
 Attention paths in nanochat/attention.py against the explicit masked-softmax reference (and the reference against
 hand-worked answers): full causal, sliding windows, GQA, one-token decode and cache chunks, gradients,
 FlexAttention's block-mask structure, and the ATTN_IMPL override.
-FlexAttention runs here uncompiled on CPU (forward only: torch has no CPU flex backward); the CUDA kernel reads the
-same BlockMask, whose full/partial block classification is checked exhaustively against the dense mask.
+FlexAttention runs only inside a torch.compile trace (uncompiled calls take SDPA with a mask); here that trace runs
+flex's own dense CPU implementation, forward only (torch has no CPU flex backward). The CUDA kernel reads the same
+BlockMask, whose full/partial block classification is checked exhaustively against the dense mask.
 """
 
 import pytest
@@ -84,6 +85,45 @@ def test_sdpa_gradients_match_reference(Tq, Tk, window):
     for name, got, ref in zip("qkv", got_grads, ref_grads):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
 
+WINDOWED = [case for case in CASES if case[1] == case[2] and case[5] < case[2] - 1]  # the cases flex takes
+
+@pytest.mark.parametrize("B,Tq,Tk,H,Hkv,window", WINDOWED)
+def test_flex_inside_a_compiled_graph_matches_reference(B, Tq, Tk, H, Hkv, window):
+    # A compiled model traces attention_flex: the graph must hold the flex_attention op (not a dense fallback), give
+    # the reference's answer (the backend runs the graph as traced, flex's dense CPU path), and a second call of the
+    # same shape must reuse the graph: no module state changed during the trace for a guard to trip on.
+    graphs = []
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+    torch._dynamo.reset()
+    flex = torch.compile(attn.attention_flex, backend=backend, fullgraph=True, dynamic=False)
+    q, k, v = qkv(B, Tq, Tk, H, Hkv, seed=Tq * 1000 + window % 997)
+    expected = attn.attention_reference(q, k, v, window)
+    torch.testing.assert_close(flex(q, k, v, window), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(flex(q, k, v, window), expected, atol=1e-5, rtol=1e-5)
+    assert len(graphs) == 1 and "higher_order.flex_attention" in graphs[0].code
+    torch._dynamo.reset()
+
+def test_uncompiled_flex_uses_sdpa_with_a_mask(monkeypatch):
+    # Eager training with windows (chat_rl, no FA3): flex uncompiled would materialize B x H x T x T scores, and a
+    # standalone compiled flex would recompile for every new (B, T). Neither may run; values and grads stay exact.
+    import torch.nn.attention.flex_attention as flex_module
+    def refuse(*args, **kwargs):
+        raise AssertionError("flex_attention or torch.compile called outside a compiled model")
+    monkeypatch.setattr(flex_module, "flex_attention", refuse)
+    monkeypatch.setattr(torch, "compile", refuse)
+    for B, T, window in [(2, 96, 20), (3, 130, 37)]:  # two (B, T): a new shape compiles nothing either
+        q, k, v = qkv(B, T, T, 4, 2, requires_grad=True)
+        grad_out = torch.randn(B, T, 4, 16, generator=torch.Generator().manual_seed(1))
+        got = attn.attention_flex(q, k, v, window)
+        expected = attn.attention_reference(q, k, v, window)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        got_grads = torch.autograd.grad(got, (q, k, v), grad_out)
+        ref_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
+        for name, a, b in zip("qkv", got_grads, ref_grads):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"grad of {name}")
+
 @pytest.mark.parametrize("T,window", [(128, 5), (200, 199), (300, 37), (384, 200), (640, 256), (130, 0), (1000, 129)])
 def test_flex_block_mask_classifies_blocks_exactly(T, window):
     # Compiled flex skips mask_mod on "full" blocks and skips absent blocks, so each block pair must be
@@ -127,10 +167,14 @@ def test_override_and_auto_pick(monkeypatch):
     with pytest.raises(ValueError, match="ATTN_IMPL"):
         attn.pick_attention_impl("cpu")
 
-def test_banner_names_the_path_and_building_a_model_prints_nothing(capsys):
+def test_banner_names_the_path_and_building_a_model_prints_nothing(capsys, monkeypatch):
     windowed = "attention: torch SDPA (sliding windows via an explicit T x T mask)"
     assert attn.attention_banner("cpu", [128, 256], 256) == windowed
     assert attn.attention_banner("cpu", [256, 256], 256) == "attention: torch SDPA"
+    monkeypatch.setattr(attn, "ATTN_IMPL", "flex")  # what a CUDA run without FA3 prints
+    assert attn.attention_banner("cpu", [128, 256], 256) == (
+        "attention: FlexAttention block-sparse for sliding windows in a compiled model; SDPA for full causal, decode "
+        "and uncompiled calls (sliding windows via an explicit T x T mask)")
     with torch.device("meta"):
         model = GPT(GPTConfig(sequence_len=64, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     model.to_empty(device="cpu")

@@ -234,11 +234,9 @@ def test_compiled_step_path_matches_eager(monkeypatch):
     # On CUDA the update rules run through torch.compile(fullgraph=True) with hyperparameters as 0-D CPU tensors, a
     # path CPU never takes. Trace it here (aot_eager: dynamo + autograd functionalization, no codegen) over changing
     # lr/momentum/wd: a graph break, a Python-side value baked into the graph or a lost in-place update fails this.
-    import functools
     import nanochat.optim as optim
-    compiled = functools.cache(lambda fn: torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False))
     results = []
-    for step_fn in (optim._step_fn, lambda fn, device: compiled(fn)):
+    for step_fn in (optim._step_fn, lambda fn, device: optim._compiled(fn, "aot_eager")):
         monkeypatch.setattr(optim, "_step_fn", step_fn)
         params = make_params(large_dtype=torch.bfloat16)
         opt = make_optimizer(params)
@@ -251,6 +249,37 @@ def test_compiled_step_path_matches_eager(monkeypatch):
         results.append(snapshot(params))
     for i, (a, b) in enumerate(zip(*results)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=f"param {i} {tuple(a.shape)}: compiled step differs")
+
+def test_compiled_steps_survive_more_shapes_than_dynamos_recompile_limit(monkeypatch):
+    # Each parameter shape is one static graph of the compiled step; dynamo's default allows 8 per function and
+    # fullgraph=True raises on the 9th (FailOnRecompileLimitHit), which two model sizes in one process reach. 10 AdamW
+    # and 9 Muon shapes through the real compile wrapper (eager backend: dynamo's guards and limits, no codegen) must
+    # step like the uncompiled rules.
+    import nanochat.optim as optim
+    assert torch._dynamo.config.recompile_limit == 8  # the default this test is sized against
+    torch._dynamo.reset()  # graphs other tests compiled count toward the same per-function limit
+    def build():
+        g = torch.Generator().manual_seed(0)
+        adamw = [torch.nn.Parameter(torch.randn(n, 3, generator=g)) for n in range(1, 11)]
+        muon = [[torch.nn.Parameter(torch.randn(rows, 6, generator=g)) for _ in range(2)] for rows in range(2, 11)]
+        opt = MuonAdamW([{"kind": "adamw", "params": adamw, "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10,
+                          "weight_decay": 0.01},
+                         *({"kind": "muon", "params": ps, "lr": 0.02, "momentum": 0.95, "beta2": 0.9,
+                            "weight_decay": 0.1, "ns_steps": 5} for ps in muon)])
+        return adamw + [p for ps in muon for p in ps], opt
+    results = []
+    for step_fn in (optim._step_fn, lambda fn, device: optim._compiled(fn, "eager")):
+        monkeypatch.setattr(optim, "_step_fn", step_fn)
+        params, opt = build()
+        for step in range(2):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    torch._dynamo.reset()
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=f"param {i} {tuple(a.shape)}: compiled step differs")
 
 def test_convergence_toward_targets():
     params = make_params(seed=0)
@@ -336,34 +365,38 @@ def _dist_worker(rank, world_size, init_file, out_dir):
     finally:
         dist.destroy_process_group()
 
-def test_distributed_matches_single_process_with_averaged_grads(tmp_path):
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_distributed_matches_single_process_with_averaged_grads(tmp_path, world_size):
+    # 4 ranks: the wide group's K=3 leaves rank 3 nothing but padding, the tall group's K=5 gives rank 2 one real
+    # matrix and one padded slot and rank 3 none (chunk ceil(5/4) = 2); 8 GPUs split d12's 12 layers the same way.
+    W = world_size
+    mp.spawn(_dist_worker, args=(W, str(tmp_path / "init"), str(tmp_path)), nprocs=W)
 
-    # reference: one process, grads averaged over the two ranks' grads
+    # reference: one process, grads averaged over the ranks' grads
     params = make_params()
     opt = make_optimizer(params, eps=DIST_EPS)
     for step in range(3):
-        g0, g1 = make_grads(params, step, 0), make_grads(params, step, 1)
-        set_grads(params, [(a + b) / 2 for a, b in zip(g0, g1)])
+        per_rank = [make_grads(params, step, r) for r in range(W)]
+        set_grads(params, [sum(gs) / W for gs in zip(*per_rank)])
         opt.step()
     reference = snapshot(params)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
     for mode in MODES:
         for r, res in enumerate(ranks):
             for i, (a, b) in enumerate(zip(res[mode]["final"], reference)):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"{mode} rank {r} param {i}")
             for a, b in zip(res[mode]["final"], res[mode]["resumed"]):
                 assert torch.equal(a, b), f"{mode} rank {r}: resuming its state shard changed the next step"
-            # the shard holds this rank's part only: half of the large param, ceil(K/2) Muon matrices
+            # the shard holds this rank's part only: 1/W of the large param, ceil(K/W) Muon matrices
             # (state is keyed by param index: small 0-1, large 2, wide 3-5 (group state on 3), tall 6-10 (on 6))
             state = res[mode]["shard"]["state"]
             assert state[0]["exp_avg"].shape == (4,) and state[1]["exp_avg"].shape == ()
-            assert state[2]["exp_avg"].shape == (32, 32)
-            assert state[3]["momentum_buffer"].shape == (2, 16, 32)
-            assert state[3]["second_momentum_buffer"].shape == (2, 1, 32)
-            assert state[6]["momentum_buffer"].shape == (3, 32, 16)
-            assert state[6]["second_momentum_buffer"].shape == (3, 32, 1)
+            assert state[2]["exp_avg"].shape == (64 // W, 32)
+            assert state[3]["momentum_buffer"].shape == (-(-3 // W), 16, 32)
+            assert state[3]["second_momentum_buffer"].shape == (-(-3 // W), 1, 32)
+            assert state[6]["momentum_buffer"].shape == (-(-5 // W), 32, 16)
+            assert state[6]["second_momentum_buffer"].shape == (-(-5 // W), 32, 1)
         # ranks hold different state shards (different grads chunks) but identical params
         shards = [ranks[r][mode]["shard"]["state"][2]["exp_avg"] for r in (0, 1)]
         assert not torch.equal(*shards)
