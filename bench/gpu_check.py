@@ -3,7 +3,7 @@ One call checks a GPU machine: are the fast paths right, and how fast is it? Run
 
     bash bench/gpu_check.sh                       # < 8 minutes on one H100/H200 (--budget), compiles included
     OUT=/some/dir bash bench/gpu_check.sh         # also streams every row to $OUT/gpu_check.jsonl as it finishes
-    python3 -m bench.gpu_check --skip-speed       # numerics only (~2 minutes)
+    python3 -m bench.gpu_check --skip-speed       # numerics only
 
 Every row runs in its own process with its own timeout (a hang, an OOM or a crashed CUDA context costs that row
 only), under an overall time budget: a row that would start past it is skipped with that reason. Each finished
@@ -292,7 +292,7 @@ def check_e2e(device, train_flags=("--fp8",)):
             print(result.stderr, file=sys.stderr, flush=True)
             if result.returncode != 0:
                 add_row(E2E_ROW, "FAIL", detail=f"{script} exit {result.returncode}: "
-                        + output_tail(result.stderr + "\n" + result.stdout))
+                        + (output_tail(result.stderr) or output_tail(result.stdout)))
                 return
             outputs.append(result.stdout)
     train_bpb = [float(x) for x in re.findall(r"^step \d+ \| val bpb: ([\d.]+)", outputs[0], re.M)]
@@ -364,7 +364,7 @@ def row_plan(name, args):
     return [sys.executable, "-m", "bench.gpu_check", "--row", name], lambda out: out
 
 def output_tail(text, n=3):
-    """The last n lines that are not torch.compile log lines: usually the error."""
+    """The last n lines that are not torch.compile log lines, joined: on stderr, usually the error."""
     return " | ".join([line for line in text.splitlines() if line.strip() and "[__recompiles]" not in line
                        and "[__graph_breaks]" not in line][-n:])
 
@@ -407,7 +407,7 @@ def run_row(name, cmd, parse, timeout, log_dir=None):
         except (IndexError, json.JSONDecodeError, KeyError, TypeError) as e:
             why = f"no row JSON on its last stdout line ({type(e).__name__}: {e})"
     if fields is None:
-        tail = output_tail(stderr + "\n" + stdout)
+        tail = output_tail(stderr) or output_tail(stdout)  # a traceback goes to stderr
         fields = {"status": "FAIL", "value": "", "detail": f"{why}: {' '.join(cmd[2:])}: {tail}"[:800]}
     recompiles, breaks, first = compile_findings(stderr)
     row = {"check": name, **{k: v for k, v in fields.items() if k != "check"}, "recompiles": recompiles,
@@ -432,7 +432,8 @@ def main():
     parser.add_argument("--skip-speed", action="store_true", help="numerics only")
     parser.add_argument("--train-steps", type=int, default=10, help="timed steps per bench/train.py row")
     parser.add_argument("--budget", type=int, default=450, help="seconds for all rows together (the rest skip)")
-    parser.add_argument("--row", type=str, default="", help="run this one row here (what each row's process runs)")
+    parser.add_argument("--row", type=str, default="", choices=["", *ROW_FUNCS],
+                        help="run this one row in this process (what each row's own process runs)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.row:

@@ -155,7 +155,11 @@ def test_words_tokenizer_needs_only_tiktoken(tmp_path):
     assert loaded.encode(text) == tok.encode(text) and loaded.get_bos_token_id() == tok.get_bos_token_id()
 
 def test_e2e_row_on_cpu(monkeypatch):
-    # the GPU row adds --fp8 (SM89+); here the same train -> checkpoint -> reload path, eager, in fp32
+    # as gpu_check runs it (`--row`, its own process): on CPU base_train refuses --fp8, and the row says why
+    row = gc.run_row(gc.E2E_ROW, *gc.row_plan(gc.E2E_ROW, None), timeout=120)
+    assert row["status"] == "FAIL" and row["detail"].startswith("scripts.base_train exit 1: ")
+    assert "fp8 training needs a CUDA GPU of compute capability >= 8.9" in row["detail"]
+    # without --fp8 (SM89+) the same train -> checkpoint -> reload path runs here, eager, in fp32
     monkeypatch.setattr(gc, "rows", [])
     monkeypatch.setenv("NANOCHAT_COMPILE", "0")
     gc.check_e2e(torch.device("cpu"), train_flags=())
