@@ -27,9 +27,12 @@ EOF
     if [ -n "$missing" ]; then
         target="$(mktemp -d "${TMPDIR:-/tmp}/nanochat_wheels.XXXXXX")"
         # shellcheck disable=SC2086  # one wheel path per word
-        "$PY" -m pip install --quiet --no-index --no-deps --target "$target" $missing
-        export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
-        echo "gpu_check: installed from $WHEELS into $target: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
+        if "$PY" -m pip install --quiet --no-index --no-deps --target "$target" $missing; then
+            export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+            echo "gpu_check: installed from $WHEELS into $target: $(echo $missing | xargs -n1 basename | tr '\n' ' ')"
+        else  # no pip, or a wheel for another platform: the rows that need them say so, the rest still run
+            echo "gpu_check: could not install the wheels in $WHEELS (pip's error above); going on without them"
+        fi
         # kernels needs a recent huggingface_hub; if this machine's is too old, importing kernels would break every
         # CUDA training row (attention.load_fa3 imports it). Drop it then: FA3 skips, training uses flex.
         if [ -d "$target/kernels" ] && ! err=$("$PY" -c "import kernels" 2>&1); then

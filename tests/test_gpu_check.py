@@ -72,6 +72,18 @@ def test_gpu_check_sh_runs_as_on_the_gpu_machine(tmp_path):
     assert json.loads((out / "gpu_check.json").read_text()) == record
     assert "no CUDA device" in (out / "gpu_check.txt").read_text()
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_sh_goes_on_when_wheels_do_not_install(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "gpucheck_broken-0.1-py3-none-any.whl").write_bytes(b"not a zip file")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), WHEELS=str(wheels))
+    result = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--skip-speed"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"gpu_check: could not install the wheels in {wheels} (pip's error above); going on" in result.stdout
+    assert "5 checks: 0 ok, 0 FAIL, 5 skipped" in result.stdout
+
 ROW_SCRIPT = """if True:
     import json, sys, torch
     @torch.compile(backend="eager", dynamic=False)
