@@ -6,6 +6,7 @@ the numeric checks at toy sizes on CPU (a broken attention path must FAIL them);
 the end-to-end base_train -> checkpoint -> base_eval row on CPU (without --fp8, which needs SM89+).
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -155,6 +156,21 @@ def test_budget_streams_finished_rows_and_skips_the_rest(tmp_path, monkeypatch, 
     assert all(r["status"] == "skip" and r["detail"] == "the overall budget (--budget=10s) is spent"
                for r in streamed[1:])
     assert "11 checks: 1 ok, 0 FAIL, 10 skipped" in capsys.readouterr().out
+
+def test_speed_rows_read_the_benchmarks_json():
+    # the GPU rows' parsers on what bench.train and infer_bench print today (tiny CPU runs of the same flags)
+    train_cmd, parse = gc.row_plan("train d12 bf16", argparse.Namespace(train_steps=1))
+    train_cmd = [a for a in train_cmd if not a.startswith(("--configs", "--device-type", "--compile", "--warmup"))]
+    tiny = ["--configs=cpu", "--compile=0", "--warmup=1", "--device-batch-size=2"]
+    row = gc.run_row("train d12 bf16", train_cmd + tiny, parse, timeout=300)
+    assert row["status"] == "ok", row
+    assert row["B"] == 2 and row["value"].endswith("tok/s, MFU -, peak 0.0 GiB") and row["tok_per_sec"] > 0
+    infer_cmd, parse = gc.row_plan("infer_bench d20", None)
+    infer_cmd = [a for a in infer_cmd if not a.startswith(("--depth", "--device-type", "--decode-tokens"))]
+    tiny = ["--depth=2", "--head-dim=64", "--vocab-size=512", "--max-seq-len=256", "--decode-tokens=4"]
+    row = gc.run_row("infer_bench d20", infer_cmd + tiny + ["--device-type=cpu"], parse, timeout=300)
+    assert row["status"] == "ok", row
+    assert [d["batch_size"] for d in row["decode"]] == [1, 32] and row["value"].startswith("TTFT ")
 
 def test_words_tokenizer_needs_only_tiktoken(tmp_path):
     tok = gc.words_tokenizer(gc.CORE_WORDS)
