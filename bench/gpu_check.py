@@ -1,20 +1,29 @@
 """
 One call checks a GPU machine: are the fast paths right, and how fast is it? Run by bench/gpu_check.sh.
 
-    bash bench/gpu_check.sh                       # ~5-7 minutes on one H100/H200
-    OUT=/some/dir bash bench/gpu_check.sh         # also writes gpu_check.json and gpu_check.txt there
-    python -m bench.gpu_check --skip-speed        # numerics only (~1 minute)
+    bash bench/gpu_check.sh                       # < 8 minutes on one H100/H200 (--budget), compiles included
+    OUT=/some/dir bash bench/gpu_check.sh         # also streams every row to $OUT/gpu_check.jsonl as it finishes
+    python3 -m bench.gpu_check --skip-speed       # numerics only
+
+Every row runs in its own process with its own timeout (a hang, an OOM or a crashed CUDA context costs that row
+only), under an overall time budget: a row that would start past it is skipped with that reason. Each finished
+row is printed and appended to $OUT/gpu_check.jsonl at once, with the row's full output in $OUT/logs/, so a run
+that is cut short keeps what it measured. Rows run with TORCH_LOGS=recompiles,graph_breaks: each row says how many
+recompiles and graph breaks torch.compile logged, and the first of them.
 
 Numerics (each against a reference in fp32, on the GPU):
-  attention  FA3, flex and SDPA in bf16 vs attention_reference: forward and q/k/v grads for full causal,
-             a sliding window, GQA and a query chunk appended to a longer key cache (decode alignment).
+  attention  FA3, compiled flex (torch.compile(flex_attention) built here, outside any trace, with the model's block
+             masks) and SDPA (its explicit masks) in bf16 vs attention_reference: forward and q/k/v grads for full
+             causal, a sliding window, GQA and (FA3, SDPA) a query chunk appended to a longer key cache.
   fp8        nanochat.fp8's forward (e4m3) and backward (e5m2 grads) matmuls vs an fp32 matmul, next to bf16's error.
   optimizer  MuonAdamW's compiled step (as base_train runs it: Muon's orthogonalization in bf16) vs the eager step
              in fp32, over 3 steps with changing lr/momentum (0-D tensor hyperparameters, no recompiles).
-Speed (each in its own process, reusing the repo's benchmarks): bench/train.py d12 and d20 full optimizer steps,
-compiled bf16 and compiled --fp8 (ms/step, tok/s, MFU); scripts/infer_bench.py on a random-init d20 (TTFT, TPOT,
-MBU); CORE scoring examples/s (core_eval.evaluate_task on a d20 with synthetic 10-shot 4-choice items the length of
-HellaSwag's, so no eval bundle or tokenizer download is needed).
+Speed: bench/train.py, one config per process: d12 bf16 and fp8, d20 bf16 at device batch 16 (ms/step, tok/s, MFU,
+peak memory); scripts/infer_bench.py on a random-init d20 (KV-cache decode: TTFT, TPOT, MBU); CORE scoring
+examples/s (core_eval.evaluate_task on a d20 with synthetic 10-shot 4-choice items the length of HellaSwag's).
+End to end: a tiny `base_train --fp8` (compiled) writes a checkpoint that `base_eval` reloads; the reload must
+give the val bpb training measured last. Data and tokenizer are made in a temp dir (tiktoken only: no rustbpe, no
+download).
 
 Prints one table (check | status | value | detail), then one JSON line with every number. Status: ok, FAIL, or
 skip with the reason (without a CUDA device every row is "skip: no CUDA device" and it still runs to completion).
@@ -26,20 +35,30 @@ import json
 import math
 import os
 import random
+import re
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
+# set before torch loads, as base_train does; every row's process inherits it
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tiktoken
 import torch
 
 import nanochat.optim as optim
 from nanochat.common import COMPUTE_DTYPE, atomic_write_text, synchronize
 from nanochat.core_eval import evaluate_task
 from nanochat.fp8 import Float8Matmul
-from nanochat.attention import ATTENTION_IMPLS, attention_reference, load_fa3
+from nanochat.attention import ATTENTION_IMPLS, attention_reference, load_fa3, sliding_block_mask
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.optim import MuonAdamW
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 # tolerances, as max |fast - reference| / max |reference| (attention) or relative Frobenius error (fp8, optimizer)
 ATTN_FWD_TOL, ATTN_GRAD_TOL = 2e-2, 5e-2   # bf16 has an 8-bit mantissa: ~0.4% per rounding, accumulated over softmax
@@ -73,16 +92,34 @@ ATTN_CASES = [  # name, B, Tq, Tk, H, Hkv, D, window
     ("chunk, window 128", 2, 64, 512, 8, 8, 128, 128),
 ]
 
+def flex_compiled(q, k, v, window):
+    """The model's FlexAttention call: torch.compile(flex_attention) made here, outside any trace (a compile inside
+    the model's trace would be a no-op and leave the eager kernel, which materializes the scores)."""
+    global _flex
+    if _flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = sliding_block_mask(q.size(1), window, q.device)
+    y = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+              enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+_flex = None
+
 def check_attention(device, impls, cases=ATTN_CASES):
     """Each implementation vs attention_reference run in fp32 on the same bf16 inputs: worst error over the cases."""
     for impl in impls:
         name = f"attention {impl}"
         if impl == "fa3" and load_fa3() is None:
-            add_row(name, "skip", detail="FA3 unavailable (needs the `kernels` package: pip install -e '.[gpu]', "
-                    "a bf16 compute dtype and a kernel build for this GPU)")
+            add_row(name, "skip", detail="FA3 unavailable (needs the `kernels` package: pip install -e '.[gpu]' or "
+                    "the wheels from bench/gpu_wheels.sh, the kernel from the HF hub or its cache, a bf16 compute "
+                    "dtype and a kernel build for this GPU)")
             continue
+        fn = flex_compiled if impl == "flex compiled" else ATTENTION_IMPLS[impl]
+        # flex runs training's square (T x T) attention; cache chunks go to SDPA in the model
+        impl_cases = [c for c in cases if c[2] == c[3]] if impl == "flex compiled" else cases
         worst_fwd, worst_grad, failures = 0.0, 0.0, []
-        for case, B, Tq, Tk, H, Hkv, D, window in cases:
+        for case, B, Tq, Tk, H, Hkv, D, window in impl_cases:
             g = torch.Generator(device="cpu").manual_seed(0)
             q, k, v, dy = (torch.randn(shape, generator=g).to(device, torch.bfloat16) for shape in
                            [(B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D), (B, Tq, H, D)])
@@ -90,7 +127,7 @@ def check_attention(device, impls, cases=ATTN_CASES):
             ref_out = attention_reference(*ref_in, window)
             ref_out.backward(dy.float())
             fast_in = [t.clone().requires_grad_() for t in (q, k, v)]
-            out = ATTENTION_IMPLS[impl](*fast_in, window)
+            out = fn(*fast_in, window)
             out.backward(dy)
             fwd = rel_max_err(out, ref_out)
             grad = max(rel_max_err(f.grad, r.grad) for f, r in zip(fast_in, ref_in))
@@ -98,7 +135,7 @@ def check_attention(device, impls, cases=ATTN_CASES):
             if not (fwd <= ATTN_FWD_TOL and grad <= ATTN_GRAD_TOL):  # also catches NaN
                 failures.append(f"{case}: fwd {fwd:.2e} grad {grad:.2e}")
         status = "FAIL" if failures else "ok"
-        detail = "; ".join(failures) or f"{len(cases)} cases: " + ", ".join(c[0] for c in cases)
+        detail = "; ".join(failures) or f"{len(impl_cases)} cases: " + ", ".join(c[0] for c in impl_cases)
         add_row(name, status, f"fwd {worst_fwd:.1e} grad {worst_grad:.1e} (tol {ATTN_FWD_TOL:g}/{ATTN_GRAD_TOL:g})",
                 detail, fwd_err=worst_fwd, grad_err=worst_grad)
 
@@ -175,67 +212,23 @@ def check_optimizer(device, d=768, V=32768):
             f"Muon orthogonalization dtype {str(optim.COMPUTE_DTYPE).removeprefix('torch.')}", update_err=errs)
 
 # -----------------------------------------------------------------------------
-# Speed: the repo's benchmarks in their own processes; their last stdout line is JSON
-
-def run_json(cmd, timeout):
-    """(parsed last stdout line, None) or (None, why it failed)."""
-    t0 = time.time()
-    try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout}s: {' '.join(cmd)}"
-    lines = result.stdout.strip().splitlines()
-    if result.returncode != 0 or not lines:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        return None, f"exit {result.returncode} after {time.time() - t0:.0f}s: {' '.join(cmd)}: " + " | ".join(tail)
-    try:
-        return json.loads(lines[-1]), None
-    except json.JSONDecodeError:
-        return None, f"no JSON on the last line of {' '.join(cmd)}: {lines[-1][:200]}"
-
-def check_train_speed(device, fp8, timeout, steps, configs=("d12", "d20"), compile=1):
-    label = "fp8" if fp8 else "bf16"
-    if fp8:
-        major, minor = torch.cuda.get_device_capability(device)
-        if (major, minor) < (8, 9):
-            for config in configs:
-                add_row(f"train {config} {label}", "skip", detail=f"fp8 needs SM89+, this GPU is SM{major}{minor}")
-            return
-    cmd = [sys.executable, "-m", "bench.train", f"--configs={','.join(configs)}", f"--compile={compile}",
-           f"--steps={steps}", "--warmup=3", "--loader-batches=0", f"--device-type={device.type}"]
-    cmd += ["--fp8"] if fp8 else []
-    out, err = run_json(cmd, timeout)
-    if out is None:
-        for config in configs:
-            add_row(f"train {config} {label}", "FAIL", detail=err)
-        return
-    for r in out["train"]:
-        mfu = f"{r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        ok = math.isfinite(r["loss"])
-        add_row(f"train {r['config']} {label}", "ok" if ok else "FAIL",
-                f"{r['ms_per_step']:.0f} ms/step, {r['tok_per_sec']:,.0f} tok/s, MFU {mfu}",
-                f"B {r['B']} x T {r['T']}, attention {r['attn']}, window {r['window']}, compiled {r['compile']}, "
-                f"loss {r['loss']:.3f}, peak {r.get('peak_mem_mib', 0) / 1024:.1f} GiB",
-                **{k: r[k] for k in ("ms_per_step", "tok_per_sec", "mfu")})
-
-def check_infer_speed(device, timeout, depth=20, batch_sizes="1,32", decode_tokens=64):
-    name = f"infer_bench d{depth}"
-    cmd = [sys.executable, "-m", "scripts.infer_bench", "--depth", str(depth), "--batch-sizes", batch_sizes,
-           "--decode-tokens", str(decode_tokens), "--device-type", device.type]
-    out, err = run_json(cmd, timeout)
-    if out is None:
-        add_row(name, "FAIL", detail=err)
-        return
-    p = out["prefill"]
-    parts = [f"TTFT {p['ttft_s'] * 1e3:.0f} ms"]
-    for r in out["decode"]:
-        mbu = f", MBU {r['mbu']:.0%}" if r["mbu"] is not None else ""
-        parts.append(f"B{r['batch_size']} TPOT {r['tpot_s'] * 1e3:.1f} ms{mbu}")
-    add_row(name, "ok", ", ".join(parts), f"random-init d{depth}, {decode_tokens} timed decode steps",
-            prefill=p, decode=out["decode"])
+# CORE speed and the end-to-end run, on a tokenizer built from tiktoken alone
 
 CORE_WORDS = """the a of to and in is was for on that with as it by at from he she they this an be are or which one
 people man woman water room table ball car dog house road hand door window paper phone music game""".split()
+
+def words_tokenizer(words):
+    """Byte-level BPE whose merges spell out each word, bare and with its leading space (every prefix is a token, so
+    each word encodes to one token as common words do with a 32K vocab). tiktoken alone: no trainer, no download."""
+    ranks = {bytes([i]): i for i in range(256)}
+    for word in words:
+        for piece in (word.encode(), b" " + word.encode()):
+            for n in range(2, len(piece) + 1):
+                ranks.setdefault(piece[:n], len(ranks))
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="gpu-check-words", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=specials)
+    return Tokenizer(enc, "<|bos|>")
 
 def synthetic_core_task(n, seed=0):
     """n HellaSwag-shaped items (a ~60-word context, 4 endings of ~25 words), scored 10-shot like CORE's HellaSwag."""
@@ -249,8 +242,7 @@ def synthetic_core_task(n, seed=0):
 def check_core_speed(device, n=256, depth=20):
     """CORE scoring examples/s of a random-init model (d20: width 1280; bf16, eager, as base_eval runs it)."""
     task, data = synthetic_core_task(n)
-    # a small BPE on the same words: most become one or two tokens, as real words do with a 32K vocab
-    tokenizer = Tokenizer.train_from_iterator(iter([" ".join(CORE_WORDS)] * 8), vocab_size=256 + 96 + 9)
+    tokenizer = words_tokenizer(CORE_WORDS)
     with torch.device("meta"):
         model = GPT(config_for_depth(depth, sequence_len=2048, vocab_size=32768))
     model.to_empty(device=device)
@@ -267,69 +259,239 @@ def check_core_speed(device, n=256, depth=20):
     add_row(f"CORE examples/s d{depth}", "ok", f"{n / dt:,.1f} examples/s",
             f"{n} synthetic 10-shot 4-choice items (~{sum(lengths) / len(lengths) * 11:.0f} tokens a prompt), "
             f"random-init d{depth}, eager", examples_per_s=n / dt)
-    del model
+
+E2E_ROW = "e2e base_train fp8 -> base_eval"
+E2E_TRAIN = ["--depth=2", "--aspect-ratio=64", "--head-dim=64", "--max-seq-len=256", "--window-pattern=SL",
+             "--device-batch-size=8", "--total-batch-size=2048", "--num-iterations=20", "--warmup-steps=2",
+             "--eval-every=10", "--eval-tokens=4096", "--core-metric-every=-1", "--sample-every=-1",
+             "--model-tag=e2e"]  # width 128: the smallest at which worth_fp8 converts the block linears
+E2E_EVAL = ["--model-tag=e2e", "--eval=bpb,sample", "--device-batch-size=8", "--split-tokens=4096"]
+E2E_RELOAD_TOL = 0.01  # relative: the same weights, data and eager bf16 forward on both sides
+
+def make_e2e_base_dir(base):
+    """A tokenizer and local-dataset shards (train 0 and 1, val 9) of word-salad documents under `base`."""
+    words_tokenizer(CORE_WORDS).save(os.path.join(base, "tokenizer"))
+    data_dir = os.path.join(base, "base_data_local")
+    os.makedirs(data_dir)
+    rng = random.Random(0)
+    for index in (0, 1, 9):
+        texts = [" ".join(rng.choice(CORE_WORDS) for _ in range(rng.randint(20, 300))) for _ in range(400)]
+        pq.write_table(pa.table({"text": texts}), os.path.join(data_dir, f"shard_{index:05d}.parquet"),
+                       row_group_size=50)
+
+def check_e2e(device, train_flags=("--fp8",)):
+    """base_train --fp8 (compiled) -> checkpoint -> base_eval reload: the reloaded model's val bpb is training's."""
+    with tempfile.TemporaryDirectory(prefix="nanochat_gpu_check_") as base:
+        make_e2e_base_dir(base)
+        env = dict(os.environ, NANOCHAT_BASE_DIR=base, NANOCHAT_DATASET="local", NANOCHAT_OFFLINE="1")
+        outputs = []
+        for script, flags in (("scripts.base_train", E2E_TRAIN + list(train_flags)), ("scripts.base_eval", E2E_EVAL)):
+            cmd = [sys.executable, "-m", script, f"--device-type={device.type}"] + flags
+            result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            print(result.stdout, flush=True)  # into this row's log; stderr carries its torch.compile findings
+            print(result.stderr, file=sys.stderr, flush=True)
+            if result.returncode != 0:
+                add_row(E2E_ROW, "FAIL", detail=f"{script} exit {result.returncode}: "
+                        + (output_tail(result.stderr) or output_tail(result.stdout)))
+                return
+            outputs.append(result.stdout)
+    train_bpb = [float(x) for x in re.findall(r"^step \d+ \| val bpb: ([\d.]+)", outputs[0], re.M)]
+    eval_bpb = [float(x) for x in re.findall(r"^val bpb: ([\d.]+)", outputs[1], re.M)]
+    if len(train_bpb) < 2 or not eval_bpb:
+        add_row(E2E_ROW, "FAIL", detail=f"val bpb lines not found (train {train_bpb}, eval {eval_bpb})")
+        return
+    first, last, reloaded = train_bpb[0], train_bpb[-1], eval_bpb[-1]
+    reload_err = abs(reloaded - last) / last
+    learned = last < first
+    ok = math.isfinite(last) and learned and reload_err <= E2E_RELOAD_TOL
+    add_row(E2E_ROW, "ok" if ok else "FAIL", f"val bpb {first:.3f} -> {last:.3f}, reloaded {reloaded:.3f}",
+            f"d2 width 128, T 256, 20 steps {' '.join(train_flags)}; reload differs by {reload_err:.1e} (tol "
+            f"{E2E_RELOAD_TOL:g})" + ("" if learned else "; val bpb did not go down"),
+            val_bpb=train_bpb, reloaded_val_bpb=reloaded)
+
+# -----------------------------------------------------------------------------
+# Each row in its own process: `--row NAME` runs one of these and prints the row as JSON on its last line
+
+ROW_FUNCS = {
+    "attention fa3": lambda device: check_attention(device, ["fa3"]),
+    "attention flex compiled": lambda device: check_attention(device, ["flex compiled"]),
+    "attention sdpa": lambda device: check_attention(device, ["sdpa"]),
+    "fp8 matmul vs fp32": check_fp8,
+    "optimizer compiled vs fp32": check_optimizer,
+    "CORE examples/s d20": check_core_speed,
+    E2E_ROW: check_e2e,
+}
+NUMERIC_ROWS = ["attention fa3", "attention flex compiled", "attention sdpa", "fp8 matmul vs fp32",
+                "optimizer compiled vs fp32"]
+# the end-to-end row first: whether a speedrun's train -> checkpoint -> eval path works matters more than any speed
+SPEED_ROWS = [E2E_ROW, "train d12 bf16", "train d12 fp8", "train d20 bf16", "infer_bench d20", "CORE examples/s d20"]
+# seconds per row: guesses (no GPU has run this code yet), about twice the compile + run time expected on an H100
+ROW_TIMEOUT = {"attention fa3": 90, "attention flex compiled": 150, "optimizer compiled vs fp32": 150,
+               "train d12 bf16": 180, "train d12 fp8": 180, "train d20 bf16": 210, E2E_ROW: 240,
+               "infer_bench d20": 150, "CORE examples/s d20": 120}
+MIN_ROW_S = 30  # a row is not started with less of the overall budget left: it would only time out
+
+def train_row(r, label):
+    mfu = f"{r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+    peak = r.get("peak_mem_mib", 0) / 1024
+    return {"status": "ok" if math.isfinite(r["loss"]) else "FAIL",
+            "value": f"{r['ms_per_step']:.0f} ms/step, {r['tok_per_sec']:,.0f} tok/s, MFU {mfu}, peak {peak:.1f} GiB",
+            "detail": f"B {r['B']} x T {r['T']}, attention {r['attn']}, window {r['window']}, compiled {r['compile']}, "
+                      f"{label}, loss {r['loss']:.3f}, first step {r['first_step_s']:.0f}s",
+            **{k: r[k] for k in ("ms_per_step", "tok_per_sec", "mfu", "B", "first_step_s")}, "peak_gib": peak}
+
+def infer_row(out):
+    p = out["prefill"]
+    parts = [f"TTFT {p['ttft_s'] * 1e3:.0f} ms"]
+    for r in out["decode"]:
+        mbu = f", MBU {r['mbu']:.0%}" if r["mbu"] is not None else ""
+        parts.append(f"B{r['batch_size']} TPOT {r['tpot_s'] * 1e3:.1f} ms{mbu}")
+    return {"status": "ok", "value": ", ".join(parts),
+            "detail": f"random-init d20, KV-cache decode, {out['decode_tokens']} timed steps",
+            "prefill": p, "decode": out["decode"]}
+
+def row_plan(name, args):
+    """(command, parse: its last stdout line's JSON -> row fields)."""
+    if name.startswith("train "):
+        _, config, label = name.split()
+        cmd = [sys.executable, "-m", "bench.train", f"--configs={config}", "--compile=1", f"--steps={args.train_steps}",
+               "--warmup=3", "--loader-batches=0", "--device-type=cuda"] + (["--fp8"] if label == "fp8" else [])
+        return cmd, lambda out: train_row(out["train"][0], label)
+    if name == "infer_bench d20":
+        cmd = [sys.executable, "-m", "scripts.infer_bench", "--depth=20", "--batch-sizes=1,32", "--decode-tokens=64",
+               "--engine-samples=", "--device-type=cuda"]
+        return cmd, infer_row
+    return [sys.executable, "-m", "bench.gpu_check", "--row", name], lambda out: out
+
+def output_tail(text, n=3):
+    """The last n lines that are not torch.compile log lines, joined: on stderr, usually the error."""
+    return " | ".join([line for line in text.splitlines() if line.strip() and "[__recompiles]" not in line
+                       and "[__graph_breaks]" not in line][-n:])
+
+def compile_findings(log):
+    """(recompiles, graph breaks, first few messages) from a TORCH_LOGS=recompiles,graph_breaks log."""
+    messages = [line.split("[__recompiles] ", 1)[-1].split("[__graph_breaks] ", 1)[-1].strip()
+                for line in log.splitlines() if "[__recompiles] " in line or "[__graph_breaks] " in line]
+    recompiles = sum(m.startswith("Recompiling function") for m in messages)
+    breaks = sum(m.startswith("Graph break") for m in messages)
+    first = [m for m in messages if m.startswith(("Recompiling function", "- ", "Graph break", "Graph Break Reason"))]
+    return recompiles, breaks, first[:4]
+
+def run_row(name, cmd, parse, timeout, log_dir=None):
+    """Run one row's process (its own session, so a timeout kills whatever it started too); a row dict back."""
+    t0 = time.time()
+    env = dict(os.environ)
+    env.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        why = None if proc.returncode == 0 else f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            stdout, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process that left the row's group still holds its pipes
+            proc.wait()
+            stdout, stderr = "", "(output lost: a process outside the row's process group kept its pipes open)"
+        why = f"timed out after {timeout:.0f}s"
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        atomic_write_text(os.path.join(log_dir, f"{slug}.txt"), f"$ {' '.join(cmd)}\n{stdout}\n--- stderr\n{stderr}")
+    lines = stdout.strip().splitlines()
+    fields = None
+    if why is None:
+        try:
+            fields = parse(json.loads(lines[-1]))
+        except (IndexError, json.JSONDecodeError, KeyError, TypeError) as e:
+            why = f"no row JSON on its last stdout line ({type(e).__name__}: {e})"
+    if fields is None:
+        tail = output_tail(stderr) or output_tail(stdout)  # a traceback goes to stderr
+        fields = {"status": "FAIL", "value": "", "detail": f"{why}: {' '.join(cmd[2:])}: {tail}"[:800]}
+    recompiles, breaks, first = compile_findings(stderr)
+    row = {"check": name, **{k: v for k, v in fields.items() if k != "check"}, "recompiles": recompiles,
+           "graph_breaks": breaks, "seconds": round(time.time() - t0, 1)}
+    if recompiles or breaks:
+        found = f"; torch.compile: {recompiles} recompiles, {breaks} graph breaks: " + " | ".join(first)
+        row["detail"] += found[:600]
+    return row
+
+def hub_reachable(timeout=3):
+    """Can the FA3 kernel be fetched? Without network, kernels' download would hang every row until its timeout."""
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 # -----------------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description="Check a GPU machine: numerics of the fast paths, then speed")
     parser.add_argument("--skip-speed", action="store_true", help="numerics only")
-    parser.add_argument("--train-steps", type=int, default=10, help="timed steps per bench/train.py config")
-    parser.add_argument("--timeout", type=int, default=180, help="seconds allowed to each benchmark process")
+    parser.add_argument("--train-steps", type=int, default=10, help="timed steps per bench/train.py row")
+    parser.add_argument("--budget", type=int, default=450, help="seconds for all rows together (the rest skip)")
+    parser.add_argument("--row", type=str, default="", choices=["", *ROW_FUNCS],
+                        help="run this one row in this process (what each row's own process runs)")
     args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.row:
+        ROW_FUNCS[args.row](device)
+        print(json.dumps(rows[-1]))
+        return
 
     t_start = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    print(f"gpu_check: torch {torch.__version__}, device {device} ({card}), compute dtype {COMPUTE_DTYPE}", flush=True)
-    # (row names, function adding those rows)
-    checks = [(["attention fa3"], lambda: check_attention(device, ["fa3"])),
-              (["attention flex"], lambda: check_attention(device, ["flex"])),
-              (["attention sdpa"], lambda: check_attention(device, ["sdpa"])),
-              (["fp8 matmul vs fp32"], lambda: check_fp8(device)),
-              (["optimizer compiled vs fp32"], lambda: check_optimizer(device))]
-    if not args.skip_speed:
-        train = lambda fp8: check_train_speed(device, fp8, args.timeout, args.train_steps)
-        checks += [(["train d12 bf16", "train d20 bf16"], lambda: train(False)),
-                   (["train d12 fp8", "train d20 fp8"], lambda: train(True)),
-                   (["infer_bench d20"], lambda: check_infer_speed(device, args.timeout)),
-                   (["CORE examples/s d20"], lambda: check_core_speed(device))]
+    print(f"gpu_check: torch {torch.__version__}, device {device} ({card}), compute dtype {COMPUTE_DTYPE}, "
+          f"budget {args.budget}s", flush=True)
     reason = "no CUDA device" if device.type != "cuda" else None
     if reason is None and COMPUTE_DTYPE != torch.bfloat16:
         reason = f"compute dtype is {COMPUTE_DTYPE}, not bf16 (unset NANOCHAT_DTYPE; SM80+ needed)"
-    for names, fn in checks:
+    if reason is None and "HF_HUB_OFFLINE" not in os.environ and not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # the rows inherit it: a cached FA3 kernel still loads, nothing is fetched
+        print("gpu_check: huggingface.co is unreachable: HF_HUB_OFFLINE=1 (FA3 only from the local HF cache)")
+    out_dir = os.environ.get("OUT")
+    stream = os.path.join(out_dir, "gpu_check.jsonl") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        open(stream, "w").close()
+    results = []
+    for name in NUMERIC_ROWS + ([] if args.skip_speed else SPEED_ROWS):
+        left = args.budget - (time.time() - t_start)
         if reason is not None:
-            for name in names:
-                add_row(name, "skip", detail=reason)
-            continue
-        t0 = time.time()
-        n = len(rows)
-        try:
-            fn()
-        except Exception as e:  # one broken path must not hide the others: report it as this check's failure
-            add_row(names[0], "FAIL", detail=f"{type(e).__name__}: {e}"[:500])
-        for r in rows[n:]:
-            r["seconds"] = round(time.time() - t0, 1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            row = {"check": name, "status": "skip", "value": "", "detail": reason}
+        elif "fp8" in name and torch.cuda.get_device_capability(device) < (8, 9):
+            sm = "".join(map(str, torch.cuda.get_device_capability(device)))
+            row = {"check": name, "status": "skip", "value": "", "detail": f"fp8 needs SM89+, this GPU is SM{sm}"}
+        elif left < MIN_ROW_S:
+            row = {"check": name, "status": "skip", "value": "",
+                   "detail": f"the overall budget (--budget={args.budget}s) is spent"}
+        else:
+            cmd, parse = row_plan(name, args)
+            row = run_row(name, cmd, parse, min(ROW_TIMEOUT.get(name, 90), left),
+                          os.path.join(out_dir, "logs") if out_dir else None)
+        results.append(row)
+        print(f"  {name:<32} {row['status']:<5} {row['value'] or row['detail']}", flush=True)
+        if stream:
+            with open(stream, "a") as f:
+                f.write(json.dumps(row) + "\n")  # now, not at the end: a run cut short keeps what finished
 
-    width = max(len(r["check"]) for r in rows)
+    width = max(len(r["check"]) for r in results)
     lines = [f"{'check':<{width}}  {'status':<6}  value", "-" * (width + 60)]
-    for r in rows:
+    for r in results:
         lines.append(f"{r['check']:<{width}}  {r['status']:<6}  {r['value'] or r['detail']}")
         if r["value"] and r["detail"]:
             lines.append(f"{'':<{width}}  {'':<6}  {r['detail']}")
-    failed = [r["check"] for r in rows if r["status"] == "FAIL"]
-    lines.append(f"{len(rows)} checks: {sum(r['status'] == 'ok' for r in rows)} ok, {len(failed)} FAIL, "
-                 f"{sum(r['status'] == 'skip' for r in rows)} skipped, {time.time() - t_start:.0f}s")
+    failed = [r["check"] for r in results if r["status"] == "FAIL"]
+    lines.append(f"{len(results)} checks: {sum(r['status'] == 'ok' for r in results)} ok, {len(failed)} FAIL, "
+                 f"{sum(r['status'] == 'skip' for r in results)} skipped, {time.time() - t_start:.0f}s")
     table = "\n".join(lines)
     record = {"device": str(device), "card": card, "torch": torch.__version__, "compute_dtype": str(COMPUTE_DTYPE),
-              "seconds": round(time.time() - t_start, 1), "rows": rows}
+              "seconds": round(time.time() - t_start, 1), "rows": results}
     print("\n" + table)
     print(json.dumps(record))
-    out_dir = os.environ.get("OUT")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         for name, text in (("gpu_check.txt", table + "\n"), ("gpu_check.json", json.dumps(record, indent=1) + "\n")):
             atomic_write_text(os.path.join(out_dir, name), text)
     sys.exit(1 if failed else 0)

@@ -21,6 +21,9 @@ import os
 import resource
 import time
 
+# before torch loads, as base_train sets it: fewer fragmentation OOMs when shapes vary (first steps, fp8 casts)
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+
 import torch
 
 from nanochat.common import (autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, synchronize,
@@ -38,7 +41,9 @@ CONFIGS = {
     "cpu": (4, 64, 256, 16, 8192),
     "cpu512": (4, 64, 512, 16, 8192),  # the same model at T=512, 8,192 tokens/step: the CPU speed/memory yardstick
     "d12": (12, 128, 2048, 32, 32768),
-    "d20": (20, 128, 2048, 32, 32768),
+    # 16 rows, as runs/speedrun.sh trains d24: at 32, activations (~34 bytes per token, channel and layer: ~57 GB),
+    # the 32K logits (~13 GB) and the weights with optimizer state (~9 GB) would fill an 80 GB H100 (estimated)
+    "d20": (20, 128, 2048, 16, 32768),
 }
 
 parser = argparse.ArgumentParser(description="Training step throughput")

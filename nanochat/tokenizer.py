@@ -35,7 +35,6 @@ import json
 import os
 import pickle
 
-import rustbpe
 import tiktoken
 import torch
 
@@ -79,6 +78,11 @@ class Tokenizer:
         if num_merges < 0:
             raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 bytes + "
                              f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
+        try:  # imported here, not at the top: loading and using a trained tokenizer needs only tiktoken
+            import rustbpe
+        except ImportError:
+            raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install rustbpe` (loading a "
+                              "trained one needs only tiktoken)") from None
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}

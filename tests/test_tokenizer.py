@@ -8,6 +8,7 @@ import os
 import json
 import pickle
 import runpy
+import subprocess
 import sys
 
 import pyarrow as pa
@@ -254,6 +255,33 @@ def test_pickle_tokenizer_needs_opt_in(tiny_tokenizer, tmp_path, monkeypatch):
     assert (old / "tokenizer.json").exists() and loaded.fingerprint() == tiny_tokenizer.fingerprint()
     monkeypatch.delenv("NANOCHAT_ALLOW_PICKLE_TOKENIZER")
     assert Tokenizer.from_directory(old).encode(TEXTS[0]) == tiny_tokenizer.encode(TEXTS[0])
+
+def test_without_rustbpe_tokenizers_load_and_training_names_the_fix(tiny_tokenizer, tmp_path):
+    # GPU machines may have tiktoken but not the trainer: everything but training must work there
+    tiny_tokenizer.save(str(tmp_path / "tok"))
+    (tmp_path / "block").mkdir()
+    (tmp_path / "block" / "rustbpe.py").write_text("raise ImportError('rustbpe is blocked in this test')\n")
+    code = """if True:
+        import sys, pkgutil, importlib, nanochat
+        for m in pkgutil.walk_packages(nanochat.__path__, "nanochat."):
+            importlib.import_module(m.name)  # every library module imports without the trainer
+        import bench.gpu_check
+        from nanochat.tokenizer import Tokenizer
+        tok = Tokenizer.from_directory(sys.argv[1])
+        print(tok.encode("Hello world!"))
+        try:
+            Tokenizer.train_from_iterator(iter(["a b"] * 9), vocab_size=266)
+        except ImportError as e:
+            print("ERROR", e)
+    """
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "block"), repo]))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tok")], cwd=repo, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2] == str(tiny_tokenizer.encode("Hello world!"))
+    assert lines[-1].startswith("ERROR") and "pip install rustbpe" in lines[-1]
 
 def test_fingerprint_tells_same_size_tokenizers_apart(tiny_tokenizer, tmp_path):
     tiny_tokenizer.save(tmp_path)
