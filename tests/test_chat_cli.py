@@ -139,3 +139,12 @@ def wait_until(condition, screen, timeout=120):
     while not condition():
         assert time.time() < deadline, f"timed out; the terminal shows:\n{screen()}"
         time.sleep(0.2)
+
+def test_refused_calculator_call_is_marked(base_dir, tiny_tokenizer, monkeypatch, capsys):
+    model = calculator_chat_gpt(tiny_tokenizer, "2^9")  # ^ is no calculator operator: no result comes back
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    code, out, err = run_cli_in_process(["-i", "sft", "-m", "40", "-p", "What is 2^9?"], monkeypatch, capsys)
+    assert code == 0, err
+    assert out.split("Assistant: ")[1] == "Computing:\n[calculator] 2^9 (no result)\nEasy!\n", out

@@ -482,3 +482,22 @@ def test_browser_shows_a_tool_call_as_a_block_as_it_streams(tool_served, browser
     assert "Computing:\nCALCULATOR12*30 = 360" in seen, seen
     assert seen[-1] == "Computing:\nCALCULATOR12*30 = 360\nEasy!", seen
     assert not any("<|" in s or "no result" in s for s in seen), seen
+
+    # A call the calculator refuses (2^9): what the server streams for it (ReplyStream over the real Engine's reply)
+    # is served to the page, which marks the call as having no result instead of waiting for one
+    model = calculator_chat_gpt(tok, "2^9")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is 2^9?"}]})
+    stream = ReplyStream(tok)
+    events = [e for t in Engine(model, tok).generate_batch(prompt, temperature=0)[0][0][len(prompt):]
+              for e in stream.push(t)] + stream.flush()
+    lines = [f"data: {json.dumps({'token': text, 'type': stream.parts[i]['type'], 'part': i})}\n\n"
+             for i, text in events] + ['data: {"done": true}\n\n']
+    d.execute_script("""
+        const lines = arguments[0], enc = new TextEncoder();
+        window.fetch = async () => new Response(new ReadableStream({ start(c) {
+            for (const l of lines) c.enqueue(enc.encode(l)); c.close(); } }), {status: 200});""", lines)
+    box.send_keys("What is 2^9?", Keys.ENTER)
+    wait_for(d, "return !state.busy && state.messages.length === 6")
+    reply = d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    assert reply.text.split("\n") == ["Computing:", "CALCULATOR2^9 (no result)", "Easy!"]
+    d.save_screenshot("/tmp/chat_web_tool_call_refused.png")
