@@ -125,7 +125,7 @@ def message_content(content, i, role, openai):
     elif not isinstance(content, str):
         raise APIError(f"{field} must be a string", field)
     chars = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
-    if not chars:
+    if not chars and not isinstance(content, list):  # a reply's parts may be empty: the model said nothing
         raise APIError(f"{field} is empty", field)
     if chars > MAX_MESSAGE_CHARS:
         raise APIError(f"{field} has {chars} characters; the limit is {MAX_MESSAGE_CHARS}", field)

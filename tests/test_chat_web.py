@@ -316,6 +316,9 @@ def test_tool_call_on_both_routes(tool_served):
     with requests.post(url + "/chat/completions", json=history, stream=True, timeout=60) as r:
         assert r.status_code == 200, r.text
         assert "".join(e.get("token", "") for e in sse_events(r)) == "Computing:12*30360 Easy!"
+    history["messages"][1]["content"] = []  # a reply that said nothing does not block the conversation
+    with requests.post(url + "/chat/completions", json=history, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
     # the OpenAI route: the reply's text only, streamed or not (OpenAI's tool_calls would ask the client to run it)
     client = openai.OpenAI(base_url=url + "/v1", api_key="none")
     reply = client.chat.completions.create(model="nanochat", **question)
@@ -501,3 +504,13 @@ def test_browser_shows_a_tool_call_as_a_block_as_it_streams(tool_served, browser
     reply = d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
     assert reply.text.split("\n") == ["Computing:", "CALCULATOR2^9 (no result)", "Easy!"]
     d.save_screenshot("/tmp/chat_web_tool_call_refused.png")
+
+    # a failed request: the question comes back into the box, so that sending it again keeps user and assistant
+    # turns alternating (the server refuses two user messages in a row)
+    d.execute_script("""window.fetch = async () => new Response(
+        JSON.stringify({error: {message: 'scripted failure'}}), {status: 500});""")
+    box.send_keys("one more", Keys.ENTER)
+    wait_for(d, "return !state.busy && document.querySelector('.message.note.error')")
+    assert d.execute_script("return state.messages.length") == 6
+    assert box.get_attribute("value") == "one more"
+    assert "scripted failure" in d.find_element(By.CSS_SELECTOR, ".message.note.error").text
