@@ -355,6 +355,43 @@ class TextStream:
         text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
         return text
 
+class ReplyStream:
+    """
+    An assistant reply's tokens in, its parts out as they grow: the parts render_conversation takes back
+    ({"type": "text" | "python" | "python_output", "text": ...}), so a tool call is shown, and re-rendered, as
+    what it is. The tool's special tokens only open and close parts; no special token ever becomes text (stop
+    tokens are the caller's to drop). push(token) and flush() -> [(part index, new text)]; a tool part announces
+    itself at once with "" so a UI can open its block before the code arrives.
+    """
+    def __init__(self, tokenizer):
+        special = tokenizer.encode_special
+        self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
+        self.specials = set(tokenizer.special_ids.values())
+        self.text = TextStream(tokenizer)
+        self.parts, self.open = [], False  # open: the last part takes the next text token
+
+    def push(self, token):
+        if token not in self.specials:
+            if not self.open:
+                self.parts.append({"type": "text", "text": ""})
+                self.open = True
+            return self._add(self.text.push(token))
+        events = self.flush()
+        self.open = token in self.opens  # a closing (or stray) special ends the part; text after it opens a new one
+        if self.open:
+            self.parts.append({"type": self.opens[token], "text": ""})
+            events.append((len(self.parts) - 1, ""))
+        return events
+
+    def flush(self):
+        return self._add(self.text.flush())
+
+    def _add(self, text):
+        if not text:
+            return []
+        self.parts[-1]["text"] += text
+        return [(len(self.parts) - 1, text)]
+
 # -----------------------------------------------------------------------------
 # Greedy completions of fixed prompts: how base_train and base_eval show what a base model knows
 

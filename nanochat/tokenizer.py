@@ -273,8 +273,10 @@ class Tokenizer:
 
     def render_for_completion(self, conversation):
         """
-        Prompt ids for the assistant's next turn (RL, eval, chat): drops a final assistant message,
-        then appends <|assistant_start|>. A conversation ending with a user message is rendered as is.
+        Prompt ids for the assistant's next turn, the one rendering of the chat format that RL, eval, chat_cli
+        and chat_web all use: drops a final assistant message, then appends <|assistant_start|>. A conversation
+        ending with a user message is rendered as is. An assistant message may be the parts of a generated reply
+        (engine.ReplyStream), so a calculator call goes back in as the call the model wrote.
         Not truncated: fitting the context is the caller's decision.
         """
         conversation = copy.deepcopy(conversation)

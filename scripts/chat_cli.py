@@ -6,9 +6,10 @@ Chat with a trained model in the terminal, one GPU/CPU, replies streamed token b
     python -m scripts.chat_cli -p "Why is the sky blue?"     # answer once and exit
     python -m scripts.chat_cli -i base -p "The capital of France is"   # a base model only continues text
 
-The conversation is kept as one token list across turns: <|bos|> then, per turn, <|user_start|> text <|user_end|>
-<|assistant_start|> reply <|assistant_end|>. A base model never saw that format, so with -i base every line is
-a fresh plain-text prompt to continue (completion mode). Tool calls (the calculator) run inside the Engine.
+The conversation is kept as messages and rendered each turn by tokenizer.render_for_completion (the chat format
+of training); a reply goes back in as the parts it was made of, so a calculator call stays one. A base model never
+saw that format, so with -i base every line is a fresh plain-text prompt to continue (completion mode).
+Tool calls (the calculator) run inside the Engine and show as a line of their own: `[calculator] 12*30 = 360`.
 Leaves out: system prompts, editing earlier turns, multi-GPU.
 """
 
@@ -29,7 +30,7 @@ args = parser.parse_args()
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine, TextStream, check_sampling
+from nanochat.engine import Engine, ReplyStream, check_sampling
 
 # -----------------------------------------------------------------------------
 # Load
@@ -50,22 +51,38 @@ engine = Engine(model, tokenizer)
 context = model.config.sequence_len
 completion_mode = args.source == "base"
 
-bos = tokenizer.get_bos_token_id()
-user_start, user_end, assistant_start, assistant_end = (tokenizer.encode_special(f"<|{name}|>") for name in
-                                                        ("user_start", "user_end", "assistant_start", "assistant_end"))
+# How each part of a reply starts on the terminal: a calculator call gets a line of its own, its result follows
+# on that line, and the text after it starts a new line.
+OPENERS = {"python": "\n[calculator] ", "python_output": " = "}
 
 def stream_reply(tokens, seed):
-    """Generate after `tokens`, printing text as it arrives; returns the generated tokens (stop token excluded)."""
+    """Generate after `tokens`, printing each part as it arrives; returns the reply's parts (engine.ReplyStream)."""
     max_tokens = min(args.max_tokens, context - len(tokens))
-    reply, stream = [], TextStream(tokenizer)  # prints whole characters (one can span several tokens)
+    stream, shown, line_start = ReplyStream(tokenizer), -1, False  # whole characters only (one can span tokens)
+
+    def show(events):
+        nonlocal shown, line_start
+        for i, text in events:
+            if i != shown:
+                kind, previous = stream.parts[i]["type"], stream.parts[shown]["type"] if shown >= 0 else "text"
+                if previous == "python" and kind != "python_output":  # the calculator refused the expression
+                    print(" (no result)", end="")
+                line_start = kind == "text" and previous != "text"
+                print(("\n" if line_start else "") + OPENERS.get(kind, ""), end="")
+                shown = i
+            if line_start:  # the text after a tool line starts its own line: no leading space there
+                text = text.lstrip()
+                line_start = not text
+            print(text, end="", flush=True)
+
     for token_column, _ in engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
                                            temperature=args.temperature, top_k=top_k, seed=seed):
         if token_column[0] in engine.stop_tokens:
             break
-        reply.append(token_column[0])
-        print(stream.push(token_column[0]), end="", flush=True)
-    print(stream.flush(), flush=True)
-    return reply
+        show(stream.push(token_column[0]))
+    show(stream.flush())
+    print(flush=True)
+    return stream.parts
 
 # -----------------------------------------------------------------------------
 # Chat loop
@@ -74,7 +91,7 @@ if completion_mode:
     print("base model: completion mode, each line is a plain-text prompt to continue (no chat format)")
 elif not args.prompt:
     print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
-conversation = [bos]
+messages = []
 turn = 0
 while True:
     if args.prompt:
@@ -93,16 +110,16 @@ while True:
     if line in ("quit", "exit"):
         break
     if line == "clear":
-        conversation = [bos]
+        messages = []
         print("(conversation cleared)")
         continue
     if not line:
         continue
 
     if completion_mode:
-        prompt = [bos] + tokenizer.encode(line)
+        prompt = tokenizer.encode(line, prepend=tokenizer.get_bos_token_id())
     else:
-        prompt = conversation + [user_start] + tokenizer.encode(line) + [user_end, assistant_start]
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "user", "content": line}]})
     if len(prompt) >= context:
         print(f"(the conversation is {len(prompt)} tokens, the model's context {context}: type 'clear' to start over)")
         if args.prompt:
@@ -111,11 +128,11 @@ while True:
     if not completion_mode:
         print("\nAssistant: ", end="", flush=True)
     try:
-        reply = stream_reply(prompt, seed=42 + turn)
+        parts = stream_reply(prompt, seed=42 + turn)
     except ValueError as e:  # -m Engine rejects for this model: every turn would fail the same way
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     turn += 1
-    conversation = prompt + reply + [assistant_end]
+    messages += [{"role": "user", "content": line}, {"role": "assistant", "content": parts}]
     if args.prompt:
         break

@@ -5,10 +5,13 @@ Serve a chat model over HTTP: a ChatGPT-like page in the browser and an OpenAI-c
     python -m scripts.chat_web -i sft -g d20 -n 8       # one worker per GPU on 8 GPUs
     python -m scripts.chat_web --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines, on purpose
 
-Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (SSE lines
-`data: {"token": ..., "gpu": ...}` then `data: {"done": true}`), POST /v1/chat/completions (OpenAI format, streamed
-or not) and GET /v1/models. With --api-key every endpoint but / and /health needs `Authorization: Bearer <key>`.
-A leading `system` message (OpenAI route only) becomes the start of the first user message, as in training.
+Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (the page's route:
+SSE lines `data: {"token": ..., "type": ..., "part": ..., "gpu": ...}` then `data: {"done": true}`; type is text,
+python (a calculator call's code) or python_output (its result), part numbers the reply's parts), POST
+/v1/chat/completions (OpenAI format, streamed or not: content is the reply's text, calculator calls left out) and
+GET /v1/models. With --api-key every endpoint but / and /health needs `Authorization: Bearer <key>`.
+Prompts are rendered by tokenizer.render_for_completion: user and assistant alternate, the user speaks last, and a
+leading `system` message (OpenAI route only) becomes the start of the first user message, as in training.
 
 How it serves: one worker thread per device (one model replica each; one worker on CPU/MPS). Each worker decodes
 every request it holds as one batch (engine.RowBatch: each row with its own prompt, cache position, sampling and
@@ -58,7 +61,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.checkpoint import SOURCE_DIRS, find_model_tag, load_model
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir
-from nanochat.engine import Engine, RowBatch, TextStream
+from nanochat.engine import Engine, ReplyStream, RowBatch
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
@@ -104,21 +107,29 @@ def check_range(body, name, lo, hi, integer, default):
         raise APIError(f"{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)[:50]}", name)
     return value
 
-def message_text(content, i, openai):
-    """A message's text: a string, or (OpenAI route) a list of {"type": "text", "text": ...} parts."""
+def message_content(content, i, role, openai):
+    """
+    A message's content: a string, or a list of parts. OpenAI route: {"type": "text", "text": ...} parts, joined.
+    Web route: an assistant reply as the page keeps it, text and tool parts ("python", "python_output"), kept as
+    parts so that the prompt holds the tool call as the model wrote it.
+    """
     field = f"messages[{i}].content"
-    if isinstance(content, list) and openai:
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise APIError(f"{field} parts must all be {{\"type\": \"text\", \"text\": \"...\"}} "
-                           f"(images, audio and files are not supported)", field)
-        content = "".join(p["text"] for p in content)
-    if not isinstance(content, str):
+    kinds = ("text",) if openai else ("text", "python", "python_output") if role == "assistant" else ()
+    if isinstance(content, list) and kinds:
+        if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content):
+            types = " | ".join(map(json.dumps, kinds))
+            raise APIError(f"{field} parts must be {{\"type\": {types}, \"text\": \"...\"}}"
+                           + (" (images, audio and files are not supported)" if openai else ""), field)
+        parts = [{"type": p["type"], "text": p["text"]} for p in content]
+        content = "".join(p["text"] for p in parts) if openai else parts
+    elif not isinstance(content, str):
         raise APIError(f"{field} must be a string", field)
-    if not content:
+    chars = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+    if not chars and not isinstance(content, list):  # a reply's parts may be empty: the model said nothing
         raise APIError(f"{field} is empty", field)
-    if len(content) > MAX_MESSAGE_CHARS:
-        raise APIError(f"{field} has {len(content)} characters; the limit is {MAX_MESSAGE_CHARS}", field)
-    return content
+    if chars > MAX_MESSAGE_CHARS:
+        raise APIError(f"{field} has {chars} characters; the limit is {MAX_MESSAGE_CHARS}", field)
+    return content, chars
 
 # OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently ignored.
 UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
@@ -150,7 +161,7 @@ def parse_chat_request(body, openai):
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
         raise APIError(f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
     roles = ("system", "user", "assistant") if openai else ("user", "assistant")
-    parsed = []
+    parsed, total = [], 0
     for i, m in enumerate(messages):
         at = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -160,14 +171,13 @@ def parse_chat_request(body, openai):
                            f"{at}.role")
         if m["role"] == "system" and i != 0:
             raise APIError(f"{at}: a system message is accepted only as the first message", f"{at}.role")
-        parsed.append((m["role"], message_text(m.get("content"), i, openai)))
-    total = sum(len(text) for _, text in parsed)
+        content, chars = message_content(m.get("content"), i, m["role"], openai)
+        parsed.append({"role": m["role"], "content": content})
+        total += chars
     if total > MAX_TOTAL_CHARS:
         raise APIError(f"the messages have {total} characters in all; the limit is {MAX_TOTAL_CHARS}", "messages")
-    if parsed[0][0] == "system":
-        if len(parsed) < 2 or parsed[1][0] != "user":
-            raise APIError("a system message must be followed by a user message", "messages")
-        parsed = [("user", parsed[0][1] + "\n\n" + parsed[1][1])] + parsed[2:]  # as rendered in training
+    if parsed[-1]["role"] != "user":
+        raise APIError("the last message must be the user's: the reply is the assistant's next turn", "messages")
 
     max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
     if openai:
@@ -300,23 +310,16 @@ for gpu_id, device in enumerate(devices):
 MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat-{args.source}-{model_tag}"
 CREATED = int(time.time())
 CONTEXT = model.config.sequence_len
-bos = tokenizer.get_bos_token_id()
-user_start, user_end, assistant_start, assistant_end = (tokenizer.encode_special(f"<|{name}|>") for name in
-                                                        ("user_start", "user_end", "assistant_start", "assistant_end"))
-
-def render_prompt(messages):
-    """<|bos|> then each turn in its delimiters, then <|assistant_start|>: the chat format of training."""
-    tokens = [bos]
-    for role, text in messages:
-        if role == "user":
-            tokens += [user_start, *tokenizer.encode(text), user_end]
-        else:
-            tokens += [assistant_start, *tokenizer.encode(text), assistant_end]
-    return tokens + [assistant_start]
 
 async def generate(settings):
-    """Async generator of (text, finish, prompt_tokens, completion_tokens, gpu_id); finish is None until the end."""
-    tokens = render_prompt(settings["messages"])
+    """
+    Async generator of (pieces, finish, prompt_tokens, completion_tokens, gpu_id): pieces are the reply's new text
+    as [(part index, part type, text)] (engine.ReplyStream: text, python, python_output); finish is None until the end.
+    """
+    try:
+        tokens = tokenizer.render_for_completion({"messages": settings["messages"]})
+    except ValueError as e:  # roles out of the training format's order, e.g. two user messages in a row
+        raise APIError(str(e), "messages")
     if len(tokens) >= CONTEXT:
         raise APIError(f"the conversation is {len(tokens)} tokens but the model's context is {CONTEXT}: "
                        f"start a new conversation or shorten it", "messages")
@@ -325,21 +328,22 @@ async def generate(settings):
     job = Job(tokens, settings, asyncio.get_running_loop())
     worker.submit(job)
     t0, count, finish = time.time(), 0, None
-    stream = TextStream(tokenizer)
+    stream = ReplyStream(tokenizer)
+    typed = lambda events: [(i, stream.parts[i]["type"], text) for i, text in events]
     try:
         while True:
             token, finish = await job.results.get()
             if token == "error":
                 raise APIError(finish, status=500, kind="server_error")
+            events = []
             if finish != "stop":  # the stop token ends the reply and is not part of it
                 count += 1
-                text = stream.push(token)
-                if finish is None:
-                    if text:
-                        yield text, None, len(tokens), count, worker.gpu_id
-                    continue
-            text = stream.flush() if finish == "stop" else text + stream.flush()
-            yield text, finish, len(tokens), count, worker.gpu_id
+                events = stream.push(token)
+            if finish is None:
+                if events:
+                    yield typed(events), None, len(tokens), count, worker.gpu_id
+                continue
+            yield typed(events + stream.flush()), finish, len(tokens), count, worker.gpu_id
             return
     finally:
         job.cancelled.set()  # a no-op for a finished row; frees the row of a client that disconnected
@@ -418,15 +422,20 @@ async def chat_completions(request: Request):
 
     async def events():
         try:
-            async for text, _, _, _, gpu_id in items:
-                if text:
-                    yield sse({"token": text, "gpu": gpu_id})
+            async for pieces, _, _, _, gpu_id in items:
+                for part, kind, text in pieces:
+                    yield sse({"token": text, "type": kind, "part": part, "gpu": gpu_id})
             yield sse({"done": True})
         except APIError as e:
             yield sse({"error": e.message})
         finally:
             await items.aclose()
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+def text_of(pieces):
+    """The OpenAI route's content: the reply's text parts only. A calculator call and its result are steps the model
+    took, not text it said, and OpenAI's tool_calls would ask the client to run a tool that already ran."""
+    return "".join(text for _, kind, text in pieces if kind == "text")
 
 @app.post("/v1/chat/completions")
 async def openai_chat_completions(request: Request):
@@ -438,8 +447,8 @@ async def openai_chat_completions(request: Request):
 
     if not settings["stream"]:
         parts = []
-        async for text, finish, prompt_tokens, completion_tokens, _ in items:
-            parts.append(text)
+        async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
+            parts.append(text_of(pieces))
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
                              "finish_reason": finish, "logprobs": None}],
@@ -452,7 +461,8 @@ async def openai_chat_completions(request: Request):
     async def events():
         yield chunk({"role": "assistant", "content": ""})
         try:
-            async for text, finish, prompt_tokens, completion_tokens, _ in items:
+            async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
+                text = text_of(pieces)
                 if text:
                     yield chunk({"content": text})
                 if finish is not None:

@@ -61,6 +61,43 @@ def random_chat_gpt():
         return model.eval()
     return build
 
+def scripted_chat_gpt(tokenizer, runs, sequence_len=256):
+    """
+    A GPT whose greedy reply to any chat prompt follows `runs`: lists of token ids, each token followed by the next
+    one in its run (a run may end where the Engine forces tokens in, e.g. the calculator's result, and another
+    start at the last forced token). It is a bigram model: after init_weights the blocks add nothing (their output
+    projections are zero), so the logits depend on the current token only; each scripted token gets its own
+    embedding axis, which lm_head maps to the token after it. A token can be followed one way only.
+    """
+    follower = {}
+    for run in runs:
+        for a, b in zip(run, run[1:]):
+            assert follower.setdefault(a, b) == b, f"a bigram model cannot follow token {a} by {follower[a]} and {b}"
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=2,
+                       n_kv_head=2, n_embd=max(32, len(follower)))
+    model = seeded_gpt(config)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        for axis, (a, b) in enumerate(follower.items()):
+            model.transformer.wte.weight[a] = torch.nn.functional.one_hot(torch.tensor(axis), config.n_embd)
+            model.lm_head.weight[b, axis] = 1.0  # logit sqrt(n_embd) after the final RMSNorm, every other logit 0
+    return model.eval()
+
+CALCULATOR_REPLY = [{"type": "text", "text": "Computing:"}, {"type": "python", "text": "12*30"},
+                    {"type": "python_output", "text": "360"}, {"type": "text", "text": " Easy!"}]
+
+def calculator_chat_gpt(tokenizer, expression="12*30"):
+    """
+    A scripted_chat_gpt whose greedy reply to anything is "Computing:", a calculator call of `expression`, " Easy!":
+    CALCULATOR_REPLY for 12*30, where the Engine forces <|output_start|>360<|output_end|> in after the call (the
+    model goes on from <|output_end|>); for an expression the calculator refuses (2^9) it goes on from the call.
+    """
+    S, enc = tokenizer.encode_special, tokenizer.encode
+    after = [*enc(" Easy!"), S("<|assistant_end|>")]
+    return scripted_chat_gpt(tokenizer, [
+        [S("<|assistant_start|>"), *enc("Computing:"), S("<|python_start|>"), *enc(expression), S("<|python_end|>"),
+         *after], [S("<|output_end|>"), *after]])
+
 @pytest.fixture
 def free_port():
     """A TCP port on 127.0.0.1 that nothing listens on: the rendezvous of a 2-process gloo test."""

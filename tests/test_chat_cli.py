@@ -9,11 +9,15 @@ import dataclasses
 import io
 import os
 import runpy
+import shlex
+import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
+from conftest import calculator_chat_gpt
 from nanochat.checkpoint import save_checkpoint
 from nanochat.engine import Engine
 
@@ -57,12 +61,14 @@ def test_interactive_conversation(checkpoints, tiny_tokenizer):
     bos, assistant_end = tok.get_bos_token_id(), tok.encode_special("<|assistant_end|>")
     turn = lambda text: [tok.encode_special("<|user_start|>"), *tok.encode(text), tok.encode_special("<|user_end|>"),
                          tok.encode_special("<|assistant_start|>")]
-    # Turn 1; 'clear' resets to BOS, so turn 2 starts afresh; turn 3 carries turn 2 (and its <|assistant_end|>).
+    # Turn 1; 'clear' resets to BOS, so turn 2 starts afresh; turn 3 carries turn 2 with its <|assistant_end|>, the
+    # reply as text encoded again (as chat_web's page sends it back; a sampled reply need not be the text's encoding)
     prompt1 = [bos] + turn("hello")
     reply1 = reply_tokens(engine, prompt1)
     prompt2 = [bos] + turn("hi again")
     reply2 = reply_tokens(engine, prompt2)
-    prompt3 = prompt2 + reply2 + [assistant_end] + turn("and more")
+    assert not set(reply1 + reply2) & set(tok.special_ids.values()), "a special token in the reply: pick another seed"
+    prompt3 = prompt2 + tok.encode(tok.decode(reply2)) + [assistant_end] + turn("and more")
     reply3 = reply_tokens(engine, prompt3)
     assert len(reply1) >= 3, f"the random model ends its reply after {len(reply1)} tokens: too short to test streaming"
     assert reply3 != reply_tokens(engine, [bos] + turn("and more")), "turn 3 ignores the history: pick another seed"
@@ -103,3 +109,42 @@ def test_unknown_source_or_tag_is_a_clean_error(checkpoints, monkeypatch, capsys
 def test_flag_the_engine_rejects_is_a_clean_error(checkpoints, monkeypatch, capsys):
     code, _, err = run_cli_in_process(["-i", "sft", "-k", "0", "-p", "hello"], monkeypatch, capsys)
     assert code == 1 and "top_k must be >= 1" in err and "Traceback" not in err, err
+
+def test_calculator_call_in_a_terminal(base_dir, tiny_tokenizer, tmp_path):
+    # chat_cli in a real terminal (tmux): the question's answer uses the calculator, shown as a line of its own
+    if shutil.which("tmux") is None:
+        pytest.skip("no tmux: apt-get install -y tmux")
+    model = calculator_chat_gpt(tiny_tokenizer)
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]  # a server of this test's own
+    command = (f"cd {shlex.quote(REPO_ROOT)} && NANOCHAT_BASE_DIR={shlex.quote(str(base_dir))} OMP_NUM_THREADS=1 "
+               f"{shlex.quote(sys.executable)} -m scripts.chat_cli --device-type cpu -t 0; sleep 60")
+    subprocess.run(tmux + ["new-session", "-d", "-x", "100", "-y", "30", command], check=True)
+    screen = lambda: subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True, text=True).stdout
+    try:
+        wait_until(lambda: "User:" in screen(), screen)  # the pane drops trailing spaces
+        subprocess.run(tmux + ["send-keys", "What is 12*30?", "Enter"], check=True)
+        wait_until(lambda: screen().count("User:") == 2, screen)
+        lines = [line.rstrip() for line in screen().splitlines()]
+    finally:
+        subprocess.run(tmux + ["kill-server"])
+    at = lines.index("User: What is 12*30?")
+    assert lines[at + 2: at + 5] == ["Assistant: Computing:", "[calculator] 12*30 = 360", "Easy!"], lines
+    assert "<|" not in "\n".join(lines)
+
+def wait_until(condition, screen, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out; the terminal shows:\n{screen()}"
+        time.sleep(0.2)
+
+def test_refused_calculator_call_is_marked(base_dir, tiny_tokenizer, monkeypatch, capsys):
+    model = calculator_chat_gpt(tiny_tokenizer, "2^9")  # ^ is no calculator operator: no result comes back
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    code, out, err = run_cli_in_process(["-i", "sft", "-m", "40", "-p", "What is 2^9?"], monkeypatch, capsys)
+    assert code == 0, err
+    assert out.split("Assistant: ")[1] == "Computing:\n[calculator] 2^9 (no result)\nEasy!\n", out

@@ -18,8 +18,9 @@ import pytest
 import requests
 import torch
 
+from conftest import CALCULATOR_REPLY, calculator_chat_gpt
 from nanochat.checkpoint import save_checkpoint
-from nanochat.engine import Engine, TextStream
+from nanochat.engine import Engine, ReplyStream, TextStream
 
 openai = pytest.importorskip("openai", reason="pip install -e '.[test]' installs the openai client")
 
@@ -63,11 +64,28 @@ def served(tmp_path_factory, tiny_tokenizer, random_chat_gpt):
 def auth(key=KEY):
     return {"Authorization": f"Bearer {key}"}
 
-def engine_greedy_text(model, tok, user_text, max_tokens):
+def shown_text(tok, tokens, tools):
+    """
+    What a person gets of a reply: each run of tokens between special tokens decoded on its own, the specials
+    dropped. Runs inside a calculator call (after <|python_start|> or <|output_start|>, up to the next special) are
+    kept on the page's route (tools=True) and left out of the OpenAI route's content (tools=False).
+    """
+    specials = set(tok.special_ids.values())
+    opens = {tok.encode_special("<|python_start|>"), tok.encode_special("<|output_start|>")}
+    text, run, inside = "", [], False
+    for t in tokens + [tok.get_bos_token_id()]:
+        if t not in specials:
+            run.append(t)
+            continue
+        text += tok.decode(run) if tools or not inside else ""
+        run, inside = [], t in opens
+    return text
+
+def engine_greedy_text(model, tok, user_text, max_tokens, tools=False):
     prompt = [tok.get_bos_token_id(), tok.encode_special("<|user_start|>"), *tok.encode(user_text),
               tok.encode_special("<|user_end|>"), tok.encode_special("<|assistant_start|>")]
     seqs, _ = Engine(model, tok).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
-    return tok.decode(seqs[0][len(prompt):]), len(prompt)
+    return shown_text(tok, seqs[0][len(prompt):], tools), len(prompt)
 
 # -----------------------------------------------------------------------------
 # The OpenAI route
@@ -151,6 +169,18 @@ USER = [{"role": "user", "content": "hi"}]
     ("/chat/completions", {"messages": USER, "temperature": 3}, "temperature"),
     ("/chat/completions", {"messages": USER, "top_k": 500}, "top_k"),
     ("/chat/completions", {"messages": USER, "max_tokens": 5000}, "max_tokens"),
+    # the training chat format: user and assistant alternate and the user speaks last
+    ("/chat/completions", {"messages": USER * 2}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}] + USER}, "messages"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "assistant", "content": "hi"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "hi"}]}, "messages"),
+    # a reply's parts come back on the web route only, and only for the assistant
+    ("/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+     "messages[0].content"),
+    ("/chat/completions", {"messages": USER + [{"role": "assistant", "content": [{"type": "image", "text": "x"}]}]
+                           + USER}, "messages[1].content"),
+    ("/v1/chat/completions", {"messages": USER + [{"role": "assistant", "content": [{"type": "python", "text": "1"}]}]
+                              + USER}, "messages[1].content"),
 ])
 def test_validation_answers_400_naming_the_field(served, route, body, param):
     url, *_ = served
@@ -169,7 +199,7 @@ def test_malformed_bodies_get_4xx_and_server_keeps_serving(served):
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (1 << 20)}]}).encode()
     assert requests.post(url + "/v1/chat/completions", data=big, headers=auth(), timeout=30).status_code == 413
     # too long for the model's context (2048 tokens): a 400 naming messages, not a crash
-    long = [{"role": "user", "content": "word " * 1600}] * 3
+    long = [{"role": role, "content": "word " * 1600} for role in ("user", "assistant", "user")]
     r = requests.post(url + "/v1/chat/completions", json={"messages": long}, headers=auth(), timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert requests.get(url + "/health", timeout=30).json()["ready"] is True
@@ -193,7 +223,7 @@ def web_reply(url, text, max_tokens):
 def test_web_route_streams_engine_greedy_and_concurrent_requests_batch(served):
     url, model, tok, log_path = served
     prompts = ["one", "a second, longer prompt", "third", "the fourth prompt here"]
-    expected = [engine_greedy_text(model, tok, p, 40)[0] for p in prompts]
+    expected = [engine_greedy_text(model, tok, p, 40, tools=True)[0] for p in prompts]
     assert web_reply(url, prompts[0], 40) == expected[0]
     # four at once on one worker (--max-batch 4): decoded together, each still its own greedy reply
     results = [None] * 4
@@ -219,7 +249,7 @@ def test_disconnect_mid_stream_frees_the_worker(served):
     assert log_path.read_text().count("cancelled") == before + 1, log_path.read_text()[-2000:]
     stats = requests.get(url + "/stats", headers=auth(), timeout=30).json()
     assert stats["busy_workers"] == 0 and stats["workers"][0]["requests"] == 0
-    assert web_reply(url, "one", 5) == engine_greedy_text(model, tok, "one", 5)[0]
+    assert web_reply(url, "one", 5) == engine_greedy_text(model, tok, "one", 5, tools=True)[0]
 
 def test_text_stream_emits_whole_characters(tiny_tokenizer):
     # token ids 0-255 are the single bytes, so each multi-byte character below spans 2-4 tokens
@@ -229,6 +259,73 @@ def test_text_stream_emits_whole_characters(tiny_tokenizer):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert "🙂" in pieces and "你" in pieces  # released whole, at the byte that completes them
+
+# -----------------------------------------------------------------------------
+# Calculator calls: conftest's scripted model answers anything with
+# "Computing:<|python_start|>12*30<|python_end|>" + the Engine's forced "<|output_start|>360<|output_end|>" + " Easy!"
+
+def test_reply_stream_turns_tool_tokens_into_parts_that_render_back(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is 12*30?"}]})
+    model = calculator_chat_gpt(tok)
+    reply = Engine(model, tok).generate_batch(prompt, max_tokens=64, temperature=0)[0][0][len(prompt):]
+    stream = ReplyStream(tok)
+    events = [e for t in reply for e in stream.push(t)] + stream.flush()
+    assert stream.parts == CALCULATOR_REPLY
+    assert [i for i, text in events if text == ""] == [1, 2]  # each tool part announced before its first character
+    assert ["".join(text for i, text in events if i == k) for k in range(4)] == [p["text"] for p in CALCULATOR_REPLY]
+    # the parts are render_conversation's assistant content: rendered back they are the very tokens generated
+    rendered, _ = tok.render_conversation({"messages": [{"role": "user", "content": "What is 12*30?"},
+                                                        {"role": "assistant", "content": stream.parts}]})
+    assert rendered == prompt + reply + [tok.encode_special("<|assistant_end|>")]
+    # other special tokens never become text; a character split across tokens comes out whole
+    stream = ReplyStream(tok)
+    tokens = [*"é".encode(), tok.encode_special("<|user_start|>"), *"ü!".encode()]  # é and ü: 2 byte-tokens each
+    events = [e for t in tokens for e in stream.push(t)] + stream.flush()
+    assert events == [(0, "é"), (1, "ü"), (1, "!")]
+    assert stream.parts == [{"type": "text", "text": "é"}, {"type": "text", "text": "ü!"}]
+
+@pytest.fixture(scope="module")
+def tool_served(tmp_path_factory, tiny_tokenizer):
+    """(url, tokenizer) of chat_web serving the scripted calculator model (no API key)."""
+    base_dir = tmp_path_factory.mktemp("chat_web_tool_base")
+    model = calculator_chat_gpt(tiny_tokenizer)
+    meta = {"model_config": dataclasses.asdict(model.config), "user_config": {}}
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d1"), 5, model.state_dict(), None, meta)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    proc, url, _ = start_server(base_dir)
+    yield url, tiny_tokenizer
+    proc.terminate()
+    proc.wait(timeout=30)
+
+def test_tool_call_on_both_routes(tool_served):
+    url, tok = tool_served
+    question = {"messages": [{"role": "user", "content": "What is 12*30?"}], "temperature": 0}
+    # the page's route: every piece typed and numbered by part, no special token in any of them
+    with requests.post(url + "/chat/completions", json=question, stream=True, timeout=60) as r:
+        events = list(sse_events(r))
+    assert events[-1] == {"done": True} and "<|" not in json.dumps(events)
+    parts = {}
+    for e in events[:-1]:
+        parts.setdefault(e["part"], {"type": e["type"], "text": ""})["text"] += e["token"]
+    assert [parts[i] for i in sorted(parts)] == CALCULATOR_REPLY
+    # the reply sent back as its parts (what the page does) is rendered as the tool call it was: accepted, and the
+    # model (which ignores the prompt) answers the same again
+    history = {"messages": question["messages"] + [{"role": "assistant", "content": CALCULATOR_REPLY},
+                                                   {"role": "user", "content": "and again?"}], "temperature": 0}
+    with requests.post(url + "/chat/completions", json=history, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        assert "".join(e.get("token", "") for e in sse_events(r)) == "Computing:12*30360 Easy!"
+    history["messages"][1]["content"] = []  # a reply that said nothing does not block the conversation
+    with requests.post(url + "/chat/completions", json=history, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+    # the OpenAI route: the reply's text only, streamed or not (OpenAI's tool_calls would ask the client to run it)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    reply = client.chat.completions.create(model="nanochat", **question)
+    assert reply.choices[0].message.content == "Computing: Easy!" and reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens == 26  # 9 text, 6 call, 5 forced result, 6 text
+    chunks = client.chat.completions.create(model="nanochat", stream=True, **question)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Computing: Easy!"
 
 # -----------------------------------------------------------------------------
 # The page in a real browser (headless Debian Chromium through Selenium and the system chromedriver)
@@ -320,7 +417,8 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
         window.fetch = (...a) => {
             if (!String(a[0]).includes('/chat/completions')) return realFetch(...a);
             const body = new ReadableStream({ start(c) {
-                for (const p of pieces) c.enqueue(enc.encode('data: ' + JSON.stringify({token: p, gpu: 0}) + '\\n\\n'));
+                for (const p of pieces)
+                    c.enqueue(enc.encode('data: ' + JSON.stringify({token: p, type: 'text', part: 0}) + '\\n\\n'));
                 c.enqueue(enc.encode('data: {"done": true}\\n\\n')); c.close(); } });
             return Promise.resolve(new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}}));
         };""", hostile)
@@ -338,3 +436,81 @@ def test_browser_chat_regenerate_edit_and_untrusted_output(served, browser, tmp_
     assert d.execute_script("return window.alerted") == 0
     d.save_screenshot(str(tmp_path / "chat_web.png"))
     assert (tmp_path / "chat_web.png").stat().st_size > 10_000
+
+def test_browser_shows_a_tool_call_as_a_block_as_it_streams(tool_served, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    url, tok = tool_served
+    d = browser
+    d.get(url + "/")
+    wait_for(d, "return document.readyState === 'complete'")
+    box = d.find_element(By.ID, "input")
+    box.send_keys("/temperature 0", Keys.ENTER)
+    box.send_keys("What is 12*30?", Keys.ENTER)
+    wait_for(d, "return !state.busy && state.messages.length === 2")
+    reply = d.find_element(By.CSS_SELECTOR, ".message.assistant")
+    blocks = reply.find_elements(By.CSS_SELECTOR, ".tool")
+    assert [b.text for b in blocks] == ["CALCULATOR12*30 = 360"]  # the label is shown in capitals by CSS
+    assert blocks[0].find_element(By.CSS_SELECTOR, "code").text == "12*30"
+    assert reply.text.split("\n") == ["Computing:", "CALCULATOR12*30 = 360", "Easy!"]
+    assert "<|" not in d.find_element(By.TAG_NAME, "body").get_attribute("textContent")
+    assert d.execute_script("return state.messages[1].content") == "Computing: Easy!"
+    d.save_screenshot("/tmp/chat_web_tool_call.png")
+    assert os.path.getsize("/tmp/chat_web_tool_call.png") > 10_000
+
+    # The next question: the reply goes back as its parts. The server's answer is replayed to the page one SSE
+    # event every 40 ms, so that each step of the stream is drawn (a local server sends them all in one chunk).
+    d.execute_script("""
+        window.bodies = []; window.seen = [];
+        const realFetch = window.fetch, enc = new TextEncoder(), sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+        window.fetch = async (...a) => {
+            if (!String(a[0]).includes('/chat/completions')) return realFetch(...a);
+            window.bodies.push(JSON.parse(a[1].body));
+            const lines = (await (await realFetch(...a)).text()).split('\\n\\n').filter((l) => l);
+            const body = new ReadableStream({ async start(c) {
+                for (const l of lines) { await sleep(40); c.enqueue(enc.encode(l + '\\n\\n')); } c.close(); } });
+            return new Response(body, {status: 200, headers: {'Content-Type': 'text/event-stream'}});
+        };
+        new MutationObserver(() => { const all = document.querySelectorAll('.message.assistant');
+            if (all.length === 2) window.seen.push(all[1].innerText.replace(/\\n+/g, '\\n')); })
+            .observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
+    """)
+    box.send_keys("and again?", Keys.ENTER)
+    wait_for(d, "return !state.busy && state.messages.length === 4")
+    sent = d.execute_script("return window.bodies[0].messages")
+    assert sent[1] == {"role": "assistant", "content": CALCULATOR_REPLY}, sent
+    seen = list(dict.fromkeys(d.execute_script("return window.seen")))  # each drawn state once, in order
+    # drawn as it came: the block opens with its code before the result arrives, the text after it comes last
+    assert "Computing:\nCALCULATOR12*30" in seen, seen
+    assert "Computing:\nCALCULATOR12*30 = 360" in seen, seen
+    assert seen[-1] == "Computing:\nCALCULATOR12*30 = 360\nEasy!", seen
+    assert not any("<|" in s or "no result" in s for s in seen), seen
+
+    # A call the calculator refuses (2^9): what the server streams for it (ReplyStream over the real Engine's reply)
+    # is served to the page, which marks the call as having no result instead of waiting for one
+    model = calculator_chat_gpt(tok, "2^9")
+    prompt = tok.render_for_completion({"messages": [{"role": "user", "content": "What is 2^9?"}]})
+    stream = ReplyStream(tok)
+    events = [e for t in Engine(model, tok).generate_batch(prompt, temperature=0)[0][0][len(prompt):]
+              for e in stream.push(t)] + stream.flush()
+    lines = [f"data: {json.dumps({'token': text, 'type': stream.parts[i]['type'], 'part': i})}\n\n"
+             for i, text in events] + ['data: {"done": true}\n\n']
+    d.execute_script("""
+        const lines = arguments[0], enc = new TextEncoder();
+        window.fetch = async () => new Response(new ReadableStream({ start(c) {
+            for (const l of lines) c.enqueue(enc.encode(l)); c.close(); } }), {status: 200});""", lines)
+    box.send_keys("What is 2^9?", Keys.ENTER)
+    wait_for(d, "return !state.busy && state.messages.length === 6")
+    reply = d.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1]
+    assert reply.text.split("\n") == ["Computing:", "CALCULATOR2^9 (no result)", "Easy!"]
+    d.save_screenshot("/tmp/chat_web_tool_call_refused.png")
+
+    # a failed request: the question comes back into the box, so that sending it again keeps user and assistant
+    # turns alternating (the server refuses two user messages in a row)
+    d.execute_script("""window.fetch = async () => new Response(
+        JSON.stringify({error: {message: 'scripted failure'}}), {status: 500});""")
+    box.send_keys("one more", Keys.ENTER)
+    wait_for(d, "return !state.busy && document.querySelector('.message.note.error')")
+    assert d.execute_script("return state.messages.length") == 6
+    assert box.get_attribute("value") == "one more"
+    assert "scripted failure" in d.find_element(By.CSS_SELECTOR, ".message.note.error").text
