@@ -46,7 +46,7 @@ from nanochat.dataloader import pretrain_loader
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, lock_checkpoint_dir, find_resume_step,
                                  check_resume_config, check_resume_flags, load_optimizer_state, loop_meta, restore_loop,
                                  check_fresh_start, prune_periodic, handle_stop_signals, stop_or_save_due,
-                                 exit_after_stop, SOURCE_DIRS)
+                                 exit_after_stop, add_checkpoint_flags, SOURCE_DIRS)
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.engine import Engine, greedy_completions
 from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled, worth_fp8
@@ -93,8 +93,6 @@ add("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last
 add("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (or start fresh)")
 add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
 add("--resume-override", action="store_true", help="resume with LR/schedule flags that differ from the checkpoint's")
-add("--overwrite", action="store_true", help="delete the checkpoints of --model-tag and train from scratch (without "
-    "it, or --resume, a directory holding checkpoints is an error)")
 # evaluation and output
 add("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
 add("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
@@ -102,9 +100,7 @@ add("--core-metric-every", type=int, default=2000, help="CORE metric every N ste
 add("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
 add("--sample-every", type=int, default=2000, help="greedy samples every N steps and at the last step (-1 = never)")
 add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-add("--save-every-minutes", type=float, default=30, help="also checkpoint every N minutes of wall time, to resume "
-    "from after a crash (-1 = never; 30 costs < 0.5%% of a d24 run: docs/reliability.md)")
-add("--keep-periodic", type=int, default=2, help="keep the newest N of those time-based checkpoints")
+add_checkpoint_flags(parser)  # --overwrite, --save-every-minutes, --keep-periodic
 add("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -125,9 +121,6 @@ check_flags([  # -1 is the one "derive it" sentinel: 0 or -5 is a typo, not a re
     ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, ">= 0 steps"),
     ("--warmdown-ratio", args.warmdown_ratio, 0 <= args.warmdown_ratio <= 1, "a fraction in [0, 1]"),
     ("--final-lr-frac", args.final_lr_frac, 0 <= args.final_lr_frac <= 1, "a fraction in [0, 1]"),
-    ("--save-every-minutes", args.save_every_minutes, args.save_every_minutes > 0 or args.save_every_minutes == -1,
-     "> 0 minutes, or -1 for no time-based checkpoints"),
-    ("--keep-periodic", args.keep_periodic, args.keep_periodic >= 1, ">= 1 (the newest is what a crash resumes from)"),
 ])
 
 # -----------------------------------------------------------------------------
@@ -340,8 +333,11 @@ while True:
 
     if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         model.eval()
-        with bf16_eval():
-            val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
+        try:
+            with bf16_eval():
+                val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
+        except ValueError as e:  # its one error: a val shard with no text (e.g. only empty documents) is bad data
+            raise SystemExit(f"error: val bpb at step {step}: {e}") from None
         model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         record["val_bpb"] = val_bpb
@@ -379,8 +375,9 @@ while True:
             **loop_meta(stream_states, min_val_bpb=min_val_bpb, smooth_train_loss=smooth_train_loss,
                         total_training_time=total_training_time),
         }
+        t_save = time.time()
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+        print0(f"saved checkpoint {checkpoint_dir} step {step} in {time.time() - t_save:.2f}s")
         prune_periodic(checkpoint_dir, args.keep_periodic)
         last_save_time = time.time()
     if stopping:

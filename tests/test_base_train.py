@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -224,12 +224,17 @@ def test_fresh_run_refuses_another_runs_checkpoints(monkeypatch, reference_run):
         run_in_process(monkeypatch, base, *FLAGS, "--resume", "--overwrite")
     assert os.path.exists(base / CKPT / f"meta_{STEPS:06d}.json")
 
-def test_overwrite_starts_over(reference_run, tmp_path):
+def test_overwrite_starts_over_and_periodic_saves_keep_the_newest(reference_run, tmp_path):
     base, _ = reference_run
     again = copy_dirs(base, tmp_path / "again", "tokenizer", "base_data_local", CKPT)
-    shutil.copy(again / CKPT / "meta_000003.json", again / CKPT / "meta_000004.json")  # a step this run never makes
-    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--overwrite"], again)
-    assert sorted(os.listdir(again / CKPT)) == sorted(os.listdir(base / CKPT))
+    shutil.copy(again / CKPT / "meta_000003.json", again / CKPT / "meta_000009.json")  # a step this run never makes
+    # a time-based save after every step (0.6 ms), the newest 2 kept; step 3 (--save-every) and the last are kept too
+    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--overwrite", "--save-every-minutes=0.00001",
+         "--keep-periodic=2"], again)
+    metas = sorted(f for f in os.listdir(again / CKPT) if f.startswith("meta"))
+    assert metas == ["meta_000003.json", "meta_000004.json", "meta_000005.json", "meta_000006.json"]
+    assert [json.loads((again / CKPT / f).read_text())["periodic"] for f in metas] == [False, True, True, False]
+    assert not any("000001" in f or "000002" in f for f in os.listdir(again / CKPT))
     reference, result = final_state(base), final_state(again)
     assert all(torch.equal(reference[k], result[k]) for k in reference)
 
@@ -239,12 +244,15 @@ def start_and_signal(cmd, base, pick_pid):
                PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a rank left behind would hang
+    watchdog.start()
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("step 00000 | val bpb"):
             os.kill(pick_pid(proc), signal.SIGTERM)
-    return proc.wait(timeout=300), "".join(lines)
+    watchdog.cancel()
+    return proc.wait(), "".join(lines)
 
 def check_stopped_then_resume(stdout, base, expected_command):
     """The run stopped before its end with a checkpoint of the step it stopped at; its printed command resumes it."""
@@ -323,3 +331,13 @@ def test_disk_full_keeps_the_last_checkpoint_and_log(reference_run, tmp_path):
     run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], full)  # space freed: it resumes
     reference, result = final_state(base), final_state(full)
     assert all(torch.equal(reference[k], result[k]) for k in reference)
+
+def test_val_shard_of_empty_documents_is_one_line(tmp_path, tiny_tokenizer):
+    make_base_dir(tmp_path, tiny_tokenizer)
+    pq.write_table(pa.table({"text": [""] * 200}), str(tmp_path / "base_data_local" / "shard_00009.parquet"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_DATASET="local", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "scripts.base_train", *FLAGS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.fullmatch(r"error: val bpb at step 0: bits per byte is undefined: .*no text bytes.*re-download the val "
+                        r"shard.*", out.stderr.strip()), out.stderr
