@@ -547,12 +547,15 @@ def handle_stop_signals():
 def stop_or_save_due(last_save_time, save_every_minutes):
     """
     Called by every rank at the end of each step: -> (stop signal number or 0, whether a periodic save is due), the
-    same on every rank (a MAX all_reduce of two ints on the CPU: gloo, or the CPU half of "cpu:gloo,cuda:nccl"), so
-    all ranks stop and save at the same step even when the signal reached only one of them.
+    same on every rank (a MAX all_reduce of two ints), so all ranks stop and save at the same step even when the
+    signal reached only one of them. On the CPU where the group has gloo ("cpu:gloo,cuda:nccl"); a NCCL-only group
+    takes CUDA tensors only, and the training step syncs with the GPU for its loss anyway.
     """
     due = save_every_minutes > 0 and time.time() - last_save_time >= 60 * save_every_minutes
     flags = torch.tensor([_stop["signum"], int(due)], dtype=torch.int64)
     if is_dist():
+        if "gloo" not in str(dist.get_backend()):
+            flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return int(flags[0]), bool(flags[1])
 
