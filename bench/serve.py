@@ -244,7 +244,8 @@ try:
         r = run_soak(url, headers, args.soak)
         growth = "-" if r["rss_warm_mib"] is None else f"{100 * (r['rss_end_mib'] / r['rss_warm_mib'] - 1):+.1f}%"
         print(f"\nchat_web soak: {args.soak} clients for {args.seconds:g} s, max_tokens {args.max_tokens}, "
-              f"{args.disconnect_share:.0%} cut off mid-stream, {args.malformed_share:.0%} malformed, model {args.model}")
+              f"{args.disconnect_share:.0%} cut off mid-stream, {args.malformed_share:.0%} malformed, "
+              f"model {args.model}")
         print(f"served {r['served']} | cut off {r['cut_mid_stream']} | refused {r['refused']} | errors {r['errors']} | "
               f"latency p50 {r['latency_p50_s']:.2f} s p99 {r['latency_p99_s']:.2f} s | server RSS "
               f"{r['rss_start_mib'] or 0:.0f} -> {r['rss_warm_mib'] or 0:.0f} -> {r['rss_end_mib'] or 0:.0f} MiB "

@@ -473,7 +473,7 @@ def _at_least_one(text):
     return int(text)
 
 def add_checkpoint_flags(parser):
-    """The flags every training script shares for not losing work: --overwrite, --save-every-minutes, --keep-periodic."""
+    """The flags the training scripts share for not losing work: --overwrite, --save-every-minutes, --keep-periodic."""
     parser.add_argument("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
                         "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
     # 30 min: a d24 checkpoint (6.6 GB on rank 0) at ~1 GB/s costs ~0.4% of the run (docs/reliability.md)

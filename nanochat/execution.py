@@ -40,10 +40,10 @@ The wall-clock timeout is measured here (a pidfd poll, no signal), so it works f
 Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES each).
 
 What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel; its seccomp
-filter blocks only user namespaces), reading what is bound read-only (/usr and the Python installation: no secrets belong there),
-host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and timing side
-channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without isolation (the
-banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
+filter blocks only user namespaces), reading what is bound read-only (/usr and the Python installation: no secrets
+belong there), host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and
+timing side channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without
+isolation (the banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
 overwritten, ctypes can call anything, and where the program runs as root (see above) it can start processes that
 leave the process group (setsid) and outlive the call. tests/test_sandbox_attacks.py holds one test per attack.
 """

@@ -354,7 +354,8 @@ while True:
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
 
-    if not stopping and master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+    sample_due = last_step or (step > 0 and step % args.sample_every == 0)
+    if not stopping and master and args.sample_every > 0 and sample_due:
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         with bf16_eval():

@@ -379,9 +379,9 @@ def main(stage):
 
         kept_save = last_step or (args.save_every > 0 and step % args.save_every == 0)
         if step > start_step and (kept_save or periodic_due or stopping):
-            meta = {"periodic": not kept_save,**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
+            meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
                     "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
-                    "tokenizer_fingerprint": tokenizer.fingerprint(),
+                    "tokenizer_fingerprint": tokenizer.fingerprint(), "periodic": not kept_save,
                     **loop_meta(stream_states, progress=progress, smooth_loss=smooth_loss, min_val_bpb=min_val_bpb,
                                 total_time=total_time)}
             save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)

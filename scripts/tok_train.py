@@ -4,7 +4,7 @@ Train the BPE tokenizer on the train split of the pretraining data; save it to <
     python -m scripts.tok_train                                   # 2B chars, vocab 32,768
     python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
     NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
-    python -m scripts.tok_train --overwrite                       # retrain over a tokenizer checkpoints were trained with
+    python -m scripts.tok_train --overwrite                       # replace a tokenizer that checkpoints use
 
 Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token
 id, 0 for specials; loss_eval turns nats into bits per byte with it), tok_train.json (these flags, the dataset and
