@@ -523,9 +523,10 @@ def handle_stop_signals():
     """
     SIGTERM (cloud schedulers and spot reclaims send it with ~30-120 s notice) and SIGINT (Ctrl-C) ask the training
     loop to stop after the current step and save (stop_or_save_due reads it). A second signal exits at once: the
-    newest complete checkpoint is whole, since a save publishes its meta last. Under torchrun a terminal's Ctrl-C
-    reaches a worker twice within milliseconds (from the terminal, then forwarded by the launcher), so a repeat in
-    the first 2 s is the same request. torchrun SIGKILLs its workers 30 s after forwarding a signal.
+    newest complete checkpoint is whole, since a save publishes its meta last. A launcher in the terminal's process
+    group with its workers can deliver one Ctrl-C twice within milliseconds (the terminal's, then its own forward), so
+    a repeat in the first 2 s is the same request. (torchrun starts its workers in sessions of their own: only its
+    forward reaches them, and it SIGKILLs them 30 s later.)
     """
     def handler(signum, frame):
         name = signal.Signals(signum).name
