@@ -4,6 +4,7 @@ Load test for chat_web: N concurrent streaming clients for S seconds against a s
     python -m bench.serve                              # random demo-shaped model, 1 then 8 clients, 20 s each
     python -m bench.serve --model sft --clients 1,4,8  # the sft model in $NANOCHAT_BASE_DIR (runs/runcpu.sh trains one)
     python -m bench.serve --url http://127.0.0.1:8000 --api-key KEY   # a server you started yourself
+    python -m bench.serve --soak 16 --seconds 300      # soak: 16 clients for 5 minutes, some misbehaving
 
 Each client sends a chat request on the OpenAI route (stream, include_usage), reads it to the end and sends the next
 until S seconds are up; requests already under way finish, so a run ends by itself. Per client count it prints
@@ -11,6 +12,12 @@ requests, errors, p50/p95 time to first token, and aggregate tokens/s (completio
 time), with the ratio to the first row; the last line is JSON with every number.
 --model random (default) serves a random-weights model shaped like the CPU demo's (depth 4, width 256, 4 heads,
 context 256, vocab 8,192) with a tokenizer trained here on synthetic text: speed depends on shape, not on weights.
+--soak N instead runs N clients for --seconds where each request is, at random, well-formed (read to the end), cut
+off mid-stream (the client closes the connection after the first tokens) or malformed (a body the server must refuse
+with a 4xx). It reports requests served, errors (a well-formed request that failed, a malformed one answered with
+anything but a 4xx), p50/p99 latency of the well-formed ones, and the server's RSS before, once the first fifth of the
+time has filled every batch slot (the growth that counts is from there), and at the end; then checks that the server
+still answers.
 Left out: multi-GPU servers (point --url at one), non-streaming requests, prompt-length sweeps.
 """
 
@@ -43,8 +50,11 @@ parser.add_argument("--model", default="random", help="random (demo-shaped, rand
 parser.add_argument("--url", default="", help="bench a running server at this 127.0.0.1 URL instead of starting one")
 parser.add_argument("--api-key", type=str, default="", help="API key of the --url server")
 parser.add_argument("--device-type", type=str, default="cpu", help="device of the server this script starts")
+parser.add_argument("--soak", type=int, default=0, help="soak test with this many clients (0 = the load test)")
+parser.add_argument("--disconnect-share", type=float, default=0.2, help="soak: share of requests cut off mid-stream")
+parser.add_argument("--malformed-share", type=float, default=0.1, help="soak: share of requests with a bad body")
 args = parser.parse_args()
-clients_list = [int(c) for c in args.clients.split(",")]
+clients_list = [args.soak] if args.soak > 0 else [int(c) for c in args.clients.split(",")]
 if args.url and not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
     parser.error(f"--url {args.url}: this load test only runs against 127.0.0.1")
 
@@ -143,6 +153,75 @@ def run_clients(url, headers, n):
             "completion_tokens": sum(tokens), "wall_s": wall, "tok_per_s": sum(tokens) / wall}
 
 # -----------------------------------------------------------------------------
+# Soak: the same clients, misbehaving some of the time
+
+MALFORMED = [b"{not json", b'{"messages": "hello"}', b'{"messages": []}', b"[]", b"",
+             b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}',
+             b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+             b'{"messages": [{"role": "wizard", "content": "hi"}]}', b"\xff\xfe" * 1000]
+
+def rss_mib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+def soak_request(url, headers, rng):
+    """-> ("ok", latency s) | ("cut", None) | ("refused", None); raises when the server misbehaves."""
+    roll = rng.random()
+    if roll < args.malformed_share:
+        r = requests.post(url + "/v1/chat/completions", data=rng.choice(MALFORMED), timeout=60,
+                          headers={**headers, "Content-Type": "application/json"})
+        if not 400 <= r.status_code < 500:
+            raise RuntimeError(f"a malformed body got HTTP {r.status_code}: {r.text[:200]}")
+        return "refused", None
+    if roll < args.malformed_share + args.disconnect_share:
+        body = {"messages": [{"role": "user", "content": rng.choice(PROMPTS)}], "stream": True,
+                "max_tokens": args.max_tokens}
+        with requests.post(url + "/v1/chat/completions", json=body, headers=headers, stream=True, timeout=300) as r:
+            if r.status_code != 200:
+                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+            for _ in zip(range(rng.randint(1, 4)), r.iter_lines()):
+                pass  # leaving the block closes the connection mid-stream
+        return "cut", None
+    t0 = time.perf_counter()
+    one_request(url, headers, rng)
+    return "ok", time.perf_counter() - t0
+
+def run_soak(url, headers, n):
+    outcomes, latencies, errors, lock = {"ok": 0, "cut": 0, "refused": 0}, [], [], threading.Lock()
+    stop_at = time.perf_counter() + args.seconds
+
+    def client(i):
+        rng = random.Random(i)
+        while time.perf_counter() < stop_at:
+            try:
+                outcome, latency = soak_request(url, headers, rng)
+                with lock:
+                    outcomes[outcome] += 1
+                    if latency is not None:
+                        latencies.append(latency)
+            except Exception as e:  # counted and shown: errors are the number this test is about
+                with lock:
+                    errors.append(f"{type(e).__name__}: {e}")
+
+    rss = lambda: rss_mib(proc.pid) if proc is not None else None
+    rss_start = rss()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(args.seconds / 5)
+    rss_warm = rss()
+    for t in threads:
+        t.join()
+    rss_end = rss()
+    one_request(url, headers, random.Random(0))  # still serving
+    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    return {"clients": n, "served": outcomes["ok"], "cut_mid_stream": outcomes["cut"], "refused": outcomes["refused"],
+            "errors": len(errors), "first_error": errors[0] if errors else None,
+            "latency_p50_s": q[49], "latency_p99_s": q[98], "rss_start_mib": rss_start, "rss_warm_mib": rss_warm,
+            "rss_end_mib": rss_end}
+
+# -----------------------------------------------------------------------------
 # Run
 
 proc, tmp = None, None
@@ -161,6 +240,20 @@ else:
 headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
 try:
     one_request(url, headers, random.Random(0))  # warm-up: first-call allocations, lazy imports
+    if args.soak > 0:
+        r = run_soak(url, headers, args.soak)
+        growth = "-" if r["rss_warm_mib"] is None else f"{100 * (r['rss_end_mib'] / r['rss_warm_mib'] - 1):+.1f}%"
+        print(f"\nchat_web soak: {args.soak} clients for {args.seconds:g} s, max_tokens {args.max_tokens}, "
+              f"{args.disconnect_share:.0%} cut off mid-stream, {args.malformed_share:.0%} malformed, "
+              f"model {args.model}")
+        print(f"served {r['served']} | cut off {r['cut_mid_stream']} | refused {r['refused']} | errors {r['errors']} | "
+              f"latency p50 {r['latency_p50_s']:.2f} s p99 {r['latency_p99_s']:.2f} s | server RSS "
+              f"{r['rss_start_mib'] or 0:.0f} -> {r['rss_warm_mib'] or 0:.0f} -> {r['rss_end_mib'] or 0:.0f} MiB "
+              f"({growth} after the first fifth)")
+        if r["first_error"]:
+            print(f"first error: {r['first_error']}")
+        print(json.dumps(dict(url=url, model=args.model, seconds=args.seconds, soak=r)))
+        sys.exit(1 if r["errors"] else 0)
     results = []
     for n in clients_list:
         results.append(run_clients(url, headers, n))

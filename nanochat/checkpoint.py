@@ -19,14 +19,21 @@ Leaves out: patching checkpoints from older code versions (missing window_patter
 and guessing a missing window pattern silently changes the model, so it is an error instead.
 """
 
+import argparse
 import datetime
+import errno
 import glob
 import hashlib
 import json
 import os
 import pickle
 import re
+import shlex
+import shutil
+import signal
 import socket
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,11 +65,40 @@ def meta_sha256(meta):
     content = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return hashlib.sha256(json.dumps(json.loads(json.dumps(content)), sort_keys=True).encode()).hexdigest()
 
+class _WriteAll:
+    """
+    The file torch.save writes to. Its zip writer turns a failed or short write into "unexpected pos 704 vs 598" and
+    drops the OSError (checked with RLIMIT_FSIZE, torch 2.13): writing every byte and keeping the error lets a full
+    disk (ENOSPC, EFBIG, EDQUOT) be reported as one.
+    """
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[self.f.write(view):]
+        except OSError as e:
+            self.error = e
+            raise
+        return len(data)
+
+    def flush(self):
+        self.f.flush()
+
 def _atomic_torch_save(obj, path):
     """torch.save through a temp file and a rename; returns the sha256 of the published file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb", buffering=0) as f:
+            writer = _WriteAll(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError:
+                if writer.error is None:
+                    raise
+                raise writer.error from None
         digest = file_sha256(tmp)  # read back from the page cache: no second copy of the state in memory
         os.replace(tmp, path)
     finally:
@@ -101,10 +137,22 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
     if rank == 0 and os.path.exists(meta_path):
         os.remove(meta_path)  # re-saving a step: un-publish it until the new files are all in place
     hashes = {}
-    if rank == 0:
-        hashes[os.path.basename(model_path)] = _atomic_torch_save(model_state, model_path)
-    if optimizer_state is not None:
-        hashes[os.path.basename(optim_path)] = _atomic_torch_save(optimizer_state, optim_path)
+    try:
+        if rank == 0:
+            hashes[os.path.basename(model_path)] = _atomic_torch_save(model_state, model_path)
+        if optimizer_state is not None:
+            hashes[os.path.basename(optim_path)] = _atomic_torch_save(optimizer_state, optim_path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        for name in hashes:  # this step can never be complete now: give its space back
+            os.remove(os.path.join(checkpoint_dir, name))
+        states = [model_state] if rank == 0 else []
+        needed = sum(_nbytes(state) for state in states + [optimizer_state])
+        raise OSError(e.errno, f"saving step {step} into {checkpoint_dir} failed: {e.strerror}. This rank's files "
+                      f"need about {needed:,} bytes there and {shutil.disk_usage(checkpoint_dir).free:,} are free. "
+                      f"Free space (or point NANOCHAT_BASE_DIR elsewhere), then rerun with --resume: the newest "
+                      f"complete checkpoint is untouched") from None
     if is_dist():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, hashes)
@@ -114,6 +162,16 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
         meta = dict(meta, step=step, optim_shards=world_size if optimizer_state is not None else 0, sha256=hashes)
         meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
+
+def _nbytes(obj):
+    """Bytes of the tensors in a (nested) state dict: about the size torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
 
 # -----------------------------------------------------------------------------
 # One run per output directory
@@ -399,3 +457,131 @@ def check_resume_flags(saved_config, config, flags, override):
     if changed:
         print0("--resume-override: continuing with new values for " + "; ".join(changed))
     return changed
+
+# -----------------------------------------------------------------------------
+# A fresh run never replaces another's checkpoints; periodic saves; SIGTERM/SIGINT stop after a step and save
+
+def _minutes(text):
+    value = float(text)
+    if not (value > 0 or value == -1):
+        raise argparse.ArgumentTypeError(f"{text} minutes: use > 0, or -1 for no time-based checkpoints")
+    return value
+
+def _at_least_one(text):
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text}: keep at least 1 (the newest is what a crash resumes from)")
+    return int(text)
+
+def add_checkpoint_flags(parser):
+    """The flags the training scripts share for not losing work: --overwrite, --save-every-minutes, --keep-periodic."""
+    parser.add_argument("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
+                        "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
+    # 30 min: a d24 checkpoint (6.6 GB on rank 0) at ~1 GB/s costs ~0.4% of the run (docs/reliability.md)
+    parser.add_argument("--save-every-minutes", type=_minutes, default=30, help="also checkpoint every N minutes of "
+                        "wall time, to resume from after a crash (-1 = never)")
+    parser.add_argument("--keep-periodic", type=_at_least_one, default=2,
+                        help="keep the newest N of those time-based checkpoints")
+
+def check_fresh_start(checkpoint_dir, resume, overwrite):
+    """
+    A run without --resume into a directory holding checkpoints would silently replace a finished run's model: refuse,
+    naming the way to continue it (--resume) and the one way to replace it (--overwrite, which deletes them now).
+    """
+    if resume and overwrite:
+        raise ValueError("--resume continues the checkpoints in the output directory and --overwrite deletes them: "
+                         "pass one of them")
+    steps = _steps_with_meta(checkpoint_dir)
+    if resume or not steps:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier run (last step {steps[-1]}): add "
+                              f"--resume to continue it, or --overwrite to delete them and start from scratch (or give "
+                              f"this run another --model-tag)")
+    if get_dist_info()[1] == 0:
+        for name in os.listdir(checkpoint_dir):
+            if re.fullmatch(r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?", name):
+                os.remove(os.path.join(checkpoint_dir, name))
+    print0(f"--overwrite: deleted the checkpoints in {checkpoint_dir} (steps {steps})")
+
+def prune_periodic(checkpoint_dir, keep):
+    """
+    Delete time-based checkpoints (meta "periodic": true) beyond the newest `keep` (rank 0; call after a save). The
+    final checkpoint and --save-every ones are never periodic, so what later stages and the report load stays.
+    """
+    if get_dist_info()[1] != 0 or keep < 1:
+        return
+    periodic = [s for s in _steps_with_meta(checkpoint_dir)
+                if read_meta(_paths(checkpoint_dir, s)[2]).get("periodic")]
+    for step in periodic[:-keep]:
+        os.remove(_paths(checkpoint_dir, step)[2])  # meta first: the step stops existing before its files go
+        for path in glob.glob(os.path.join(checkpoint_dir, f"*_{step:06d}*.pt")):
+            os.remove(path)
+
+_stop = {"signum": 0, "time": 0.0}  # the first SIGTERM/SIGINT received, and when
+
+def handle_stop_signals():
+    """
+    SIGTERM (cloud schedulers and spot reclaims send it with ~30-120 s notice) and SIGINT (Ctrl-C) ask the training
+    loop to stop after the current step and save (stop_or_save_due reads it). A second signal exits at once: the
+    newest complete checkpoint is whole, since a save publishes its meta last. A launcher in the terminal's process
+    group with its workers can deliver one Ctrl-C twice within milliseconds (the terminal's, then its own forward), so
+    a repeat in the first 2 s is the same request. (torchrun starts its workers in sessions of their own: only its
+    forward reaches them, and it SIGKILLs them 30 s later.)
+    """
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if os.getpid() != pid:  # a forked worker (a data or download pool) inherited this: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if _stop["signum"]:
+            if time.time() - _stop["time"] < 2:
+                return
+            print(f"{name} again: exiting now; the newest complete checkpoint is intact", flush=True)
+            os._exit(128 + signum)
+        _stop.update(signum=signum, time=time.time())
+        print(f"{name}: finishing this step, then saving and exiting (send it again to exit at once)", flush=True)
+    pid = os.getpid()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handler)
+
+def stop_or_save_due(last_save_time, save_every_minutes):
+    """
+    Called by every rank at the end of each step: -> (stop signal number or 0, whether a periodic save is due), the
+    same on every rank (a MAX all_reduce of two ints), so all ranks stop and save at the same step even when the
+    signal reached only one of them. On the CPU where the group has gloo ("cpu:gloo,cuda:nccl"); a NCCL-only group
+    takes CUDA tensors only, and the training step syncs with the GPU for its loss anyway.
+    """
+    due = save_every_minutes > 0 and time.time() - last_save_time >= 60 * save_every_minutes
+    flags = torch.tensor([_stop["signum"], int(due)], dtype=torch.int64)
+    if is_dist():
+        if "gloo" not in str(dist.get_backend()):
+            flags = flags.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), bool(flags[1])
+
+def resume_command(module):
+    """The command that continues this run: its own flags, with --resume instead of --overwrite/--resume-from-step."""
+    argv, flags = sys.argv[1:], []
+    while argv:
+        arg = argv.pop(0)
+        if arg == "--resume-from-step" and argv:
+            argv.pop(0)
+        elif arg not in ("--", "--resume", "--overwrite") and not arg.startswith("--resume-from-step="):
+            flags.append(arg)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
+    if is_dist():
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
+                    "-m", module, "--"]
+    else:
+        launcher = ["python", "-m", module]
+    return " ".join(env + [shlex.join(launcher + flags + ["--resume"])])
+
+def exit_after_stop(signum, module, checkpoint_dir, step):
+    """After the stop save: wait for every rank's files (an early exit would make torchrun kill rank 0 while it
+    publishes the meta), print the command that resumes, exit 128 + the signal number like a killed process."""
+    if is_dist():
+        dist.barrier()
+    print0(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint in {checkpoint_dir}. Resume with:\n"
+           f"{resume_command(module)}")
+    sys.exit(128 + signum)

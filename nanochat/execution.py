@@ -18,7 +18,9 @@ package `bubblewrap`):
   * an unprivileged uid: started as root, the child drops to `nobody` (SANDBOX_UID) before the program runs, so
     RLIMIT_NPROC = 0 binds (the kernel exempts root) and no process can be started at all; no_new_privs makes
     setuid binaries powerless. A non-root caller's program keeps the caller's uid (in its own user namespace);
-  * --die-with-parent: if the calling process dies, the sandbox dies with it.
+  * --die-with-parent: if the calling process dies, the sandbox dies with it;
+  * a seccomp filter (x86_64, aarch64) that refuses new user namespaces: inside one the program would hold every
+    capability, which opens kernel code (nested mounts, netfilter) that is otherwise out of its reach.
 Where bwrap is missing or cannot create namespaces (macOS, most Docker containers), one banner line on stderr says
 so and how to fix it, and only the measures below apply; a root caller's program still drops to `nobody` there when
 this Python can start as nobody (not when it is installed under /root), so it cannot start processes, read
@@ -37,21 +39,24 @@ root-only files or other processes' /proc entries. Always:
 The wall-clock timeout is measured here (a pidfd poll, no signal), so it works from any thread, unlike SIGALRM.
 Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES each).
 
-What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel and has no
-seccomp filter), reading what is bound read-only (/usr and the Python installation: no secrets belong there),
-host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and timing side
-channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without isolation (the
-banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
+What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel; its seccomp
+filter blocks only user namespaces), reading what is bound read-only (/usr and the Python installation: no secrets
+belong there), host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and
+timing side channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without
+isolation (the banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
 overwritten, ctypes can call anything, and where the program runs as root (see above) it can start processes that
 leave the process group (setsid) and outlive the call. tests/test_sandbox_attacks.py holds one test per attack.
 """
 
+import errno
 import functools
 import json
 import os
+import platform
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -165,6 +170,48 @@ def _bwrap_command(bwrap, work_dir, program_path=None):
         command += ["--ro-bind", program_path, program_path]
     return command + ["--chdir", work_dir, "--remount-ro", "/"]
 
+# (audit arch, unshare, clone, clone3) syscall numbers: linux/audit.h, arch/x86/entry/syscalls/syscall_64.tbl,
+# include/uapi/asm-generic/unistd.h
+_SYSCALLS = {"x86_64": (0xC000003E, 272, 56, 435), "aarch64": (0xC00000B7, 97, 220, 435)}
+
+def _seccomp_fd():
+    """
+    A pipe holding the classic-BPF seccomp program bwrap --seccomp reads (None on other architectures): unshare() and
+    clone() with CLONE_NEWUSER fail with EPERM; clone3() fails with ENOSYS (its flags sit behind a pointer a filter
+    cannot read; glibc then falls back to clone), as does any syscall of another ABI (i386 int 0x80, x32), whose
+    numbers would slip past these checks.
+    """
+    if platform.machine() not in _SYSCALLS:
+        return None
+    arch, unshare, clone, clone3 = _SYSCALLS[platform.machine()]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|{JEQ,JGE,JSET}|K, BPF_RET|K
+    allow, eperm, enosys = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    program = [(ld, 0, 0, 4),                  # 0: seccomp_data.arch
+               (jeq, 1, 0, arch), (ret, 0, 0, enosys),
+               (ld, 0, 0, 0),                  # 3: seccomp_data.nr
+               (jge, 0, 1, 0x40000000), (ret, 0, 0, enosys),
+               (jeq, 0, 1, clone3), (ret, 0, 0, enosys),
+               (jeq, 1, 0, unshare), (jeq, 0, 3, clone),
+               (ld, 0, 0, 16),                 # 10: the low half of args[0], the flags of both
+               (jset, 0, 1, 0x10000000),       # CLONE_NEWUSER
+               (ret, 0, 0, eperm), (ret, 0, 0, allow)]
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"".join(struct.pack("=HBBI", *insn) for insn in program))  # 112 bytes: fits the pipe buffer
+    os.close(write_fd)
+    return read_fd
+
+def _bwrap_run(bwrap, work_dir, command, program_path=None, extra_fds=(), **popen_args):
+    """Popen `command` inside bwrap's sandbox with the seccomp filter; every descriptor made for it is closed here,
+    also when Popen fails (extra_fds: the caller's, passed to bwrap)."""
+    seccomp = _seccomp_fd()
+    filter_args = ["--seccomp", str(seccomp)] if seccomp is not None else []
+    try:
+        return subprocess.Popen(_bwrap_command(bwrap, work_dir, program_path) + filter_args + command,
+                                pass_fds=tuple(extra_fds) + ((seccomp,) if seccomp is not None else ()), **popen_args)
+    finally:
+        if seccomp is not None:
+            os.close(seccomp)
+
 @functools.cache
 def _probe_isolation():
     """(bwrap's path, None) if bwrap can run this Python in its namespaces here, else (None, why not and the fix)."""
@@ -175,11 +222,16 @@ def _probe_isolation():
         return None, ("bubblewrap is not installed; install it: apt-get install bubblewrap "
                       "(or dnf/pacman install bubblewrap)")
     with tempfile.TemporaryDirectory(prefix="nanochat_exec_") as work_dir:
-        probe = subprocess.run(_bwrap_command(bwrap, work_dir) + [sys.executable, "-I", "-S", "-c", "pass"],
-                               env=_ENV, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+        probe = _bwrap_run(bwrap, work_dir, [sys.executable, "-I", "-S", "-c", "pass"], env=_ENV,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            _, stderr = probe.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            probe.kill()
+            raise
     if probe.returncode == 0:
         return bwrap, None
-    said = (probe.stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
+    said = (stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
     return None, (f"{bwrap} cannot create namespaces here ({said}); run as root (in a container: one started with "
                   f"--privileged or --cap-add SYS_ADMIN), or allow unprivileged user namespaces "
                   f"(sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
@@ -273,12 +325,20 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
                               max_file_bytes=MAX_FILE_BYTES, program_path=repr(program_path),
                               limit_memory=sys.platform != "darwin", drop_to_uid=SANDBOX_UID if drop else None)
         command = [sys.executable, "-I", "-c", guard]
-        info_read, info_write = os.pipe() if bwrap else (None, None)
-        if bwrap:
-            command = _bwrap_command(bwrap, work_dir, program_path) + ["--info-fd", str(info_write)] + command
         # start_new_session: the child leads its own process group, which is killed as a whole below
-        proc = subprocess.Popen(command, cwd=work_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_ENV,
-                                start_new_session=True, pass_fds=(info_write,) if bwrap else ())
+        popen_args = dict(cwd=work_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=_ENV,
+                          start_new_session=True)
+        if bwrap:
+            info_read, info_write = os.pipe()
+            try:
+                proc = _bwrap_run(bwrap, work_dir, ["--info-fd", str(info_write)] + command, program_path,
+                                  extra_fds=(info_write,), **popen_args)
+            except BaseException:  # bwrap never started: nobody else will close the info pipe
+                os.close(info_read)
+                os.close(info_write)
+                raise
+        else:
+            proc = subprocess.Popen(command, **popen_args)
         sandbox_init = _sandbox_init(info_read, info_write) if bwrap else None
         try:
             exited = _wait_unreaped(proc, timeout)

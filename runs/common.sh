@@ -19,7 +19,8 @@ if [ "${SKIP_SETUP:-0}" != 1 ]; then
 fi
 
 # train_and_record TAG BASE_TRAIN_ARGS...: skipped if TAG has a row in $CSV; else trains (log in $RESULTS_DIR/TAG.log,
-# torchrun when NPROC_PER_NODE > 1) and appends TAG's row from its checkpoint meta and metric log.
+# torchrun when NPROC_PER_NODE > 1) and appends TAG's row from its checkpoint meta and metric log. --resume: a run cut
+# off by a crash continues from its newest checkpoint when the sweep is run again (one that finished says so).
 train_and_record() {
     local tag="$1"; shift
     if [ -f "$CSV" ] && cut -d, -f1 "$CSV" | grep -qx "$tag"; then
@@ -28,9 +29,10 @@ train_and_record() {
     fi
     local log="$RESULTS_DIR/$tag.log"
     if [ "$NPROC_PER_NODE" = 1 ]; then
-        python -m scripts.base_train "$@" 2>&1 | tee "$log"
+        python -m scripts.base_train "$@" --resume 2>&1 | tee -a "$log"
     else
-        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- "$@" 2>&1 | tee "$log"
+        torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.base_train -- "$@" --resume 2>&1 \
+            | tee -a "$log"
     fi
     python -m scripts.scaling_analysis --add-run="$tag" --csv="$CSV"
 }

@@ -4,12 +4,16 @@ Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, 
     python -m scripts.base_train --depth=20                              # one GPU (or CPU/MPS, slowly)
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --fp8
     python -m scripts.base_train --depth=20 --resume                     # continue from the newest complete checkpoint
+    python -m scripts.base_train --depth=20 --overwrite                  # delete that run's checkpoints, start over
 
 Data: pretraining shards of the dataset named by --dataset, else env NANOCHAT_DATASET, else climbmix
 (`python -m nanochat.dataset -n 8`; `--dataset local` is the offline corpus). Tokenizer: `python -m scripts.tok_train`.
-Checkpoints go to <base>/base_checkpoints/<model tag>/ at the end and every --save-every steps, with everything needed
-to resume EXACTLY: model, per-rank optimizer shards, the data loaders' positions, the loop state and every derived
-hyperparameter. A resumed run produces the same steps, bit for bit, as one that was never stopped.
+Checkpoints go to <base>/base_checkpoints/<model tag>/ at the end, every --save-every steps, every
+--save-every-minutes of wall time (only the newest --keep-periodic of those are kept) and when SIGTERM/SIGINT stops
+the run after its current step (it prints the command that resumes). Each holds everything needed to resume EXACTLY:
+model, per-rank optimizer shards, the data loaders' positions, the loop state and every derived hyperparameter. A
+resumed run produces the same steps, bit for bit, as one that was never stopped. A run without --resume refuses a
+directory that holds checkpoints unless --overwrite says to delete them.
 
 Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row groups, so a
 run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same batches as 1 GPU x 2.
@@ -41,7 +45,8 @@ from nanochat.dataset import list_parquet_files, get_dataset_name
 from nanochat.dataloader import pretrain_loader
 from nanochat.checkpoint import (save_checkpoint, load_checkpoint, lock_checkpoint_dir, find_resume_step,
                                  check_resume_config, check_resume_flags, load_optimizer_state, loop_meta, restore_loop,
-                                 SOURCE_DIRS)
+                                 check_fresh_start, prune_periodic, handle_stop_signals, stop_or_save_due,
+                                 exit_after_stop, add_checkpoint_flags, SOURCE_DIRS)
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.engine import Engine, greedy_completions
 from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled, worth_fp8
@@ -95,6 +100,7 @@ add("--core-metric-every", type=int, default=2000, help="CORE metric every N ste
 add("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
 add("--sample-every", type=int, default=2000, help="greedy samples every N steps and at the last step (-1 = never)")
 add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+add_checkpoint_flags(parser)  # --overwrite, --save-every-minutes, --keep-periodic
 add("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -205,6 +211,7 @@ print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x {a
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
 lock_checkpoint_dir(checkpoint_dir, model_tag)  # a second run writing this directory fails here, naming this one
+check_fresh_start(checkpoint_dir, args.resume or args.resume_from_step >= 0, args.overwrite)
 num_streams = world_size * grad_accum_steps
 resume_step = args.resume_from_step if args.resume_from_step >= 0 else None
 if resume_step is None and args.resume:
@@ -220,6 +227,9 @@ if resume_step is not None:
     check_resume_config(meta, derived, checkpoint_dir, resume_step)
     check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr",
                        "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac"], args.resume_override)
+    if resume_step == num_iterations:  # e.g. runs/speedrun.sh run again after a later stage failed
+        print0(f"{checkpoint_dir} is already trained to its last step {num_iterations}: nothing to do")
+        raise SystemExit(0)
     print0(f"resuming from {checkpoint_dir} step {resume_step}")
 
 # -----------------------------------------------------------------------------
@@ -310,25 +320,31 @@ if args.core_metric_every > 0:
 peak_flops = get_peak_flops(device)
 start_step = step
 metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl, one line per step
+handle_stop_signals()  # from here on SIGTERM/SIGINT stop after the current step, with a checkpoint
+stop_signal, periodic_due, last_save_time = 0, False, time.time()
 
 # -----------------------------------------------------------------------------
 # Training loop: runs num_iterations + 1 times; the last pass only evaluates and saves
 
 while True:
     last_step = step == num_iterations
+    stopping = stop_signal and not last_step  # the evaluations due now are skipped: the resumed run does them first
     record = {"step": step, "flops": num_flops_per_token * total_batch_size * step}
 
-    if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+    if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         model.eval()
-        with bf16_eval():
-            val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
+        try:
+            with bf16_eval():
+                val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
+        except ValueError as e:  # its one error: a val shard with no text (e.g. only empty documents) is bad data
+            raise SystemExit(f"error: val bpb at step {step}: {e}") from None
         model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         record["val_bpb"] = val_bpb
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
         wandb_run.log({"step": step, "total_training_flops": record["flops"], "val/bpb": val_bpb})
 
-    if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+    if not stopping and args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         orig_model.eval()
         with bf16_eval():
             core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,  # in the
@@ -338,7 +354,8 @@ while True:
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
 
-    if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+    sample_due = last_step or (step > 0 and step % args.sample_every == 0)
+    if not stopping and master and args.sample_every > 0 and sample_due:
         orig_model.eval()
         engine = Engine(orig_model, tokenizer)
         with bf16_eval():
@@ -346,11 +363,12 @@ while True:
                 print0(text)
         orig_model.train()
 
-    if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+    kept_save = last_step or (args.save_every > 0 and step % args.save_every == 0)
+    if step > start_step and (kept_save or periodic_due or stopping):
         meta = {
             "step": step, "val_bpb": val_bpb, **derived, "user_config": user_config,
             "model_tag": model_tag, "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
-            "tokenizer_fingerprint": tokenizer.fingerprint(),
+            "tokenizer_fingerprint": tokenizer.fingerprint(), "periodic": not kept_save,
             "num_scaling_params": num_scaling_params, "param_counts": param_counts,
             "flops_per_token": num_flops_per_token,
             "batch_lr_scale": lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
@@ -358,8 +376,13 @@ while True:
             **loop_meta(stream_states, min_val_bpb=min_val_bpb, smooth_train_loss=smooth_train_loss,
                         total_training_time=total_training_time),
         }
+        t_save = time.time()
         save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+        print0(f"saved checkpoint {checkpoint_dir} step {step} in {time.time() - t_save:.2f}s")
+        prune_periodic(checkpoint_dir, args.keep_periodic)
+        last_save_time = time.time()
+    if stopping:
+        exit_after_stop(stop_signal, "scripts.base_train", checkpoint_dir, step)
 
     if last_step:
         metric_log.log(record)
@@ -412,6 +435,7 @@ while True:
     if step == start_step + 1 and use_compile:
         print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
     collect_garbage(step, start_step)
+    stop_signal, periodic_due = stop_or_save_due(last_save_time, args.save_every_minutes)
 
 # -----------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ import torch.distributed as dist
 from nanochat.attention import attention_banner
 from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, synchronize
 from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_model_tag, lock_checkpoint_dir,
-                                 find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS)
+                                 find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS,
+                                 check_fresh_start)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
@@ -181,6 +182,7 @@ def main():
     add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
     add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
     add("--resume", action="store_true", help="resume from the newest complete checkpoint of this run")
+    add("--overwrite", action="store_true", help="delete this run's checkpoints and start from scratch")
     args = parser.parse_args()
     user_config = vars(args).copy()
 
@@ -203,6 +205,7 @@ def main():
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)  # one run per directory
+    check_fresh_start(output_dir, args.resume, args.overwrite)  # never replace another run's checkpoints silently
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0), any id would do
     train_task, test_task = rl_tasks(args.task)

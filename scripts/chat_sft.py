@@ -46,7 +46,9 @@ from nanochat.common import (check_flags, compute_init, compute_cleanup, print0,
                              collect_garbage, synchronize)
 from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
                                  lock_checkpoint_dir, find_resume_step, check_resume_config, check_resume_flags,
-                                 load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS)
+                                 load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS, SOURCE_SCRIPTS,
+                                 add_checkpoint_flags, check_fresh_start, prune_periodic, handle_stop_signals,
+                                 stop_or_save_due, exit_after_stop)
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -169,6 +171,7 @@ def main(stage):
     add("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
     add("--resume-override", action="store_true",
         help="resume even though LR/schedule flags differ from the checkpoint's, with the new values")
+    add_checkpoint_flags(parser)  # --overwrite, --save-every-minutes, --keep-periodic
     args = parser.parse_args()
     user_config = vars(args).copy()
     inherited = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("max_seq_len", "device_batch_size",
@@ -252,6 +255,7 @@ def main(stage):
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
                "examples_per_step": args.examples_per_step}
+    check_fresh_start(output_dir, args.resume, args.overwrite)  # never replace another run's checkpoints silently
     resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
 
     optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac, **lrs)
@@ -340,6 +344,8 @@ def main(stage):
     start_step = step
     metrics = {}
     metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl, one line per step
+    handle_stop_signals()  # SIGTERM/SIGINT: stop after the current step, with a checkpoint
+    stop_signal, periodic_due, last_save_time = 0, False, time.time()
 
     # -------------------------------------------------------------------------
     # Training loop
@@ -348,7 +354,8 @@ def main(stage):
         last_step = (step >= args.num_iterations) if args.num_iterations > 0 else (progress >= 1.0)
         record = {"step": step, "flops": flops_per_token * total_batch_size * step}
 
-        if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
+        stopping = stop_signal and not last_step  # evaluations due now are skipped: the resumed run does them
+        if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
             model.train()
@@ -358,7 +365,7 @@ def main(stage):
             wandb_run.log({"step": step, "val/bpb": val_bpb})
 
         chat_eval_due = args.chat_eval_every > 0 and step > 0 and step % args.chat_eval_every == 0
-        if args.chat_eval_every != 0 and (last_step or chat_eval_due):
+        if not stopping and args.chat_eval_every != 0 and (last_step or chat_eval_due):
             orig_model.eval()
             metrics = {name: run_chat_eval(task, orig_model, tokenizer, engine, max_new_tokens=128,
                                            max_problems=args.chat_eval_max_problems)
@@ -370,14 +377,19 @@ def main(stage):
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
 
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
+        kept_save = last_step or (args.save_every > 0 and step % args.save_every == 0)
+        if step > start_step and (kept_save or periodic_due or stopping):
             meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
                     "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
-                    "tokenizer_fingerprint": tokenizer.fingerprint(),
+                    "tokenizer_fingerprint": tokenizer.fingerprint(), "periodic": not kept_save,
                     **loop_meta(stream_states, progress=progress, smooth_loss=smooth_loss, min_val_bpb=min_val_bpb,
                                 total_time=total_time)}
             save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved checkpoint {output_dir} step {step}")
+            prune_periodic(output_dir, args.keep_periodic)
+            last_save_time = time.time()
+        if stopping:
+            exit_after_stop(stop_signal, SOURCE_SCRIPTS[stage], output_dir, step)
 
         if last_step:
             metric_log.log(record)
@@ -428,6 +440,7 @@ def main(stage):
         if step == start_step + 1 and use_compile:
             print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
         collect_garbage(step, start_step)
+        stop_signal, periodic_due = stop_or_save_due(last_save_time, args.save_every_minutes)
 
     # -------------------------------------------------------------------------
     print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")

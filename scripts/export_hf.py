@@ -58,6 +58,8 @@ report_text = open(report_path, encoding="utf-8").read() if os.path.exists(repor
 
 dtype = {"": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 export_model(state, meta, tokenizer, args.output, source=args.source, dtype=dtype, report_text=report_text)
+# safetensors creates its file 0600 whatever the umask: give it the mode every other file got (0644 under umask 022)
+os.chmod(os.path.join(args.output, "model.safetensors"), os.stat(os.path.join(args.output, "config.json")).st_mode)
 size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
 print(f"exported {args.source} {model_tag} step {step} to {args.output} ({size / 2**20:.1f} MiB): "
       f"{', '.join(sorted(os.listdir(args.output)))}")

@@ -4,19 +4,26 @@ Train the BPE tokenizer on the train split of the pretraining data; save it to <
     python -m scripts.tok_train                                   # 2B chars, vocab 32,768
     python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
     NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
+    python -m scripts.tok_train --overwrite                       # replace a tokenizer that checkpoints use
 
 Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token
-id, 0 for specials; loss_eval turns nats into bits per byte with it), and a "Tokenizer training" report section.
+id, 0 for specials; loss_eval turns nats into bits per byte with it), tok_train.json (these flags, the dataset and
+the fingerprint) and a "Tokenizer training" report section. Run again with the same flags and dataset, it keeps the
+tokenizer (runs/speedrun.sh relies on that to resume); a tokenizer that checkpoints were trained with (their meta
+records its fingerprint) is replaced only with --overwrite: those checkpoints would no longer load.
 Leaves out: shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
 """
 
 import argparse
+import glob
 import itertools
+import json
 import os
 import time
 
-from nanochat.common import get_base_dir, check_flags
-from nanochat.dataset import parquets_iter_batched
+from nanochat.checkpoint import SOURCE_DIRS
+from nanochat.common import get_base_dir, check_flags, atomic_write_text
+from nanochat.dataset import parquets_iter_batched, get_dataset_name
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer
 
@@ -25,11 +32,34 @@ parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_0
                     help="stop after this many characters of training text (2e9 style accepted)")
 parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop documents to this many chars")
 parser.add_argument("--vocab-size", type=int, default=32_768, help="total vocab size including the 9 special tokens")
+parser.add_argument("--overwrite", action="store_true",
+                    help="retrain even if the tokenizer exists with these flags or checkpoints were trained with it")
 args = parser.parse_args()
 check_flags([("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
              ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
              ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, ">= 265 (256 bytes + 9 special tokens)")])
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
+
+# -----------------------------------------------------------------------------
+# An existing tokenizer: keep it if these flags made it; never replace one that checkpoints use without --overwrite
+
+tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
+record_path = os.path.join(tokenizer_dir, "tok_train.json")
+config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": args.vocab_size,
+          "dataset": get_dataset_name()}
+if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
+    fingerprint = Tokenizer.from_directory(tokenizer_dir).fingerprint()
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    if record == dict(config, fingerprint=fingerprint):
+        print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: kept (--overwrite retrains it)")
+        raise SystemExit(0)
+    users = sorted({os.path.dirname(path) for source in SOURCE_DIRS.values()
+                    for path in glob.glob(os.path.join(get_base_dir(), source, "*", "meta_*.json"))
+                    if json.load(open(path)).get("tokenizer_fingerprint") == fingerprint})
+    if users:
+        raise SystemExit(f"the tokenizer in {tokenizer_dir} is the one the checkpoints in {', '.join(users)} were "
+                         f"trained with; a new one would stop them loading. Use another NANOCHAT_BASE_DIR, or pass "
+                         f"--overwrite to replace it anyway")
 
 # -----------------------------------------------------------------------------
 # Training text: train-split documents, each cropped, until max_chars
@@ -74,8 +104,8 @@ print(f"round trip ok: {len(sample.encode())} bytes -> {len(ids)} tokens")
 # -----------------------------------------------------------------------------
 # Save, then summarize token lengths over the ordinary (non-special) tokens
 
-tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
 tokenizer.save(tokenizer_dir)
+atomic_write_text(record_path, json.dumps(dict(config, fingerprint=tokenizer.fingerprint())))
 print(f"saved tokenizer.json and token_bytes.pt to {tokenizer_dir}")
 
 token_bytes = tokenizer.token_bytes()

@@ -1,17 +1,21 @@
 """
 End-to-end tests of scripts/base_train.py on a tiny model, tiny tokenizer and tiny local shards (CPU):
-an interrupted-then-resumed run is bit-identical to an uninterrupted one; 2 gloo ranks train the same model as
-1 process with 2 accumulation steps; bad inputs fail at start-up naming the fix.
+an interrupted-then-resumed run is bit-identical to an uninterrupted one (also after SIGTERM, on 1 and 2 ranks, and
+after a disk-full save); 2 gloo ranks train the same model as 1 process with 2 accumulation steps; a fresh run
+refuses another run's checkpoints; bad inputs fail at start-up naming the fix.
 """
 
 import json
 import os
 import random
 import re
+import resource
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,10 +140,15 @@ def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch, t
     lines = csv_path.read_text().splitlines()
     assert len(lines) == 3 and lines[1] == other and lines[2].startswith("d2,2,64,")
 
-def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(reference_run, tmp_path_factory):
+    """The reference run on 2 gloo ranks, 1 accumulation step each."""
+    ddp = copy_dirs(reference_run[0], tmp_path_factory.mktemp("ddp"), "tokenizer", "base_data_local")
+    return ddp, run([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], ddp)
+
+def test_two_ranks_equal_one_rank_with_accumulation(reference_run, ddp_run):
     base, stdout = reference_run
-    ddp = copy_dirs(base, tmp_path / "ddp", "tokenizer", "base_data_local")
-    ddp_stdout = run([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], ddp)
+    ddp, ddp_stdout = ddp_run
     assert "world size: 2" in ddp_stdout
     train, val = losses(stdout)
     train_d, val_d = losses(ddp_stdout)
@@ -202,3 +211,133 @@ def test_auto_batch_size_follows_depth(monkeypatch, reference_run, depth, batch)
     monkeypatch.setattr(nanochat.tokenizer, "get_token_bytes", lambda device: torch.ones(32768, dtype=torch.int32))
     with pytest.raises(ValueError, match=f"total batch {batch:,} tokens is not divisible"):
         run_in_process(monkeypatch, base, f"--depth={depth}", "--device-batch-size=3", f"--model-tag=auto{depth}")
+
+# -----------------------------------------------------------------------------
+# Never replace a finished run; SIGTERM stops after a step with a checkpoint; a full disk keeps the last checkpoint
+
+def test_fresh_run_refuses_another_runs_checkpoints(monkeypatch, reference_run):
+    base, _ = reference_run
+    with pytest.raises(FileExistsError, match=rf"{CKPT} holds the checkpoints of an earlier run \(last step {STEPS}\): "
+                                              r"add --resume to continue it, or --overwrite"):
+        run_in_process(monkeypatch, base, *FLAGS)
+    with pytest.raises(ValueError, match="pass one of them"):
+        run_in_process(monkeypatch, base, *FLAGS, "--resume", "--overwrite")
+    assert os.path.exists(base / CKPT / f"meta_{STEPS:06d}.json")
+
+def test_overwrite_starts_over_and_periodic_saves_keep_the_newest(reference_run, tmp_path):
+    base, _ = reference_run
+    again = copy_dirs(base, tmp_path / "again", "tokenizer", "base_data_local", CKPT)
+    shutil.copy(again / CKPT / "meta_000003.json", again / CKPT / "meta_000009.json")  # a step this run never makes
+    # a time-based save after every step (0.6 ms), the newest 2 kept; step 3 (--save-every) and the last are kept too
+    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--overwrite", "--save-every-minutes=0.00001",
+         "--keep-periodic=2"], again)
+    metas = sorted(f for f in os.listdir(again / CKPT) if f.startswith("meta"))
+    assert metas == ["meta_000003.json", "meta_000004.json", "meta_000005.json", "meta_000006.json"]
+    assert [json.loads((again / CKPT / f).read_text())["periodic"] for f in metas] == [False, True, True, False]
+    assert not any("000001" in f or "000002" in f for f in os.listdir(again / CKPT))
+    reference, result = final_state(base), final_state(again)
+    assert all(torch.equal(reference[k], result[k]) for k in reference)
+
+def start_and_signal(cmd, base, pick_pid):
+    """Start cmd; when step 0's val bpb is printed (training has begun) SIGTERM the process pick_pid(proc) names."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a rank left behind would hang
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 00000 | val bpb"):
+            os.kill(pick_pid(proc), signal.SIGTERM)
+    watchdog.cancel()
+    return proc.wait(), "".join(lines)
+
+def check_stopped_then_resume(stdout, base, expected_command):
+    """The run stopped before its end with a checkpoint of the step it stopped at; its printed command resumes it."""
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+);", stdout).group(1))
+    assert 0 < stopped < STEPS and sorted(losses(stdout)[0]) == list(range(1, stopped + 1)), stdout[-3000:]
+    assert json.loads((base / CKPT / f"meta_{stopped:06d}.json").read_text())["periodic"]
+    command = stdout.split("Resume with:\n")[1].splitlines()[0]
+    assert command == expected_command
+    out = subprocess.run(command, shell=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and f"resuming from {base / CKPT} step {stopped}" in out.stdout, out.stderr[-3000:]
+
+def test_sigterm_saves_and_resume_matches_uninterrupted(reference_run, tmp_path):
+    base, _ = reference_run
+    stopped = copy_dirs(base, tmp_path / "stopped", "tokenizer", "base_data_local")
+    rc, stdout = start_and_signal([sys.executable, "-m", "scripts.base_train", *FLAGS], stopped, lambda p: p.pid)
+    assert rc == 128 + signal.SIGTERM, stdout[-3000:]
+    check_stopped_then_resume(stdout, stopped, f"NANOCHAT_BASE_DIR={stopped} NANOCHAT_DATASET=local "
+                                                   f"python -m scripts.base_train {' '.join(FLAGS)} --resume")
+    reference, result = final_state(base), final_state(stopped)
+    assert all(torch.equal(reference[k], result[k]) for k in reference), "stopped + resumed differs from uninterrupted"
+    assert [{k: r.get(k) for k in DETERMINISTIC} for r in read_metric_log(stopped / LOG)] == \
+           [{k: r.get(k) for k in DETERMINISTIC} for r in read_metric_log(base / LOG)]
+
+def rank1_pid(proc):
+    """The pid of torchrun's worker with RANK=1 (the signal reaches one rank; rank 0 must learn it from rank 1)."""
+    children = open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()
+    for pid in children:
+        if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no RANK=1 among torchrun's children {children}")
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(ddp_run, tmp_path):
+    ddp, _ = ddp_run
+    stopped = copy_dirs(ddp, tmp_path / "stopped", "tokenizer", "base_data_local")
+    rc, stdout = start_and_signal([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], stopped, rank1_pid)
+    step = int(re.search(r"stopped by SIGTERM at step (\d+);", stdout).group(1))
+    assert json.loads((stopped / CKPT / f"meta_{step:06d}.json").read_text())["optim_shards"] == 2
+    assert rc != 0 and stdout.count(f"stopped by SIGTERM at step {step};") == 1, stdout[-3000:]  # rank 0 prints
+    check_stopped_then_resume(stdout, stopped,
+                              f"NANOCHAT_BASE_DIR={stopped} NANOCHAT_DATASET=local torchrun --standalone "
+                              f"--nproc_per_node=2 -m scripts.base_train -- {' '.join(FLAGS)} --resume")
+    reference, result = final_state(ddp), final_state(stopped)
+    assert all(torch.equal(reference[k], result[k]) for k in reference), "stopped + resumed differs from uninterrupted"
+
+def test_second_signal_exits_at_once(tmp_path):
+    # one stop request; a repeat within 2 s is the launcher forwarding the same Ctrl-C; a later one exits at once
+    code = ("import os, signal, time\nfrom nanochat.checkpoint import handle_stop_signals, stop_or_save_due\n"
+            "handle_stop_signals()\nos.kill(os.getpid(), signal.SIGINT)\nos.kill(os.getpid(), signal.SIGINT)\n"
+            "print('flags', stop_or_save_due(time.time(), -1), flush=True)\ntime.sleep(2.1)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)\nprint('still running')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 128 + signal.SIGTERM, out
+    assert out.stdout.count("SIGINT: finishing this step") == 1 and f"flags ({int(signal.SIGINT)}, False)" in out.stdout
+    assert "SIGTERM again: exiting now" in out.stdout and "still running" not in out.stdout
+
+def test_disk_full_keeps_the_last_checkpoint_and_log(reference_run, tmp_path):
+    base, _ = reference_run
+    full = died_before(base, tmp_path / "full", CKPT, STEPS)  # resumes from step 3, saves step 6
+    limit = os.path.getsize(base / CKPT / f"model_{STEPS:06d}.pt") // 2  # the metric log and meta stay far below
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(full), NANOCHAT_DATASET="local", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300, preexec_fn=small_disk)
+    assert out.returncode != 0
+    message = out.stderr.strip().splitlines()[-1]
+    assert re.search(rf"saving step {STEPS} into {full / CKPT} failed: File too large\. This rank's files need about "
+                     rf"[\d,]+ bytes there", message), out.stderr[-3000:]
+    needed = int(re.search(r"about ([\d,]+) bytes", message).group(1).replace(",", ""))
+    assert 0.9 < needed / os.path.getsize(base / CKPT / f"model_{STEPS:06d}.pt") < 3  # model + Adam/Muon state
+    assert sorted(os.listdir(full / CKPT)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
+    assert [r["step"] for r in read_metric_log(full / LOG)] == list(range(STEPS))  # steps 0-5, every line whole
+    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], full)  # space freed: it resumes
+    reference, result = final_state(base), final_state(full)
+    assert all(torch.equal(reference[k], result[k]) for k in reference)
+
+def test_val_shard_of_empty_documents_is_one_line(tmp_path, tiny_tokenizer):
+    make_base_dir(tmp_path, tiny_tokenizer)
+    pq.write_table(pa.table({"text": [""] * 200}), str(tmp_path / "base_data_local" / "shard_00009.parquet"))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_DATASET="local", PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, "-m", "scripts.base_train", *FLAGS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.fullmatch(r"error: val bpb at step 0: bits per byte is undefined: .*no text bytes.*re-download the val "
+                        r"shard.*", out.stderr.strip()), out.stderr

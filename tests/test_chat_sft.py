@@ -253,7 +253,7 @@ def test_sft_first_step_runs_on_the_mid_momenta_with_fresh_lrs(reference_run, ti
     monkeypatch.setattr(MuonAdamW, "step", capture_first_step)
     with pytest.raises(FirstStep) as stopped:
         run_in_process(monkeypatch, tmp_path / "base", "sft", "--mixture=synthetic", "--num-iterations=2",
-                       "--device-batch-size=2", "--eval-every=-1", "--chat-eval-every=0")
+                       "--device-batch-size=2", "--eval-every=-1", "--chat-eval-every=0", "--overwrite")
     seen = stopped.value.args[0]
     assert seen["state"].keys() == saved["state"].keys() and len(saved["state"]) > 0
     for idx, buffers in saved["state"].items():

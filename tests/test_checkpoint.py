@@ -55,9 +55,8 @@ def test_save_killed_halfway_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
     # dies while writing the model file: nothing of step 30 appears, not even a temp file
     real_save = torch.save
-    def crash_midway(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"PK\x03\x04 half a zip")
+    def crash_midway(obj, f):
+        f.write(b"PK\x03\x04 half a zip")
         raise OSError("killed")
     monkeypatch.setattr(torch, "save", crash_midway)
     with pytest.raises(OSError, match="killed"):

@@ -130,3 +130,15 @@ def test_isolation_problems_are_named(monkeypatch):
     bwrap, problem = execution._probe_isolation.__wrapped__()
     assert bwrap is None and "(bwrap: setting up uid map: Permission denied)" in problem, problem
     assert "unprivileged user namespaces" in problem, problem
+
+def test_failed_start_leaks_no_descriptor(monkeypatch):
+    # Popen failing (fd or process limit) after the info pipe and the seccomp pipe were made must close all of them
+    if execution._isolation() is None:
+        pytest.skip("bwrap unusable here: no pipes are made")
+    def fail(*args, **kwargs):
+        raise OSError(24, "Too many open files")
+    before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(execution.subprocess, "Popen", fail)
+    with pytest.raises(OSError, match="Too many open files"):
+        execute_code("print(1)")
+    assert sorted(os.listdir("/proc/self/fd")) == before

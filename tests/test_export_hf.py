@@ -55,6 +55,10 @@ def hf_model(out):
 def test_export_directory(exported):
     _, _, out = exported
     files = set(os.listdir(out))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: oct(os.stat(os.path.join(out, f)).st_mode & 0o777) for f in files}
+    assert modes == {f: oct(0o666 & ~umask) for f in files}  # model.safetensors too (safetensors makes it 0600)
     assert {"model.safetensors", "config.json", "configuration_nanochat.py", "modeling_nanochat.py", "tokenizer.json",
             "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "README.md"} <= files
     config = json.load(open(os.path.join(out, "config.json")))
