@@ -25,10 +25,10 @@ import re
 from collections import deque
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import KVCache
+from nanochat.gpt import KVCache, rotary_tables
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -84,6 +84,71 @@ def use_calculator(expr):
         return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
     except (ArithmeticError, TypeError, ValueError):  # 1/0, float overflow, 'abc'.count(1), 'abc'.count()
         return None
+
+# -----------------------------------------------------------------------------
+# Inference weights: held once in the dtype the device does best
+
+# --dtype -> the dtype activations, KV cache and (but for int8) the weights are held in
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+
+def default_inference_dtype(device):
+    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32 (emulated bf16 is slower)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bfloat16", f"CUDA SM{major}{minor} has bf16 tensor cores"
+        return "float32", f"CUDA SM{major}{minor} < SM80 has no fast bf16"
+    if device.type == "cpu":
+        # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively; oneDNN uses them
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return "bfloat16", "CPU has AVX512-BF16/AMX: half the bytes of fp32 per decoded token"
+        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 matmuls would be emulated, slower than fp32"
+    return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
+
+class Int8Linear(nn.Module):
+    """
+    Weight-only int8 twin of gpt.Linear for CPU generation: one scale per output channel (symmetric,
+    max |w_row| / 127), multiplied by torch's own kernel _weight_int8pack_mm (bf16 activations in and out). Decode
+    is bound by reading the weights, and this reads 1 byte per weight where bf16 reads 2.
+    """
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # scales rounded to bf16 (the kernel's dtype) before quantizing, so q * scale is the weight the kernel uses
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def forward(self, x):
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.size(-1)).contiguous(), self.weight, self.scales)
+        return y.view(*x.shape[:-1], -1)
+
+def prepare_for_inference(model, dtype=""):
+    """
+    Make a loaded GPT ready to generate, in place: weights held once in the inference dtype, activations and KV
+    cache in the same dtype, no autograd. Training keeps fp32 master weights and casts them at every forward, so a
+    bf16 decode step there reads 4 bytes per weight and writes and reads 2 more; here it reads 2 (int8: 1).
+    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. -> a line naming the dtype and why.
+    """
+    device = model.get_device()
+    dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; leave it out for the default")
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
+    model.eval().requires_grad_(False)
+    model.compute_dtype = INFERENCE_DTYPES[dtype]
+    model.to(model.compute_dtype)
+    # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them in bf16
+    model.cos, model.sin = rotary_tables(model.cos.size(1), model.cos.size(-1) * 2, device, dtype=model.compute_dtype)
+    if dtype == "int8":  # the block matrices and lm_head; the tiny gates stay bf16
+        for block in model.transformer.h:
+            for parent, name in [(block.attn, "c_q"), (block.attn, "c_k"), (block.attn, "c_v"),
+                                 (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
+                setattr(parent, name, Int8Linear(getattr(parent, name)))
+        model.lm_head = Int8Linear(model.lm_head)
+    return f"inference dtype: {dtype} ({reason})"
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -174,7 +239,7 @@ class Engine:
         config = self.model.config
         return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                        head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+                       device=self.model.get_device(), dtype=self.model.compute_dtype)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -235,9 +300,9 @@ class RowCache(KVCache):
     def __init__(self, model, capacity):
         c = model.config
         super().__init__(batch_size=0, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
-                         num_layers=c.n_layer, device=model.get_device(), dtype=COMPUTE_DTYPE)
+                         num_layers=c.n_layer, device=model.get_device(), dtype=model.compute_dtype)
         self.row_positions = []
-        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=COMPUTE_DTYPE)
+        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=model.compute_dtype)
 
     def add_row(self, prefilled):
         n = prefilled.get_pos()
