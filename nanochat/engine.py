@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.common import print0
 from nanochat.gpt import KVCache, rotary_tables
 
 # -----------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def prepare_for_inference(model, dtype=""):
     Make a loaded GPT ready to generate, in place: weights held once in the inference dtype, activations and KV
     cache in the same dtype, no autograd. Training keeps fp32 master weights and casts them at every forward, so a
     bf16 decode step there reads 4 bytes per weight and writes and reads 2 more; here it reads 2 (int8: 1).
-    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. -> a line naming the dtype and why.
+    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its name.
     """
     device = model.get_device()
     dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
@@ -148,7 +149,8 @@ def prepare_for_inference(model, dtype=""):
                                  (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
                 setattr(parent, name, Int8Linear(getattr(parent, name)))
         model.lm_head = Int8Linear(model.lm_head)
-    return f"inference dtype: {dtype} ({reason})"
+    print0(f"inference dtype: {dtype} ({reason})")
+    return dtype
 
 # -----------------------------------------------------------------------------
 # Sampling

@@ -46,7 +46,7 @@ except ValueError as e:
 _, _, _, _, device = compute_init(args.device_type)
 try:
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    print(prepare_for_inference(model, args.dtype))
+    prepare_for_inference(model, args.dtype)
 except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -215,7 +215,7 @@ if __name__ == "__main__":
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-        print0(prepare_for_inference(model, args.dtype))
+        prepare_for_inference(model, args.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
         sys.exit(f"error: {e}")
     engine = Engine(model, tokenizer)

@@ -299,7 +299,7 @@ else:
 workers = []
 for gpu_id, device in enumerate(devices):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
-    print(prepare_for_inference(model, args.dtype))
+    prepare_for_inference(model, args.dtype)
     workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
 MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat-{args.source}-{model_tag}"
 CREATED = int(time.time())
