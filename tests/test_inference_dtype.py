@@ -11,7 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.engine import Engine, Int8Linear, default_inference_dtype, prepare_for_inference
+from nanochat.engine import (Engine, Int8Linear, PackedLinear, default_inference_dtype, prepare_for_inference,
+                             uses_onednn_bf16)
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from conftest import seeded_gpt
 
@@ -112,6 +113,8 @@ def test_weights_are_held_once_in_the_inference_dtype_and_never_cast_per_forward
         assert prepared.compute_dtype == torch.bfloat16 and not any(p.requires_grad for p in prepared.parameters())
         # what is left: the logits to fp32 for the softcap and a few scalars, far below one matrix
         assert copied_per_decode_step(prepared) < 0.05 * matrices
+    if uses_onednn_bf16(torch.device("cpu")):  # this CPU runs bf16 matrices through oneDNN's packed layout
+        assert isinstance(converted(model, "bfloat16").transformer.h[0].attn.c_q, PackedLinear)
     int8 = converted(model, "int8")
     assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
     # one byte per weight of every matrix but the tiny gates (kept bf16), plus one bf16 scale per output row
@@ -129,9 +132,21 @@ def test_int8_weights_dequantize_to_the_original_within_half_a_step():
     scales = layer.scales.float()[:, None]
     assert layer.weight.abs().max() <= 127 and (layer.weight.abs().amax(dim=1) >= 126).all()  # each row uses its range
     assert ((layer.weight.float() * scales - original).abs() <= 0.5 * scales + 1e-7).all()
-    x = torch.randn(3, 5, SMALL.n_embd).bfloat16()
-    expected = x.float() @ (layer.weight.float() * scales).t()
-    assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.02)
+    for shape in [(1, 1), (2, 2), (3, 5)]:  # decode rows run torch's int8 kernel, a prefill dequantizes first
+        x = torch.randn(*shape, SMALL.n_embd).bfloat16()
+        expected = x.float() @ (layer.weight.float() * scales).t()
+        assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.02)
+
+@pytest.mark.skipif(not uses_onednn_bf16(torch.device("cpu")), reason="oneDNN has no bf16 kernels on this CPU")
+def test_packed_bf16_weights_multiply_as_the_plain_bf16_weight():
+    """The packed layout changes where the weights sit, not the math: the same products as F.linear on the bf16
+    weight, up to the rounding of bf16 outputs (2^-8 relative) and summation order."""
+    linear = trained_like(SMALL, seed=0).transformer.h[0].mlp.c_fc
+    packed = PackedLinear(linear)
+    for shape in [(1, 1), (8, 1), (2, 64)]:  # decode rows and a prefill
+        x = torch.randn(*shape, SMALL.n_embd).bfloat16()
+        expected = torch.nn.functional.linear(x.float(), linear.weight.bfloat16().float())
+        assert torch.allclose(packed(x).float(), expected, rtol=1e-2, atol=1e-2)
 
 def test_default_dtype_follows_the_hardware_and_bad_choices_name_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
