@@ -148,6 +148,14 @@ def uses_onednn_bf16(device):
     mkldnn = torch.backends.mkldnn.is_available()
     return device.type == "cpu" and mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+def _swap_matrices(model, module_class):
+    """The block matrices and lm_head -> module_class(linear); the tiny gates stay plain."""
+    for block in model.transformer.h:
+        for parent, name in [(block.attn, "c_q"), (block.attn, "c_k"), (block.attn, "c_v"), (block.attn, "c_proj"),
+                             (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
+            setattr(parent, name, module_class(getattr(parent, name)))
+    model.lm_head = module_class(model.lm_head)
+
 def prepare_for_inference(model, dtype=""):
     """
     Make a loaded GPT ready to generate, in place: weights held once in the inference dtype, activations and KV
@@ -163,19 +171,13 @@ def prepare_for_inference(model, dtype=""):
         raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
     model.eval().requires_grad_(False)
     model.compute_dtype = INFERENCE_DTYPES[dtype]
-    model.to(model.compute_dtype)
+    if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
+        _swap_matrices(model, Int8Linear)
+    model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay as they are
     # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them in bf16
     model.cos, model.sin = rotary_tables(model.cos.size(1), model.cos.size(-1) * 2, device, dtype=model.compute_dtype)
-    # the block matrices and lm_head in int8, or packed for oneDNN's bf16 kernels on CPU; the tiny gates stay plain
-    swap = Int8Linear if dtype == "int8" else None
     if dtype == "bfloat16" and uses_onednn_bf16(device):
-        swap = PackedLinear
-    if swap:
-        for block in model.transformer.h:
-            for parent, name in [(block.attn, "c_q"), (block.attn, "c_k"), (block.attn, "c_v"),
-                                 (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
-                setattr(parent, name, swap(getattr(parent, name)))
-        model.lm_head = swap(model.lm_head)
+        _swap_matrices(model, PackedLinear)
     print0(f"inference dtype: {dtype} ({reason})")
     return dtype
 
