@@ -106,7 +106,10 @@ def default_inference_dtype(device):
         return "float32", "CPU lacks AVX512-BF16/AMX: bf16 matmuls would be emulated, slower than fp32"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
 
-INT8_KERNEL_MAX_ROWS = 4  # _weight_int8pack_mm above this many rows: slower than dequantizing, then bf16 matmul
+# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first. Half of d20's matrices, one thread of a 2-core
+# EPYC: the kernel takes 51/69/81/131 ms at 1/2/4/8 rows, dequantizing + matmul ~260 ms at any of those (its cost is
+# the dequantized copy); at a 128-token prefill the kernel is 2.4x slower than a bf16 matmul.
+INT8_KERNEL_MAX_ROWS = 16
 
 class Int8Linear(nn.Module):
     """
@@ -125,7 +128,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, x.size(-1)).contiguous()
-        if rows.size(0) > INT8_KERNEL_MAX_ROWS:  # a prefill: compute-bound, so dequantizing first costs little
+        if rows.size(0) > INT8_KERNEL_MAX_ROWS:  # a prefill: compute-bound, so the dequantized copy costs little
             return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
         return torch._weight_int8pack_mm(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
 
