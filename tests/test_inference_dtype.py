@@ -5,16 +5,24 @@ model's, its greedy tokens agree, and training-side models are untouched.
 """
 
 import copy
+import dataclasses
+import os
+import runpy
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nanochat.checkpoint import save_checkpoint
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, Int8Linear, PackedLinear, default_inference_dtype,
                              prepare_for_inference, uses_onednn_bf16)
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from conftest import seeded_gpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def trained_like(config, seed):
     """A seeded GPT whose matrices are N(0, 1/fan_in), as after training, instead of init's zero projections and
@@ -164,3 +172,40 @@ def test_default_dtype_follows_the_hardware_and_bad_choices_name_the_fix(monkeyp
         meta = GPT(SMALL)
     with pytest.raises(ValueError, match="int8.*--dtype bfloat16"):
         prepare_for_inference(meta, "int8")
+
+# -----------------------------------------------------------------------------
+# The scripts' --dtype flag
+
+@pytest.fixture
+def saved_chat_model(base_dir, tiny_tokenizer):
+    """A trained-scale tiny model saved as sft/d2 (tokenizer alongside) under the test's NANOCHAT_BASE_DIR."""
+    config = GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2,
+                       n_kv_head=2, n_embd=64)
+    model = trained_like(config, seed=2)
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    save_checkpoint(str(base_dir / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
+                    {"model_config": dataclasses.asdict(config), "user_config": {}})
+    return model
+
+@pytest.mark.parametrize("dtype", ["", "float32", "bfloat16", "int8"])
+def test_chat_cli_generates_in_the_chosen_dtype(dtype, saved_chat_model, tiny_tokenizer, monkeypatch, capsys):
+    flags = ["--dtype", dtype] if dtype else []
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-t", "0", "-m", "8", "-p", "hi", *flags])
+    runpy.run_module("scripts.chat_cli", run_name="__main__")
+    out = capsys.readouterr().out
+    name, reason = (dtype, "set by --dtype") if dtype else default_inference_dtype(torch.device("cpu"))
+    assert f"inference dtype: {name} ({reason})" in out
+    # the reply is what the Engine generates from the same weights converted the same way
+    tok = tiny_tokenizer
+    prompt = [tok.get_bos_token_id(), tok.encode_special("<|user_start|>"), *tok.encode("hi"),
+              tok.encode_special("<|user_end|>"), tok.encode_special("<|assistant_start|>")]
+    sequences, _ = Engine(converted(saved_chat_model, name), tok).generate_batch(prompt, max_tokens=8, temperature=0)
+    assert out.split("Assistant: ")[1] == tok.decode(sequences[0][len(prompt):]) + "\n"
+
+def test_chat_eval_runs_with_int8_weights(saved_chat_model, base_dir):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), NANOCHAT_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-x", "2", "-m", "4", "--device-type", "cpu",
+               "--dtype", "int8"]
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "inference dtype: int8 (set by --dtype)" in proc.stdout and "ChatCORE-synthetic" in proc.stdout
