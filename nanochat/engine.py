@@ -93,7 +93,7 @@ def use_calculator(expr):
 INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
 
 def default_inference_dtype(device):
-    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32 (emulated bf16 is slower)."""
+    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
@@ -103,7 +103,7 @@ def default_inference_dtype(device):
         # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively; oneDNN uses them
         if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
             return "bfloat16", "CPU has AVX512-BF16/AMX: half the bytes of fp32 per decoded token"
-        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 matmuls would be emulated, slower than fp32"
+        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first. Half of d20's matrices, one thread of a 2-core
