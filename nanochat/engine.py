@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.attention import load_fa3
 from nanochat.common import print0
 from nanochat.gpt import KVCache, rotary_tables
 
@@ -172,6 +173,9 @@ def prepare_for_inference(model, dtype=""):
         raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; leave it out for the default")
     if dtype == "int8" and device.type != "cpu":
         raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
+    if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
+        raise ValueError("--dtype float32: attention on this GPU is FA3, which runs bf16 only; use --dtype bfloat16, "
+                         "or NANOCHAT_DTYPE=float32 to compute everything in fp32 (attention then uses flex/SDPA)")
     model.eval().requires_grad_(False)
     model.compute_dtype = INFERENCE_DTYPES[dtype]
     if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
