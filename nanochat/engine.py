@@ -1,6 +1,7 @@
 """
 Fast sampling from a GPT with a KV cache, plus the calculator tool the chat model may call.
 
+    prepare_for_inference(model, "")          # weights held once in the device's inference dtype (bf16/fp32/int8)
     engine = Engine(model, tokenizer)
     for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                                   # one token per sample per step, streamed
