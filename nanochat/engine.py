@@ -103,8 +103,9 @@ def default_inference_dtype(device):
         return "float32", f"CUDA SM{major}{minor} < SM80 has no fast bf16"
     if device.type == "cpu":
         # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively; oneDNN uses them
+        feature = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
         if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
-            return "bfloat16", "CPU has AVX512-BF16/AMX: half the bytes of fp32 per decoded token"
+            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
         return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
 
