@@ -1,6 +1,7 @@
 """
 Fast sampling from a GPT with a KV cache, plus the calculator tool the chat model may call.
 
+    prepare_for_inference(model, "")          # weights held once in the device's inference dtype (bf16/fp32/int8)
     engine = Engine(model, tokenizer)
     for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                                   # one token per sample per step, streamed
@@ -25,10 +26,12 @@ import re
 from collections import deque
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import COMPUTE_DTYPE
-from nanochat.gpt import KVCache
+from nanochat.attention import load_fa3
+from nanochat.common import print0
+from nanochat.gpt import KVCache, rotary_tables
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -84,6 +87,108 @@ def use_calculator(expr):
         return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
     except (ArithmeticError, TypeError, ValueError):  # 1/0, float overflow, 'abc'.count(1), 'abc'.count()
         return None
+
+# -----------------------------------------------------------------------------
+# Inference weights: held once in the dtype the device does best
+
+# --dtype -> the dtype activations, KV cache and (but for int8) the weights are held in
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+
+def default_inference_dtype(device):
+    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bfloat16", f"CUDA SM{major}{minor} has bf16 tensor cores"
+        return "float32", f"CUDA SM{major}{minor} < SM80 has no fast bf16"
+    if device.type == "cpu":
+        # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively; oneDNN uses them
+        feature = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
+        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
+        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
+    return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
+
+# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first. Half of d20's matrices, one thread of a 2-core
+# EPYC: the kernel takes 51/69/81/131 ms at 1/2/4/8 rows, dequantizing + matmul ~260 ms at any of those (its cost is
+# the dequantized copy); at a 128-token prefill the kernel is 2.4x slower than a bf16 matmul.
+INT8_KERNEL_MAX_ROWS = 16
+
+class Int8Linear(nn.Module):
+    """
+    Weight-only int8 twin of gpt.Linear for CPU generation: one scale per output channel (symmetric,
+    max |w_row| / 127), multiplied by torch's own kernel _weight_int8pack_mm (bf16 activations in and out). Decode
+    is bound by reading the weights, and this reads 1 byte per weight where bf16 reads 2.
+    """
+    def __init__(self, linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        # scales rounded to bf16 (the kernel's dtype) before quantizing, so q * scale is the weight the kernel uses
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
+        q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.weight = nn.Parameter(q, requires_grad=False)
+        self.scales = nn.Parameter(scales, requires_grad=False)
+
+    def forward(self, x):
+        rows = x.reshape(-1, x.size(-1)).contiguous()
+        if rows.size(0) > INT8_KERNEL_MAX_ROWS:  # a prefill: compute-bound, so the dequantized copy costs little
+            return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
+        return torch._weight_int8pack_mm(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+
+class PackedLinear(nn.Module):
+    """
+    gpt.Linear for bf16 generation on CPU: the weight reordered once into oneDNN's blocked layout and multiplied by
+    oneDNN (torch.ops.mkldnn, the ops torch.compile's CPU weight freezing emits). F.linear on the plain bf16 weight is
+    far from the bandwidth: the matrices of a d20 decode step took 164 ms that way, 85 ms packed and 175 ms in fp32
+    (2-core EPYC with AVX512-BF16, one thread, best of 8); prefill runs at the same speed either way.
+    """
+    def __init__(self, linear):
+        super().__init__()
+        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16), 1)  # 1 row: decode
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+def uses_onednn_bf16(device):
+    mkldnn = torch.backends.mkldnn.is_available()
+    return device.type == "cpu" and mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+def _swap_matrices(model, module_class):
+    """The block matrices and lm_head -> module_class(linear); the tiny gates stay plain."""
+    for block in model.transformer.h:
+        for parent, name in [(block.attn, "c_q"), (block.attn, "c_k"), (block.attn, "c_v"), (block.attn, "c_proj"),
+                             (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
+            setattr(parent, name, module_class(getattr(parent, name)))
+    model.lm_head = module_class(model.lm_head)
+
+def prepare_for_inference(model, dtype=""):
+    """
+    Make a loaded GPT ready to generate, in place: weights held once in the inference dtype, activations and KV
+    cache in the same dtype, no autograd. Training keeps fp32 master weights and casts them at every forward, so a
+    bf16 decode step there reads 4 bytes per weight and writes and reads 2 more; here it reads 2 (int8: 1).
+    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its name.
+    """
+    device = model.get_device()
+    dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
+    if dtype not in INFERENCE_DTYPES:
+        raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; leave it out for the default")
+    if dtype == "int8" and device.type != "cpu":
+        raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
+    if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
+        raise ValueError("--dtype float32: attention on this GPU is FA3, which runs bf16 only; use --dtype bfloat16, "
+                         "or NANOCHAT_DTYPE=float32 to compute everything in fp32 (attention then uses flex/SDPA)")
+    model.eval().requires_grad_(False)
+    model.compute_dtype = INFERENCE_DTYPES[dtype]
+    if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
+        _swap_matrices(model, Int8Linear)
+    model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay as they are
+    # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them in bf16
+    model.cos, model.sin = rotary_tables(model.cos.size(1), model.cos.size(-1) * 2, device, dtype=model.compute_dtype)
+    if dtype == "bfloat16" and uses_onednn_bf16(device):
+        _swap_matrices(model, PackedLinear)
+    print0(f"inference dtype: {dtype} ({reason})")
+    return dtype
 
 # -----------------------------------------------------------------------------
 # Sampling
@@ -174,7 +279,7 @@ class Engine:
         config = self.model.config
         return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
                        head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=self.model.get_device(), dtype=COMPUTE_DTYPE)
+                       device=self.model.get_device(), dtype=self.model.compute_dtype)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
@@ -235,9 +340,9 @@ class RowCache(KVCache):
     def __init__(self, model, capacity):
         c = model.config
         super().__init__(batch_size=0, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
-                         num_layers=c.n_layer, device=model.get_device(), dtype=COMPUTE_DTYPE)
+                         num_layers=c.n_layer, device=model.get_device(), dtype=model.compute_dtype)
         self.row_positions = []
-        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=COMPUTE_DTYPE)
+        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=model.compute_dtype)
 
     def add_row(self, prefilled):
         n = prefilled.get_pos()

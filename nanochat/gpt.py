@@ -95,11 +95,11 @@ class Linear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE):
-    """cos/sin of shape (1, seq_len, 1, head_dim/2), in COMPUTE_DTYPE, broadcasting over (B, T, H, D/2)."""
+def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE, dtype=COMPUTE_DTYPE):
+    """cos/sin of shape (1, seq_len, 1, head_dim/2), in the activation dtype, broadcasting over (B, T, H, D/2)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos().to(COMPUTE_DTYPE)[None, :, None, :], freqs.sin().to(COMPUTE_DTYPE)[None, :, None, :]
+    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
 def apply_rotary(x, cos, sin):
     # non-interleaved halves: channel j pairs with channel j + D/2
@@ -216,6 +216,9 @@ class GPT(nn.Module):
         super().__init__()
         validate_config(config)
         self.config = config
+        # Activations and KV cache run in this dtype: COMPUTE_DTYPE while training (fp32 master weights cast at use);
+        # engine.prepare_for_inference holds the weights in the inference dtype instead and sets it to match.
+        self.compute_dtype = COMPUTE_DTYPE
         self.window_sizes = compute_window_sizes(config)
         L, C = config.n_layer, config.n_embd
         head_dim = C // config.n_head
@@ -269,7 +272,7 @@ class GPT(nn.Module):
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
         self.cos, self.sin = rotary_tables(ROPE_HEADROOM * self.config.sequence_len, C // self.config.n_head,
-                                           self.get_device())
+                                           self.get_device(), dtype=self.compute_dtype)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -282,7 +285,7 @@ class GPT(nn.Module):
         """
         if num_positions > self.cos.size(1):
             head_dim = self.config.n_embd // self.config.n_head
-            self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device())
+            self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device(), dtype=self.compute_dtype)
 
     def softcap(self, logits):
         """The real vocabulary's logits (lm_head is padded), in fp32, squashed into (-SOFTCAP, SOFTCAP)."""
@@ -310,7 +313,7 @@ class GPT(nn.Module):
             pos0 = last
             cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
 
-        x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))
+        x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized
         # embedding (from the cache when decoding). Cheap bigram-ish mixing; a no-op at init (lambda 0).
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
@@ -349,7 +352,7 @@ class GPT(nn.Module):
         elif targets is not None:
             logits = self.lm_head(x)[..., :self.config.vocab_size].float()
             losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
-        elif kv_cache is not None and x.device.type == "cpu" and B * T <= 64:
+        elif kv_cache is not None and x.device.type == "cpu" and B * T <= 64 and isinstance(self.lm_head, Linear):
             # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split; with MKL on a
             # 2-core EPYC, 8 rows x 8,192 vocab take 1.1 ms this way and 2.4 ms as x @ W^T (docs/perf.md).
             return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
@@ -447,11 +450,11 @@ class GPT(nn.Module):
 
     def kv_bytes_per_token(self):
         head_dim = self.config.n_embd // self.config.n_head
-        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * COMPUTE_DTYPE.itemsize
+        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * self.compute_dtype.itemsize
 
     def kv_read_bytes(self, ctx):
         """KV-cache bytes one decode step reads at context length ctx (windows cap what each layer reads)."""
-        per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * COMPUTE_DTYPE.itemsize
+        per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * self.compute_dtype.itemsize
         return sum(per_pos * min(ctx, w) for w in self.window_sizes)
 
     # -------------------------------------------------------------------------

@@ -26,11 +26,14 @@ parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampli
 parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = all)")
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
+                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, else "
+                         "float32; int8: CPU only)")
 args = parser.parse_args()
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model
-from nanochat.engine import Engine, ReplyStream, check_sampling
+from nanochat.engine import Engine, ReplyStream, check_sampling, prepare_for_inference
 
 # -----------------------------------------------------------------------------
 # Load
@@ -44,6 +47,7 @@ except ValueError as e:
 _, _, _, _, device = compute_init(args.device_type)
 try:
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    prepare_for_inference(model, args.dtype)
 except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

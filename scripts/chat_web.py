@@ -42,6 +42,9 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (e
 parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY", ""),
                     help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
 parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once (more wait)")
+parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
+                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, else "
+                         "float32; int8: CPU only)")
 args = parser.parse_args()
 
 import asyncio
@@ -61,7 +64,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from nanochat.checkpoint import SOURCE_DIRS, find_model_tag, load_model
 from nanochat.common import autodetect_device_type, compute_init, get_base_dir
-from nanochat.engine import Engine, ReplyStream, RowBatch
+from nanochat.engine import Engine, ReplyStream, RowBatch, prepare_for_inference
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
@@ -306,6 +309,7 @@ else:
 workers = []
 for gpu_id, device in enumerate(devices):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
+    prepare_for_inference(model, args.dtype)
     workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
 MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat-{args.source}-{model_tag}"
 CREATED = int(time.time())

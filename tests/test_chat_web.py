@@ -31,7 +31,9 @@ def start_server(base_dir, *extra):
     log_path = base_dir / f"server{len(list(base_dir.glob('server*.log')))}.log"
     log = open(log_path, "w")
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "-p", "0", *extra],
+    # fp32 weights: replies are compared token for token with Engine greedy on the fp32 test model
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "-p", "0",
+                             "--dtype", "float32", *extra],
                             cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline:

@@ -46,6 +46,8 @@ S = TOK.special
 
 class MockModel:
     """Logits at each position are logits_fn(token at that position): a bigram table, uniform, anything."""
+    compute_dtype = torch.float32  # the dtype of the KV cache the Engine allocates for it
+
     def __init__(self, logits_fn, sequence_len=64):
         self.logits_fn = logits_fn
         self.config = GPTConfig(sequence_len=sequence_len, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=24)

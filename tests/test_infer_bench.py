@@ -17,32 +17,48 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_infer_bench_random_model_json(base_dir):
     cmd = [sys.executable, "-m", "scripts.infer_bench", "--depth", "1", "--max-seq-len", "64", "--prompt-tokens", "16",
-           "--decode-tokens", "4", "--batch-sizes", "1,2", "--device-type", "cpu"]
+           "--decode-tokens", "4", "--batch-sizes", "1,2", "--device-type", "cpu", "--engine-samples", "1,8",
+           "--dtype", "float32,bfloat16,int8"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["device"] == "cpu"
-    assert [row["batch_size"] for row in result["decode"]] == [1, 2]
+    # one row per dtype x batch, in the order asked; MBU on CPU is against the bandwidth measured in the same run
+    assert [(row["dtype"], row["batch_size"]) for row in result["decode"]] == \
+        [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 2)]
+    assert result["bandwidth_source"].startswith("measured") and result["read_bandwidth"] > 1e8
     for row in result["decode"]:
         assert row["tok_per_s"] > 0 and row["tpot_s"] > 0
+        assert row["mbu"] == pytest.approx(row["bytes_per_s"] / result["read_bandwidth"])
+    assert [p["dtype"] for p in result["prefills"]] == ["float32", "bfloat16", "int8"]
     assert result["prefill"]["ttft_s"] > 0 and result["prefill"]["prompt_tokens"] == 16
     # Engine.generate rows: every sample runs the full count (no stop token can be sampled)
-    assert [(r["samples"], r["tokens"]) for r in result["engine"]] == [(1, 32), (8, 8 * 32)]
+    assert [(r["dtype"], r["samples"], r["tokens"]) for r in result["engine"]] == \
+        [(d, s, s * 32) for d in ("float32", "bfloat16", "int8") for s in (1, 8)]
     assert all(r["tok_per_s"] > 0 for r in result["engine"])
-    # byte accounting against a model of the same shape (depth 1: width 64 rounded up to one 128-wide head)
-    card = result["card"]
+    # byte accounting against a model of the same shape (depth 1: width 64 rounded up to one 128-wide head), counted
+    # in the dtype each run holds: 4 bytes a weight, 2 in bf16, int8 matrices 1 plus a 2-byte scale per output row
     model = GPT(GPTConfig(sequence_len=64, vocab_size=32768, n_layer=1, n_head=1, n_kv_head=1, n_embd=128))
     model.init_weights()
     embeddings = {id(p) for p in [model.transformer.wte.weight, *model.value_embeds.parameters()]}
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in embeddings)
-    assert card["weight_bytes_read_per_step"] == weights
-    assert card["params"] == sum(p.numel() for p in model.parameters())
-    cache = KVCache(1, 1, 64, 128, 1, "cpu")
-    assert card["kv_bytes_per_token"] == (cache.k_cache.nbytes + cache.v_cache.nbytes) // 64
-    kv_read = card["kv_bytes_per_token"] * min(card["mid_ctx"], 64)  # one layer, window = the whole context
-    assert card["kv_read_bytes_per_row_at_mid_ctx"] == kv_read
-    for row in result["decode"]:
-        assert row["bytes_per_s"] * row["tpot_s"] == pytest.approx(weights + row["batch_size"] * kv_read)
+    weights = [p for p in model.parameters() if id(p) not in embeddings]
+    block = model.transformer.h[0]
+    int8 = [m.weight for m in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.attn.c_proj, block.mlp.c_fc,
+                               block.mlp.c_proj, model.lm_head)]
+    numel = lambda ps: sum(p.numel() for p in ps)
+    expected = {"float32": 4 * numel(weights), "bfloat16": 2 * numel(weights),
+                "int8": numel(int8) + 2 * sum(w.size(0) for w in int8) + 2 * (numel(weights) - numel(int8))}
+    cards = {card["dtype"]: card for card in result["cards"]}
+    assert {d: card["weight_bytes_read_per_step"] for d, card in cards.items()} == expected
+    assert result["card"] == cards["float32"] and cards["float32"]["params"] == numel(model.parameters())
+    for dtype, card in cards.items():
+        kv_dtype = torch.float32 if dtype == "float32" else torch.bfloat16  # the KV cache follows the activations
+        cache = KVCache(1, 1, 64, 128, 1, "cpu", dtype=kv_dtype)
+        assert card["kv_bytes_per_token"] == (cache.k_cache.nbytes + cache.v_cache.nbytes) // 64
+        kv_read = card["kv_bytes_per_token"] * min(card["mid_ctx"], 64)  # one layer, window = the whole context
+        assert card["kv_read_bytes_per_row_at_mid_ctx"] == kv_read
+        for row in [row for row in result["decode"] if row["dtype"] == dtype]:
+            assert row["bytes_per_s"] * row["tpot_s"] == pytest.approx(expected[dtype] + row["batch_size"] * kv_read)
 
 def test_flop_estimates_match_the_counted_matmuls_plus_hand_counted_attention():
     """infer_bench's MFU divides by estimate_prefill_flops / estimate_decode_flops. FlopCounterMode counts every
