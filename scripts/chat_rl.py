@@ -230,9 +230,8 @@ def main():
                                              "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
                                              "train_stop_token")}}
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for group in optimizer.param_groups:  # every group, the smear/backout scalars' fixed lr too: RL takes small steps
-        group["lr"] = group["initial_lr"] = group["lr"] * args.init_lr_frac
+                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                      lr_frac=args.init_lr_frac)
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
     resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
     if resume_step is not None:
