@@ -110,9 +110,16 @@ def test_base_train_lrs(depth, tmp_path, monkeypatch, tiny_tokenizer):
         runpy.run_module("scripts.base_train", run_name="__main__")
     assert group_lrs(built[0]) == pytest.approx(TABLES[depth]["base"], rel=1e-9)
 
+# the batch each chat stage takes from the source's rows: mid 524,288 tokens whatever the source's batch (4,096 at d4),
+# SFT one row per conversation of its 32, at most the source's device batch per micro-batch
+BATCH = {("mid", 4): "batch 524,288 tokens = 16 x 256 x 1 GPUs x 128 |",
+         ("mid", 12): "batch 524,288 tokens = 32 x 2048 x 1 GPUs x 8 |",
+         ("sft", 4): "batch 8,192 tokens = 16 x 256 x 1 GPUs x 2 |",
+         ("sft", 12): "batch 65,536 tokens = 32 x 2048 x 1 GPUs x 1 |"}
+
 @pytest.mark.parametrize("depth", [4, 12])
 @pytest.mark.parametrize("stage", ["mid", "sft"])
-def test_chat_stage_lrs(stage, depth, tmp_path, monkeypatch, tiny_tokenizer):
+def test_chat_stage_lrs_and_batch(stage, depth, tmp_path, monkeypatch, tiny_tokenizer, capsys):
     import scripts.chat_sft as chat_sft
     from test_chat_recipe import NumberedTask
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
@@ -123,6 +130,8 @@ def test_chat_stage_lrs(stage, depth, tmp_path, monkeypatch, tiny_tokenizer):
     with pytest.raises(Built):
         chat_sft.main(stage)
     assert group_lrs(built[0]) == pytest.approx(TABLES[depth][stage], rel=1e-9)
+    assert BATCH[stage, depth] in capsys.readouterr().out
+    assert built[0].state_dict()["state"] == {}  # fresh momenta: a warm start fails here, the source saved no shard
 
 @pytest.mark.parametrize("depth", [4, 12])
 def test_chat_rl_lrs(depth, tmp_path, monkeypatch, tiny_tokenizer):
