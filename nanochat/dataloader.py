@@ -157,7 +157,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 # Chat: best-fit packing with BOS padding, never cropping between rows
 
 def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", state=None,
-                buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None):
+                buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None, pack=True):
     """
     Infinite generator of (inputs, targets, state) over a dataset of conversations (len() and [i]).
     Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when none fits, the
@@ -172,6 +172,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     num_epochs, so a stream that finishes first waits for the others without repeating anything. None = forever.
     max_per_batch: at most this many conversations per yielded batch, the rest padding (None = fill the rows), so
     an optimizer step trains a set number of conversations as unpacked SFT does, whatever their lengths.
+    pack=False: one conversation per row, the rest padding (with buffer_size=1: in the stream's order).
     state = {"epoch", "cursor" (next example index of this rank's stream), "buffer" (example indices),
     "epoch_start" (the cursor this epoch began at), "consumed" (this epoch's conversations placed in rows),
     "progress" (epochs consumed as a float: 0.5 = half of this stream's share of the dataset trained)};
@@ -203,7 +204,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
         placed = 0
         for b in range(B):
             pos = 0
-            while pos < T + 1 and placed != max_per_batch:
+            while pos < T + 1 and placed != max_per_batch and (pack or pos == 0):
                 while len(buffer) < buffer_size and cursor < n:
                     buffer.append(render(cursor))
                     cursor += world_size

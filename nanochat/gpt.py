@@ -368,13 +368,14 @@ class GPT(nn.Module):
     # Optimizer
 
     def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
-                        lr_scale=1.0):
+                        lr_scale=1.0, lr_frac=1.0):
         """
         MuonAdamW: Muon for the block matrices, AdamW for embeddings, lm_head and scalars.
         AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
-        lr_scale multiplies every lr except the smear/backout group's fixed 0.2: base_train passes the batch-size
-        factor sqrt(B / 2^19) here. Each group gets "initial_lr" (schedules multiply it) and a "name" for logging.
-        Muon groups start with momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
+        lr_scale: base_train's batch-size factor sqrt(B / 2^19), on every lr but the smear/backout group's fixed 0.2
+        (karpathy/nanochat does not batch-scale that one). lr_frac: the chat stages' --init-lr-frac, on every lr.
+        Each group gets "initial_lr" (schedules multiply it) and a "name" for logging. Muon groups start with
+        momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
         """
         from nanochat.optim import MuonAdamW
         sigma = (self.config.n_embd / 768) ** -0.5
@@ -398,7 +399,7 @@ class GPT(nn.Module):
                                lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9, weight_decay=weight_decay,
                                ns_steps=5))
         for g in groups:
-            g["initial_lr"] = g["lr"]
+            g["initial_lr"] = g["lr"] = g["lr"] * lr_frac
         grouped = [id(p) for g in groups for p in g["params"]]
         assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
         assert set(grouped) == {id(p) for p in self.parameters()}, \

@@ -37,8 +37,8 @@ python -m scripts.base_eval --device-batch-size=16 --split-tokens=32768
 
 # 3. teach it to chat on the synthetic tasks (identity, calculator arithmetic, spelling, multiple choice),
 #    evaluating each stage on their held-out test splits against chance
-python -m scripts.mid_train --mixture=synthetic --num-iterations=$CHAT_STEPS --eval-every=50 --eval-tokens=16384 \
-    --chat-eval-every=0 --run=$WANDB_RUN $RESUME
+python -m scripts.mid_train --mixture=synthetic --total-batch-size=4096 --num-iterations=$CHAT_STEPS --eval-every=50 \
+    --eval-tokens=16384 --chat-eval-every=0 --run=$WANDB_RUN $RESUME
 python -m scripts.chat_eval -i mid -x 50 -m 64
 python -m scripts.chat_sft --mixture=synthetic --num-iterations=$((CHAT_STEPS / 3)) --eval-every=25 \
     --eval-tokens=16384 --chat-eval-every=0 --run=$WANDB_RUN $RESUME

@@ -25,9 +25,9 @@ export EXTRA_base_train="--depth=2 --head-dim=64 --max-seq-len=128 --window-patt
     --total-batch-size=1024 --num-iterations=3 --eval-every=2 --eval-tokens=1024 --core-metric-every=-1 --no-fp8 \
     --save-every=1"
 export EXTRA_base_eval="--device-batch-size=2 --split-tokens=1024 --max-per-task=2"
-export EXTRA_mid_train="--mixture=synthetic --num-iterations=2 --eval-every=1 --eval-tokens=1024 \
+export EXTRA_chat_sft="--mixture=synthetic --num-iterations=2 --eval-every=1 --eval-tokens=1024 \
     --chat-eval-max-problems=2 --save-every=1"
-export EXTRA_chat_sft="$EXTRA_mid_train"
+export EXTRA_mid_train="$EXTRA_chat_sft --total-batch-size=1024"  # SFT sizes its own batch: 32 conversations
 export EXTRA_chat_eval="-x 2 -m 8"
 export EXTRA_chat_rl="--task=synthetic-math --num-iterations=1 --examples-per-step=2 --num-samples=2 --device-batch-size=2 \
     --max-new-tokens=8 --eval-every=-1 --eval-examples=2 --num-samples-eval=1"  # for when speedrun.sh's RL line is on

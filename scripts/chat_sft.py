@@ -9,22 +9,25 @@ Teach a pretrained model to chat. Mid-training and supervised fine-tuning are tw
 
 What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule) and the
 data mixture (build_mixture). Everything else is shared:
-- Whole conversations are packed into rows of T+1 tokens (best fit with BOS padding; none is ever cropped
-  across rows; nanochat/dataloader.chat_loader). Only the assistant's tokens are trained (--train-user-tokens=1
-  trains the user's too, as karpathy/nanochat's mid-training did).
+- Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split across rows):
+  mid-training packs several per row (best fit, largest first, BOS padding, causal attention across them), SFT
+  puts one per row in the mixture's order, padded (--pack flips either). Only the assistant's tokens are trained
+  (--train-user-tokens=1 trains the user's too, as karpathy/nanochat's mid-training did).
 - The loss is the sum over the step's supervised tokens divided by their count across every micro-batch and
   rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
   karpathy/nanochat's per-micro-batch mean turned into NaN.
 - One epoch of the mixture, ending when every conversation of it has been trained once (or --num-iterations
   steps); the LR schedule is a function of the fraction of the run done (of the epoch trained, or of
   --num-iterations): constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
-- The recipes (STAGES) are karpathy/nanochat's separate mid-training and SFT stages. SFT's 32 conversations per step
-  are its 4 unpacked rows x 8 GPUs (~700 steps for an epoch of its ~23K-conversation mixture), packed here.
-- Sequence length and batch sizes are inherited from the source checkpoint unless overridden (SFT sizes its rows
-  to hold its conversations); the start prints every setting with where it came from, the per-group lrs and
-  the epoch's step count. The source model's window pattern is carried into the new checkpoint.
-- Warm start: the source's optimizer momenta are loaded when it saved one shard per rank of this run; with another
-  number of GPUs the run warns and starts the momenta fresh.
+- The recipes (STAGES) are karpathy/nanochat's separate mid-training and SFT stages: mid-training steps of
+  524,288 tokens, SFT steps of 32 conversations (its 4 rows x 8 GPUs; ~700 steps for an epoch of its
+  ~23K-conversation mixture), each starting with fresh optimizer momenta.
+- Sequence length and device batch size are inherited from the source checkpoint unless overridden (SFT takes
+  one row per conversation of the step, at most the source's device batch); the start prints every setting with
+  where it came from, the per-group lrs and the epoch's step count. The source model's window pattern is carried
+  into the new checkpoint.
+- Warm start (--load-optimizer=1): the source's optimizer momenta are loaded when it saved one shard per rank of
+  this run; with another number of GPUs the run warns and starts the momenta fresh.
 - Checkpoints hold the loader positions and the loop state, so --resume continues bit for bit.
 Leaves out: the fp16 GradScaler path and fp8 (bf16 or fp32 only).
 """
@@ -67,13 +70,15 @@ from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 # karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training stage). lrs are the base
 # optimizer's per-group values (AdamW ones then scale with width as in pretraining); neither stage multiplies them by
 # pretraining's batch-size factor. momentum_ramp: Muon momentum 0.85 -> 0.95 over that many steps (0 = constant 0.95).
-# examples_per_step: conversations per optimizer step (-1 = full rows of packed conversations, as mid-training).
+# examples_per_step: conversations per optimizer step (-1 = full rows, total_batch_size tokens, as mid-training).
+# pack: 1 = several conversations per row (mid-training's packer), 0 = one per row, padded (SFT).
 RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 STAGES = {
     "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2, momentum_ramp=300,
-                examples_per_step=-1, title="Midtraining", wandb_project="nanochat-mid"),
+                examples_per_step=-1, total_batch_size=524288, pack=1, title="Midtraining",
+                wandb_project="nanochat-mid"),
     "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0, momentum_ramp=0,
-                examples_per_step=32, title="Chat SFT", wandb_project="nanochat-sft"),
+                examples_per_step=32, total_batch_size=524288, pack=0, title="Chat SFT", wandb_project="nanochat-sft"),
 }
 
 def identity_task():
@@ -148,8 +153,8 @@ def main(stage):
     add("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
     add("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: the source's; "
         "SFT: enough rows for its conversations, at most the source's)")
-    add("--total-batch-size", type=int, default=None,
-        help="tokens per optimizer step (default: the source's; SFT: one micro-batch per GPU)")
+    add("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (default: "
+        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its conversations need)")
     add("--examples-per-step", type=int, default=defaults["examples_per_step"],
         help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every row)")
     add("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW lr of wte (x width scaling)")
@@ -160,7 +165,10 @@ def main(stage):
         help="final fraction of the epoch with linear LR decay to 0")
     add("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
         help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
-    add("--load-optimizer", type=int, default=1, help="1 = warm-start the optimizer momenta from the source checkpoint")
+    add("--load-optimizer", type=int, default=0, choices=[0, 1],
+        help="1 = warm-start the optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
+    add("--pack", type=int, default=defaults["pack"], choices=[0, 1],
+        help="1 = pack conversations into rows (best fit, largest first); 0 = one per row, padded, in order")
     add("--train-user-tokens", type=int, default=0, help="1 = train user tokens too (karpathy/nanochat's mid did)")
     add("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
     add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
@@ -202,7 +210,7 @@ def main(stage):
         settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
         return settings[name][0]
 
-    for name in (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step"):
+    for name in (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step", "pack"):
         settings[name] = (getattr(args, name), "flag" if getattr(args, name) != defaults[name] else f"{stage} recipe")
     T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
     if T > model.config.sequence_len:
@@ -215,18 +223,22 @@ def main(stage):
            f"{len(val_task):,} validation")
 
     if args.examples_per_step > 0:
-        # each GPU packs its share of the step's conversations into rows; 1.5x their mean length leaves room for
-        # the longer ones (rows left over are padding: compute spent, nothing trained)
+        # the rows each GPU needs for its share of the step's conversations: one each, or packed (1.5x their mean
+        # length leaves room for the longer ones); rows left over are padding: compute spent, nothing trained
         per_gpu = math.ceil(args.examples_per_step / world_size)
-        rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1))
+        rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1)) if args.pack else per_gpu
         device_batch_size = setting("device_batch_size", args.device_batch_size,
                                     min(rows, source_meta["device_batch_size"]),
                                     f"{per_gpu} conversations per GPU, at most the {source_name}'s")
-        total_batch_size = setting("total_batch_size", args.total_batch_size, device_batch_size * T * world_size,
-                                   "one micro-batch per GPU")
+        micro_steps = math.ceil(rows / device_batch_size)
+        total_batch_size = setting("total_batch_size", args.total_batch_size,
+                                   micro_steps * device_batch_size * T * world_size,
+                                   f"{micro_steps} micro-batch(es) per GPU for {rows} rows")
     else:
-        device_batch_size, total_batch_size = (setting(k, getattr(args, k), source_meta[k], source_name)
-                                               for k in ("device_batch_size", "total_batch_size"))
+        device_batch_size = setting("device_batch_size", args.device_batch_size, source_meta["device_batch_size"],
+                                    source_name)
+        total_batch_size = setting("total_batch_size", args.total_batch_size, defaults["total_batch_size"],
+                                   f"{stage} recipe")
     grad_accum_steps = grad_accum_steps_for(total_batch_size, device_batch_size, T, world_size)
     tokens_per_fwdbwd = device_batch_size * T * world_size
     num_streams = world_size * grad_accum_steps
@@ -234,6 +246,12 @@ def main(stage):
         raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the {num_streams} data streams "
                          f"(GPUs x accumulation steps), so some would train nothing: raise it or use fewer GPUs / a "
                          f"larger --device-batch-size")
+    if not args.pack and math.ceil(args.examples_per_step / num_streams) > device_batch_size:
+        rows_per_gpu = math.ceil(args.examples_per_step / (device_batch_size * world_size)) * device_batch_size
+        needed = rows_per_gpu * T * world_size
+        raise ValueError(f"--examples-per-step={args.examples_per_step}, one conversation per row, needs "
+                         f"{math.ceil(args.examples_per_step / num_streams)} rows per micro-batch, which has "
+                         f"{device_batch_size}: raise --total-batch-size to {needed} or pass --pack=1")
     # stream s (of rank s // accumulation steps) places its share of the step's conversations; the first take the rest
     stream_cap = lambda s: (None if args.examples_per_step <= 0 else
                             args.examples_per_step // num_streams + (s < args.examples_per_step % num_streams))
@@ -254,12 +272,12 @@ def main(stage):
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
-               "examples_per_step": args.examples_per_step}
+               "examples_per_step": args.examples_per_step, "pack": args.pack}
     check_fresh_start(output_dir, args.resume, args.overwrite)  # never replace another run's checkpoints silently
     resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
 
-    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=args.init_lr_frac, **lrs)
-    initial_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_frac=args.init_lr_frac, **lrs)
+    initial_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
     print0("initial lrs: " + " | ".join(f"{g['name']} {g['initial_lr']:.6g}" for g in optimizer.param_groups))
     step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = 0, 0.0, None, float("inf"), 0.0, 0.0
     stream_states = [None] * grad_accum_steps
@@ -297,16 +315,17 @@ def main(stage):
     use_compile, compile_reason = decide_compile(args.compile, device.type)
     print0(f"torch.compile: {compile_reason}")
     if use_compile:
-        model = compile_for_training(model, device.type)  # packed rows have one shape
+        model = compile_for_training(model, device.type)  # rows of T+1: one shape
 
     # -------------------------------------------------------------------------
     # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total batch only
 
+    packing = dict(pack=bool(args.pack), buffer_size=100 if args.pack else 1)  # unpacked: in the mixture's order
     train_loaders = [chat_loader(train_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
                                  world_size=num_streams, device=device, state=stream_states[a],
                                  train_all_tokens=bool(args.train_user_tokens),
                                  num_epochs=1 if args.num_iterations <= 0 else None,
-                                 max_per_batch=stream_cap(rank * grad_accum_steps + a))
+                                 max_per_batch=stream_cap(rank * grad_accum_steps + a), **packing)
                      for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
@@ -314,7 +333,7 @@ def main(stage):
 
     def val_batches():
         loaders = [chat_loader(val_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
-                               world_size=num_streams, device=device) for a in range(grad_accum_steps)]
+                               world_size=num_streams, device=device, **packing) for a in range(grad_accum_steps)]
         for i in itertools.count():
             inputs, targets, _ = next(loaders[i % grad_accum_steps])
             yield inputs, targets

@@ -120,6 +120,27 @@ def test_masks_hand_laid(tiny_tokenizer):
                                 [-1, -1, 20, end, -1, -1, -1, -1, -1],
                                 [-1, -1, 30, 31, 32, -1, -1, -1, -1]]
 
+class ScriptedEngine:
+    """Engine.generate's interface replaying fixed token columns (mask 0 = forced calculator output)."""
+    stop_tokens = {99, 98}
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def generate(self, prompt, num_samples, seed, **sampling):
+        for tokens, masks in self.columns:
+            yield tokens[:num_samples], masks[:num_samples]
+
+@pytest.mark.parametrize("train_stop_token", [0, 1])
+def test_sampled_stop_token_is_trained_only_with_the_flag(train_stop_token):
+    """Row 0 stops (99) after a forced token, row 1 stops at once (98), row 2 runs out of tokens; nothing after a
+    row's stop token is kept. The stop token's mask is 0 (karpathy/nanochat) unless train_stop_token."""
+    engine = ScriptedEngine([([10, 98, 30], [1, 1, 1]), ([11, 5, 31], [0, 1, 1]), ([99, 6, 32], [1, 1, 1])])
+    passes = chat_rl.sample_completions(engine, [1], 3, 3, [0], train_stop_token=bool(train_stop_token),
+                                        max_tokens=3)
+    s = train_stop_token
+    assert passes == [[([10, 11, 99], [1, 0, s]), ([98], [s]), ([30, 31, 32], [1, 1, 1])]]
+
 def test_equal_rewards_give_zero_gradient(tiny_tokenizer):
     model = tiny_model(tiny_tokenizer)
     pad = tiny_tokenizer.encode_special("<|assistant_end|>")
@@ -180,8 +201,16 @@ def test_reward_for_a_fixed_token_rises_from_zero_to_one(tmp_path, tiny_tokenize
     monkeypatch.setattr(chat_rl, "rl_tasks", lambda name: contains_tasks("q"))
     monkeypatch.setattr(sys, "argv", ["chat_rl", "--num-iterations=20", "--examples-per-step=4", "--num-samples=8",
                                       "--max-new-tokens=4", "--init-lr-frac=1.0", "--eval-every=-1",
-                                      "--eval-examples=8", "--num-samples-eval=2", "--save-every=-1"])
+                                      "--eval-examples=8", "--num-samples-eval=2", "--save-every=-1",
+                                      "--train-stop-token=1"])
+    sample, stop_flags = chat_rl.sample_completions, set()
+
+    def spy(*args, **kwargs):
+        stop_flags.add(args[5] if len(args) > 5 else kwargs.get("train_stop_token", False))
+        return sample(*args, **kwargs)
+    monkeypatch.setattr(chat_rl, "sample_completions", spy)
     chat_rl.main()
+    assert stop_flags == {True, False}  # training samples get --train-stop-token=1; pass@k's ignore masks
     train, evals = parse_log(capsys.readouterr().out)
     rewards = [train[s][0] for s in sorted(train)]
     assert len(rewards) == 20

@@ -5,8 +5,9 @@ width 64, T 96), the tiny tokenizer and the embedded synthetic mixture (CPU):
   per-micro-batch mean gives NaN there), in the function the script uses and in a real run that meets such batches;
 - an interrupted-then-resumed mid-training run is bit-identical to an uninterrupted one;
 - 2 gloo ranks train the same model as 1 process with 2 accumulation steps;
-- the base model's window pattern and batch/sequence settings flow into the mid and SFT checkpoints unless a flag
-  overrides them; the learning rates are the stage recipe's, not the pretraining run's;
+- the base model's window pattern, sequence length and device batch flow into the mid and SFT checkpoints unless a
+  flag overrides them; the learning rates are the stage recipe's (by hand in test_learning_rates.py), not the
+  pretraining run's; SFT warm-starts from mid's momenta only with --load-optimizer=1;
 - bad inputs (warm start without optimizer shards, resume with another configuration, ...) fail naming the fix.
 The base checkpoint is written directly (one optimizer step on random tokens gives a real optimizer shard).
 """
@@ -23,18 +24,19 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.checkpoint import save_checkpoint
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPTConfig
 from nanochat.report import read_metric_log
 from test_base_train import run, TORCHRUN, copy_dirs, died_before  # run: the script in a subprocess; its stdout
 from conftest import seeded_gpt
+from test_learning_rates import D2, by_group
 
 STEPS = 8
-# the source run's settings that mid/SFT inherit: B=1 rows of T=96 and 192 tokens per step = 2 accumulation steps
+# the source run's settings: mid/SFT inherit B=1 rows of T=96; 192 tokens per step (2 accumulation steps) is a flag
 SOURCE = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
 # not the recipe's: they must not leak in
 PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}
 FLAGS = ["--mixture=synthetic", f"--num-iterations={STEPS}", "--save-every=4", "--eval-every=4", "--eval-tokens=576",
-         "--chat-eval-every=4", "--chat-eval-max-problems=2", "--load-optimizer=0"]
+         "--chat-eval-every=4", "--chat-eval-max-problems=2", "--total-batch-size=192"]
 MID = os.path.join("mid_checkpoints", "d2")
 SFT = os.path.join("chatsft_checkpoints", "d2")
 
@@ -68,12 +70,6 @@ def checkpoint(base, directory, step):
         meta = json.load(f)
     return torch.load(os.path.join(base, directory, f"model_{step:06d}.pt"), weights_only=True), meta
 
-RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}  # both stages; no batch-size factor
-
-def expected_initial_lrs(tokenizer, lrs, lr_frac):
-    model = GPT(model_config(tokenizer))
-    optimizer = model.setup_optimizer(weight_decay=0.0, lr_scale=lr_frac, **lrs)
-    return [group["initial_lr"] for group in optimizer.param_groups]
 
 # -----------------------------------------------------------------------------
 # The loss normalization, in the functions the training loop calls
@@ -160,8 +156,8 @@ def test_mid_checkpoint_carries_window_pattern_and_inherited_settings(reference_
     assert {k: meta[k] for k in SOURCE} == SOURCE
     assert meta["source"] == "base" and meta["source_step"] == 10 and meta["optim_shards"] == 1
     assert "T 96 | batch 192 tokens = 1 x 96 x 1 GPUs x 2 |" in stdout
-    assert "matrix_lr 0.02 (mid recipe)" in stdout and "total_batch_size 192 (base checkpoint)" in stdout
-    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 1.0)  # not the pretraining lrs
+    assert "matrix_lr 0.02 (mid recipe)" in stdout and "device_batch_size 1 (base checkpoint)" in stdout
+    assert by_group(meta["initial_lrs"]) == pytest.approx(D2["mid"], rel=1e-9)  # not the pretraining lrs
     assert meta["pretrain_config"]["matrix_lr"] == PRETRAIN_LRS["matrix_lr"]  # kept for SFT to inherit in turn
     # the warmdown (last 20%) follows --num-iterations, not the epoch this short run never finishes
     lrms = {int(s): float(m) for s, m in re.findall(r"^step (\d+) \(.*\| lrm: (\S+) \|", stdout, re.M)}
@@ -217,13 +213,13 @@ def test_two_ranks_equal_one_rank_with_accumulation(reference_run, tmp_path):
     assert meta["world_size"] == 2 and meta["optim_shards"] == 2 and len(meta["dataloader_state_dict"]["streams"]) == 2
 
 def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
-    """SFT warm-starts from the mid checkpoint's optimizer shard; flags override what they name, nothing else."""
+    """Flags override what they name, nothing else. 32 conversations per step, one per row: 16 micro-batches of 2."""
     base, _ = reference_run
     stdout = run([sys.executable, "-m", "scripts.chat_sft", "--mixture=synthetic", "--num-iterations=2",
                   "--device-batch-size=2", "--matrix-lr=0.05", "--eval-every=2", "--eval-tokens=192",
                   "--chat-eval-every=0"], base)
-    assert "Chat SFT: mid d2 step 8 -> chatsft_checkpoints | T 96 | batch 192 tokens = 2 x 96 x 1 GPUs x 1 |" in stdout
-    lrs = {**RECIPE_LRS, "matrix_lr": 0.05}
+    assert ("Chat SFT: mid d2 step 8 -> chatsft_checkpoints | T 96 | batch 3,072 tokens = 2 x 96 x 1 GPUs x 16 |"
+            in stdout)
     assert "matrix_lr 0.05 (flag) | init_lr_frac 0.02 (sft recipe)" in stdout and "device_batch_size 2 (flag)" in stdout
     train, _, val, _ = parse_log(stdout)
     assert sorted(train) == [1, 2] and all(math.isfinite(v) for v in [*train.values(), *val.values()])
@@ -231,13 +227,13 @@ def test_sft_from_mid_inherits_unless_overridden(reference_run, tiny_tokenizer):
     assert meta["model_config"]["window_pattern"] == "SL"
     assert meta["model_config"] == dict(model_config(tiny_tokenizer).__dict__)
     assert meta["source"] == "mid" and meta["source_step"] == STEPS
-    assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (96, 2, 192)
-    assert meta["initial_lrs"] == expected_initial_lrs(tiny_tokenizer, lrs, 0.02)
+    assert (meta["max_seq_len"], meta["device_batch_size"], meta["total_batch_size"]) == (96, 2, 3072)
+    assert by_group(meta["initial_lrs"]) == pytest.approx({**D2["sft"], "muon": 0.001}, rel=1e-9)  # 0.05 x 0.02
     assert meta["pretrain_config"] == {**PRETRAIN_LRS, "depth": 2}  # the base run's flags, carried through mid
 
 def test_sft_first_step_runs_on_the_mid_momenta_with_fresh_lrs(reference_run, tiny_tokenizer, monkeypatch, tmp_path):
-    """Warm start: SFT's first optimizer step sees the mid shard's moments and step counts, group by group, with
-    SFT's own learning rates (mid's were 50x larger, all but smear/backout's fixed 0.2) and no Muon weight decay."""
+    """--load-optimizer=1: SFT's first optimizer step sees the mid shard's moments and step counts, group by group,
+    with SFT's own learning rates (mid's were 50x larger) and no Muon weight decay."""
     import copy
     from nanochat.checkpoint import load_optimizer_shard
     from nanochat.optim import MuonAdamW
@@ -253,7 +249,8 @@ def test_sft_first_step_runs_on_the_mid_momenta_with_fresh_lrs(reference_run, ti
     monkeypatch.setattr(MuonAdamW, "step", capture_first_step)
     with pytest.raises(FirstStep) as stopped:
         run_in_process(monkeypatch, tmp_path / "base", "sft", "--mixture=synthetic", "--num-iterations=2",
-                       "--device-batch-size=2", "--eval-every=-1", "--chat-eval-every=0", "--overwrite")
+                       "--device-batch-size=2", "--eval-every=-1", "--chat-eval-every=0", "--overwrite",
+                       "--load-optimizer=1")
     seen = stopped.value.args[0]
     assert seen["state"].keys() == saved["state"].keys() and len(saved["state"]) > 0
     for idx, buffers in saved["state"].items():
@@ -262,11 +259,9 @@ def test_sft_first_step_runs_on_the_mid_momenta_with_fresh_lrs(reference_run, ti
             torch.testing.assert_close(seen["state"][idx][k], v, rtol=0, atol=0, msg=f"state {idx} {k}")
     assert [g["name"] for g in seen["param_groups"]] == [g["name"] for g in saved["param_groups"]]
     assert [g["params"] for g in seen["param_groups"]] == [g["params"] for g in saved["param_groups"]]
-    lrs = expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 0.02)
-    assert [g["initial_lr"] for g in seen["param_groups"]] == pytest.approx(lrs)
-    assert [g["lr"] for g in seen["param_groups"]] == pytest.approx(lrs)  # step 0 of a linear decay over all steps
-    mid_lrs = expected_initial_lrs(tiny_tokenizer, RECIPE_LRS, 1.0)
-    assert [g["initial_lr"] for g in saved["param_groups"]] == pytest.approx(mid_lrs)
+    for key in ("initial_lr", "lr"):  # lr: step 0 of a linear decay over all steps
+        assert by_group({g["name"]: g[key] for g in seen["param_groups"]}) == pytest.approx(D2["sft"], rel=1e-9)
+    assert by_group({g["name"]: g["initial_lr"] for g in saved["param_groups"]}) == pytest.approx(D2["mid"], rel=1e-9)
     for g, s in zip(seen["param_groups"], saved["param_groups"]):
         if g["kind"] == "muon":
             assert (g["weight_decay"], g["momentum"]) == (0.0, 0.95), g["name"]
@@ -286,7 +281,8 @@ def test_warm_start_without_optimizer_shards_names_the_flag(monkeypatch, tmp_pat
     make_base_dir(tmp_path, tiny_tokenizer, with_optimizer=False)
     with pytest.raises(ValueError, match=r"--load-optimizer=1 needs the source's optimizer state, but .* saved none: "
                                          r"pass --load-optimizer=0"):
-        run_in_process(monkeypatch, tmp_path, "mid", "--mixture=synthetic")
+        run_in_process(monkeypatch, tmp_path, "mid", "--mixture=synthetic", "--load-optimizer=1",
+                       "--total-batch-size=192")
 
 @pytest.mark.parametrize("flag, named", [("--total-batch-size=96", "total_batch_size: checkpoint 192 vs now 96"),
                                          ("--max-seq-len=64", "max_seq_len: checkpoint 96 vs now 64"),
@@ -307,13 +303,21 @@ def test_bad_flags_fail_naming_the_fix(monkeypatch, reference_run, flag, message
     with pytest.raises(ValueError, match=message):
         run_in_process(monkeypatch, base, "mid", "--mixture=synthetic", flag, "--model-tag=d2")
 
+def test_unpacked_step_larger_than_its_rows_names_the_fix(monkeypatch, reference_run):
+    """32 conversations, one per row, over 2 streams of 1 row (192 tokens = 2 x 96) would train 2 a step."""
+    base, _ = reference_run
+    with pytest.raises(ValueError, match=r"--examples-per-step=32, one conversation per row, needs 16 rows per "
+                                         r"micro-batch, which has 1: raise --total-batch-size to 3072 or pass --pack=1"):
+        run_in_process(monkeypatch, base, "mid", "--mixture=synthetic", "--model-tag=d2", "--examples-per-step=32",
+                       "--pack=0", "--total-batch-size=192")
+
 def test_run_without_val_eval_writes_strict_json_and_resumes(tmp_path, tiny_tokenizer):
     """--eval-every=-1 leaves min val bpb at infinity: the meta stores null (strict JSON) and resume reads it back."""
     base = tmp_path / "noeval"
     base.mkdir()
     make_base_dir(base, tiny_tokenizer)
     flags = ["--mixture=synthetic", "--num-iterations=2", "--save-every=1", "--eval-every=-1", "--chat-eval-every=0",
-             "--load-optimizer=0"]
+             "--total-batch-size=192"]
     run([sys.executable, "-m", "scripts.mid_train", *flags], base)
     def strict_meta(step):
         with open(base / MID / f"meta_{step:06d}.json") as f:

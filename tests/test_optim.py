@@ -76,6 +76,27 @@ def test_adamw_matches_torch_reference():
     for p, q in zip(adamw, ref_params):
         torch.testing.assert_close(p.detach(), q.detach(), atol=1e-6, rtol=1e-5)
 
+def test_bf16_params_keep_fp32_adamw_moments_that_track_the_gradient_scale():
+    """
+    A bf16 param's second moment is fp32, so it follows the gradient scale. By hand (beta2 = 0.995, wte's): 1000
+    steps of g = 1 give v = 1 - 0.995^1000 = 0.993346; 300 more of g = 1.5 give 2.25 - 1.256654 x 0.995^300 =
+    1.970656. Kept in bf16 (karpathy/nanochat: moments in the param's dtype) the same lerps stall at 0.609 and 1.469.
+    """
+    p = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    opt = MuonAdamW([{"kind": "adamw", "params": [p], "lr": 0.0, "betas": (0.8, 0.995), "eps": 1e-10,
+                      "weight_decay": 0.0}])
+    v16 = torch.zeros(8, dtype=torch.bfloat16)
+    for step, g in enumerate([1.0] * 1000 + [1.5] * 300, start=1):  # exact in bf16
+        p.grad = torch.full_like(p, g)
+        opt.step()
+        v16.lerp_(torch.full_like(v16, g * g), 1 - 0.995)
+        if step == 1000:
+            assert opt.state[p]["exp_avg_sq"].tolist() == pytest.approx([0.993346] * 8, rel=1e-5)
+            assert v16.tolist() == [0.609375] * 8
+    assert opt.state[p]["exp_avg_sq"].dtype == opt.state[p]["exp_avg"].dtype == torch.float32
+    assert opt.state[p]["exp_avg_sq"].tolist() == pytest.approx([1.970656] * 8, rel=1e-5)
+    assert v16.tolist() == [1.46875] * 8
+
 # -----------------------------------------------------------------------------
 # Muon
 
