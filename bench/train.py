@@ -4,6 +4,7 @@ tokens, for fixed model configs; plus how fast the pretraining loader packs batc
 
     python -m bench.train                                     # CPU: the small config, compiled if a C++ compiler works
     python -m bench.train --configs=cpu512 --compile=0        # CPU: d4 at T=512 (8,192 tokens/step), uncompiled
+    python -m bench.train --configs=cpu4k --loader-batches=0  # CPU: the same at vocab 4,096 (docs/perf.md's yardstick)
     python -m bench.train --configs=d12,d20 --attn=auto,sdpa  # CUDA: FA3/flex (auto) vs plain SDPA
     python -m bench.train --configs=d20 --fp8 --compile=1     # CUDA: fp8 matmuls, compiled
     NANOCHAT_DTYPE=float32 python -m bench.train --configs=d12  # precision comes from NANOCHAT_DTYPE (bf16 on SM80+)
@@ -40,6 +41,7 @@ from nanochat.tokenizer import get_tokenizer
 CONFIGS = {
     "cpu": (4, 64, 256, 16, 8192),
     "cpu512": (4, 64, 512, 16, 8192),  # the same model at T=512, 8,192 tokens/step: the CPU speed/memory yardstick
+    "cpu4k": (4, 64, 512, 16, 4096),  # cpu512 with a 4,096 vocab: the shape docs/perf.md compares training speed at
     "d12": (12, 128, 2048, 32, 32768),
     # 16 rows, as runs/speedrun.sh trains d24: at 32, activations (~34 bytes per token, channel and layer: ~57 GB),
     # the 32K logits (~13 GB) and the weights with optimizer state (~9 GB) would fill an 80 GB H100 (estimated)

@@ -107,10 +107,10 @@ def decide_compile(flag, device_type):
     """
     Whether a training script runs its model through torch.compile, and why, as (bool, one-line reason).
     flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for CUDA and for CPU
-    with a working C++ compiler, off for MPS. On CPU it pays in memory more than in speed: base_train at d4, T=512
-    (16 x 512, fp32, 2-core VM) peaks at 1,413-1,454 MiB compiled (bench.train: 2,420-2,520 eager) and runs at
-    1.31-1.35x the tok/s of the eager default before this memory work (docs/perf.md); the first step carries the
-    compile time (~1 minute on 2 cores, cold cache).
+    with a working C++ compiler, off for MPS. On CPU it pays in memory and speed: base_train at d4, T=512
+    (16 x 512, vocab 8,192, fp32, 2-core VM) runs at 1.31-1.35x the tok/s of eager, which peaks at 2,420-2,520 MiB
+    (bench.train; compiled: 1,354-1,400 MiB at vocab 4,096, docs/perf.md); the first step carries the compile time
+    (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):
@@ -138,13 +138,11 @@ def decide_compile(flag, device_type):
 
 def compile_for_training(model, device_type):
     """
-    torch.compile for a training loop (one shape per step: dynamic=False). On CPU the partitioner keeps at most half of
-    the activations it would save and recomputes the rest in backward: d4 at T=512 (16 x 512) then peaks at
-    1,330-1,570 MiB instead of 1,670-1,700 for ~4% more time per step (docs/perf.md); memory, not FLOPs, is what a
-    laptop runs out of. CUDA keeps the default (save everything), whose cost has not been measured.
+    torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation backward needs.
+    The budget is process-global, so it is set here, in one place: recomputing half of the activations (budget 0.5)
+    cut d4's peak RSS on CPU by 60-170 MiB but cost 5-11% more CPU time per step (docs/perf.md "Pretraining step").
     """
-    if device_type == "cpu":
-        functorch_config.activation_memory_budget = 0.5
+    functorch_config.activation_memory_budget = 1.0  # torch's default: save all, recompute nothing
     return torch.compile(model, dynamic=False)
 
 def process_group_backend(device_type):

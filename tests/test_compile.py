@@ -6,7 +6,7 @@ a CPU with a C++ compiler: a compiled training step must train exactly like the 
 import pytest
 import torch
 
-from nanochat.common import decide_compile
+from nanochat.common import decide_compile, compile_for_training
 from nanochat.gpt import GPT, GPTConfig
 
 def test_flag_and_env(monkeypatch):
@@ -39,10 +39,11 @@ def test_cpu_without_a_working_compiler(monkeypatch):
 
 def test_default_cpu_path_compiles_and_trains_like_eager(monkeypatch):
     """
-    What base_train/chat_sft do by default on this machine: decide (no flag, no env var), then torch.compile the
-    model. A training step through the compiled model gives the eager loss and gradients (fused kernels reorder
-    float sums: differences seen ~1e-7; compared before any optimizer step, since Adam's g/sqrt(v) turns noise in
-    near-zero gradients into full-size updates).
+    What base_train/chat_sft do by default on this machine: decide (no flag, no env var), then compile_for_training
+    (on CPU: the loss head in chunks of rows, every activation saved for backward). A training step through the
+    compiled model gives the eager loss and gradients (fused kernels reorder float sums: differences seen ~1e-7;
+    compared before any optimizer step, since Adam's g/sqrt(v) turns noise in near-zero gradients into full-size
+    updates).
     """
     monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
     use, reason = decide_compile(-1, "cpu")
@@ -60,7 +61,7 @@ def test_default_cpu_path_compiles_and_trains_like_eager(monkeypatch):
     x, y = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
     y[0, :3] = -1  # ignored targets go through the compiled loss too
     results = []
-    for train_model in (model, torch.compile(model, dynamic=False)):
+    for train_model in (model, compile_for_training(model, "cpu")):
         loss = train_model(x, y)
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
