@@ -15,8 +15,7 @@ Integrity: meta records the sha256 of every file of the step and of its own cont
 load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file, not a model
 that silently computes something else. One run at a time per directory: see lock_checkpoint_dir.
 
-Leaves out: patching checkpoints from older code versions (missing window_pattern etc.): there are none here,
-and guessing a missing window pattern silently changes the model, so it is an error instead.
+Leaves out: loading checkpoints that save_checkpoint did not write (a meta without hashes is an error).
 """
 
 import argparse
@@ -66,11 +65,8 @@ def meta_sha256(meta):
     return hashlib.sha256(json.dumps(json.loads(json.dumps(content)), sort_keys=True).encode()).hexdigest()
 
 class _WriteAll:
-    """
-    The file torch.save writes to. Its zip writer turns a failed or short write into "unexpected pos 704 vs 598" and
-    drops the OSError (checked with RLIMIT_FSIZE, torch 2.13): writing every byte and keeping the error lets a full
-    disk (ENOSPC, EFBIG, EDQUOT) be reported as one.
-    """
+    """The file torch.save writes to: its zip writer turns a short write into "unexpected pos" and drops the
+    OSError, so this keeps the error, and a full disk (ENOSPC, EFBIG, EDQUOT) is reported as one."""
     def __init__(self, f):
         self.f, self.error = f, None
 
@@ -259,35 +255,19 @@ def find_model_tag(checkpoints_dir):
         return max(depth_tags, key=lambda t: int(t[1:]))
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
-def _verify(path, meta, checkpoint_dir, step):
-    """Check a file against the sha256 its meta recorded (no record: a checkpoint from before hashes, said once)."""
-    recorded = meta.get("sha256")
-    if recorded is None:
-        if (checkpoint_dir, step) not in _unverified_said:
-            _unverified_said.add((checkpoint_dir, step))
-            print0(f"checkpoint {checkpoint_dir} step {step} has no sha256 in its meta (saved by older code): "
-                   f"loading it unverified")
-        return
-    name = os.path.basename(path)
+def _fallback(step):
+    return f"delete step {step}'s files (*_{step:06d}*) to fall back to the previous checkpoint"
+
+def _verify(path, meta, step):
+    """Check a file against the sha256 its meta recorded at save time."""
+    name, recorded = os.path.basename(path), meta["sha256"]
     if name not in recorded:
         raise RuntimeError(f"{path} is not among the files recorded in meta_{step:06d}.json ({sorted(recorded)}): "
                            f"it does not belong to this checkpoint; delete it or restore the original")
     actual = file_sha256(path)
     if actual != recorded[name]:
         raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... "
-                           f"recorded when step {step} was saved. Restore the file, or delete step {step}'s files "
-                           f"(*_{step:06d}*) to fall back to the previous checkpoint")
-
-_unverified_said = set()
-
-def _torch_load(path, device, checkpoint_dir, step):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten (no hash to tell us first)
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__  # torch adds pages of advice
-        raise RuntimeError(f"{path} cannot be loaded ({reason}): it is truncated or corrupt. Load another step (steps "
-                           f"with meta: {_steps_with_meta(checkpoint_dir)}), or delete step {step}'s files "
-                           f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
+                           f"recorded when step {step} was saved. Restore the file, or {_fallback(step)}")
 
 def load_meta(checkpoint_dir, step):
     """The meta of a step, checked against its own recorded hash (an edited field is an error, not another model)."""
@@ -298,20 +278,19 @@ def load_meta(checkpoint_dir, step):
     try:
         meta = read_meta(meta_path)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}): restore it, or delete step {step}'s files "
-                         f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
-    if "meta_sha256" in meta and meta["meta_sha256"] != meta_sha256(meta):
-        raise ValueError(f"{meta_path} was edited after it was saved (its content no longer matches meta_sha256): a "
-                         f"changed field such as model_config.sequence_len would run the model outside what it was "
-                         f"trained for. Restore the file, or start a new run with the settings you want")
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): restore it, or {_fallback(step)}") from None
+    if "sha256" not in meta or meta.get("meta_sha256") != meta_sha256(meta):
+        raise ValueError(f"{meta_path} was edited after it was saved (its content no longer matches meta_sha256, "
+                         f"or the hashes are gone): a changed field such as model_config.sequence_len would run the "
+                         f"model outside what it was trained for. Restore the file, or {_fallback(step)}")
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """-> (model_state, optimizer_state or None, meta), every file verified against the sha256 in meta."""
     model_path, _, _ = _paths(checkpoint_dir, step, rank)
     meta = load_meta(checkpoint_dir, step)
-    _verify(model_path, meta, checkpoint_dir, step)
-    model_state = _torch_load(model_path, device, checkpoint_dir, step)
+    _verify(model_path, meta, step)
+    model_state = torch.load(model_path, map_location=device, weights_only=True)
     optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta) if load_optimizer else None
     return model_state, optimizer_state, meta
 
@@ -323,26 +302,15 @@ def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
     if not os.path.exists(optim_path):
         raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
                                 f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
-    _verify(optim_path, meta, checkpoint_dir, step)
-    return _torch_load(optim_path, device, checkpoint_dir, step)
+    _verify(optim_path, meta, step)
+    return torch.load(optim_path, map_location=device, weights_only=True)
 
 def build_model(checkpoint_dir, step, device, phase):
     """Rebuild the GPT of a checkpoint: -> (model, meta). The model config (incl. window_pattern) comes from meta."""
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     device = torch.device(device)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    config = meta["model_config"]
-    if "window_pattern" not in config:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step} has no window_pattern in its model_config; "
-                         f"it was not written by this code")
-    # the context the model was trained at: a larger sequence_len would run positions it never saw
-    trained_len = (meta.get("pretrain_config") or meta.get("user_config") or {}).get("max_seq_len")
-    if trained_len is not None and config.get("sequence_len") != trained_len:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len="
-                         f"{config.get('sequence_len')} but the model was pretrained with --max-seq-len={trained_len}; "
-                         f"restore the meta file (sequence_len {trained_len})")
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile's prefix
-    return model_from_state(config, model_state, device, phase), meta
+    return model_from_state(meta["model_config"], model_state, device, phase), meta
 
 def model_from_state(config, state, device, phase):
     """The GPT of a model_config dict holding a state dict (from a checkpoint or an export), on device."""
@@ -391,9 +359,7 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
 def check_tokenizer(meta, tokenizer, what):
     """The tokenizer must be the one the checkpoint was trained with: same vocab size is not enough (other merges)."""
     recorded = meta.get("tokenizer_fingerprint")
-    if recorded is None:
-        print0(f"{what} records no tokenizer fingerprint (saved by older code): the tokenizer is checked by vocab "
-               f"size only")
+    if recorded is None:  # metas written by hand (tests, bench.serve): the vocab size is all there is to check
         return
     if recorded != tokenizer.fingerprint():
         raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {tokenizer.fingerprint()[:16]}...) "
