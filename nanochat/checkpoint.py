@@ -103,11 +103,8 @@ def _atomic_torch_save(obj, path):
     return digest
 
 def remove_orphaned_temp_files(checkpoint_dir, rank=0):
-    """
-    Delete temp files (<name>.tmp<pid>) that a killed save of this rank left behind. Only this rank's own file names
-    are touched (rank 0: model and meta; every rank: its optimizer shard), and never this process's: with the
-    directory locked by this run, any other temp file of those names belongs to a process that is gone.
-    """
+    """Delete the temp files (<name>.tmp<pid>) of this rank's file names that a killed save left behind: with the
+    directory locked by this run, any not of this process belongs to a process that is gone."""
     patterns = [f"optim_*_rank{rank}.pt.tmp*"] + (["model_*.pt.tmp*", "meta_*.json.tmp*"] if rank == 0 else [])
     removed = []
     for pattern in patterns:
@@ -122,10 +119,9 @@ def remove_orphaned_temp_files(checkpoint_dir, rank=0):
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
     """
-    Every rank calls this with its optimizer shard (or None); rank 0 also writes the model and, last, the meta.
-    Under a process group the ranks exchange their files' sha256 (one all_gather_object) so the meta records them
-    all. Put the tokenizer's fingerprint in meta as "tokenizer_fingerprint" (Tokenizer.fingerprint()) so loading
-    can refuse a different tokenizer.
+    Every rank calls this with its optimizer shard (or None); rank 0 also writes the model and, last, the meta, which
+    records every rank's sha256 (one all_gather_object). Put Tokenizer.fingerprint() in meta as
+    "tokenizer_fingerprint" so loading can refuse a different tokenizer.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     remove_orphaned_temp_files(checkpoint_dir, rank)
@@ -176,11 +172,9 @@ _held_locks = {}  # checkpoint_dir -> FileLock, held for the life of the process
 
 def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     """
-    Take an exclusive lock on checkpoint_dir for the rest of this process (rank 0 only; the other ranks of the run
-    write their shards under it). A second run on the same directory fails here, naming the holder, instead of
-    interleaving its steps with ours. The OS drops the lock when the holder dies, so a crashed run never blocks.
-    The lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start leaves no empty
-    tag directory behind for find_model_tag to pick.
+    Lock checkpoint_dir for the rest of this process (rank 0; the other ranks write under it): a second run on it fails
+    here naming the holder. The OS drops the lock when the holder dies. The lock files sit beside the directory
+    (<tag>.lock, <tag>.lock.json), so a run that fails at start leaves no empty tag for find_model_tag to pick.
     """
     if get_dist_info()[1] != 0:
         return
@@ -235,11 +229,11 @@ def _is_complete(checkpoint_dir, step):
 
 def find_last_step(checkpoint_dir):
     """The newest step whose meta exists and whose files load."""
-    for step in reversed(_steps_with_meta(checkpoint_dir)):
+    steps = _steps_with_meta(checkpoint_dir)
+    for step in reversed(steps):
         if _is_complete(checkpoint_dir, step):
             return step
-    raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} "
-                            f"(steps with meta: {_steps_with_meta(checkpoint_dir) or 'none'})")
+    raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} (steps with meta: {steps or 'none'})")
 
 def _model_tags(checkpoints_dir):
     names = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
@@ -487,12 +481,10 @@ _stop = {"signum": 0, "time": 0.0}  # the first SIGTERM/SIGINT received, and whe
 
 def handle_stop_signals():
     """
-    SIGTERM (cloud schedulers and spot reclaims send it with ~30-120 s notice) and SIGINT (Ctrl-C) ask the training
-    loop to stop after the current step and save (stop_or_save_due reads it). A second signal exits at once: the
-    newest complete checkpoint is whole, since a save publishes its meta last. A launcher in the terminal's process
-    group with its workers can deliver one Ctrl-C twice within milliseconds (the terminal's, then its own forward), so
-    a repeat in the first 2 s is the same request. (torchrun starts its workers in sessions of their own: only its
-    forward reaches them, and it SIGKILLs them 30 s later.)
+    SIGTERM (schedulers, spot reclaims) and SIGINT (Ctrl-C) ask the training loop to stop after this step and save
+    (stop_or_save_due reads it). A second signal exits at once (a save publishes its meta last, so the newest
+    complete checkpoint is whole), unless it comes within 2 s: a launcher in the terminal's process group forwards
+    the Ctrl-C its workers already got.
     """
     def handler(signum, frame):
         name = signal.Signals(signum).name
@@ -513,10 +505,9 @@ def handle_stop_signals():
 
 def stop_or_save_due(last_save_time, save_every_minutes):
     """
-    Called by every rank at the end of each step: -> (stop signal number or 0, whether a periodic save is due), the
-    same on every rank (a MAX all_reduce of two ints), so all ranks stop and save at the same step even when the
-    signal reached only one of them. On the CPU where the group has gloo ("cpu:gloo,cuda:nccl"); a NCCL-only group
-    takes CUDA tensors only, and the training step syncs with the GPU for its loss anyway.
+    Every rank, after each step: -> (stop signal number or 0, whether a periodic save is due), the same on every rank
+    (a MAX all_reduce), so all ranks stop and save at the same step even when the signal reached one. On the CPU
+    where the group has gloo; a NCCL-only group takes CUDA tensors only.
     """
     due = save_every_minutes > 0 and time.time() - last_save_time >= 60 * save_every_minutes
     flags = torch.tensor([_stop["signum"], int(due)], dtype=torch.int64)
