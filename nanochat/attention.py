@@ -20,6 +20,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nanochat.common import COMPUTE_DTYPE, print0
 
@@ -63,7 +64,6 @@ def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     T x T mask. A block pair is "full" when every (query, key) pair in it is visible (no mask_mod call needed),
     "partial" when only some are.
     """
-    from torch.nn.attention.flex_attention import BlockMask
     n = -(-T // block)
     lo = torch.arange(n, device=device, dtype=torch.int32) * block
     hi = (lo + block - 1).clamp(max=T - 1)
@@ -93,7 +93,6 @@ def attention_flex(q, k, v, window):
     Tq, Tk = q.size(1), k.size(1)
     if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
         return attention_sdpa(q, k, v, window)
-    from torch.nn.attention.flex_attention import flex_attention
     block_mask = sliding_block_mask(Tq, window, q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
@@ -108,7 +107,7 @@ def load_fa3():
     if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
         return None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from kernels import get_kernel
+    from kernels import get_kernel  # optional (CUDA only): imported once found
     major, _ = torch.cuda.get_device_capability()
     repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
     try:

@@ -436,7 +436,7 @@ def add_checkpoint_flags(parser):
     """The flags the training scripts share for not losing work: --overwrite, --save-every-minutes, --keep-periodic."""
     parser.add_argument("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
                         "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
-    # 30 min: a d24 checkpoint (6.6 GB on rank 0) at ~1 GB/s costs ~0.4% of the run (docs/reliability.md)
+    # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
     parser.add_argument("--save-every-minutes", type=_minutes, default=30, help="also checkpoint every N minutes of "
                         "wall time, to resume from after a crash (-1 = never)")
     parser.add_argument("--keep-periodic", type=_at_least_one, default=2,

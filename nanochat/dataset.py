@@ -202,8 +202,8 @@ def download_shards(num_files, dataset=None, num_workers=4):
 # -----------------------------------------------------------------------------
 # Local corpus: the standard library of the running Python, no network. Only the standard library, and only the
 # parts every build of a Python version ships alike, so the corpus (and the tokenizer and demo model trained on it)
-# is the same on every machine with the same Python version; walking site-packages made it depend on what was
-# installed (a fresh venv built 16.5M chars, a dev machine 32.5M). The build prints its size and a sha256.
+# is the same on every machine with the same Python version (site-packages would make it depend on what is
+# installed). The build prints its size and a sha256 (docs/perf.md, "Local corpus").
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
 LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024, so even the ~900-document val shard has many row groups

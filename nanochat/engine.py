@@ -109,9 +109,8 @@ def default_inference_dtype(device):
         return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
 
-# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first. Half of d20's matrices, one thread of a 2-core
-# EPYC: the kernel takes 51/69/81/131 ms at 1/2/4/8 rows, dequantizing + matmul ~260 ms at any of those (its cost is
-# the dequantized copy); at a 128-token prefill the kernel is 2.4x slower than a bf16 matmul.
+# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs the same at any
+# row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms at 8 rows vs ~260 ms).
 INT8_KERNEL_MAX_ROWS = 16
 
 class Int8Linear(nn.Module):
@@ -138,9 +137,8 @@ class Int8Linear(nn.Module):
 class PackedLinear(nn.Module):
     """
     gpt.Linear for bf16 generation on CPU: the weight reordered once into oneDNN's blocked layout and multiplied by
-    oneDNN (torch.ops.mkldnn, the ops torch.compile's CPU weight freezing emits). F.linear on the plain bf16 weight is
-    far from the bandwidth: the matrices of a d20 decode step took 164 ms that way, 85 ms packed and 175 ms in fp32
-    (2-core EPYC with AVX512-BF16, one thread, best of 8); prefill runs at the same speed either way.
+    oneDNN (torch.ops.mkldnn, the ops torch.compile's CPU weight freezing emits): F.linear on the plain bf16 weight
+    is far from the bandwidth (a d20 decode step's matrices, 2-core EPYC: 85 ms packed vs 164 ms plain).
     """
     def __init__(self, linear):
         super().__init__()
@@ -196,9 +194,9 @@ def prepare_for_inference(model, dtype=""):
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """
     logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary.
-    Sampling inverts each row's CDF at one uniform draw: the distribution torch.multinomial samples, from one random
-    number per row where multinomial draws one per vocabulary entry (softmax + draw: 1.74 vs 0.26 ms for 8 x 8,192 on
-    a 2-core CPU). A token of probability 0 has an empty CDF step, so it is never picked.
+    Sampling inverts each row's CDF at one uniform draw: torch.multinomial's distribution from one random number per
+    row instead of one per vocabulary entry (docs/perf.md, "Engine.generate rows"). A token of probability 0 has an
+    empty CDF step, so it is never picked.
     """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -335,7 +333,7 @@ class RowCache(KVCache):
     """
     A decode cache whose rows are independent requests at their own positions (row_positions, on the host, so the
     model needs no device sync to size its attention). Rows join from a prefilled batch-1 cache and leave between
-    steps; both copy the cache (cheap next to a step: a few MB at depth 4, and membership changes once per request).
+    steps; both copy the cache (cheap next to a step, and membership changes once per request).
     """
     def __init__(self, model, capacity):
         c = model.config

@@ -10,15 +10,10 @@ Ids 0..255 are the raw bytes, then the learned merges, then the 9 special tokens
 (so with the default 32,768 vocab, <|bos|> = 32,759). Plain text never encodes to a special token; specials
 only enter through encode_special() and the prepend=/append= arguments.
 
-Why rustbpe for training: bench/tokenizer.py trains rustbpe and HF `tokenizers` on the same text (the local
-corpus, 37.9M chars) and vocab. On the shared 2-core dev box rustbpe used 4.5 / 5.8 CPU-seconds at vocab
-4,096 / 32,768 against HF's 11.5 / 12.7, and 103-112 MB of extra peak memory against 177-197 MB. Both learned
-merges of identical quality (val bytes/token 3.224 / 4.141 for both), and tiktoken fed HF's merges encoded every
-val doc exactly as HF did, so HF would work too; rustbpe wins on cost and hands over tiktoken mergeable ranks
+Why rustbpe and tiktoken: against HF `tokenizers` they learn merges of the same quality in less time and memory
+and encode several times faster (docs/perf.md, "Tokenizer"), and rustbpe hands over tiktoken's mergeable ranks
 directly (byte tokens at ids 0..255, no GPT-2 byte<->unicode remap). tests/test_tokenizer.py checks that the
 trainer and tiktoken split and encode text identically (digit groups, mixed scripts, emoji).
-Why tiktoken for inference: in the same bench it encoded 3.4 MB/s on one thread against HF's 0.4-0.6 MB/s,
-and it has a threaded batch encoder.
 
 On disk: tokenizer.json, data only (the split pattern, every mergeable token as base64 in rank order, the
 special tokens), so loading a planted file can never run code, unlike the pickle (tokenizer.pkl) older versions
@@ -193,8 +188,8 @@ class Tokenizer:
         if isinstance(text, str):
             return first + self.enc.encode_ordinary(text) + last
         if isinstance(text, list):
-            # tiktoken's threads release the GIL while encoding; specials go into the rows it returns, in place
-            # (a new list per row cost ~9% of the batch call's throughput on 20 MB)
+            # tiktoken's threads release the GIL while encoding; specials go into its rows in place (a new list
+            # per row measurably slows the batch call)
             rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
             for row in rows:
                 if first:
