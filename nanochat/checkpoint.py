@@ -214,7 +214,8 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
                                               "model_tag": model_tag, "started": started}))
     _held_locks[checkpoint_dir] = lock
 
-CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"  # what a save writes
+# the names of what a save writes, temp files included
+CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"
 
 def _steps_with_meta(checkpoint_dir):
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
