@@ -280,7 +280,7 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
 
 def get_pyplot():
     """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
-    try:
+    try:  # an optional dependency: the report is complete without its plots
         import matplotlib
     except ImportError:
         return None
