@@ -161,8 +161,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
         dist.all_gather_object(gathered, hashes)
         hashes = {name: digest for rank_hashes in gathered for name, digest in rank_hashes.items()}
     if rank == 0:
-        world_size = get_dist_info()[3]
-        shards = world_size if optimizer_state is not None else 0
+        shards = get_dist_info()[3] if optimizer_state is not None else 0  # one per rank
         meta = dict(meta, step=step, optim_shards=shards, sha256=hashes)
         meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
