@@ -1,17 +1,18 @@
 """
 Causal sliding-window attention, one exact implementation per device.
 
-Every implementation takes q (B, Tq, H, D) and k, v (B, Tk, Hkv, D) with Tq <= Tk and the queries aligned to the END
-of the keys: query i sits at key position Tk - Tq + i and sees key j iff 0 <= pos_i - j <= window. H must be a
-multiple of Hkv (query head h reads kv head h // (H / Hkv)). Each returns (B, Tq, H, D).
+Every implementation takes q (B, Tq, H, D) and k, v (B, Tk, Hkv, D) with Tq <= Tk and the queries
+aligned to the END of the keys: query i sits at key position Tk - Tq + i and sees key j iff 0 <=
+pos_i - j <= window. H must be a multiple of Hkv (query head h reads kv head h // (H / Hkv)). Each
+returns (B, Tq, H, D).
 
     y = attention(q, k, v, window)       # picks per device: fa3 | flex on CUDA, sdpa on CPU/MPS
     print0(attention_banner(device, window_sizes, sequence_len))   # scripts say which path runs
 
-FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise, on CUDA, FlexAttention for sliding
-windows in a compiled model (SDPA with a mask uncompiled) and SDPA's flash kernel for full causal; SDPA on CPU/MPS.
-attention_reference is an explicit masked softmax that the tests hold the others to. ATTN_IMPL forces one (tests,
-debugging).
+FA3 comes from the `kernels` package when it is installed (CUDA, bf16); otherwise, on CUDA,
+FlexAttention for sliding windows in a compiled model (SDPA with a mask uncompiled) and SDPA's flash
+kernel for full causal; SDPA on CPU/MPS. attention_reference is an explicit masked softmax that the
+tests hold the others to. ATTN_IMPL forces one (tests, debugging).
 """
 
 import importlib.util
@@ -20,6 +21,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nanochat.common import COMPUTE_DTYPE, print0
 
@@ -43,7 +45,8 @@ def attention_reference(q, k, v, window):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 def attention_sdpa(q, k, v, window):
-    """torch SDPA: is_causal for plain causal, sliced keys for one-token decode, else an explicit (Tq, Tk) mask."""
+    """torch SDPA: is_causal for plain causal, sliced keys
+    for one-token decode, else an explicit (Tq, Tk) mask."""
     Tq, Tk = q.size(1), k.size(1)
     gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -53,17 +56,17 @@ def attention_sdpa(q, k, v, window):
     elif Tq == Tk and window >= Tk - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build the mask
+        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build
+        # the mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
 
 def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     """
-    FlexAttention BlockMask for causal+window over T queries/keys, built from the (T/block)^2 block grid, never a
-    T x T mask. A block pair is "full" when every (query, key) pair in it is visible (no mask_mod call needed),
-    "partial" when only some are.
+    FlexAttention BlockMask for causal+window over T queries/keys, built from the (T/block)^2 block
+    grid, never a T x T mask. A block pair is "full" when every (query, key) pair in it is visible
+    (no mask_mod call needed), "partial" when only some are.
     """
-    from torch.nn.attention.flex_attention import BlockMask
     n = -(-T // block)
     lo = torch.arange(n, device=device, dtype=torch.int32) * block
     hi = (lo + block - 1).clamp(max=T - 1)
@@ -83,24 +86,26 @@ def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
 
 def attention_flex(q, k, v, window):
     """
-    CUDA path without FA3. Inside a torch.compile trace (the compiled training model) sliding windows run as
-    FlexAttention: the plain flex_attention call becomes part of the model's graph, which compiles it into one
-    block-sparse kernel. Everything else goes to SDPA: full causal (flash kernel), decode and cache chunks (Tq < Tk:
-    small masks), and any uncompiled call, sliding windows included, with an explicit (T, T) mask. Uncompiled flex
-    would materialize the B x H x T x T scores, and a standalone torch.compile(flex_attention) with static shapes
-    recompiles for every new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
+    CUDA path without FA3. Inside a torch.compile trace (the compiled training model) sliding
+    windows run as
+    FlexAttention: the plain flex_attention call becomes part of the model's graph, which compiles
+    it into one block-sparse kernel. Everything else goes to SDPA: full causal (flash kernel),
+    decode and cache chunks (Tq < Tk: small masks), and any uncompiled call, sliding windows
+    included, with an explicit (T, T) mask. Uncompiled flex would materialize the B x H x T x T
+    scores, and a standalone torch.compile(flex_attention) with static shapes recompiles for every
+    new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
     """
     Tq, Tk = q.size(1), k.size(1)
     if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
         return attention_sdpa(q, k, v, window)
-    from torch.nn.attention.flex_attention import flex_attention
     block_mask = sliding_block_mask(Tq, window, q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
 def load_fa3():
-    """FA3 kernel module from the `kernels` package (Hopper build first), or None when not installed / not bf16."""
+    """FA3 kernel module from the `kernels` package (Hopper
+    build first), or None when not installed / not bf16."""
     global _fa3_module, _fa3_checked
     if _fa3_checked:
         return _fa3_module
@@ -108,7 +113,7 @@ def load_fa3():
     if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
         return None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from kernels import get_kernel
+    from kernels import get_kernel  # optional (CUDA only): imported once found
     major, _ = torch.cuda.get_device_capability()
     repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
     try:
@@ -118,16 +123,18 @@ def load_fa3():
     return _fa3_module
 
 def attention_fa3(q, k, v, window):
-    # FA3 aligns causal masks bottom-right when Tq < Tk, matching our convention; some builds also return the LSE
+    # FA3 aligns causal masks bottom-right when Tq < Tk, matching our convention; some builds also
+    # return the LSE
     y = load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
     return y[0] if isinstance(y, tuple) else y
 
 def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     """
-    Rows at their own cache positions (a server decoding different requests together): positions (B, Tq) is where
-    each row's new tokens go, row_positions the rows' cache lengths on the host. Writes each row's keys/values at its
-    positions, then attends with a per-row causal-window mask, so a row never sees another row's longer history nor
-    a stale slot past its own end. SDPA with an explicit (B, 1, Tq, Tk) mask on every device.
+    Rows at their own cache positions (a server decoding different requests together): positions (B,
+    Tq) is where each row's new tokens go, row_positions the rows' cache lengths on the host. Writes
+    each row's keys/values at its positions, then attends with a per-row causal-window mask, so a
+    row never sees another row's longer history nor a stale slot past its own end. SDPA with an
+    explicit (B, 1, Tq, Tk) mask on every device.
     """
     rows = torch.arange(q.size(0), device=q.device)[:, None]
     k_cache[rows, positions] = k
@@ -146,8 +153,9 @@ def pick_attention_impl(device):
         if ATTN_IMPL not in ATTENTION_IMPLS:
             raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
         if ATTN_IMPL == "fa3" and load_fa3() is None:
-            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 and the `kernels` "
-                             "package with a build for this GPU): use None (auto) or 'flex'")
+            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable "
+                             "(needs CUDA, bf16 and the `kernels` package with "
+                             "a build for this GPU): use None (auto) or 'flex'")
         return ATTN_IMPL
     if torch.device(device).type == "cuda":
         return "fa3" if load_fa3() is not None else "flex"
@@ -162,8 +170,9 @@ def attention_banner(device, window_sizes, sequence_len):
     windowed = any(w < sequence_len for w in window_sizes)
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
-        "flex": "attention: FlexAttention block-sparse for sliding windows in a compiled model; SDPA for full "
-                "causal, decode and uncompiled calls (sliding windows via an explicit T x T mask)",
+        "flex": "attention: FlexAttention block-sparse for sliding windows in "
+                "a compiled model; SDPA for full causal, decode and uncompiled "
+                "calls (sliding windows via an explicit T x T mask)",
         "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]

@@ -2,21 +2,22 @@
 Checkpoints: save (atomically), find, load, and rebuild a model for downstream stages.
 
     from nanochat.checkpoint import load_model
-    model, tokenizer, meta = load_model("base", device, phase="eval")            # newest step of the largest d<N>
+    model, tokenizer, meta = load_model("base", device, phase="eval")  # newest step, largest d<N>
     model, tokenizer, meta = load_model("sft", device, model_tag="d20", step=700)
 
-Layout: <base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/ holds, per step (zero-padded to 6 digits),
-model_SSSSSS.pt (rank 0), optim_SSSSSS_rankR.pt (one per rank, optional) and meta_SSSSSS.json (rank 0).
-Every file is written to a temp name and renamed, and the meta file is published LAST: a checkpoint without its
-meta does not exist as far as find_last_step is concerned, so a crash in the middle of a save leaves the previous
-checkpoint as the newest complete one.
+Layout: <base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/ holds, per step (zero-padded to 6
+digits), model_SSSSSS.pt (rank 0), optim_SSSSSS_rankR.pt (one per rank, optional) and
+meta_SSSSSS.json (rank 0). Every file is written to a temp name and renamed, and the meta file is
+published LAST: a checkpoint without its meta does not exist as far as find_last_step is concerned,
+so a crash in the middle of a save leaves the previous checkpoint as the newest complete one.
 
-Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256), and
-load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file, not a model
-that silently computes something else. One run at a time per directory: see lock_checkpoint_dir.
+Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256),
+and load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file,
+not a model that silently computes something else. One run at a time per directory: see
+lock_checkpoint_dir.
 
-Leaves out: patching checkpoints from older code versions (missing window_pattern etc.): there are none here,
-and guessing a missing window pattern silently changes the model, so it is an error instead.
+Leaves out: loading checkpoints that save_checkpoint did not write (a meta without hashes is an
+error).
 """
 
 import argparse
@@ -45,8 +46,10 @@ from nanochat.hf.export import load_export
 from nanochat.tokenizer import get_tokenizer
 
 # the checkpoint directory under <base> of each stage, and the script that writes it
-SOURCE_DIRS = dict(base="base_checkpoints", mid="mid_checkpoints", sft="chatsft_checkpoints", rl="chatrl_checkpoints")
-SOURCE_SCRIPTS = dict(base="scripts.base_train", mid="scripts.mid_train", sft="scripts.chat_sft", rl="scripts.chat_rl")
+SOURCE_DIRS = dict(base="base_checkpoints", mid="mid_checkpoints", sft="chatsft_checkpoints",
+                   rl="chatrl_checkpoints")
+SOURCE_SCRIPTS = dict(base="scripts.base_train", mid="scripts.mid_train", sft="scripts.chat_sft",
+                      rl="scripts.chat_rl")
 
 def _paths(checkpoint_dir, step, rank=0):
     return (os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
@@ -61,16 +64,16 @@ def file_sha256(path, chunk_size=1 << 24):
     return h.hexdigest()
 
 def meta_sha256(meta):
-    """Hash of the meta's content without its own hash field, in a canonical JSON form (key order does not matter)."""
+    """Hash of the meta's content without its own hash field,
+    in a canonical JSON form (key order does not matter)."""
     content = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(json.loads(json.dumps(content)), sort_keys=True).encode()).hexdigest()
+    canonical = json.dumps(json.loads(json.dumps(content)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 class _WriteAll:
-    """
-    The file torch.save writes to. Its zip writer turns a failed or short write into "unexpected pos 704 vs 598" and
-    drops the OSError (checked with RLIMIT_FSIZE, torch 2.13): writing every byte and keeping the error lets a full
-    disk (ENOSPC, EFBIG, EDQUOT) be reported as one.
-    """
+    """The file torch.save writes to: its zip writer turns a short write into "unexpected pos" and
+    drops the OSError, so this keeps the error, and a full disk (ENOSPC, EFBIG, EDQUOT) is reported
+    as one."""
     def __init__(self, f):
         self.f, self.error = f, None
 
@@ -99,7 +102,7 @@ def _atomic_torch_save(obj, path):
                 if writer.error is None:
                     raise
                 raise writer.error from None
-        digest = file_sha256(tmp)  # read back from the page cache: no second copy of the state in memory
+        digest = file_sha256(tmp)  # from the page cache: no second copy of the state in memory
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -107,12 +110,11 @@ def _atomic_torch_save(obj, path):
     return digest
 
 def remove_orphaned_temp_files(checkpoint_dir, rank=0):
-    """
-    Delete temp files (<name>.tmp<pid>) that a killed save of this rank left behind. Only this rank's own file names
-    are touched (rank 0: model and meta; every rank: its optimizer shard), and never this process's: with the
-    directory locked by this run, any other temp file of those names belongs to a process that is gone.
-    """
-    patterns = [f"optim_*_rank{rank}.pt.tmp*"] + (["model_*.pt.tmp*", "meta_*.json.tmp*"] if rank == 0 else [])
+    """Delete the temp files (<name>.tmp<pid>) of this rank's file names that a killed save left
+    behind: with the directory locked by this run, any not of this process belongs to a process that
+    is gone."""
+    patterns = [f"optim_*_rank{rank}.pt.tmp*"]
+    patterns += ["model_*.pt.tmp*", "meta_*.json.tmp*"] if rank == 0 else []
     removed = []
     for pattern in patterns:
         for path in glob.glob(os.path.join(checkpoint_dir, pattern)):
@@ -126,10 +128,10 @@ def remove_orphaned_temp_files(checkpoint_dir, rank=0):
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
     """
-    Every rank calls this with its optimizer shard (or None); rank 0 also writes the model and, last, the meta.
-    Under a process group the ranks exchange their files' sha256 (one all_gather_object) so the meta records them
-    all. Put the tokenizer's fingerprint in meta as "tokenizer_fingerprint" (Tokenizer.fingerprint()) so loading
-    can refuse a different tokenizer.
+    Every rank calls this with its optimizer shard (or None); rank 0 also writes the model and,
+    last, the meta, which records every rank's sha256 (one all_gather_object). Put
+    Tokenizer.fingerprint() in meta as "tokenizer_fingerprint" so loading can refuse a different
+    tokenizer.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
     remove_orphaned_temp_files(checkpoint_dir, rank)
@@ -149,17 +151,18 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
             os.remove(os.path.join(checkpoint_dir, name))
         states = [model_state] if rank == 0 else []
         needed = sum(_nbytes(state) for state in states + [optimizer_state])
-        raise OSError(e.errno, f"saving step {step} into {checkpoint_dir} failed: {e.strerror}. This rank's files "
-                      f"need about {needed:,} bytes there and {shutil.disk_usage(checkpoint_dir).free:,} are free. "
-                      f"Free space (or point NANOCHAT_BASE_DIR elsewhere), then rerun with --resume: the newest "
-                      f"complete checkpoint is untouched") from None
+        raise OSError(e.errno, f"saving step {step} into {checkpoint_dir} failed: {e.strerror}. "
+                      f"This rank's files need about {needed:,} bytes there and "
+                      f"{shutil.disk_usage(checkpoint_dir).free:,} are free. Free space "
+                      f"(or point NANOCHAT_BASE_DIR elsewhere), then rerun with "
+                      f"--resume: the newest complete checkpoint is untouched") from None
     if is_dist():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, hashes)
         hashes = {name: digest for rank_hashes in gathered for name, digest in rank_hashes.items()}
     if rank == 0:
-        world_size = get_dist_info()[3]
-        meta = dict(meta, step=step, optim_shards=world_size if optimizer_state is not None else 0, sha256=hashes)
+        shards = get_dist_info()[3] if optimizer_state is not None else 0  # one per rank
+        meta = dict(meta, step=step, optim_shards=shards, sha256=hashes)
         meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
 
@@ -180,16 +183,15 @@ _held_locks = {}  # checkpoint_dir -> FileLock, held for the life of the process
 
 def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     """
-    Take an exclusive lock on checkpoint_dir for the rest of this process (rank 0 only; the other ranks of the run
-    write their shards under it). A second run on the same directory fails here, naming the holder, instead of
-    interleaving its steps with ours. The OS drops the lock when the holder dies, so a crashed run never blocks.
-    The lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start leaves no empty
-    tag directory behind for find_model_tag to pick.
+    Lock checkpoint_dir for the rest of this process (rank 0; the other ranks write under it): a
+    second run on it fails here naming the holder. The OS drops the lock when the holder dies. The
+    lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start
+    leaves no empty tag for find_model_tag to pick.
     """
     if get_dist_info()[1] != 0:
         return
     checkpoint_dir = os.path.abspath(checkpoint_dir)
-    if checkpoint_dir in _held_locks:  # this process has it already (a script run twice in one process, tests)
+    if checkpoint_dir in _held_locks:  # this process has it already (a script run twice: tests)
         return
     os.makedirs(os.path.dirname(checkpoint_dir), exist_ok=True)
     lock_path, owner_path = f"{checkpoint_dir}.lock", f"{checkpoint_dir}.lock.json"
@@ -203,12 +205,16 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
             holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             holder = f"a process that has not written {owner_path} yet"
-        raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for it to finish, "
-                           f"stop it, or give this run its own directory with a different --model-tag "
-                           f"(this run's: {model_tag})") from None
-    atomic_write_text(owner_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "model_tag": model_tag,
-                                              "started": datetime.datetime.now().isoformat(timespec="seconds")}))
+        raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait "
+                           f"for it to finish, stop it, or give this run its own directory "
+                           f"with a different --model-tag (this run's: {model_tag})") from None
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    atomic_write_text(owner_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                              "model_tag": model_tag, "started": started}))
     _held_locks[checkpoint_dir] = lock
+
+# the names of what a save writes, temp files included
+CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"
 
 def _steps_with_meta(checkpoint_dir):
     steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
@@ -220,30 +226,33 @@ def read_meta(meta_path):
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object a checkpoint meta is: "
-                         f"restore it or delete this step's files")
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object "
+                         f"a checkpoint meta is: restore it or delete this step's files")
     return meta
 
 def _is_complete(checkpoint_dir, step):
-    """The meta parses, and the model and every optimizer shard it names load (mmap: no tensor data is read)."""
+    """The meta parses, and the model and every optimizer
+    shard it names load (mmap: no tensor data is read)."""
     model_path, _, meta_path = _paths(checkpoint_dir, step)
     try:
         meta = read_meta(meta_path)
-        paths = [model_path] + [_paths(checkpoint_dir, step, r)[1] for r in range(meta.get("optim_shards", 0))]
+        shards = [_paths(checkpoint_dir, step, r)[1] for r in range(meta.get("optim_shards", 0))]
+        paths = [model_path] + shards
         for path in paths:
             torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:  # missing, cut, bad
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:
         print0(f"checkpoint step {step} in {checkpoint_dir} is incomplete, skipping it: {e}")
         return False
     return True
 
 def find_last_step(checkpoint_dir):
     """The newest step whose meta exists and whose files load."""
-    for step in reversed(_steps_with_meta(checkpoint_dir)):
+    steps = _steps_with_meta(checkpoint_dir)
+    for step in reversed(steps):
         if _is_complete(checkpoint_dir, step):
             return step
     raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} "
-                            f"(steps with meta: {_steps_with_meta(checkpoint_dir) or 'none'})")
+                            f"(steps with meta: {steps or 'none'})")
 
 def _model_tags(checkpoints_dir):
     names = os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else []
@@ -259,38 +268,25 @@ def find_model_tag(checkpoints_dir):
         return max(depth_tags, key=lambda t: int(t[1:]))
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
-def _verify(path, meta, checkpoint_dir, step):
-    """Check a file against the sha256 its meta recorded (no record: a checkpoint from before hashes, said once)."""
-    recorded = meta.get("sha256")
-    if recorded is None:
-        if (checkpoint_dir, step) not in _unverified_said:
-            _unverified_said.add((checkpoint_dir, step))
-            print0(f"checkpoint {checkpoint_dir} step {step} has no sha256 in its meta (saved by older code): "
-                   f"loading it unverified")
-        return
-    name = os.path.basename(path)
+def _fallback(step):
+    return f"delete step {step}'s files (*_{step:06d}*) to fall back to the previous checkpoint"
+
+def _verify(path, meta, step):
+    """Check a file against the sha256 its meta recorded at save time."""
+    name, recorded = os.path.basename(path), meta["sha256"]
     if name not in recorded:
-        raise RuntimeError(f"{path} is not among the files recorded in meta_{step:06d}.json ({sorted(recorded)}): "
-                           f"it does not belong to this checkpoint; delete it or restore the original")
+        raise RuntimeError(f"{path} is not among the files recorded in "
+                           f"meta_{step:06d}.json ({sorted(recorded)}): it does not "
+                           f"belong to this checkpoint; delete it or restore the original")
     actual = file_sha256(path)
     if actual != recorded[name]:
-        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from {recorded[name][:16]}... "
-                           f"recorded when step {step} was saved. Restore the file, or delete step {step}'s files "
-                           f"(*_{step:06d}*) to fall back to the previous checkpoint")
-
-_unverified_said = set()
-
-def _torch_load(path, device, checkpoint_dir, step):
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten (no hash to tell us first)
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else type(e).__name__  # torch adds pages of advice
-        raise RuntimeError(f"{path} cannot be loaded ({reason}): it is truncated or corrupt. Load another step (steps "
-                           f"with meta: {_steps_with_meta(checkpoint_dir)}), or delete step {step}'s files "
-                           f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
+        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs "
+                           f"from {recorded[name][:16]}... recorded when step {step} "
+                           f"was saved. Restore the file, or {_fallback(step)}")
 
 def load_meta(checkpoint_dir, step):
-    """The meta of a step, checked against its own recorded hash (an edited field is an error, not another model)."""
+    """The meta of a step, checked against its own recorded
+    hash (an edited field is an error, not another model)."""
     meta_path = _paths(checkpoint_dir, step)[2]
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir} "
@@ -298,68 +294,66 @@ def load_meta(checkpoint_dir, step):
     try:
         meta = read_meta(meta_path)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{meta_path} is not valid JSON ({e}): restore it, or delete step {step}'s files "
-                         f"(*_{step:06d}*) to fall back to the previous checkpoint") from None
-    if "meta_sha256" in meta and meta["meta_sha256"] != meta_sha256(meta):
-        raise ValueError(f"{meta_path} was edited after it was saved (its content no longer matches meta_sha256): a "
-                         f"changed field such as model_config.sequence_len would run the model outside what it was "
-                         f"trained for. Restore the file, or start a new run with the settings you want")
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): restore it, "
+                         f"or {_fallback(step)}") from None
+    if "sha256" not in meta or meta.get("meta_sha256") != meta_sha256(meta):
+        raise ValueError(f"{meta_path} was edited after it was saved (its content no longer "
+                         f"matches meta_sha256, or the hashes are gone): a changed field "
+                         f"such as model_config.sequence_len would run the model outside "
+                         f"what it was trained for. Restore the file, or {_fallback(step)}")
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
-    """-> (model_state, optimizer_state or None, meta), every file verified against the sha256 in meta."""
+    """-> (model_state, optimizer_state or None, meta),
+    every file verified against the sha256 in meta."""
     model_path, _, _ = _paths(checkpoint_dir, step, rank)
     meta = load_meta(checkpoint_dir, step)
-    _verify(model_path, meta, checkpoint_dir, step)
-    model_state = _torch_load(model_path, device, checkpoint_dir, step)
-    optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta) if load_optimizer else None
+    _verify(model_path, meta, step)
+    model_state = torch.load(model_path, map_location=device, weights_only=True)
+    optimizer_state = None
+    if load_optimizer:
+        optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta)
     return model_state, optimizer_state, meta
 
 def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
-    """This rank's optimizer state of a step, without reading the model (SFT's warm start needs only this)."""
+    """This rank's optimizer state of a step, without
+    reading the model (SFT's warm start needs only this)."""
     _, optim_path, _ = _paths(checkpoint_dir, step, rank)
     if meta is None:
         meta = load_meta(checkpoint_dir, step)
     if not os.path.exists(optim_path):
-        raise FileNotFoundError(f"{optim_path} is missing: step {step} has {meta.get('optim_shards', 0)} optimizer "
-                                f"shards and rank {rank} needs its own (resume with the same number of GPUs)")
-    _verify(optim_path, meta, checkpoint_dir, step)
-    return _torch_load(optim_path, device, checkpoint_dir, step)
+        raise FileNotFoundError(f"{optim_path} is missing: step {step} has "
+                                f"{meta.get('optim_shards', 0)} optimizer shards and rank "
+                                f"{rank} needs its own (resume with the same number of GPUs)")
+    _verify(optim_path, meta, step)
+    return torch.load(optim_path, map_location=device, weights_only=True)
 
 def build_model(checkpoint_dir, step, device, phase):
-    """Rebuild the GPT of a checkpoint: -> (model, meta). The model config (incl. window_pattern) comes from meta."""
+    """Rebuild the GPT of a checkpoint: -> (model, meta). The
+    model config (incl. window_pattern) comes from meta."""
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     device = torch.device(device)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    config = meta["model_config"]
-    if "window_pattern" not in config:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step} has no window_pattern in its model_config; "
-                         f"it was not written by this code")
-    # the context the model was trained at: a larger sequence_len would run positions it never saw
-    trained_len = (meta.get("pretrain_config") or meta.get("user_config") or {}).get("max_seq_len")
-    if trained_len is not None and config.get("sequence_len") != trained_len:
-        raise ValueError(f"checkpoint {checkpoint_dir} step {step}: model_config.sequence_len="
-                         f"{config.get('sequence_len')} but the model was pretrained with --max-seq-len={trained_len}; "
-                         f"restore the meta file (sequence_len {trained_len})")
-    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}  # torch.compile's prefix
-    return model_from_state(config, model_state, device, phase), meta
+    return model_from_state(meta["model_config"], model_state, device, phase), meta
 
 def model_from_state(config, state, device, phase):
-    """The GPT of a model_config dict holding a state dict (from a checkpoint or an export), on device."""
+    """The GPT of a model_config dict holding a state
+    dict (from a checkpoint or an export), on device."""
     if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, so bf16 tensors are upcast
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     model.to_empty(device=device)
-    model.init_weights()  # buffers that are not in the state dict (rotary tables) get their values here
+    model.init_weights()  # buffers not in the state dict (rotary tables) get their values here
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
     return model
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):
     """
-    -> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest complete), or from a
-    directory written by `python -m scripts.export_hf` (e.g. downloaded from the Hugging Face Hub) when source is one.
+    -> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest
+    complete), or from a directory written by `python -m scripts.export_hf` (e.g. downloaded from
+    the Hugging Face Hub) when source is one.
     """
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
         model, tokenizer, meta = load_export(source, device, phase)
@@ -375,36 +369,39 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
                                 f"`python -m {SOURCE_SCRIPTS[source]}`")
     checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_model_tag(checkpoints_dir))
     if not os.path.isdir(checkpoint_dir):
-        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; available: {sorted(tags)}")
+        raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; "
+                                f"available: {sorted(tags)}")
     model_tag = os.path.basename(checkpoint_dir)
     if step is None:
         step = find_last_step(checkpoint_dir)
     model, meta = build_model(checkpoint_dir, step, device, phase)
     tokenizer = get_tokenizer()
     vocab = meta["model_config"]["vocab_size"]
-    assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab "
-                                                 f"{vocab}: {get_base_dir()}/tokenizer is not this model's tokenizer")
+    assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != "
+                                                 f"model vocab {vocab}: {get_base_dir()}/tokenizer "
+                                                 f"is not this model's tokenizer")
     check_tokenizer(meta, tokenizer, f"{source} {model_tag} step {step}")
     print0(f"loaded {source} model {model_tag} step {step} from {checkpoint_dir}")
     return model, tokenizer, meta
 
 def check_tokenizer(meta, tokenizer, what):
-    """The tokenizer must be the one the checkpoint was trained with: same vocab size is not enough (other merges)."""
+    """The tokenizer must be the one the checkpoint was trained
+    with: same vocab size is not enough (other merges)."""
     recorded = meta.get("tokenizer_fingerprint")
-    if recorded is None:
-        print0(f"{what} records no tokenizer fingerprint (saved by older code): the tokenizer is checked by vocab "
-               f"size only")
+    if recorded is None:  # a meta written by hand (tests, bench.serve): only the vocab size checks
         return
     if recorded != tokenizer.fingerprint():
-        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint {tokenizer.fingerprint()[:16]}...) "
-                         f"is not the one {what} was trained with ({recorded[:16]}...): restore that tokenizer, or "
+        raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint "
+                         f"{tokenizer.fingerprint()[:16]}...) is not the one {what} was "
+                         f"trained with ({recorded[:16]}...): restore that tokenizer, or "
                          f"point NANOCHAT_BASE_DIR at the directory the model was trained in")
 
 # -----------------------------------------------------------------------------
 # Resuming: the same steps, bit for bit, as a run that was never stopped
 
 def find_resume_step(checkpoint_dir, fresh_start):
-    """--resume: the newest complete step of checkpoint_dir, or None (and a line: the run starts fresh_start)."""
+    """--resume: the newest complete step of checkpoint_dir,
+    or None (and a line: the run starts fresh_start)."""
     try:
         return find_last_step(checkpoint_dir)
     except FileNotFoundError:
@@ -412,108 +409,127 @@ def find_resume_step(checkpoint_dir, fresh_start):
         return None
 
 def check_resume_config(meta, derived, checkpoint_dir, step):
-    """derived: what must match between a checkpoint and the run resuming it (model shape, batch, horizon, GPUs...)."""
-    mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}" for k, v in derived.items() if meta.get(k) != v]
+    """derived: what must match between a checkpoint and the
+    run resuming it (model shape, batch, horizon, GPUs...)."""
+    mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}"
+                  for k, v in derived.items() if meta.get(k) != v]
     if mismatches:
-        raise ValueError(f"cannot resume {checkpoint_dir} step {step} with a different configuration: "
-                         + "; ".join(mismatches) + ". Use the original run's flags (its user_config: "
-                         + json.dumps(meta.get("user_config")) + ") or a new --model-tag")
+        raise ValueError(f"cannot resume {checkpoint_dir} step {step} with a different "
+                         f"configuration: {'; '.join(mismatches)}. Use the original run's flags "
+                         f"(its user_config: {json.dumps(meta.get('user_config'))}) "
+                         f"or a new --model-tag")
 
 def load_optimizer_state(optimizer, optimizer_state):
-    """Restore the momenta, but keep this run's initial_lr per group (load_state_dict brings back the saved ones)."""
+    """Restore the momenta, but keep this run's initial_lr per
+    group (load_state_dict brings back the saved ones)."""
     initial_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(optimizer_state)
     for group, lr in zip(optimizer.param_groups, initial_lrs):
         group["initial_lr"] = lr
 
 def loop_meta(stream_states, **loop_state):
-    """The meta entries a loop resumes from: every rank's data loader states, gathered in rank order (rank r's streams
-    follow rank r-1's, as restore_loop slices them), and the loop's own variables (inf saved as null: strict JSON)."""
+    """The meta entries a loop resumes from: every rank's data loader states, gathered in rank order
+    (rank r's streams follow rank r-1's, as restore_loop slices them), and the loop's own variables
+    (inf saved as null: strict JSON)."""
     streams = [stream_states]
     if is_dist():
         streams = [None] * dist.get_world_size()
         dist.all_gather_object(streams, stream_states)
-    return {"dataloader_state_dict": {"streams": [s for rank_streams in streams for s in rank_streams]},
+    streams = [s for rank_streams in streams for s in rank_streams]
+    return {"dataloader_state_dict": {"streams": streams},
             "loop_state": {k: None if v == float("inf") else v for k, v in loop_state.items()}}
 
 def restore_loop(meta, rank, num_local_streams):
-    """-> (this rank's data loader states, the loop variables) saved by loop_meta (null back to inf)."""
-    streams = meta["dataloader_state_dict"]["streams"]  # as many as this run's: check_resume_config checked the batch
+    """-> (this rank's data loader states, the loop
+    variables) saved by loop_meta (null back to inf)."""
+    # as many streams as this run's: check_resume_config checked the batch
+    streams = meta["dataloader_state_dict"]["streams"]
     loop_state = {k: float("inf") if v is None else v for k, v in meta["loop_state"].items()}
     return streams[rank * num_local_streams:(rank + 1) * num_local_streams], loop_state
 
 def check_resume_flags(saved_config, config, flags, override):
     """
-    Resuming must continue the same trajectory: a different LR, schedule or seed would make the resumed run differ
-    from one that was never stopped. Raises naming the flags, unless override (--resume-override) says it is meant;
-    then prints them, and the caller must use the new values (not the ones restored with the optimizer state).
+    Resuming must continue the same trajectory: a different LR, schedule or seed would make the
+    resumed run differ from one that was never stopped. Raises naming the flags, unless override
+    (--resume-override) says it is meant; then prints them, and the caller must use the new values
+    (not the ones restored with the optimizer state).
     flags: argparse dest names. -> ['--flag: checkpoint X vs now Y', ...] for those that differ.
     """
     changed = [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
                for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
     if changed and not override:
-        raise ValueError("resuming with flags that change the training trajectory: " + "; ".join(changed) +
-                         ". Pass the checkpoint's values, or add --resume-override to continue with the new ones")
+        raise ValueError(f"resuming with flags that change the training trajectory: "
+                         f"{'; '.join(changed)}. Pass the checkpoint's values, or add "
+                         f"--resume-override to continue with the new ones")
     if changed:
         print0("--resume-override: continuing with new values for " + "; ".join(changed))
     return changed
 
 # -----------------------------------------------------------------------------
-# A fresh run never replaces another's checkpoints; periodic saves; SIGTERM/SIGINT stop after a step and save
+# A fresh run never replaces another's checkpoints; periodic saves; SIGTERM/SIGINT stop after a step
+# and save
 
 def _minutes(text):
     value = float(text)
     if not (value > 0 or value == -1):
-        raise argparse.ArgumentTypeError(f"{text} minutes: use > 0, or -1 for no time-based checkpoints")
+        raise argparse.ArgumentTypeError(f"{text} minutes: use > 0, "
+                                         f"or -1 for no time-based checkpoints")
     return value
 
 def _at_least_one(text):
     if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: keep at least 1 (the newest is what a crash resumes from)")
+        raise argparse.ArgumentTypeError(f"{text}: keep at least 1 "
+                                         f"(the newest is what a crash resumes from)")
     return int(text)
 
 def add_checkpoint_flags(parser):
-    """The flags the training scripts share for not losing work: --overwrite, --save-every-minutes, --keep-periodic."""
-    parser.add_argument("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
-                        "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
-    # 30 min: a d24 checkpoint (6.6 GB on rank 0) at ~1 GB/s costs ~0.4% of the run (docs/reliability.md)
-    parser.add_argument("--save-every-minutes", type=_minutes, default=30, help="also checkpoint every N minutes of "
-                        "wall time, to resume from after a crash (-1 = never)")
+    """The flags the training scripts share for not losing work:
+    --overwrite, --save-every-minutes, --keep-periodic."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete this run's output checkpoints and start from scratch "
+                        "(without it, or --resume, a directory holding checkpoints is an error)")
+    # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
+    parser.add_argument("--save-every-minutes", type=_minutes, default=30,
+                        help="also checkpoint every N minutes of wall time, to resume from after a "
+                        "crash (-1 = never)")
     parser.add_argument("--keep-periodic", type=_at_least_one, default=2,
                         help="keep the newest N of those time-based checkpoints")
 
 def check_fresh_start(checkpoint_dir, resume, overwrite):
     """
-    A run without --resume into a directory holding checkpoints would silently replace a finished run's model: refuse,
-    naming the way to continue it (--resume) and the one way to replace it (--overwrite, which deletes them now).
+    A run without --resume into a directory holding checkpoints would silently replace a finished
+    run's model: refuse, naming the way to continue it (--resume) and the one way to replace it
+    (--overwrite, which deletes them now).
     """
     if resume and overwrite:
-        raise ValueError("--resume continues the checkpoints in the output directory and --overwrite deletes them: "
-                         "pass one of them")
+        raise ValueError("--resume continues the checkpoints in the output "
+                         "directory and --overwrite deletes them: pass one of them")
     steps = _steps_with_meta(checkpoint_dir)
     if resume or not steps:
         return
     if not overwrite:
-        raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier run (last step {steps[-1]}): add "
-                              f"--resume to continue it, or --overwrite to delete them and start from scratch (or give "
-                              f"this run another --model-tag)")
+        raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier "
+                              f"run (last step {steps[-1]}): add --resume to "
+                              f"continue it, or --overwrite to delete them and start "
+                              f"from scratch (or give this run another --model-tag)")
     if get_dist_info()[1] == 0:
         for name in os.listdir(checkpoint_dir):
-            if re.fullmatch(r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?", name):
+            if re.fullmatch(CHECKPOINT_FILE, name):
                 os.remove(os.path.join(checkpoint_dir, name))
     print0(f"--overwrite: deleted the checkpoints in {checkpoint_dir} (steps {steps})")
 
 def prune_periodic(checkpoint_dir, keep):
     """
-    Delete time-based checkpoints (meta "periodic": true) beyond the newest `keep` (rank 0; call after a save). The
-    final checkpoint and --save-every ones are never periodic, so what later stages and the report load stays.
+    Delete time-based checkpoints (meta "periodic": true) beyond the newest `keep` (rank 0; call
+    after a save). The final checkpoint and --save-every ones are never periodic, so what later
+    stages and the report load stays.
     """
     if get_dist_info()[1] != 0 or keep < 1:
         return
     periodic = [s for s in _steps_with_meta(checkpoint_dir)
                 if read_meta(_paths(checkpoint_dir, s)[2]).get("periodic")]
     for step in periodic[:-keep]:
-        os.remove(_paths(checkpoint_dir, step)[2])  # meta first: the step stops existing before its files go
+        os.remove(_paths(checkpoint_dir, step)[2])  # meta first: the step stops existing first
         for path in glob.glob(os.path.join(checkpoint_dir, f"*_{step:06d}*.pt")):
             os.remove(path)
 
@@ -521,36 +537,36 @@ _stop = {"signum": 0, "time": 0.0}  # the first SIGTERM/SIGINT received, and whe
 
 def handle_stop_signals():
     """
-    SIGTERM (cloud schedulers and spot reclaims send it with ~30-120 s notice) and SIGINT (Ctrl-C) ask the training
-    loop to stop after the current step and save (stop_or_save_due reads it). A second signal exits at once: the
-    newest complete checkpoint is whole, since a save publishes its meta last. A launcher in the terminal's process
-    group with its workers can deliver one Ctrl-C twice within milliseconds (the terminal's, then its own forward), so
-    a repeat in the first 2 s is the same request. (torchrun starts its workers in sessions of their own: only its
-    forward reaches them, and it SIGKILLs them 30 s later.)
+    SIGTERM (schedulers, spot reclaims) and SIGINT (Ctrl-C) ask the training loop to stop after this
+    step and save (stop_or_save_due reads it). A second signal exits at once (a save publishes its
+    meta last, so the newest complete checkpoint is whole), unless it comes within 2 s: a launcher
+    in the terminal's process group forwards the Ctrl-C its workers already got.
     """
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        if os.getpid() != pid:  # a forked worker (a data or download pool) inherited this: die as it would have
+        if os.getpid() != pid:  # a forked worker (data or download pool): die as it would have
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         if _stop["signum"]:
             if time.time() - _stop["time"] < 2:
                 return
-            print(f"{name} again: exiting now; the newest complete checkpoint is intact", flush=True)
+            print(f"{name} again: exiting now; the newest complete checkpoint is intact",
+                  flush=True)
             os._exit(128 + signum)
         _stop.update(signum=signum, time=time.time())
-        print(f"{name}: finishing this step, then saving and exiting (send it again to exit at once)", flush=True)
+        print(f"{name}: finishing this step, then saving and exiting "
+              f"(send it again to exit at once)", flush=True)
     pid = os.getpid()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
 
 def stop_or_save_due(last_save_time, save_every_minutes):
     """
-    Called by every rank at the end of each step: -> (stop signal number or 0, whether a periodic save is due), the
-    same on every rank (a MAX all_reduce of two ints), so all ranks stop and save at the same step even when the
-    signal reached only one of them. On the CPU where the group has gloo ("cpu:gloo,cuda:nccl"); a NCCL-only group
-    takes CUDA tensors only, and the training step syncs with the GPU for its loss anyway.
+    Every rank, after each step: -> (stop signal number or 0, whether a periodic save is due), the
+    same on every rank (a MAX all_reduce), so all ranks stop and save at the same step even when the
+    signal reached one. On the CPU where the group has gloo; a NCCL-only group takes CUDA tensors
+    only.
     """
     due = save_every_minutes > 0 and time.time() - last_save_time >= 60 * save_every_minutes
     flags = torch.tensor([_stop["signum"], int(due)], dtype=torch.int64)
@@ -561,27 +577,31 @@ def stop_or_save_due(last_save_time, save_every_minutes):
     return int(flags[0]), bool(flags[1])
 
 def resume_command(module):
-    """The command that continues this run: its own flags, with --resume instead of --overwrite/--resume-from-step."""
+    """The command that continues this run: its own flags, with
+    --resume instead of --overwrite/--resume-from-step."""
     argv, flags = sys.argv[1:], []
     while argv:
         arg = argv.pop(0)
         if arg == "--resume-from-step" and argv:
             argv.pop(0)
-        elif arg not in ("--", "--resume", "--overwrite") and not arg.startswith("--resume-from-step="):
+        elif (arg not in ("--", "--resume", "--overwrite")
+              and not arg.startswith("--resume-from-step=")):
             flags.append(arg)
-    env = [f"{k}={shlex.quote(os.environ[k])}" for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
+    env = [f"{k}={shlex.quote(os.environ[k])}"
+           for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
     if is_dist():
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '?')}",
-                    "-m", module, "--"]
+        nproc = os.environ.get("LOCAL_WORLD_SIZE", "?")
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--"]
     else:
         launcher = ["python", "-m", module]
     return " ".join(env + [shlex.join(launcher + flags + ["--resume"])])
 
 def exit_after_stop(signum, module, checkpoint_dir, step):
-    """After the stop save: wait for every rank's files (an early exit would make torchrun kill rank 0 while it
-    publishes the meta), print the command that resumes, exit 128 + the signal number like a killed process."""
+    """After the stop save: wait for every rank's files (an early exit would make torchrun kill
+    rank 0 while it publishes the meta), print the command that resumes, exit 128 + the signal
+    number like a killed process."""
     if is_dist():
         dist.barrier()
-    print0(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint in {checkpoint_dir}. Resume with:\n"
-           f"{resume_command(module)}")
+    print0(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
+           f"in {checkpoint_dir}. Resume with:\n{resume_command(module)}")
     sys.exit(128 + signum)

@@ -11,12 +11,13 @@ Data: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl), 
 Called by scripts/base_train.py (max 500 examples per task) and scripts/base_eval.py (all of them):
     out = evaluate_core(model, tokenizer, device, max_per_task=-1)
 Under torchrun every rank must call it; examples are strided across ranks and the per-example
-correctness is all-reduced. The model must accept model(idx) -> logits (B, T, vocab).
-Prompts are scored whole, however long (10-shot prompts run far past a 2,048-token training context): a model
-with ensure_rotary_positions(n) (our GPT) grows its rotary tables to the longest prompt. Only a model with a hard
-context limit, an attribute max_seq_len (e.g. HF GPT-2's 1024), gets prompts cropped on the left; an example
-whose scored tokens cannot fit in it is skipped and counted in the result's "skipped".
-Leaves out: loading HF models (nanochat/hf/causal_lm.py adapts them), other eval suites, confidence intervals.
+correctness is all-reduced. The model must accept model(idx) -> logits (B, T, vocab). Prompts are
+scored whole, however long (10-shot prompts run far past a 2,048-token training context): a model
+with ensure_rotary_positions(n) (our GPT) grows its rotary tables to the longest prompt. Only a
+model with a hard context limit, an attribute max_seq_len (e.g. HF GPT-2's 1024), gets prompts
+cropped on the left; an example whose scored tokens cannot fit in it is skipped and counted in the
+result's "skipped". Leaves out: loading HF models (nanochat/hf/causal_lm.py adapts them), other eval
+suites, confidence intervals.
 """
 
 import csv
@@ -38,7 +39,8 @@ from nanochat.common import get_base_dir, get_dist_info, download_file_with_lock
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-# Keys each JSONL row needs, checked at load so a bad bundle fails with a file and line, not a KeyError mid-eval.
+# Keys each JSONL row needs, checked at load so a bad bundle fails with a file and line, not a
+# KeyError mid-eval.
 REQUIRED_KEYS = {
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
@@ -46,7 +48,8 @@ REQUIRED_KEYS = {
 }
 
 class EvalBundleUnavailable(RuntimeError):
-    """The bundle is not on disk and could not be downloaded (offline). Callers may skip CORE on this one."""
+    """The bundle is not on disk and could not be downloaded
+    (offline). Callers may skip CORE on this one."""
 
 # -----------------------------------------------------------------------------
 # The eval bundle on disk
@@ -55,7 +58,8 @@ def get_eval_bundle_dir():
     return os.path.join(get_base_dir(), "eval_bundle")
 
 def eval_bundle_available():
-    """True when <base>/eval_bundle/ holds a complete bundle (it only ever appears complete, by rename)."""
+    """True when <base>/eval_bundle/ holds a complete
+    bundle (it only ever appears complete, by rename)."""
     return os.path.isfile(os.path.join(get_eval_bundle_dir(), "core.yaml"))
 
 def _extract_bundle(zip_path, bundle_dir):
@@ -74,17 +78,18 @@ def _extract_bundle(zip_path, bundle_dir):
         root = tmp_dir if os.path.isfile(os.path.join(tmp_dir, "core.yaml")) else os.path.join(tmp_dir, "eval_bundle")
         if not os.path.isfile(os.path.join(root, "core.yaml")):
             os.remove(zip_path)  # else every rerun would find it on disk and fail here again
-            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under eval_bundle/): not a CORE "
-                               f"eval bundle; it was deleted, rerun to download it again")
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top "
+                               f"nor under eval_bundle/): not a CORE eval bundle; "
+                               f"it was deleted, rerun to download it again")
         os.replace(root, bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle itself was renamed out
 
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     """
-    Return <base>/eval_bundle/, downloading and unzipping it first if needed. Local rank 0 of each node
-    fetches (under a file lock, for nodes sharing a disk); everyone waits at a barrier.
-    Raises EvalBundleUnavailable with how to fetch it by hand when it cannot be had.
+    Return <base>/eval_bundle/, downloading and unzipping it first if needed. Local rank 0 of each
+    node fetches (under a file lock, for nodes sharing a disk); everyone waits at a barrier. Raises
+    EvalBundleUnavailable with how to fetch it by hand when it cannot be had.
     """
     base_dir, bundle_dir = get_base_dir(), get_eval_bundle_dir()
     if not eval_bundle_available() and get_dist_info()[2] == 0:
@@ -103,16 +108,17 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
         dist.barrier()
     if not eval_bundle_available():
         raise EvalBundleUnavailable(
-            f"the CORE eval bundle is not at {bundle_dir} and could not be downloaded from {url}. "
-            f"Fetch it by hand: curl -L -o eval_bundle.zip {url} && unzip eval_bundle.zip -d {base_dir} "
-            f"(it must leave {bundle_dir}/core.yaml)")
+            f"the CORE eval bundle is not at {bundle_dir} and could not be downloaded "
+            f"from {url}. Fetch it by hand: curl -L -o eval_bundle.zip {url} && unzip "
+            f"eval_bundle.zip -d {base_dir} (it must leave {bundle_dir}/core.yaml)")
     return bundle_dir
 
 # -----------------------------------------------------------------------------
 # Task config, random baselines and data, read from the bundle
 
 def load_core_config(bundle_dir):
-    """-> (tasks, baselines): tasks = list of dicts from core.yaml, baselines = {label: random baseline in percent}."""
+    """-> (tasks, baselines): tasks = list of dicts from
+    core.yaml, baselines = {label: random baseline in percent}."""
     yaml_path = os.path.join(bundle_dir, "core.yaml")
     with open(yaml_path, encoding="utf-8") as f:
         config = yaml.safe_load(f)
@@ -122,8 +128,8 @@ def load_core_config(bundle_dir):
         if missing:
             raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
         if entry["icl_task_type"] not in TASK_TYPES:
-            raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type {entry['icl_task_type']!r}, "
-                             f"expected one of {TASK_TYPES}")
+            raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type "
+                             f"{entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
         k = entry["num_fewshot"]
         tasks.append({
             "label": entry["label"],
@@ -143,8 +149,9 @@ def load_core_config(bundle_dir):
 def load_task_data(path, task_type):
     """Read a task's JSONL file; malformed lines and missing keys raise naming the file and line."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"CORE task file {path} is missing: the eval bundle is incomplete; delete "
-                                f"{os.path.dirname(path)} up to eval_bundle/ and rerun to fetch it again")
+        raise FileNotFoundError(f"CORE task file {path} is missing: the eval bundle "
+                                f"is incomplete; delete {os.path.dirname(path)} up "
+                                f"to eval_bundle/ and rerun to fetch it again")
     data = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -165,14 +172,16 @@ def load_task_data(path, task_type):
 # Prompts: few-shot examples first (each a solved example), separated by blank lines, then the item
 
 def sample_fewshot(data, idx, k):
-    """k examples other than data[idx], drawn with random.Random(1234 + idx) so every run and rank agrees."""
+    """k examples other than data[idx], drawn with
+    random.Random(1234 + idx) so every run and rank agrees."""
     # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
     # (rng.sample would raise mid-eval); with enough examples the draws are karpathy/nanochat's
     k = min(k, len(data) - 1)
     if k <= 0:
         return []
     rng = random.Random(1234 + idx)
-    # same draws as rng.sample over the list of all indices but idx, without building that list per example
+    # same draws as rng.sample over the list of all indices but idx, without building that list per
+    # example
     picks = rng.sample(range(len(data) - 1), k)
     return [data[i + (i >= idx)] for i in picks]
 
@@ -180,7 +189,8 @@ def render_prompts(task_type, item, delimiter, fewshot):
     """
     The prompt strings to score for one item.
     multiple_choice: one per choice; schema: one per context option;
-    language_modeling: [prompt without the continuation (trailing whitespace stripped), prompt with it].
+    language_modeling: [prompt without the continuation (trailing whitespace stripped), prompt with
+    it].
     """
     if task_type == "multiple_choice":
         shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
@@ -190,21 +200,25 @@ def render_prompts(task_type, item, delimiter, fewshot):
         return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
     shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
     without = f"{shots}{item['context'].strip()}{delimiter}"
-    # stripping lets the delimiter's space merge into the continuation's first token, as in running text
+    # stripping lets the delimiter's space merge into the continuation's first token, as in running
+    # text
     return [without.rstrip(), without + item["continuation"]]
 
 def continuation_spans(task_type, token_lists):
     """
-    Which tokens are scored. Returns (sequences, spans) with spans[i] = (start, end) into sequences[i].
+    Which tokens are scored. Returns (sequences, spans) with spans[i] = (start, end) into
+    sequences[i].
     multiple_choice: tokens after the common prefix of all choices' prompts;
     schema: the common suffix of all options' prompts;
-    language_modeling: tokens of prompt-with beyond prompt-without (which must be a token prefix of it).
+    language_modeling: tokens of prompt-with beyond prompt-without (which must be a token prefix of
+    it).
     """
     if task_type == "language_modeling":
         without, with_ = token_lists
         if with_[:len(without)] != without or len(with_) == len(without):
-            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} tokens) is not a "
-                             f"strict token prefix of the prompt with it ({len(with_)} tokens)")
+            raise ValueError(f"language_modeling prompt without the continuation "
+                             f"({len(without)} tokens) is not a strict token "
+                             f"prefix of the prompt with it ({len(with_)} tokens)")
         return [with_], [(len(without), len(with_))]
     # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
     # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
@@ -216,7 +230,8 @@ def continuation_spans(task_type, token_lists):
     return token_lists, [(len(t) - n, len(t)) for t in token_lists]
 
 def _common_prefix_len(seqs, limit):
-    """Longest n <= limit with seqs[i][:n] equal for all i: a binary search of C-speed slice compares (long prompts)."""
+    """Longest n <= limit with seqs[i][:n] equal for all i: a
+    binary search of C-speed slice compares (long prompts)."""
     lo, hi = 0, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -287,18 +302,21 @@ def prepare_examples(task, data, indices, tokenizer, max_len=None):
 
 def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chunk_size=1024):
     """
-    Returns (accuracy over the scored examples, number skipped). This rank takes examples rank, rank + world, ...;
-    each chunk of them is sorted by length and packed into forwards of at most ~batch_tokens (padded) tokens, so
-    short prompts share a batch (a prompt longer than batch_tokens gets a forward of its own).
+    Returns (accuracy over the scored examples, number skipped). This rank takes examples rank, rank
+    + world, ...; each chunk of them is sorted by length and packed into forwards of at most
+    ~batch_tokens (padded) tokens, so short prompts share a batch (a prompt longer than batch_tokens
+    gets a forward of its own).
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
     bos = tokenizer.get_bos_token_id()
-    # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did not fit max_len)
+    # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
+    # not fit max_len)
     outcome = torch.zeros(2, len(data), dtype=torch.float32)
     my_indices = list(range(rank, len(data), world))
     for c in range(0, len(my_indices), chunk_size):
-        # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs as Python lists
+        # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs
+        # as Python lists
         examples, skipped = prepare_examples(task, data, my_indices[c:c + chunk_size], tokenizer, max_len)
         outcome[1, skipped] = 1.0
         if not examples:
@@ -333,18 +351,19 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     num_correct, num_skipped = (int(x) for x in outcome.sum(dim=1).tolist())
     num_scored = len(data) - num_skipped
     if num_scored == 0:
-        raise ValueError(f"CORE task {task['label']!r}: none of its {len(data)} examples fits the model's hard context "
-                         f"limit max_seq_len={max_len}; evaluate a model with a longer context or leave the task out")
+        raise ValueError(f"CORE task {task['label']!r}: none of its {len(data)} examples "
+                         f"fits the model's hard context limit max_seq_len={max_len}; "
+                         f"evaluate a model with a longer context or leave the task out")
     return num_correct / num_scored, num_skipped
 
 def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768):
     """
     Evaluate every task of the bundle's core.yaml (fetching the bundle if needed).
     max_per_task: examples per task after the fixed shuffle (-1 = all).
-    batch_tokens: padded tokens per forward; lower it if the logits (batch_tokens x vocab fp32) do not fit.
-    Returns {"results": {label: accuracy}, "centered_results": {label: centered}, "core_metric": mean centered,
-    "skipped": {label: examples left out because they do not fit a hard context limit (0 for our models)}}.
-    Prints one line per task with examples/s.
+    batch_tokens: padded tokens per forward; lower it if the logits (batch_tokens x vocab fp32) do
+    not fit. Returns {"results": {label: accuracy}, "centered_results": {label: centered},
+    "core_metric": mean centered, "skipped": {label: examples left out because they do not fit a
+    hard context limit (0 for our models)}}. Prints one line per task with examples/s.
     """
     bundle_dir = ensure_eval_bundle()
     tasks, baselines = load_core_config(bundle_dir)
@@ -362,8 +381,9 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
         results[task["label"]] = accuracy
         centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
         dt = time.time() - t0
-        print0(f"{task['label']:<35} accuracy {accuracy:.4f} | centered {centered_results[task['label']]:+.4f} | "
-               f"{len(data)} examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)"
+        print0(f"{task['label']:<35} accuracy {accuracy:.4f} | centered "
+               f"{centered_results[task['label']]:+.4f} | {len(data)} "
+               f"examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)"
                + (f" | {skipped[task['label']]} skipped: longer than max_seq_len" if skipped[task["label"]] else ""))
     core_metric = sum(centered_results.values()) / len(centered_results)
     return {"results": results, "centered_results": centered_results, "core_metric": core_metric, "skipped": skipped}

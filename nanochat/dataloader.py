@@ -13,15 +13,17 @@ pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dat
   in the data, not by content), so a new loader re-reads and re-tokenizes them and produces the very batches the
   uninterrupted loader would have produced. The state is a small JSON-serialisable dict (a few KB at buffer 1000).
 
-chat_loader: best-fit packing of rendered conversations WITH BOS padding and no cropping, for mid-training/SFT.
+chat_loader: best-fit packing of rendered conversations WITH BOS padding and no cropping, for
+mid-training/SFT.
 
-Sharding: stream `rank` of `world_size` reads row groups rank, rank+W, ... of the global row-group list (every
-file's row groups in order, then again for the next epoch), so any stream count works, even more streams than row
-groups (chat: examples rank, rank+W, ...). base_train gives every (GPU, gradient-accumulation micro-step) pair its
-own stream, so what a run trains on depends on the total batch only, not on how it is split across GPUs and
-accumulation.
+Sharding: stream `rank` of `world_size` reads row groups rank, rank+W, ... of the global row-group
+list (every file's row groups in order, then again for the next epoch), so any stream count works,
+even more streams than row groups (chat: examples rank, rank+W, ...). base_train gives every (GPU,
+gradient-accumulation micro-step) pair its own stream, so what a run trains on depends on the total
+batch only, not on how it is split across GPUs and accumulation.
 
-Leaves out: karpathy/nanochat's unaligned flat-token-stream loader (unused) and a per-conversation padded iterator.
+Leaves out: karpathy/nanochat's unaligned flat-token-stream loader (unused) and a per-conversation
+padded iterator.
 """
 
 import os
@@ -37,9 +39,10 @@ from nanochat.dataset import get_dataset_name, list_parquet_files, num_row_group
 
 def _to_device(batch, device):
     """
-    One host->device copy of an int64 CPU tensor. On CUDA it is staged in pinned memory and sent non-blocking, so
-    the next batch is assembled while the GPU trains; PyTorch's caching host allocator does not hand the pinned
-    block out again until that copy has finished, so no double buffering is needed here.
+    One host->device copy of an int64 CPU tensor. On CUDA it is staged in pinned memory and sent
+    non-blocking, so the next batch is assembled while the GPU trains; PyTorch's caching host
+    allocator does not hand the pinned block out again until that copy has finished, so no double
+    buffering is needed here.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -52,7 +55,8 @@ def _to_device(batch, device):
 # Pretraining: BOS-aligned best-fit packing with exact resume
 
 def _row_group_index(paths):
-    """(file index, row group) of every row group of the files, in order: the global list the streams stride over."""
+    """(file index, row group) of every row group of the files,
+    in order: the global list the streams stride over."""
     key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
     if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512 times
         _row_group_cache[key] = [(p, r) for p, path in enumerate(paths) for r in range(num_row_groups(path))]
@@ -62,27 +66,30 @@ _row_group_cache = {}
 def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", state=None,
                     buffer_size=1000, tokenizer_threads=4, tokenizer_batch_size=128, dataset=None):
     """
-    Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs shifted by one;
-    streams are sharded as the module docstring says. `state` resumes exactly where a previous loader's yielded
-    state left off (same split, rank, world_size, B, T, buffer_size, tokenizer_batch_size and the same files). The
-    yielded state describes the loader AFTER that batch. Epochs start at 1 (epoch = global row group // row groups
-    per epoch + 1). Validation: call with split="val" and no state; it always starts at the beginning of the val shard.
+    Infinite generator of (inputs, targets, state): inputs/targets int64 (B, T), targets are inputs
+    shifted by one; streams are sharded as the module docstring says. `state` resumes exactly where
+    a previous loader's yielded state left off (same split, rank, world_size, B, T, buffer_size,
+    tokenizer_batch_size and the same files). The yielded state describes the loader AFTER that
+    batch. Epochs start at 1 (epoch = global row group // row groups per epoch + 1). Validation:
+    call with split="val" and no state; it always starts at the beginning of the val shard.
     """
     assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
     paths = list_parquet_files(split, dataset=dataset)
     index = _row_group_index(paths)
     if not index:
-        raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} hold no row groups "
-                         f"({', '.join(paths)}); to replace them: {repair_command(paths[0])}")
+        raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} "
+                         f"hold no row groups ({', '.join(paths)}); to replace them: "
+                         f"{repair_command(paths[0])}")
     bos = tokenizer.get_bos_token_id()
 
-    # Stream cursor: the next unread document is doc_idx of global row group g (epoch g // len(index) + 1).
+    # Stream cursor: the next unread document is doc_idx of global row group g (epoch g //
+    # len(index) + 1).
     g, doc_idx = rank, 0
-    # Buffer, kept sorted by key = (length, g, doc_idx): best-fit is a bisect, ties go to the document that came
-    # first in the stream, and the order never depends on when a document entered the buffer.
-    # Token ids are stored as int32 arrays (4 bytes a token, not ~36 for a list of Python ints): a 1-GPU run
-    # can hold hundreds of streams x 1000 buffered documents.
+    # Buffer, kept sorted by key = (length, g, doc_idx): best-fit is a bisect, ties go to the
+    # document that came first in the stream, and the order never depends on when a document entered
+    # the buffer. Token ids are stored as int32 arrays (4 bytes a token, not ~36 for a list of
+    # Python ints): a 1-GPU run can hold hundreds of streams x 1000 buffered documents.
     keys, tokens = [], {}  # tokens: doc position (g, doc) -> token ids (BOS first)
 
     def read_texts(g):
@@ -96,11 +103,12 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 
     if state is not None:
         if "row_group" not in state:
-            raise ValueError("dataloader state of an older format (per-file row groups, keys "
-                             f"{sorted(state)}): resume it with the nanochat version that wrote it, or start a new run")
+            raise ValueError(f"dataloader state of an older format (per-file row "
+                             f"groups, keys {sorted(state)}): resume it with the "
+                             f"nanochat version that wrote it, or start a new run")
         assert state["num_row_groups"] == len(index), (
-            f"dataloader state was saved with {state['num_row_groups']} {split} row groups but the files now have "
-            f"{len(index)}: resume with the same data shards")
+            f"dataloader state was saved with {state['num_row_groups']} {split} row groups "
+            f"but the files now have {len(index)}: resume with the same data shards")
         g, doc_idx = state["row_group"], state["doc_idx"]
         for rg, docs in state["buffer"]:
             texts = read_texts(rg)
@@ -109,7 +117,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 
     texts, texts_at = None, None  # the row group under the cursor, read once
     def refill():
-        """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the buffer."""
+        """Tokenize the next up to tokenizer_batch_size
+        documents of this rank's stream into the buffer."""
         nonlocal g, doc_idx, texts, texts_at
         empty = 0  # row groups passed without a document; a whole epoch of them means there are none
         while True:
@@ -160,30 +169,34 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None, pack=True):
     """
     Infinite generator of (inputs, targets, state) over a dataset of conversations (len() and [i]).
-    Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when none fits, the
-    rest of the row is BOS padding (targets -1) and the next row starts. A conversation longer than T+1 tokens is
-    cropped to T+1 when it is rendered, so every conversation fits an empty row: nothing is skipped and no row is
-    all padding. Targets are -1 where the render mask is 0 (only assistant tokens are trained) and on padding;
-    train_all_tokens=True trains every real token (user turns too), as karpathy/nanochat's mid-training did.
-    Epochs never mix: the next epoch's conversations enter the buffer only once this epoch's are all placed in rows
-    (the last rows of an epoch are less full), so each conversation of the stream is trained exactly once per epoch
-    and "progress" counts conversations placed in yielded rows, not pulled into the buffer (~buffer_size of them).
-    num_epochs: after that many epochs every row is padding (targets all -1, nothing trained) and progress stays at
-    num_epochs, so a stream that finishes first waits for the others without repeating anything. None = forever.
-    max_per_batch: at most this many conversations per yielded batch, the rest padding (None = fill the rows), so
-    an optimizer step trains a set number of conversations as unpacked SFT does, whatever their lengths.
+    Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when
+    none fits, the rest of the row is BOS padding (targets -1) and the next row starts. A
+    conversation longer than T+1 tokens is cropped to T+1 when it is rendered, so every conversation
+    fits an empty row: nothing is skipped and no row is all padding. Targets are -1 where the render
+    mask is 0 (only assistant tokens are trained) and on padding; train_all_tokens=True trains every
+    real token (user turns too), as karpathy/nanochat's mid-training did. Epochs never mix: the next
+    epoch's conversations enter the buffer only once this epoch's are all placed in rows (the last
+    rows of an epoch are less full), so each conversation of the stream is trained exactly once per
+    epoch and "progress" counts conversations placed in yielded rows, not pulled into the buffer
+    (~buffer_size of them).
+    num_epochs: after that many epochs every row is padding (targets all -1, nothing trained) and
+    progress stays at num_epochs, so a stream that finishes first waits for the others without
+    repeating anything. None = forever.
+    max_per_batch: at most this many conversations per yielded batch, the rest padding (None = fill
+    the rows), so an optimizer step trains a set number of conversations as unpacked SFT does,
+    whatever their lengths. state = {"epoch", "cursor" (next example index of this rank's stream),
+    "buffer" (example indices), "epoch_start" (the cursor this epoch began at), "consumed" (this
+    epoch's conversations placed in rows), "progress" (epochs consumed as a float: 0.5 = half of
+    this stream's share of the dataset trained)}; pass it back to resume.
     pack=False: one conversation per row, the rest padding (with buffer_size=1: in the stream's order).
-    state = {"epoch", "cursor" (next example index of this rank's stream), "buffer" (example indices),
-    "epoch_start" (the cursor this epoch began at), "consumed" (this epoch's conversations placed in rows),
-    "progress" (epochs consumed as a float: 0.5 = half of this stream's share of the dataset trained)};
-    pass it back to resume.
     """
     n = len(dataset)
     assert n > 0, "the conversation dataset is empty"
     assert 0 <= rank < world_size, f"rank {rank} out of range for world_size {world_size}"
     bos = tokenizer.get_bos_token_id()
-    # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's size (a tiny
-    # validation set read by many GPUs x accumulation steps) start at rank % n instead of past the end.
+    # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's
+    # size (a tiny validation set read by many GPUs x accumulation steps) start at rank % n instead
+    # of past the end.
     epoch, cursor, buffer, consumed = 1, rank % n, [], 0
     epoch_start = cursor
 
@@ -211,7 +224,8 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 if not buffer:  # every conversation of this epoch is placed
                     if num_epochs is not None and epoch >= num_epochs:
                         break  # done: padding only from here on
-                    # next epoch; the stride continues across the wrap (a stride > n passes whole epochs)
+                    # next epoch; the stride continues across the wrap (a stride > n passes whole
+                    # epochs)
                     epoch, cursor, consumed = epoch + cursor // n, cursor % n, 0
                     epoch_start = cursor
                     continue

@@ -8,15 +8,15 @@ local corpus with no network, and read any of them back one row group at a time.
     python -m nanochat.dataset --dataset local   # offline corpus from this Python's standard library
 
 Shards live in <base>/base_data_<name>/shard_NNNNN.parquet: one string column "text", documents
-grouped into row groups, zstd. Readers pick the dataset from env NANOCHAT_DATASET (default climbmix).
-The validation shard is pinned per dataset (the last shard index), so it never depends on how many
-shards were fetched; train = every other shard present. Env NANOCHAT_DATA_URL overrides the URL base
-of the hosted datasets (tests point it at a local server; mirrors work the same way).
+grouped into row groups, zstd. Readers pick the dataset from env NANOCHAT_DATASET (default
+climbmix). The validation shard is pinned per dataset (the last shard index), so it never depends on
+how many shards were fetched; train = every other shard present. Env NANOCHAT_DATA_URL overrides the
+URL base of the hosted datasets (tests point it at a local server; mirrors work the same way).
 
-A download is renamed into place only after its size matches Content-Length and its parquet footer reads (row
-groups, a string column "text"). A shard that cannot be read fails naming the file and the command that rebuilds or
-re-downloads it.
-Left out: checksums of downloaded shards (the host serves none) and the repackaging of upstream datasets into shards.
+A download is renamed into place only after its size matches Content-Length and its parquet footer
+reads (row groups, a string column "text"). A shard that cannot be read fails naming the file and
+the command that rebuilds or re-downloads it. Left out: checksums of downloaded shards (the host
+serves none) and the repackaging of upstream datasets into shards.
 """
 
 import argparse
@@ -95,8 +95,8 @@ def list_parquet_files(split=None, dataset=None):
     elif split == "train":
         files = [f for f in files if f != val]
         if not files:
-            raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} (only the val shard); "
-                                    f"run `{fetch_command(name)}`")
+            raise FileNotFoundError(f"no train shards of dataset {name!r} in {data_dir} "
+                                    f"(only the val shard); run `{fetch_command(name)}`")
     return [os.path.join(data_dir, f) for f in files]
 
 def repair_command(path):
@@ -114,8 +114,8 @@ def repair_command(path):
 SHARD_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)  # pyarrow's messages name neither file nor fix
 
 def _unreadable(path, e):
-    return RuntimeError(f"cannot read shard {path} ({type(e).__name__}: {e}); it is truncated or corrupt: "
-                        f"to replace it: {repair_command(path)}")
+    return RuntimeError(f"cannot read shard {path} ({type(e).__name__}: {e}); it is "
+                        f"truncated or corrupt: to replace it: {repair_command(path)}")
 
 def open_shard(path):
     try:
@@ -137,7 +137,8 @@ def read_row_group(path, rg_idx):
     return read_texts(open_shard(path), path, rg_idx)
 
 def verify_shard(path):
-    """Raises ValueError unless path is a complete parquet shard: readable footer, row groups, string column "text"."""
+    """Raises ValueError unless path is a complete parquet
+    shard: readable footer, row groups, string column "text"."""
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
@@ -200,19 +201,22 @@ def download_shards(num_files, dataset=None, num_workers=4):
     return failed
 
 # -----------------------------------------------------------------------------
-# Local corpus: the standard library of the running Python, no network. Only the standard library, and only the
-# parts every build of a Python version ships alike, so the corpus (and the tokenizer and demo model trained on it)
-# is the same on every machine with the same Python version; walking site-packages made it depend on what was
-# installed (a fresh venv built 16.5M chars, a dev machine 32.5M). The build prints its size and a sha256.
+# Local corpus: the standard library of the running Python, no network. Only the standard library,
+# and only the parts every build of a Python version ships alike, so the corpus (and the tokenizer
+# and demo model trained on it) is the same on every machine with the same Python version
+# (site-packages would make it depend on what is installed). The build prints its size and a sha256
+# (docs/perf.md, "Local corpus").
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
 LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024, so even the ~900-document val shard has many row groups
 LOCAL_SEED = 42
 MIN_DOC_CHARS = 200         # shorter pieces are mostly a stray import line or closing brace
 MAX_DOC_CHARS = 1_000       # files are split at blank lines into pieces of ~300 tokens, about one row of the demo's
-                            # 256-token context: longer pieces would be cropped at the row's end, the rest never seen
-# Left out: generated tables (encodings), parts that distributions split into other packages (Debian: tkinter,
-# idlelib, turtle, lib2to3, distutils, ensurepip, venv) or patch (site, sysconfig), and the test suite (optional).
+                            # 256-token context: longer pieces would be cropped at the row's end,
+                            # the rest never seen
+# Left out: generated tables (encodings), parts that distributions split into other packages
+# (Debian: tkinter, idlelib, turtle, lib2to3, distutils, ensurepip, venv) or patch (site,
+# sysconfig), and the test suite (optional).
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload", "encodings",
              "tkinter", "idlelib", "turtledemo", "lib2to3", "distutils", "ensurepip", "venv"}
 SKIP_FILES = {"site.py", "sysconfig.py", "turtle.py"}
@@ -254,7 +258,8 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
     return pieces
 
 def collect_local_documents(root=None):
-    """All documents under root (default: the stdlib), in sorted walk order, deduplicated, small pieces dropped."""
+    """All documents under root (default: the stdlib), in
+    sorted walk order, deduplicated, small pieces dropped."""
     seen, docs = set(), []
     for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"] if root is None else root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
@@ -268,7 +273,8 @@ def collect_local_documents(root=None):
     return docs
 
 def corpus_hash(docs):
-    """sha256 of the documents in order (length-prefixed, so no two different lists collide by concatenation)."""
+    """sha256 of the documents in order (length-prefixed,
+    so no two different lists collide by concatenation)."""
     h = hashlib.sha256()
     for doc in docs:
         data = doc.encode()
@@ -277,10 +283,11 @@ def corpus_hash(docs):
 
 def build_local_corpus(force=False, root=None):
     """
-    Build the local corpus into get_data_dir("local"): shuffle the documents (fixed seed) and deal them
-    round-robin into LOCAL_NUM_SHARDS shards; the last one is the pinned val shard. All shards are written into
-    a temp directory that is renamed into place, so a crash never leaves a half corpus. Returns the corpus sha256
-    (None when it was already built). root (default: the stdlib) lets tests build from a small directory.
+    Build the local corpus into get_data_dir("local"): shuffle the documents (fixed seed) and deal
+    them round-robin into LOCAL_NUM_SHARDS shards; the last one is the pinned val shard. All shards
+    are written into a temp directory that is renamed into place, so a crash never leaves a half
+    corpus. Returns the corpus sha256 (None when it was already built). root (default: the stdlib)
+    lets tests build from a small directory.
     """
     data_dir = get_data_dir("local")
     paths = [os.path.join(data_dir, shard_name(i)) for i in range(LOCAL_NUM_SHARDS)]
@@ -302,9 +309,10 @@ def build_local_corpus(force=False, root=None):
         shutil.rmtree(data_dir)
     os.replace(tmp_dir, data_dir)
     digest = corpus_hash(docs)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, {LOCAL_NUM_SHARDS} shards in {data_dir}\n"
-          f"local corpus sha256 {digest} (Python {platform.python_version()} standard library; "
-          f"the same Python version builds the same corpus on any machine)", flush=True)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, "
+          f"{LOCAL_NUM_SHARDS} shards in {data_dir}\nlocal corpus sha256 {digest} "
+          f"(Python {platform.python_version()} standard library; the same Python "
+          f"version builds the same corpus on any machine)", flush=True)
     return digest
 
 # -----------------------------------------------------------------------------

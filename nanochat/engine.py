@@ -7,18 +7,20 @@ Fast sampling from a GPT with a KV cache, plus the calculator tool the chat mode
         ...                                   # one token per sample per step, streamed
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
-How: the prompt is prefilled once at batch 1 into a cache sized to the prompt; that cache is copied into every
-row of a decode cache (prompt + max_tokens positions), and each step feeds one token per row. Each row samples
-independently from its own logits with one seeded torch.Generator, so a seed reproduces a whole batch.
-A row stops at <|assistant_end|> or <|bos|>; the loop stops when every row has stopped or after max_tokens.
+How: the prompt is prefilled once at batch 1 into a cache sized to the prompt; that cache is copied
+into every row of a decode cache (prompt + max_tokens positions), and each step feeds one token per
+row. Each row samples independently from its own logits with one seeded torch.Generator, so a seed
+reproduces a whole batch. A row stops at <|assistant_end|> or <|bos|>; the loop stops when every row
+has stopped or after max_tokens.
 
-Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression goes to `use_calculator`, and its
-result is forced into that row as <|output_start|> str(result) <|output_end|> (mask 0: the model did not choose
-those tokens, so RL must not train on them). Only arithmetic and str.count are supported; it is a calculator,
-not a Python interpreter (nanochat/execution.py is the sandbox for full programs).
+Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression goes to
+`use_calculator`, and its result is forced into that row as <|output_start|> str(result)
+<|output_end|> (mask 0: the model did not choose those tokens, so RL must not train on them). Only
+arithmetic and str.count are supported; it is a calculator, not a Python interpreter
+(nanochat/execution.py is the sandbox for full programs).
 
-Left out: speculative decoding, paged caches (a joining or leaving row copies the batch's cache), and sampling
-beyond temperature/top-k.
+Left out: speculative decoding, paged caches (a joining or leaving row copies the batch's cache),
+and sampling beyond temperature/top-k.
 """
 
 import ast
@@ -36,8 +38,9 @@ from nanochat.gpt import KVCache, rotary_tables
 # -----------------------------------------------------------------------------
 # Calculator tool
 
-# Both kinds of admitted expression run in time bounded by their length, so no timer is needed: arithmetic has
-# no ** (9**9**9 never finishes), and the string methods below never make a string longer than its input.
+# Both kinds of admitted expression run in time bounded by their length, so no timer is needed:
+# arithmetic has no ** (9**9**9 never finishes), and the string methods below never make a string
+# longer than its input.
 _STRING_METHODS = {"count", "lower", "upper", "casefold", "strip", "lstrip", "rstrip"}
 _FORBIDDEN = ["__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals", "locals",
               "vars", "dir", "getattr", "setattr", "delattr", "hasattr"]
@@ -63,10 +66,11 @@ def _is_arithmetic(tree):
 def use_calculator(expr):
     """
     Evaluate a tool call; returns the number, or None when the expression is not allowed or fails.
-    Allowed: arithmetic on numbers with + - * / // ( ) (commas in numbers like 1,000 are dropped; ** is refused),
-    or a str.count(...) call on a string literal such as 'strawberry'.count('r') (optionally after .lower() etc.).
-    Safe to call from any thread: no signals, and every admitted expression is cheap by construction. The expression
-    is parsed and checked node by node before it is evaluated with no builtins.
+    Allowed: arithmetic on numbers with + - * / // ( ) (commas in numbers like 1,000 are dropped; **
+    is refused), or a str.count(...) call on a string literal such as 'strawberry'.count('r')
+    (optionally after .lower() etc.). Safe to call from any thread: no signals, and every admitted
+    expression is cheap by construction. The expression is parsed and checked node by node before it
+    is evaluated with no builtins.
     """
     expr = expr.strip()
     arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # 1,000 -> 1000, but (1,2) stays a tuple and is refused
@@ -102,28 +106,31 @@ def default_inference_dtype(device):
             return "bfloat16", f"CUDA SM{major}{minor} has bf16 tensor cores"
         return "float32", f"CUDA SM{major}{minor} < SM80 has no fast bf16"
     if device.type == "cpu":
-        # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively; oneDNN uses them
+        # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively;
+        # oneDNN uses them
         feature = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
         if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
             return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
         return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
 
-# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first. Half of d20's matrices, one thread of a 2-core
-# EPYC: the kernel takes 51/69/81/131 ms at 1/2/4/8 rows, dequantizing + matmul ~260 ms at any of those (its cost is
-# the dequantized copy); at a 128-token prefill the kernel is 2.4x slower than a bf16 matmul.
+# Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
+# the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
+# at 8 rows vs ~260 ms).
 INT8_KERNEL_MAX_ROWS = 16
 
 class Int8Linear(nn.Module):
     """
     Weight-only int8 twin of gpt.Linear for CPU generation: one scale per output channel (symmetric,
-    max |w_row| / 127), multiplied by torch's own kernel _weight_int8pack_mm (bf16 activations in and out). Decode
-    is bound by reading the weights, and this reads 1 byte per weight where bf16 reads 2.
+    max |w_row| / 127), multiplied by torch's own kernel _weight_int8pack_mm (bf16 activations in
+    and out). Decode is bound by reading the weights, and this reads 1 byte per weight where bf16
+    reads 2.
     """
     def __init__(self, linear):
         super().__init__()
         w = linear.weight.detach().float()
-        # scales rounded to bf16 (the kernel's dtype) before quantizing, so q * scale is the weight the kernel uses
+        # scales rounded to bf16 (the kernel's dtype) before quantizing, so q * scale is the weight
+        # the kernel uses
         scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-30).to(torch.bfloat16)
         q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
         self.weight = nn.Parameter(q, requires_grad=False)
@@ -137,10 +144,10 @@ class Int8Linear(nn.Module):
 
 class PackedLinear(nn.Module):
     """
-    gpt.Linear for bf16 generation on CPU: the weight reordered once into oneDNN's blocked layout and multiplied by
-    oneDNN (torch.ops.mkldnn, the ops torch.compile's CPU weight freezing emits). F.linear on the plain bf16 weight is
-    far from the bandwidth: the matrices of a d20 decode step took 164 ms that way, 85 ms packed and 175 ms in fp32
-    (2-core EPYC with AVX512-BF16, one thread, best of 8); prefill runs at the same speed either way.
+    gpt.Linear for bf16 generation on CPU: the weight reordered once into oneDNN's blocked layout
+    and multiplied by oneDNN (torch.ops.mkldnn, the ops torch.compile's CPU weight freezing emits):
+    F.linear on the plain bf16 weight is far from the bandwidth (a d20 decode step's matrices,
+    2-core EPYC: 85 ms packed vs 164 ms plain).
     """
     def __init__(self, linear):
         super().__init__()
@@ -164,10 +171,12 @@ def _swap_matrices(model, module_class):
 
 def prepare_for_inference(model, dtype=""):
     """
-    Make a loaded GPT ready to generate, in place: weights held once in the inference dtype, activations and KV
-    cache in the same dtype, no autograd. Training keeps fp32 master weights and casts them at every forward, so a
-    bf16 decode step there reads 4 bytes per weight and writes and reads 2 more; here it reads 2 (int8: 1).
-    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its name.
+    Make a loaded GPT ready to generate, in place: weights held once in the inference dtype,
+    activations and KV cache in the same dtype, no autograd. Training keeps fp32 master weights and
+    casts them at every forward, so a bf16 decode step there reads 4 bytes per weight and writes and
+    reads 2 more; here it reads 2 (int8: 1).
+    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its
+    name.
     """
     device = model.get_device()
     dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
@@ -176,14 +185,16 @@ def prepare_for_inference(model, dtype=""):
     if dtype == "int8" and device.type != "cpu":
         raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
     if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
-        raise ValueError("--dtype float32: attention on this GPU is FA3, which runs bf16 only; use --dtype bfloat16, "
-                         "or NANOCHAT_DTYPE=float32 to compute everything in fp32 (attention then uses flex/SDPA)")
+        raise ValueError("--dtype float32: attention on this GPU is FA3, which runs "
+                         "bf16 only; use --dtype bfloat16, or NANOCHAT_DTYPE=float32 to "
+                         "compute everything in fp32 (attention then uses flex/SDPA)")
     model.eval().requires_grad_(False)
     model.compute_dtype = INFERENCE_DTYPES[dtype]
     if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
         _swap_matrices(model, Int8Linear)
     model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay as they are
-    # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them in bf16
+    # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them
+    # in bf16
     model.cos, model.sin = rotary_tables(model.cos.size(1), model.cos.size(-1) * 2, device, dtype=model.compute_dtype)
     if dtype == "bfloat16" and uses_onednn_bf16(device):
         _swap_matrices(model, PackedLinear)
@@ -196,9 +207,9 @@ def prepare_for_inference(model, dtype=""):
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     """
     logits (B, V) -> token ids (B, 1). temperature 0 = argmax; top_k None = full vocabulary.
-    Sampling inverts each row's CDF at one uniform draw: the distribution torch.multinomial samples, from one random
-    number per row where multinomial draws one per vocabulary entry (softmax + draw: 1.74 vs 0.26 ms for 8 x 8,192 on
-    a 2-core CPU). A token of probability 0 has an empty CDF step, so it is never picked.
+    Sampling inverts each row's CDF at one uniform draw: torch.multinomial's distribution from one
+    random number per row instead of one per vocabulary entry (docs/perf.md, "Engine.generate
+    rows"). A token of probability 0 has an empty CDF step, so it is never picked.
     """
     if temperature == 0.0:
         return torch.argmax(logits, dim=-1, keepdim=True)
@@ -211,7 +222,8 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
     return choice if indices is None else indices.gather(1, choice)
 
 def check_sampling(temperature, top_k):
-    """Raise ValueError naming a bad sampling setting; CLIs call it before loading a model to fail fast."""
+    """Raise ValueError naming a bad sampling setting;
+    CLIs call it before loading a model to fail fast."""
     if not 0 <= temperature < float("inf"):  # also refuses nan, which argparse's float accepts
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -239,7 +251,8 @@ class Engine:
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     def _advance_row(self, row, sampled):
-        """The token a row takes this step (a queued forced token replaces the sample) -> (token, mask)."""
+        """The token a row takes this step (a queued forced
+        token replaces the sample) -> (token, mask)."""
         forced = len(row.forced_tokens) > 0
         token = row.forced_tokens.popleft() if forced else sampled
         if token in self.stop_tokens:
@@ -263,13 +276,14 @@ class Engine:
         if not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens):
             raise ValueError(f"prompt tokens must be ints in [0, {vocab_size}), got {tokens[:16]}...")
         if len(tokens) >= context:
-            raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context is {context}: "
-                             f"shorten it to at most {context - 1} tokens")
+            raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context "
+                             f"is {context}: shorten it to at most {context - 1} tokens")
         if max_tokens is None:
             max_tokens = context - len(tokens)
         if max_tokens < 1 or len(tokens) + max_tokens > context:
-            raise ValueError(f"max_tokens={max_tokens} with a {len(tokens)}-token prompt does not fit the model's "
-                             f"context of {context}: use 1 <= max_tokens <= {context - len(tokens)}")
+            raise ValueError(f"max_tokens={max_tokens} with a {len(tokens)}-token "
+                             f"prompt does not fit the model's context of {context}: "
+                             f"use 1 <= max_tokens <= {context - len(tokens)}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         check_sampling(temperature, top_k)
@@ -284,10 +298,10 @@ class Engine:
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """
-        Stream samples: yields (token_column, mask_column), one entry per sample each step.
-        mask 1 = sampled by the model, 0 = forced tool output. A stopped row keeps receiving (meaningless)
-        tokens until every row has stopped; callers drop a row's tokens after its <|assistant_end|>/<|bos|>.
-        max_tokens None = fill the model's context.
+        Stream samples: yields (token_column, mask_column), one entry per sample each step. mask 1 =
+        sampled by the model, 0 = forced tool output. A stopped row keeps receiving (meaningless)
+        tokens until every row has stopped; callers drop a row's tokens after its
+        <|assistant_end|>/<|bos|>. max_tokens None = fill the model's context.
         """
         max_tokens = self._check_args(tokens, num_samples, max_tokens, temperature, top_k)
         device = self.model.get_device()
@@ -329,13 +343,15 @@ class Engine:
         return sequences, masks
 
 # -----------------------------------------------------------------------------
-# Different requests decoded together (chat_web): each row has its own prompt, position, sampling and seed
+# Different requests decoded together (chat_web): each row has its own prompt, position, sampling
+# and seed
 
 class RowCache(KVCache):
     """
-    A decode cache whose rows are independent requests at their own positions (row_positions, on the host, so the
-    model needs no device sync to size its attention). Rows join from a prefilled batch-1 cache and leave between
-    steps; both copy the cache (cheap next to a step: a few MB at depth 4, and membership changes once per request).
+    A decode cache whose rows are independent requests at their own positions (row_positions, on the
+    host, so the model needs no device sync to size its attention). Rows join from a prefilled
+    batch-1 cache and leave between steps; both copy the cache (cheap next to a step, and membership
+    changes once per request).
     """
     def __init__(self, model, capacity):
         c = model.config
@@ -378,11 +394,12 @@ class Request:
 
 class RowBatch:
     """
-    Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row; step() gives every
-    row its next token: -> [(request, token, mask, finish)], finish None, "stop" (the token is <|assistant_end|>
-    or <|bos|>) or "length" (max_tokens reached). Finished rows leave; cancel() drops a row at once.
-    Each row samples from its own logits with its own generator, so a seeded request gives the same tokens alone
-    or next to others (up to float rounding, which batch shape can change).
+    Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row;
+    step() gives every row its next token: -> [(request, token, mask, finish)], finish None, "stop"
+    (the token is <|assistant_end|> or <|bos|>) or "length" (max_tokens reached). Finished rows
+    leave; cancel() drops a row at once. Each row samples from its own logits with its own
+    generator, so a seeded request gives the same tokens alone or next to others (up to float
+    rounding, which batch shape can change).
     """
     def __init__(self, engine, capacity=None):
         self.engine, self.model = engine, engine.model
@@ -439,10 +456,11 @@ class RowBatch:
 
 class TextStream:
     """
-    Tokens in, text out in whole characters. A character can span several tokens (byte-level BPE), so text is held
-    back while the decoded tail is an incomplete UTF-8 sequence (decode() shows it as U+FFFD) and released once it
-    completes; flush() releases what is left. Released pieces join to exactly tokenizer.decode(all tokens): every
-    release ends on a character boundary, where UTF-8 decoding restarts cleanly.
+    Tokens in, text out in whole characters. A character can span several tokens (byte-level BPE),
+    so text is held back while the decoded tail is an incomplete UTF-8 sequence (decode() shows it
+    as U+FFFD) and released once it completes; flush() releases what is left. Released pieces join
+    to exactly tokenizer.decode(all tokens): every release ends on a character boundary, where UTF-8
+    decoding restarts cleanly.
     """
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -462,11 +480,12 @@ class TextStream:
 
 class ReplyStream:
     """
-    An assistant reply's tokens in, its parts out as they grow: the parts render_conversation takes back
-    ({"type": "text" | "python" | "python_output", "text": ...}), so a tool call is shown, and re-rendered, as
-    what it is. The tool's special tokens only open and close parts; no special token ever becomes text (stop
-    tokens are the caller's to drop). push(token) and flush() -> [(part index, new text)]; a tool part announces
-    itself at once with "" so a UI can open its block before the code arrives.
+    An assistant reply's tokens in, its parts out as they grow: the parts render_conversation takes
+    back ({"type": "text" | "python" | "python_output", "text": ...}), so a tool call is shown, and
+    re-rendered, as what it is. The tool's special tokens only open and close parts; no special
+    token ever becomes text (stop tokens are the caller's to drop). push(token) and flush() ->
+    [(part index, new text)]; a tool part announces itself at once with "" so a UI can open its
+    block before the code arrives.
     """
     def __init__(self, tokenizer):
         special = tokenizer.encode_special
@@ -505,7 +524,8 @@ SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 def greedy_completions(engine, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """-> list of prompt + greedy continuation texts (up to max_tokens, fewer where the context is shorter)."""
+    """-> list of prompt + greedy continuation texts (up
+    to max_tokens, fewer where the context is shorter)."""
     bos = tokenizer.get_bos_token_id()
     texts = []
     for prompt in prompts:

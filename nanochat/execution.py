@@ -1,13 +1,13 @@
 """
-Run model-written Python (HumanEval programs, RL rollouts) in a fresh, limited and, where the machine allows it,
-isolated interpreter.
+Run model-written Python (HumanEval programs, RL rollouts) in a fresh, limited and, where the
+machine allows it, isolated interpreter.
 
     from nanochat.execution import execute_code
     result = execute_code("print(1 + 1)")      # ExecutionResult(success=True, stdout="2\n", ...)
 
-How: every call starts `python -I` (isolated mode: no PYTHON* variables, no user site, no script dir on
-sys.path) as a child process. Isolation comes from Linux namespaces, set up by bubblewrap (`bwrap`, Debian/Ubuntu
-package `bubblewrap`):
+How: every call starts `python -I` (isolated mode: no PYTHON* variables, no user site, no script dir
+on sys.path) as a child process. Isolation comes from Linux namespaces, set up by bubblewrap
+(`bwrap`, Debian/Ubuntu package `bubblewrap`):
   * its own pid namespace: the program sees only its own processes (no parent /proc/<pid>/environ or fd/1, nothing
     else to signal), and when it ends or is killed the kernel kills every process left in the namespace, forked,
     setsid'd or daemonized alike, and the call returns only once they are all gone;
@@ -21,10 +21,11 @@ package `bubblewrap`):
   * --die-with-parent: if the calling process dies, the sandbox dies with it;
   * a seccomp filter (x86_64, aarch64) that refuses new user namespaces: inside one the program would hold every
     capability, which opens kernel code (nested mounts, netfilter) that is otherwise out of its reach.
-Where bwrap is missing or cannot create namespaces (macOS, most Docker containers), one banner line on stderr says
-so and how to fix it, and only the measures below apply; a root caller's program still drops to `nobody` there when
-this Python can start as nobody (not when it is installed under /root), so it cannot start processes, read
-root-only files or other processes' /proc entries. Always:
+Where bwrap is missing or cannot create namespaces (macOS, most Docker containers), one banner line
+on stderr says so and how to fix it, and only the measures below apply; a root caller's program
+still drops to `nobody` there when this Python can start as nobody (not when it is installed under
+/root), so it cannot start processes, read root-only files or other processes' /proc entries.
+Always:
   * an environment scrubbed to PATH=/usr/bin:/bin and OMP_NUM_THREADS=1 (parent secrets are not inherited),
   * a fresh temporary working directory, removed afterwards, and stdin = /dev/null (input() raises EOFError),
   * resource limits set by the child on itself before the program runs: address space and data segment =
@@ -36,16 +37,18 @@ root-only files or other processes' /proc entries. Always:
     well-meaning model's accidents; a program can undo it (importlib.reload(os)), the namespaces are the boundary,
   * the program executed with fresh globals (__name__ == "__main__"), so the guard's names are invisible,
   * its own session and process group, SIGKILLed as a whole on every exit path (normal end, error, timeout).
-The wall-clock timeout is measured here (a pidfd poll, no signal), so it works from any thread, unlike SIGALRM.
-Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES each).
+The wall-clock timeout is measured here (a pidfd poll, no signal), so it works from any thread,
+unlike SIGALRM. Output goes to anonymous temp files and is read back capped (MAX_OUTPUT_BYTES each).
 
-What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host kernel; its seccomp
-filter blocks only user namespaces), reading what is bound read-only (/usr and the Python installation: no secrets
-belong there), host memory used by its tmpfs (up to MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and
-timing side channels, the caller's kernel session keyring (inherited; empty unless you put keys there). Without
-isolation (the banner), it is NOT a security boundary: the network is open, world-readable files can be read and writable ones
-overwritten, ctypes can call anything, and where the program runs as root (see above) it can start processes that
-leave the process group (setsid) and outlive the call. tests/test_sandbox_attacks.py holds one test per attack.
+What this does NOT protect against, even isolated: kernel exploits (the sandbox shares the host
+kernel; its seccomp filter blocks only user namespaces), reading what is bound read-only (/usr and
+the Python installation: no secrets belong there), host memory used by its tmpfs (up to
+MAX_WORK_BYTES on top of maximum_memory_bytes), CPU time and timing side channels, the caller's
+kernel session keyring (inherited; empty unless you put keys there). Without isolation (the banner),
+it is NOT a security boundary: the network is open, world-readable files can be read and writable
+ones overwritten, ctypes can call anything, and where the program runs as root (see above) it can
+start processes that leave the process group (setsid) and outlive the call.
+tests/test_sandbox_attacks.py holds one test per attack.
 """
 
 import errno
@@ -78,7 +81,8 @@ class ExecutionResult:
     timeout: bool = False
     memory_exceeded: bool = False
 
-# Runs in the child before the program. {placeholders} are filled with repr()'d values by execute_code.
+# Runs in the child before the program. {placeholders} are filled with repr()'d values by
+# execute_code.
 _GUARD = r'''
 import builtins, faulthandler, os, resource, shutil, subprocess, sys
 
@@ -116,7 +120,8 @@ exec(_compiled, {{"__name__": "__main__", "__builtins__": builtins}})
 '''
 
 def _read_capped(f, keep):
-    """Read a captured stream, keeping the first (keep="head") or last (keep="tail") MAX_OUTPUT_BYTES."""
+    """Read a captured stream, keeping the first
+    (keep="head") or last (keep="tail") MAX_OUTPUT_BYTES."""
     size = f.seek(0, os.SEEK_END)
     if size <= MAX_OUTPUT_BYTES:
         f.seek(0)
@@ -129,19 +134,21 @@ def _read_capped(f, keep):
     return note + "\n" + f.read().decode("utf-8", errors="replace")
 
 def _python_dirs():
-    """The directories the interpreter needs, outside /usr (a venv, pyenv, conda): bound read-only into the sandbox."""
+    """The directories the interpreter needs, outside /usr (a
+    venv, pyenv, conda): bound read-only into the sandbox."""
     dirs = {os.path.realpath(d) for d in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
     dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
     outside = [d for d in sorted(dirs) if d != "/usr" and not d.startswith("/usr/")]
     return [d for d in outside if not any(d.startswith(other + "/") for other in outside)]
 
 def _bwrap_command(bwrap, work_dir, program_path=None):
-    """The bwrap argv that runs a command in the namespaces the module docstring lists, in `work_dir`."""
+    """The bwrap argv that runs a command in the namespaces
+    the module docstring lists, in `work_dir`."""
     command = [bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-net", "--unshare-ipc",
                "--unshare-uts", "--unshare-cgroup-try"]
     if os.geteuid() == 0:
-        # run by root, bwrap makes no user namespace; the guard drops to SANDBOX_UID with these two capabilities,
-        # which the kernel clears at that setuid
+        # run by root, bwrap makes no user namespace; the guard drops to SANDBOX_UID with these two
+        # capabilities, which the kernel clears at that setuid
         command += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         command += ["--unshare-user"]  # what lets an ordinary user create the other namespaces
@@ -153,7 +160,8 @@ def _bwrap_command(bwrap, work_dir, program_path=None):
             command += ["--ro-bind", path, path]
     made = set()
     for directory in _python_dirs():
-        # its parents are created traversable but not listable (0711): /root/.pyenv/... shows nothing else of /root
+        # its parents are created traversable but not listable (0711): /root/.pyenv/... shows
+        # nothing else of /root
         parent = os.path.dirname(directory)
         parents = []
         while parent != "/":
@@ -170,16 +178,17 @@ def _bwrap_command(bwrap, work_dir, program_path=None):
         command += ["--ro-bind", program_path, program_path]
     return command + ["--chdir", work_dir, "--remount-ro", "/"]
 
-# (audit arch, unshare, clone, clone3) syscall numbers: linux/audit.h, arch/x86/entry/syscalls/syscall_64.tbl,
-# include/uapi/asm-generic/unistd.h
+# (audit arch, unshare, clone, clone3) syscall numbers: linux/audit.h,
+# arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h
 _SYSCALLS = {"x86_64": (0xC000003E, 272, 56, 435), "aarch64": (0xC00000B7, 97, 220, 435)}
 
 def _seccomp_fd():
     """
-    A pipe holding the classic-BPF seccomp program bwrap --seccomp reads (None on other architectures): unshare() and
-    clone() with CLONE_NEWUSER fail with EPERM; clone3() fails with ENOSYS (its flags sit behind a pointer a filter
-    cannot read; glibc then falls back to clone), as does any syscall of another ABI (i386 int 0x80, x32), whose
-    numbers would slip past these checks.
+    A pipe holding the classic-BPF seccomp program bwrap --seccomp reads (None on other
+    architectures): unshare() and clone() with CLONE_NEWUSER fail with EPERM; clone3() fails with
+    ENOSYS (its flags sit behind a pointer a filter cannot read; glibc then falls back to clone), as
+    does any syscall of another ABI (i386 int 0x80, x32), whose numbers would slip past these
+    checks.
     """
     if platform.machine() not in _SYSCALLS:
         return None
@@ -214,7 +223,8 @@ def _bwrap_run(bwrap, work_dir, command, program_path=None, extra_fds=(), **pope
 
 @functools.cache
 def _probe_isolation():
-    """(bwrap's path, None) if bwrap can run this Python in its namespaces here, else (None, why not and the fix)."""
+    """(bwrap's path, None) if bwrap can run this Python in
+    its namespaces here, else (None, why not and the fix)."""
     bwrap = shutil.which("bwrap")
     if not sys.platform.startswith("linux"):
         return None, f"Linux namespaces do not exist on {sys.platform}; run untrusted code on Linux or in a VM"
@@ -232,9 +242,10 @@ def _probe_isolation():
     if probe.returncode == 0:
         return bwrap, None
     said = (stderr.strip().splitlines() or [f"exit code {probe.returncode}"])[-1]
-    return None, (f"{bwrap} cannot create namespaces here ({said}); run as root (in a container: one started with "
-                  f"--privileged or --cap-add SYS_ADMIN), or allow unprivileged user namespaces "
-                  f"(sysctl kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
+    return None, (f"{bwrap} cannot create namespaces here ({said}); run as root (in a "
+                  f"container: one started with --privileged or --cap-add SYS_ADMIN), or "
+                  f"allow unprivileged user namespaces (sysctl "
+                  f"kernel.unprivileged_userns_clone=1, or an AppArmor profile for bwrap)")
 
 @functools.cache
 def _can_drop_privileges():
@@ -256,7 +267,8 @@ _isolation_lock = threading.Lock()
 _banner_shown = False
 
 def _isolation():
-    """bwrap's path, or None after one banner line (per process) naming what is missing and how to install it."""
+    """bwrap's path, or None after one banner line (per
+    process) naming what is missing and how to install it."""
     global _banner_shown
     with _isolation_lock:  # the first calls may come from several threads at once: probe and warn once
         bwrap, problem = _probe_isolation()
@@ -265,8 +277,9 @@ def _isolation():
             if os.geteuid() == 0:
                 as_root = ("; it still runs as uid nobody, so it cannot start processes" if _can_drop_privileges() else
                            "; it runs as root, as this Python cannot start as uid nobody (install it outside /root)")
-            print(f"nanochat.execution: WARNING: model-written code runs WITHOUT isolation (your files, network and "
-                  f"processes are reachable from it): {problem}{as_root}", file=sys.stderr, flush=True)
+            print(f"nanochat.execution: WARNING: model-written code runs WITHOUT "
+                  f"isolation (your files, network and processes are reachable "
+                  f"from it): {problem}{as_root}", file=sys.stderr, flush=True)
             _banner_shown = True
     return bwrap
 
@@ -308,7 +321,8 @@ def _sandbox_init(info_read, info_write):
         return None
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
-    """Run `code` in a fresh limited interpreter (see the module docstring); never raises for the program's faults."""
+    """Run `code` in a fresh limited interpreter (see the module
+    docstring); never raises for the program's faults."""
     assert timeout > 0, f"timeout must be positive, got {timeout}"
     assert maximum_memory_bytes > 0, f"maximum_memory_bytes must be positive, got {maximum_memory_bytes}"
     bwrap = _isolation()
@@ -344,16 +358,18 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
             exited = _wait_unreaped(proc, timeout)
         finally:
             if sandbox_init is not None:
-                # bwrap exits as soon as the program does (or when killed), and its --die-with-parent kill of the
-                # rest of the namespace then runs on in the background. Killing the namespace's init kills every
-                # process in it, and the kernel reports the init's exit (the pidfd poll) only once they are all gone.
+                # bwrap exits as soon as the program does (or when killed), and its
+                # --die-with-parent kill of the rest of the namespace then runs on in the
+                # background. Killing the namespace's init kills every process in it, and the kernel
+                # reports the init's exit (the pidfd poll) only once they are all gone.
                 try:
                     signal.pidfd_send_signal(sandbox_init, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
                 _wait_exit(sandbox_init, timeout)
                 os.close(sandbox_init)
-            # On every exit path, a normal end included: whatever the program left in its group dies with it.
+            # On every exit path, a normal end included: whatever the program left in its group dies
+            # with it.
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:

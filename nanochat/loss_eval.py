@@ -25,7 +25,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     yields) through model(inputs, targets, loss_reduction="none") and return bits per byte.
     Under a multi-rank group every rank must call this with the same `steps`; sums are all-reduced.
     token_bytes: int tensor [vocab] of UTF-8 byte lengths, 0 for special tokens.
-    Raises ValueError when the targets hold no bytes at all (bpb is undefined: a val set of empty documents).
+    Raises ValueError when the targets hold no bytes at all (bpb is undefined: a val set of empty
+    documents).
     """
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -36,7 +37,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats, 0 where ignored
         y = y.view(-1).to(device)
         valid = y >= 0
-        # indexing token_bytes with -1 would silently read the last entry, so clamp first, then zero out
+        # indexing token_bytes with -1 would silently read the last entry, so clamp first, then zero
+        # out
         num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
         counted = num_bytes > 0
         loss = loss.to(device=device, dtype=torch.float64)
@@ -47,7 +49,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()
     if total_bytes == 0:
-        raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches hold no text bytes (every target "
-                         f"is padding or a special token), so the validation documents are empty strings; rebuild or "
-                         f"re-download the val shard (python -m nanochat.dataset)")
+        raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches "
+                         f"hold no text bytes (every target is padding or a special "
+                         f"token), so the validation documents are empty strings; rebuild "
+                         f"or re-download the val shard (python -m nanochat.dataset)")
     return total_nats / (math.log(2) * total_bytes)

@@ -1,14 +1,16 @@
 """
-The report card: every stage logs a markdown section, `generate` stitches them into report.md with a summary
-(headline metrics per stage, wall time and training FLOPs per stage, the cost: hourly rate x GPUs x hours) and plots.
+The report card: every stage logs a markdown section, `generate` stitches them into report.md with a
+summary (headline metrics per stage, wall time and training FLOPs per stage, the cost: hourly rate x
+GPUs x hours) and plots.
 
     python -m nanochat.report reset      # start a new run: header with git, hardware, software, code size
     python -m nanochat.report generate   # write <base>/report/report.md (+ PNGs beside it), copy it to ./report.md
 
-Sections live in <base>/report/<slug>.md, one per stage, each written atomically; only rank 0 writes.
-Metric logs: training scripts append one JSON line per step to <base>/logs/<stage>_<tag>.jsonl (MetricLog below);
-the plots are drawn from the logs written since the last `reset` (needs matplotlib: `pip install -e '.[report]'`).
-Leaves out: interactive plots (wandb does those when installed).
+Sections live in <base>/report/<slug>.md, one per stage, each written atomically; only rank 0
+writes. Metric logs: training scripts append one JSON line per step to
+<base>/logs/<stage>_<tag>.jsonl (MetricLog below); the plots are drawn from the logs written since
+the last `reset` (needs matplotlib: `pip install -e '.[report]'`). Leaves out: interactive plots
+(wandb does those when installed).
 """
 
 import os
@@ -33,8 +35,9 @@ EXPECTED_SECTIONS = [
     "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
     "Chat RL", "Chat evaluation rl",
 ]
-# Accuracy of random guessing per summary metric: 4-way multiple choice, else 0 (generative tasks; CORE and ChatCORE
-# are centered so that 0 is chance). Must agree with scripts/chat_eval.py ALL_TASKS (a test holds them together).
+# Accuracy of random guessing per summary metric: 4-way multiple choice, else 0 (generative tasks;
+# CORE and ChatCORE are centered so that 0 is chance). Must agree with scripts/chat_eval.py
+# ALL_TASKS (a test holds them together).
 CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "SynthMC": 0.25}
 # Rows of the summary table and the section that holds each (by source column).
 SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE",
@@ -165,7 +168,8 @@ class Report:
         return out_path
 
 # -----------------------------------------------------------------------------
-# Metric logs: one JSON line per logged step, <base>/logs/<stage>_<tag>.jsonl (what the plots and sweeps read)
+# Metric logs: one JSON line per logged step, <base>/logs/<stage>_<tag>.jsonl (what the plots and
+# sweeps read)
 
 def metric_log_path(stage, tag):
     return os.path.join(get_base_dir(), "logs", f"{stage}_{tag}.jsonl")
@@ -191,11 +195,13 @@ def read_metric_log(path):
 class MetricLog:
     """
     Appends one JSON line per logged step to <base>/logs/<stage>_<tag>.jsonl; only rank 0 writes.
-    Each line goes out in one write followed by flush + fsync, so a crash leaves every earlier line whole (at worst
-    a torn last line, which read_metric_log skips). A fresh run starts the file over; a run resumed at step S keeps
-    the lines before S and logs S onwards again, so each step appears once.
-    Convention: the record of step S describes the model after S optimizer updates (its val bpb, and its loss on
-    the batch that update S+1 then trains on); "flops" is the training compute spent to reach it.
+    Each line goes out in one write followed by flush + fsync, so a crash leaves every earlier line
+    whole (at worst a torn last line, which read_metric_log skips). A fresh run starts the file
+    over; a run resumed at step S keeps the lines before S and logs S onwards again, so each step
+    appears once.
+    Convention: the record of step S describes the model after S optimizer updates (its val bpb, and
+    its loss on the batch that update S+1 then trains on); "flops" is the training compute spent to
+    reach it.
     """
     def __init__(self, stage, tag, resume_step=None):
         self.path = metric_log_path(stage, tag)
@@ -213,7 +219,8 @@ class MetricLog:
         assert isinstance(record.get("step"), int), f"a metric record needs an integer 'step', got {record}"
         if self.file is None:
             return
-        # strict JSON (no NaN/Infinity), so jq and pandas read it too: a non-finite number is written as null
+        # strict JSON (no NaN/Infinity), so jq and pandas read it too: a non-finite number is
+        # written as null
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -238,7 +245,8 @@ def _duration(seconds):
     return f"{minutes // 60}h{minutes % 60}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
 
 def load_metric_logs(stage, since=None):
-    """{tag: records} of <base>/logs/<stage>_<tag>.jsonl, only the files written since `since` (this run's)."""
+    """{tag: records} of <base>/logs/<stage>_<tag>.jsonl,
+    only the files written since `since` (this run's)."""
     logs = {}
     for path in sorted(glob.glob(metric_log_path(stage, "*"))):
         if since is None or os.path.getmtime(path) >= since.timestamp():
@@ -249,7 +257,8 @@ def _total_flops(records):
     return max((r["flops"] for r in records if r.get("flops") is not None), default=0)
 
 def cost_markdown(header, run_start, run_end, stage_times, logs):
-    """Wall time and training FLOPs per stage, the total FLOPs and the cost: hourly rate x GPUs x hours."""
+    """Wall time and training FLOPs per stage, the total
+    FLOPs and the cost: hourly rate x GPUs x hours."""
     lines = ["| Stage | Wall time (since the previous section) | Training FLOPs |", "|---|---|---|"]
     for section, seconds in stage_times:
         flops = sum(_total_flops(r) for r in logs.get(LOG_STAGES.get(section), {}).values())
@@ -263,15 +272,15 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
     rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
     if rate:
         per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
-        lines.append(f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x {seconds / 3600:.2f} h = "
-                     f"${per_gpu * gpus * seconds / 3600:,.2f}")
+        lines.append(f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x "
+                     f"{seconds / 3600:.2f} h = ${per_gpu * gpus * seconds / 3600:,.2f}")
     else:
         lines.append("Estimated cost: - (no GPU in the header's hardware list)")
     return lines
 
 def get_pyplot():
     """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
-    try:
+    try:  # an optional dependency: the report is complete without its plots
         import matplotlib
     except ImportError:
         return None
@@ -359,11 +368,12 @@ def _plot_evals(plt, metrics):
     return fig, [ax]
 
 def plot_markdown(report_dir, logs, metrics):
-    """Draw every plot there is data for into report_dir; -> the report's markdown lines linking them."""
+    """Draw every plot there is data for into report_dir;
+    -> the report's markdown lines linking them."""
     plt = get_pyplot()
     if plt is None:
-        return ["No plots: matplotlib is not installed. `pip install matplotlib` (or `pip install -e '.[report]'`), "
-                "then run `python -m nanochat.report generate` again."]
+        return ["No plots: matplotlib is not installed. `pip install matplotlib` (or `pip "
+                "install -e '.[report]'`), then run `python -m nanochat.report generate` again."]
     chat_logs = {stage: logs[stage] for stage in ("mid", "sft") if logs[stage]}
     plots = [("base_training.png", "Base model training", logs["base"] and (lambda: _plot_base(plt, logs["base"]))),
              ("chat_training.png", "Mid-training and SFT", chat_logs and (lambda: _plot_chat(plt, chat_logs))),

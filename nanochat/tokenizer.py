@@ -6,26 +6,24 @@ Byte-level BPE tokenizer in the style of GPT-4: trained with rustbpe, run with t
     ids = tok.encode("hello", prepend="<|bos|>")
     ids, mask = tok.render_conversation({"messages": [...]})
 
-Ids 0..255 are the raw bytes, then the learned merges, then the 9 special tokens in SPECIAL_TOKENS order
-(so with the default 32,768 vocab, <|bos|> = 32,759). Plain text never encodes to a special token; specials
-only enter through encode_special() and the prepend=/append= arguments.
+Ids 0..255 are the raw bytes, then the learned merges, then the 9 special tokens in SPECIAL_TOKENS
+order (so with the default 32,768 vocab, <|bos|> = 32,759). Plain text never encodes to a special
+token; specials only enter through encode_special() and the prepend=/append= arguments.
 
-Why rustbpe for training: bench/tokenizer.py trains rustbpe and HF `tokenizers` on the same text (the local
-corpus, 37.9M chars) and vocab. On the shared 2-core dev box rustbpe used 4.5 / 5.8 CPU-seconds at vocab
-4,096 / 32,768 against HF's 11.5 / 12.7, and 103-112 MB of extra peak memory against 177-197 MB. Both learned
-merges of identical quality (val bytes/token 3.224 / 4.141 for both), and tiktoken fed HF's merges encoded every
-val doc exactly as HF did, so HF would work too; rustbpe wins on cost and hands over tiktoken mergeable ranks
-directly (byte tokens at ids 0..255, no GPT-2 byte<->unicode remap). tests/test_tokenizer.py checks that the
-trainer and tiktoken split and encode text identically (digit groups, mixed scripts, emoji).
-Why tiktoken for inference: in the same bench it encoded 3.4 MB/s on one thread against HF's 0.4-0.6 MB/s,
-and it has a threaded batch encoder.
+Why rustbpe and tiktoken: against HF `tokenizers` they learn merges of the same quality in less time
+and memory and encode several times faster (docs/perf.md, "Tokenizer"), and rustbpe hands over
+tiktoken's mergeable ranks directly (byte tokens at ids 0..255, no GPT-2 byte<->unicode remap).
+tests/test_tokenizer.py checks that the trainer and tiktoken split and encode text identically
+(digit groups, mixed scripts, emoji).
 
-On disk: tokenizer.json, data only (the split pattern, every mergeable token as base64 in rank order, the
-special tokens), so loading a planted file can never run code, unlike the pickle (tokenizer.pkl) older versions
-wrote; that one is read only with NANOCHAT_ALLOW_PICKLE_TOKENIZER=1, which converts it to tokenizer.json once.
-Tokenizer.fingerprint() is the sha256 of that data: checkpoints record it, and loading refuses another tokenizer.
+On disk: tokenizer.json, data only (the split pattern, every mergeable token as base64 in rank
+order, the special tokens), so loading a planted file can never run code, unlike the pickle
+(tokenizer.pkl) older versions wrote; that one is read only with NANOCHAT_ALLOW_PICKLE_TOKENIZER=1,
+which converts it to tokenizer.json once. Tokenizer.fingerprint() is the sha256 of that data:
+checkpoints record it, and loading refuses another tokenizer.
 
-Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encodings such as "gpt2").
+Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encodings such as
+"gpt2").
 """
 
 import base64
@@ -48,8 +46,8 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",   # the tool's output, fed back to the assistant
 ]
 
-# GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab
-# val_bpb was {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
+# GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab val_bpb was
+# {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 
@@ -73,24 +71,28 @@ class Tokenizer:
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size):
-        """Learn vocab_size - 256 - 9 merges from an iterator of strings; vocab_size counts the 9 specials."""
+        """Learn vocab_size - 256 - 9 merges from an iterator
+        of strings; vocab_size counts the 9 specials."""
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 bytes + "
-                             f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must "
+                             f"be at least 256 bytes + {len(SPECIAL_TOKENS)} "
+                             f"special tokens = {256 + len(SPECIAL_TOKENS)}")
         try:  # imported here, not at the top: loading and using a trained tokenizer needs only tiktoken
             import rustbpe
         except ImportError:
-            raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install rustbpe` (loading a "
-                              "trained one needs only tiktoken)") from None
+            raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install "
+                              "rustbpe` (loading a trained one needs only tiktoken)") from None
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         learned = len(mergeable_ranks) - 256
         if learned != num_merges:
-            # rustbpe stops early when no pair occurs twice; a short vocab would shift the special ids.
-            raise ValueError(f"the training text only supports {learned} merges but vocab_size={vocab_size} needs "
-                             f"{num_merges}: train on more text or lower the vocab size")
+            # rustbpe stops early when no pair occurs twice; a short vocab would shift the special
+            # ids.
+            raise ValueError(f"the training text only supports {learned} merges "
+                             f"but vocab_size={vocab_size} needs {num_merges}: "
+                             f"train on more text or lower the vocab size")
         special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN,
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
@@ -105,10 +107,11 @@ class Tokenizer:
         if not os.path.exists(pickle_path):
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
         if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle format of older "
-                               f"versions: loading a pickle runs whatever code it holds. If you made it yourself, load "
-                               f"it once with {ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); otherwise "
-                               f"{RETRAIN}")
+            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the "
+                               f"pickle format of older versions: loading a pickle "
+                               f"runs whatever code it holds. If you made it yourself, "
+                               f"load it once with {ALLOW_PICKLE_ENV}=1 (it is "
+                               f"converted to {TOKENIZER_FILE}); otherwise {RETRAIN}")
         try:
             with open(pickle_path, "rb") as f:
                 enc = pickle.load(f)  # opted in: the user vouches for this file
@@ -124,7 +127,8 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
-        """A stock tiktoken encoding ("gpt2", "cl100k_base"); downloads on first use. BOS is <|endoftext|>."""
+        """A stock tiktoken encoding ("gpt2", "cl100k_base");
+        downloads on first use. BOS is <|endoftext|>."""
         return cls(tiktoken.get_encoding(tiktoken_name), "<|endoftext|>")
 
     def save(self, tokenizer_dir):
@@ -137,7 +141,8 @@ class Tokenizer:
         os.replace(tmp, path)
 
     def to_data(self):
-        """The whole tokenizer as plain data: split pattern, mergeable tokens (base64, index = rank), specials."""
+        """The whole tokenizer as plain data: split pattern,
+        mergeable tokens (base64, index = rank), specials."""
         ranks = self.enc._mergeable_ranks
         tokens = sorted(ranks, key=ranks.get)
         assert [ranks[t] for t in tokens] == list(range(len(tokens))), "mergeable ranks must be 0..n-1"
@@ -146,7 +151,8 @@ class Tokenizer:
                 "special_tokens": dict(sorted(self.enc._special_tokens.items(), key=lambda kv: kv[1]))}
 
     def fingerprint(self):
-        """sha256 of the tokenizer's data: two tokenizers with the same vocab size but other merges differ here."""
+        """sha256 of the tokenizer's data: two tokenizers with
+        the same vocab size but other merges differ here."""
         return hashlib.sha256(json.dumps(self.to_data(), sort_keys=True).encode()).hexdigest()
 
     # -------------------------------------------------------------------------
@@ -170,7 +176,8 @@ class Tokenizer:
         return self.enc.decode([token_id])
 
     def token_bytes(self):
-        """int32 [vocab]: byte length of each token's raw bytes (not of its decoded string), 0 for specials."""
+        """int32 [vocab]: byte length of each token's raw
+        bytes (not of its decoded string), 0 for specials."""
         special = set(self.special_ids.values())
         lengths = [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)]
         return torch.tensor(lengths, dtype=torch.int32)
@@ -187,14 +194,15 @@ class Tokenizer:
         return self.encode_special(token)
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
-        """str -> list[int]; list[str] -> list[list[int]] (threaded). Never emits specials from the text."""
+        """str -> list[int]; list[str] -> list[list[int]]
+        (threaded). Never emits specials from the text."""
         first = [] if prepend is None else [self._special_id(prepend)]
         last = [] if append is None else [self._special_id(append)]
         if isinstance(text, str):
             return first + self.enc.encode_ordinary(text) + last
         if isinstance(text, list):
-            # tiktoken's threads release the GIL while encoding; specials go into the rows it returns, in place
-            # (a new list per row cost ~9% of the batch call's throughput on 20 MB)
+            # tiktoken's threads release the GIL while encoding; specials go into its rows in place
+            # (a new list per row measurably slows the batch call)
             rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
             for row in rows:
                 if first:
@@ -242,8 +250,9 @@ class Tokenizer:
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             if message["role"] != expected:
-                raise ValueError(f"message {i + offset} has role {message['role']!r} where {expected!r} was expected: "
-                                 f"roles must alternate user, assistant, user, ... after an optional system message")
+                raise ValueError(f"message {i + offset} has role {message['role']!r} where "
+                                 f"{expected!r} was expected: roles must alternate user, "
+                                 f"assistant, user, ... after an optional system message")
             content = message["content"]
             if expected == "user":
                 if not isinstance(content, str):
@@ -273,11 +282,12 @@ class Tokenizer:
 
     def render_for_completion(self, conversation):
         """
-        Prompt ids for the assistant's next turn, the one rendering of the chat format that RL, eval, chat_cli
-        and chat_web all use: drops a final assistant message, then appends <|assistant_start|>. A conversation
-        ending with a user message is rendered as is. An assistant message may be the parts of a generated reply
-        (engine.ReplyStream), so a calculator call goes back in as the call the model wrote.
-        Not truncated: fitting the context is the caller's decision.
+        Prompt ids for the assistant's next turn, the one rendering of the chat format that RL,
+        eval, chat_cli and chat_web all use: drops a final assistant message, then appends
+        <|assistant_start|>. A conversation ending with a user message is rendered as is. An
+        assistant message may be the parts of a generated reply (engine.ReplyStream), so a
+        calculator call goes back in as the call the model wrote. Not truncated: fitting the context
+        is the caller's decision.
         """
         conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
@@ -300,12 +310,14 @@ def _read_tokenizer_json(path):
     if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
         raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; {RETRAIN}")
     if data.get("version") != TOKENIZER_FORMAT_VERSION:
-        raise RuntimeError(f"{path} has format version {data.get('version')!r}, this code reads version "
-                           f"{TOKENIZER_FORMAT_VERSION}; re-run `python -m scripts.tok_train` or use matching code")
+        raise RuntimeError(f"{path} has format version {data.get('version')!r}, this "
+                           f"code reads version {TOKENIZER_FORMAT_VERSION}; re-run "
+                           f"`python -m scripts.tok_train` or use matching code")
     return data
 
 def _encoding_from_data(data, path):
-    """Rebuild the tiktoken Encoding from to_data()'s form, checking that ids are contiguous and distinct."""
+    """Rebuild the tiktoken Encoding from to_data()'s form,
+    checking that ids are contiguous and distinct."""
     try:
         mergeable_ranks = {base64.b64decode(t, validate=True): rank for rank, t in enumerate(data["mergeable_ranks"])}
         special_tokens = {str(name): int(i) for name, i in data["special_tokens"].items()}
@@ -326,8 +338,9 @@ def get_token_bytes(device="cpu"):
     try:
         token_bytes = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                           f"re-run `python -m scripts.tok_train` to rewrite it") from None
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); re-run "
+                           f"`python -m scripts.tok_train` to rewrite it") from None
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1:
         raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; {RETRAIN}")
     return token_bytes

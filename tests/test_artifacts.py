@@ -3,8 +3,8 @@ Artifacts cannot be mixed, swapped or silently corrupted:
 - one run per checkpoint directory (a second one fails at start naming the holder's pid/host and --model-tag; the
   lock dies with its holder, even on kill -9);
 - every checkpoint file and the meta itself are checked against the sha256 recorded at save time (a flipped bit in
-  the weights, an edited sequence_len), the tokenizer against its fingerprint (same vocab size, other merges);
-  checkpoints from before hashes still load, saying they are unverified;
+  the weights, an edited sequence_len, a meta whose hashes were removed), the tokenizer against its fingerprint
+  (same vocab size, other merges);
 - temp files of a killed save are removed by the next save in the directory;
 - --resume with flags that change the trajectory fails naming them unless --resume-override, which then uses them.
 """
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import (save_checkpoint, load_model, load_checkpoint, lock_checkpoint_dir, check_resume_flags,
-                                 find_last_step)
+                                 find_last_step, meta_sha256)
 from nanochat.tokenizer import Tokenizer
 from conftest import TINY_CORPUS
 from test_base_train import make_base_dir, run_in_process
@@ -94,9 +94,13 @@ def test_edited_sequence_len_is_an_error(base_dir, tiny_tokenizer):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"meta_000007\.json was edited after it was saved"):
         load_model("base", "cpu")
-    del meta["meta_sha256"]  # an edit that also dropped the self-hash: still caught against the trained length
+    del meta["meta_sha256"]  # an edit that also dropped the hashes is caught all the same
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ValueError, match=r"sequence_len=4096 but the model was pretrained with --max-seq-len=32"):
+    with pytest.raises(ValueError, match=r"meta_000007\.json was edited after it was saved"):
+        load_model("base", "cpu")
+    del meta["sha256"]
+    meta_path.write_text(json.dumps(dict(meta, meta_sha256=meta_sha256(meta))))
+    with pytest.raises(ValueError, match=r"meta_000007\.json was edited after it was saved"):
         load_model("base", "cpu")
 
 def test_a_different_tokenizer_of_the_same_size_is_an_error(base_dir, tiny_tokenizer):
@@ -106,17 +110,6 @@ def test_a_different_tokenizer_of_the_same_size_is_an_error(base_dir, tiny_token
     other.save(str(base_dir / "tokenizer"))
     with pytest.raises(ValueError, match=r"is not the one base d2 step 7 was trained with"):
         load_model("base", "cpu")
-
-def test_old_checkpoint_without_hashes_loads_unverified(base_dir, tiny_tokenizer, capsys):
-    directory = saved_d2(base_dir, tiny_tokenizer)
-    meta_path = directory / "meta_000007.json"
-    meta = json.load(open(meta_path))
-    for key in ("sha256", "meta_sha256", "tokenizer_fingerprint"):
-        del meta[key]
-    meta_path.write_text(json.dumps(meta))
-    model, _, _ = load_model("base", "cpu")
-    out = capsys.readouterr().out
-    assert out.count("loading it unverified") == 1 and "checked by vocab size only" in out
 
 def test_meta_that_is_not_an_object(tmp_path):
     d = str(tmp_path)

@@ -102,17 +102,6 @@ def corrupt_checkpoint_step(ctx):
     assert code == 1
     return text.strip().splitlines()[-1]
 
-def corrupt_checkpoint_step_without_hashes(ctx):
-    directory = save_chat_model(ctx.base, ctx.tokenizer)
-    meta = json.loads((directory / "meta_000003.json").read_text())
-    del meta["sha256"], meta["meta_sha256"]  # saved by older code: only torch.load can notice the damage
-    (directory / "meta_000003.json").write_text(json.dumps(meta))
-    path = directory / "model_000003.pt"
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(RuntimeError) as e:
-        load_checkpoint(str(directory), 3, "cpu")
-    return str(e.value)
-
 def meta_json_list(ctx):
     directory = save_chat_model(ctx.base, ctx.tokenizer)
     (directory / "meta_000005.json").write_text("[]")
@@ -169,8 +158,6 @@ ROWS = [
     ("truncated token_bytes.pt", truncated_token_bytes, "token_bytes.pt is corrupt", "python -m scripts.tok_train"),
     ("chat_cli -s N of a corrupt checkpoint", corrupt_checkpoint_step, "model_000003.pt is corrupt",
      "delete step 3's files"),
-    ("-s N of a corrupt checkpoint saved without hashes", corrupt_checkpoint_step_without_hashes,
-     "model_000003.pt cannot be loaded", "delete step 3's files"),
     ("meta that is a JSON list", meta_json_list, "meta_000005.json holds a JSON list", "delete this step's files"),
     ("val shard of empty strings", val_of_empty_strings, "no text bytes", "re-download the val shard"),
     ("calculator (1,2)", calculator_tuple, "(1,2)", "refused"),

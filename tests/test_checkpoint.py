@@ -1,6 +1,6 @@
 """
 Tests for nanochat/checkpoint.py: round trip, a save that dies half-way leaves the previous checkpoint as the
-newest complete one, tag selection, and load_model rebuilding a GPT (window pattern, _orig_mod., bf16, errors).
+newest complete one, tag selection, and load_model rebuilding a GPT (window pattern, bf16, errors).
 """
 
 import hashlib
@@ -99,21 +99,21 @@ def test_find_model_tag(tmp_path):
 # -----------------------------------------------------------------------------
 # load_model with a tiny GPT
 
-def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="d2", step=7, prefix="", bf16=False):
+def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="d2", step=7, bf16=False):
     """A d2 GPT saved as checkpoint <source_dir>/<tag> `step`, its meta as base_train writes it (max_seq_len,
     tokenizer fingerprint). tests/test_artifacts.py uses it too."""
     tiny_tokenizer.save(str(base_dir / "tokenizer"))
     config = GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
                        n_embd=64, window_pattern="SL")
     model = seeded_gpt(config, perturb=0.01)  # every parameter non-trivial, so a wrong load shows
-    state = {prefix + k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
+    state = {k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
     meta = {"model_config": config.__dict__, "user_config": {"max_seq_len": 32},
             "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}
     save_checkpoint(str(base_dir / source_dir / tag), step, state, None, meta)
     return model
 
 def test_load_model_rebuilds_the_same_model(base_dir, tiny_tokenizer):
-    saved = save_tiny_gpt(base_dir, tiny_tokenizer, prefix="_orig_mod.")
+    saved = save_tiny_gpt(base_dir, tiny_tokenizer)
     model, tok, meta = load_model("base", "cpu", phase="eval")
     assert not model.training and meta["step"] == 7
     assert model.config.window_pattern == "SL" and model.window_sizes == saved.window_sizes
