@@ -1,19 +1,33 @@
 """
-Shared test fixtures: a tiny tokenizer trained in the test session, an isolated artifact root,
-and a local HTTP server on 127.0.0.1 that serves bytes the tests put in it (with scripted faults).
+Shared test fixtures: a tiny tokenizer trained in the test session, seeded and scripted tiny GPTs, an isolated
+artifact root, and a local HTTP server on 127.0.0.1 that serves bytes the tests put in it (with scripted faults).
+Then the helpers several test modules share (import them with `from conftest import ...`; fixtures need no import):
+the scripts run in a subprocess or in this process, tiny base dirs, the chat stages' d2 source checkpoint and
+reference mid-training run, and a small CORE eval bundle.
 Run one file with `python -m pytest -q tests/<file>` (OMP_NUM_THREADS defaults to 1 here, see below).
 """
 
+import json
 import os
+import random
+import runpy
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from tasks.common import Task
 
 # Keep torch from oversubscribing the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -162,3 +176,220 @@ def http_server():
     server = LocalServer()
     yield server
     server.close()
+
+# -----------------------------------------------------------------------------
+# Subprocess runners: the scripts as a user launches them (python -m, torchrun) or in this process, on a base dir
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+def run_script(cmd, base):
+    """Run cmd on NANOCHAT_BASE_DIR=base and the local dataset; -> its stdout (it must succeed)."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+def base_train_in_process(monkeypatch, base, *flags):
+    """scripts/base_train.py in this process: start-up errors raise here, with no subprocess to start."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_DATASET", "local")
+    monkeypatch.setattr(sys, "argv", ["base_train", *flags])
+    runpy.run_module("scripts.base_train", run_name="__main__")
+
+def start_and_signal(cmd, base, pick_pid):
+    """Start cmd; when step 0's val bpb is printed (training has begun) SIGTERM the process pick_pid(proc) names."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1",
+               PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a rank left behind would hang
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 00000 | val bpb"):
+            os.kill(pick_pid(proc), signal.SIGTERM)
+    watchdog.cancel()
+    return proc.wait(), "".join(lines)
+
+def copy_dirs(base, dest, *names):
+    """A fresh base dir holding copies of base/<name> for each name (the DDP run starts from the same inputs)."""
+    for name in names:
+        shutil.copytree(base / name, dest / name)
+    return dest
+
+def died_before(base, dest, checkpoint_dir, step):
+    """A copy of base without `step`'s checkpoint files: a run that died before saving that step."""
+    shutil.copytree(base, dest)
+    for f in os.listdir(dest / checkpoint_dir):
+        if f"{step:06d}" in f:
+            os.remove(dest / checkpoint_dir / f)
+    return dest
+
+# -----------------------------------------------------------------------------
+# Tiny base dirs: what pretraining and checkpoint loading read from NANOCHAT_BASE_DIR
+
+def make_pretraining_dir(path, tokenizer):
+    """Tokenizer plus local-dataset shards (2 train, 1 val) of short documents, 20 docs per row group."""
+    tokenizer.save(str(path / "tokenizer"))
+    data_dir = path / "base_data_local"
+    data_dir.mkdir(parents=True)
+    words = "the cat sat on a mat while 12 dogs ran to the park , and then ! she said hello world".split()
+    rng = random.Random(0)
+    for index in (0, 1, 9):
+        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(200)]
+        pq.write_table(pa.table({"text": texts}), str(data_dir / f"shard_{index:05d}.parquet"), row_group_size=20)
+
+def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="d2", step=7, bf16=False):
+    """A d2 GPT saved as checkpoint <source_dir>/<tag> `step`, its meta as base_train writes it (max_seq_len,
+    tokenizer fingerprint)."""
+    tiny_tokenizer.save(str(base_dir / "tokenizer"))
+    config = GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="SL")
+    model = seeded_gpt(config, perturb=0.01)  # every parameter non-trivial, so a wrong load shows
+    state = {k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
+    meta = {"model_config": config.__dict__, "user_config": {"max_seq_len": 32},
+            "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}
+    save_checkpoint(str(base_dir / source_dir / tag), step, state, None, meta)
+    return model
+
+# -----------------------------------------------------------------------------
+# Chat stages (scripts/chat_sft.py's loop for mid and SFT): a d2 base checkpoint, one reference mid run, the lrs
+
+# the source run's settings: mid/SFT inherit B=1 rows of T=96; 192 tokens per step (2 accumulation steps) is a flag
+SOURCE_SETTINGS = {"max_seq_len": 96, "device_batch_size": 1, "total_batch_size": 192}
+# not the recipe's: they must not leak in
+PRETRAIN_LRS = {"embedding_lr": 0.25, "unembedding_lr": 0.005, "matrix_lr": 0.03}
+MID = os.path.join("mid_checkpoints", "d2")
+SFT = os.path.join("chatsft_checkpoints", "d2")
+MID_RUN_STEPS = 8
+MID_RUN_FLAGS = ["--mixture=synthetic", f"--num-iterations={MID_RUN_STEPS}", "--save-every=4", "--eval-every=4",
+                 "--eval-tokens=576", "--chat-eval-every=4", "--chat-eval-max-problems=2", "--total-batch-size=192"]
+
+def chat_model_config(tokenizer):
+    return GPTConfig(sequence_len=96, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
+                     n_embd=64, window_pattern="SL")
+
+def make_base_checkpoint_dir(path, tokenizer, with_optimizer=True):
+    """Tokenizer plus base checkpoint d2 step 10 carrying the meta fields chat_sft reads."""
+    tokenizer.save(str(path / "tokenizer"))
+    config = chat_model_config(tokenizer)
+    model = seeded_gpt(config)
+    optimizer = model.setup_optimizer(**PRETRAIN_LRS)
+    tokens = torch.randint(0, config.vocab_size, (1, 97))
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    optimizer.step()  # momentum buffers exist: a real shard to warm-start from
+    meta = {"model_config": dict(config.__dict__), "user_config": {**PRETRAIN_LRS, "depth": 2}, **SOURCE_SETTINGS}
+    save_checkpoint(str(path / "base_checkpoints" / "d2"), 10, model.state_dict(),
+                    optimizer.state_dict() if with_optimizer else None, meta)
+
+def checkpoint(base, directory, step):
+    """-> (state dict, meta) of checkpoint `step` in base/directory."""
+    with open(os.path.join(base, directory, f"meta_{step:06d}.json")) as f:
+        meta = json.load(f)
+    return torch.load(os.path.join(base, directory, f"model_{step:06d}.pt"), weights_only=True), meta
+
+@pytest.fixture(scope="module")
+def mid_reference_run(tmp_path_factory, tiny_tokenizer):
+    """mid_train, one process, 2 accumulation steps, checkpoints at steps 4 and 8, val bpb and chat metrics at 0/4/8."""
+    base = tmp_path_factory.mktemp("reference")
+    make_base_checkpoint_dir(base, tiny_tokenizer)
+    stdout = run_script([sys.executable, "-m", "scripts.mid_train", *MID_RUN_FLAGS], base)
+    return base, stdout
+
+class NumberedTask(Task):
+    """Conversation i: the user names item i and the assistant repeats it (lengths vary with digits and filler)."""
+    def __init__(self, size, **kwargs):
+        super().__init__(**kwargs)
+        self.size = size
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        filler = " and so on" * (index % 5)
+        return {"messages": [{"role": "user", "content": f"item {index}{filler}"},
+                             {"role": "assistant", "content": f"ok {index}"}]}
+
+# {stage: {group: lr}} at d2 (width 64: sigma = sqrt(12) on the AdamW groups), by hand from the recipes written out
+# in test_learning_rates.py; "muon" stands for every Muon group (one per matrix shape)
+D2 = {
+    "mid": dict(lm_head=0.01385640646, wte=0.6928203230, value_embeds=0.3464101615, resid_lambdas=0.005,
+                x0_lambdas=0.5, smear_backout=0.2, muon=0.02),
+    "sft": dict(lm_head=0.0002771281292, wte=0.01385640646, value_embeds=0.006928203230, resid_lambdas=0.0001,
+                x0_lambdas=0.01, smear_backout=0.004, muon=0.0004),
+}
+
+def by_group(initial_lrs):
+    """{group name: lr} with the Muon groups (one per matrix shape, all at one lr) folded into "muon"."""
+    muon = {lr for name, lr in initial_lrs.items() if name.startswith("muon")}
+    assert len(muon) == 1, initial_lrs
+    return {**{name: lr for name, lr in initial_lrs.items() if not name.startswith("muon")}, "muon": muon.pop()}
+
+# -----------------------------------------------------------------------------
+# A small CORE bundle: 8 multiple-choice (1-shot, "\nAnswer: "), 4 schema (0-shot), 6 language-modeling (2-shot)
+
+CORE_YAML = """\
+icl_tasks:
+- label: mc_task
+  dataset_uri: reasoning/mc_task.jsonl
+  num_fewshot: [1]
+  icl_task_type: multiple_choice
+  continuation_delimiter: "\\nAnswer: "
+- label: schema_task
+  dataset_uri: language_understanding/schema_task.jsonl
+  num_fewshot: [0]
+  icl_task_type: schema
+- label: lm_task
+  dataset_uri: language_understanding/lm_task.jsonl
+  num_fewshot: [2]
+  icl_task_type: language_modeling
+"""
+
+META_CSV = """\
+Eval Task,Task Category,Task Type,#shots,Random baseline,Centered Metric?
+mc_task,reasoning,multiple choice,1,25,yes
+schema_task,language understanding,schema,0,50,yes
+lm_task,language understanding,language modeling,2,0,yes
+unused_task,world knowledge,language modeling,0,0,yes
+"""
+
+# one token each in the tiny tokenizer, so a uniform model ties exactly (no rounding in the mean) and picks choice 0
+WORDS = ["dog", "fox", "quick", "brown"]
+MC_DATA = [{"query": f"Question {i}: which word is number {i % 4}?", "choices": WORDS, "gold": i % 4} for i in range(8)]
+SCHEMA_DATA = [
+    {"context_options": ["The trophy did not fit in the suitcase because the trophy",
+                         "The trophy did not fit in the suitcase because the suitcase"],
+     "continuation": "was too big.", "gold": 0},
+    {"context_options": ["The fox jumped over the dog because the fox",
+                         "The fox jumped over the dog because the dog"], "continuation": "was lazy.", "gold": 1},
+    {"context_options": ["Hello said the man to the boy since the man",
+                         "Hello said the man to the boy since the boy"], "continuation": "was kind.", "gold": 0},
+    {"context_options": ["Paris is bigger than Rome so Paris",
+                         "Paris is bigger than Rome so Rome"], "continuation": "is small.", "gold": 1},
+]
+LM_DATA = [
+    {"context": "The opposite of hot is ", "continuation": "cold"},
+    {"context": "The capital of France is", "continuation": "Paris"},
+    {"context": "2 + 3 =", "continuation": "5"},
+    {"context": "The quick brown fox jumps over the lazy", "continuation": "dog and the cat"},
+    {"context": "Hello", "continuation": "world"},
+    {"context": "Einstein published four", "continuation": "papers"},
+]
+
+def write_bundle(root):
+    """Write the fixture bundle at root/eval_bundle/ (the layout the published zip unpacks to)."""
+    bundle = root / "eval_bundle"
+    for sub, name, rows in [("reasoning", "mc_task", MC_DATA), ("language_understanding", "schema_task", SCHEMA_DATA),
+                            ("language_understanding", "lm_task", LM_DATA)]:
+        d = bundle / "eval_data" / sub
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (bundle / "core.yaml").write_text(CORE_YAML)
+    (bundle / "eval_meta_data.csv").write_text(META_CSV)
+    return bundle

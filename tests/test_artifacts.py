@@ -25,11 +25,7 @@ import torch
 from nanochat.checkpoint import (save_checkpoint, load_model, load_checkpoint, lock_checkpoint_dir, check_resume_flags,
                                  find_last_step, meta_sha256)
 from nanochat.tokenizer import Tokenizer
-from conftest import TINY_CORPUS
-from test_base_train import make_base_dir, run_in_process
-from test_checkpoint import save_tiny_gpt
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, TINY_CORPUS, base_train_in_process, make_pretraining_dir, save_tiny_gpt
 
 def saved_d2(base_dir, tokenizer):
     """-> the directory of base checkpoint d2 step 7, saved as base_train saves it."""
@@ -55,7 +51,7 @@ def start_holder(*directories):
     return holder
 
 def test_second_run_on_a_directory_fails_naming_the_first(tmp_path, monkeypatch, tiny_tokenizer):
-    make_base_dir(tmp_path, tiny_tokenizer)
+    make_pretraining_dir(tmp_path, tiny_tokenizer)
     directory, mid_directory = tmp_path / "base_checkpoints" / "d2", tmp_path / "mid_checkpoints" / "d2"
     holder = start_holder(directory, mid_directory)  # another process, as a concurrent run on another terminal would be
     try:
@@ -142,7 +138,7 @@ TRAIN_FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len
                "--core-metric-every=-1", "--sample-every=-1", "--device-type=cpu", "--compile=0"]
 
 def run_base_train(monkeypatch, base, *flags):
-    run_in_process(monkeypatch, base, *TRAIN_FLAGS, *flags)
+    base_train_in_process(monkeypatch, base, *TRAIN_FLAGS, *flags)
 
 def test_check_resume_flags():
     saved = {"matrix_lr": 0.02, "warmup_steps": 40, "seed": 1}
@@ -153,7 +149,7 @@ def test_check_resume_flags():
     assert check_resume_flags(saved, dict(saved, seed=2), ["seed"], True) == ["--seed: checkpoint 1 vs now 2"]
 
 def test_base_train_resume_with_new_lr_needs_override_and_then_uses_it(tmp_path, monkeypatch, tiny_tokenizer):
-    make_base_dir(tmp_path, tiny_tokenizer)
+    make_pretraining_dir(tmp_path, tiny_tokenizer)
     run_base_train(monkeypatch, tmp_path, "--num-iterations=4", "--save-every=2")
     directory = str(tmp_path / "base_checkpoints" / "d2")
     original_state, _, original = load_checkpoint(directory, 4, "cpu")

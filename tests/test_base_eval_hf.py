@@ -27,8 +27,7 @@ from nanochat.dataset import get_data_dir
 from nanochat.gpt import GPTConfig
 from nanochat.hf.causal_lm import load_hf_model
 from nanochat.loss_eval import evaluate_bpb
-from conftest import TINY_CORPUS, seeded_gpt
-from test_core_eval import LM_DATA, MC_DATA, SCHEMA_DATA, write_bundle
+from conftest import LM_DATA, MC_DATA, SCHEMA_DATA, TINY_CORPUS, seeded_gpt, write_bundle
 
 GPT2_POSITIONS = 48  # shorter than most prompts of the fixture bundle: cropping is exercised
 

@@ -7,15 +7,12 @@ refuses another run's checkpoints; bad inputs fail at start-up naming the fix.
 
 import json
 import os
-import random
 import re
 import resource
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,8 +20,9 @@ import pytest
 import torch
 
 from nanochat.report import read_metric_log
+from conftest import (REPO, TORCHRUN, base_train_in_process, copy_dirs, died_before, make_pretraining_dir,
+                      run_script, start_and_signal)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
 FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", "--window-pattern=SL",
          "--device-batch-size=2", "--total-batch-size=128", f"--num-iterations={STEPS}", "--warmup-steps=1",
@@ -32,39 +30,6 @@ FLAGS = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=32", 
 CKPT = os.path.join("base_checkpoints", "d2")
 LOG = os.path.join("logs", "base_d2.jsonl")
 DETERMINISTIC = ("step", "flops", "loss", "smooth_loss", "lrm", "epoch", "val_bpb")  # not dt, tok/s, time
-
-def make_base_dir(path, tokenizer):
-    """Tokenizer plus local-dataset shards (2 train, 1 val) of short documents, 20 docs per row group."""
-    tokenizer.save(str(path / "tokenizer"))
-    data_dir = path / "base_data_local"
-    data_dir.mkdir(parents=True)
-    words = "the cat sat on a mat while 12 dogs ran to the park , and then ! she said hello world".split()
-    rng = random.Random(0)
-    for index in (0, 1, 9):
-        texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 60))) for _ in range(200)]
-        pq.write_table(pa.table({"text": texts}), str(data_dir / f"shard_{index:05d}.parquet"), row_group_size=20)
-
-def run(cmd, base):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1", PYTHONPATH=REPO)
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
-
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-
-def copy_dirs(base, dest, *names):
-    """A fresh base dir holding copies of base/<name> for each name (the DDP run starts from the same inputs)."""
-    for name in names:
-        shutil.copytree(base / name, dest / name)
-    return dest
-
-def died_before(base, dest, checkpoint_dir, step):
-    """A copy of base without `step`'s checkpoint files: a run that died before saving that step."""
-    shutil.copytree(base, dest)
-    for f in os.listdir(dest / checkpoint_dir):
-        if f"{step:06d}" in f:
-            os.remove(dest / checkpoint_dir / f)
-    return dest
 
 def losses(stdout):
     """{step: debiased loss} and {step: val bpb} from the log lines."""
@@ -84,8 +49,8 @@ def final_meta(base):
 def reference_run(tmp_path_factory, tiny_tokenizer):
     """One process, 2 gradient-accumulation steps, checkpoints at steps 3 and 6."""
     base = tmp_path_factory.mktemp("reference")
-    make_base_dir(base, tiny_tokenizer)
-    stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS], base)
+    make_pretraining_dir(base, tiny_tokenizer)
+    stdout = run_script([sys.executable, "-m", "scripts.base_train", *FLAGS], base)
     return base, stdout
 
 def test_reference_run_records_everything_to_resume(reference_run):
@@ -105,7 +70,7 @@ def test_resume_is_bit_identical(reference_run, tmp_path):
     resumed = died_before(base, tmp_path / "resumed", CKPT, STEPS)  # resumes from step 3
     with open(resumed / LOG, "a") as f:
         f.write('{"step": 7, "loss": 3.')  # and it died mid-write of a metric line
-    resumed_stdout = run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], resumed)
+    resumed_stdout = run_script([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], resumed)
     assert "resuming from" in resumed_stdout and "step 3" in resumed_stdout
     train, val = losses(stdout)
     train_r, val_r = losses(resumed_stdout)
@@ -144,7 +109,7 @@ def test_sweep_row_comes_from_the_runs_own_records(reference_run, monkeypatch, t
 def ddp_run(reference_run, tmp_path_factory):
     """The reference run on 2 gloo ranks, 1 accumulation step each."""
     ddp = copy_dirs(reference_run[0], tmp_path_factory.mktemp("ddp"), "tokenizer", "base_data_local")
-    return ddp, run([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], ddp)
+    return ddp, run_script([*TORCHRUN, "-m", "scripts.base_train", "--", *FLAGS], ddp)
 
 def test_two_ranks_equal_one_rank_with_accumulation(reference_run, ddp_run):
     base, stdout = reference_run
@@ -164,12 +129,6 @@ def test_two_ranks_equal_one_rank_with_accumulation(reference_run, ddp_run):
 # -----------------------------------------------------------------------------
 # Start-up errors (in-process: they fail before any training, so no subprocess is needed)
 
-def run_in_process(monkeypatch, base, *flags):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    monkeypatch.setenv("NANOCHAT_DATASET", "local")
-    monkeypatch.setattr(sys, "argv", ["base_train", *flags])
-    runpy.run_module("scripts.base_train", run_name="__main__")
-
 @pytest.mark.parametrize("flags, error, message", [
     (["--total-batch-size=96", "--model-tag=split"], ValueError,
      r"not divisible by device_batch_size x seq_len x GPUs = 2 x 32 x 1 = 64.*--total-batch-size"),
@@ -178,14 +137,14 @@ def run_in_process(monkeypatch, base, *flags):
 ], ids=["impossible batch split", "odd head_dim", "fp8 off CUDA"])
 def test_bad_flag_fails_at_start(monkeypatch, reference_run, flags, error, message):
     with pytest.raises(error, match=message):
-        run_in_process(monkeypatch, reference_run[0], *FLAGS, *flags)
+        base_train_in_process(monkeypatch, reference_run[0], *FLAGS, *flags)
 
 def test_missing_tokenizer_and_data(monkeypatch, tmp_path, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="python -m scripts.tok_train"):
-        run_in_process(monkeypatch, tmp_path, *FLAGS)
+        base_train_in_process(monkeypatch, tmp_path, *FLAGS)
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     with pytest.raises(FileNotFoundError, match="python -m nanochat.dataset --dataset local"):
-        run_in_process(monkeypatch, tmp_path, *FLAGS)
+        base_train_in_process(monkeypatch, tmp_path, *FLAGS)
 
 @pytest.mark.parametrize("flag, named", [("--window-pattern=L", "window_pattern"), ("--depth=3", "n_layer"),
                                          ("--total-batch-size=256", "total_batch_size"),
@@ -193,7 +152,7 @@ def test_missing_tokenizer_and_data(monkeypatch, tmp_path, tiny_tokenizer):
 def test_resume_with_a_different_config_fails(monkeypatch, reference_run, flag, named):
     base, _ = reference_run
     with pytest.raises(ValueError, match=f"cannot resume .* different configuration: .*{named}"):
-        run_in_process(monkeypatch, base, *FLAGS, flag, "--resume", "--model-tag=d2")
+        base_train_in_process(monkeypatch, base, *FLAGS, flag, "--resume", "--model-tag=d2")
 
 class Vocab32K:
     """Stands in for a 32,768-token tokenizer: karpathy/nanochat's batch sizes are stated for that vocab."""
@@ -210,7 +169,8 @@ def test_auto_batch_size_follows_depth(monkeypatch, reference_run, depth, batch)
     monkeypatch.setattr(nanochat.tokenizer, "get_tokenizer", Vocab32K)
     monkeypatch.setattr(nanochat.tokenizer, "get_token_bytes", lambda device: torch.ones(32768, dtype=torch.int32))
     with pytest.raises(ValueError, match=f"total batch {batch:,} tokens is not divisible"):
-        run_in_process(monkeypatch, base, f"--depth={depth}", "--device-batch-size=3", f"--model-tag=auto{depth}")
+        base_train_in_process(monkeypatch, base, f"--depth={depth}", "--device-batch-size=3",
+                              f"--model-tag=auto{depth}")
 
 # -----------------------------------------------------------------------------
 # Never replace a finished run; SIGTERM stops after a step with a checkpoint; a full disk keeps the last checkpoint
@@ -219,9 +179,9 @@ def test_fresh_run_refuses_another_runs_checkpoints(monkeypatch, reference_run):
     base, _ = reference_run
     with pytest.raises(FileExistsError, match=rf"{CKPT} holds the checkpoints of an earlier run \(last step {STEPS}\): "
                                               r"add --resume to continue it, or --overwrite"):
-        run_in_process(monkeypatch, base, *FLAGS)
+        base_train_in_process(monkeypatch, base, *FLAGS)
     with pytest.raises(ValueError, match="pass one of them"):
-        run_in_process(monkeypatch, base, *FLAGS, "--resume", "--overwrite")
+        base_train_in_process(monkeypatch, base, *FLAGS, "--resume", "--overwrite")
     assert os.path.exists(base / CKPT / f"meta_{STEPS:06d}.json")
 
 def test_overwrite_starts_over_and_periodic_saves_keep_the_newest(reference_run, tmp_path):
@@ -229,30 +189,14 @@ def test_overwrite_starts_over_and_periodic_saves_keep_the_newest(reference_run,
     again = copy_dirs(base, tmp_path / "again", "tokenizer", "base_data_local", CKPT)
     shutil.copy(again / CKPT / "meta_000003.json", again / CKPT / "meta_000009.json")  # a step this run never makes
     # a time-based save after every step (0.6 ms), the newest 2 kept; step 3 (--save-every) and the last are kept too
-    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--overwrite", "--save-every-minutes=0.00001",
-         "--keep-periodic=2"], again)
+    run_script([sys.executable, "-m", "scripts.base_train", *FLAGS, "--overwrite", "--save-every-minutes=0.00001",
+                "--keep-periodic=2"], again)
     metas = sorted(f for f in os.listdir(again / CKPT) if f.startswith("meta"))
     assert metas == ["meta_000003.json", "meta_000004.json", "meta_000005.json", "meta_000006.json"]
     assert [json.loads((again / CKPT / f).read_text())["periodic"] for f in metas] == [False, True, True, False]
     assert not any("000001" in f or "000002" in f for f in os.listdir(again / CKPT))
     reference, result = final_state(base), final_state(again)
     assert all(torch.equal(reference[k], result[k]) for k in reference)
-
-def start_and_signal(cmd, base, pick_pid):
-    """Start cmd; when step 0's val bpb is printed (training has begun) SIGTERM the process pick_pid(proc) names."""
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", OMP_NUM_THREADS="1",
-               PYTHONPATH=REPO, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    watchdog = threading.Timer(300, os.killpg, (proc.pid, signal.SIGKILL))  # a rank left behind would hang
-    watchdog.start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("step 00000 | val bpb"):
-            os.kill(pick_pid(proc), signal.SIGTERM)
-    watchdog.cancel()
-    return proc.wait(), "".join(lines)
 
 def check_stopped_then_resume(stdout, base, expected_command):
     """The run stopped before its end with a checkpoint of the step it stopped at; its printed command resumes it."""
@@ -328,12 +272,12 @@ def test_disk_full_keeps_the_last_checkpoint_and_log(reference_run, tmp_path):
     assert 0.9 < needed / os.path.getsize(base / CKPT / f"model_{STEPS:06d}.pt") < 3  # model + Adam/Muon state
     assert sorted(os.listdir(full / CKPT)) == ["meta_000003.json", "model_000003.pt", "optim_000003_rank0.pt"]
     assert [r["step"] for r in read_metric_log(full / LOG)] == list(range(STEPS))  # steps 0-5, every line whole
-    run([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], full)  # space freed: it resumes
+    run_script([sys.executable, "-m", "scripts.base_train", *FLAGS, "--resume"], full)  # space freed: it resumes
     reference, result = final_state(base), final_state(full)
     assert all(torch.equal(reference[k], result[k]) for k in reference)
 
 def test_val_shard_of_empty_documents_is_one_line(tmp_path, tiny_tokenizer):
-    make_base_dir(tmp_path, tiny_tokenizer)
+    make_pretraining_dir(tmp_path, tiny_tokenizer)
     pq.write_table(pa.table({"text": [""] * 200}), str(tmp_path / "base_data_local" / "shard_00009.parquet"))
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_DATASET="local", PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, "-m", "scripts.base_train", *FLAGS], cwd=REPO, env=env, capture_output=True,

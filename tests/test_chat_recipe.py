@@ -4,7 +4,7 @@ The chat stages' recipes and their epoch, end to end through scripts/chat_sft.ma
 - one epoch trains every conversation exactly once and then stops, at 1 rank and at 2 gloo ranks (read from the
   rows each training micro-batch actually receives, not from the loader's bookkeeping);
 - karpathy/nanochat's recipes: mid-training lrs 0.2/0.004/0.02 x 1.0 and SFT x 0.02 on every group (the values by
-  hand in test_learning_rates.py), no batch-size factor whatever the source's lrs and batch, Muon momentum ramp (mid)
+  hand: D2 in conftest.py), no batch-size factor whatever the source's lrs and batch, Muon momentum ramp (mid)
   or constant 0.95 (SFT), SFT's 32 conversations per step, one per row in the stream's order (--pack=1 packs them);
 - SFT warm-started from a 2-rank mid checkpoint on 1 rank warns, starts the momenta fresh and goes on.
 """
@@ -21,29 +21,9 @@ import torch
 import torch.multiprocessing as mp
 
 from nanochat.checkpoint import find_last_step, load_meta
-from tasks.common import Task
-from test_chat_sft import MID, SFT, checkpoint, make_base_dir
-from test_learning_rates import D2, by_group
+from conftest import D2, MID, SFT, NumberedTask, by_group, checkpoint, make_base_checkpoint_dir
 
 N = 40  # conversations in the training task
-
-class NumberedTask(Task):
-    """Conversation i: the user names item i and the assistant repeats it (lengths vary with digits and filler)."""
-    def __init__(self, size, **kwargs):
-        super().__init__(**kwargs)
-        self.size = size
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
-
-    def get_example(self, index):
-        filler = " and so on" * (index % 5)
-        return {"messages": [{"role": "user", "content": f"item {index}{filler}"},
-                             {"role": "assistant", "content": f"ok {index}"}]}
 
 def run_recorded(base, stage, flags, setattr_fn=setattr, rows=None):
     """main(stage) on NumberedTask in this process -> the item numbers of every trained micro-batch, in order
@@ -99,7 +79,8 @@ MID_FLAGS = ["--device-batch-size=1", "--total-batch-size=192"]
 def mid_two_ranks(tmp_path_factory, tiny_tokenizer):
     """Mid-training of one epoch on 2 gloo ranks (a 96-token row each) from a base whose lrs are not the recipe's."""
     base = tmp_path_factory.mktemp("recipe")
-    make_base_dir(base, tiny_tokenizer)  # pretraining lrs 0.25/0.005/0.03 and 192-token batches: neither may leak in
+    # pretraining lrs 0.25/0.005/0.03 and 192-token batches: neither may leak in
+    make_base_checkpoint_dir(base, tiny_tokenizer)
     out = tmp_path_factory.mktemp("trained")
     return base, run_two_ranks(base, "mid", MID_FLAGS, out)
 
@@ -115,7 +96,7 @@ def check_mid_epoch(base, trained, tokenizer):
     return step
 
 def test_mid_epoch_trains_every_conversation_once_one_rank(tmp_path, tiny_tokenizer, monkeypatch):
-    make_base_dir(tmp_path, tiny_tokenizer)
+    make_base_checkpoint_dir(tmp_path, tiny_tokenizer)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     trained = run_recorded(tmp_path, "mid", MID_FLAGS, monkeypatch.setattr)  # 1 row x 2 accumulation steps
     check_mid_epoch(tmp_path, trained, tiny_tokenizer)

@@ -21,8 +21,7 @@ from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPTConfig
 from tasks.common import Task
 import scripts.chat_rl as chat_rl
-from test_base_train import REPO, run as run_script, TORCHRUN, copy_dirs, died_before  # run: the script under base
-from conftest import seeded_gpt
+from conftest import REPO, TORCHRUN, copy_dirs, died_before, run_script, seeded_gpt
 
 RL = os.path.join("chatrl_checkpoints", "d2")
 
@@ -218,6 +217,8 @@ def test_reward_for_a_fixed_token_rises_from_zero_to_one(tmp_path, tiny_tokenize
     pass_at_1 = {s: float(re.search(r"pass@1: (\S+)", text).group(1)) for s, text in evals.items()}
     assert pass_at_1[0] <= 0.25 and pass_at_1[20] == 1.0, pass_at_1  # on questions it never trained on
 
+# chat_rl in a subprocess (python or torchrun's ranks) on ContainsTask: no monkeypatch reaches it there, so the
+# wrapper imports this module for contains_tasks and swaps it in before main()
 WRAPPER = """
 import sys
 sys.path[:0] = [{repo!r}, {tests!r}]

@@ -14,8 +14,7 @@ import torch.nn as nn
 
 import nanochat.checkpoint as ckpt
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, find_model_tag, load_model
-from nanochat.gpt import GPTConfig
-from conftest import seeded_gpt
+from conftest import save_tiny_gpt
 
 def small_model_and_optimizer(seed):
     torch.manual_seed(seed)
@@ -98,19 +97,6 @@ def test_find_model_tag(tmp_path):
 
 # -----------------------------------------------------------------------------
 # load_model with a tiny GPT
-
-def save_tiny_gpt(base_dir, tiny_tokenizer, source_dir="base_checkpoints", tag="d2", step=7, bf16=False):
-    """A d2 GPT saved as checkpoint <source_dir>/<tag> `step`, its meta as base_train writes it (max_seq_len,
-    tokenizer fingerprint). tests/test_artifacts.py uses it too."""
-    tiny_tokenizer.save(str(base_dir / "tokenizer"))
-    config = GPTConfig(sequence_len=32, vocab_size=tiny_tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="SL")
-    model = seeded_gpt(config, perturb=0.01)  # every parameter non-trivial, so a wrong load shows
-    state = {k: (v.bfloat16() if bf16 else v) for k, v in model.state_dict().items()}
-    meta = {"model_config": config.__dict__, "user_config": {"max_seq_len": 32},
-            "tokenizer_fingerprint": tiny_tokenizer.fingerprint()}
-    save_checkpoint(str(base_dir / source_dir / tag), step, state, None, meta)
-    return model
 
 def test_load_model_rebuilds_the_same_model(base_dir, tiny_tokenizer):
     saved = save_tiny_gpt(base_dir, tiny_tokenizer)

@@ -1,6 +1,6 @@
 """
-CORE eval tests on a small bundle written here in the eval bundle's own format (core.yaml,
-eval_meta_data.csv, eval_data/*.jsonl with one task of each type), scored by fake models:
+CORE eval tests on a small bundle in the eval bundle's own format (core.yaml, eval_meta_data.csv,
+eval_data/*.jsonl with one task of each type; tests/conftest.py writes it), scored by fake models:
 an oracle that knows the gold prompts, a uniform model and a seeded bigram model.
 Checks rendered prompts and continuation spans against hand-worked strings, accuracy and centering,
 batching and 1-vs-2-process invariance, the bundle download/unzip and the errors a user can hit.
@@ -22,69 +22,7 @@ from nanochat import core_eval
 from nanochat.core_eval import (continuation_spans, crop_left, evaluate_core, render_prompts, sample_fewshot)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-
-# -----------------------------------------------------------------------------
-# A small bundle: 8 multiple-choice (1-shot, "\nAnswer: "), 4 schema (0-shot), 6 language-modeling (2-shot)
-
-CORE_YAML = """\
-icl_tasks:
-- label: mc_task
-  dataset_uri: reasoning/mc_task.jsonl
-  num_fewshot: [1]
-  icl_task_type: multiple_choice
-  continuation_delimiter: "\\nAnswer: "
-- label: schema_task
-  dataset_uri: language_understanding/schema_task.jsonl
-  num_fewshot: [0]
-  icl_task_type: schema
-- label: lm_task
-  dataset_uri: language_understanding/lm_task.jsonl
-  num_fewshot: [2]
-  icl_task_type: language_modeling
-"""
-
-META_CSV = """\
-Eval Task,Task Category,Task Type,#shots,Random baseline,Centered Metric?
-mc_task,reasoning,multiple choice,1,25,yes
-schema_task,language understanding,schema,0,50,yes
-lm_task,language understanding,language modeling,2,0,yes
-unused_task,world knowledge,language modeling,0,0,yes
-"""
-
-# one token each in the tiny tokenizer, so a uniform model ties exactly (no rounding in the mean) and picks choice 0
-WORDS = ["dog", "fox", "quick", "brown"]
-MC_DATA = [{"query": f"Question {i}: which word is number {i % 4}?", "choices": WORDS, "gold": i % 4} for i in range(8)]
-SCHEMA_DATA = [
-    {"context_options": ["The trophy did not fit in the suitcase because the trophy",
-                         "The trophy did not fit in the suitcase because the suitcase"],
-     "continuation": "was too big.", "gold": 0},
-    {"context_options": ["The fox jumped over the dog because the fox",
-                         "The fox jumped over the dog because the dog"], "continuation": "was lazy.", "gold": 1},
-    {"context_options": ["Hello said the man to the boy since the man",
-                         "Hello said the man to the boy since the boy"], "continuation": "was kind.", "gold": 0},
-    {"context_options": ["Paris is bigger than Rome so Paris",
-                         "Paris is bigger than Rome so Rome"], "continuation": "is small.", "gold": 1},
-]
-LM_DATA = [
-    {"context": "The opposite of hot is ", "continuation": "cold"},
-    {"context": "The capital of France is", "continuation": "Paris"},
-    {"context": "2 + 3 =", "continuation": "5"},
-    {"context": "The quick brown fox jumps over the lazy", "continuation": "dog and the cat"},
-    {"context": "Hello", "continuation": "world"},
-    {"context": "Einstein published four", "continuation": "papers"},
-]
-
-def write_bundle(root):
-    """Write the fixture bundle at root/eval_bundle/ (the layout the published zip unpacks to)."""
-    bundle = root / "eval_bundle"
-    for sub, name, rows in [("reasoning", "mc_task", MC_DATA), ("language_understanding", "schema_task", SCHEMA_DATA),
-                            ("language_understanding", "lm_task", LM_DATA)]:
-        d = bundle / "eval_data" / sub
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (bundle / "core.yaml").write_text(CORE_YAML)
-    (bundle / "eval_meta_data.csv").write_text(META_CSV)
-    return bundle
+from conftest import CORE_YAML, LM_DATA, MC_DATA, SCHEMA_DATA, WORDS, write_bundle
 
 @pytest.fixture
 def bundle(base_dir):

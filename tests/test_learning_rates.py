@@ -21,15 +21,9 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, config_for_depth
-from test_base_train import make_base_dir as make_pretraining_dir
+from conftest import NumberedTask, by_group, make_pretraining_dir
 
 # {stage: {group: lr}}, by hand from the formulas above; "muon" stands for every Muon group (one per matrix shape)
-D2 = {
-    "mid": dict(lm_head=0.01385640646, wte=0.6928203230, value_embeds=0.3464101615, resid_lambdas=0.005,
-                x0_lambdas=0.5, smear_backout=0.2, muon=0.02),
-    "sft": dict(lm_head=0.0002771281292, wte=0.01385640646, value_embeds=0.006928203230, resid_lambdas=0.0001,
-                x0_lambdas=0.01, smear_backout=0.004, muon=0.0004),
-}
 D4 = {
     "base": dict(lm_head=0.001224744871, wte=0.04592793268, value_embeds=0.02296396634, resid_lambdas=0.0004419417382,
                  x0_lambdas=0.04419417382, smear_backout=0.2, muon=0.001767766953),
@@ -54,12 +48,6 @@ D12 = {
 SHAPES = {4: dict(head_dim=64, max_seq_len=256, device_batch_size=16, total_batch_size=4096),
           12: dict(head_dim=128, max_seq_len=2048, device_batch_size=32, total_batch_size=524288)}
 TABLES = {4: D4, 12: D12}
-
-def by_group(initial_lrs):
-    """{group name: lr} with the Muon groups (one per matrix shape, all at one lr) folded into "muon"."""
-    muon = {lr for name, lr in initial_lrs.items() if name.startswith("muon")}
-    assert len(muon) == 1, initial_lrs
-    return {**{name: lr for name, lr in initial_lrs.items() if not name.startswith("muon")}, "muon": muon.pop()}
 
 def group_lrs(optimizer):
     lrs = by_group({g["name"]: g["initial_lr"] for g in optimizer.param_groups})
@@ -121,7 +109,6 @@ BATCH = {("mid", 4): "batch 524,288 tokens = 16 x 256 x 1 GPUs x 128 |",
 @pytest.mark.parametrize("stage", ["mid", "sft"])
 def test_chat_stage_lrs_and_batch(stage, depth, tmp_path, monkeypatch, tiny_tokenizer, capsys):
     import scripts.chat_sft as chat_sft
-    from test_chat_recipe import NumberedTask
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setattr(chat_sft, "build_mixture", lambda stage, mixture: (NumberedTask(40), NumberedTask(8), []))
     meta_model_source(monkeypatch, chat_sft, depth, tiny_tokenizer)

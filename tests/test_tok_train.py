@@ -10,7 +10,7 @@ import sys
 
 from nanochat.checkpoint import save_checkpoint
 from nanochat.tokenizer import Tokenizer
-from test_base_train import make_base_dir, REPO
+from conftest import REPO, make_pretraining_dir
 
 def tok_train(base, *flags):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), NANOCHAT_DATASET="local", PYTHONPATH=REPO)
@@ -18,7 +18,7 @@ def tok_train(base, *flags):
                           capture_output=True, text=True, timeout=300)
 
 def test_existing_tokenizer_is_kept_or_guarded(tmp_path, tiny_tokenizer):
-    make_base_dir(tmp_path, tiny_tokenizer)
+    make_pretraining_dir(tmp_path, tiny_tokenizer)
     first = tok_train(tmp_path, "--vocab-size=300")
     assert first.returncode == 0, first.stderr[-2000:]
     tokenizer = Tokenizer.from_directory(str(tmp_path / "tokenizer"))
