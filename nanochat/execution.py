@@ -64,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 
 MAX_OUTPUT_BYTES = 1 << 20   # per stream, what the parent reads back
@@ -305,6 +306,25 @@ def _wait_exit(pidfd, timeout):
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(timeout * 1000))
 
+def _wait_group_dead(pgid, timeout):
+    """Until no live process is left in group `pgid` (at most `timeout` s): SIGKILL is delivered asynchronously, so
+    on a busy machine a killed child can still be running for milliseconds after killpg returns."""
+    deadline = time.monotonic() + timeout
+    while os.path.isdir("/proc") and time.monotonic() < deadline:  # no /proc (macOS): killpg is all there is
+        alive = False
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()  # state, ppid, pgrp, ...
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                alive = True
+                break
+        if not alive:
+            return
+        time.sleep(0.005)
+
 def _sandbox_init(info_read, info_write):
     """A pidfd of bwrap's init in the new pid namespace, from the JSON bwrap writes to --info-fd (None if bwrap
     failed before starting it). Opened while bwrap lives: bwrap alone can reap it, so its pid cannot be reused."""
@@ -375,6 +395,8 @@ def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
             except ProcessLookupError:
                 pass
             proc.wait()
+            if not bwrap:
+                _wait_group_dead(proc.pid, timeout)
         returncode, timed_out = proc.returncode, not exited
         if bwrap and returncode > 128:
             returncode = 128 - returncode  # bwrap reports a child killed by signal N as exit code 128 + N
