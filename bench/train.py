@@ -88,7 +88,7 @@ def bench_model(name, attn):
     if args.fp8:
         convert_to_float8_training(model, module_filter_fn=worth_fp8)  # as base_train converts
     optimizer = model.setup_optimizer()
-    train_model = compile_for_training(model, device_type) if use_compile else model
+    train_model = compile_for_training(model) if use_compile else model
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)
     y = torch.randint(0, config.vocab_size, (B, T), generator=g).to(device)

@@ -136,7 +136,7 @@ def decide_compile(flag, device_type):
         return False, "off: MPS (inductor's Metal backend is partial); --compile=1 tries it"
     return True, "on: CUDA" if device_type == "cuda" else "on: CPU with a working C++ compiler for inductor"
 
-def compile_for_training(model, device_type):
+def compile_for_training(model):
     """
     torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation backward needs.
     The budget is process-global, so it is set here, in one place: recomputing half of the activations (budget 0.5)

@@ -250,7 +250,7 @@ if resume_step is not None:
     load_optimizer_state(optimizer, optimizer_state)  # the momenta; this run's LRs (checked above) rule
     del optimizer_state
 if use_compile:
-    model = compile_for_training(model, device_type)
+    model = compile_for_training(model)
 
 def bf16_eval():
     """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a

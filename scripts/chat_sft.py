@@ -315,7 +315,7 @@ def main(stage):
     use_compile, compile_reason = decide_compile(args.compile, device.type)
     print0(f"torch.compile: {compile_reason}")
     if use_compile:
-        model = compile_for_training(model, device.type)  # rows of T+1: one shape
+        model = compile_for_training(model)  # rows of T+1: one shape
 
     # -------------------------------------------------------------------------
     # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total batch only

@@ -61,7 +61,7 @@ def test_default_cpu_path_compiles_and_trains_like_eager(monkeypatch):
     x, y = torch.randint(0, 64, (2, 16), generator=g), torch.randint(0, 64, (2, 16), generator=g)
     y[0, :3] = -1  # ignored targets go through the compiled loss too
     results = []
-    for train_model in (model, compile_for_training(model, "cpu")):
+    for train_model in (model, compile_for_training(model)):
         loss = train_model(x, y)
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
