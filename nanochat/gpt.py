@@ -13,8 +13,12 @@ x = resid_lambda*x + x0_lambda*x0 then a pre-norm block (attention with RoPE, QK
 value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of the mid-depth residual)
 -> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy (ignore_index -1).
 
-Attention itself (one exact implementation per device) lives in nanochat/attention.py.
-Left out: dropout, biases, tied embeddings, training-time document masking.
+Where the ideas come from: rotary embeddings (https://arxiv.org/abs/2104.09864); ReLU^2 (Primer,
+https://arxiv.org/abs/2109.08668); QK-norm and the x0 / smear / backout residual tricks as used in the modded-nanogpt
+speedrun (https://github.com/KellerJordan/modded-nanogpt); value embeddings mixed into v (ResFormer,
+https://arxiv.org/abs/2410.17897); logit softcapping (Gemma 2, https://arxiv.org/abs/2408.00118).
+Attention itself (one exact implementation per device) lives in
+nanochat/attention.py. Left out: dropout, biases, tied embeddings, training-time document masking.
 """
 
 import math
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention, attention_rows
 from nanochat.common import COMPUTE_DTYPE
+from nanochat.optim import MuonAdamW
 
 SMEAR_CHANNELS = 24      # smear gate reads the first 24 channels of the normalized embedding
 VE_GATE_CHANNELS = 12    # value-embedding gate reads the first 12 channels of the attention input
@@ -106,49 +111,6 @@ def apply_rotary(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-# -----------------------------------------------------------------------------
-# The loss without torch.compile
-
-LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB of fp32 temporaries at a time
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """
-    Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss and gradient 0),
-    the same numbers as F.cross_entropy on the softcapped logits, in chunks of rows, keeping only the raw logits and
-    one logsumexp per row for backward. Eager autograd on the plain formula keeps the tanh output and the
-    log-softmax, two more (rows, vocab) fp32 tensors, and holds four at once in the forward: at depth 4, 16 x 512
-    rows and vocab 8,192 each is 256 MiB, most of the extra peak memory of the uncompiled CPU path (docs/perf.md).
-    """
-    @staticmethod
-    def forward(ctx, logits, targets):
-        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
-        index = targets.clamp(min=0).unsqueeze(1)
-        lse = torch.empty(n, dtype=logits.dtype, device=logits.device)
-        losses = torch.empty_like(lse)
-        for i in range(0, n, chunk):
-            z = SOFTCAP * torch.tanh(logits[i:i + chunk] / SOFTCAP)
-            lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
-            losses[i:i + chunk] = lse[i:i + chunk] - z.gather(1, index[i:i + chunk]).squeeze(1)
-        losses.masked_fill_(targets == -1, 0.0)
-        ctx.save_for_backward(logits, targets, lse)
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        # d loss / d z = softmax(z) - onehot(target); d z / d logits = 1 - tanh^2
-        logits, targets, lse = ctx.saved_tensors
-        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
-        index = targets.clamp(min=0).unsqueeze(1)
-        scale = (grad_losses * (targets != -1)).unsqueeze(1)
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        minus_one = torch.full((min(chunk, n), 1), -1.0, dtype=logits.dtype, device=logits.device)
-        for i in range(0, n, chunk):
-            t = torch.tanh(logits[i:i + chunk] / SOFTCAP)
-            g = torch.exp(SOFTCAP * t - lse[i:i + chunk].unsqueeze(1))
-            g.scatter_add_(1, index[i:i + chunk], minus_one[:g.size(0)])
-            grad[i:i + chunk] = g.mul_(scale[i:i + chunk]).mul_(1 - t * t)
-        return grad, None
 
 # -----------------------------------------------------------------------------
 # Model
@@ -292,34 +254,22 @@ class GPT(nn.Module):
         return SOFTCAP * torch.tanh(logits[..., :self.config.vocab_size].float() / SOFTCAP)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """
+        idx (B, T) token ids -> logits (B, T, vocab), fp32, softcapped. With targets (B, T) (-1 = not trained): the
+        mean loss over trained tokens, or per token (B, T) with loss_reduction="none". With kv_cache the T tokens
+        continue the cached ones (decoding) and the cache advances.
+        """
         B, T = idx.shape
-        L = self.config.n_layer
-        last, row_positions = 0, None
-        if kv_cache is not None:
-            shape, kv_heads = tuple(kv_cache.k_cache.shape), self.config.n_kv_head
-            assert shape[0] == L and shape[3:] == (kv_heads, self.config.n_embd // self.config.n_head), \
-                f"KV cache shape {shape} does not fit this model (layers {L}, kv heads {kv_heads})"
-            row_positions = kv_cache.row_positions  # None: every row at one shared position
-            last = kv_cache.get_pos() if row_positions is None else max(row_positions)
-            assert last + T <= shape[2], f"KV cache full: position {last} + {T} new tokens > capacity {shape[2]}"
-        assert last + T <= self.cos.size(1), \
-            f"sequence reaches position {last + T}, rotary tables cover {self.cos.size(1)}: ensure_rotary_positions"
-        if row_positions is not None:
-            # each row at its own position: (B, T) positions pick per-row rotary angles and cache slots
-            assert min(row_positions) > 0, "rows at their own positions decode after a prefill: add prefilled rows"
-            pos0 = torch.tensor(row_positions, device=idx.device)[:, None] + torch.arange(T, device=idx.device)
-            cos_sin = self.cos[0, pos0], self.sin[0, pos0]
-        else:
-            pos0 = last
-            cos_sin = self.cos[:, pos0:pos0 + T], self.sin[:, pos0:pos0 + T]
+        pos0, cos_sin = self.positions(T, idx.device, kv_cache)
 
+        # embed: (B, T) -> (B, T, C), normalized. Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with
+        # x_{t-1} the previous normalized embedding (from the cache when decoding): cheap bigram-ish mixing, a no-op
+        # at init (lambda 0).
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
-        # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized
-        # embedding (from the cache when decoding). Cheap bigram-ish mixing; a no-op at init (lambda 0).
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         prev = x[:, :-1]
         if kv_cache is not None:
-            if row_positions is not None or pos0 > 0:
+            if kv_cache.row_positions is not None or pos0 > 0:
                 prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), prev], dim=1)
             kv_cache.prev_embedding = x[:, -1:].clone()
         if prev.size(1) == T:
@@ -327,42 +277,78 @@ class GPT(nn.Module):
         else:
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
 
-        x0 = x
-        backout = None
+        # blocks: (B, T, C) -> (B, T, C). Each layer first rescales the residual and mixes the embedding x0 back in
+        # (learned per-layer lambdas); the value embeddings of a layer are looked up from the same token ids.
+        x0, backout = x, None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
             x = block(x, ve, cos_sin, self.window_sizes[i], kv_cache, pos0)
-            if i == L // 2:
+            if i == self.config.n_layer // 2:
                 backout = x
         # Backout: remove part of the mid-depth residual before the head (learned, init 0.2)
         x = norm(x - self.backout_lambda.to(x.dtype) * backout)
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        if targets is not None and torch.compiler.is_compiling():
-            # Inductor fuses softcap + cross-entropy into row-wise kernels itself. On CPU the head runs on 4 chunks of
-            # rows: glibc unmaps every freed block over 32 MiB, so a whole (B*T, vocab) logits tensor and its gradient
-            # are page-faulted in afresh each step, while the chunks' buffers are reused. d4 head forward + backward
-            # on a 2-core EPYC: 1.6 s vs 2.3 s (docs/perf.md). CUDA keeps one matmul.
-            rows, row_targets = x.view(B * T, -1), targets.view(-1)
-            chunks = 4 if x.device.type == "cpu" else 1
-            losses = torch.cat([F.cross_entropy(self.softcap(self.lm_head(r)), t, ignore_index=-1, reduction="none")
-                                for r, t in zip(rows.chunk(chunks), row_targets.chunk(chunks))])
-        elif targets is not None:
-            logits = self.lm_head(x)[..., :self.config.vocab_size].float()
-            losses = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets.view(-1))
-        elif kv_cache is not None and x.device.type == "cpu" and B * T <= 64 and isinstance(self.lm_head, Linear):
-            # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split; with MKL on a
-            # 2-core EPYC, 8 rows x 8,192 vocab take 1.1 ms this way and 2.4 ms as x @ W^T (docs/perf.md).
-            return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
-        else:
-            return self.softcap(self.lm_head(x))
+        # head: (B, T, C) -> logits (B, T, vocab), or the loss against targets
+        if targets is None:
+            return self.logits(x, decoding=kv_cache is not None)
+        losses = self.token_losses(x, targets)  # (B * T,), 0 where the target is -1
         if loss_reduction == "none":
             return losses.view(B, T)
         assert loss_reduction == "mean", f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'"
         # mean over supervised tokens; 0 (not NaN) when a batch has none, so one empty micro-batch cannot poison a step
         return losses.sum() / (targets != -1).sum().clamp(min=1)
+
+    def positions(self, T, device, kv_cache):
+        """
+        Where the T new tokens sit: -> (pos0, (cos, sin)). pos0 is the shared start position (an int), or a (B, T)
+        tensor of per-row positions when the cache holds rows of different lengths (a server decoding several
+        requests together); cos/sin are the rotary angles at those positions.
+        """
+        last, row_positions = 0, None
+        if kv_cache is not None:
+            L, shape, kv_heads = self.config.n_layer, tuple(kv_cache.k_cache.shape), self.config.n_kv_head
+            assert shape[0] == L and shape[3:] == (kv_heads, self.config.n_embd // self.config.n_head), \
+                f"KV cache shape {shape} does not fit this model (layers {L}, kv heads {kv_heads})"
+            row_positions = kv_cache.row_positions  # None: every row at one shared position
+            last = kv_cache.get_pos() if row_positions is None else max(row_positions)
+            assert last + T <= shape[2], f"KV cache full: position {last} + {T} new tokens > capacity {shape[2]}"
+        assert last + T <= self.cos.size(1), \
+            f"sequence reaches position {last + T}, rotary tables cover {self.cos.size(1)}: ensure_rotary_positions"
+        if row_positions is None:
+            return last, (self.cos[:, last:last + T], self.sin[:, last:last + T])
+        assert min(row_positions) > 0, "rows at their own positions decode after a prefill: add prefilled rows"
+        pos = torch.tensor(row_positions, device=device)[:, None] + torch.arange(T, device=device)
+        return pos, (self.cos[0, pos], self.sin[0, pos])
+
+    def logits(self, x, decoding=False):
+        """(B, T, C) final hidden states -> softcapped logits (B, T, vocab)."""
+        B, T, _ = x.shape
+        if decoding and x.device.type == "cpu" and B * T <= 64 and isinstance(self.lm_head, Linear):
+            # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split (MKL on a 2-core
+            # EPYC: 2x faster than x @ W^T at 8 rows x 8,192 vocab; docs/perf.md "Engine.generate rows").
+            return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
+        return self.softcap(self.lm_head(x))
+
+    def token_losses(self, x, targets):
+        """
+        (B, T, C) final hidden states and (B, T) targets -> (B * T,) cross-entropy of the softcapped logits, 0 where
+        the target is -1. The same math on every path; the two branches only save memory and time:
+        - under torch.compile inductor fuses softcap + cross-entropy into row-wise kernels itself; on CPU the head
+          runs on 4 chunks of rows, whose 64 MiB buffers are reused where a whole (B*T, vocab) logits tensor and its
+          gradient would be page-faulted in afresh every step (glibc unmaps freed blocks over 32 MiB);
+        - eager, SoftcapCrossEntropy keeps only the raw logits and one logsumexp per row for backward.
+        docs/perf.md "Compiling CPU training, and its memory" has the measurements.
+        """
+        rows, row_targets = x.view(-1, x.size(-1)), targets.view(-1)
+        if torch.compiler.is_compiling():
+            chunks = 4 if x.device.type == "cpu" else 1
+            return torch.cat([F.cross_entropy(self.softcap(self.lm_head(r)), t, ignore_index=-1, reduction="none")
+                              for r, t in zip(rows.chunk(chunks), row_targets.chunk(chunks))])
+        logits = self.lm_head(rows)[..., :self.config.vocab_size].float()
+        return SoftcapCrossEntropy.apply(logits, row_targets)
 
     # -------------------------------------------------------------------------
     # Optimizer
@@ -377,7 +363,6 @@ class GPT(nn.Module):
         Each group gets "initial_lr" (schedules multiply it) and a "name" for logging. Muon groups start with
         momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
         """
-        from nanochat.optim import MuonAdamW
         sigma = (self.config.n_embd / 768) ** -0.5
 
         def adamw(name, params, lr, betas, wd):
@@ -478,6 +463,48 @@ class GPT(nn.Module):
                 next_id = logits.argmax(dim=-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
+
+# -----------------------------------------------------------------------------
+# The eager loss (GPT.token_losses without torch.compile)
+
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB of fp32 temporaries at a time
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """
+    Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss and gradient 0),
+    the same numbers as F.cross_entropy on the softcapped logits, in chunks of rows, keeping only the raw logits and
+    one logsumexp per row for backward, where eager autograd on the plain formula would hold four (rows, vocab)
+    fp32 tensors at once (docs/perf.md "Compiling CPU training, and its memory").
+    """
+    @staticmethod
+    def forward(ctx, logits, targets):
+        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
+        index = targets.clamp(min=0).unsqueeze(1)
+        lse = torch.empty(n, dtype=logits.dtype, device=logits.device)
+        losses = torch.empty_like(lse)
+        for i in range(0, n, chunk):
+            z = SOFTCAP * torch.tanh(logits[i:i + chunk] / SOFTCAP)
+            lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
+            losses[i:i + chunk] = lse[i:i + chunk] - z.gather(1, index[i:i + chunk]).squeeze(1)
+        losses.masked_fill_(targets == -1, 0.0)
+        ctx.save_for_backward(logits, targets, lse)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        # d loss / d z = softmax(z) - onehot(target); d z / d logits = 1 - tanh^2
+        logits, targets, lse = ctx.saved_tensors
+        n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
+        index = targets.clamp(min=0).unsqueeze(1)
+        scale = (grad_losses * (targets != -1)).unsqueeze(1)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        minus_one = torch.full((min(chunk, n), 1), -1.0, dtype=logits.dtype, device=logits.device)
+        for i in range(0, n, chunk):
+            t = torch.tanh(logits[i:i + chunk] / SOFTCAP)
+            g = torch.exp(SOFTCAP * t - lse[i:i + chunk].unsqueeze(1))
+            g.scatter_add_(1, index[i:i + chunk], minus_one[:g.size(0)])
+            grad[i:i + chunk] = g.mul_(scale[i:i + chunk]).mul_(1 - t * t)
+        return grad, None
 
 # -----------------------------------------------------------------------------
 # KV cache for inference

@@ -12,6 +12,11 @@ Distributed (ZeRO-2-like, no DDP wrapper): under a multi-rank process group the 
 itself (see MuonAdamW). Optimizer state is sharded, so state_dict() is per rank: save and load one shard per rank.
 Also here: how the learning rates and weight decay scale with the batch size (batch_lr_scale and friends).
 
+Where the ideas come from: Muon, momentum orthogonalized by a Newton-Schulz iteration (Keller Jordan,
+https://kellerjordan.github.io/posts/muon/); its Polar Express coefficients (https://arxiv.org/abs/2505.16932);
+NorMuon's per-row second moment (https://arxiv.org/abs/2510.05491); AdamW (https://arxiv.org/abs/1711.05101); how
+the batch size follows the data and weight decay the batch (Power Lines, https://arxiv.org/abs/2505.13738).
+
 Leaves out: closures in step(), sparse gradients, params that are not 2-D in Muon groups.
 """
 
