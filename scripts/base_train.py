@@ -172,6 +172,10 @@ print0(attention_banner(device, model.window_sizes, config.sequence_len))
 # Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token batches.
 #   1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))        Power Lines, B_opt ~ D^0.383 (batch_size_for)
 #   2. horizon       steps = --num-iterations | --target-flops / (FLOPs per token x B) | ratio x N / B
+#      The ratio (default 12 tokens per scaling parameter) is the compute-optimal one: IsoFLOP sweeps over depth
+#      (runs/scaling_laws.sh, docs/scaling.md) put the loss minimum at a roughly constant tokens:params ratio when N
+#      counts the block matrices + lm_head, as Chinchilla found with its own counting (https://arxiv.org/abs/2203.15556;
+#      ~20 there); 10.5 from the first sweep, 12 after a re-run. A smaller ratio trains a bigger model for less time.
 #   3. LR scale      every lr x sqrt(B / 2^19)                                                   (batch_lr_scale)
 #   4. weight decay  --weight-decay x sqrt(B / 2^19) x N_d12 / N, cosine to 0 over the run  (scaled_weight_decay)
 
