@@ -1,7 +1,7 @@
 """
 runs/speedrun.sh killed anywhere (kill -9 of every process of the run: a node failure, a reclaimed spot instance) and
 run again with the same command ends with the same chat model as a run that was never killed.
-Run: OMP_NUM_THREADS=1 python -m pytest -q tests/test_speedrun_resume.py   (two smoke runs plus restarts: slow)
+The uninterrupted run is also the smoke test of runs/speedrun.sh (its artifacts and chat answer are checked here).
 """
 
 import os
@@ -83,8 +83,13 @@ def smoke(tmp_path, smoke_dir, kill_at=None, pause_at_save=None):
 
 @pytest.mark.slow
 def test_killed_anywhere_then_rerun_is_bit_identical(tmp_path):
+    # the smoke run: speedrun.sh's own lines, every stage on CPU, as a user would run them
     rc, out, _ = smoke(tmp_path, tmp_path / "whole")
     assert rc == 0, out[-3000:]
+    for path in ("tokenizer", "base_checkpoints/d2", "mid_checkpoints/d2", "chatsft_checkpoints/d2",
+                 "report/report.md"):
+        assert (tmp_path / "whole" / path).exists(), f"{path} missing after the smoke run"
+    assert "Assistant:" in out, "chat_cli answered the prompt"
     killed = tmp_path / "killed"
     base_dir, sft_dir = killed / "base_checkpoints" / "d2", killed / "chatsft_checkpoints" / "d2"
     points = [dict(kill_at="max_chars:"),                                     # tokenizer training starts
