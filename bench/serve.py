@@ -124,26 +124,34 @@ def one_request(url, headers, rng):
         raise RuntimeError("the stream ended without a usage chunk")
     return ttft if ttft is not None else time.perf_counter() - t0, tokens
 
-def run_clients(url, headers, n):
-    ttfts, tokens, errors, lock = [], [], [], threading.Lock()
+def start_clients(n, request, record):
+    """n threads, each calling request(rng) back to back until --seconds are up and handing each result to record()
+    under one lock; an exception is counted and shown, never fatal: errors are one of the numbers.
+    -> (threads, errors)."""
+    errors, lock = [], threading.Lock()
     stop_at = time.perf_counter() + args.seconds
 
     def client(i):
         rng = random.Random(i)
         while time.perf_counter() < stop_at:
             try:
-                ttft, count = one_request(url, headers, rng)
+                result = request(rng)
                 with lock:
-                    ttfts.append(ttft)
-                    tokens.append(count)
-            except Exception as e:  # counted and shown, never fatal: errors are one of the numbers
+                    record(result)
+            except Exception as e:
                 with lock:
                     errors.append(f"{type(e).__name__}: {e}")
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
+    return threads, errors
+
+def run_clients(url, headers, n):
+    ttfts, tokens = [], []
+    t0 = time.perf_counter()
+    threads, errors = start_clients(n, lambda rng: one_request(url, headers, rng),
+                                    lambda r: (ttfts.append(r[0]), tokens.append(r[1])))
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
@@ -188,27 +196,17 @@ def soak_request(url, headers, rng):
     return "ok", time.perf_counter() - t0
 
 def run_soak(url, headers, n):
-    outcomes, latencies, errors, lock = {"ok": 0, "cut": 0, "refused": 0}, [], [], threading.Lock()
-    stop_at = time.perf_counter() + args.seconds
+    outcomes, latencies = {"ok": 0, "cut": 0, "refused": 0}, []
 
-    def client(i):
-        rng = random.Random(i)
-        while time.perf_counter() < stop_at:
-            try:
-                outcome, latency = soak_request(url, headers, rng)
-                with lock:
-                    outcomes[outcome] += 1
-                    if latency is not None:
-                        latencies.append(latency)
-            except Exception as e:  # counted and shown: errors are the number this test is about
-                with lock:
-                    errors.append(f"{type(e).__name__}: {e}")
+    def record(result):
+        outcome, latency = result
+        outcomes[outcome] += 1
+        if latency is not None:
+            latencies.append(latency)
 
     rss = lambda: rss_mib(proc.pid) if proc is not None else None
     rss_start = rss()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
+    threads, errors = start_clients(n, lambda rng: soak_request(url, headers, rng), record)
     time.sleep(args.seconds / 5)
     rss_warm = rss()
     for t in threads:
