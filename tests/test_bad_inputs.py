@@ -7,7 +7,6 @@ the library function the script calls) and checks the message.
 
 import argparse
 import io
-import json
 import runpy
 import sys
 from types import SimpleNamespace
