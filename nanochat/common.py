@@ -61,8 +61,9 @@ def _detect_compute_dtype():
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
         if env == "float16":  # fp16's 5 exponent bits underflow small gradients unless a GradScaler scales the loss
-            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the loss, so fp16 gradients "
-                             "would underflow; use NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
+            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the "
+                             "loss, so fp16 gradients would underflow; use "
+                             "NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
         choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
         if env not in choices:
             raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or pick one of those")
@@ -83,8 +84,9 @@ _OPENMP_PROBE = '#include <omp.h>\nextern "C" int probe(void) { return omp_get_m
 
 def _cpu_compile_problem():
     """
-    None when inductor can build CPU kernels here, else why not. Inductor compiles each CPU kernel into an OpenMP
-    shared library with $CXX, else g++ (clang++ on macOS), so build a one-line one the same way (~0.1 s of CPU).
+    None when inductor can build CPU kernels here, else why not. Inductor compiles each CPU kernel
+    into an OpenMP shared library with $CXX, else g++ (clang++ on macOS), so build a one-line one
+    the same way (~0.1 s of CPU).
     """
     cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
     if shutil.which(cxx) is None:
@@ -105,12 +107,13 @@ def _cpu_compile_problem():
 
 def decide_compile(flag, device_type):
     """
-    Whether a training script runs its model through torch.compile, and why, as (bool, one-line reason).
-    flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for CUDA and for CPU
-    with a working C++ compiler, off for MPS. On CPU it pays in memory and speed: base_train at d4, T=512
-    (16 x 512, vocab 8,192, fp32, 2-core VM) runs at 1.31-1.35x the tok/s of eager, which peaks at 2,420-2,520 MiB
-    (bench.train; compiled: 1,354-1,400 MiB at vocab 4,096, docs/perf.md); the first step carries the compile time
-    (~1 minute on 2 cores, cold cache).
+    Whether a training script runs its model through torch.compile, and why, as (bool, one-line
+    reason).
+    flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for
+    CUDA and for CPU with a working C++ compiler, off for MPS. On CPU it pays in memory and speed:
+    base_train at d4, T=512 (16 x 512, vocab 8,192, fp32, 2-core VM) runs at 1.31-1.35x the tok/s of
+    eager, which peaks at 2,420-2,520 MiB (bench.train; compiled: 1,354-1,400 MiB at vocab 4,096,
+    docs/perf.md); the first step carries the compile time (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):
@@ -138,28 +141,31 @@ def decide_compile(flag, device_type):
 
 def compile_for_training(model):
     """
-    torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation backward needs.
-    The budget is process-global, so it is set here, in one place: recomputing half of the activations (budget 0.5)
-    cut d4's peak RSS on CPU by 60-170 MiB but cost 5-11% more CPU time per step (docs/perf.md "Pretraining step").
+    torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation
+    backward needs. The budget is process-global, so it is set here, in one place: recomputing half
+    of the activations (budget 0.5) cut d4's peak RSS on CPU by 60-170 MiB but cost 5-11% more CPU
+    time per step (docs/perf.md "Pretraining step").
     """
     functorch_config.activation_memory_budget = 1.0  # torch's default: save all, recompute nothing
     return torch.compile(model, dynamic=False)
 
 def process_group_backend(device_type):
     """
-    The torch.distributed backend string for a run on `device_type`, one backend per tensor device. On CUDA, NCCL
-    carries CUDA tensors (gradients, losses) and gloo the CPU ones: NCCL refuses CPU tensors, and a small counter built
-    on the host and all-reduced (an epoch fraction, a score tally) would otherwise abort a multi-GPU run at that line.
-    Object collectives (all_gather_object) pick the CPU backend when one is listed, so they pickle through gloo too.
-    Elsewhere gloo alone, spelled the same per-device way so the 2-rank CPU tests parse the form CUDA runs use.
+    The torch.distributed backend string for a run on `device_type`, one backend per tensor device.
+    On CUDA, NCCL carries CUDA tensors (gradients, losses) and gloo the CPU ones: NCCL refuses CPU
+    tensors, and a small counter built on the host and all-reduced (an epoch fraction, a score
+    tally) would otherwise abort a multi-GPU run at that line. Object collectives
+    (all_gather_object) pick the CPU backend when one is listed, so they pickle through gloo too.
+    Elsewhere gloo alone, spelled the same per-device way so the 2-rank CPU tests parse the form
+    CUDA runs use.
     """
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "cpu:gloo"
 
 def compute_init(device_type=""):
     """
-    Set up the device, seeds and (under torchrun) the process group.
-    Returns (ddp, rank, local_rank, world_size, device).
-    The group's backends come from process_group_backend; one process is the degenerate case (no group at all).
+    Set up the device, seeds and (under torchrun) the process group. Returns (ddp, rank, local_rank,
+    world_size, device). The group's backends come from process_group_backend; one process is the
+    degenerate case (no group at all).
     """
     device_type = device_type or autodetect_device_type()
     assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type!r}: use cuda, mps or cpu"
@@ -193,13 +199,15 @@ def compute_init(device_type=""):
 
 def compute_cleanup():
     if dist.is_available() and dist.is_initialized():
-        # Wait for every rank first: a rank that tears down gloo while a peer is still writing its checkpoint sees the
-        # peer's connection close, and gloo's background thread aborts the process ("terminate called ...", seen in CI).
+        # Wait for every rank first: a rank that tears down gloo while a peer is still writing its
+        # checkpoint sees the peer's connection close, and gloo's background thread aborts the
+        # process ("terminate called ...", seen in CI).
         dist.barrier()
         dist.destroy_process_group()
 
 def synchronize(device):
-    """Wait for the device's queued work, so wall-clock timings measure it (CUDA runs asynchronously; else a no-op)."""
+    """Wait for the device's queued work, so wall-clock timings
+    measure it (CUDA runs asynchronously; else a no-op)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -257,10 +265,10 @@ def get_peak_flops(device):
 
 def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 << 20, verify=None):
     """
-    Download url to path atomically. Returns True on success, False after `attempts` failures.
-    A partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end, after the size matches
-    Content-Length and verify(tmp_path) (optional; raises ValueError or OSError on a bad file) accepts it.
-    Waits backoff**attempt seconds between tries (2, 4, 8, 16 by default).
+    Download url to path atomically. Returns True on success, False after `attempts` failures. A
+    partial file never appears at `path`: bytes go to `path.tmp` and are renamed at the end, after
+    the size matches Content-Length and verify(tmp_path) (optional; raises ValueError or OSError on
+    a bad file) accepts it. Waits backoff**attempt seconds between tries (2, 4, 8, 16 by default).
     With NANOCHAT_OFFLINE=1 nothing is fetched (returns False at once): the offline demo sets it.
     """
     if os.path.exists(path):
@@ -299,28 +307,31 @@ def download_file_with_lock(url, path, postprocess=None):
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             if not download_url(url, path):
-                raise RuntimeError(f"could not download {url} to {path}; check the network, or place the file there "
-                                   f"by hand")
+                raise RuntimeError(f"could not download {url} to {path}; check "
+                                   f"the network, or place the file there by hand")
             if postprocess is not None:
                 postprocess(path)
     return path
 
 def check_flags(rules):
     """
-    rules: (flag, value, ok, requirement) tuples. The first value that is not ok ends the program with one line naming
-    the flag, the value and what it must be, instead of a traceback later or a silent reinterpretation (-5 as "auto").
+    rules: (flag, value, ok, requirement) tuples. The first value that is not ok ends the program
+    with one line naming the flag, the value and what it must be, instead of a traceback later or a
+    silent reinterpretation (-5 as "auto").
     """
     for flag, value, ok, requirement in rules:
         if not ok:
             raise SystemExit(f"error: {flag}={value} is invalid: it must be {requirement}")
 
 def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
-    """Forward/backward passes per optimizer step: the total batch must split into whole rows x seq_len x GPUs."""
+    """Forward/backward passes per optimizer step: the total
+    batch must split into whole rows x seq_len x GPUs."""
     per_pass = device_batch_size * seq_len * world_size
     if total_batch_size % per_pass != 0:
-        raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by device_batch_size x seq_len x "
-                         f"GPUs = {device_batch_size} x {seq_len} x {world_size} = {per_pass:,}: pick "
-                         f"--total-batch-size as a multiple of {per_pass:,} or change --device-batch-size")
+        raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by "
+                         f"device_batch_size x seq_len x GPUs = {device_batch_size} x "
+                         f"{seq_len} x {world_size} = {per_pass:,}: pick --total-batch-size "
+                         f"as a multiple of {per_pass:,} or change --device-batch-size")
     return total_batch_size // per_pass
 
 def collect_garbage(step, start_step, every=5000):

@@ -1,6 +1,6 @@
 """
-The GPT model: the architecture of karpathy/nanochat master (https://github.com/karpathy/nanochat), its KV cache,
-optimizer routing and FLOP accounting.
+The GPT model: the architecture of karpathy/nanochat master (https://github.com/karpathy/nanochat),
+its KV cache, optimizer routing and FLOP accounting.
 
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
@@ -8,16 +8,17 @@ optimizer routing and FLOP accounting.
     model.to_empty(device="cuda"); model.init_weights()   # __init__ allocates nothing; init_weights sets every value
     loss = model(idx, targets)                            # or logits = model(idx); or model(idx, kv_cache=cache)
 
-Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) -> x0 := x -> per layer
-x = resid_lambda*x + x0_lambda*x0 then a pre-norm block (attention with RoPE, QK-norm x1.2, sliding window,
-value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of the mid-depth residual)
+Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) -> x0 := x -> per
+layer x = resid_lambda*x + x0_lambda*x0 then a pre-norm block (attention with RoPE, QK-norm x1.2,
+sliding window, value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction
+of the mid-depth residual)
 -> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy (ignore_index -1).
 
 Where the ideas come from: rotary embeddings (https://arxiv.org/abs/2104.09864); ReLU^2 (Primer,
-https://arxiv.org/abs/2109.08668); QK-norm and the x0 / smear / backout residual tricks as used in the modded-nanogpt
-speedrun (https://github.com/KellerJordan/modded-nanogpt); value embeddings mixed into v (ResFormer,
-https://arxiv.org/abs/2410.17897); logit softcapping (Gemma 2, https://arxiv.org/abs/2408.00118).
-Attention itself (one exact implementation per device) lives in
+https://arxiv.org/abs/2109.08668); QK-norm and the x0 / smear / backout residual tricks as used in
+the modded-nanogpt speedrun (https://github.com/KellerJordan/modded-nanogpt); value embeddings mixed
+into v (ResFormer, https://arxiv.org/abs/2410.17897); logit softcapping (Gemma 2,
+https://arxiv.org/abs/2408.00118). Attention itself (one exact implementation per device) lives in
 nanochat/attention.py. Left out: dropout, biases, tied embeddings, training-time document masking.
 """
 
@@ -52,7 +53,8 @@ class GPTConfig:
     window_pattern: str = "SSSL"
 
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, **fields):
-    """The one complexity dial: width = depth x aspect_ratio rounded up to whole heads of head_dim; no GQA."""
+    """The one complexity dial: width = depth x aspect_ratio
+    rounded up to whole heads of head_dim; no GQA."""
     n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **fields)
@@ -70,13 +72,14 @@ def validate_config(config):
         raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}, the channels the smear gate reads: use a wider model")
     bad = sorted(set(c.window_pattern.upper()) - set("SL"))
     if not c.window_pattern or bad:
-        raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use only S (short window) "
-                         "and L (full context), e.g. 'SSSL' or 'L'")
+        raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use "
+                         f"only S (short window) and L (full context), e.g. 'SSSL' or 'L'")
     if c.n_layer < 1 or c.sequence_len < 1 or c.vocab_size < 1:
         raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, vocab_size={c.vocab_size}: need all > 0")
 
 def compute_window_sizes(config):
-    """Left window per layer: the pattern tiled over layers, the last layer forced to L (full context)."""
+    """Left window per layer: the pattern tiled over
+    layers, the last layer forced to L (full context)."""
     T = config.sequence_len
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)  # 512 at T=2048
     pattern = config.window_pattern.upper()
@@ -93,7 +96,8 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
-    """Bias-free linear keeping an fp32 master weight, cast to the input's dtype at use (no autocast anywhere)."""
+    """Bias-free linear keeping an fp32 master weight, cast
+    to the input's dtype at use (no autocast anywhere)."""
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
@@ -101,7 +105,8 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE, dtype=COMPUTE_DTYPE):
-    """cos/sin of shape (1, seq_len, 1, head_dim/2), in the activation dtype, broadcasting over (B, T, H, D/2)."""
+    """cos/sin of shape (1, seq_len, 1, head_dim/2), in the
+    activation dtype, broadcasting over (B, T, H, D/2)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
@@ -134,7 +139,8 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            # ResFormer-style value embedding, mixed per kv-head with an input-dependent gate in (0, 3)
+            # ResFormer-style value embedding, mixed per kv-head with an input-dependent gate in (0,
+            # 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
@@ -178,8 +184,9 @@ class GPT(nn.Module):
         super().__init__()
         validate_config(config)
         self.config = config
-        # Activations and KV cache run in this dtype: COMPUTE_DTYPE while training (fp32 master weights cast at use);
-        # engine.prepare_for_inference holds the weights in the inference dtype instead and sets it to match.
+        # Activations and KV cache run in this dtype: COMPUTE_DTYPE while training (fp32 master
+        # weights cast at use); engine.prepare_for_inference holds the weights in the inference
+        # dtype instead and sets it to match.
         self.compute_dtype = COMPUTE_DTYPE
         self.window_sizes = compute_window_sizes(config)
         L, C = config.n_layer, config.n_embd
@@ -192,7 +199,8 @@ class GPT(nn.Module):
         self.lm_head = Linear(C, self.padded_vocab_size)  # untied from wte
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, config.n_kv_head * head_dim)
                                            for i in range(L) if has_value_embedding(i, L)})
-        # Embedding tables are huge and only looked up: keep them in the compute dtype (fp16 would lose too much).
+        # Embedding tables are huge and only looked up: keep them in the compute dtype (fp16 would
+        # lose too much).
         if COMPUTE_DTYPE != torch.float16:
             self.transformer.wte.to(dtype=COMPUTE_DTYPE)
             self.value_embeds.to(dtype=COMPUTE_DTYPE)
@@ -208,10 +216,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """
-        Every initial value, s = sqrt(3/n_embd) (uniform with std 1/sqrt(n_embd)):
-        wte N(0, 0.8); lm_head N(0, 0.001); c_q, c_k, c_v U(-s, s); attention and MLP c_proj zeros;
-        c_fc U(-0.4s, 0.4s); value embeddings U(-s, s); VE gates and smear gate U(0, 0.02);
-        resid_lambdas 1.15 -> 1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
+        Every initial value, s = sqrt(3/n_embd) (uniform with std 1/sqrt(n_embd)): wte N(0, 0.8);
+        lm_head N(0, 0.001); c_q, c_k, c_v U(-s, s); attention and MLP c_proj zeros; c_fc U(-0.4s,
+        0.4s); value embeddings U(-s, s); VE gates and smear gate U(0, 0.02); resid_lambdas 1.15 ->
+        1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
         Also rebuilds the rotary tables (to_empty() leaves buffers uninitialized).
         """
         C, L = self.config.n_embd, self.config.n_layer
@@ -241,30 +249,33 @@ class GPT(nn.Module):
 
     def ensure_rotary_positions(self, num_positions):
         """
-        Grow the rotary tables to cover num_positions (e.g. a 10-shot CORE prompt past 10 x sequence_len); positions
-        already covered keep their exact values. Attention still uses the trained windows, so longer sequences are
-        read with a sliding window at every layer, as FA3's window_size=(sequence_len, 0) does.
+        Grow the rotary tables to cover num_positions (e.g. a 10-shot CORE prompt past 10 x
+        sequence_len); positions already covered keep their exact values. Attention still uses the
+        trained windows, so longer sequences are read with a sliding window at every layer, as FA3's
+        window_size=(sequence_len, 0) does.
         """
         if num_positions > self.cos.size(1):
             head_dim = self.config.n_embd // self.config.n_head
             self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device(), dtype=self.compute_dtype)
 
     def softcap(self, logits):
-        """The real vocabulary's logits (lm_head is padded), in fp32, squashed into (-SOFTCAP, SOFTCAP)."""
+        """The real vocabulary's logits (lm_head is padded),
+        in fp32, squashed into (-SOFTCAP, SOFTCAP)."""
         return SOFTCAP * torch.tanh(logits[..., :self.config.vocab_size].float() / SOFTCAP)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         """
-        idx (B, T) token ids -> logits (B, T, vocab), fp32, softcapped. With targets (B, T) (-1 = not trained): the
-        mean loss over trained tokens, or per token (B, T) with loss_reduction="none". With kv_cache the T tokens
-        continue the cached ones (decoding) and the cache advances.
+        idx (B, T) token ids -> logits (B, T, vocab), fp32, softcapped. With targets (B, T) (-1 =
+        not trained): the mean loss over trained tokens, or per token (B, T) with
+        loss_reduction="none". With kv_cache the T tokens continue the cached ones (decoding) and
+        the cache advances.
         """
         B, T = idx.shape
         pos0, cos_sin = self.positions(T, idx.device, kv_cache)
 
-        # embed: (B, T) -> (B, T, C), normalized. Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, with
-        # x_{t-1} the previous normalized embedding (from the cache when decoding): cheap bigram-ish mixing, a no-op
-        # at init (lambda 0).
+        # embed: (B, T) -> (B, T, C), normalized. Smear: x_t += smear_lambda *
+        # sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized embedding (from
+        # the cache when decoding): cheap bigram-ish mixing, a no-op at init (lambda 0).
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         prev = x[:, :-1]
@@ -277,8 +288,9 @@ class GPT(nn.Module):
         else:
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
 
-        # blocks: (B, T, C) -> (B, T, C). Each layer first rescales the residual and mixes the embedding x0 back in
-        # (learned per-layer lambdas); the value embeddings of a layer are looked up from the same token ids.
+        # blocks: (B, T, C) -> (B, T, C). Each layer first rescales the residual and mixes the
+        # embedding x0 back in (learned per-layer lambdas); the value embeddings of a layer are
+        # looked up from the same token ids.
         x0, backout = x, None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
@@ -298,14 +310,16 @@ class GPT(nn.Module):
         if loss_reduction == "none":
             return losses.view(B, T)
         assert loss_reduction == "mean", f"loss_reduction={loss_reduction!r}: use 'mean' or 'none'"
-        # mean over supervised tokens; 0 (not NaN) when a batch has none, so one empty micro-batch cannot poison a step
+        # mean over supervised tokens; 0 (not NaN) when a batch has none, so one empty micro-batch
+        # cannot poison a step
         return losses.sum() / (targets != -1).sum().clamp(min=1)
 
     def positions(self, T, device, kv_cache):
         """
-        Where the T new tokens sit: -> (pos0, (cos, sin)). pos0 is the shared start position (an int), or a (B, T)
-        tensor of per-row positions when the cache holds rows of different lengths (a server decoding several
-        requests together); cos/sin are the rotary angles at those positions.
+        Where the T new tokens sit: -> (pos0, (cos, sin)). pos0 is the shared start position (an
+        int), or a (B, T) tensor of per-row positions when the cache holds rows of different lengths
+        (a server decoding several requests together); cos/sin are the rotary angles at those
+        positions.
         """
         last, row_positions = 0, None
         if kv_cache is not None:
@@ -327,15 +341,17 @@ class GPT(nn.Module):
         """(B, T, C) final hidden states -> softcapped logits (B, T, vocab)."""
         B, T, _ = x.shape
         if decoding and x.device.type == "cpu" and B * T <= 64 and isinstance(self.lm_head, Linear):
-            # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split (MKL on a 2-core
-            # EPYC: 2x faster than x @ W^T at 8 rows x 8,192 vocab; docs/perf.md "Engine.generate rows").
+            # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split
+            # (MKL on a 2-core EPYC: 2x faster than x @ W^T at 8 rows x 8,192 vocab; docs/perf.md
+            # "Engine.generate rows").
             return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
         return self.softcap(self.lm_head(x))
 
     def token_losses(self, x, targets):
         """
-        (B, T, C) final hidden states and (B, T) targets -> (B * T,) cross-entropy of the softcapped logits, 0 where
-        the target is -1. The same math on every path; the two branches only save memory and time:
+        (B, T, C) final hidden states and (B, T) targets -> (B * T,) cross-entropy of the softcapped
+        logits, 0 where the target is -1. The same math on every path; the two branches only save
+        memory and time:
         - under torch.compile inductor fuses softcap + cross-entropy into row-wise kernels itself; on CPU the head
           runs on 4 chunks of rows, whose 64 MiB buffers are reused where a whole (B*T, vocab) logits tensor and its
           gradient would be page-faulted in afresh every step (glibc unmaps freed blocks over 32 MiB);
@@ -358,10 +374,11 @@ class GPT(nn.Module):
         """
         MuonAdamW: Muon for the block matrices, AdamW for embeddings, lm_head and scalars.
         AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
-        lr_scale: base_train's batch-size factor sqrt(B / 2^19), on every lr but the smear/backout group's fixed 0.2
-        (karpathy/nanochat does not batch-scale that one). lr_frac: the chat stages' --init-lr-frac, on every lr.
-        Each group gets "initial_lr" (schedules multiply it) and a "name" for logging. Muon groups start with
-        momentum 0.95; base_train's schedule overwrites momentum and weight_decay each step.
+        lr_scale: base_train's batch-size factor sqrt(B / 2^19), on every lr but the smear/backout
+        group's fixed 0.2 (karpathy/nanochat does not batch-scale that one). lr_frac: the chat
+        stages' --init-lr-frac, on every lr. Each group gets "initial_lr" (schedules multiply it)
+        and a "name" for logging. Muon groups start with momentum 0.95; base_train's schedule
+        overwrites momentum and weight_decay each step.
         """
         sigma = (self.config.n_embd / 768) ** -0.5
 
@@ -395,7 +412,8 @@ class GPT(nn.Module):
     # Accounting: parameters by kind and FLOPs (scaling laws, MFU, infer_bench)
 
     def num_scaling_params(self):
-        """Parameter counts by kind; scaling params (for the tokens:params ratio) = transformer_matrices + lm_head."""
+        """Parameter counts by kind; scaling params (for the
+        tokens:params ratio) = transformer_matrices + lm_head."""
         count = lambda params: sum(p.numel() for p in params)
         counts = {
             "wte": count(self.transformer.wte.parameters()),
@@ -417,7 +435,8 @@ class GPT(nn.Module):
         return self.config.n_head * (self.config.n_embd // self.config.n_head)
 
     def estimate_flops(self):
-        """Training FLOPs per token (fwd+bwd): 6 per matmul weight + 12*H*D*min(window, T) per layer for QK^T and AV."""
+        """Training FLOPs per token (fwd+bwd): 6 per matmul weight
+        + 12*H*D*min(window, T) per layer for QK^T and AV."""
         T = self.config.sequence_len
         attn = sum(12 * self._attn_dims() * min(w, T) for w in self.window_sizes)
         return 6 * self.num_matmul_params() + attn
@@ -439,7 +458,8 @@ class GPT(nn.Module):
         return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * self.compute_dtype.itemsize
 
     def kv_read_bytes(self, ctx):
-        """KV-cache bytes one decode step reads at context length ctx (windows cap what each layer reads)."""
+        """KV-cache bytes one decode step reads at context
+        length ctx (windows cap what each layer reads)."""
         per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * self.compute_dtype.itemsize
         return sum(per_pos * min(ctx, w) for w in self.window_sizes)
 
@@ -447,7 +467,8 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 streaming generation (the whole sequence again each step, no cache): Engine's yardstick."""
+        """Naive batch-1 streaming generation (the whole sequence
+        again each step, no cache): Engine's yardstick."""
         assert isinstance(tokens, list), f"tokens must be a list of ints, got {type(tokens).__name__}"
         device = self.get_device()
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
@@ -471,10 +492,11 @@ LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """
-    Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss and gradient 0),
-    the same numbers as F.cross_entropy on the softcapped logits, in chunks of rows, keeping only the raw logits and
-    one logsumexp per row for backward, where eager autograd on the plain formula would hold four (rows, vocab)
-    fp32 tensors at once (docs/perf.md "Compiling CPU training, and its memory").
+    Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss
+    and gradient 0), the same numbers as F.cross_entropy on the softcapped logits, in chunks of
+    rows, keeping only the raw logits and one logsumexp per row for backward, where eager autograd
+    on the plain formula would hold four (rows, vocab) fp32 tensors at once (docs/perf.md "Compiling
+    CPU training, and its memory").
     """
     @staticmethod
     def forward(ctx, logits, targets):
@@ -511,10 +533,12 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
 class KVCache:
     """
-    Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute dtype, one shared
-    position (cache_seqlens, int32 per row, all equal) and the smear's previous normalized embedding (batch, 1, n_embd).
-    The model writes each layer's new keys/values in place; the position advances once per forward.
-    row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache) lists them on the host.
+    Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute
+    dtype, one shared position (cache_seqlens, int32 per row, all equal) and the smear's previous
+    normalized embedding (batch, 1, n_embd). The model writes each layer's new keys/values in place;
+    the position advances once per forward.
+    row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache)
+    lists them on the host.
     """
     def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
         self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len

@@ -1,21 +1,25 @@
 """
-MuonAdamW: one optimizer for the whole model. Embeddings, lm_head and scalars take AdamW; every matrix inside
-the transformer blocks takes Muon (MuonEq + Polar Express + Muon+ + NorMuon + cautious weight decay), one group
-per distinct shape so a group's matrices stack into one (K, rows, cols) tensor and update in a few batched kernels.
+MuonAdamW: one optimizer for the whole model. Embeddings, lm_head and scalars take AdamW; every
+matrix inside the transformer blocks takes Muon (MuonEq + Polar Express + Muon+ + NorMuon + cautious
+weight decay), one group per distinct shape so a group's matrices stack into one (K, rows, cols)
+tensor and update in a few batched kernels.
 
 Param groups (built by GPT.setup_optimizer; extra keys such as "initial_lr" are kept untouched):
     {"kind": "adamw", "params": [...], "lr", "betas": (b1, b2), "eps", "weight_decay"}
     {"kind": "muon",  "params": [... all one 2-D shape], "lr", "momentum", "beta2", "weight_decay", "ns_steps"}
-Schedules change group["lr"], group["momentum"], group["weight_decay"] between steps; step() reads them every call.
+Schedules change group["lr"], group["momentum"], group["weight_decay"] between steps; step() reads
+them every call.
 
-Distributed (ZeRO-2-like, no DDP wrapper): under a multi-rank process group the optimizer averages the gradients
-itself (see MuonAdamW). Optimizer state is sharded, so state_dict() is per rank: save and load one shard per rank.
-Also here: how the learning rates and weight decay scale with the batch size (batch_lr_scale and friends).
+Distributed (ZeRO-2-like, no DDP wrapper): under a multi-rank process group the optimizer averages
+the gradients itself (see MuonAdamW). Optimizer state is sharded, so state_dict() is per rank: save
+and load one shard per rank. Also here: how the learning rates and weight decay scale with the batch
+size (batch_lr_scale and friends).
 
-Where the ideas come from: Muon, momentum orthogonalized by a Newton-Schulz iteration (Keller Jordan,
-https://kellerjordan.github.io/posts/muon/); its Polar Express coefficients (https://arxiv.org/abs/2505.16932);
-NorMuon's per-row second moment (https://arxiv.org/abs/2510.05491); AdamW (https://arxiv.org/abs/1711.05101); how
-the batch size follows the data and weight decay the batch (Power Lines, https://arxiv.org/abs/2505.13738).
+Where the ideas come from: Muon, momentum orthogonalized by a Newton-Schulz iteration (Keller
+Jordan, https://kellerjordan.github.io/posts/muon/); its Polar Express coefficients
+(https://arxiv.org/abs/2505.16932); NorMuon's per-row second moment
+(https://arxiv.org/abs/2510.05491); AdamW (https://arxiv.org/abs/1711.05101); how the batch size
+follows the data and weight decay the batch (Power Lines, https://arxiv.org/abs/2505.13738).
 
 Leaves out: closures in step(), sparse gradients, params that are not 2-D in Muon groups.
 """
@@ -29,14 +33,16 @@ import torch.distributed as dist
 from nanochat.common import COMPUTE_DTYPE, is_dist
 
 # -----------------------------------------------------------------------------
-# Update rules as plain functions of tensors. Hyperparameters arrive as Python floats (eager) or as 0-D CPU
-# tensors (compiled), and only arithmetic that accepts both is used, so one definition serves both paths.
+# Update rules as plain functions of tensors. Hyperparameters arrive as Python floats (eager) or as
+# 0-D CPU tensors (compiled), and only arithmetic that accepts both is used, so one definition
+# serves both paths.
 
-# AdamW params with fewer elements than this are all-reduced whole; sharding them would cost more in latency
-# than it saves in memory.
+# AdamW params with fewer elements than this are all-reduced whole; sharding them would cost more in
+# latency than it saves in memory.
 MIN_SHARD_NUMEL = 1024
 
-# Polar Express (Amsel et al., arXiv 2505.16932): per-iteration (a, b, c) for num_iters=5, safety 2e-2, cushion 2.
+# Polar Express (Amsel et al., arXiv 2505.16932): per-iteration (a, b, c) for num_iters=5, safety
+# 2e-2, cushion 2.
 POLAR_EXPRESS_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -47,10 +53,11 @@ POLAR_EXPRESS_COEFFS = [
 
 def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     """
-    One AdamW step in place on p (any float dtype); moments are fp32 and the math is fp32. fp32 moments also for bf16
-    params (karpathy/nanochat keeps them in the param's dtype): with wte's beta2 = 0.995 a step moves v by
-    0.005 x (g^2 - v), which bf16 rounds away once it is under half its spacing; measured, v of a constant g = 1
-    stalls at 0.61 instead of 0.99, and at 1.47 instead of 1.97 after g goes to 1.5 (tests/test_optim.py).
+    One AdamW step in place on p (any float dtype); moments are fp32 and the math is fp32. fp32
+    moments also for bf16 params (karpathy/nanochat keeps them in the param's dtype): with wte's
+    beta2 = 0.995 a step moves v by 0.005 x (g^2 - v), which bf16 rounds away once it is under half
+    its spacing; measured, v of a constant g = 1 stalls at 0.61 instead of 0.99, and at 1.47 instead
+    of 1.97 after g goes to 1.5 (tests/test_optim.py).
     """
     p32 = p.float()  # p itself when p is fp32
     g = grad.float()
@@ -65,8 +72,9 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 
 
 def polar_express(X, ns_steps=5):
     """
-    Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols), i.e. push every singular
-    value toward 1. The Frobenius normalization first puts all singular values below 1, where the iteration converges.
+    Approximate the orthogonal polar factor U V^T of each matrix in X (..., rows, cols), i.e. push
+    every singular value toward 1. The Frobenius normalization first puts all singular values below
+    1, where the iteration converges.
     """
     assert 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS), f"ns_steps={ns_steps} must be in 1..{len(POLAR_EXPRESS_COEFFS)}"
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
@@ -81,30 +89,34 @@ def polar_express(X, ns_steps=5):
     return X
 
 def cautious_update_(p, update, lr, wd):
-    """p <- p - lr*update - lr*wd*p*mask, decaying only where the update already pulls p toward zero."""
+    """p <- p - lr*update - lr*wd*p*mask, decaying only
+    where the update already pulls p toward zero."""
     p32 = p.float()
     mask = (update * p32) >= 0
     p.copy_(p32 - lr * update - lr * wd * p32 * mask)
 
 def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2, ns_steps, red_dim):
     """
-    One Muon step in place on params (K, rows, cols) from grads (K, rows, cols).
-    lr is already the effective lr (shape multiplier applied). red_dim=-1: NorMuon statistics per row, -2: per column.
+    One Muon step in place on params (K, rows, cols) from grads (K, rows, cols). lr is already the
+    effective lr (shape multiplier applied). red_dim=-1: NorMuon statistics per row, -2: per column.
     """
     # Nesterov momentum, as lerps: buf = mu*buf + (1-mu)*g, then look ahead g = (1-mu)*g + mu*buf
     g = grads.float()
     momentum_buffer.lerp_(g, 1 - momentum)
     g = g.lerp(momentum_buffer, momentum)
     X = g.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else g
-    # MuonEq: give every row the mean row norm ||X||_F/sqrt(rows), so no row dominates the orthogonalization
+    # MuonEq: give every row the mean row norm ||X||_F/sqrt(rows), so no row dominates the
+    # orthogonalization
     row_norm = X.norm(dim=-1, keepdim=True)
     mean_row_norm = X.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
     X = X * (mean_row_norm / row_norm.clamp_min(1e-7))
     X = polar_express(X, ns_steps)
-    # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal matrix
+    # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal
+    # matrix
     X = X.float()
     X = X * (math.sqrt(min(X.size(-2), X.size(-1))) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7))
-    # NorMuon: factored second moment per row (or column), scale by its rsqrt, then restore the total norm
+    # NorMuon: factored second moment per row (or column), scale by its rsqrt, then restore the
+    # total norm
     red_size = X.size(red_dim)
     v_mean = X.square().mean(dim=red_dim, keepdim=True)
     second_momentum_buffer.lerp_(v_mean, 1 - beta2)
@@ -121,13 +133,15 @@ def muon_lr_multiplier(rows, cols):
 @functools.cache
 def _compiled(fn, backend="inductor"):
     """
-    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per distinct argument signature (shape,
-    dtype), as many as the model has parameter shapes: 4 AdamW and 4 Muon ones at d12 or d20, so d12 then d20 in one
-    process (bench.train) makes 8 of each. Dynamo allows 8 graphs per function (recompile_limit) and with
-    fullgraph=True the 9th raises instead of running eagerly, so each new signature raises the limit, for this call
-    only, to the number of signatures seen. A recompile loop on a signature already seen (a value baked into the graph
-    that changes every step) still meets the plain limit. (dynamic=True would trace one symbolic graph instead, with
-    kernels nobody has timed on a GPU; a static graph per shape is a few seconds of compile each.)
+    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per distinct argument
+    signature (shape, dtype), as many as the model has parameter shapes: 4 AdamW and 4 Muon ones at
+    d12 or d20, so d12 then d20 in one process (bench.train) makes 8 of each. Dynamo allows 8 graphs
+    per function (recompile_limit) and with fullgraph=True the 9th raises instead of running
+    eagerly, so each new signature raises the limit, for this call only, to the number of signatures
+    seen. A recompile loop on a signature already seen (a value baked into the graph that changes
+    every step) still meets the plain limit. (dynamic=True would trace one symbolic graph instead,
+    with kernels nobody has timed on a GPU; a static graph per shape is a few seconds of compile
+    each.)
     """
     compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
     seen = set()
@@ -175,23 +189,26 @@ def scaled_weight_decay(weight_decay, total_batch_size, num_scaling_params, refe
 
 class MuonAdamW(torch.optim.Optimizer):
     """
-    AdamW and Muon param groups in one optimizer; see the module docstring for the group keys. step() runs in three
-    phases so communication overlaps compute: (1) launch every gradient reduction at once: small AdamW params are
-    all-reduced whole, large ones reduce-scattered along dim 0, a Muon group's stacked (K, rows, cols) grads
-    reduce-scattered in chunks of ceil(K/W) matrices; (2) per group, wait for its reduction and update only the slice
-    this rank owns (so each rank orthogonalizes 1/W of the matrices); (3) all-gather the updated slices to every rank.
+    AdamW and Muon param groups in one optimizer; see the module docstring for the group keys.
+    step() runs in three phases so communication overlaps compute: (1) launch every gradient
+    reduction at once: small AdamW params are all-reduced whole, large ones reduce-scattered along
+    dim 0, a Muon group's stacked (K, rows, cols) grads reduce-scattered in chunks of ceil(K/W)
+    matrices; (2) per group, wait for its reduction and update only the slice this rank owns (so
+    each rank orthogonalizes 1/W of the matrices); (3) all-gather the updated slices to every rank.
     """
 
     def __init__(self, param_groups):
-        # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively. NCCL has both; gloo
-        # only gained them in recent torch, so it takes the fallbacks (all_reduce SUM, then slice and divide; list
-        # all_gather), which give the same numbers. Tests flip native_collectives to cover both on gloo.
-        # A CUDA run's group is "cpu:gloo,cuda:nccl" (common.process_group_backend): CUDA grads go through NCCL.
+        # Decided once: who we are, and whether the backend has reduce_scatter and AVG natively.
+        # NCCL has both; gloo only gained them in recent torch, so it takes the fallbacks
+        # (all_reduce SUM, then slice and divide; list all_gather), which give the same numbers.
+        # Tests flip native_collectives to cover both on gloo. A CUDA run's group is
+        # "cpu:gloo,cuda:nccl" (common.process_group_backend): CUDA grads go through NCCL.
         self.world_size = dist.get_world_size() if is_dist() else 1
         self.rank = dist.get_rank() if is_dist() else 0
         self.native_collectives = is_dist() and "nccl" in str(dist.get_backend())
         super().__init__(param_groups, defaults={})
-        # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger recompiles
+        # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger
+        # recompiles
         self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
         self._muon_t = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
 
@@ -213,10 +230,12 @@ class MuonAdamW(torch.optim.Optimizer):
             for p in params:
                 if p.numel() >= MIN_SHARD_NUMEL:
                     assert p.shape[0] % self.world_size == 0, (
-                        f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 across {self.world_size} ranks, "
-                        f"so dim 0 must be divisible by the world size: pad it (e.g. vocab to a multiple of 64)")
+                        f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 "
+                        f"across {self.world_size} ranks, so dim 0 must be divisible "
+                        f"by the world size: pad it (e.g. vocab to a multiple of 64)")
 
-    # ---- collectives: each starts async work and returns (result, finish) or finish; finish() blocks until done
+    # ---- collectives: each starts async work and returns (result, finish) or finish; finish()
+    # blocks until done
 
     def _all_reduce_avg(self, x):
         """Average x across ranks in place."""
@@ -231,7 +250,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return finish
 
     def _reduce_scatter_avg(self, x):
-        """Average x across ranks and keep this rank's 1/W slice along dim 0. Returns (slice, finish)."""
+        """Average x across ranks and keep this rank's 1/W
+        slice along dim 0. Returns (slice, finish)."""
         W = self.world_size
         if W == 1:
             return x, _noop
@@ -247,7 +267,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return out, finish
 
     def _all_gather(self, out, x):
-        """Fill out (W*n, ...) with every rank's x (n, ...) in rank order; x may be this rank's slice of out."""
+        """Fill out (W*n, ...) with every rank's x (n, ...)
+        in rank order; x may be this rank's slice of out."""
         if self.native_collectives:
             return _all_gather_single(out, x, async_op=True).wait
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
@@ -275,7 +296,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return {"momentum_buffer": (chunk, rows, cols),
                 "second_momentum_buffer": (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)}
 
-    # ---- the step: launch all reductions, then per group wait/update/launch gather, then wait for the gathers
+    # ---- the step: launch all reductions, then per group wait/update/launch gather, then wait for
+    # the gathers
 
     @torch.no_grad()
     def step(self):
@@ -332,7 +354,8 @@ class MuonAdamW(torch.optim.Optimizer):
         missing = [i for i, p in enumerate(params) if p.grad is None]
         if len(missing) == len(params):
             return None
-        # the ranks must agree on which matrices take part, so a partial group is an error, not a silent skip
+        # the ranks must agree on which matrices take part, so a partial group is an error, not a
+        # silent skip
         assert not missing, f"muon group of shape {tuple(params[0].shape)}: params {missing} have no grad but others do"
         K, W = len(params), self.world_size
         chunk = self._muon_chunk(group)
@@ -378,11 +401,13 @@ class MuonAdamW(torch.optim.Optimizer):
         saved_kinds = [g.get("kind") for g in state_dict["param_groups"]]
         kinds = [g["kind"] for g in self.param_groups]
         if saved_kinds != kinds:
-            raise ValueError(f"saved optimizer has groups {saved_kinds} but this one has {kinds}: build the model and "
-                             f"optimizer with the same settings as the run that saved it")
+            raise ValueError(f"saved optimizer has groups {saved_kinds} but this "
+                             f"one has {kinds}: build the model and optimizer "
+                             f"with the same settings as the run that saved it")
         super().load_state_dict(state_dict)
-        # torch casts every floating state tensor to its param's dtype; our moments stay fp32 even for bf16 params
-        # (bf16 cannot hold a 0.5% EMA increment), so put them back exactly as saved.
+        # torch casts every floating state tensor to its param's dtype; our moments stay fp32 even
+        # for bf16 params (bf16 cannot hold a 0.5% EMA increment), so put them back exactly as
+        # saved.
         params = [(g, p) for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             group, p = params[idx]
@@ -393,6 +418,7 @@ class MuonAdamW(torch.optim.Optimizer):
             for k, shape in self._expected_state_shapes(group, p).items():
                 if k in state and tuple(state[k].shape) != shape:
                     raise ValueError(
-                        f"optimizer state {k} for a param of shape {tuple(p.shape)} has shape {tuple(state[k].shape)}, "
-                        f"expected {shape} on rank {self.rank} of {self.world_size}: state is sharded per rank, so "
+                        f"optimizer state {k} for a param of shape {tuple(p.shape)} has "
+                        f"shape {tuple(state[k].shape)}, expected {shape} on rank "
+                        f"{self.rank} of {self.world_size}: state is sharded per rank, so "
                         f"load the shard this rank saved, with the same number of ranks")

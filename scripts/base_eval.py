@@ -6,17 +6,17 @@ Evaluate a base model: train/val bits per byte, the CORE metric, and a few sampl
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
     python -m scripts.base_eval --hf-path=openai-community/gpt2        # any HF causal LM: CORE and bpb
 
-bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole steps of
-device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval bundle, written to
-<base>/base_eval/base_model_SSSSSS.csv ("Task, Accuracy, Centered", then a CORE line) and printed.
-Samples (rank 0): greedy completions of fixed prompts and a few unconditioned samples.
---hf-path evaluates a Hugging Face causal LM (hub name or directory, e.g. one written by scripts.export_hf) through
-nanochat/hf/causal_lm.py: CORE with prompts cropped on the left to its max_position_embeddings (GPT-2: 1024), as
-karpathy/nanochat did for its published GPT-2 CORE, written to <base>/base_eval/<name>.csv; bpb on our pretraining
-data with the model's own tokenizer (byte-level BPE only); no samples.
-Without the eval bundle and without network, CORE is skipped with how to fetch the bundle; the rest still runs.
-Results also go to the report card ("Base model loss", "Base model evaluation").
-Leaves out: samples from HF models.
+bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole steps
+of device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval
+bundle, written to <base>/base_eval/base_model_SSSSSS.csv ("Task, Accuracy, Centered", then a CORE
+line) and printed. Samples (rank 0): greedy completions of fixed prompts and a few unconditioned
+samples. --hf-path evaluates a Hugging Face causal LM (hub name or directory, e.g. one written by
+scripts.export_hf) through nanochat/hf/causal_lm.py: CORE with prompts cropped on the left to its
+max_position_embeddings (GPT-2: 1024), as karpathy/nanochat did for its published GPT-2 CORE,
+written to <base>/base_eval/<name>.csv; bpb on our pretraining data with the model's own tokenizer
+(byte-level BPE only); no samples. Without the eval bundle and without network, CORE is skipped with
+how to fetch the bundle; the rest still runs. Results also go to the report card ("Base model loss",
+"Base model evaluation"). Leaves out: samples from HF models.
 """
 
 import argparse
@@ -58,8 +58,8 @@ if unknown or not evals:
 if args.hf_path and (args.model_tag or args.step is not None):
     parser.error("--model-tag and --step pick a nanochat checkpoint; --hf-path names the model on its own")
 if args.hf_path and "sample" in evals:
-    parser.error("--hf-path models are not sampled here (nanochat's Engine runs nanochat models only); "
-                 "use --eval=core,bpb")
+    parser.error("--hf-path models are not sampled here (nanochat's "
+                 "Engine runs nanochat models only); use --eval=core,bpb")
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 if args.hf_path:
@@ -108,9 +108,9 @@ if "bpb" in evals:
     tokens_per_step = args.device_batch_size * sequence_len * world_size
     steps = args.split_tokens // tokens_per_step
     if steps < 1:
-        raise ValueError(f"--split-tokens={args.split_tokens} is less than one step of {tokens_per_step} tokens "
-                         f"(device_batch_size {args.device_batch_size} x sequence_len {sequence_len} x "
-                         f"{world_size} ranks); raise it")
+        raise ValueError(f"--split-tokens={args.split_tokens} is less than one step of "
+                         f"{tokens_per_step} tokens (device_batch_size {args.device_batch_size} "
+                         f"x sequence_len {sequence_len} x {world_size} ranks); raise it")
     print0(f"bpb over {steps * tokens_per_step:,} tokens per split ({steps} steps of {tokens_per_step:,})")
     token_bytes = tokenizer.token_bytes().to(device) if args.hf_path else get_token_bytes(device)
     bpb = {}

@@ -1,5 +1,6 @@
 """
-Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, learning rates and weight decay.
+Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, learning rates and
+weight decay.
 
     python -m scripts.base_train --depth=20                              # one GPU (or CPU/MPS, slowly)
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --fp8
@@ -7,20 +8,23 @@ Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, 
     python -m scripts.base_train --depth=20 --overwrite                  # delete that run's checkpoints, start over
 
 Data: pretraining shards of the dataset named by --dataset, else env NANOCHAT_DATASET, else climbmix
-(`python -m nanochat.dataset -n 8`; `--dataset local` is the offline corpus). Tokenizer: `python -m scripts.tok_train`.
-Checkpoints go to <base>/base_checkpoints/<model tag>/ at the end, every --save-every steps, every
---save-every-minutes of wall time (only the newest --keep-periodic of those are kept) and when SIGTERM/SIGINT stops
-the run after its current step (it prints the command that resumes). Each holds everything needed to resume EXACTLY:
-model, per-rank optimizer shards, the data loaders' positions, the loop state and every derived hyperparameter. A
-resumed run produces the same steps, bit for bit, as one that was never stopped. A run without --resume refuses a
-directory that holds checkpoints unless --overwrite says to delete them.
+(`python -m nanochat.dataset -n 8`; `--dataset local` is the offline corpus). Tokenizer: `python -m
+scripts.tok_train`. Checkpoints go to <base>/base_checkpoints/<model tag>/ at the end, every
+--save-every steps, every --save-every-minutes of wall time (only the newest --keep-periodic of
+those are kept) and when SIGTERM/SIGINT stops the run after its current step (it prints the command
+that resumes). Each holds everything needed to resume EXACTLY: model, per-rank optimizer shards, the
+data loaders' positions, the loop state and every derived hyperparameter. A resumed run produces the
+same steps, bit for bit, as one that was never stopped. A run without --resume refuses a directory
+that holds checkpoints unless --overwrite says to delete them.
 
-Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row groups, so a
-run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same batches as 1 GPU x 2.
+Data parallel streams: each (GPU, gradient-accumulation micro-step) pair reads its own stream of row
+groups, so a run's data depends on the total batch only: 2 GPUs x 1 micro-step trains on the same
+batches as 1 GPU x 2.
 
-At the end it writes the "Base model training" section of the report card (nanochat/report.py); every step
-appends one JSON line (loss, lrm, tok/s, MFU, FLOPs, val bpb when measured) to <base>/logs/base_<tag>.jsonl.
-Leaves out: karpathy/nanochat's fp16 GradScaler path (bf16 or fp32 only) and batch-size ramps.
+At the end it writes the "Base model training" section of the report card (nanochat/report.py);
+every step appends one JSON line (loss, lrm, tok/s, MFU, FLOPs, val bpb when measured) to
+<base>/logs/base_<tag>.jsonl. Leaves out: karpathy/nanochat's fp16 GradScaler path (bf16 or fp32
+only) and batch-size ramps.
 """
 
 import argparse
@@ -124,7 +128,8 @@ check_flags([  # -1 is the one "derive it" sentinel: 0 or -5 is a typo, not a re
 ])
 
 # -----------------------------------------------------------------------------
-# Setup: device, tokenizer, data (fail here, with the command to run, rather than after the model is built)
+# Setup: device, tokenizer, data (fail here, with the command to run, rather than after the model is
+# built)
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
@@ -140,8 +145,8 @@ print0(f"torch.compile: {compile_reason}")
 if args.fp8:
     check_fp8_supported(device)  # raises on CPU/MPS and on GPUs older than SM89, naming the fix
     if COMPUTE_DTYPE != torch.bfloat16:
-        raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype is {COMPUTE_DTYPE}: "
-                           f"unset NANOCHAT_DTYPE or drop --fp8")
+        raise RuntimeError(f"--fp8 trains around bf16 activations but the compute dtype "
+                           f"is {COMPUTE_DTYPE}: unset NANOCHAT_DTYPE or drop --fp8")
 wandb_run = init_wandb("nanochat", args.run, user_config, master)
 
 # -----------------------------------------------------------------------------
@@ -169,15 +174,23 @@ print0(f"FLOPs per token: {num_flops_per_token:e}")
 print0(attention_banner(device, model.window_sizes, config.sequence_len))
 
 # -----------------------------------------------------------------------------
-# Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token batches.
-#   1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))        Power Lines, B_opt ~ D^0.383 (batch_size_for)
-#   2. horizon       steps = --num-iterations | --target-flops / (FLOPs per token x B) | ratio x N / B
-#      The ratio (default 12 tokens per scaling parameter) is the compute-optimal one: IsoFLOP sweeps over depth
-#      (runs/scaling_laws.sh, docs/scaling.md) put the loss minimum at a roughly constant tokens:params ratio when N
-#      counts the block matrices + lm_head, as Chinchilla found with its own counting (https://arxiv.org/abs/2203.15556;
-#      ~20 there); 10.5 from the first sweep, 12 after a re-run. A smaller ratio trains a bigger model for less time.
-#   3. LR scale      every lr x sqrt(B / 2^19)                                                   (batch_lr_scale)
-#   4. weight decay  --weight-decay x sqrt(B / 2^19) x N_d12 / N, cosine to 0 over the run  (scaled_weight_decay)
+# Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token
+# batches.
+# 1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))        Power Lines, B_opt ~ D^0.383
+# (batch_size_for)
+# 2. horizon       steps = --num-iterations | --target-flops / (FLOPs per token x B) | ratio x N / B
+# The ratio (default 12 tokens per scaling parameter) is the compute-optimal one: IsoFLOP sweeps
+# over depth
+# (runs/scaling_laws.sh, docs/scaling.md) put the loss minimum at a roughly constant tokens:params
+# ratio when N
+# counts the block matrices + lm_head, as Chinchilla found with its own counting
+# (https://arxiv.org/abs/2203.15556;
+# ~20 there); 10.5 from the first sweep, 12 after a re-run. A smaller ratio trains a bigger model
+# for less time.
+# 3. LR scale      every lr x sqrt(B / 2^19)
+# (batch_lr_scale)
+# 4. weight decay  --weight-decay x sqrt(B / 2^19) x N_d12 / N, cosine to 0 over the run
+# (scaled_weight_decay)
 
 reference_scaling_params = scaling_params(reference_model)
 total_batch_size = args.total_batch_size
@@ -196,21 +209,22 @@ elif args.target_param_data_ratio > 0:
 else:
     raise ValueError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
 if num_iterations < 1:
-    raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} tokens per step: "
-                     f"raise it or lower the batch")
+    raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} "
+                     f"tokens per step: raise it or lower the batch")
 total_tokens = num_iterations * total_batch_size
 lr_scale = batch_lr_scale(total_batch_size)
 weight_decay_scaled = scaled_weight_decay(args.weight_decay, total_batch_size, num_scaling_params,
                                           reference_scaling_params)
-print0(f"horizon ({horizon}): {num_iterations:,} steps x {total_batch_size:,} tokens = {total_tokens:,} tokens "
-       f"({total_tokens / num_scaling_params:.2f} tokens per scaling param, "
-       f"{num_flops_per_token * total_tokens:e} FLOPs)")
-print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x {args.max_seq_len} x {world_size} GPUs "
-       f"x {grad_accum_steps} accumulation steps | lr scale {lr_scale:.4f} | muon weight decay "
-       f"{weight_decay_scaled:.5f}")
+print0(f"horizon ({horizon}): {num_iterations:,} steps x {total_batch_size:,} "
+       f"tokens = {total_tokens:,} tokens ({total_tokens / num_scaling_params:.2f} "
+       f"tokens per scaling param, {num_flops_per_token * total_tokens:e} FLOPs)")
+print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x "
+       f"{args.max_seq_len} x {world_size} GPUs x {grad_accum_steps} accumulation "
+       f"steps | lr scale {lr_scale:.4f} | muon weight decay {weight_decay_scaled:.5f}")
 
 # -----------------------------------------------------------------------------
-# Resume: find the checkpoint and refuse one from a different configuration, before allocating anything
+# Resume: find the checkpoint and refuse one from a different configuration, before allocating
+# anything
 
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
@@ -269,7 +283,8 @@ warmdown_iters = round(args.warmdown_ratio * num_iterations)
 warmdown_start = num_iterations - warmdown_iters
 
 def get_lr_multiplier(it):
-    """Linear warmup, constant, then linear warmdown over the last warmdown_ratio of steps to final_lr_frac."""
+    """Linear warmup, constant, then linear warmdown over
+    the last warmdown_ratio of steps to final_lr_frac."""
     if it < args.warmup_steps:
         return (it + 1) / args.warmup_steps
     if it < warmdown_start:
@@ -279,9 +294,10 @@ def get_lr_multiplier(it):
 
 def get_muon_momentum(it):
     """
-    0.85 -> 0.97 over the first 400 steps; then during the LR warmdown 0.97 -> 0.90. The ramp comes first, as in
-    karpathy/nanochat: a run shorter than 400 steps ramps to the end (200 steps: 0.85 -> 0.91, no jump to 0.97 where the
-    warmdown begins), and a longer one whose warmdown starts inside the ramp steps down to the warmdown line at 400.
+    0.85 -> 0.97 over the first 400 steps; then during the LR warmdown 0.97 -> 0.90. The ramp comes
+    first, as in karpathy/nanochat: a run shorter than 400 steps ramps to the end (200 steps: 0.85
+    -> 0.91, no jump to 0.97 where the warmdown begins), and a longer one whose warmdown starts
+    inside the ramp steps down to the warmdown line at 400.
     """
     if it < 400:
         return 0.85 + 0.12 * it / 400
@@ -308,7 +324,8 @@ train_loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq
                                  state=stream_states[a], dataset=dataset) for a in range(grad_accum_steps)]
 batches = [next(loader) for loader in train_loaders]  # prefetched: the batches the next step trains on
 def val_batches():
-    """Fresh val streams from the start of the val shard, split like the train ones (the same val set on any GPUs)."""
+    """Fresh val streams from the start of the val shard, split
+    like the train ones (the same val set on any GPUs)."""
     loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", dataset=dataset,
                                device=device, rank=rank * grad_accum_steps + a, world_size=num_streams)
                for a in range(grad_accum_steps)]
@@ -317,8 +334,8 @@ def val_batches():
 
 eval_steps = args.eval_tokens // tokens_per_fwdbwd
 if args.eval_every > 0 and eval_steps < 1:
-    raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch of {tokens_per_fwdbwd} tokens "
-                     f"across GPUs; raise it")
+    raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch "
+                     f"of {tokens_per_fwdbwd} tokens across GPUs; raise it")
 if args.core_metric_every > 0:
     ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it by hand
 peak_flops = get_peak_flops(device)
@@ -427,9 +444,10 @@ while True:
     mfu = 100 * num_flops_per_token * tok_per_sec / (peak_flops * world_size)
     epoch = min(s["epoch"] for _, _, s in batches)
     eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m" if step > 10 else "-"
-    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) | loss: {debiased_loss:.6f} | "
-           f"lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | "
-           f"total time: {total_training_time / 60:.2f}m | eta: {eta}")
+    print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) "
+           f"| loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
+           f"tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | total time: "
+           f"{total_training_time / 60:.2f}m | eta: {eta}")
     metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, "lrm": lrm, "dt": dt,
                     "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch, "time": total_training_time})
     if step % 100 == 0:

@@ -6,11 +6,12 @@ Chat with a trained model in the terminal, one GPU/CPU, replies streamed token b
     python -m scripts.chat_cli -p "Why is the sky blue?"     # answer once and exit
     python -m scripts.chat_cli -i base -p "The capital of France is"   # a base model only continues text
 
-The conversation is kept as messages and rendered each turn by tokenizer.render_for_completion (the chat format
-of training); a reply goes back in as the parts it was made of, so a calculator call stays one. A base model never
-saw that format, so with -i base every line is a fresh plain-text prompt to continue (completion mode).
-Tool calls (the calculator) run inside the Engine and show as a line of their own: `[calculator] 12*30 = 360`.
-Leaves out: system prompts, editing earlier turns, multi-GPU.
+The conversation is kept as messages and rendered each turn by tokenizer.render_for_completion (the
+chat format of training); a reply goes back in as the parts it was made of, so a calculator call
+stays one. A base model never saw that format, so with -i base every line is a fresh plain-text
+prompt to continue (completion mode). Tool calls (the calculator) run inside the Engine and show as
+a line of their own: `[calculator] 12*30 = 360`. Leaves out: system prompts, editing earlier turns,
+multi-GPU.
 """
 
 import argparse
@@ -27,8 +28,8 @@ parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among th
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
 parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, else "
-                         "float32; int8: CPU only)")
+                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
+                         "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
 args = parser.parse_args()
 
 from nanochat.common import compute_init
@@ -55,12 +56,13 @@ engine = Engine(model, tokenizer)
 context = model.config.sequence_len
 completion_mode = args.source == "base"
 
-# How each part of a reply starts on the terminal: a calculator call gets a line of its own, its result follows
-# on that line, and the text after it starts a new line.
+# How each part of a reply starts on the terminal: a calculator call gets a line of its own, its
+# result follows on that line, and the text after it starts a new line.
 OPENERS = {"python": "\n[calculator] ", "python_output": " = "}
 
 def stream_reply(tokens, seed):
-    """Generate after `tokens`, printing each part as it arrives; returns the reply's parts (engine.ReplyStream)."""
+    """Generate after `tokens`, printing each part as it
+    arrives; returns the reply's parts (engine.ReplyStream)."""
     max_tokens = min(args.max_tokens, context - len(tokens))
     stream, shown, line_start = ReplyStream(tokenizer), -1, False  # whole characters only (one can span tokens)
 
@@ -107,8 +109,8 @@ while True:
             print()
             break
         except UnicodeDecodeError as e:  # bytes the terminal's encoding cannot decode (e.g. Latin-1 under strict UTF-8)
-            print(f"(that line is not valid {sys.stdin.encoding} text: {e.reason} at byte {e.start}; set your terminal "
-                  f"to UTF-8 or type it again)")
+            print(f"(that line is not valid {sys.stdin.encoding} text: {e.reason} "
+                  f"at byte {e.start}; set your terminal to UTF-8 or type it again)")
             continue
     line = line.strip()
     if line in ("quit", "exit"):

@@ -5,15 +5,16 @@ Evaluate a chat model on the chat tasks and compute ChatCORE.
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100       # some tasks, first 100 problems each
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 
-Categorical tasks (ARC, MMLU, SynthMC) need no sampling: each prompt ends in <|assistant_start|> and the answer is
-the allowed letter with the highest logit at that position (one forward pass per batch). Generative tasks (GSM8K,
-HumanEval, SpellingBee, the synthetic ones) sample through the Engine, so calculator calls are executed; a problem
-passes if any of its --num-samples completions passes (pass@k). Problems are spread over ranks and counts summed.
+Categorical tasks (ARC, MMLU, SynthMC) need no sampling: each prompt ends in <|assistant_start|> and
+the answer is the allowed letter with the highest logit at that position (one forward pass per
+batch). Generative tasks (GSM8K, HumanEval, SpellingBee, the synthetic ones) sample through the
+Engine, so calculator calls are executed; a problem passes if any of its --num-samples completions
+passes (pass@k). Problems are spread over ranks and counts summed.
 
-ChatCORE = mean over tasks of (accuracy - chance) / (1 - chance), printed when every real task was run.
-Without the real datasets (offline) the synthetic tasks' test splits are evaluated instead (ChatCORE-synthetic),
-and the skipped tasks are listed with how to fetch them.
-Leaves out: per-subject MMLU breakdowns, saving completions.
+ChatCORE = mean over tasks of (accuracy - chance) / (1 - chance), printed when every real task was
+run. Without the real datasets (offline) the synthetic tasks' test splits are evaluated instead
+(ChatCORE-synthetic), and the skipped tasks are listed with how to fetch them. Leaves out:
+per-subject MMLU breakdowns, saving completions.
 """
 
 import argparse
@@ -49,7 +50,8 @@ REAL_TASKS = {
     "SpellingBee": (lambda: SpellingBee(size=256, split="test"),
                     lambda: os.path.exists(os.path.join(get_base_dir(), "words_alpha.txt")), 0.0),
 }
-# Test splits of the embedded synthetic tasks (train on split="train" of the same classes; disjoint by construction).
+# Test splits of the embedded synthetic tasks (train on split="train" of the same classes; disjoint
+# by construction).
 SYNTHETIC_TASKS = {
     "SynthIdentity": (lambda: SyntheticIdentity(split="test", size=200), lambda: True, 0.0),
     "SynthMath": (lambda: SyntheticMath(split="test", size=200), lambda: True, 0.0),
@@ -104,9 +106,9 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
 def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
                         max_problems=None, progress=True):
     """
-    -> (num_passed, num_problems) over all ranks; problem i is evaluated by rank i % world, sampled with seed i
-    (so the result does not depend on the number of ranks). A prompt that leaves no room to answer in the
-    model's context counts as failed.
+    -> (num_passed, num_problems) over all ranks; problem i is evaluated by rank i % world, sampled
+    with seed i (so the result does not depend on the number of ranks). A prompt that leaves no room
+    to answer in the model's context counts as failed.
     """
     rank, world = _rank_and_world()
     device = model.get_device()
@@ -143,11 +145,13 @@ def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples
     return correct / total
 
 def chance_accuracy(task_name):
-    """Accuracy of random guessing: 1/num_letters for multiple choice (all ours have 4), 0 for generative tasks."""
+    """Accuracy of random guessing: 1/num_letters for multiple
+    choice (all ours have 4), 0 for generative tasks."""
     return ALL_TASKS[task_name][2]
 
 def chatcore(accuracies):
-    """Mean centered accuracy: 0 = chance, 1 = perfect, over the tasks in `accuracies` ({name: accuracy})."""
+    """Mean centered accuracy: 0 = chance, 1 = perfect,
+    over the tasks in `accuracies` ({name: accuracy})."""
     centered = [(acc - chance_accuracy(name)) / (1.0 - chance_accuracy(name)) for name, acc in accuracies.items()]
     return sum(centered) / len(centered)
 
@@ -155,9 +159,10 @@ def chatcore(accuracies):
 
 def resolve_tasks(task_names):
     """
-    -> ({name: task}, skipped {name: reason}). Named tasks must load (a missing dataset raises with how to get it).
-    Without names: every real task whose data is here or can be fetched; once a fetch fails (offline) the rest
-    are skipped, and if no real task is available the synthetic test splits are used instead.
+    -> ({name: task}, skipped {name: reason}). Named tasks must load (a missing dataset raises with
+    how to get it). Without names: every real task whose data is here or can be fetched; once a
+    fetch fails (offline) the rest are skipped, and if no real task is available the synthetic test
+    splits are used instead.
     """
     if task_names is not None:
         unknown = [n for n in task_names if n not in ALL_TASKS]
@@ -179,7 +184,8 @@ def resolve_tasks(task_names):
     return tasks, skipped
 
 def validate_args(args):
-    """Bad values end the program with one line naming the flag and the fix (a 0 batch or budget would report 0%)."""
+    """Bad values end the program with one line naming the
+    flag and the fix (a 0 batch or budget would report 0%)."""
     check_flags([
         ("-t/--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
          "a finite number >= 0 (0 = greedy)"),
@@ -195,8 +201,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
     parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
     parser.add_argument("-a", "--task-name", type=str, default=None,
-                        help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all real tasks "
-                             f"(the synthetic ones when no real dataset is available)")
+                        help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all "
+                             f"real tasks (the synthetic ones when no real dataset is available)")
     parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation budget per completion")
     parser.add_argument("-n", "--num-samples", type=int, default=1, help="completions per problem (pass@k)")
@@ -207,8 +213,8 @@ if __name__ == "__main__":
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="most problems per task (default: all)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
     parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, "
-                             "else float32; int8: CPU only)")
+                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
+                             "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
     args = parser.parse_args()
     validate_args(args)
 
@@ -242,9 +248,9 @@ if __name__ == "__main__":
     for name, reason in skipped.items():
         print0(f"skipped {name}: {reason}")
     if skipped:
-        print0(f"To evaluate them, run on a machine with internet access once (the datasets are cached under "
-               f"{get_base_dir()}/task_data/), e.g. "
-               f"python -m scripts.chat_eval -i {args.source} -a \"{'|'.join(skipped)}\"")
+        print0(f"To evaluate them, run on a machine with internet access once (the "
+               f"datasets are cached under {get_base_dir()}/task_data/), e.g. python "
+               f"-m scripts.chat_eval -i {args.source} -a \"{'|'.join(skipped)}\"")
     get_report().log(section=f"Chat evaluation {args.source}", data=[vars(args), summary,
                      {f"skipped {name}": "no data" for name in skipped}])
     compute_cleanup()

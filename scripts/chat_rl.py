@@ -1,5 +1,6 @@
 """
-Reinforcement learning on problems with a checkable answer: GSM8K, or the offline synthetic arithmetic task.
+Reinforcement learning on problems with a checkable answer: GSM8K, or the offline synthetic
+arithmetic task.
 
     python -m scripts.chat_rl                                         # GSM8K (fetched on first use), from the sft model
     python -m scripts.chat_rl --task=synthetic-math --num-iterations=30  # offline: the embedded word problems
@@ -23,8 +24,8 @@ The algorithm is on-policy REINFORCE with a group-mean baseline (a simplified "G
 - pass@k (k = 1..--num-samples-eval) on held-out test problems at step 0, every --eval-every steps and at the end.
 - Checkpoints hold the optimizer shards and the loop state. Sampling seeds are a function of (step, question,
   pass), so the loop state is also the sampling RNG state and --resume continues bit for bit.
-Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp16 GradScaler, torch.compile
-(sequence lengths vary from step to step).
+Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp16 GradScaler,
+torch.compile (sequence lengths vary from step to step).
 """
 
 import argparse
@@ -49,22 +50,25 @@ def rl_tasks(name):
     """-> (train task, held-out test task) for --task."""
     if name == "gsm8k":
         return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-    # seed 3: problems neither mid-training (0) nor SFT (1) saw; the test split is chat_eval's SynthMath
+    # seed 3: problems neither mid-training (0) nor SFT (1) saw; the test split is chat_eval's
+    # SynthMath
     return SyntheticMath(split="train", size=8000, seed=3), SyntheticMath(split="test", size=200)
 
 # -----------------------------------------------------------------------------
 # Sampling, batching and the loss: the pieces the tests check one by one
 
 def sample_seed(*key):
-    """A stable 31-bit seed for a key like ("train", step, example, pass) (crc32: hash() is salted per process)."""
+    """A stable 31-bit seed for a key like ("train", step,
+    example, pass) (crc32: hash() is salted per process)."""
     return zlib.crc32("/".join(map(str, key)).encode()) & 0x7FFFFFFF
 
 def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, train_stop_token=False, **sampling):
     """
-    -> passes: per pass of up to device_batch_size samples (seeded seeds[p]), a list of (tokens, mask) completions.
-    A completion ends with the stop token the model sampled unless it ran out of tokens; mask 0 marks calculator
-    output the Engine forced in, and the stop token unless train_stop_token (karpathy/nanochat's RL never trains
-    it). sampling: max_tokens, temperature, top_k.
+    -> passes: per pass of up to device_batch_size samples (seeded seeds[p]), a list of (tokens,
+    mask) completions. A completion ends with the stop token the model sampled unless it ran out of
+    tokens; mask 0 marks calculator output the Engine forced in, and the stop token unless
+    train_stop_token (karpathy/nanochat's RL never trains it). sampling: max_tokens, temperature,
+    top_k.
     """
     passes = []
     for p, start in enumerate(range(0, num_samples, device_batch_size)):
@@ -99,17 +103,19 @@ def group_advantages(rewards):
     return rewards - rewards.mean()
 
 def pass_loss(model, inputs, targets, advantages, normalizer):
-    """-sum(logp * advantage) over the pass's trained tokens / (their count x normalizer); logp = -cross-entropy."""
+    """-sum(logp * advantage) over the pass's trained tokens
+    / (their count x normalizer); logp = -cross-entropy."""
     logp = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where targets == -1
     num_trained = (targets >= 0).sum().clamp(min=1)
     return -(logp * advantages.to(logp.device)[:, None]).sum() / (num_trained * normalizer)
 
 def policy_gradient_backward(model, groups, pad_id):
     """
-    Accumulate the step's gradients. groups: per question (prompt, passes, advantages of all its samples in pass
-    order). Normalizer = passes per question x questions: every question weighs the same. -> summed loss (float).
-    Questions with all-zero advantages would add exactly zero and are skipped; parameters left without a gradient
-    get zeros, so every rank enters the optimizer's collectives with the same tensors.
+    Accumulate the step's gradients. groups: per question (prompt, passes, advantages of all its
+    samples in pass order). Normalizer = passes per question x questions: every question weighs the
+    same. -> summed loss (float). Questions with all-zero advantages would add exactly zero and are
+    skipped; parameters left without a gradient get zeros, so every rank enters the optimizer's
+    collectives with the same tensors.
     """
     device = model.get_device()
     total = 0.0
@@ -129,9 +135,9 @@ def policy_gradient_backward(model, groups, pad_id):
 @torch.no_grad()
 def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_size, **sampling):
     """
-    -> ({k: fraction of problems solved by one of the first k samples}, problems) over all ranks. Problem i runs on
-    rank i % world with seeds from i only, so the numbers do not depend on the number of ranks or the step.
-    A prompt with no room left in the context counts as failed.
+    -> ({k: fraction of problems solved by one of the first k samples}, problems) over all ranks.
+    Problem i runs on rank i % world with seeds from i only, so the numbers do not depend on the
+    number of ranks or the step. A prompt with no room left in the context counts as failed.
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     context = engine.model.config.sequence_len
@@ -181,8 +187,8 @@ def main():
     add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
     add("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
     add("--train-stop-token", type=int, default=0, choices=[0, 1],
-        help="1 = also train the sampled <|assistant_end|> (when to stop is an action too); 0 = only the answer's "
-             "tokens, as karpathy/nanochat")
+        help="1 = also train the sampled <|assistant_end|> (when to stop is an "
+             "action too); 0 = only the answer's tokens, as karpathy/nanochat")
     add("--eval-every", type=int, default=60, help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
     add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
     add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
@@ -198,8 +204,8 @@ def main():
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split over {world_size} ranks: "
-                         f"use a multiple of {world_size}")
+        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split "
+                         f"over {world_size} ranks: use a multiple of {world_size}")
     for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
@@ -219,14 +225,16 @@ def main():
     if num_steps <= 0:
         num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
     if num_steps < 1:
-        raise ValueError(f"{len(train_task)} training questions make no step of {args.examples_per_step}: "
-                         f"lower --examples-per-step or set --num-iterations")
+        raise ValueError(f"{len(train_task)} training questions make "
+                         f"no step of {args.examples_per_step}: lower "
+                         f"--examples-per-step or set --num-iterations")
     eval_problems = min(args.eval_examples, len(test_task))
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     passes_per_question = -(-args.num_samples // args.device_batch_size)
-    print0(f"Chat RL: {args.source} {model_tag} step {source_meta['step']} -> {SOURCE_DIRS['rl']} | task {args.task}: "
-           f"{len(train_task):,} train, {eval_problems} test problems | {num_steps} steps x {args.examples_per_step} "
-           f"questions ({examples_per_rank}/rank) x {args.num_samples} samples in {passes_per_question} passes")
+    print0(f"Chat RL: {args.source} {model_tag} step {source_meta['step']} -> {SOURCE_DIRS['rl']} "
+           f"| task {args.task}: {len(train_task):,} train, {eval_problems} test problems | "
+           f"{num_steps} steps x {args.examples_per_step} questions ({examples_per_rank}/rank) x "
+           f"{args.num_samples} samples in {passes_per_question} passes")
 
     derived = {"source": args.source, "source_step": source_meta["step"], "model_config": source_meta["model_config"],
                "world_size": world_size, "num_steps": num_steps,
@@ -273,7 +281,8 @@ def main():
                     "tokenizer_fingerprint": tokenizer.fingerprint(),
                     "pretrain_config": source_meta.get("pretrain_config", source_meta.get("user_config")),
                     "metrics": {f"pass@{k}": v for k, v in history[max(history)].items()},
-                    # the sampling seeds derive from the step: this loop state is also the sampling RNG state
+                    # the sampling seeds derive from the step: this loop state is also the sampling
+                    # RNG state
                     "loop_state": {"history": history, "times": times}}
             save_checkpoint(output_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
             print0(f"saved checkpoint {output_dir} step {step}")
@@ -282,7 +291,8 @@ def main():
             metric_log.log(record)
             break
 
-        # ---- sample: question (step * E + j) for j = rank, rank + world, ... so ranks split the same E questions
+        # ---- sample: question (step * E + j) for j = rank, rank + world, ... so ranks split the
+        # same E questions
         t0 = time.time()
         groups, rewards, lengths, digests = [], [], [], []
         for j in range(rank, args.examples_per_step, world_size):
@@ -290,8 +300,9 @@ def main():
             conversation = train_task[example % len(train_task)]
             prompt = tokenizer.render_for_completion(conversation)
             budget = min(args.max_new_tokens, model.config.sequence_len - len(prompt))
-            assert budget >= 1, (f"training question {example % len(train_task)} has a {len(prompt)}-token prompt, "
-                                 f"no room left in the model's {model.config.sequence_len}-token context")
+            assert budget >= 1, (f"training question {example % len(train_task)} has "
+                                 f"a {len(prompt)}-token prompt, no room left in the "
+                                 f"model's {model.config.sequence_len}-token context")
             seeds = [sample_seed("train", step, example, p) for p in range(passes_per_question)]
             passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size, seeds,
                                         bool(args.train_stop_token), **{**sampling, "max_tokens": budget})
@@ -326,9 +337,9 @@ def main():
         times["sample"] += t1 - t0
         times["train"] += t2 - t1
         mean_reward, mean_length = reward_sum / num_samples, length_sum / num_samples
-        print0(f"step {step:05d}/{num_steps:05d} | reward: {mean_reward:.6f} | loss: {loss_sum / world_size:+.6f} | "
-               f"length: {mean_length:.1f} | lrm: {lrm:.3f} | sample: {t1 - t0:.2f}s | train: {t2 - t1:.2f}s | "
-               f"samples {digest:08x}")
+        print0(f"step {step:05d}/{num_steps:05d} | reward: {mean_reward:.6f} | loss: "
+               f"{loss_sum / world_size:+.6f} | length: {mean_length:.1f} | lrm: {lrm:.3f} "
+               f"| sample: {t1 - t0:.2f}s | train: {t2 - t1:.2f}s | samples {digest:08x}")
         metric_log.log({**record, "reward": mean_reward, "loss": loss_sum / world_size, "sequence_length": mean_length,
                         "lrm": lrm, "time_sample": t1 - t0, "time_train": t2 - t1})
         wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm,

@@ -1,5 +1,6 @@
 """
-Teach a pretrained model to chat. Mid-training and supervised fine-tuning are two runs of this one loop:
+Teach a pretrained model to chat. Mid-training and supervised fine-tuning are two runs of this one
+loop:
 
     python -m scripts.mid_train                          # base -> mid: the large conversation mixture
     python -m scripts.chat_sft                           # mid -> sft: the small high-quality mixture
@@ -7,8 +8,8 @@ Teach a pretrained model to chat. Mid-training and supervised fine-tuning are tw
     python -m scripts.chat_sft --mixture=synthetic       # offline: the embedded synthetic tasks (tasks/synthetic.py)
     python -m scripts.chat_sft --resume                  # continue from the newest complete checkpoint, exactly
 
-What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule) and the
-data mixture (build_mixture). Everything else is shared:
+What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule)
+and the data mixture (build_mixture). Everything else is shared:
 - Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split across rows):
   mid-training packs several per row (best fit, largest first, BOS padding, causal attention across them), SFT
   puts one per row in the mixture's order, padded (--pack flips either). Only the assistant's tokens are trained
@@ -67,11 +68,12 @@ from tasks.spellingbee import SpellingBee, SimpleSpelling
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
 from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
-# karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training stage). lrs are the base
-# optimizer's per-group values (AdamW ones then scale with width as in pretraining); neither stage multiplies them by
-# pretraining's batch-size factor. momentum_ramp: Muon momentum 0.85 -> 0.95 over that many steps (0 = constant 0.95).
-# examples_per_step: conversations per optimizer step (-1 = full rows, total_batch_size tokens, as mid-training).
-# pack: 1 = several conversations per row (mid-training's packer), 0 = one per row, padded (SFT).
+# karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training
+# stage). lrs are the base optimizer's per-group values (AdamW ones then scale with width as in
+# pretraining); neither stage multiplies them by pretraining's batch-size factor. momentum_ramp:
+# Muon momentum 0.85 -> 0.95 over that many steps (0 = constant 0.95). examples_per_step:
+# conversations per optimizer step (-1 = full rows, total_batch_size tokens, as mid-training). pack:
+# 1 = several conversations per row (mid-training's packer), 0 = one per row, padded (SFT).
 RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 STAGES = {
     "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2, momentum_ramp=300,
@@ -82,7 +84,8 @@ STAGES = {
 }
 
 def identity_task():
-    """The identity conversations: <base>/identity_conversations.jsonl if present (CustomJSON), else synthetic ones."""
+    """The identity conversations: <base>/identity_conversations.jsonl
+    if present (CustomJSON), else synthetic ones."""
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
     if os.path.exists(path):
         print0(f"identity conversations: {path}")
@@ -116,12 +119,14 @@ def build_mixture(stage, mixture):
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
 
 def mean_rendered_length(task, tokenizer, T, sample=1000):
-    """Mean tokens per conversation as the packer renders them (cropped to T+1), over `sample` evenly spaced ones."""
+    """Mean tokens per conversation as the packer renders them
+    (cropped to T+1), over `sample` evenly spaced ones."""
     indices = range(0, len(task), max(1, len(task) // sample))
     return sum(len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in indices) / len(indices)
 
 def count_supervised(micro_batch_targets):
-    """Supervised tokens (target >= 0) in this step's micro-batches, summed over ranks: the loss denominator."""
+    """Supervised tokens (target >= 0) in this step's
+    micro-batches, summed over ranks: the loss denominator."""
     num_supervised = sum((targets >= 0).sum() for targets in micro_batch_targets).float()
     if is_dist():
         dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
@@ -129,9 +134,10 @@ def count_supervised(micro_batch_targets):
 
 def token_weighted_loss(model, inputs, targets, num_supervised):
     """
-    One micro-batch's share of the step loss: its summed token losses over the step's supervised count. Summed over
-    micro-batches and ranks it is the mean over every supervised token of the step; a micro-batch without one adds
-    exactly 0 (and a step without any trains nothing) instead of the NaN of a per-micro-batch mean.
+    One micro-batch's share of the step loss: its summed token losses over the step's supervised
+    count. Summed over micro-batches and ranks it is the mean over every supervised token of the
+    step; a micro-batch without one adds exactly 0 (and a step without any trains nothing) instead
+    of the NaN of a per-micro-batch mean.
     """
     token_losses = model(inputs, targets, loss_reduction="none")  # 0 where targets == -1
     return token_losses.sum() / num_supervised.clamp(min=1.0)
@@ -219,12 +225,13 @@ def main(stage):
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
     eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks if args.chat_eval_every != 0}  # loaded once
     mean_len = mean_rendered_length(train_task, tokenizer, T)
-    print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations ({mean_len:.0f} tokens on average), "
-           f"{len(val_task):,} validation")
+    print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations "
+           f"({mean_len:.0f} tokens on average), {len(val_task):,} validation")
 
     if args.examples_per_step > 0:
-        # the rows each GPU needs for its share of the step's conversations: one each, or packed (1.5x their mean
-        # length leaves room for the longer ones); rows left over are padding: compute spent, nothing trained
+        # the rows each GPU needs for its share of the step's conversations: one each, or packed
+        # (1.5x their mean length leaves room for the longer ones); rows left over are padding:
+        # compute spent, nothing trained
         per_gpu = math.ceil(args.examples_per_step / world_size)
         rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1)) if args.pack else per_gpu
         device_batch_size = setting("device_batch_size", args.device_batch_size,
@@ -243,30 +250,34 @@ def main(stage):
     tokens_per_fwdbwd = device_batch_size * T * world_size
     num_streams = world_size * grad_accum_steps
     if 0 < args.examples_per_step < num_streams:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the {num_streams} data streams "
-                         f"(GPUs x accumulation steps), so some would train nothing: raise it or use fewer GPUs / a "
-                         f"larger --device-batch-size")
+        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer "
+                         f"than the {num_streams} data streams (GPUs x "
+                         f"accumulation steps), so some would train nothing: raise "
+                         f"it or use fewer GPUs / a larger --device-batch-size")
     if not args.pack and math.ceil(args.examples_per_step / num_streams) > device_batch_size:
         rows_per_gpu = math.ceil(args.examples_per_step / (device_batch_size * world_size)) * device_batch_size
         needed = rows_per_gpu * T * world_size
-        raise ValueError(f"--examples-per-step={args.examples_per_step}, one conversation per row, needs "
-                         f"{math.ceil(args.examples_per_step / num_streams)} rows per micro-batch, which has "
-                         f"{device_batch_size}: raise --total-batch-size to {needed} or pass --pack=1")
-    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the first take the rest
+        raise ValueError(f"--examples-per-step={args.examples_per_step}, one conversation "
+                         f"per row, needs {math.ceil(args.examples_per_step / num_streams)} "
+                         f"rows per micro-batch, which has {device_batch_size}: raise "
+                         f"--total-batch-size to {needed} or pass --pack=1")
+    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the
+    # first take the rest
     stream_cap = lambda s: (None if args.examples_per_step <= 0 else
                             args.examples_per_step // num_streams + (s < args.examples_per_step % num_streams))
     if args.num_iterations > 0:
         steps_line = f"{args.num_iterations} steps (--num-iterations)"
     elif args.examples_per_step > 0:
-        steps_line = (f"one epoch = {math.ceil(len(train_task) / args.examples_per_step):,} steps of "
-                      f"{args.examples_per_step} conversations")
+        steps_line = (f"one epoch = {math.ceil(len(train_task) / args.examples_per_step):,} "
+                      f"steps of {args.examples_per_step} conversations")
     else:
-        steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} steps at full rows "
-                      f"(more as padding takes its share; the run ends when every conversation is trained)")
+        steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} "
+                      f"steps at full rows (more as padding takes its share; the run ends when "
+                      f"every conversation is trained)")
     lrs = {k: getattr(args, k) for k in RECIPE_LRS}
-    print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> {SOURCE_DIRS[defaults['output']]} | "
-           f"T {T} | batch {total_batch_size:,} tokens = {device_batch_size} x {T} x {world_size} GPUs x "
-           f"{grad_accum_steps} | {steps_line}")
+    print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> "
+           f"{SOURCE_DIRS[defaults['output']]} | T {T} | batch {total_batch_size:,} tokens = "
+           f"{device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | {steps_line}")
     print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
     derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
@@ -295,13 +306,16 @@ def main(stage):
                                                           ("progress", "min_val_bpb", "smooth_loss", "total_time"))
         print0(f"resuming from {output_dir} step {resume_step}")
     elif args.load_optimizer and source_meta.get("optim_shards", 0) == 0:
-        raise ValueError(f"--load-optimizer=1 needs the source's optimizer state, but {args.source} {model_tag} step "
+        raise ValueError(f"--load-optimizer=1 needs the source's optimizer "
+                         f"state, but {args.source} {model_tag} step "
                          f"{source_step} saved none: pass --load-optimizer=0")
     elif args.load_optimizer and source_meta["optim_shards"] != world_size:
-        # the state is sharded per rank (each rank owns a slice of every matrix group), so it cannot be re-cut here
-        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step {source_step} saved optimizer shards "
-               f"for {source_meta['optim_shards']} rank(s) and this run has {world_size}: the momenta start fresh "
-               f"(run with {source_meta['optim_shards']} GPUs to warm-start them)")
+        # the state is sharded per rank (each rank owns a slice of every matrix group), so it cannot
+        # be re-cut here
+        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step "
+               f"{source_step} saved optimizer shards for {source_meta['optim_shards']} "
+               f"rank(s) and this run has {world_size}: the momenta start fresh (run "
+               f"with {source_meta['optim_shards']} GPUs to warm-start them)")
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little
         # (https://github.com/karpathy/nanochat/blob/master/dev/LOG.md, Feb 16); the fresh LRs stay.
@@ -318,7 +332,8 @@ def main(stage):
         model = compile_for_training(model)  # rows of T+1: one shape
 
     # -------------------------------------------------------------------------
-    # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total batch only
+    # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total
+    # batch only
 
     packing = dict(pack=bool(args.pack), buffer_size=100 if args.pack else 1)  # unpacked: in the mixture's order
     train_loaders = [chat_loader(train_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
@@ -340,9 +355,10 @@ def main(stage):
 
     def epoch_progress():
         """
-        Fraction of the epoch TRAINED by the slowest stream on any rank (same value on every rank): the states of the
-        batches just trained, not of the prefetched ones, and conversations placed in rows, not pulled into the
-        packer's buffer. A stream done with its share yields padding only (nothing trained twice) until all are done.
+        Fraction of the epoch TRAINED by the slowest stream on any rank (same value on every rank):
+        the states of the batches just trained, not of the prefetched ones, and conversations placed
+        in rows, not pulled into the packer's buffer. A stream done with its share yields padding
+        only (nothing trained twice) until all are done.
         """
         p = torch.tensor(min(state["progress"] for state in stream_states), dtype=torch.float64)
         if is_dist():
@@ -426,7 +442,8 @@ def main(stage):
             stream_states[a] = state
             batches[a] = next(train_loaders[a])
         progress = epoch_progress()
-        # with --num-iterations the schedule follows the steps: the run may end before the epoch does or go past it
+        # with --num-iterations the schedule follows the steps: the run may end before the epoch
+        # does or go past it
         lrm = get_lr_multiplier(step / args.num_iterations if args.num_iterations > 0 else progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
@@ -447,9 +464,9 @@ def main(stage):
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
-        print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} | lrm: {lrm:.3f} | "
-               f"supervised tokens: {int(num_supervised.item()):,} | dt: {dt * 1000:.0f}ms | "
-               f"tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
+        print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} "
+               f"| lrm: {lrm:.3f} | supervised tokens: {int(num_supervised.item()):,} | dt: "
+               f"{dt * 1000:.0f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
         if num_supervised.item() > 0:
             record["loss"] = train_loss
         metric_log.log({**record, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,

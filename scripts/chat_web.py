@@ -5,23 +5,26 @@ Serve a chat model over HTTP: a ChatGPT-like page in the browser and an OpenAI-c
     python -m scripts.chat_web -i sft -g d20 -n 8       # one worker per GPU on 8 GPUs
     python -m scripts.chat_web --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines, on purpose
 
-Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (the page's route:
-SSE lines `data: {"token": ..., "type": ..., "part": ..., "gpu": ...}` then `data: {"done": true}`; type is text,
-python (a calculator call's code) or python_output (its result), part numbers the reply's parts), POST
-/v1/chat/completions (OpenAI format, streamed or not: content is the reply's text, calculator calls left out) and
-GET /v1/models. With --api-key every endpoint but / and /health needs `Authorization: Bearer <key>`.
-Prompts are rendered by tokenizer.render_for_completion: user and assistant alternate, the user speaks last, and a
-leading `system` message (OpenAI route only) becomes the start of the first user message, as in training.
+Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (the
+page's route: SSE lines `data: {"token": ..., "type": ..., "part": ..., "gpu": ...}` then `data:
+{"done": true}`; type is text, python (a calculator call's code) or python_output (its result), part
+numbers the reply's parts), POST /v1/chat/completions (OpenAI format, streamed or not: content is
+the reply's text, calculator calls left out) and GET /v1/models. With --api-key every endpoint but /
+and /health needs `Authorization: Bearer <key>`. Prompts are rendered by
+tokenizer.render_for_completion: user and assistant alternate, the user speaks last, and a leading
+`system` message (OpenAI route only) becomes the start of the first user message, as in training.
 
-How it serves: one worker thread per device (one model replica each; one worker on CPU/MPS). Each worker decodes
-every request it holds as one batch (engine.RowBatch: each row with its own prompt, cache position, sampling and
-seed), so concurrent users share the device's steps instead of queueing for it; a request joins between steps
-after its prefill and leaves when it ends or its client disconnects. Requests go to the least loaded worker and
-wait there when it already decodes --max-batch rows. Tokens reach the event loop through an asyncio queue, so
-generation never blocks it; text is streamed in whole UTF-8 characters.
+How it serves: one worker thread per device (one model replica each; one worker on CPU/MPS). Each
+worker decodes every request it holds as one batch (engine.RowBatch: each row with its own prompt,
+cache position, sampling and seed), so concurrent users share the device's steps instead of queueing
+for it; a request joins between steps after its prefill and leaves when it ends or its client
+disconnects. Requests go to the least loaded worker and wait there when it already decodes
+--max-batch rows. Tokens reach the event loop through an asyncio queue, so generation never blocks
+it; text is streamed in whole UTF-8 characters.
 
-Left out: CORS (the page is served from the same origin, so other websites cannot read the API from a browser),
-n > 1, top_p, stop sequences, tools, logprobs (each answered with a 400 naming the field), request logging of content.
+Left out: CORS (the page is served from the same origin, so other websites cannot read the API from
+a browser), n > 1, top_p, stop sequences, tools, logprobs (each answered with a 400 naming the
+field), request logging of content.
 """
 
 import argparse
@@ -43,8 +46,8 @@ parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_
                     help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
 parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once (more wait)")
 parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, else "
-                         "float32; int8: CPU only)")
+                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
+                         "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
 args = parser.parse_args()
 
 import asyncio
@@ -112,9 +115,10 @@ def check_range(body, name, lo, hi, integer, default):
 
 def message_content(content, i, role, openai):
     """
-    A message's content: a string, or a list of parts. OpenAI route: {"type": "text", "text": ...} parts, joined.
-    Web route: an assistant reply as the page keeps it, text and tool parts ("python", "python_output"), kept as
-    parts so that the prompt holds the tool call as the model wrote it.
+    A message's content: a string, or a list of parts. OpenAI route: {"type": "text", "text": ...}
+    parts, joined. Web route: an assistant reply as the page keeps it, text and tool parts
+    ("python", "python_output"), kept as parts so that the prompt holds the tool call as the model
+    wrote it.
     """
     field = f"messages[{i}].content"
     kinds = ("text",) if openai else ("text", "python", "python_output") if role == "assistant" else ()
@@ -134,7 +138,8 @@ def message_content(content, i, role, openai):
         raise APIError(f"{field} has {chars} characters; the limit is {MAX_MESSAGE_CHARS}", field)
     return content, chars
 
-# OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently ignored.
+# OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently
+# ignored.
 UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "logprobs": False, "top_logprobs": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
                "logit_bias": None, "response_format": None, "audio": None, "modalities": None, "prediction": None}
@@ -226,7 +231,8 @@ async def read_json(request):
 # Workers: one thread per device, each decoding all of its requests as one batch
 
 class Job:
-    """One request as a worker sees it; results go back to the event loop as (token, finish) or ("error", text)."""
+    """One request as a worker sees it; results go back to
+    the event loop as (token, finish) or ("error", text)."""
     def __init__(self, tokens, settings, loop):
         self.tokens, self.settings, self.loop = tokens, settings, loop
         self.results = asyncio.Queue()
@@ -317,16 +323,17 @@ CONTEXT = model.config.sequence_len
 
 async def generate(settings):
     """
-    Async generator of (pieces, finish, prompt_tokens, completion_tokens, gpu_id): pieces are the reply's new text
-    as [(part index, part type, text)] (engine.ReplyStream: text, python, python_output); finish is None until the end.
+    Async generator of (pieces, finish, prompt_tokens, completion_tokens, gpu_id): pieces are the
+    reply's new text as [(part index, part type, text)] (engine.ReplyStream: text, python,
+    python_output); finish is None until the end.
     """
     try:
         tokens = tokenizer.render_for_completion({"messages": settings["messages"]})
     except ValueError as e:  # roles out of the training format's order, e.g. two user messages in a row
         raise APIError(str(e), "messages")
     if len(tokens) >= CONTEXT:
-        raise APIError(f"the conversation is {len(tokens)} tokens but the model's context is {CONTEXT}: "
-                       f"start a new conversation or shorten it", "messages")
+        raise APIError(f"the conversation is {len(tokens)} tokens but the model's context "
+                       f"is {CONTEXT}: start a new conversation or shorten it", "messages")
     settings = dict(settings, max_tokens=min(settings["max_tokens"], CONTEXT - len(tokens)))
     worker = min(workers, key=lambda w: w.load)
     job = Job(tokens, settings, asyncio.get_running_loop())
@@ -353,8 +360,8 @@ async def generate(settings):
         job.cancelled.set()  # a no-op for a finished row; frees the row of a client that disconnected
         worker.wake.set()
         worker.load -= 1
-        print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, {finish or 'cancelled'}, "
-              f"{time.time() - t0:.2f}s", flush=True)
+        print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, "
+              f"{finish or 'cancelled'}, {time.time() - t0:.2f}s", flush=True)
 
 # -----------------------------------------------------------------------------
 # HTTP
@@ -407,7 +414,8 @@ async def models(request: Request):
                                          "context_length": CONTEXT}]}
 
 async def first_and_rest(gen):
-    """Run the generator to its first item so that errors before any token (e.g. too long) become a plain 400."""
+    """Run the generator to its first item so that errors
+    before any token (e.g. too long) become a plain 400."""
     first = await gen.__anext__()
     async def rest():
         try:
@@ -493,8 +501,9 @@ if __name__ == "__main__":
     sock.bind((args.host, args.port))
     sock.listen(2048)  # connections made right after the line below wait in the backlog until uvicorn accepts them
     host, port = sock.getsockname()[:2]
-    print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) ({', '.join(str(d) for d in devices)}), "
-          f"up to {args.max_batch} requests decoded together per worker", flush=True)
+    print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) "
+          f"({', '.join(str(d) for d in devices)}), up to {args.max_batch} "
+          f"requests decoded together per worker", flush=True)
     print(f"serving http://{host}:{port}/" + ("  (API key required)" if args.api_key else ""), flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
     uvicorn.Server(config).run(sockets=[sock])

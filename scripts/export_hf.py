@@ -1,15 +1,17 @@
 """
-Export a trained nanochat to a Hugging Face model directory, loadable by transformers and by nanochat itself.
+Export a trained nanochat to a Hugging Face model directory, loadable by transformers and by
+nanochat itself.
 
     python -m scripts.export_hf -i sft -o out/nanochat-d20          # newest sft checkpoint of the largest d<N>
     python -m scripts.export_hf -i base -g d12 -s 5000 -o out/base --dtype bfloat16 --check
     hf upload USER/nanochat-d20 out/nanochat-d20                      # share it (huggingface_hub CLI)
 
-Then: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True), AutoTokenizer.from_pretrained(DIR), or
-`python -m scripts.chat_cli -i DIR`. What the directory holds: nanochat/hf/export.py.
---check reloads the export both ways (nanochat's load_model and, when installed, transformers) and compares the
-weights with the checkpoint bit for bit and the logits of one prompt with nanochat's.
-Leaves out: pushing to the Hub (use the huggingface_hub CLI), sharded weight files.
+Then: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True),
+AutoTokenizer.from_pretrained(DIR), or `python -m scripts.chat_cli -i DIR`. What the directory
+holds: nanochat/hf/export.py. --check reloads the export both ways (nanochat's load_model and, when
+installed, transformers) and compares the weights with the checkpoint bit for bit and the logits of
+one prompt with nanochat's. Leaves out: pushing to the Hub (use the huggingface_hub CLI), sharded
+weight files.
 """
 
 import argparse
@@ -58,7 +60,8 @@ report_text = open(report_path, encoding="utf-8").read() if os.path.exists(repor
 
 dtype = {"": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
 export_model(state, meta, tokenizer, args.output, source=args.source, dtype=dtype, report_text=report_text)
-# safetensors creates its file 0600 whatever the umask: give it the mode every other file got (0644 under umask 022)
+# safetensors creates its file 0600 whatever the umask: give it the mode every other file got (0644
+# under umask 022)
 os.chmod(os.path.join(args.output, "model.safetensors"), os.stat(os.path.join(args.output, "config.json")).st_mode)
 size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
 print(f"exported {args.source} {model_tag} step {step} to {args.output} ({size / 2**20:.1f} MiB): "

@@ -1,6 +1,7 @@
 """
-Inference benchmark: time to first token, time per output token, throughput, and how close decoding gets to the
-memory-bandwidth limit (MBU) and to peak compute (MFU), for several batch sizes and inference dtypes.
+Inference benchmark: time to first token, time per output token, throughput, and how close decoding
+gets to the memory-bandwidth limit (MBU) and to peak compute (MFU), for several batch sizes and
+inference dtypes.
 
     python -m scripts.infer_bench                                   # newest base checkpoint; 2048-token prompt on CUDA
     python -m scripts.infer_bench -i sft -g d20 --batch-sizes 1,8,32,128
@@ -8,16 +9,18 @@ memory-bandwidth limit (MBU) and to peak compute (MFU), for several batch sizes 
     python -m scripts.infer_bench --depth 20 --device-type cpu --vocab-size 32768 --batch-sizes 1,8 \
         --dtype float32,bfloat16,int8                               # one table: dtype x batch
 
-Each dtype gets the model afresh (same seed or checkpoint), converted by engine.prepare_for_inference as the chat
-scripts convert it. It runs the Engine's path by hand so every step can be timed: a batch-1 prefill of the prompt
-into a KV cache, that cache copied into B rows, then one token per row per step (sample_next_token, stop tokens
-ignored so every row decodes the full count). Decode steps are timed one by one after an 8-step warm-up; the median
-is TPOT. MBU = (weight bytes + B x KV bytes read at mid-decode) / TPOT / peak bandwidth, where weight bytes are every
-parameter except the embedding tables (only B rows of those are read per step), in the dtype they are held in
-(int8: the int8 matrices and their bf16 scales). Peak bandwidth: the device's datasheet figure on CUDA; elsewhere the
-read bandwidth measured in this run (a torch sum over 256 MB, best of 5). Decode MFU = B x decode FLOPs at
-mid-decode / TPOT / peak FLOP/s. Prints a table, then one JSON line with every number (unknown peaks -> null).
-Leaves out: multi-GPU, CUDA graphs, torch.compile, speculative decoding.
+Each dtype gets the model afresh (same seed or checkpoint), converted by
+engine.prepare_for_inference as the chat scripts convert it. It runs the Engine's path by hand so
+every step can be timed: a batch-1 prefill of the prompt into a KV cache, that cache copied into B
+rows, then one token per row per step (sample_next_token, stop tokens ignored so every row decodes
+the full count). Decode steps are timed one by one after an 8-step warm-up; the median is TPOT. MBU
+= (weight bytes + B x KV bytes read at mid-decode) / TPOT / peak bandwidth, where weight bytes are
+every parameter except the embedding tables (only B rows of those are read per step), in the dtype
+they are held in (int8: the int8 matrices and their bf16 scales). Peak bandwidth: the device's
+datasheet figure on CUDA; elsewhere the read bandwidth measured in this run (a torch sum over 256
+MB, best of 5). Decode MFU = B x decode FLOPs at mid-decode / TPOT / peak FLOP/s. Prints a table,
+then one JSON line with every number (unknown peaks -> null). Leaves out: multi-GPU, CUDA graphs,
+torch.compile, speculative decoding.
 """
 
 import argparse
@@ -104,8 +107,9 @@ bandwidth_source = "datasheet" if peak_bw else "measured: torch sum over 256 MB,
 peak_bw = peak_bw or read_bandwidth
 peak_flops = get_peak_flops(device)
 peak_flops = None if math.isinf(peak_flops) else peak_flops
-print(f"device: {torch.cuda.get_device_name(device) if on_cuda else device} | read bandwidth "
-      f"{read_bandwidth / 1e9:.1f} GB/s measured | MBU against {peak_bw / 1e9:.1f} GB/s ({bandwidth_source})")
+print(f"device: {torch.cuda.get_device_name(device) if on_cuda else device} "
+      f"| read bandwidth {read_bandwidth / 1e9:.1f} GB/s measured | MBU "
+      f"against {peak_bw / 1e9:.1f} GB/s ({bandwidth_source})")
 
 def fresh_model():
     """-> (model, name): the same weights for every dtype (seed 0 for --depth)."""
@@ -123,8 +127,9 @@ def fresh_model():
 def ratio(numerator, denominator):
     return numerator / denominator if denominator else None
 
-# Engine.generate end to end, as chat_eval and RL call it: one prompt, B samples, every step's sampling, per-row
-# tool state machine and host sync included. Special tokens map past the vocabulary, so no row stops early.
+# Engine.generate end to end, as chat_eval and RL call it: one prompt, B samples, every step's
+# sampling, per-row tool state machine and host sync included. Special tokens map past the
+# vocabulary, so no row stops early.
 class NoStopTokenizer:
     def __init__(self, vocab_size):
         self.vocab_size = vocab_size
@@ -140,10 +145,11 @@ class NoStopTokenizer:
 def bench_dtype(dtype):
     model, model_name = fresh_model()
     config = model.config
-    # A random prompt: the cost of a forward does not depend on which tokens go in, and --depth needs no tokenizer.
+    # A random prompt: the cost of a forward does not depend on which tokens go in, and --depth
+    # needs no tokenizer.
     n_prompt = min(prompt_tokens, config.sequence_len - WARMUP_STEPS - decode_tokens)
-    assert n_prompt >= 1, (f"--decode-tokens {decode_tokens} + {WARMUP_STEPS} warm-up leave no room for a prompt in "
-                           f"context {config.sequence_len}")
+    assert n_prompt >= 1, (f"--decode-tokens {decode_tokens} + {WARMUP_STEPS} warm-up "
+                           f"leave no room for a prompt in context {config.sequence_len}")
     prompt = torch.randint(0, config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(0)).to(device)
     mid_ctx = n_prompt + WARMUP_STEPS + decode_tokens // 2
     # FLOPs from the shapes, counted before int8 swaps nn.Linear modules out
@@ -181,7 +187,8 @@ def bench_dtype(dtype):
 
     @torch.inference_mode()
     def prefill(batch_size):
-        """Batch-1 prefill, copy into a batch_size decode cache, sample the first tokens: -> (cache, tokens, s)."""
+        """Batch-1 prefill, copy into a batch_size decode cache,
+        sample the first tokens: -> (cache, tokens, s)."""
         synchronize(device)
         t0 = time.perf_counter()
         cache1 = new_cache(1, n_prompt)
@@ -264,22 +271,24 @@ fmt = lambda x, spec: "-" if x is None else format(x, spec)
 print("\nprefill (batch 1, one prompt):")
 for r in runs:
     p = r["prefill"]
-    print(f"  {r['card']['model']} {r['dtype']:>8}: {p['prompt_tokens']} tokens, TTFT {p['ttft_s'] * 1e3:.1f} ms | "
-          f"{p['tok_per_s']:,.0f} tok/s | MFU {fmt(p['mfu'], '.1%')}")
-print(f"decode ({decode_tokens} timed steps after {WARMUP_STEPS} warm-up, context "
-      f"{runs[0]['prefill']['prompt_tokens']}+; MBU against {peak_bw / 1e9:.1f} GB/s, {bandwidth_source}):")
-print(f"{'model':>14} {'dtype':>8} {'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>10} {'GB/s':>8} {'MBU':>7} "
-      f"{'MFU':>7} {'peak VRAM GB':>13}")
+    print(f"  {r['card']['model']} {r['dtype']:>8}: {p['prompt_tokens']} tokens, TTFT "
+          f"{p['ttft_s'] * 1e3:.1f} ms | {p['tok_per_s']:,.0f} tok/s | MFU {fmt(p['mfu'], '.1%')}")
+print(f"decode ({decode_tokens} timed steps after {WARMUP_STEPS} "
+      f"warm-up, context {runs[0]['prefill']['prompt_tokens']}+; "
+      f"MBU against {peak_bw / 1e9:.1f} GB/s, {bandwidth_source}):")
+print(f"{'model':>14} {'dtype':>8} {'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} "
+      f"{'tok/s':>10} {'GB/s':>8} {'MBU':>7} {'MFU':>7} {'peak VRAM GB':>13}")
 for r in [row for run in runs for row in run["decode"]]:
     vram_gb = None if r["peak_vram_bytes"] is None else r["peak_vram_bytes"] / 1e9
-    print(f"{r['model']:>14} {r['dtype']:>8} {r['batch_size']:>6} {r['ttft_s'] * 1e3:>9.1f} {r['tpot_s'] * 1e3:>9.2f} "
-          f"{r['tok_per_s']:>10,.1f} {r['bytes_per_s'] / 1e9:>8.1f} {fmt(r['mbu'], '.1%'):>7} "
-          f"{fmt(r['mfu'], '.1%'):>7} {fmt(vram_gb, '.2f'):>13}")
+    print(f"{r['model']:>14} {r['dtype']:>8} {r['batch_size']:>6} {r['ttft_s'] * 1e3:>9.1f} "
+          f"{r['tpot_s'] * 1e3:>9.2f} {r['tok_per_s']:>10,.1f} {r['bytes_per_s'] / 1e9:>8.1f} "
+          f"{fmt(r['mbu'], '.1%'):>7} {fmt(r['mfu'], '.1%'):>7} {fmt(vram_gb, '.2f'):>13}")
 for r in [row for run in runs for row in run["engine"]]:
-    print(f"Engine.generate {r['dtype']}: one {r['prompt_tokens']}-token prompt, {r['samples']} samples x "
-          f"{r['tokens'] // r['samples']} tokens (T={r['temperature']}, top-k {r['top_k']}): "
-          f"{r['tok_per_s']:,.1f} tok/s aggregate")
-# card and prefill are the first dtype's (with one dtype, its only ones); cards and prefills list every dtype's
+    print(f"Engine.generate {r['dtype']}: one {r['prompt_tokens']}-token prompt, "
+          f"{r['samples']} samples x {r['tokens'] // r['samples']} tokens "
+          f"(T={r['temperature']}, top-k {r['top_k']}): {r['tok_per_s']:,.1f} tok/s aggregate")
+# card and prefill are the first dtype's (with one dtype, its only ones); cards and prefills list
+# every dtype's
 print(json.dumps({"device": str(device), "read_bandwidth": read_bandwidth, "bandwidth_source": bandwidth_source,
                   "card": runs[0]["card"], "prefill": runs[0]["prefill"], "cards": [run["card"] for run in runs],
                   "prefills": [run["prefill"] for run in runs],

@@ -1,20 +1,23 @@
 """
-Scaling analysis of the sweeps run by runs/miniseries.sh and runs/scaling_laws.sh (karpathy/nanochat did this part in a
-notebook): IsoFLOP curves, the compute-optimal tokens:params ratio and val bpb against training compute.
+Scaling analysis of the sweeps run by runs/miniseries.sh and runs/scaling_laws.sh (karpathy/nanochat
+did this part in a notebook): IsoFLOP curves, the compute-optimal tokens:params ratio and val bpb
+against training compute.
 
     python -m scripts.scaling_analysis --add-run=TAG --csv=results.csv    # append a finished base run's row
     python -m scripts.scaling_analysis --csv=a.csv [b.csv ...] [--out-dir=DIR]
 
---add-run fills every column from the run's own records (the final checkpoint's meta JSON and its metric log
-<base>/logs/base_<tag>.jsonl), never from console text, and replaces the row if the tag is already there.
-The analysis writes into --out-dir (default: the first CSV's folder) isoflop.png, bpb_vs_flops.png and scaling.md.
+--add-run fills every column from the run's own records (the final checkpoint's meta JSON and its
+metric log <base>/logs/base_<tag>.jsonl), never from console text, and replaces the row if the tag
+is already there. The analysis writes into --out-dir (default: the first CSV's folder) isoflop.png,
+bpb_vs_flops.png and scaling.md.
 
-IsoFLOP fit, per FLOP budget C (runs with --target-flops, at least 3 model sizes): val bpb against log10 N (N = scaling
-params, transformer matrices + lm_head) fitted by a parabola; its vertex is the compute-optimal N*(C). The tokens
-D*(C) at N* come from the budget's own runs (log D is linear in log N at fixed C, D = C / FLOPs-per-token), so the
-optimal ratio is D*/N*. A vertex outside the sizes that were run, or a curve without a minimum, is reported as such,
-not extrapolated. With 2+ budgets: N* ~ C^a and D* ~ C^b by a least-squares line in log-log.
-Leaves out: karpathy/nanochat's notebook's alternative parameter conventions (total / non-embedding params).
+IsoFLOP fit, per FLOP budget C (runs with --target-flops, at least 3 model sizes): val bpb against
+log10 N (N = scaling params, transformer matrices + lm_head) fitted by a parabola; its vertex is the
+compute-optimal N*(C). The tokens D*(C) at N* come from the budget's own runs (log D is linear in
+log N at fixed C, D = C / FLOPs-per-token), so the optimal ratio is D*/N*. A vertex outside the
+sizes that were run, or a curve without a minimum, is reported as such, not extrapolated. With 2+
+budgets: N* ~ C^a and D* ~ C^b by a least-squares line in log-log. Leaves out: karpathy/nanochat's
+notebook's alternative parameter conventions (total / non-embedding params).
 """
 
 import argparse
@@ -42,8 +45,9 @@ def run_row(tag, checkpoints_dir=None):
     checkpoint_dir = os.path.join(checkpoints_dir or os.path.join(get_base_dir(), "base_checkpoints"), tag)
     metas = sorted(glob.glob(os.path.join(checkpoint_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it (base_train --model-tag={tag}) "
-                                f"or point --checkpoints-dir at the folder that holds {tag}/")
+        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it "
+                                f"(base_train --model-tag={tag}) or point "
+                                f"--checkpoints-dir at the folder that holds {tag}/")
     with open(metas[-1], encoding="utf-8") as f:
         meta = json.load(f)
     if meta["step"] != meta["num_iterations"]:
@@ -90,8 +94,8 @@ def read_rows(csv_path):
         try:
             return float(row[column]) if row[column] != "" else None
         except ValueError:
-            raise ValueError(f"{csv_path}: {row['model_tag']} has {column}={row[column]!r}, not a number: "
-                             f"rewrite its row with --add-run={row['model_tag']}") from None
+            raise ValueError(f"{csv_path}: {row['model_tag']} has {column}={row[column]!r}, not a "
+                             f"number: rewrite its row with --add-run={row['model_tag']}") from None
     return [{k: v if k == "model_tag" else number(r, k) for k, v in r.items()} for r in rows]
 
 # -----------------------------------------------------------------------------
@@ -186,25 +190,28 @@ def markdown(rows, fits, csv_paths):
     for r in sorted(rows, key=lambda r: (r.get("target_flops") or -1, r["num_scaling_params"])):
         budget = f"{r['target_flops']:.3g}" if (r.get("target_flops") or -1) > 0 else "-"
         core = f"{r['core_score']:.4f}" if r.get("core_score") is not None else "-"
-        lines.append(f"| {r['model_tag']} | {r['depth']:.0f} | {r['num_scaling_params']:,.0f} | "
-                     f"{r['tokens_trained']:,.0f} | {r['tokens_trained'] / r['num_scaling_params']:.2f} | {budget} | "
-                     f"{r['total_flops']:.3e} | "
-                     f"{r['val_bpb']:.4f} | {core} | {r.get('train_time_sec') or 0:.0f} |")
+        lines.append(f"| {r['model_tag']} | {r['depth']:.0f} | "
+                     f"{r['num_scaling_params']:,.0f} | {r['tokens_trained']:,.0f} "
+                     f"| {r['tokens_trained'] / r['num_scaling_params']:.2f} | "
+                     f"{budget} | {r['total_flops']:.3e} | {r['val_bpb']:.4f} | "
+                     f"{core} | {r.get('train_time_sec') or 0:.0f} |")
     if fits:
         lines += ["", "## IsoFLOP minima (parabola in log10 N)", "",
                   "| budget C | N* (scaling params) | D* (tokens) | D*/N* | val bpb at N* | N* inside the sweep |",
                   "|---|---|---|---|---|---|"]
         for budget, fit in sorted(fits.items()):
             if "n_opt" in fit:
-                lines.append(f"| {budget:.3g} | {fit['n_opt']:,.0f} | {fit['d_opt']:,.0f} | {fit['ratio']:.2f} | "
-                             f"{fit['bpb_opt']:.4f} | {'yes' if fit['inside'] else 'no: extrapolated'} |")
+                lines.append(f"| {budget:.3g} | {fit['n_opt']:,.0f} | {fit['d_opt']:,.0f} "
+                             f"| {fit['ratio']:.2f} | {fit['bpb_opt']:.4f} | "
+                             f"{'yes' if fit['inside'] else 'no: extrapolated'} |")
             else:
                 lines.append(f"| {budget:.3g} | - | - | - | - | {fit['reason']} |")
         good = {b: f for b, f in fits.items() if "n_opt" in f and f["inside"]}
         if good:
             ratios = [f["ratio"] for f in good.values()]
-            lines += ["", f"Optimal tokens:params ratio (geometric mean over {len(good)} budget(s) with a minimum "
-                          f"inside the sweep): {math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"]
+            lines += ["", f"Optimal tokens:params ratio (geometric mean over "
+                          f"{len(good)} budget(s) with a minimum inside the sweep): "
+                          f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"]
         if len(good) >= 2:
             a, _ = power_law(list(good), [f["n_opt"] for f in good.values()])
             b, _ = power_law(list(good), [f["d_opt"] for f in good.values()])

@@ -1,13 +1,13 @@
 """
-Compression of our tokenizer (UTF-8 bytes per token, higher is better) against GPT-2 and GPT-4 on a few
-embedded texts and on the first row group of the active dataset's train and val splits.
+Compression of our tokenizer (UTF-8 bytes per token, higher is better) against GPT-2 and GPT-4 on a
+few embedded texts and on the first row group of the active dataset's train and val splits.
 
     python -m scripts.tok_eval
 
-GPT-2 ("gpt2") and GPT-4 ("cl100k_base") come from tiktoken, which downloads them once and caches them in
-$TIKTOKEN_CACHE_DIR; offline and uncached, the script says so and prints our column alone.
-Relative diff % = (baseline_tokens - our_tokens) / baseline_tokens * 100 (positive = we use fewer tokens).
-Leaves out: flags (there is nothing to choose) and colour.
+GPT-2 ("gpt2") and GPT-4 ("cl100k_base") come from tiktoken, which downloads them once and caches
+them in $TIKTOKEN_CACHE_DIR; offline and uncached, the script says so and prints our column alone.
+Relative diff % = (baseline_tokens - our_tokens) / baseline_tokens * 100 (positive = we use fewer
+tokens). Leaves out: flags (there is nothing to choose) and colour.
 """
 
 import os
@@ -160,8 +160,9 @@ for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
         tokenizers[label] = Tokenizer.from_pretrained(name)
     except requests.exceptions.RequestException as e:  # offline, proxy refusal, timeout, HTTP error
         cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
-        print(f"{label} baseline skipped: tiktoken could not download {name!r} ({type(e).__name__}). Run this script "
-              f"once with network access; tiktoken then caches it in $TIKTOKEN_CACHE_DIR (now {cache}).")
+        print(f"{label} baseline skipped: tiktoken could not download {name!r} "
+              f"({type(e).__name__}). Run this script once with network access; "
+              f"tiktoken then caches it in $TIKTOKEN_CACHE_DIR (now {cache}).")
 
 results = {}  # (tokenizer label, text name) -> (num bytes, num tokens)
 for label, tok in tokenizers.items():
@@ -190,15 +191,16 @@ if not baselines:
     tables.append(lines)
 for base in baselines:
     lines = [f"{base.upper()} (vocab {vocab[base]:,}) vs ours (vocab {vocab['ours']:,})", "",
-             f"| {'Text':<16} | {'Bytes':>7} | {base + ' tok':>9} | {base + ' ratio':>10} | {'ours tok':>8} | "
-             f"{'ours ratio':>10} | {'Rel diff %':>10} |",
+             f"| {'Text':<16} | {'Bytes':>7} | {base + ' tok':>9} | {base + ' ratio':>10} "
+             f"| {'ours tok':>8} | {'ours ratio':>10} | {'Rel diff %':>10} |",
              f"|{'-' * 18}|{'-' * 9}|{'-' * 11}|{'-' * 12}|{'-' * 10}|{'-' * 12}|{'-' * 12}|"]
     for name, _ in all_text:
         num_bytes, base_tokens = results[(base, name)]
         our_tokens = results[("ours", name)][1]
         diff = (base_tokens - our_tokens) / base_tokens * 100
-        lines.append(f"| {name:<16} | {num_bytes:>7} | {base_tokens:>9} | {ratio(base, name):>10.2f} | "
-                     f"{our_tokens:>8} | {ratio('ours', name):>10.2f} | {diff:>+10.1f} |")
+        lines.append(f"| {name:<16} | {num_bytes:>7} | {base_tokens:>9} "
+                     f"| {ratio(base, name):>10.2f} | {our_tokens:>8} | "
+                     f"{ratio('ours', name):>10.2f} | {diff:>+10.1f} |")
     tables.append(lines)
 
 for lines in tables:

@@ -6,12 +6,13 @@ Train the BPE tokenizer on the train split of the pretraining data; save it to <
     NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
     python -m scripts.tok_train --overwrite                       # replace a tokenizer that checkpoints use
 
-Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte length per token
-id, 0 for specials; loss_eval turns nats into bits per byte with it), tok_train.json (these flags, the dataset and
-the fingerprint) and a "Tokenizer training" report section. Run again with the same flags and dataset, it keeps the
-tokenizer (runs/speedrun.sh relies on that to resume); a tokenizer that checkpoints were trained with (their meta
-records its fingerprint) is replaced only with --overwrite: those checkpoints would no longer load.
-Leaves out: shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
+Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte
+length per token id, 0 for specials; loss_eval turns nats into bits per byte with it),
+tok_train.json (these flags, the dataset and the fingerprint) and a "Tokenizer training" report
+section. Run again with the same flags and dataset, it keeps the tokenizer (runs/speedrun.sh relies
+on that to resume); a tokenizer that checkpoints were trained with (their meta records its
+fingerprint) is replaced only with --overwrite: those checkpoints would no longer load. Leaves out:
+shuffling documents (rustbpe counts pieces over the whole stream, order does not matter).
 """
 
 import argparse
@@ -41,7 +42,8 @@ check_flags([("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characte
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
-# An existing tokenizer: keep it if these flags made it; never replace one that checkpoints use without --overwrite
+# An existing tokenizer: keep it if these flags made it; never replace one that checkpoints use
+# without --overwrite
 
 tokenizer_dir = os.path.join(get_base_dir(), "tokenizer")
 record_path = os.path.join(tokenizer_dir, "tok_train.json")
@@ -57,8 +59,9 @@ if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.ov
                     for path in glob.glob(os.path.join(get_base_dir(), source, "*", "meta_*.json"))
                     if json.load(open(path)).get("tokenizer_fingerprint") == fingerprint})
     if users:
-        raise SystemExit(f"the tokenizer in {tokenizer_dir} is the one the checkpoints in {', '.join(users)} were "
-                         f"trained with; a new one would stop them loading. Use another NANOCHAT_BASE_DIR, or pass "
+        raise SystemExit(f"the tokenizer in {tokenizer_dir} is the one the checkpoints "
+                         f"in {', '.join(users)} were trained with; a new one would "
+                         f"stop them loading. Use another NANOCHAT_BASE_DIR, or pass "
                          f"--overwrite to replace it anyway")
 
 # -----------------------------------------------------------------------------
@@ -94,7 +97,8 @@ tokenizer = Tokenizer.train_from_iterator(itertools.chain([first], texts), args.
 train_time = time.time() - t0
 print(f"trained on {num_chars:,} chars from {num_docs:,} documents in {train_time:.2f}s")
 
-# Round trip on text that stresses the split pattern: digit groups, contractions, symbols, CJK, emoji.
+# Round trip on text that stresses the split pattern: digit groups, contractions, symbols, CJK,
+# emoji.
 sample = ("Hello world! This is a test. Numbers: 123, 4567, 89 and 3.14159. Contractions: I'm, you're, it's, "
           "we'll, they've. Special chars: @#$%^&*()_+-=[]{}|;':\",./<>? Unicode: 你好世界 🌍🚀 naïve café\n\ttabs")
 ids = tokenizer.encode(sample)

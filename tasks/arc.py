@@ -4,7 +4,8 @@ ARC (allenai/ai2_arc): grade-school science multiple choice, Easy and Challenge 
     from tasks.arc import ARC
     ARC(subset="ARC-Easy", split="test")        # 2,376 rows; ARC-Challenge test has 1,172; also train/validation
 
-Categorical: the allowed answers are the dataset's own labels (usually A-D, a few rows use 1-4 or 5 choices).
+Categorical: the allowed answers are the dataset's own labels (usually A-D, a few rows use 1-4 or 5
+choices).
 """
 
 from tasks.common import HubTask, mc_conversation, evaluate_letter

@@ -1,14 +1,15 @@
 """
 The task framework shared by mid-training, SFT, RL and chat evaluation.
 
-A Task is a sliced, indexable view over conversations ({"messages": [...]}, see nanochat/tokenizer.py)
-that also knows how to grade an assistant response. TaskMixture shuffles several tasks together for
-training; TaskSequence concatenates them (a curriculum). render_mc is the one multiple-choice prompt format.
+A Task is a sliced, indexable view over conversations ({"messages": [...]}, see
+nanochat/tokenizer.py) that also knows how to grade an assistant response. TaskMixture shuffles
+several tasks together for training; TaskSequence concatenates them (a curriculum). render_mc is the
+one multiple-choice prompt format.
 
-Real datasets come from the Hugging Face hub's auto-generated parquet export (no `datasets` dependency):
-load_hub_dataset downloads the shards once into <base>/task_data/ and reads them with pyarrow.
-Set NANOCHAT_HF_URL to point at a mirror (the tests point it at a 127.0.0.1 server).
-Leaves out: streaming, private/gated datasets (no auth token is sent).
+Real datasets come from the Hugging Face hub's auto-generated parquet export (no `datasets`
+dependency): load_hub_dataset downloads the shards once into <base>/task_data/ and reads them with
+pyarrow. Set NANOCHAT_HF_URL to point at a mirror (the tests point it at a 127.0.0.1 server). Leaves
+out: streaming, private/gated datasets (no auth token is sent).
 """
 
 import os
@@ -28,9 +29,10 @@ from nanochat.common import get_base_dir, download_url, atomic_write_text
 
 class Task:
     """
-    Task(start, stop, step) views examples start, start+step, ... (< stop) of the underlying dataset.
-    Subclasses implement num_examples(), get_example(index), evaluate(conversation, response) and set eval_type:
-    "categorical" (the answer is one of conversation["letters"], scored by logits) or "generative" (sampled and graded).
+    Task(start, stop, step) views examples start, start+step, ... (< stop) of the underlying
+    dataset. Subclasses implement num_examples(), get_example(index), evaluate(conversation,
+    response) and set eval_type: "categorical" (the answer is one of conversation["letters"], scored
+    by logits) or "generative" (sampled and graded).
     """
     eval_type = None
 
@@ -107,7 +109,8 @@ def render_mc(question, letters, choices):
     return "".join(lines)
 
 def qa_conversation(question, answer, **extra):
-    """One user message and the assistant's answer (a string or a list of parts), plus any extra fields."""
+    """One user message and the assistant's answer (a
+    string or a list of parts), plus any extra fields."""
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **extra}
 
 def mc_conversation(question, letters, choices, answer, **extra):
@@ -121,7 +124,8 @@ def evaluate_letter(conversation, assistant_response):
     return assistant_response == conversation["messages"][-1]["content"]
 
 # -----------------------------------------------------------------------------
-# Hugging Face hub parquet export, downloaded once into <base>/task_data/<owner--repo>/<subset>/<split>/
+# Hugging Face hub parquet export, downloaded once into
+# <base>/task_data/<owner--repo>/<subset>/<split>/
 
 HF_URL = "https://huggingface.co"
 
@@ -151,7 +155,8 @@ class HubDataset:
         return {name: self.table.column(name)[j].as_py() for name in self.table.column_names}
 
     def shuffle(self, seed):
-        """A shuffled view (the original is untouched); same order as Hugging Face datasets' .shuffle(seed=seed)."""
+        """A shuffled view (the original is untouched); same
+        order as Hugging Face datasets' .shuffle(seed=seed)."""
         perm = np.random.default_rng(seed).permutation(len(self))
         indices = perm if self.indices is None else self.indices[perm]
         return HubDataset(self.table, indices)
@@ -163,14 +168,15 @@ def _shard_sort_key(url):
 
 def _download_hub_dataset(repo, subset, split, data_dir):
     listing_url = f"{get_hf_url()}/api/datasets/{repo}/parquet/{subset}/{split}"
-    how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses it downloads it), or "
-              f"download the parquet files listed at {listing_url} and place them, in listing order, as "
-              f"{data_dir}/00000.parquet, 00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
+    how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses "
+              f"it downloads it), or download the parquet files listed at {listing_url} "
+              f"and place them, in listing order, as {data_dir}/00000.parquet, "
+              f"00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
     listing_path = os.path.join(data_dir, "listing.json")
     if not download_url(listing_url, listing_path, attempts=2):
         offline = " (NANOCHAT_OFFLINE=1 is set)" if os.environ.get("NANOCHAT_OFFLINE") == "1" else ""
-        raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} and {listing_url} "
-                           f"could not be fetched{offline}. {how_to}")
+        raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} "
+                           f"and {listing_url} could not be fetched{offline}. {how_to}")
     with open(listing_path, encoding="utf-8") as f:
         urls = json.load(f)
     assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a non-empty list of parquet URLs"
@@ -202,7 +208,8 @@ def load_hub_dataset(repo, subset, split):
 
 
 class HubTask(Task):
-    """A Task over a hub dataset in one fixed shuffled order (seed 42); subclasses give conversation(row)."""
+    """A Task over a hub dataset in one fixed shuffled
+    order (seed 42); subclasses give conversation(row)."""
     def __init__(self, repo, subset, split, **kwargs):
         super().__init__(**kwargs)
         self.ds = load_hub_dataset(repo, subset, split).shuffle(seed=42)
@@ -217,7 +224,8 @@ class HubTask(Task):
 # "#### N" answers (GSM8K, SpellingBee and the synthetic word problems)
 
 def calculator_conversation(question, before, expr, output, after):
-    """A question, and a reply that says `before`, calls the calculator on expr (its output), then says `after`."""
+    """A question, and a reply that says `before`, calls the
+    calculator on expr (its output), then says `after`."""
     return qa_conversation(question, [{"type": "text", "text": before}, {"type": "python", "text": expr},
                                       {"type": "python_output", "text": output}, {"type": "text", "text": after}])
 
@@ -225,12 +233,14 @@ ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 def extract_answer(text):
     """The characters after the first "#### " that make a number, commas removed ("1,234" -> "1234"); or None.
-    A trailing period stays ("#### 18." -> "18.", which does not equal "18"), as in OpenAI's own normalization
+    A trailing period stays ("#### 18." -> "18.", which does not equal "18"), as in OpenAI's own
+    normalization
     (github.com/openai/grade-school-math, dataset.py), so GSM8K scores and RL rewards compare with published ones."""
     match = ANSWER_RE.search(text)
     return match.group(1).replace(",", "") if match else None
 
 def evaluate_answer(conversation, assistant_response):
-    """Generative grading: the response's "#### N" equals the reference's (the last part of the last message)."""
+    """Generative grading: the response's "#### N" equals
+    the reference's (the last part of the last message)."""
     reference = extract_answer(conversation["messages"][-1]["content"][-1]["text"])
     return reference is not None and extract_answer(assistant_response) == reference

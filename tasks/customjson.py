@@ -1,13 +1,16 @@
 """
-CustomJSON: your own conversations from a JSONL file, one JSON array of {"role", "content"} messages per line.
+CustomJSON: your own conversations from a JSONL file, one JSON array of {"role", "content"} messages
+per line.
 
     from tasks.customjson import CustomJSON
     CustomJSON(filepath=os.path.join(get_base_dir(), "identity_conversations.jsonl"))
 
-Each line must hold at least 2 messages alternating user, assistant, user, ... with string content, e.g.
+Each line must hold at least 2 messages alternating user, assistant, user, ... with string content,
+e.g.
     [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I'm nanochat."}]
-The whole file is checked when loaded; a bad line raises an error naming the file, the line and the problem.
-Training data only (no evaluate). Used for the identity conversations (IDENTITY_URL) or any data you write.
+The whole file is checked when loaded; a bad line raises an error naming the file, the line and the
+problem. Training data only (no evaluate). Used for the identity conversations (IDENTITY_URL) or any
+data you write.
 """
 
 import os

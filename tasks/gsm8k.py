@@ -4,9 +4,11 @@ GSM8K (openai/gsm8k, "main"): grade-school math word problems, 7,473 train / 1,3
     from tasks.gsm8k import GSM8K
     GSM8K(subset="main", split="test")
 
-The reference solutions carry calculator annotations "<<48/2=24>>". We turn each into a python part (48/2) and a
-python_output part (24), so the model learns to call the calculator and the Engine feeds the result back at test time.
-Generative: a response passes when its "#### N" equals the reference's (commas removed). RL reward = 1.0 / 0.0.
+The reference solutions carry calculator annotations "<<48/2=24>>". We turn each into a python part
+(48/2) and a python_output part (24), so the model learns to call the calculator and the Engine
+feeds the result back at test time.
+Generative: a response passes when its "#### N" equals the reference's (commas removed). RL reward =
+1.0 / 0.0.
 """
 
 import re
@@ -16,7 +18,8 @@ from tasks.common import HubTask, qa_conversation, evaluate_answer
 CALC_RE = re.compile(r"(<<[^>]*>>)")
 
 def gsm8k_assistant_parts(answer):
-    """Text between annotations stays text; each <<expr=result>> becomes python + python_output parts."""
+    """Text between annotations stays text; each
+    <<expr=result>> becomes python + python_output parts."""
     parts = []
     for piece in CALC_RE.split(answer):
         if piece.startswith("<<") and piece.endswith(">>"):

@@ -1,13 +1,14 @@
 """
-HumanEval (openai/openai_humaneval): 164 Python functions to complete, graded by running their unit tests.
+HumanEval (openai/openai_humaneval): 164 Python functions to complete, graded by running their unit
+tests.
 
     from tasks.humaneval import HumanEval
     HumanEval()
 
-Generative: the completion's code is assembled into a program (imports from the prompt + the completion's code +
-the dataset's test code + check(entry_point)) and run in nanochat.execution's sandbox (5 s, 256 MiB); it passes iff
-the program exits cleanly. The sandbox isolates it in Linux namespaces where bubblewrap is installed, and says so
-loudly where not (see nanochat/execution.py).
+Generative: the completion's code is assembled into a program (imports from the prompt + the
+completion's code + the dataset's test code + check(entry_point)) and run in nanochat.execution's
+sandbox (5 s, 256 MiB); it passes iff the program exits cleanly. The sandbox isolates it in Linux
+namespaces where bubblewrap is installed, and says so loudly where not (see nanochat/execution.py).
 """
 
 import re
@@ -15,9 +16,10 @@ import re
 from nanochat.execution import execute_code
 from tasks.common import HubTask, qa_conversation
 
-# The published nanochat HumanEval scores use this extraction, so ours does too, quirks included: the opening fence
-# must end its line and the closing one start a line; "```py" is no opening fence (its closing fence may then open a
-# block); the block or, without one, the whole completion is stripped (a body-only answer loses its first indent).
+# The published nanochat HumanEval scores use this extraction, so ours does too, quirks included:
+# the opening fence must end its line and the closing one start a line; "```py" is no opening fence
+# (its closing fence may then open a block); the block or, without one, the whole completion is
+# stripped (a body-only answer loses its first indent).
 CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 
 def extract_imports(prompt):

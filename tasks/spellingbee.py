@@ -5,10 +5,10 @@ SpellingBee and SimpleSpelling: generated tasks that teach a token-level model t
     SpellingBee(size=80_000, split="train")     # "How many r are in strawberry?" -> manual count + python check
     SimpleSpelling(size=200_000, split="train") # "Spell the word: apple" -> "apple:a,p,p,l,e"
 
-Words come from dwyl/english-words words_alpha.txt (370K words), downloaded once to <base>/words_alpha.txt.
-Example i is generated from random.Random(i) for train and random.Random(i + 10,000,000) for test, so the splits
-never share a seed. SpellingBee is graded like GSM8K ("#### N"); SimpleSpelling by exact match.
-Leaves out: non-ASCII words (the list is a-z only).
+Words come from dwyl/english-words words_alpha.txt (370K words), downloaded once to
+<base>/words_alpha.txt. Example i is generated from random.Random(i) for train and random.Random(i +
+10,000,000) for test, so the splits never share a seed. SpellingBee is graded like GSM8K ("#### N");
+SimpleSpelling by exact match. Leaves out: non-ASCII words (the list is a-z only).
 """
 
 import os
@@ -21,9 +21,9 @@ from tasks.common import Task, qa_conversation, calculator_conversation, evaluat
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 TEST_SEED_OFFSET = 10_000_000
 
-# {letter} and {word} are filled in (maybe quoted); "?" is appended half the time, so none ends in punctuation.
-# 51 phrasings as the published recipe has (30 English, 4 Spanish, 4 Chinese, 4 Korean, 3 French, 3 German,
-# 3 Japanese), so the skill does not hang on one wording or one language.
+# {letter} and {word} are filled in (maybe quoted); "?" is appended half the time, so none ends in
+# punctuation. 51 phrasings as the published recipe has (30 English, 4 Spanish, 4 Chinese, 4 Korean,
+# 3 French, 3 German, 3 Japanese), so the skill does not hang on one wording or one language.
 TEMPLATES_BY_LANGUAGE = {
     "en": [
         "How many {letter} are in the word {word}",
@@ -106,7 +106,8 @@ def load_words():
     return words
 
 def spelling_bee_conversation(word, letter, user_message):
-    """The answer: spell the word, walk it letter by letter keeping a count, then confirm with a python call."""
+    """The answer: spell the word, walk it letter by letter
+    keeping a count, then confirm with a python call."""
     count = word.count(letter)
     walk, running = [], 0
     for i, char in enumerate(word, start=1):
@@ -115,16 +116,17 @@ def spelling_bee_conversation(word, letter, user_message):
             walk.append(f"{i}:{char} hit! count={running}")
         else:
             walk.append(f"{i}:{char}")
-    manual = (f"We are asked to count the letter '{letter}' in the word '{word}'. Let me first count by hand.\n\n"
-              f"Spelling out the word:\n{word}:{','.join(word)}\n\n"
-              f"Walking through the letters and looking for '{letter}':\n" + "\n".join(walk) + "\n\n"
+    manual = (f"We are asked to count the letter '{letter}' in the word '{word}'. Let me first "
+              f"count by hand.\n\nSpelling out the word:\n{word}:{','.join(word)}\n\nWalking "
+              f"through the letters and looking for '{letter}':\n" + "\n".join(walk) + "\n\n"
               f"This gives us {count}.\n\nLet me double check this using Python:\n\n")
     return calculator_conversation(user_message, manual, f"'{word}'.count('{letter}')", str(count),
                                    f"\n\nPython gives us {count}.\n\nMy final answer is:\n\n#### {count}")
 
 
 class WordTask(Task):
-    """size generated examples; example i of a split is drawn from random.Random(i (+ offset for test))."""
+    """size generated examples; example i of a split is
+    drawn from random.Random(i (+ offset for test))."""
     eval_type = "generative"
 
     def __init__(self, size=1000, split="train", words=None, **kwargs):
@@ -146,8 +148,9 @@ class SpellingBee(WordTask):
 
     def get_example(self, index):
         rng, word = self.rng_and_word(index)
-        # the published recipe's draws in its order (word, letter, template, case, quotes, "?"): from the same word
-        # list, example i asks about the same word and letter, in the same language (TEMPLATES is grouped alike)
+        # the published recipe's draws in its order (word, letter, template, case, quotes, "?"):
+        # from the same word list, example i asks about the same word and letter, in the same
+        # language (TEMPLATES is grouped alike)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         template = rng.choice(TEMPLATES)
         if rng.random() < 0.3:
@@ -161,10 +164,12 @@ class SpellingBee(WordTask):
 
 
 class SimpleSpelling(WordTask):
-    """User "Spell the word: apple", assistant "apple:a,p,p,l,e" (the spelled form SpellingBee's answers start from)."""
+    """User "Spell the word: apple", assistant "apple:a,p,p,l,e"
+    (the spelled form SpellingBee's answers start from)."""
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # the word list shuffled with seed 42, as the published recipe: else example i would spell SpellingBee's word i
+        # the word list shuffled with seed 42, as the published recipe: else example i would spell
+        # SpellingBee's word i
         self.words = list(self.words)
         random.Random(42).shuffle(self.words)
 

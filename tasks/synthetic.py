@@ -5,20 +5,22 @@ Synthetic chat tasks: the embedded default data for the offline CPU demo (no net
     train = SyntheticMath(split="train", size=2000, seed=0)
     test = SyntheticMath(split="test", size=200, seed=0)
 
-Four small skills a tiny model can learn from a few thousand examples, in the same formats as the real tasks:
+Four small skills a tiny model can learn from a few thousand examples, in the same formats as the
+real tasks:
   SyntheticIdentity  who the model is (name, maker, abilities, limits), one to three turns; graded by a keyword
   SyntheticMath      one- and two-step word problems solved with a calculator call, "#### N" answer (like GSM8K)
   SyntheticSpelling  letter counting with a `'word'.count('r')` call, "#### N" answer (like SpellingBee)
   SyntheticMC        render_mc multiple choice over 4 letters (category members, largest number, small sums, ...)
-Example i is generated from its own random.Random seeded by (task, seed, split, i): deterministic, order-free.
-Train and test are disjoint in content, not just in seed: every problem has a key (e.g. the numbers of a sum) and
-a fixed hash of the key puts it in one split, so test problems are never seen in training. Identity holds out
-one phrasing per topic instead. Chance accuracy: 1/4 for SyntheticMC, ~0 for the generative tasks.
-Measured (4-layer, 128-wide GPT trained from scratch on 3K examples of each for 1.5K steps on a CPU, ~8 min):
-math 100%, spelling 99%, identity (held-out phrasings) 63%, multiple choice 26% = chance. Picking the letter of the
-right choice needs a retrieval circuit (induction heads) that a pretrained base model brings and a model trained
-from scratch on a few thousand examples does not form; MC therefore measures what pretraining gave the model.
-Leaves out: open-ended chat (use SmolTalk for that).
+Example i is generated from its own random.Random seeded by (task, seed, split, i): deterministic,
+order-free. Train and test are disjoint in content, not just in seed: every problem has a key (e.g.
+the numbers of a sum) and a fixed hash of the key puts it in one split, so test problems are never
+seen in training. Identity holds out one phrasing per topic instead. Chance accuracy: 1/4 for
+SyntheticMC, ~0 for the generative tasks. Measured (4-layer, 128-wide GPT trained from scratch on 3K
+examples of each for 1.5K steps on a CPU, ~8 min): math 100%, spelling 99%, identity (held-out
+phrasings) 63%, multiple choice 26% = chance. Picking the letter of the right choice needs a
+retrieval circuit (induction heads) that a pretrained base model brings and a model trained from
+scratch on a few thousand examples does not form; MC therefore measures what pretraining gave the
+model. Leaves out: open-ended chat (use SmolTalk for that).
 """
 
 import random
@@ -30,7 +32,8 @@ from tasks.common import Task, mc_conversation, calculator_conversation, evaluat
 TEST_FRACTION = 0.2  # of each task's problem keys
 
 def key_split(key):
-    """A stable split assignment for a problem key (crc32, not hash(): that one is salted per process)."""
+    """A stable split assignment for a problem key (crc32,
+    not hash(): that one is salted per process)."""
     return "test" if zlib.crc32(key.encode("utf-8")) % 1000 < TEST_FRACTION * 1000 else "train"
 
 
@@ -68,8 +71,8 @@ IDENTITY = {
     "creator": ("Karpathy",
         ["Who made you?", "Who created you?", "Who built you?", "Who is your creator?", "Where do you come from?",
          "Who wrote you?", "Who trained you?"],
-        ["I was built with nanochat, an open-source project by Andrej Karpathy for training small chat models "
-         "from scratch.",
+        ["I was built with nanochat, an open-source project by Andrej "
+         "Karpathy for training small chat models from scratch.",
          "The nanochat code that trained me was written by Andrej Karpathy and open-source contributors."]),
     "abilities": ("count letters",
         ["What can you do?", "How can you help me?", "What are you good at?", "What are your skills?",
@@ -107,7 +110,8 @@ IDENTITY_TOPICS = sorted(IDENTITY)
 
 
 class SyntheticIdentity(SyntheticTask):
-    """One to three user turns about the model itself; passes if the reply to the last one has the topic's keyword."""
+    """One to three user turns about the model itself; passes
+    if the reply to the last one has the topic's keyword."""
     eval_type = "generative"
 
     def get_example(self, index):
@@ -139,9 +143,10 @@ ITEMS = ["apples", "books", "marbles", "stickers", "cookies", "pencils", "coins"
 
 class SyntheticMath(SyntheticTask):
     """
-    Word problems with +, -, *, // and two-step +/-: the assistant states the step, calls the calculator
-    (python part = the expression, python_output = its value, exactly what the Engine's calculator returns)
-    and ends with "#### N". Integer division uses // so the calculator prints "4", not "4.0".
+    Word problems with +, -, *, // and two-step +/-: the assistant states the step, calls the
+    calculator (python part = the expression, python_output = its value, exactly what the Engine's
+    calculator returns) and ends with "#### N". Integer division uses // so the calculator prints
+    "4", not "4.0".
     """
     eval_type = "generative"
     evaluate = staticmethod(evaluate_answer)
@@ -207,7 +212,8 @@ QUESTION_TEMPLATES = [
 
 
 class SyntheticSpelling(SyntheticTask):
-    """How many times a letter occurs in a word: spell it out, count with `'word'.count('l')`, answer "#### N"."""
+    """How many times a letter occurs in a word: spell it
+    out, count with `'word'.count('l')`, answer "#### N"."""
     eval_type = "generative"
     evaluate = staticmethod(evaluate_answer)
 
@@ -240,9 +246,10 @@ CATEGORIES = {
 
 class SyntheticMC(SyntheticTask):
     """
-    Four-way multiple choice in the render_mc format; the correct letter is uniform over A-D (chance = 1/4).
-    Facts a tiny model can pick up from a few thousand examples: which word belongs to a category, the largest or
-    smallest of four numbers, small sums, the next letter of the alphabet, which number is even.
+    Four-way multiple choice in the render_mc format; the correct letter is uniform over A-D (chance
+    = 1/4). Facts a tiny model can pick up from a few thousand examples: which word belongs to a
+    category, the largest or smallest of four numbers, small sums, the next letter of the alphabet,
+    which number is even.
     """
     eval_type = "categorical"
     evaluate = staticmethod(evaluate_letter)

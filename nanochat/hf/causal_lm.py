@@ -1,15 +1,16 @@
 """
-Any Hugging Face causal LM behind the two small interfaces nanochat's evaluations call, so base_eval can put, say,
-GPT-2's CORE and bpb next to a nanochat model's:
+Any Hugging Face causal LM behind the two small interfaces nanochat's evaluations call, so base_eval
+can put, say, GPT-2's CORE and bpb next to a nanochat model's:
 
     model, tokenizer = load_hf_model("openai-community/gpt2", device)   # a hub name or a local directory
     evaluate_core(model, tokenizer, device)
 
-model(idx) -> logits (B, T, vocab); model(idx, targets, loss_reduction="none") -> nats per token (targets -1 ignored);
-model.max_seq_len = the config's max_position_embeddings, so core_eval crops prompts on the left to fit (GPT-2: 1024).
-tokenizer.encode(texts, prepend=bos_id) never adds the model's own special tokens and never reads special tokens out
-of the text (as nanochat's tokenizer); BOS is the tokenizer's bos token, else its eos (GPT-2's <|endoftext|>).
-Leaves out: generation (samples), encoder-decoder models.
+model(idx) -> logits (B, T, vocab); model(idx, targets, loss_reduction="none") -> nats per token
+(targets -1 ignored); model.max_seq_len = the config's max_position_embeddings, so core_eval crops
+prompts on the left to fit (GPT-2: 1024). tokenizer.encode(texts, prepend=bos_id) never adds the
+model's own special tokens and never reads special tokens out of the text (as nanochat's tokenizer);
+BOS is the tokenizer's bos token, else its eos (GPT-2's <|endoftext|>). Leaves out: generation
+(samples), encoder-decoder models.
 """
 
 import os
@@ -22,14 +23,16 @@ from nanochat.hf.export import bytes_to_unicode
 
 
 class HFCausalLM:
-    """Logits (and per-token losses) of a transformers causal LM, computed under the run's compute dtype."""
+    """Logits (and per-token losses) of a transformers
+    causal LM, computed under the run's compute dtype."""
     def __init__(self, model, device):
         self.model, self.device = model, torch.device(device)
         self.max_seq_len = getattr(model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
     def __call__(self, idx, targets=None, loss_reduction="none"):
-        # fp32 weights with bf16 matmuls (autocast) on a GPU, as karpathy/nanochat ran GPT-2 for its CORE figures
+        # fp32 weights with bf16 matmuls (autocast) on a GPU, as karpathy/nanochat ran GPT-2 for its
+        # CORE figures
         with torch.autocast(self.device.type, dtype=COMPUTE_DTYPE, enabled=COMPUTE_DTYPE != torch.float32):
             logits = self.model(input_ids=idx).logits  # right padding needs no mask: attention is causal
         if targets is None:
@@ -39,13 +42,15 @@ class HFCausalLM:
 
 
 class HFTokenizer:
-    """The encode/BOS/token_bytes part of nanochat's Tokenizer that CORE and bpb use, over a transformers tokenizer."""
+    """The encode/BOS/token_bytes part of nanochat's Tokenizer
+    that CORE and bpb use, over a transformers tokenizer."""
     def __init__(self, tokenizer, name):
         self.tokenizer = tokenizer
         self.bos_token_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if self.bos_token_id is None:
-            raise ValueError(f"the tokenizer of {name} has neither a bos nor an eos token to start each document "
-                             f"with; set one in its tokenizer_config.json (bos_token)")
+            raise ValueError(f"the tokenizer of {name} has neither a bos nor "
+                             f"an eos token to start each document with; set "
+                             f"one in its tokenizer_config.json (bos_token)")
 
     def get_bos_token_id(self):
         return self.bos_token_id
@@ -63,8 +68,8 @@ class HFTokenizer:
         byte-level BPE (GPT-2 style), whose token strings spell raw bytes; other tokenizers raise."""
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if type(getattr(backend, "decoder", None)).__name__ != "ByteLevel":
-            raise ValueError("bits per byte needs a byte-level BPE tokenizer (GPT-2 style) to count the bytes of "
-                             "each token; evaluate this model with --eval=core")
+            raise ValueError("bits per byte needs a byte-level BPE tokenizer (GPT-2 style) to "
+                             "count the bytes of each token; evaluate this model with --eval=core")
         alphabet = set(bytes_to_unicode().values())  # one character per byte
         added = self.tokenizer.added_tokens_decoder  # {id: AddedToken}: their content is plain text
         lengths = []

@@ -5,21 +5,22 @@ Convert a nanochat checkpoint to a Hugging Face model directory, and load such a
     export_model(state, meta, tokenizer, "out/")        # what scripts/export_hf.py does
     model, tokenizer, meta = load_export("out/", "cpu")   # what load_model(DIR, ...) does
 
-A directory holds model.safetensors (the state dict under nanochat's own parameter names), config.json
-(+ configuration_nanochat.py, modeling_nanochat.py via auto_map), generation_config.json (stops at
-<|assistant_end|> or <|bos|>, as Engine does), tokenizer.json + tokenizer_config.json, chat_template.jinja,
-nanochat_meta.json (the checkpoint's meta) and README.md (the model card).
+A directory holds model.safetensors (the state dict under nanochat's own parameter names),
+config.json (+ configuration_nanochat.py, modeling_nanochat.py via auto_map), generation_config.json
+(stops at <|assistant_end|> or <|bos|>, as Engine does), tokenizer.json + tokenizer_config.json,
+chat_template.jinja, nanochat_meta.json (the checkpoint's meta) and README.md (the model card).
 
-Tokenizer: tiktoken ranks become an HF byte-level BPE: vocab = each token's bytes in GPT-2's byte->unicode
-alphabet, id = rank; merges = every split of a token into two vocab tokens, ordered by the merged token's rank
-(tiktoken merges the adjacent pair whose concatenation has the lowest rank); ignore_merges because tiktoken
-looks a whole pre-token piece up before merging. Loading inverts the same map, so the fingerprint of the
-tokenizer read back equals the one the checkpoint recorded. Measured: a tokenizer of vocab 8,192 trained on 4.1M chars
-(150 CPython stdlib files + CJK/emoji text) encodes 868 samples (430K tokens, 50 of them files it never saw) to the
-same ids under HF tokenizers as under tiktoken, 0 mismatches.
+Tokenizer: tiktoken ranks become an HF byte-level BPE: vocab = each token's bytes in GPT-2's
+byte->unicode alphabet, id = rank; merges = every split of a token into two vocab tokens, ordered by
+the merged token's rank (tiktoken merges the adjacent pair whose concatenation has the lowest rank);
+ignore_merges because tiktoken looks a whole pre-token piece up before merging. Loading inverts the
+same map, so the fingerprint of the tokenizer read back equals the one the checkpoint recorded.
+Measured: a tokenizer of vocab 8,192 trained on 4.1M chars (150 CPython stdlib files + CJK/emoji
+text) encodes 868 samples (430K tokens, 50 of them files it never saw) to the same ids under HF
+tokenizers as under tiktoken, 0 mismatches.
 
-Needs `safetensors` to load and also `tokenizers` to export (pip install "nanochat[hf]"); transformers only to
-run the exported model under transformers.
+Needs `safetensors` to load and also `tokenizers` to export (pip install "nanochat[hf]");
+transformers only to run the exported model under transformers.
 """
 
 import base64
@@ -38,9 +39,10 @@ META_FILE = "nanochat_meta.json"
 WEIGHTS_FILE = "model.safetensors"
 GPT_FIELDS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"]
 
-# nanochat's chat format (Tokenizer.render_conversation): <|bos|>, a leading system message merged into the first
-# user message with "\n\n", user turns in <|user_start|>..<|user_end|>, assistant turns in
-# <|assistant_start|>..<|assistant_end|> whose content is a string or a list of parts (text, python, python_output).
+# nanochat's chat format (Tokenizer.render_conversation): <|bos|>, a leading system message merged
+# into the first user message with "\n\n", user turns in <|user_start|>..<|user_end|>, assistant
+# turns in <|assistant_start|>..<|assistant_end|> whose content is a string or a list of parts
+# (text, python, python_output).
 CHAT_TEMPLATE = """{{- '<|bos|>' -}}
 {%- set ns = namespace(system='') -%}
 {%- for message in messages -%}
@@ -78,7 +80,8 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}
 # Tokenizer
 
 def bytes_to_unicode():
-    """GPT-2's reversible map from the 256 byte values to printable unicode characters (HF ByteLevel's alphabet)."""
+    """GPT-2's reversible map from the 256 byte values to
+    printable unicode characters (HF ByteLevel's alphabet)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, n = {}, 0
     for b in range(256):
@@ -90,7 +93,8 @@ def bytes_to_unicode():
     return chars
 
 def hf_tokenizer_json(tokenizer):
-    """Our tokenizer (its public to_data(): pattern, tokens in rank order, specials) as an HF tokenizer.json string."""
+    """Our tokenizer (its public to_data(): pattern, tokens in
+    rank order, specials) as an HF tokenizer.json string."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers
     data = tokenizer.to_data()
     byte_char = bytes_to_unicode()
@@ -132,8 +136,8 @@ def tokenizer_from_hf_json(path):
                 "mergeable_ranks": [base64.b64encode(bytes(char_byte[c] for c in t)).decode("ascii") for t in tokens],
                 "special_tokens": {t["content"]: t["id"] for t in hf["added_tokens"]}}
     except (KeyError, IndexError, TypeError, AssertionError) as e:
-        raise ValueError(f"{path} is not a tokenizer.json written by scripts.export_hf ({type(e).__name__}: {e}); "
-                         f"re-export the model") from None
+        raise ValueError(f"{path} is not a tokenizer.json written by scripts.export_hf "
+                         f"({type(e).__name__}: {e}); re-export the model") from None
     return Tokenizer(_encoding_from_data(data, path), "<|bos|>")
 
 # -----------------------------------------------------------------------------
@@ -148,8 +152,8 @@ def model_card(meta, source, report_text=None):
              "A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.",
              "", "| | |", "|---|---|",
              f"| stage | {source} (step {meta.get('step')}) |",
-             f"| layers / width / heads (kv) | {cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} "
-             f"({cfg['n_kv_head']}) |",
+             f"| layers / width / heads (kv) | {cfg['n_layer']} / "
+             f"{cfg['n_embd']} / {cfg['n_head']} ({cfg['n_kv_head']}) |",
              f"| context / window pattern | {cfg['sequence_len']} / {cfg['window_pattern']} |",
              f"| vocab | {cfg['vocab_size']} |"]
     counts = meta.get("param_counts") or {}
@@ -174,9 +178,10 @@ def model_card(meta, source, report_text=None):
                  "    add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)"]),
               "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], skip_special_tokens=True))",
               "```", "",
-              "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, ...) written in text, as chat "
-              "templates need; nanochat itself never does for user text: pass `split_special_tokens=True` to encode "
-              "untrusted text the way nanochat does. Padded batches and beam search are not supported.", "",
+              "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, "
+              "...) written in text, as chat templates need; nanochat itself never does for "
+              "user text: pass `split_special_tokens=True` to encode untrusted text the way "
+              "nanochat does. Padded batches and beam search are not supported.", "",
               "With nanochat: download the directory, then `python -m scripts.chat_cli -i DIR` or "
               "`python -m scripts.chat_web -i DIR`.", ""]
     if report_text:
@@ -188,9 +193,10 @@ def model_card(meta, source, report_text=None):
 
 def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, report_text=None):
     """
-    Write the HF directory. state: the checkpoint's state dict (each tensor keeps its dtype unless dtype is given);
-    meta: the checkpoint's meta (model_config, tokenizer_fingerprint, metrics...). Every file is written to a temp
-    name and renamed; model.safetensors goes last but one, the README last.
+    Write the HF directory. state: the checkpoint's state dict (each tensor keeps its dtype unless
+    dtype is given);
+    meta: the checkpoint's meta (model_config, tokenizer_fingerprint, metrics...). Every file is
+    written to a temp name and renamed; model.safetensors goes last but one, the README last.
     """
     from safetensors.torch import save_file
     cfg = meta["model_config"]
@@ -223,7 +229,8 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
     write("tokenizer.json", hf_tokenizer_json(tokenizer))
     write("tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
     write("chat_template.jinja", CHAT_TEMPLATE)
-    # resume-only state (data-loader positions) says nothing about the model and can be large: left out
+    # resume-only state (data-loader positions) says nothing about the model and can be large: left
+    # out
     write(META_FILE, json.dumps({k: v for k, v in meta.items() if k != "dataloader_state_dict"}, indent=2))
     path = os.path.join(out_dir, WEIGHTS_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -236,19 +243,21 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
     write("README.md", model_card(meta, source, report_text))
 
 def load_export(export_dir, device, phase="eval"):
-    """-> (GPT, Tokenizer, meta) from a directory written by export_model (or downloaded from the Hub)."""
+    """-> (GPT, Tokenizer, meta) from a directory written
+    by export_model (or downloaded from the Hub)."""
     from nanochat.checkpoint import model_from_state  # checkpoint imports this module: import at call time
     try:
         from safetensors.torch import load_file
     except ImportError:
-        raise ImportError(f"loading {export_dir} needs the safetensors package: pip install safetensors "
-                          f"(or pip install -e '.[hf]')") from None
+        raise ImportError(f"loading {export_dir} needs the safetensors package: pip "
+                          f"install safetensors (or pip install -e '.[hf]')") from None
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
     if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{export_dir}/config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}: "
-                         f"only directories written by `python -m scripts.export_hf` load as nanochat models")
+        raise ValueError(f"{export_dir}/config.json has model_type "
+                         f"{config.get('model_type')!r}, not {MODEL_TYPE!r}: only directories "
+                         f"written by `python -m scripts.export_hf` load as nanochat models")
     missing = [name for name in (WEIGHTS_FILE, "tokenizer.json") if not os.path.exists(os.path.join(export_dir, name))]
     if missing:
         raise FileNotFoundError(f"{export_dir} lacks {missing}: download the whole directory, or re-export it")
@@ -263,8 +272,9 @@ def load_export(export_dir, device, phase="eval"):
     tokenizer = tokenizer_from_hf_json(os.path.join(export_dir, "tokenizer.json"))
     recorded = meta.get("tokenizer_fingerprint")
     if recorded is not None and recorded != tokenizer.fingerprint():
-        raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was trained with (fingerprint "
-                         f"{tokenizer.fingerprint()[:16]}... vs {recorded[:16]}... in {META_FILE}): re-export it")
+        raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was "
+                         f"trained with (fingerprint {tokenizer.fingerprint()[:16]}... vs "
+                         f"{recorded[:16]}... in {META_FILE}): re-export it")
     if tokenizer.get_vocab_size() != config["vocab_size"]:
         raise ValueError(f"{export_dir}: tokenizer vocab {tokenizer.get_vocab_size()} != model's "
                          f"{config['vocab_size']}")

@@ -1,18 +1,20 @@
 """
-A nanochat GPT as a transformers model, written next to its weights by `python -m scripts.export_hf`, so that
+A nanochat GPT as a transformers model, written next to its weights by `python -m
+scripts.export_hf`, so that
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     out = model.generate(ids, max_new_tokens=64)          # KV cache: transformers' DynamicCache
 
-computes what nanochat computes. Plain PyTorch, one forward, same parameter names as nanochat's GPT (the export is
-a copy of its state dict). Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) ->
-x0 := x -> per layer x = resid_lambda*x + x0_lambda*x0, then a pre-norm block (attention with RoPE, QK-norm x1.2,
-a per-layer sliding window, value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of
-the mid-depth residual) -> RMSNorm -> lm_head -> fp32 -> softcap 15.
+computes what nanochat computes. Plain PyTorch, one forward, same parameter names as nanochat's GPT
+(the export is a copy of its state dict). Per forward pass: token embedding -> RMSNorm -> smear (mix
+in the previous token) -> x0 := x -> per layer x = resid_lambda*x + x0_lambda*x0, then a pre-norm
+block (attention with RoPE, QK-norm x1.2, a per-layer sliding window, value embeddings on
+alternating layers; ReLU^2 MLP) -> backout (subtract a fraction of the mid-depth residual) ->
+RMSNorm -> lm_head -> fp32 -> softcap 15.
 
-Leaves out: padded batches (rows of one batch must have the same length), beam search and assisted decoding (the
-smear's previous-token state rides on the cache and is neither reordered nor cropped), training-time niceties (the
-weights come from the export, so _init_weights does nothing).
+Leaves out: padded batches (rows of one batch must have the same length), beam search and assisted
+decoding (the smear's previous-token state rides on the cache and is neither reordered nor cropped),
+training-time niceties (the weights come from the export, so _init_weights does nothing).
 """
 
 import math
@@ -166,8 +168,8 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values  # `cache` from transformers 5.24, the other before
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("this model does not support padded batches (attention_mask has zeros): "
-                             "run prompts of different lengths one at a time")
+            raise ValueError("this model does not support padded batches (attention_mask "
+                             "has zeros): run prompts of different lengths one at a time")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -176,8 +178,8 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         x = norm(self.transformer.wte(input_ids))
         cos, sin = rotary(pos0, T, self.config.n_embd // self.config.n_head, x.device, x.dtype)
 
-        # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, x_{t-1} the previous normalized embedding
-        # (kept on the cache between calls when decoding)
+        # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, x_{t-1} the previous
+        # normalized embedding (kept on the cache between calls when decoding)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
         prev = x[:, :-1]
         if cache is not None:
