@@ -134,14 +134,18 @@ def test_run_row_timeout_kills_what_the_row_started(tmp_path):
     else:
         pytest.fail(f"the row's child {grandchild} is still running")
 
+def fake_cuda(monkeypatch, name, capability):
+    """gpu_check sees a bf16 CUDA device of this name and compute capability, and a reachable hub."""
+    monkeypatch.setattr(gc.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gc.torch.cuda, "get_device_name", lambda device: name)
+    monkeypatch.setattr(gc.torch.cuda, "get_device_capability", lambda device: capability)
+    monkeypatch.setattr(gc, "COMPUTE_DTYPE", torch.bfloat16)
+    monkeypatch.setattr(gc, "hub_reachable", lambda: True)
+
 def test_budget_streams_finished_rows_and_skips_the_rest(tmp_path, monkeypatch, capsys):
     # a fake CUDA machine whose every row takes >= 0.6 s: with the start cutoff 0.5 s into a 10 s budget,
     # the first row runs and every later one is skipped for the budget
-    monkeypatch.setattr(gc.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gc.torch.cuda, "get_device_name", lambda device: "fake GPU")
-    monkeypatch.setattr(gc.torch.cuda, "get_device_capability", lambda device: (9, 0))
-    monkeypatch.setattr(gc, "COMPUTE_DTYPE", torch.bfloat16)
-    monkeypatch.setattr(gc, "hub_reachable", lambda: True)
+    fake_cuda(monkeypatch, "fake GPU", (9, 0))
     monkeypatch.setattr(gc, "MIN_ROW_S", 9.5)
     row = "import json, time; time.sleep(0.6); print(json.dumps({'status': 'ok', 'value': 'fast', 'detail': ''}))"
     monkeypatch.setattr(gc, "row_plan", lambda name, args: ([sys.executable, "-c", row], lambda out: out))
@@ -221,11 +225,7 @@ def test_numeric_checks_pass_on_cpu_and_catch_a_broken_path(monkeypatch):
     assert gc.rows[-1]["status"] == "FAIL" and "window 16" in gc.rows[-1]["detail"]
 
 def test_fp8_rows_skip_before_sm89(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(gc.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gc.torch.cuda, "get_device_name", lambda device: "fake A100")
-    monkeypatch.setattr(gc.torch.cuda, "get_device_capability", lambda device: (8, 0))
-    monkeypatch.setattr(gc, "COMPUTE_DTYPE", torch.bfloat16)
-    monkeypatch.setattr(gc, "hub_reachable", lambda: True)
+    fake_cuda(monkeypatch, "fake A100", (8, 0))
     monkeypatch.delenv("OUT", raising=False)
     monkeypatch.setattr(sys, "argv", ["gpu_check", "--budget=0"])  # every other row: skipped for the budget
     with pytest.raises(SystemExit):
