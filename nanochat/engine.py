@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import load_fa3
-from nanochat.common import print0
+from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, print0
 from nanochat.gpt import KVCache, rotary_tables
 
 # -----------------------------------------------------------------------------
@@ -100,19 +100,23 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8"
 
 def default_inference_dtype(device):
     """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        if major >= 8:
-            return "bfloat16", f"CUDA SM{major}{minor} has bf16 tensor cores"
-        return "float32", f"CUDA SM{major}{minor} < SM80 has no fast bf16"
+    if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says otherwise
+        return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
     if device.type == "cpu":
         # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively;
         # oneDNN uses them
-        feature = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512-BF16"
-        if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        amx = torch.cpu._is_amx_tile_supported()
+        if amx or torch.cpu._is_avx512_bf16_supported():
+            feature = "AMX" if amx else "AVX512-BF16"
             return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
         return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
+
+def add_dtype_flag(parser):
+    """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
+    parser.add_argument("--dtype", type=str, default="", choices=["", *INFERENCE_DTYPES],
+                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, "
+                             "else float32; int8: CPU only)")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
@@ -232,6 +236,13 @@ def check_sampling(temperature, top_k):
 # -----------------------------------------------------------------------------
 # Engine
 
+def new_kv_cache(model, batch_size, seq_len):
+    """An empty KV cache shaped for model, on its device, in its compute dtype."""
+    config = model.config
+    return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
+                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
+                   device=model.get_device(), dtype=model.compute_dtype)
+
 class RowState:
     """Per-sample decoding state: the tool-call state machine and tokens queued to be forced in."""
     def __init__(self):
@@ -290,10 +301,7 @@ class Engine:
         return max_tokens
 
     def _new_cache(self, batch_size, seq_len):
-        config = self.model.config
-        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                       device=self.model.get_device(), dtype=self.model.compute_dtype)
+        return new_kv_cache(self.model, batch_size, seq_len)
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):

@@ -17,6 +17,8 @@ multi-GPU.
 import argparse
 import sys
 
+from nanochat.engine import add_dtype_flag
+
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
 parser.add_argument("-i", "--source", type=str, default="sft",
                     help="base|mid|sft|rl (base = completion mode), or a directory written by scripts.export_hf")
@@ -27,9 +29,7 @@ parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampli
 parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = all)")
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
-                         "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
+add_dtype_flag(parser)
 args = parser.parse_args()
 
 from nanochat.common import compute_init

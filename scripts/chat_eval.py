@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint import load_model
 from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir, check_flags
-from nanochat.engine import Engine, prepare_for_inference
+from nanochat.engine import Engine, add_dtype_flag, prepare_for_inference
 from nanochat.report import get_report
 from tasks.common import hub_dataset_ready
 from tasks.arc import ARC
@@ -212,9 +212,7 @@ if __name__ == "__main__":
     parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("-x", "--max-problems", type=int, default=None, help="most problems per task (default: all)")
     parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-    parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
-                             "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
+    add_dtype_flag(parser)
     args = parser.parse_args()
     validate_args(args)
 

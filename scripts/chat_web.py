@@ -30,6 +30,8 @@ field), request logging of content.
 import argparse
 import os
 
+from nanochat.engine import add_dtype_flag
+
 parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one model replica per GPU (CPU/MPS: 1)")
 parser.add_argument("-i", "--source", type=str, default="sft",
@@ -45,9 +47,7 @@ parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (e
 parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY", ""),
                     help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
 parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once (more wait)")
-parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16", "int8"],
-                    help="weights for generation ('' = bfloat16 on CUDA SM80+ and "
-                         "CPUs with AVX512-BF16/AMX, else float32; int8: CPU only)")
+add_dtype_flag(parser)
 args = parser.parse_args()
 
 import asyncio

@@ -56,8 +56,8 @@ import torch
 
 from nanochat.checkpoint import load_model
 from nanochat.common import compute_init, get_peak_flops, synchronize
-from nanochat.engine import INFERENCE_DTYPES, Engine, prepare_for_inference, sample_next_token
-from nanochat.gpt import GPT, KVCache, config_for_depth
+from nanochat.engine import INFERENCE_DTYPES, Engine, new_kv_cache, prepare_for_inference, sample_next_token
+from nanochat.gpt import GPT, config_for_depth
 
 WARMUP_STEPS = 8
 # Peak HBM bandwidth in bytes/s by device name, most specific first.
@@ -178,10 +178,7 @@ def bench_dtype(dtype):
     for k, v in card.items():
         print(f"  {k:36s} {v}")
 
-    def new_cache(batch_size, seq_len):
-        return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
-                       head_dim=config.n_embd // config.n_head, num_layers=config.n_layer, device=device,
-                       dtype=model.compute_dtype)
+    new_cache = lambda batch_size, seq_len: new_kv_cache(model, batch_size, seq_len)
 
     rng = torch.Generator(device=device).manual_seed(42)
 
