@@ -55,7 +55,7 @@ import nanochat.optim as optim
 from nanochat.common import COMPUTE_DTYPE, atomic_write_text, synchronize
 from nanochat.core_eval import evaluate_task
 from nanochat.fp8 import Float8Matmul
-from nanochat.attention import ATTENTION_IMPLS, attention_reference, load_fa3, sliding_block_mask
+from nanochat.attention import ATTENTION_IMPLS, attention_flex, attention_reference, load_fa3
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.optim import MuonAdamW
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -93,16 +93,12 @@ ATTN_CASES = [  # name, B, Tq, Tk, H, Hkv, D, window
 ]
 
 def flex_compiled(q, k, v, window):
-    """The model's FlexAttention call: torch.compile(flex_attention) made here, outside any trace (a compile inside
-    the model's trace would be a no-op and leave the eager kernel, which materializes the scores)."""
+    """attention_flex as the compiled model runs it: traced into a torch.compile graph, where the flex_attention call
+    is compiled with it (uncompiled, attention_flex takes SDPA)."""
     global _flex
     if _flex is None:
-        from torch.nn.attention.flex_attention import flex_attention
-        _flex = torch.compile(flex_attention, dynamic=False)
-    block_mask = sliding_block_mask(q.size(1), window, q.device)
-    y = _flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-              enable_gqa=q.size(2) != k.size(2))
-    return y.transpose(1, 2)
+        _flex = torch.compile(attention_flex, dynamic=False)
+    return _flex(q, k, v, window)
 
 _flex = None
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with network: download into .whl/ (git-ignored) the wheels bench/gpu_check.sh needs on a GPU machine
-# that has no network and lacks them: rustbpe (the BPE trainer) and kernels (it loads FA3), with their dependencies,
+# that has no network and lacks them: kernels (it loads FA3) and rustbpe (gpu_check itself needs no BPE trainer; it is
+# there for tok_train, should you go on to train on that machine), with their dependencies,
 # built for CPython 3.12 on manylinux x86_64 (the GPU image's Python). Then carry .whl/ along with the repo.
 #   bash bench/gpu_wheels.sh          # ~11 MB; on the GPU machine: bash bench/gpu_check.sh
 # gpu_check.sh installs only the wheels of packages that machine lacks, never over its own copies. FA3 itself is a

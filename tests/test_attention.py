@@ -67,7 +67,7 @@ CASES = [  # (B, Tq, Tk, H, Hkv, window)
     (1, 5, 30, 2, 1, 10**6),   # chunk appended to a cache, full context
 ]
 
-@pytest.mark.parametrize("impl", ["sdpa", "flex"])
+@pytest.mark.parametrize("impl", ["sdpa"])  # flex: test_flex_inside_a_compiled_graph_matches_reference
 @pytest.mark.parametrize("B,Tq,Tk,H,Hkv,window", CASES)
 def test_fast_path_matches_reference(impl, B, Tq, Tk, H, Hkv, window):
     q, k, v = qkv(B, Tq, Tk, H, Hkv, seed=Tq * 1000 + window % 997)
@@ -108,10 +108,9 @@ def test_flex_inside_a_compiled_graph_matches_reference(B, Tq, Tk, H, Hkv, windo
 def test_uncompiled_flex_uses_sdpa_with_a_mask(monkeypatch):
     # Eager training with windows (chat_rl, no FA3): flex uncompiled would materialize B x H x T x T scores, and a
     # standalone compiled flex would recompile for every new (B, T). Neither may run; values and grads stay exact.
-    import torch.nn.attention.flex_attention as flex_module
     def refuse(*args, **kwargs):
         raise AssertionError("flex_attention or torch.compile called outside a compiled model")
-    monkeypatch.setattr(flex_module, "flex_attention", refuse)
+    monkeypatch.setattr(attn, "flex_attention", refuse)  # the name attention_flex calls
     monkeypatch.setattr(torch, "compile", refuse)
     for B, T, window in [(2, 96, 20), (3, 130, 37)]:  # two (B, T): a new shape compiles nothing either
         q, k, v = qkv(B, T, T, 4, 2, requires_grad=True)
