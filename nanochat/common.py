@@ -18,7 +18,6 @@ import urllib.request
 import urllib.error
 
 import torch
-import torch._functorch.config as functorch_config
 import torch.distributed as dist
 from filelock import FileLock
 
@@ -110,10 +109,9 @@ def decide_compile(flag, device_type):
     Whether a training script runs its model through torch.compile, and why, as (bool, one-line
     reason).
     flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for
-    CUDA and for CPU with a working C++ compiler, off for MPS. On CPU it pays in memory and speed:
-    base_train at d4, T=512 (16 x 512, vocab 8,192, fp32, 2-core VM) runs at 1.31-1.35x the tok/s of
-    eager, which peaks at 2,420-2,520 MiB (bench.train; compiled: 1,354-1,400 MiB at vocab 4,096,
-    docs/perf.md); the first step carries the compile time (~1 minute on 2 cores, cold cache).
+    CUDA and for CPU with a working C++ compiler, off for MPS. On CPU it pays mostly in memory (d4 at
+    T=512 peaks ~0.7 GB lower than eager) and some speed (docs/perf.md "Compiling CPU training, and its
+    memory"); the first step carries the compile time (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):
@@ -142,11 +140,10 @@ def decide_compile(flag, device_type):
 def compile_for_training(model):
     """
     torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation
-    backward needs. The budget is process-global, so it is set here, in one place: recomputing half
-    of the activations (budget 0.5) cut d4's peak RSS on CPU by 60-170 MiB but cost 5-11% more CPU
-    time per step (docs/perf.md "Pretraining step").
+    backward needs (torch's default activation_memory_budget of 1.0). Recomputing half of them on CPU
+    (budget 0.5) cut d4's peak RSS by 60-170 MiB but cost 5-11% more CPU time per step, so it is not
+    set (docs/perf.md "Pretraining step").
     """
-    functorch_config.activation_memory_budget = 1.0  # torch's default: save all, recompute nothing
     return torch.compile(model, dynamic=False)
 
 def process_group_backend(device_type):
