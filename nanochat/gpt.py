@@ -15,8 +15,8 @@ of the mid-depth residual)
 -> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy (ignore_index -1).
 
 Where the ideas come from: rotary embeddings (https://arxiv.org/abs/2104.09864); ReLU^2 (Primer,
-https://arxiv.org/abs/2109.08668); QK-norm and the x0 / smear / backout residual tricks as used in
-the modded-nanogpt speedrun (https://github.com/KellerJordan/modded-nanogpt); value embeddings mixed
+https://arxiv.org/abs/2109.08668); QK-norm and learned x0 residual scalars as in the modded-nanogpt
+speedrun (https://github.com/KellerJordan/modded-nanogpt); value embeddings mixed
 into v (ResFormer, https://arxiv.org/abs/2410.17897); logit softcapping (Gemma 2,
 https://arxiv.org/abs/2408.00118). Attention itself (one exact implementation per device) lives in
 nanochat/attention.py. Left out: dropout, biases, tied embeddings, training-time document masking.

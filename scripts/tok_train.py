@@ -22,7 +22,7 @@ import json
 import os
 import time
 
-from nanochat.checkpoint import SOURCE_DIRS
+from nanochat.checkpoint import SOURCE_DIRS, read_meta
 from nanochat.common import get_base_dir, check_flags, atomic_write_text
 from nanochat.dataset import parquets_iter_batched, get_dataset_name
 from nanochat.report import get_report
@@ -51,13 +51,16 @@ config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": ar
           "dataset": get_dataset_name()}
 if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
     fingerprint = Tokenizer.from_directory(tokenizer_dir).fingerprint()
-    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    record = {}
+    if os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
     if record == dict(config, fingerprint=fingerprint):
         print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: kept (--overwrite retrains it)")
         raise SystemExit(0)
     users = sorted({os.path.dirname(path) for source in SOURCE_DIRS.values()
                     for path in glob.glob(os.path.join(get_base_dir(), source, "*", "meta_*.json"))
-                    if json.load(open(path)).get("tokenizer_fingerprint") == fingerprint})
+                    if read_meta(path).get("tokenizer_fingerprint") == fingerprint})
     if users:
         raise SystemExit(f"the tokenizer in {tokenizer_dir} is the one the checkpoints "
                          f"in {', '.join(users)} were trained with; a new one would "
