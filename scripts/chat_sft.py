@@ -207,7 +207,6 @@ def main(stage):
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)  # a second run on output_dir fails here (before any data), naming us
-    check_fresh_start(output_dir, args.resume, args.overwrite)  # never replace another run's checkpoints silently
     source_step = source_meta["step"]
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
     source_name = f"{args.source} checkpoint"
@@ -285,6 +284,8 @@ def main(stage):
                "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
                "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
                "examples_per_step": args.examples_per_step, "pack": args.pack}
+    # never replace another run's checkpoints silently; after the flag checks, so a bad flag gets its own error
+    check_fresh_start(output_dir, args.resume, args.overwrite)
     resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
 
     optimizer = model.setup_optimizer(weight_decay=0.0, lr_frac=args.init_lr_frac, **lrs)
