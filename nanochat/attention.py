@@ -52,7 +52,10 @@ def attention_sdpa(q, k, v, window):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Tq == 1:
         # decode: the last window+1 keys are exactly the visible ones, no mask needed
-        y = F.scaled_dot_product_attention(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):], enable_gqa=gqa)
+        k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
+        if q.device.type == "cpu":
+            return attention_one_query(q, k, v).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk and window >= Tk - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
@@ -60,6 +63,21 @@ def attention_sdpa(q, k, v, window):
         # the mask
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
     return y.transpose(1, 2)
+
+def attention_one_query(q, k, v, mask=None):
+    """
+    Decoding on CPU: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask None or broadcasting to (B, 1, 1,
+    Tk) -> (B, H, 1, D). Two matmuls and an fp32 softmax: SDPA's CPU flash kernel tiles for many
+    queries and costs ~4x as much for one (d20 shapes, 64-1,024 keys; docs/perf.md, "Decode").
+    The query heads that share a kv head are stacked as rows, so GQA needs no copies of k and v.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    scores = torch.matmul(q.view(B, Hkv, H // Hkv, D), k.transpose(-1, -2)).float() / math.sqrt(D)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, Hkv, H / Hkv, D)
+    return y.view(B, H, 1, D)
 
 def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     """
@@ -143,6 +161,8 @@ def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     dist = positions[:, :, None] - torch.arange(lo, hi, device=q.device)[None, None, :]
     mask = ((dist >= 0) & (dist <= window))[:, None]
     k, v = k_cache[:, lo:hi].transpose(1, 2), v_cache[:, lo:hi].transpose(1, 2)
+    if q.size(1) == 1 and q.device.type == "cpu":
+        return attention_one_query(q.transpose(1, 2), k, v, mask).transpose(1, 2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
     return y.transpose(1, 2)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import load_fa3
 from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, print0
-from nanochat.gpt import KVCache, rotary_tables
+from nanochat.gpt import KVCache, Linear, rotary_tables
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -165,11 +165,23 @@ def uses_onednn_bf16(device):
     mkldnn = torch.backends.mkldnn.is_available()
     return device.type == "cpu" and mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
+def _stack_qkv(model):
+    """
+    c_q, c_k and c_v read the same input: stacked into one matrix (attn.c_qkv) they are one matmul
+    per layer instead of three, which a bandwidth-bound decode step feels (docs/perf.md, "Decode").
+    """
+    for block in model.transformer.h:
+        attn = block.attn
+        weight = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]).detach()
+        with torch.device("meta"):
+            attn.c_qkv = Linear(weight.size(1), weight.size(0))
+        attn.c_qkv.weight = nn.Parameter(weight, requires_grad=False)
+        del attn.c_q, attn.c_k, attn.c_v
+
 def _swap_matrices(model, module_class):
     """The block matrices and lm_head -> module_class(linear); the tiny gates stay plain."""
     for block in model.transformer.h:
-        for parent, name in [(block.attn, "c_q"), (block.attn, "c_k"), (block.attn, "c_v"), (block.attn, "c_proj"),
-                             (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
+        for parent, name in [(block.attn, "c_qkv"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
             setattr(parent, name, module_class(getattr(parent, name)))
     model.lm_head = module_class(model.lm_head)
 
@@ -194,6 +206,7 @@ def prepare_for_inference(model, dtype=""):
                          "compute everything in fp32 (attention then uses flex/SDPA)")
     model.eval().requires_grad_(False)
     model.compute_dtype = INFERENCE_DTYPES[dtype]
+    _stack_qkv(model)
     if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
         _swap_matrices(model, Int8Linear)
     model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay as they are

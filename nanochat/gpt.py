@@ -132,12 +132,18 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
         has_ve = has_value_embedding(layer_idx, config.n_layer)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
+        self.c_qkv = None  # generating: c_q, c_k, c_v stacked into one matrix (engine.prepare_for_inference)
 
     def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.c_qkv is None:
+            q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        else:
+            kv_width = self.n_kv_head * self.head_dim
+            q, k, v = self.c_qkv(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
             # ResFormer-style value embedding, mixed per kv-head with an input-dependent gate in (0,
             # 3)
@@ -442,15 +448,16 @@ class GPT(nn.Module):
         return 6 * self.num_matmul_params() + attn
 
     def estimate_decode_flops(self, ctx):
-        """FLOPs to decode one token with ctx tokens already cached."""
-        return 2 * self.num_matmul_params() + sum(4 * self._attn_dims() * min(ctx, w) for w in self.window_sizes)
+        """FLOPs to decode one token, ctx keys in the cache counting its own: a layer of window w
+        attends to min(ctx, w + 1) of them."""
+        return 2 * self.num_matmul_params() + sum(4 * self._attn_dims() * min(ctx, w + 1) for w in self.window_sizes)
 
     def estimate_prefill_flops(self, n):
-        """FLOPs to prefill n tokens: causal attention inside each window."""
+        """FLOPs to prefill n tokens: query t attends to min(t + 1, w + 1) keys."""
         attn = 0
         for w in self.window_sizes:
-            w = min(w, n)
-            attn += 4 * self._attn_dims() * (w * (w + 1) // 2 + (n - w) * w)
+            k = min(w + 1, n)  # the queries from k on see k keys each; the first k - 1 see 1, 2, ...
+            attn += 4 * self._attn_dims() * (k * (k + 1) // 2 + (n - k) * k)
         return 2 * self.num_matmul_params() * n + attn
 
     def kv_bytes_per_token(self):
@@ -461,7 +468,7 @@ class GPT(nn.Module):
         """KV-cache bytes one decode step reads at context
         length ctx (windows cap what each layer reads)."""
         per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * self.compute_dtype.itemsize
-        return sum(per_pos * min(ctx, w) for w in self.window_sizes)
+        return sum(per_pos * min(ctx, w + 1) for w in self.window_sizes)
 
     # -------------------------------------------------------------------------
 

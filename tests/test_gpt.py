@@ -88,14 +88,14 @@ def test_inference_accounting_is_consistent():
                        window_pattern="SL")
     P = model.num_matmul_params()
     assert model.window_sizes == [128, 256, 128, 256]
-    # decode at context 200: short layers read 128 positions, long layers 200
-    assert model.estimate_decode_flops(200) == 2 * P + 4 * 64 * (128 + 200 + 128 + 200)
+    # decode at context 200: short layers (window 128) read 129 positions, the query's own and 128 back; long 200
+    assert model.estimate_decode_flops(200) == 2 * P + 4 * 64 * (129 + 200 + 129 + 200)
     # prefilling n tokens costs exactly the sum of decoding token t at context t = 1..n
     for n in (1, 50, 128, 200):
         assert model.estimate_prefill_flops(n) == sum(model.estimate_decode_flops(c) for c in range(1, n + 1))
     b = COMPUTE_DTYPE.itemsize
     assert model.kv_bytes_per_token() == 4 * 2 * 2 * 16 * b
-    assert model.kv_read_bytes(200) == 2 * 2 * 16 * b * (128 + 200 + 128 + 200)
+    assert model.kv_read_bytes(200) == 2 * 2 * 16 * b * (129 + 200 + 129 + 200)
 
 # -----------------------------------------------------------------------------
 # Initialization

@@ -70,6 +70,16 @@ def test_logits_and_greedy_tokens_match_fp32_within_bound(dtype, config, rows):
     assert error.abs().max() < max_bound
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= agreement_bound
 
+def test_float32_inference_model_computes_the_training_models_logits():
+    """prepare_for_inference stacks c_q, c_k, c_v into one matrix: in fp32 that changes nothing but rounding."""
+    model = trained_like(SMALL, seed=2)
+    prepared = converted(model, "float32")
+    assert prepared.transformer.h[0].attn.c_qkv.weight.shape == (128 + 2 * 64, 128)
+    assert not hasattr(prepared.transformer.h[0].attn, "c_q")
+    prompts = torch.randint(0, SMALL.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(prepared(prompts), model(prompts), atol=1e-4, rtol=0)
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_cached_decoding_in_the_inference_dtype_matches_its_full_forward(dtype, tiny_tokenizer):
     """Engine's greedy tokens (batch-1 prefill, KV cache in the inference dtype, one token a step) are the argmax of
@@ -122,7 +132,7 @@ def test_weights_are_held_once_in_the_inference_dtype_and_never_cast_per_forward
         # what is left: the logits to fp32 for the softcap and a few scalars, far below one matrix
         assert copied_per_decode_step(prepared) < 0.05 * matrices
     if uses_onednn_bf16(torch.device("cpu")):  # this CPU runs bf16 matrices through oneDNN's packed layout
-        assert isinstance(converted(model, "bfloat16").transformer.h[0].attn.c_q, PackedLinear)
+        assert isinstance(converted(model, "bfloat16").transformer.h[0].attn.c_qkv, PackedLinear)
     int8 = converted(model, "int8")
     assert isinstance(int8.lm_head, Int8Linear) and isinstance(int8.transformer.h[0].mlp.c_fc, Int8Linear)
     # one byte per weight of every matrix but the tiny gates (kept bf16), plus one bf16 scale per output row
