@@ -171,9 +171,6 @@ def write_shard(path, texts, row_group_size):
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_BACKOFF = 2.0  # seconds, raised to the attempt number: waits 2, 4, 8, 16 (tests set 0)
 
-def get_url_base(dataset):
-    return (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[dataset][0]).rstrip("/")
-
 def _download_one(job):
     url, path, attempts, backoff = job
     return download_url(url, path, attempts=attempts, backoff=backoff, verify=verify_shard)
@@ -189,7 +186,7 @@ def download_shards(num_files, dataset=None, num_workers=4):
     indices = list(range(num_train)) + [val_index]
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
-    url_base = get_url_base(name)
+    url_base = (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[name][0]).rstrip("/")
     jobs = [(f"{url_base}/{shard_name(i)}", path, DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
             for i in indices if not os.path.exists(path := os.path.join(data_dir, shard_name(i)))]
     print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in "

@@ -38,13 +38,10 @@ import torch
 
 from nanochat.common import get_base_dir, atomic_write_text
 
-SPECIAL_TOKENS = [
-    "<|bos|>",            # document delimiter, prepended to every document
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",   # the assistant calls the Python tool
-    "<|output_start|>", "<|output_end|>",   # the tool's output, fed back to the assistant
-]
+SPECIAL_TOKENS = ["<|bos|>",  # document delimiter, prepended to every document
+                  "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>",  # the assistant calls the Python tool
+                  "<|output_start|>", "<|output_end|>"]  # the tool's output, fed back to it
 
 # GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab val_bpb was
 # {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
