@@ -100,11 +100,10 @@ class ExecutionResult:
 # is compiled under its real file name, so tracebacks can show the offending line.
 _GUARD = r'''
 import builtins, faulthandler, os, resource, shutil, subprocess, sys
-memory, cpu_seconds = {memory}, {cpu_seconds}
-limits = [(resource.RLIMIT_CPU, cpu_seconds), (resource.RLIMIT_FSIZE, {max_file_bytes}),
+limits = [(resource.RLIMIT_CPU, {cpu_seconds}), (resource.RLIMIT_FSIZE, {max_file_bytes}),
           (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, 0)]
 if {limit_memory}:
-    limits += [(resource.RLIMIT_AS, memory), (resource.RLIMIT_DATA, memory)]
+    limits += [(resource.RLIMIT_AS, {memory}), (resource.RLIMIT_DATA, {memory})]
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
 drop_to_uid = {drop_to_uid}
