@@ -155,10 +155,9 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
                     refill()
                 space = T + 1 - pos
                 i = bisect_right(keys, (space, float("inf"))) - 1  # largest document <= space
-                if i >= 0:
-                    i = bisect_left(keys, (keys[i][0],))  # the earliest one of that length
-                else:
-                    i = 0  # nothing fits: crop the shortest to fill the row (the rest is dropped)
+                # the earliest one of that length; when none fits, crop the shortest to fill the
+                # row exactly (the rest is dropped)
+                i = bisect_left(keys, (keys[i][0],)) if i >= 0 else 0
                 doc = tokens.pop(keys.pop(i)[1:])[:space]
                 rows[b, pos:pos + len(doc)] = torch.frombuffer(doc, dtype=torch.int32)
                 pos += len(doc)
@@ -209,10 +208,6 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
         return (index, ids, [1] * len(ids) if train_all_tokens else mask)
 
-    # this stream's conversations in an epoch that begins at cursor `start`: start, start+W, ... < n
-    def share(start):
-        return -(-(n - start) // world_size)
-
     if state is not None:
         epoch, cursor = state["epoch"], state["cursor"]
         consumed, epoch_start = state["consumed"], state["epoch_start"]
@@ -249,7 +244,9 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 placed += 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
-        progress = epoch - 1 + consumed / share(epoch_start)
+        # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n
+        share = -(-(n - epoch_start) // world_size)
+        progress = epoch - 1 + consumed / share
         yield inputs, targets, {"epoch": epoch, "cursor": cursor,
                                 "buffer": [item[0] for item in buffer], "epoch_start": epoch_start,
                                 "consumed": consumed, "progress": progress}

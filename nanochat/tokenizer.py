@@ -243,11 +243,10 @@ class Tokenizer:
 
         ids, mask = [], []
         def add(token_ids, supervised):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
             ids.extend(token_ids)
             mask.extend([supervised] * len(token_ids))
 
-        add(self.bos_token_id, 0)
+        add([self.bos_token_id], 0)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             if message["role"] != expected:
@@ -261,7 +260,7 @@ class Tokenizer:
                                      f"got {type(content).__name__}")
                 add(self.encode(content, prepend="<|user_start|>", append="<|user_end|>"), 0)
                 continue
-            add(self.encode_special("<|assistant_start|>"), 0)
+            add([self.encode_special("<|assistant_start|>")], 0)
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for part in parts:
                 if part["type"] not in PART_TOKENS:
@@ -269,7 +268,7 @@ class Tokenizer:
                                      f"use text, python or python_output")
                 start, end, supervised = PART_TOKENS[part["type"]]
                 add(self.encode(part["text"], prepend=start, append=end), supervised)
-            add(self.encode_special("<|assistant_end|>"), 1)
+            add([self.encode_special("<|assistant_end|>")], 1)
 
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
