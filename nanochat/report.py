@@ -123,20 +123,19 @@ class Report:
         print(f"Report reset: {self.report_dir}")
 
     def generate(self):
-        header_path = os.path.join(self.report_dir, "header.md")
-        has_header = os.path.exists(header_path)
-        parts = [pathlib.Path(header_path).read_text("utf-8")] if has_header else []
+        header_path = pathlib.Path(self.report_dir, "header.md")
+        parts = [header_path.read_text("utf-8")] if header_path.exists() else []
         header = parts[0] if parts else ""
         start = re.search(r"^Run started: (.+)$", header, re.MULTILINE)
         run_start = previous = _parse_time(start.group(1)) if start else None
         metrics = {}  # (metric, column) -> value
         stage_times = []  # (section, wall time since the previous section, seconds)
         for section in EXPECTED_SECTIONS:
-            path = os.path.join(self.report_dir, slugify(section) + ".md")
-            if not os.path.exists(path):
+            path = pathlib.Path(self.report_dir, slugify(section) + ".md")
+            if not path.exists():
                 print(f"Report: no section '{section}' yet, skipped")
                 continue
-            parts.append(text := pathlib.Path(path).read_text("utf-8"))
+            parts.append(text := path.read_text("utf-8"))
             for metric in SUMMARY_METRICS if section in EVAL_COLUMNS else []:
                 m = re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE)
                 if m:
@@ -246,10 +245,8 @@ def _parse_time(text):
     return datetime.datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S")
 
 def _duration(seconds):
-    minutes = int(seconds // 60)
-    if minutes >= 60:
-        return f"{minutes // 60}h{minutes % 60}m"
-    return f"{minutes}m{int(seconds % 60):02d}s"
+    mins = int(seconds // 60)
+    return f"{mins // 60}h{mins % 60}m" if mins >= 60 else f"{mins}m{int(seconds % 60):02d}s"
 
 def load_metric_logs(stage, since=None):
     """{tag: records} of <base>/logs/<stage>_<tag>.jsonl, only the files written since `since`."""
