@@ -185,7 +185,7 @@ def compute_init(device_type=""):
             torch.cuda.set_device(device)
         dist.init_process_group(backend=process_group_backend(device_type),
                                 device_id=device if cuda else None)
-        dist.barrier()  # on CUDA on the bound device, so through NCCL
+        dist.barrier()  # on CUDA: on the bound device, so through NCCL
     print0(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} "
            f"({COMPUTE_DTYPE_REASON})")
     return ddp, rank, local_rank, world_size, device
