@@ -4,7 +4,7 @@ summary (headline metrics per stage, wall time and training FLOPs per stage, the
 GPUs x hours) and plots.
 
     python -m nanochat.report reset      # new run: header with git, hardware, software, code size
-    python -m nanochat.report generate   # write <base>/report/report.md (+ PNGs), copy it to ./
+    python -m nanochat.report generate   # write <base>/report/report.md + PNGs, copy to ./report.md
 
 Sections live in <base>/report/<slug>.md, one per stage, each written atomically; only rank 0
 writes. Metric logs: training scripts append one JSON line per step to
@@ -150,9 +150,8 @@ class Report:
                    "|---|---|---|---|---|"]
         for metric in SUMMARY_METRICS:
             row = [metrics.get((metric, c), "-") for c in ("BASE", "MID", "SFT", "RL")]
-            if metric not in ALWAYS_SHOWN and row == ["-"] * 4:
-                continue
-            summary.append(f"| {metric} | " + " | ".join(row) + " |")
+            if metric in ALWAYS_SHOWN or row != ["-"] * 4:
+                summary.append(f"| {metric} | " + " | ".join(row) + " |")
         logs = {stage: load_metric_logs(stage, run_start) for stage in ("base", "mid", "sft", "rl")}
         summary += [""] + cost_markdown(header, run_start, previous, stage_times, logs)
         summary += ["", "## Plots", ""] + plot_markdown(self.report_dir, logs, metrics)
