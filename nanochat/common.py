@@ -25,7 +25,7 @@ from filelock import FileLock
 # Artifact root: data, tokenizer, checkpoints and reports live here, never in the repo.
 
 def get_base_dir():
-    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    base_dir = os.environ.get("NANOCHAT_BASE_DIR") or os.path.expanduser("~/.cache/nanochat")
     os.makedirs(base_dir, exist_ok=True)
     return base_dir
 
@@ -35,7 +35,7 @@ def get_base_dir():
 def get_dist_info():
     """Returns (ddp, rank, local_rank, world_size) from torchrun's environment."""
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
-        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        return (True, *(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")))
     return False, 0, 0, 1
 
 def is_master():
@@ -59,13 +59,15 @@ def _detect_compute_dtype():
     """Choose the activation dtype once, at import, and say why (the slow path is loud)."""
     env = os.environ.get("NANOCHAT_DTYPE")
     if env:
-        if env == "float16":  # fp16's 5 exponent bits underflow small gradients unless a GradScaler scales the loss
-            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the "
-                             "loss, so fp16 gradients would underflow; use "
-                             "NANOCHAT_DTYPE=bfloat16 (CUDA SM80+) or NANOCHAT_DTYPE=float32")
+        # fp16's 5 exponent bits underflow small gradients unless a GradScaler scales the loss
+        if env == "float16":
+            raise ValueError("NANOCHAT_DTYPE=float16 is not supported: nothing scales the loss, so "
+                             "fp16 gradients would underflow; use NANOCHAT_DTYPE=bfloat16 (CUDA "
+                             "SM80+) or NANOCHAT_DTYPE=float32")
         choices = {"bfloat16": torch.bfloat16, "float32": torch.float32}
         if env not in choices:
-            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or pick one of those")
+            raise ValueError(f"NANOCHAT_DTYPE={env!r} is not one of {sorted(choices)}; unset it or "
+                             f"pick one of those")
         return choices[env], f"set by NANOCHAT_DTYPE={env}"
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
@@ -85,18 +87,16 @@ def _cpu_compile_problem():
     """
     None when inductor can build CPU kernels here, else why not. Inductor compiles each CPU kernel
     into an OpenMP shared library with $CXX, else g++ (clang++ on macOS), so build a one-line one
-    the same way (~0.1 s of CPU).
+    the same way (~0.1 s of CPU), its source read from stdin.
     """
     cxx = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
     if shutil.which(cxx) is None:
         return f"no C++ compiler {cxx!r} on PATH for inductor (install g++ or set CXX)"
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.cpp")
-        with open(src, "w") as f:
-            f.write(_OPENMP_PROBE)
+        command = [cxx, "-x", "c++", "-shared", "-fPIC", "-fopenmp", "-", "-o", f"{tmp}/probe.so"]
         try:
-            result = subprocess.run([cxx, "-shared", "-fPIC", "-fopenmp", src, "-o", os.path.join(tmp, "probe.so")],
-                                    capture_output=True, text=True, timeout=120)
+            result = subprocess.run(command, input=_OPENMP_PROBE, capture_output=True, text=True,
+                                    timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"the C++ compiler {cxx!r} did not run ({e})"
     if result.returncode != 0:
@@ -109,20 +109,18 @@ def decide_compile(flag, device_type):
     Whether a training script runs its model through torch.compile, and why, as (bool, one-line
     reason).
     flag: 1 on, 0 off, -1 auto. Auto is the env var NANOCHAT_COMPILE (0/1) when set, else on for
-    CUDA and for CPU with a working C++ compiler, off for MPS. On CPU it pays mostly in memory (d4 at
-    T=512 peaks ~0.7 GB lower than eager) and some speed (docs/perf.md "Compiling CPU training, and its
-    memory"); the first step carries the compile time (~1 minute on 2 cores, cold cache).
+    CUDA and for CPU with a working C++ compiler, off for MPS. On CPU it pays mostly in memory and
+    some speed (docs/perf.md "Compiling CPU training, and its memory"); the first step carries the
+    compile time (~1 minute on 2 cores, cold cache).
     --compile=1 where the probe fails raises, naming the fix.
     """
     if flag not in (-1, 0, 1):
         raise ValueError(f"--compile={flag}: use 1 (on), 0 (off) or -1 (auto)")
-    env = os.environ.get("NANOCHAT_COMPILE")
+    source, env = f"--compile={flag}", os.environ.get("NANOCHAT_COMPILE")
     if flag == -1 and env is not None:
         if env not in ("0", "1"):
             raise ValueError(f"NANOCHAT_COMPILE={env!r}: use 0 or 1, or unset it for auto")
         flag, source = int(env), f"NANOCHAT_COMPILE={env}"
-    else:
-        source = f"--compile={flag}"
     if flag == 0:
         return False, f"off: {source}"
     if device_type == "cpu":
@@ -130,19 +128,19 @@ def decide_compile(flag, device_type):
         if problem is not None:
             if flag == 1:
                 raise RuntimeError(f"{source} on CPU, but {problem}: fix that or pass --compile=0")
-            return False, f"off: {problem}; training uncompiled (slower, more memory), --compile=0 silences this"
+            return False, (f"off: {problem}; training uncompiled (slower, more memory), "
+                           f"--compile=0 silences this")
     if flag == 1:
         return True, f"on: {source}"
     if device_type == "mps":
         return False, "off: MPS (inductor's Metal backend is partial); --compile=1 tries it"
-    return True, "on: CUDA" if device_type == "cuda" else "on: CPU with a working C++ compiler for inductor"
+    return True, "on: CUDA" if device_type == "cuda" else "on: CPU with a C++ compiler for inductor"
 
 def compile_for_training(model):
     """
     torch.compile for a training loop (one shape per step: dynamic=False), keeping every activation
-    backward needs (torch's default activation_memory_budget of 1.0). Recomputing half of them on CPU
-    (budget 0.5) cut d4's peak RSS by 60-170 MiB but cost 5-11% more CPU time per step, so it is not
-    set (docs/perf.md "Pretraining step").
+    backward needs (torch's default activation_memory_budget of 1.0): recomputing half of them on
+    CPU saved little memory for more CPU time per step (docs/perf.md "Pretraining step").
     """
     return torch.compile(model, dynamic=False)
 
@@ -165,11 +163,13 @@ def compute_init(device_type=""):
     degenerate case (no group at all).
     """
     device_type = device_type or autodetect_device_type()
-    assert device_type in ("cuda", "mps", "cpu"), f"unknown device type {device_type!r}: use cuda, mps or cpu"
+    assert device_type in ("cuda", "mps", "cpu"), f"device {device_type!r}: use cuda, mps or cpu"
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type=cuda was requested but torch sees no CUDA device; use --device-type=cpu")
+        raise RuntimeError("--device-type=cuda was requested but torch sees no CUDA device; use "
+                           "--device-type=cpu")
     if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type=mps was requested but MPS is not available; use --device-type=cpu")
+        raise RuntimeError("--device-type=mps was requested but MPS is not available; use "
+                           "--device-type=cpu")
 
     torch.manual_seed(42)
     if device_type == "cuda":
@@ -178,20 +178,16 @@ def compute_init(device_type=""):
         torch.backends.cudnn.allow_tf32 = True
 
     ddp, rank, local_rank, world_size = get_dist_info()
-    if ddp and device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before the group: NCCL initializes eagerly on the bound device_id
-        dist.init_process_group(backend=process_group_backend(device_type), device_id=device)
-        dist.barrier()  # on the bound device, so through NCCL
-    elif ddp:
-        device = torch.device(device_type)
-        dist.init_process_group(backend=process_group_backend(device_type))
-        dist.barrier()
-    else:
-        device = torch.device(device_type, 0) if device_type == "cuda" else torch.device(device_type)
-    if rank == 0:
-        print(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON})",
-              flush=True)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device(device_type)
+    if ddp:
+        if cuda:  # before the group: NCCL initializes eagerly on the bound device_id
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=process_group_backend(device_type),
+                                device_id=device if cuda else None)
+        dist.barrier()  # on CUDA: on the bound device, so through NCCL
+    print0(f"device: {device} | world size: {world_size} | compute dtype: {COMPUTE_DTYPE} "
+           f"({COMPUTE_DTYPE_REASON})")
     return ddp, rank, local_rank, world_size, device
 
 def compute_cleanup():
@@ -203,8 +199,8 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 def synchronize(device):
-    """Wait for the device's queued work, so wall-clock timings
-    measure it (CUDA runs asynchronously; else a no-op)."""
+    """Wait for the device's queued work, so wall-clock timings measure it (CUDA runs
+    asynchronously; else a no-op)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -228,7 +224,8 @@ def init_wandb(project, run, config, master):
     try:
         import wandb
     except ImportError:
-        print0(f"wandb is not installed, so --run={run} is not logged; `pip install wandb` or use --run=dummy")
+        print0(f"wandb is not installed, so --run={run} is not logged; `pip install wandb` or use "
+               f"--run=dummy")
         return DummyWandb()
     return wandb.init(project=project, name=run, config=config)
 
@@ -252,10 +249,7 @@ def get_peak_flops(device):
     if torch.device(device).type != "cuda":
         return float("inf")
     name = torch.cuda.get_device_name(device).lower()
-    for key, flops in _PEAK_FLOPS:
-        if key in name:
-            return flops
-    return float("inf")
+    return next((flops for key, flops in _PEAK_FLOPS if key in name), float("inf"))
 
 # -----------------------------------------------------------------------------
 # Downloads: stream to a temp file, rename on success; retry with exponential backoff.
@@ -277,12 +271,12 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
     tmp_path = f"{path}.tmp{os.getpid()}"
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+            with urllib.request.urlopen(url, timeout=timeout) as response, \
+                    open(tmp_path, "wb") as f:
                 expected = response.headers.get("Content-Length")
                 written = 0
                 while chunk := response.read(chunk_size):
-                    f.write(chunk)
-                    written += len(chunk)
+                    written += f.write(chunk)
             if expected is not None and written != int(expected):
                 raise IOError(f"got {written} of {expected} bytes")
             if verify is not None:
@@ -304,8 +298,8 @@ def download_file_with_lock(url, path, postprocess=None):
     with FileLock(path + ".lock"):
         if not os.path.exists(path):
             if not download_url(url, path):
-                raise RuntimeError(f"could not download {url} to {path}; check "
-                                   f"the network, or place the file there by hand")
+                raise RuntimeError(f"could not download {url} to {path}; check the network, or "
+                                   f"place the file there by hand")
             if postprocess is not None:
                 postprocess(path)
     return path
@@ -321,19 +315,20 @@ def check_flags(rules):
             raise SystemExit(f"error: {flag}={value} is invalid: it must be {requirement}")
 
 def grad_accum_steps_for(total_batch_size, device_batch_size, seq_len, world_size):
-    """Forward/backward passes per optimizer step: the total
-    batch must split into whole rows x seq_len x GPUs."""
+    """Forward/backward passes per optimizer step: the total batch must split into whole rows x
+    seq_len x GPUs."""
     per_pass = device_batch_size * seq_len * world_size
     if total_batch_size % per_pass != 0:
         raise ValueError(f"total batch {total_batch_size:,} tokens is not divisible by "
-                         f"device_batch_size x seq_len x GPUs = {device_batch_size} x "
-                         f"{seq_len} x {world_size} = {per_pass:,}: pick --total-batch-size "
-                         f"as a multiple of {per_pass:,} or change --device-batch-size")
+                         f"device_batch_size x seq_len x GPUs = {device_batch_size} x {seq_len} x "
+                         f"{world_size} = {per_pass:,}: pick --total-batch-size as a multiple of "
+                         f"{per_pass:,} or change --device-batch-size")
     return total_batch_size // per_pass
 
 def collect_garbage(step, start_step, every=5000):
-    """After each step. Python's GC walks every live object (~500 ms at scale): after the first step freeze what exists
-    and turn automatic collection off; collect every `every` steps (evals and loaders make garbage)."""
+    """After each step. Python's GC walks every live object (~500 ms at scale): after the first step
+    freeze what exists and turn automatic collection off; collect every `every` steps (evals and
+    loaders make garbage)."""
     if step == start_step + 1:
         gc.collect()
         gc.freeze()

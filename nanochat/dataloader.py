@@ -2,16 +2,18 @@
 Data loaders that turn text into (inputs, targets) batches of shape (B, T), int64.
 
     from nanochat.dataloader import pretrain_loader, chat_loader
-    for inputs, targets, state in pretrain_loader(tokenizer, B=32, T=2048, split="train", device=device): ...
+    for inputs, targets, state in pretrain_loader(tokenizer, B=32, T=2048, split="train"): ...
     for inputs, targets, state in chat_loader(task, tokenizer, B=32, T=2048, device=device): ...
 
 pretrain_loader: BOS-aligned best-fit packing of parquet documents (nanochat.dataset shards).
-  Every row starts with <|bos|> and is filled completely: each row (capacity T+1) repeatedly takes the largest
-  buffered document that still fits, and when none fits, the shortest one is cropped to fill the rest. This crops
-  fewer tokens than greedy packing (karpathy/nanochat's measurement at T=2048: 39.4% greedy, 34.6% best-fit).
-  Resume is EXACT: the state names the next unread document and the documents sitting in the buffer (by position
-  in the data, not by content), so a new loader re-reads and re-tokenizes them and produces the very batches the
-  uninterrupted loader would have produced. The state is a small JSON-serialisable dict (a few KB at buffer 1000).
+  Every row starts with <|bos|> and is filled completely: each row (capacity T+1) repeatedly takes
+  the largest buffered document that still fits, and when none fits, the shortest one is cropped to
+  fill the rest. This crops fewer tokens than greedy packing (karpathy/nanochat's measurement at
+  T=2048: 39.4% greedy, 34.6% best-fit).
+  Resume is EXACT: the state names the next unread document and the documents sitting in the buffer
+  (by position in the data, not by content), so a new loader re-reads and re-tokenizes them and
+  produces the very batches the uninterrupted loader would have produced. The state is a small
+  JSON-serialisable dict (a few KB at buffer 1000).
 
 chat_loader: best-fit packing of rendered conversations WITH BOS padding and no cropping, for
 mid-training/SFT.
@@ -28,11 +30,12 @@ padded iterator.
 
 import os
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left, bisect_right, insort
 
 import torch
 
-from nanochat.dataset import get_dataset_name, list_parquet_files, num_row_groups, read_row_group, repair_command
+from nanochat.dataset import (get_dataset_name, list_parquet_files, num_row_groups, read_row_group,
+                             repair_command)
 
 # -----------------------------------------------------------------------------
 # Shared: rows -> device tensors
@@ -44,22 +47,20 @@ def _to_device(batch, device):
     allocator does not hand the pinned block out again until that copy has finished, so no double
     buffering is needed here.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        staged = torch.empty(batch.shape, dtype=batch.dtype, pin_memory=True)
-        staged.copy_(batch)
-        return staged.to(device, non_blocking=True)
+    if torch.device(device).type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
     return batch.to(device)
 
 # -----------------------------------------------------------------------------
 # Pretraining: BOS-aligned best-fit packing with exact resume
 
 def _row_group_index(paths):
-    """(file index, row group) of every row group of the files,
-    in order: the global list the streams stride over."""
+    """(file index, row group) of every row group of the files, in order: the global list the
+    streams stride over."""
     key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
-    if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512 times
-        _row_group_cache[key] = [(p, r) for p, path in enumerate(paths) for r in range(num_row_groups(path))]
+    if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512x
+        _row_group_cache[key] = [(p, r) for p, path in enumerate(paths)
+                                 for r in range(num_row_groups(path))]
     return _row_group_cache[key]
 _row_group_cache = {}
 
@@ -97,30 +98,32 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
         return read_row_group(paths[p], r)
 
     def add_docs(positions, texts):
-        for position, ids in zip(positions, tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)):
+        rows = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
+        for position, ids in zip(positions, rows):
             tokens[position] = array("i", ids)
-            keys.insert(bisect_left(keys, (len(ids),) + position), (len(ids),) + position)
+            insort(keys, (len(ids), *position))
 
     if state is not None:
         if "row_group" not in state:
-            raise ValueError(f"dataloader state of an older format (per-file row "
-                             f"groups, keys {sorted(state)}): resume it with the "
-                             f"nanochat version that wrote it, or start a new run")
+            raise ValueError(f"dataloader state of an older format (per-file row groups, keys "
+                             f"{sorted(state)}): resume it with the nanochat version that wrote "
+                             f"it, or start a new run")
         assert state["num_row_groups"] == len(index), (
             f"dataloader state was saved with {state['num_row_groups']} {split} row groups "
             f"but the files now have {len(index)}: resume with the same data shards")
         g, doc_idx = state["row_group"], state["doc_idx"]
         for rg, docs in state["buffer"]:
             texts = read_texts(rg)
-            assert max(docs) < len(texts), f"buffered docs of row group {rg} are gone: resume with the same data shards"
+            assert max(docs) < len(texts), (
+                f"buffered docs of row group {rg} are gone: resume with the same data shards")
             add_docs([(rg, d) for d in docs], [texts[d] for d in docs])
 
     texts, texts_at = None, None  # the row group under the cursor, read once
     def refill():
-        """Tokenize the next up to tokenizer_batch_size
-        documents of this rank's stream into the buffer."""
+        """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the
+        buffer."""
         nonlocal g, doc_idx, texts, texts_at
-        empty = 0  # row groups passed without a document; a whole epoch of them means there are none
+        empty = 0  # row groups passed without a document; a whole epoch of them: there are none
         while True:
             if texts_at != g:
                 texts, texts_at = read_texts(g), g
@@ -140,8 +143,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
         buffer = {}
         for position in sorted(tokens):
             buffer.setdefault(position[0], []).append(position[1])
-        return {"epoch": g // len(index) + 1, "row_group": g, "doc_idx": doc_idx, "num_row_groups": len(index),
-                "buffer": [[rg, docs] for rg, docs in buffer.items()]}
+        return {"epoch": g // len(index) + 1, "row_group": g, "doc_idx": doc_idx,
+                "num_row_groups": len(index), "buffer": [[rg, docs] for rg, docs in buffer.items()]}
 
     while True:
         rows = torch.empty((B, T + 1), dtype=torch.int64)
@@ -151,11 +154,10 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
                 while len(keys) < buffer_size:
                     refill()
                 space = T + 1 - pos
-                i = bisect_right(keys, (space, float("inf"))) - 1  # largest document with length <= space
-                if i >= 0:
-                    i = bisect_left(keys, (keys[i][0],))  # the earliest one of that length
-                else:
-                    i = 0  # nothing fits: crop the shortest to fill the row exactly (the rest is dropped)
+                i = bisect_right(keys, (space, float("inf"))) - 1  # largest document <= space
+                # the earliest one of that length; when none fits, crop the shortest to fill the
+                # row exactly (the rest is dropped)
+                i = bisect_left(keys, (keys[i][0],)) if i >= 0 else 0
                 doc = tokens.pop(keys.pop(i)[1:])[:space]
                 rows[b, pos:pos + len(doc)] = torch.frombuffer(doc, dtype=torch.int32)
                 pos += len(doc)
@@ -166,7 +168,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 # Chat: best-fit packing with BOS padding, never cropping between rows
 
 def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", state=None,
-                buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None, pack=True):
+                buffer_size=100, train_all_tokens=False, num_epochs=None, max_per_batch=None,
+                pack=True):
     """
     Infinite generator of (inputs, targets, state) over a dataset of conversations (len() and [i]).
     Each row (capacity T+1) takes the largest buffered conversation that fits the space left; when
@@ -188,7 +191,8 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     "buffer" (example indices), "epoch_start" (the cursor this epoch began at), "consumed" (this
     epoch's conversations placed in rows), "progress" (epochs consumed as a float: 0.5 = half of
     this stream's share of the dataset trained)}; pass it back to resume.
-    pack=False: one conversation per row, the rest padding (with buffer_size=1: in the stream's order).
+    pack=False: one conversation per row, the rest padding (with buffer_size=1: in the stream's
+    order).
     """
     n = len(dataset)
     assert n > 0, "the conversation dataset is empty"
@@ -204,11 +208,9 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
         return (index, ids, [1] * len(ids) if train_all_tokens else mask)
 
-    def share(start):  # this stream's conversations in an epoch that begins at cursor `start`: start, start+W, ... < n
-        return -(-(n - start) // world_size)
-
     if state is not None:
-        epoch, cursor, consumed, epoch_start = state["epoch"], state["cursor"], state["consumed"], state["epoch_start"]
+        epoch, cursor = state["epoch"], state["cursor"]
+        consumed, epoch_start = state["consumed"], state["epoch_start"]
         buffer = [render(index) for index in state["buffer"]]
 
     while True:
@@ -224,8 +226,8 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 if not buffer:  # every conversation of this epoch is placed
                     if num_epochs is not None and epoch >= num_epochs:
                         break  # done: padding only from here on
-                    # next epoch; the stride continues across the wrap (a stride > n passes whole
-                    # epochs)
+                    # next epoch; the stride continues across the wrap (a stride > n passes
+                    # whole epochs)
                     epoch, cursor, consumed = epoch + cursor // n, cursor % n, 0
                     epoch_start = cursor
                     continue
@@ -233,7 +235,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 fits = [i for i, item in enumerate(buffer) if len(item[1]) <= space]
                 if not fits:
                     break  # pad the rest of this row with BOS
-                i = max(fits, key=lambda i: (len(buffer[i][1]), -i))  # largest; ties: the one pulled first
+                i = max(fits, key=lambda i: (len(buffer[i][1]), -i))  # largest; ties: pulled first
                 _, ids, mask = buffer.pop(i)
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
@@ -242,6 +244,9 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 placed += 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
-        progress = epoch - 1 + consumed / share(epoch_start)
-        yield inputs, targets, {"epoch": epoch, "cursor": cursor, "buffer": [item[0] for item in buffer],
-                                "epoch_start": epoch_start, "consumed": consumed, "progress": progress}
+        # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n
+        share = -(-(n - epoch_start) // world_size)
+        progress = epoch - 1 + consumed / share
+        yield inputs, targets, {"epoch": epoch, "cursor": cursor,
+                                "buffer": [item[0] for item in buffer], "epoch_start": epoch_start,
+                                "consumed": consumed, "progress": progress}

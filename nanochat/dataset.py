@@ -5,7 +5,7 @@ local corpus with no network, and read any of them back one row group at a time.
     python -m nanochat.dataset -n 8              # ClimbMix train shards 0..7 + the pinned val shard
     python -m nanochat.dataset -n -1 -w 8        # every shard, 8 parallel downloads
     python -m nanochat.dataset --dataset fineweb-edu -n 8
-    python -m nanochat.dataset --dataset local   # offline corpus from this Python's standard library
+    python -m nanochat.dataset --dataset local   # offline corpus from this Python's stdlib
 
 Shards live in <base>/base_data_<name>/shard_NNNNN.parquet: one string column "text", documents
 grouped into row groups, zstd. Readers pick the dataset from env NANOCHAT_DATASET (default
@@ -20,8 +20,9 @@ serves none) and the repackaging of upstream datasets into shards.
 """
 
 import argparse
-import hashlib
 import ast
+import contextlib
+import hashlib
 import os
 import platform
 import random
@@ -38,9 +39,10 @@ from nanochat.common import get_base_dir, download_url, print0
 # -----------------------------------------------------------------------------
 # Datasets: name -> (URL base, index of the last shard). The last shard is the pinned val shard.
 
+HF = "https://huggingface.co/datasets/karpathy"
 DATASETS = {
-    "climbmix": ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
-    "fineweb-edu": ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
+    "climbmix": (f"{HF}/climbmix-400b-shuffle/resolve/main", 6542),
+    "fineweb-edu": (f"{HF}/fineweb-edu-100b-shuffle/resolve/main", 1822),
     "local": (None, 9),  # built by build_local_corpus(): LOCAL_NUM_SHARDS shards, the last is val
 }
 DEFAULT_DATASET = "climbmix"
@@ -51,7 +53,8 @@ def shard_name(index):
 def get_dataset_name(dataset=None):
     name = dataset or os.environ.get("NANOCHAT_DATASET") or DEFAULT_DATASET
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r} (argument or NANOCHAT_DATASET): pick one of {sorted(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r} (argument or NANOCHAT_DATASET): pick one of "
+                         f"{sorted(DATASETS)}")
     return name
 
 def get_data_dir(dataset=None):
@@ -61,12 +64,13 @@ def get_data_dir(dataset=None):
 def val_shard_index(dataset=None):
     return DATASETS[get_dataset_name(dataset)][1]
 
-def fetch_command(dataset=None):
-    """The command that makes this dataset's shards appear, for error messages."""
+def fetch_command(dataset=None, num_files=8):
+    """The command that makes this dataset's shards appear (train shards 0..num_files-1 and the val
+    shard), for error messages."""
     name = get_dataset_name(dataset)
     if name == "local":
         return "python -m nanochat.dataset --dataset local"
-    return f"python -m nanochat.dataset -n 8 --dataset {name}"
+    return f"python -m nanochat.dataset -n {num_files} --dataset {name}"
 
 # -----------------------------------------------------------------------------
 # Readers
@@ -74,8 +78,9 @@ def fetch_command(dataset=None):
 _announced = set()  # datasets whose name was already printed by this process
 
 def list_parquet_files(split=None, dataset=None):
-    """Sorted shard paths of one split: "train" (every shard but the pinned val shard), "val" (the pinned
-    shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the fix when empty."""
+    """Sorted shard paths of one split: "train" (every shard but the pinned val shard), "val" (the
+    pinned shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the
+    fix when empty."""
     assert split in (None, "train", "val"), f"split must be 'train', 'val' or None, got {split!r}"
     name = get_dataset_name(dataset)
     data_dir = get_data_dir(name)
@@ -85,12 +90,13 @@ def list_parquet_files(split=None, dataset=None):
     listing = os.listdir(data_dir) if os.path.isdir(data_dir) else []
     files = sorted(f for f in listing if re.fullmatch(r"shard_\d{5}\.parquet", f))
     if not files:
-        raise FileNotFoundError(f"no parquet shards of dataset {name!r} in {data_dir}; run `{fetch_command(name)}`")
+        raise FileNotFoundError(f"no parquet shards of dataset {name!r} in {data_dir}; run "
+                                f"`{fetch_command(name)}`")
     val = shard_name(val_shard_index(name))
     if split == "val":
         if val not in files:
-            fix = fetch_command(name) if name == "local" else f"python -m nanochat.dataset -n 0 --dataset {name}"
-            raise FileNotFoundError(f"validation shard {val} of dataset {name!r} is missing in {data_dir}; run `{fix}`")
+            raise FileNotFoundError(f"validation shard {val} of dataset {name!r} is missing in "
+                                    f"{data_dir}; run `{fetch_command(name, num_files=0)}`")
         files = [val]
     elif split == "train":
         files = [f for f in files if f != val]
@@ -101,51 +107,46 @@ def list_parquet_files(split=None, dataset=None):
 
 def repair_command(path):
     """What to run when the shard at `path` is unreadable (for error messages)."""
-    name = next((n for n in DATASETS if os.path.dirname(os.path.abspath(path)) == get_data_dir(n)), None)
-    if name == "local":
-        return "python -m nanochat.dataset --dataset local --force"
+    shard_dir = os.path.dirname(os.path.abspath(path))
+    name = next((n for n in DATASETS if shard_dir == get_data_dir(n)), None)
     if name is None:
         return "delete it, then rebuild or re-download it"
+    if name == "local":
+        return fetch_command(name) + " --force"
     index = int(re.search(r"\d+", os.path.basename(path)).group())
-    if index == val_shard_index(name):  # -n 0 fetches only the val shard
-        return f"rm {path} && python -m nanochat.dataset -n 0 --dataset {name}"
-    return f"rm {path} && python -m nanochat.dataset -n {index + 1} --dataset {name}"
+    num_files = 0 if index == val_shard_index(name) else index + 1  # -n 0: only the val shard
+    return f"rm {path} && {fetch_command(name, num_files)}"
 
-SHARD_ERRORS = (pa.ArrowException, OSError, ValueError, KeyError)  # pyarrow's messages name neither file nor fix
-
-def _unreadable(path, e):
-    return RuntimeError(f"cannot read shard {path} ({type(e).__name__}: {e}); it is "
-                        f"truncated or corrupt: to replace it: {repair_command(path)}")
-
-def open_shard(path):
+@contextlib.contextmanager
+def _shard_errors(path):
+    """pyarrow's errors name neither the file nor the fix: re-raise them naming both."""
     try:
-        return pq.ParquetFile(path)
-    except SHARD_ERRORS as e:
-        raise _unreadable(path, e) from None
-
-def read_texts(pf, path, rg_idx):
-    try:
-        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
-    except SHARD_ERRORS as e:
-        raise _unreadable(path, e) from None
+        yield
+    except (pa.ArrowException, OSError, ValueError, KeyError) as e:
+        raise RuntimeError(f"cannot read shard {path} ({type(e).__name__}: {e}); it is truncated "
+                           f"or corrupt: to replace it: {repair_command(path)}") from None
 
 def num_row_groups(path):
-    return open_shard(path).num_row_groups
+    with _shard_errors(path):
+        return pq.ParquetFile(path).num_row_groups
 
 def read_row_group(path, rg_idx):
     """The texts of row group rg_idx of one shard."""
-    return read_texts(open_shard(path), path, rg_idx)
+    with _shard_errors(path):
+        texts = pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text")
+        return texts.to_pylist()
 
 def verify_shard(path):
-    """Raises ValueError unless path is a complete parquet
-    shard: readable footer, row groups, string column "text"."""
+    """Raises ValueError unless path is a complete parquet shard: readable footer, row groups,
+    string column "text"."""
     try:
         pf = pq.ParquetFile(path)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"not a complete parquet file ({e})") from None
     text_type = schema.field("text").type if "text" in schema.names else pa.null()
-    if pf.num_row_groups < 1 or not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+    is_text = pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
+    if pf.num_row_groups < 1 or not is_text:
         raise ValueError(f"not a text shard: {pf.num_row_groups} row groups, schema {schema}")
 
 def parquets_iter_batched(split, start=0, step=1, dataset=None):
@@ -153,16 +154,15 @@ def parquets_iter_batched(split, start=0, step=1, dataset=None):
     start, start+step, ... (rank r of W ranks passes start=r, step=W and reads a disjoint share)."""
     assert 0 <= start and step >= 1, f"need start >= 0 and step >= 1, got start={start} step={step}"
     for path in list_parquet_files(split, dataset):
-        pf = open_shard(path)
-        for rg_idx in range(start, pf.num_row_groups, step):
-            yield read_texts(pf, path, rg_idx)
+        for rg_idx in range(start, num_row_groups(path), step):
+            yield read_row_group(path, rg_idx)
 
 def write_shard(path, texts, row_group_size):
     """Write texts as one shard (column "text", zstd), via a temp file and rename."""
     tmp_path = f"{path}.tmp{os.getpid()}"
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd", compression_level=3,
-                   use_dictionary=False, write_statistics=False)
+    pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd",
+                   compression_level=3, use_dictionary=False, write_statistics=False)
     os.replace(tmp_path, path)
 
 # -----------------------------------------------------------------------------
@@ -171,16 +171,14 @@ def write_shard(path, texts, row_group_size):
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_BACKOFF = 2.0  # seconds, raised to the attempt number: waits 2, 4, 8, 16 (tests set 0)
 
-def get_url_base(dataset):
-    return (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[dataset][0]).rstrip("/")
-
 def _download_one(job):
     url, path, attempts, backoff = job
     return download_url(url, path, attempts=attempts, backoff=backoff, verify=verify_shard)
 
 def download_shards(num_files, dataset=None, num_workers=4):
-    """Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a time.
-    Shards already on disk are skipped without a request. Returns the names of shards that failed."""
+    """Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a
+    time. Shards already on disk are skipped without a request. Returns the names of shards that
+    failed."""
     name = get_dataset_name(dataset)
     assert name != "local", "the local corpus is built, not downloaded: call build_local_corpus()"
     val_index = val_shard_index(name)
@@ -188,10 +186,11 @@ def download_shards(num_files, dataset=None, num_workers=4):
     indices = list(range(num_train)) + [val_index]
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
-    url_base = get_url_base(name)
-    jobs = [(f"{url_base}/{shard_name(i)}", os.path.join(data_dir, shard_name(i)), DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
-            for i in indices if not os.path.exists(os.path.join(data_dir, shard_name(i)))]
-    print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in {data_dir}", flush=True)
+    url_base = (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[name][0]).rstrip("/")
+    jobs = [(f"{url_base}/{shard_name(i)}", path, DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
+            for i in indices if not os.path.exists(path := os.path.join(data_dir, shard_name(i)))]
+    print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in "
+          f"{data_dir}", flush=True)
     ok = []
     if jobs:
         with Pool(processes=max(1, min(num_workers, len(jobs)))) as pool:
@@ -208,38 +207,39 @@ def download_shards(num_files, dataset=None, num_workers=4):
 # (docs/perf.md, "Local corpus").
 
 LOCAL_NUM_SHARDS = DATASETS["local"][1] + 1
-LOCAL_ROW_GROUP = 64        # smaller than the hosted 1,024, so even the ~900-document val shard has many row groups
+LOCAL_ROW_GROUP = 64  # not the hosted 1,024: even the ~900-document val shard has many row groups
 LOCAL_SEED = 42
-MIN_DOC_CHARS = 200         # shorter pieces are mostly a stray import line or closing brace
-MAX_DOC_CHARS = 1_000       # files are split at blank lines into pieces of ~300 tokens, about one row of the demo's
-                            # 256-token context: longer pieces would be cropped at the row's end,
-                            # the rest never seen
+MIN_DOC_CHARS = 200   # shorter pieces are mostly a stray import line or closing brace
+# Files are split at blank lines into pieces of ~300 tokens, about one row of the demo's 256-token
+# context: longer pieces would be cropped at the row's end, the rest never seen.
+MAX_DOC_CHARS = 1_000
 # Left out: generated tables (encodings), parts that distributions split into other packages
 # (Debian: tkinter, idlelib, turtle, lib2to3, distutils, ensurepip, venv) or patch (site,
 # sysconfig), and the test suite (optional).
-SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib-dynload", "encodings",
-             "tkinter", "idlelib", "turtledemo", "lib2to3", "distutils", "ensurepip", "venv"}
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+             "lib-dynload", "encodings", "tkinter", "idlelib", "turtledemo", "lib2to3", "distutils",
+             "ensurepip", "venv"}
 SKIP_FILES = {"site.py", "sysconfig.py", "turtle.py"}
+SKIP_PREFIXES = ("test_", "_sysconfigdata")
 # license boilerplate, which would otherwise repeat across files
-LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License|THE SOFTWARE IS PROVIDED"
-                          r"|GNU (Lesser )?General Public License|Redistribution and use in source and binary forms"
+LICENSE_TEXT = re.compile(r"Permission is hereby granted|Licensed under the Apache License"
+                          r"|THE SOFTWARE IS PROVIDED|GNU (Lesser )?General Public License"
+                          r"|Redistribution and use in source and binary forms"
                           r"|This software is provided 'as-is'")
 
-def _read_text(path):
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
-
 def _docs_of_file(path):
-    """The documents one stdlib file contributes: the module's source, or for pydoc's help topics (the language
-    reference as one dict of strings) each topic's prose."""
+    """The documents one stdlib file contributes: the module's source, or for pydoc's help topics
+    (the language reference as one dict of strings) each topic's prose."""
     name = os.path.basename(path)
-    if not name.endswith(".py") or name.startswith(("test_", "_sysconfigdata")) or name in SKIP_FILES:
+    if not name.endswith(".py") or name.startswith(SKIP_PREFIXES) or name in SKIP_FILES:
         return []
-    text = _read_text(path)
+    with open(path, "rb") as f:
+        text = f.read().decode("utf-8", errors="replace").replace("\r\n", "\n")
     if name == "topics.py" and os.path.basename(os.path.dirname(path)) == "pydoc_data":
         body = ast.parse(text).body
-        if len(body) == 1 and isinstance(body[0], ast.Assign) and isinstance(body[0].value, ast.Dict):
-            return list(ast.literal_eval(body[0].value).values())
+        value = body[0].value if len(body) == 1 and isinstance(body[0], ast.Assign) else None
+        if isinstance(value, ast.Dict):
+            return list(ast.literal_eval(value).values())
     return [] if LICENSE_TEXT.search(text) else [text]
 
 def split_doc(text, max_chars=MAX_DOC_CHARS):
@@ -258,11 +258,12 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
     return pieces
 
 def collect_local_documents(root=None):
-    """All documents under root (default: the stdlib), in
-    sorted walk order, deduplicated, small pieces dropped."""
+    """All documents under root (default: the stdlib), in sorted walk order, deduplicated, small
+    pieces dropped."""
     seen, docs = set(), []
-    for dirpath, dirnames, filenames in os.walk(sysconfig.get_paths()["stdlib"] if root is None else root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+    for dirpath, dirnames, filenames in os.walk(root or sysconfig.get_paths()["stdlib"]):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in SKIP_DIRS and not d.startswith("config-"))
         for filename in sorted(filenames):
             for doc in _docs_of_file(os.path.join(dirpath, filename)):
                 for piece in split_doc(doc.strip()):
@@ -273,8 +274,8 @@ def collect_local_documents(root=None):
     return docs
 
 def corpus_hash(docs):
-    """sha256 of the documents in order (length-prefixed,
-    so no two different lists collide by concatenation)."""
+    """sha256 of the documents in order (length-prefixed, so no two different lists collide by
+    concatenation)."""
     h = hashlib.sha256()
     for doc in docs:
         data = doc.encode()
@@ -292,11 +293,12 @@ def build_local_corpus(force=False, root=None):
     data_dir = get_data_dir("local")
     paths = [os.path.join(data_dir, shard_name(i)) for i in range(LOCAL_NUM_SHARDS)]
     if not force and all(os.path.exists(p) for p in paths):
-        print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards): --force rebuilds it", flush=True)
+        print(f"local corpus already built in {data_dir} ({LOCAL_NUM_SHARDS} shards): --force "
+              f"rebuilds it", flush=True)
         return None
     docs = collect_local_documents(root)
     random.Random(LOCAL_SEED).shuffle(docs)
-    assert len(docs) >= LOCAL_NUM_SHARDS * 2, f"only {len(docs)} documents found for {LOCAL_NUM_SHARDS} shards"
+    assert len(docs) >= 2 * LOCAL_NUM_SHARDS, f"{len(docs)} documents for {LOCAL_NUM_SHARDS} shards"
     tmp_dir = f"{data_dir}.tmp{os.getpid()}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -304,7 +306,8 @@ def build_local_corpus(force=False, root=None):
         texts = docs[i::LOCAL_NUM_SHARDS]
         write_shard(os.path.join(tmp_dir, shard_name(i)), texts, LOCAL_ROW_GROUP)
         split = "val" if i == LOCAL_NUM_SHARDS - 1 else "train"
-        print(f"{shard_name(i)} ({split}): {len(texts):,} docs, {sum(map(len, texts)):,} chars", flush=True)
+        print(f"{shard_name(i)} ({split}): {len(texts):,} docs, {sum(map(len, texts)):,} chars",
+              flush=True)
     if os.path.isdir(data_dir):
         shutil.rmtree(data_dir)
     os.replace(tmp_dir, data_dir)
@@ -318,26 +321,30 @@ def build_local_corpus(force=False, root=None):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download pretraining shards, or build the offline local corpus")
-    parser.add_argument("-n", "--num-files", type=int, default=-1, help="train shards (-1 = all), plus the val shard")
+    parser = argparse.ArgumentParser(description="Download pretraining shards, or build the "
+                                                 "offline local corpus")
+    parser.add_argument("-n", "--num-files", type=int, default=-1,
+                        help="train shards (-1 = all), plus the val shard")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                         help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); "
                              f"local = built from this Python's standard library, no network")
-    parser.add_argument("--force", action="store_true", help="local only: rebuild the corpus even if its shards exist")
+    parser.add_argument("--force", action="store_true",
+                        help="local only: rebuild the corpus even if its shards exist")
     args = parser.parse_args(argv)
     name = get_dataset_name(args.dataset)
     if name == "local":
         if args.num_files != -1:
-            parser.error("-n/--num-files does not apply to --dataset local: the local corpus is always built whole")
+            parser.error("-n/--num-files does not apply to --dataset local (always built whole)")
         build_local_corpus(force=args.force)
         return
     if args.force:
-        parser.error("--force applies to --dataset local only; delete a bad shard by hand to fetch it again")
+        parser.error("--force is for --dataset local; delete a bad shard by hand to fetch it again")
     assert args.num_workers >= 1, f"--num-workers must be >= 1, got {args.num_workers}"
     failed = download_shards(args.num_files, name, args.num_workers)
     if failed:
-        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: {', '.join(failed)}; rerun to retry")
+        raise SystemExit(f"failed to download {len(failed)} shard(s) of {name}: "
+                         f"{', '.join(failed)}; rerun to retry")
 
 if __name__ == "__main__":
     main()

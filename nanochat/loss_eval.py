@@ -36,21 +36,16 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         x, y = next(batch_iter)[:2]
         loss = model(x, y, loss_reduction="none").view(-1)  # (B*T,) nats, 0 where ignored
         y = y.view(-1).to(device)
-        valid = y >= 0
-        # indexing token_bytes with -1 would silently read the last entry, so clamp first, then zero
-        # out
-        num_bytes = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
-        counted = num_bytes > 0
-        loss = loss.to(device=device, dtype=torch.float64)
-        total_nats += torch.where(counted, loss, torch.zeros_like(loss)).sum()
+        # indexing token_bytes with -1 would silently read the last entry: clamp, then zero out
+        num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        total_nats += torch.where(num_bytes > 0, loss.to(device, torch.float64), 0.0).sum()
         total_bytes += num_bytes.sum()
     if is_dist():
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
         dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
     total_nats, total_bytes = total_nats.item(), total_bytes.item()
     if total_bytes == 0:
-        raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches "
-                         f"hold no text bytes (every target is padding or a special "
-                         f"token), so the validation documents are empty strings; rebuild "
-                         f"or re-download the val shard (python -m nanochat.dataset)")
+        raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches hold no text "
+                         f"bytes (only padding and special tokens: empty validation documents); "
+                         f"rebuild or re-download the val shard (python -m nanochat.dataset)")
     return total_nats / (math.log(2) * total_bytes)

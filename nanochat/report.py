@@ -3,8 +3,8 @@ The report card: every stage logs a markdown section, `generate` stitches them i
 summary (headline metrics per stage, wall time and training FLOPs per stage, the cost: hourly rate x
 GPUs x hours) and plots.
 
-    python -m nanochat.report reset      # start a new run: header with git, hardware, software, code size
-    python -m nanochat.report generate   # write <base>/report/report.md (+ PNGs beside it), copy it to ./report.md
+    python -m nanochat.report reset      # new run: header with git, hardware, software, code size
+    python -m nanochat.report generate   # write <base>/report/report.md + PNGs, copy to ./report.md
 
 Sections live in <base>/report/<slug>.md, one per stage, each written atomically; only rank 0
 writes. Metric logs: training scripts append one JSON line per step to
@@ -19,6 +19,7 @@ import sys
 import json
 import math
 import glob
+import pathlib
 import warnings
 import socket
 import datetime
@@ -30,18 +31,20 @@ import torch
 from nanochat.common import get_base_dir, get_dist_info, atomic_write_text
 
 # Section order of a full run; a missing section is skipped with a note.
-EXPECTED_SECTIONS = [
-    "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-    "Chat RL", "Chat evaluation rl",
-]
+EXPECTED_SECTIONS = ["Tokenizer training", "Tokenizer evaluation", "Base model training",
+                     "Base model loss", "Base model evaluation", "Midtraining",
+                     "Chat evaluation mid", "Chat SFT", "Chat evaluation sft", "Chat RL",
+                     "Chat evaluation rl"]
 # Accuracy of random guessing per summary metric: 4-way multiple choice, else 0 (generative tasks;
 # CORE and ChatCORE are centered so that 0 is chance). Must agree with scripts/chat_eval.py
 # ALL_TASKS (a test holds them together).
 CHANCE = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "SynthMC": 0.25}
 # Rows of the summary table and the section that holds each (by source column).
-SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee", "ChatCORE",
-                   "SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC", "ChatCORE-synthetic"]
+SUMMARY_METRICS = ["CORE", "ARC-Challenge", "ARC-Easy", "GSM8K", "HumanEval", "MMLU", "SpellingBee",
+                   "ChatCORE", "SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC",
+                   "ChatCORE-synthetic"]
+EVAL_COLUMNS = {"Base model evaluation": "BASE", "Chat evaluation mid": "MID",
+                "Chat evaluation sft": "SFT", "Chat evaluation rl": "RL"}
 ALWAYS_SHOWN = ("CORE", "ChatCORE")  # other rows only when some stage measured them
 HOURLY_RATES = [("h100", 3.00), ("a100", 1.79), ("v100", 0.55)]  # $/GPU/hour, else 2.00
 
@@ -62,40 +65,40 @@ def _format_value(value):
     return str(value)
 
 def header_markdown():
-    now = datetime.datetime.now()
-    lines = ["# nanochat training report", "", f"Generated: {now:%Y-%m-%d %H:%M:%S}", ""]
+    now = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
+    lines = ["# nanochat training report", "", f"Generated: {now}", ""]
     branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"])
     if branch:
+        commit = _run(["git", "rev-parse", "--short", "HEAD"])
         dirty = "dirty" if _run(["git", "status", "--porcelain"]) else "clean"
         message = _run(["git", "log", "-1", "--pretty=%s"])[:80]
         lines += ["## Environment", "", "### Git", f"- Branch: {branch}",
-                  f"- Commit: {_run(['git', 'rev-parse', '--short', 'HEAD'])} ({dirty})", f"- Message: {message}", ""]
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3 if hasattr(os, "sysconf") else 0
-    lines += ["### Hardware", f"- Platform: {platform.system()} {platform.machine()} ({socket.gethostname()})",
-              f"- CPUs: {os.cpu_count()} logical", f"- RAM: {ram_gb:.1f} GB"]
+                  f"- Commit: {commit} ({dirty})", f"- Message: {message}", ""]
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    lines += ["### Hardware",
+              f"- Platform: {platform.system()} {platform.machine()} ({socket.gethostname()})",
+              f"- CPUs: {os.cpu_count()} logical", f"- RAM: {ram / 1024**3:.1f} GB"]
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(len(names))) / 1024**3
+        vram = sum(torch.cuda.get_device_properties(i).total_memory for i in range(len(names)))
         rate = next((r for key, r in HOURLY_RATES if key in names[0].lower()), 2.00)
-        lines += [f"- GPUs: {len(names)} x {names[0]}", f"- VRAM: {vram:.1f} GB total",
-                  f"- CUDA: {torch.version.cuda}", f"- Hourly rate: ${rate:.2f}/GPU/hour x {len(names)} GPUs"]
+        lines += [f"- GPUs: {len(names)} x {names[0]}", f"- VRAM: {vram / 1024**3:.1f} GB total",
+                  f"- CUDA: {torch.version.cuda}",
+                  f"- Hourly rate: ${rate:.2f}/GPU/hour x {len(names)} GPUs"]
     else:
         lines += ["- GPUs: none"]
-    lines += ["", "### Software", f"- Python: {sys.version.split()[0]}", f"- PyTorch: {torch.__version__}", ""]
-    lines += [bloat_markdown(), "", f"Run started: {now:%Y-%m-%d %H:%M:%S}", "", "---", ""]
+    lines += ["", "### Software", f"- Python: {sys.version.split()[0]}",
+              f"- PyTorch: {torch.__version__}", "", bloat_markdown(), "",
+              f"Run started: {now}", "", "---", ""]
     return "\n".join(lines)
 
 def bloat_markdown():
     files = [f for f in _run(["git", "ls-files"]).splitlines()
              if f.endswith((".py", ".md", ".rs", ".html", ".toml", ".sh")) and os.path.isfile(f)]
-    chars = lines = 0
-    for f in files:
-        with open(f, encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-        chars += len(text)
-        lines += text.count("\n")
-    return "\n".join(["### Bloat", f"- Characters: {chars:,}", f"- Lines: {lines:,}", f"- Files: {len(files)}",
-                      f"- Tokens (approx): {chars // 4:,}"])
+    texts = [pathlib.Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    chars, lines = sum(map(len, texts)), sum(text.count("\n") for text in texts)
+    return "\n".join(["### Bloat", f"- Characters: {chars:,}", f"- Lines: {lines:,}",
+                      f"- Files: {len(files)}", f"- Tokens (approx): {chars // 4:,}"])
 
 class Report:
     def __init__(self, report_dir):
@@ -103,10 +106,11 @@ class Report:
         os.makedirs(report_dir, exist_ok=True)
 
     def log(self, section, data):
-        """Write one section: strings verbatim, dicts as '- key: value' lines; falsy items skipped."""
+        """One section: strings verbatim, dicts as '- key: value' lines, falsy items skipped."""
         lines = [f"## {section}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
         for item in filter(None, data):
-            lines += [item] if isinstance(item, str) else [f"- {k}: {_format_value(v)}" for k, v in item.items()]
+            lines += [item] if isinstance(item, str) else [f"- {k}: {_format_value(v)}"
+                                                           for k, v in item.items()]
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         atomic_write_text(path, "\n".join(lines) + "\n\n")
         return path
@@ -119,28 +123,23 @@ class Report:
         print(f"Report reset: {self.report_dir}")
 
     def generate(self):
-        header_path = os.path.join(self.report_dir, "header.md")
-        parts = [open(header_path, encoding="utf-8").read()] if os.path.exists(header_path) else []
+        header_path = pathlib.Path(self.report_dir, "header.md")
+        parts = [header_path.read_text("utf-8")] if header_path.exists() else []
         header = parts[0] if parts else ""
         start = re.search(r"^Run started: (.+)$", header, re.MULTILINE)
-        run_start = _parse_time(start.group(1)) if start else None
+        run_start = previous = _parse_time(start.group(1)) if start else None
         metrics = {}  # (metric, column) -> value
         stage_times = []  # (section, wall time since the previous section, seconds)
-        previous = run_start
         for section in EXPECTED_SECTIONS:
-            path = os.path.join(self.report_dir, slugify(section) + ".md")
-            if not os.path.exists(path):
+            path = pathlib.Path(self.report_dir, slugify(section) + ".md")
+            if not path.exists():
                 print(f"Report: no section '{section}' yet, skipped")
                 continue
-            text = open(path, encoding="utf-8").read()
-            parts.append(text)
-            column = {"Base model evaluation": "BASE", "Chat evaluation mid": "MID",
-                      "Chat evaluation sft": "SFT", "Chat evaluation rl": "RL"}.get(section)
-            if column:
-                for metric in SUMMARY_METRICS:
-                    m = re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE)
-                    if m:
-                        metrics[(metric, column)] = m.group(1)
+            parts.append(text := path.read_text("utf-8"))
+            for metric in SUMMARY_METRICS if section in EVAL_COLUMNS else []:
+                m = re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE)
+                if m:
+                    metrics[(metric, EVAL_COLUMNS[section])] = m.group(1)
             stamp = re.search(r"^timestamp: (.+)$", text, re.MULTILINE)
             if stamp:
                 when = _parse_time(stamp.group(1))
@@ -151,10 +150,9 @@ class Report:
                    "|---|---|---|---|---|"]
         for metric in SUMMARY_METRICS:
             row = [metrics.get((metric, c), "-") for c in ("BASE", "MID", "SFT", "RL")]
-            if metric not in ALWAYS_SHOWN and row == ["-"] * 4:
-                continue
-            summary.append(f"| {metric} | " + " | ".join(row) + " |")
-        logs = {stage: load_metric_logs(stage, since=run_start) for stage in ("base", "mid", "sft", "rl")}
+            if metric in ALWAYS_SHOWN or row != ["-"] * 4:
+                summary.append(f"| {metric} | " + " | ".join(row) + " |")
+        logs = {stage: load_metric_logs(stage, run_start) for stage in ("base", "mid", "sft", "rl")}
         summary += [""] + cost_markdown(header, run_start, previous, stage_times, logs)
         summary += ["", "## Plots", ""] + plot_markdown(self.report_dir, logs, metrics)
         report = "\n".join(parts + summary) + "\n"
@@ -175,18 +173,21 @@ def metric_log_path(stage, tag):
     return os.path.join(get_base_dir(), "logs", f"{stage}_{tag}.jsonl")
 
 def read_metric_log(path):
-    """-> the records of a metric log, in order. Only newline-terminated lines count: text after the last newline is
-    a line torn by a crash mid-write, skipped with a warning. A damaged line anywhere else raises, naming it."""
+    """-> the records of a metric log, in order. Only newline-terminated lines count: text after the
+    last newline is a line torn by a crash mid-write, skipped with a warning. A damaged line
+    anywhere else raises, naming it."""
     with open(path, encoding="utf-8") as f:
         *lines, torn = f.read().split("\n")
     if torn:
-        warnings.warn(f"{path}: ignoring a truncated last line (the run stopped mid-write): {torn[:80]!r}")
+        warnings.warn(f"{path}: ignoring a truncated last line (the run stopped mid-write): "
+                      f"{torn[:80]!r}")
     records = []
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} line {number} is not a JSON record ({e}): fix or delete that line") from None
+            raise ValueError(f"{path} line {number} is not a JSON record ({e}): fix or delete that "
+                             f"line") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path} line {number} has no integer 'step': {line[:80]!r}")
         records.append(record)
@@ -212,16 +213,17 @@ class MetricLog:
         kept = []
         if resume_step is not None and os.path.exists(self.path):
             kept = [r for r in read_metric_log(self.path) if r["step"] < resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # also drops a torn line
+        # also drops a torn line
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")
 
     def log(self, record):
-        assert isinstance(record.get("step"), int), f"a metric record needs an integer 'step', got {record}"
+        assert isinstance(record.get("step"), int), f"a metric record needs an int 'step': {record}"
         if self.file is None:
             return
-        # strict JSON (no NaN/Infinity), so jq and pandas read it too: a non-finite number is
-        # written as null
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        # strict JSON (no NaN/Infinity), so jq and pandas read it too: non-finite floats become null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                  for k, v in record.items()}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -234,19 +236,19 @@ class MetricLog:
 # -----------------------------------------------------------------------------
 # Summary extras and plots (PNGs beside report.md, drawn from the metric logs and the eval sections)
 
-LOG_STAGES = {"Base model training": "base", "Midtraining": "mid", "Chat SFT": "sft", "Chat RL": "rl"}
+LOG_STAGES = {"Base model training": "base", "Midtraining": "mid", "Chat SFT": "sft",
+              "Chat RL": "rl"}
 STAGE_COLORS = {"BASE": "tab:blue", "MID": "tab:orange", "SFT": "tab:green", "RL": "tab:red"}
 
 def _parse_time(text):
     return datetime.datetime.strptime(text.strip(), "%Y-%m-%d %H:%M:%S")
 
 def _duration(seconds):
-    minutes = int(seconds // 60)
-    return f"{minutes // 60}h{minutes % 60}m" if minutes >= 60 else f"{minutes}m{int(seconds % 60):02d}s"
+    mins = int(seconds // 60)
+    return f"{mins // 60}h{mins % 60}m" if mins >= 60 else f"{mins}m{int(seconds % 60):02d}s"
 
 def load_metric_logs(stage, since=None):
-    """{tag: records} of <base>/logs/<stage>_<tag>.jsonl,
-    only the files written since `since` (this run's)."""
+    """{tag: records} of <base>/logs/<stage>_<tag>.jsonl, only the files written since `since`."""
     logs = {}
     for path in sorted(glob.glob(metric_log_path(stage, "*"))):
         if since is None or os.path.getmtime(path) >= since.timestamp():
@@ -257,16 +259,17 @@ def _total_flops(records):
     return max((r["flops"] for r in records if r.get("flops") is not None), default=0)
 
 def cost_markdown(header, run_start, run_end, stage_times, logs):
-    """Wall time and training FLOPs per stage, the total
-    FLOPs and the cost: hourly rate x GPUs x hours."""
+    """Wall time and training FLOPs per stage, the total FLOPs and the cost: rate x GPUs x hours."""
     lines = ["| Stage | Wall time (since the previous section) | Training FLOPs |", "|---|---|---|"]
     for section, seconds in stage_times:
         flops = sum(_total_flops(r) for r in logs.get(LOG_STAGES.get(section), {}).values())
         lines.append(f"| {section} | {_duration(seconds)} | {f'{flops:.3e}' if flops else '-'} |")
     total_flops = sum(_total_flops(r) for stage in logs.values() for r in stage.values())
-    lines += ["", f"Total training FLOPs: {f'{total_flops:.3e}' if total_flops else '- (no metric logs)'}"]
+    total = f"{total_flops:.3e}" if total_flops else "- (no metric logs)"
+    lines += ["", f"Total training FLOPs: {total}"]
     if run_start is None or run_end is None:
-        return lines + ["Total wall clock time: - (no header or no section: run `python -m nanochat.report reset`)"]
+        return lines + ["Total wall clock time: - (no header or no section: run `python -m "
+                        "nanochat.report reset`)"]
     seconds = (run_end - run_start).total_seconds()
     lines.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
     rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
@@ -279,7 +282,7 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
     return lines
 
 def get_pyplot():
-    """pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
+    """pyplot on the Agg backend (files only, no display), or None without matplotlib."""
     try:  # an optional dependency: the report is complete without its plots
         import matplotlib
     except ImportError:
@@ -288,29 +291,28 @@ def get_pyplot():
     import matplotlib.pyplot as plt
     return plt
 
-def _series(records, key, min_step=0):
-    points = [(r["step"], r.get("flops"), r[key]) for r in records if r.get(key) is not None and r["step"] >= min_step]
-    return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+def _series(records, key, x="step"):
+    """(x values, values of key) of the records that hold key; against FLOPs from step 1 on (step 0
+    spent 0 FLOPs: off a log axis)."""
+    points = [(r.get(x), r[key]) for r in records
+              if r.get(key) is not None and (x == "step" or r["step"] >= 1)]
+    return [p[0] for p in points], [p[1] for p in points]
 
 def _plot_base(plt, logs):
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for i, (tag, records) in enumerate(sorted(logs.items())):
-        color = f"C{i}"
-        steps, flops, loss = _series(records, "loss")
-        axes[0, 0].plot(steps, loss, color=color, alpha=0.25, linewidth=0.8, label=f"{tag} per step")
-        steps, flops, smooth = _series(records, "smooth_loss")
-        axes[0, 0].plot(steps, smooth, color=color, label=f"{tag} EMA (0.9)")
-        steps, flops, smooth = _series(records, "smooth_loss", min_step=1)  # step 0 spent 0 FLOPs: off a log axis
-        axes[0, 1].plot(flops, smooth, color=color, label=f"{tag} EMA (0.9)")
-        steps, flops, bpb = _series(records, "val_bpb")
-        axes[1, 0].plot(steps, bpb, "o-", color=color, label=f"{tag} val")
-        steps, flops, bpb = _series(records, "val_bpb", min_step=1)
-        axes[1, 1].plot(flops, bpb, "o-", color=color, label=f"{tag} val")
+        axes[0, 0].plot(*_series(records, "loss"), color=f"C{i}", alpha=0.25, linewidth=0.8,
+                        label=f"{tag} per step")
+        for col, x in enumerate(["step", "flops"]):
+            axes[0, col].plot(*_series(records, "smooth_loss", x), color=f"C{i}",
+                              label=f"{tag} EMA (0.9)")
+            axes[1, col].plot(*_series(records, "val_bpb", x), "o-", color=f"C{i}",
+                              label=f"{tag} val")
     for row, ylabel in enumerate(["train loss (nats/token)", "val bpb (bits/byte)"]):
         axes[row, 0].set_xlabel("step")
         axes[row, 1].set_xlabel("training FLOPs (log scale)")
         axes[row, 1].set_xscale("log")
-        axes[row, 1].xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only: no overlapping text
+        axes[row, 1].xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only
         for ax in axes[row]:
             ax.set_ylabel(ylabel)
     fig.suptitle("Base model training: loss and val bpb by step and by compute")
@@ -321,10 +323,10 @@ def _plot_chat(plt, logs):
     for stage, stage_logs in logs.items():
         for tag, records in sorted(stage_logs.items()):
             color = STAGE_COLORS[stage.upper()]
-            steps, _, smooth = _series(records, "smooth_loss")
-            axes[0].plot(steps, smooth, color=color, label=f"{stage} {tag} train (EMA 0.9)")
-            steps, _, bpb = _series(records, "val_bpb")
-            axes[1].plot(steps, bpb, "o-", color=color, label=f"{stage} {tag} val")
+            axes[0].plot(*_series(records, "smooth_loss"), color=color,
+                         label=f"{stage} {tag} train (EMA 0.9)")
+            axes[1].plot(*_series(records, "val_bpb"), "o-", color=color,
+                         label=f"{stage} {tag} val")
     axes[0].set_ylabel("train loss (nats/supervised token)")
     axes[1].set_ylabel("val bpb (bits/byte, assistant tokens)")
     for ax in axes:
@@ -335,12 +337,10 @@ def _plot_chat(plt, logs):
 def _plot_rl(plt, logs):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for i, (tag, records) in enumerate(sorted(logs.items())):
-        steps, _, reward = _series(records, "reward")
-        axes[0].plot(steps, reward, color=f"C{i}", label=f"{tag} mean reward")
+        axes[0].plot(*_series(records, "reward"), color=f"C{i}", label=f"{tag} mean reward")
         for j, key in enumerate(sorted({k for r in records for k in r if k.startswith("pass@")},
                                        key=lambda k: int(k[5:]) if k[5:].isdigit() else 0)):
-            steps, _, value = _series(records, key)
-            axes[1].plot(steps, value, "o-", color=f"C{i + j}", label=f"{tag} {key}")
+            axes[1].plot(*_series(records, key), "o-", color=f"C{i + j}", label=f"{tag} {key}")
     axes[0].set_ylabel("mean reward per sample")
     axes[1].set_ylabel("pass@k (fraction of problems)")
     for ax in axes:
@@ -359,8 +359,8 @@ def _plot_evals(plt, metrics):
         bars = ax.bar(xs, values, width, color=STAGE_COLORS[column], label=column)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     for i, name in enumerate(names):
-        ax.hlines(CHANCE.get(name, 0.0), i - 0.45, i + 0.45, colors="black", linestyles="--", zorder=3,
-                  label="chance" if i == 0 else None)
+        ax.hlines(CHANCE.get(name, 0.0), i - 0.45, i + 0.45, colors="black", linestyles="--",
+                  zorder=3, label="chance" if i == 0 else None)
     ax.set_xticks(range(len(names)), names, rotation=20)
     ax.set_ylabel("accuracy (CORE, ChatCORE: centered, 0 = chance)")
     ax.set_title("Evaluations by stage against chance")
@@ -368,22 +368,21 @@ def _plot_evals(plt, metrics):
     return fig, [ax]
 
 def plot_markdown(report_dir, logs, metrics):
-    """Draw every plot there is data for into report_dir;
-    -> the report's markdown lines linking them."""
+    """Draw every plot there is data for into report_dir; -> the markdown lines linking them."""
     plt = get_pyplot()
     if plt is None:
         return ["No plots: matplotlib is not installed. `pip install matplotlib` (or `pip "
                 "install -e '.[report]'`), then run `python -m nanochat.report generate` again."]
     chat_logs = {stage: logs[stage] for stage in ("mid", "sft") if logs[stage]}
-    plots = [("base_training.png", "Base model training", logs["base"] and (lambda: _plot_base(plt, logs["base"]))),
-             ("chat_training.png", "Mid-training and SFT", chat_logs and (lambda: _plot_chat(plt, chat_logs))),
-             ("rl.png", "Reinforcement learning", logs["rl"] and (lambda: _plot_rl(plt, logs["rl"]))),
-             ("evals.png", "Evaluations by stage", metrics and (lambda: _plot_evals(plt, metrics)))]
+    plots = [("base_training.png", "Base model training", _plot_base, logs["base"]),
+             ("chat_training.png", "Mid-training and SFT", _plot_chat, chat_logs),
+             ("rl.png", "Reinforcement learning", _plot_rl, logs["rl"]),
+             ("evals.png", "Evaluations by stage", _plot_evals, metrics)]
     lines = []
-    for filename, title, draw in plots:
-        if not draw:
+    for filename, title, draw, data in plots:
+        if not data:
             continue
-        fig, axes = draw()
+        fig, axes = draw(plt, data)
         for ax in axes:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
@@ -394,7 +393,8 @@ def plot_markdown(report_dir, logs, metrics):
         plt.close(fig)
         os.replace(path + ".tmp", path)
         lines += [f"![{title}]({filename})", ""]
-    return lines or ["No plots: no metric logs from this run in <base>/logs and no evaluation sections yet."]
+    return lines or ["No plots: no metric logs from this run in <base>/logs and no evaluation "
+                     "sections yet."]
 
 # -----------------------------------------------------------------------------
 
@@ -413,5 +413,6 @@ def get_report():
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "generate"
     if command not in ("reset", "generate"):
-        sys.exit(f"unknown command {command!r}: use `python -m nanochat.report reset` or `... generate`")
+        sys.exit(f"unknown command {command!r}: use `python -m nanochat.report reset` or "
+                 f"`... generate`")
     getattr(get_report(), command)()

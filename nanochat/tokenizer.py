@@ -2,7 +2,7 @@
 Byte-level BPE tokenizer in the style of GPT-4: trained with rustbpe, run with tiktoken.
 
     from nanochat.tokenizer import get_tokenizer, get_token_bytes
-    tok = get_tokenizer()                      # <base>/tokenizer/, written by `python -m scripts.tok_train`
+    tok = get_tokenizer()       # <base>/tokenizer/, written by `python -m scripts.tok_train`
     ids = tok.encode("hello", prepend="<|bos|>")
     ids, mask = tok.render_conversation({"messages": [...]})
 
@@ -38,31 +38,33 @@ import torch
 
 from nanochat.common import get_base_dir, atomic_write_text
 
-SPECIAL_TOKENS = [
-    "<|bos|>",            # document delimiter, prepended to every document
-    "<|user_start|>", "<|user_end|>",
-    "<|assistant_start|>", "<|assistant_end|>",
-    "<|python_start|>", "<|python_end|>",   # the assistant calls the Python tool
-    "<|output_start|>", "<|output_end|>",   # the tool's output, fed back to the assistant
-]
+SPECIAL_TOKENS = ["<|bos|>",  # document delimiter, prepended to every document
+                  "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
+                  "<|python_start|>", "<|python_end|>",  # the assistant calls the Python tool
+                  "<|output_start|>", "<|output_end|>"]  # the tool's output, fed back to it
 
 # GPT-4's cl100k pattern except digits group by 1-2 instead of 1-3: at d12 / 32K vocab val_bpb was
 # {1,1} 0.969, {1,2} 0.965, {1,3} 0.972 (https://github.com/karpathy/nanochat dev/LOG.md, Jan 13).
-SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
-                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}"""
+                 r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 TOKENIZER_FILE = "tokenizer.json"
-PICKLE_TOKENIZER_FILE = "tokenizer.pkl"  # written by older versions; loaded only with the opt-in below
+PICKLE_TOKENIZER_FILE = "tokenizer.pkl"  # written by older versions; loaded only with this opt-in:
 ALLOW_PICKLE_ENV = "NANOCHAT_ALLOW_PICKLE_TOKENIZER"
 TOKENIZER_FORMAT = "nanochat-bpe"
 TOKENIZER_FORMAT_VERSION = 1
 TOKEN_BYTES_FILE = "token_bytes.pt"
-RETRAIN = "delete it and re-run `python -m scripts.tok_train`"  # the fix for any damaged tokenizer file
+TRAIN = "train the tokenizer with `python -m scripts.tok_train`"
+RETRAIN = "delete it and re-run `python -m scripts.tok_train`"  # fixes a damaged tokenizer file
+# The parts of an assistant message: (delimiters, whether the model is trained on them). Python
+# outputs are written by the interpreter at test time, so they are not supervised.
+PART_TOKENS = {"text": (None, None, 1), "python": ("<|python_start|>", "<|python_end|>", 1),
+               "python_output": ("<|output_start|>", "<|output_end|>", 0)}
 
 # -----------------------------------------------------------------------------
 
 class Tokenizer:
-    """A tiktoken Encoding plus the chat conventions of nanochat (specials, render with loss mask)."""
+    """A tiktoken Encoding plus nanochat's chat conventions (specials, render with loss mask)."""
 
     def __init__(self, enc, bos_token):
         self.enc = enc
@@ -75,24 +77,24 @@ class Tokenizer:
         of strings; vocab_size counts the 9 specials."""
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must "
-                             f"be at least 256 bytes + {len(SPECIAL_TOKENS)} "
-                             f"special tokens = {256 + len(SPECIAL_TOKENS)}")
-        try:  # imported here, not at the top: loading and using a trained tokenizer needs only tiktoken
+            raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 "
+                             f"bytes + {len(SPECIAL_TOKENS)} special tokens = "
+                             f"{256 + len(SPECIAL_TOKENS)}")
+        try:  # imported here: loading and using a trained tokenizer needs only tiktoken
             import rustbpe
         except ImportError:
             raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install "
                               "rustbpe` (loading a trained one needs only tiktoken)") from None
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS),
+                                    pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         learned = len(mergeable_ranks) - 256
         if learned != num_merges:
-            # rustbpe stops early when no pair occurs twice; a short vocab would shift the special
-            # ids.
-            raise ValueError(f"the training text only supports {learned} merges "
-                             f"but vocab_size={vocab_size} needs {num_merges}: "
-                             f"train on more text or lower the vocab size")
+            # rustbpe stops early when no pair occurs twice; a short vocab would shift the specials
+            raise ValueError(f"the training text only supports {learned} merges but vocab_size="
+                             f"{vocab_size} needs {num_merges}: train on more text or lower the "
+                             f"vocab size")
         special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN,
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
@@ -105,24 +107,27 @@ class Tokenizer:
             return cls(_encoding_from_data(_read_tokenizer_json(path), path), "<|bos|>")
         pickle_path = os.path.join(tokenizer_dir, PICKLE_TOKENIZER_FILE)
         if not os.path.exists(pickle_path):
-            raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m scripts.tok_train`")
+            raise FileNotFoundError(f"no tokenizer at {path}: {TRAIN}")
         if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the "
-                               f"pickle format of older versions: loading a pickle "
-                               f"runs whatever code it holds. If you made it yourself, "
-                               f"load it once with {ALLOW_PICKLE_ENV}=1 (it is "
-                               f"converted to {TOKENIZER_FILE}); otherwise {RETRAIN}")
+            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle "
+                               f"format of older versions: loading a pickle runs whatever code "
+                               f"it holds. If you made it yourself, load it once with "
+                               f"{ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); "
+                               f"otherwise {RETRAIN}")
         try:
             with open(pickle_path, "rb") as f:
                 enc = pickle.load(f)  # opted in: the user vouches for this file
         except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
                 TypeError, ValueError) as e:
-            raise RuntimeError(f"{pickle_path} is corrupt ({type(e).__name__}: {e}); {RETRAIN}") from e
+            raise RuntimeError(f"{pickle_path} is corrupt ({type(e).__name__}: {e}); "
+                               f"{RETRAIN}") from e
         if not isinstance(enc, tiktoken.Encoding):
-            raise RuntimeError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken Encoding; {RETRAIN}")
+            raise RuntimeError(f"{pickle_path} holds a {type(enc).__name__}, not a tiktoken "
+                               f"Encoding; {RETRAIN}")
         tokenizer = cls(enc, "<|bos|>")
         atomic_write_text(path, json.dumps(tokenizer.to_data()))
-        print(f"{ALLOW_PICKLE_ENV}=1: converted {pickle_path} to {path}; the .pkl is no longer needed", flush=True)
+        print(f"{ALLOW_PICKLE_ENV}=1: converted {pickle_path} to {path}; the .pkl is no longer "
+              f"needed", flush=True)
         return tokenizer
 
     @classmethod
@@ -145,10 +150,12 @@ class Tokenizer:
         mergeable tokens (base64, index = rank), specials."""
         ranks = self.enc._mergeable_ranks
         tokens = sorted(ranks, key=ranks.get)
-        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "mergeable ranks must be 0..n-1"
-        return {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION, "pattern": self.enc._pat_str,
+        assert [ranks[t] for t in tokens] == list(range(len(tokens))), "ranks must be 0..n-1"
+        return {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION,
+                "pattern": self.enc._pat_str,
                 "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
-                "special_tokens": dict(sorted(self.enc._special_tokens.items(), key=lambda kv: kv[1]))}
+                "special_tokens": dict(sorted(self.enc._special_tokens.items(),
+                                              key=lambda kv: kv[1]))}
 
     def fingerprint(self):
         """sha256 of the tokenizer's data: two tokenizers with
@@ -169,18 +176,16 @@ class Tokenizer:
 
     def encode_special(self, text):
         if text not in self.special_ids:
-            raise ValueError(f"{text!r} is not a special token of this tokenizer; known: {sorted(self.special_ids)}")
+            raise ValueError(f"{text!r} is not a special token of this tokenizer; known: "
+                             f"{sorted(self.special_ids)}")
         return self.special_ids[text]
-
-    def id_to_token(self, token_id):
-        return self.enc.decode([token_id])
 
     def token_bytes(self):
         """int32 [vocab]: byte length of each token's raw
         bytes (not of its decoded string), 0 for specials."""
         special = set(self.special_ids.values())
-        lengths = [0 if i in special else len(self.enc.decode_single_token_bytes(i)) for i in range(self.enc.n_vocab)]
-        return torch.tensor(lengths, dtype=torch.int32)
+        return torch.tensor([0 if i in special else len(self.enc.decode_single_token_bytes(i))
+                             for i in range(self.enc.n_vocab)], dtype=torch.int32)
 
     # -------------------------------------------------------------------------
     # encode / decode
@@ -205,15 +210,10 @@ class Tokenizer:
             # (a new list per row measurably slows the batch call)
             rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
             for row in rows:
-                if first:
-                    row.insert(0, first[0])
-                if last:
-                    row.append(last[0])
+                row[:0] = first
+                row += last
             return rows
         raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
-
-    def __call__(self, *args, **kwargs):
-        return self.encode(*args, **kwargs)
 
     def decode(self, ids):
         return self.enc.decode(ids)
@@ -234,7 +234,8 @@ class Tokenizer:
         if messages and messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
-            merged = dict(messages[1], content=messages[0]["content"] + "\n\n" + messages[1]["content"])
+            merged = dict(messages[1],
+                          content=messages[0]["content"] + "\n\n" + messages[1]["content"])
             messages = [merged] + list(messages[2:])
             offset = 1
         if not messages:
@@ -242,11 +243,10 @@ class Tokenizer:
 
         ids, mask = [], []
         def add(token_ids, supervised):
-            token_ids = [token_ids] if isinstance(token_ids, int) else token_ids
             ids.extend(token_ids)
             mask.extend([supervised] * len(token_ids))
 
-        add(self.bos_token_id, 0)
+        add([self.bos_token_id], 0)
         for i, message in enumerate(messages):
             expected = "user" if i % 2 == 0 else "assistant"
             if message["role"] != expected:
@@ -258,23 +258,17 @@ class Tokenizer:
                 if not isinstance(content, str):
                     raise ValueError(f"message {i + offset}: user content must be a string, "
                                      f"got {type(content).__name__}")
-                add(self.encode_special("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(self.encode_special("<|user_end|>"), 0)
+                add(self.encode(content, prepend="<|user_start|>", append="<|user_end|>"), 0)
                 continue
-            add(self.encode_special("<|assistant_start|>"), 0)
+            add([self.encode_special("<|assistant_start|>")], 0)
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             for part in parts:
-                if part["type"] == "text":
-                    add(self.encode(part["text"]), 1)
-                elif part["type"] == "python":
-                    add(self.encode(part["text"], prepend="<|python_start|>", append="<|python_end|>"), 1)
-                elif part["type"] == "python_output":
-                    add(self.encode(part["text"], prepend="<|output_start|>", append="<|output_end|>"), 0)
-                else:
+                if part["type"] not in PART_TOKENS:
                     raise ValueError(f"message {i + offset}: unknown part type {part['type']!r}; "
                                      f"use text, python or python_output")
-            add(self.encode_special("<|assistant_end|>"), 1)
+                start, end, supervised = PART_TOKENS[part["type"]]
+                add(self.encode(part["text"], prepend=start, append=end), supervised)
+            add([self.encode_special("<|assistant_end|>")], 1)
 
         if max_tokens is not None:
             ids, mask = ids[:max_tokens], mask[:max_tokens]
@@ -310,36 +304,38 @@ def _read_tokenizer_json(path):
     if not isinstance(data, dict) or data.get("format") != TOKENIZER_FORMAT:
         raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; {RETRAIN}")
     if data.get("version") != TOKENIZER_FORMAT_VERSION:
-        raise RuntimeError(f"{path} has format version {data.get('version')!r}, this "
-                           f"code reads version {TOKENIZER_FORMAT_VERSION}; re-run "
-                           f"`python -m scripts.tok_train` or use matching code")
+        raise RuntimeError(f"{path} has format version {data.get('version')!r}, this code reads "
+                           f"version {TOKENIZER_FORMAT_VERSION}; re-run `python -m "
+                           f"scripts.tok_train` or use matching code")
     return data
 
 def _encoding_from_data(data, path):
     """Rebuild the tiktoken Encoding from to_data()'s form,
     checking that ids are contiguous and distinct."""
     try:
-        mergeable_ranks = {base64.b64decode(t, validate=True): rank for rank, t in enumerate(data["mergeable_ranks"])}
+        mergeable_ranks = {base64.b64decode(t, validate=True): rank
+                           for rank, t in enumerate(data["mergeable_ranks"])}
         special_tokens = {str(name): int(i) for name, i in data["special_tokens"].items()}
         pattern = str(data["pattern"])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {e}); {RETRAIN}") from None
-    n = len(mergeable_ranks)
-    if n != len(data["mergeable_ranks"]) or sorted(special_tokens.values()) != list(range(n, n + len(special_tokens))):
-        last = n + len(special_tokens) - 1
-        raise RuntimeError(f"{path} is corrupt (duplicate tokens, or special ids not {n}..{last}); {RETRAIN}")
+    n, last = len(mergeable_ranks), len(mergeable_ranks) + len(special_tokens) - 1
+    distinct = n == len(data["mergeable_ranks"])
+    if not distinct or sorted(special_tokens.values()) != list(range(n, last + 1)):
+        raise RuntimeError(f"{path} is corrupt (duplicate tokens, or special ids not "
+                           f"{n}..{last}); {RETRAIN}")
     return tiktoken.Encoding(name="rustbpe", pat_str=pattern, mergeable_ranks=mergeable_ranks,
                              special_tokens=special_tokens)
 
 def get_token_bytes(device="cpu"):
     path = os.path.join(get_base_dir(), "tokenizer", TOKEN_BYTES_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no token_bytes at {path}: train the tokenizer with `python -m scripts.tok_train`")
+        raise FileNotFoundError(f"no token_bytes at {path}: {TRAIN}")
     try:
         token_bytes = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); re-run "
+        first_line = (str(e).splitlines() or [""])[0]
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {first_line}); re-run "
                            f"`python -m scripts.tok_train` to rewrite it") from None
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1:
         raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; {RETRAIN}")
