@@ -96,8 +96,7 @@ if completion_mode:
           "(no chat format)")
 elif not args.prompt:
     print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
-messages = []
-turn = 0
+messages, turn = [], 0
 while True:
     if args.prompt:
         line = args.prompt

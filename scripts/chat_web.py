@@ -314,11 +314,8 @@ class Worker(threading.Thread):
 # -----------------------------------------------------------------------------
 # Load one replica per device
 
-if device_type == "cuda":
-    compute_init("cuda")
-    devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
-else:
-    devices = [compute_init(device_type)[4]]
+devices = [compute_init(device_type)[4]]  # cuda:0 on CUDA; --num-gpus adds the others
+devices += [torch.device("cuda", i) for i in range(1, args.num_gpus)]
 if os.path.isdir(args.source):  # a directory written by scripts.export_hf (e.g. from the Hub)
     model_tag = os.path.basename(os.path.normpath(args.source))
     MODEL_ID = f"nanochat-{model_tag}"
