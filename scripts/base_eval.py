@@ -1,13 +1,13 @@
 """
 Evaluate a base model: train/val bits per byte, the CORE metric, and a few samples.
 
-    python -m scripts.base_eval                                        # all three, newest base checkpoint
-    python -m scripts.base_eval --eval=core --max-per-task=16          # a quick CORE estimate
+    python -m scripts.base_eval                                  # all three, newest base checkpoint
+    python -m scripts.base_eval --eval=core --max-per-task=16    # a quick CORE estimate
     torchrun --standalone --nproc_per_node=8 -m scripts.base_eval -- --device-batch-size=16
-    python -m scripts.base_eval --hf-path=openai-community/gpt2        # any HF causal LM: CORE and bpb
+    python -m scripts.base_eval --hf-path=openai-community/gpt2  # any HF causal LM: CORE and bpb
 
-bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole steps
-of device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval
+bpb: --split-tokens tokens of each split through the pretraining loader (rounded down to whole
+steps of device_batch_size x sequence_len x world_size tokens). CORE: all 22 tasks of the DCLM eval
 bundle, written to <base>/base_eval/base_model_SSSSSS.csv ("Task, Accuracy, Centered", then a CORE
 line) and printed. Samples (rank 0): greedy completions of fixed prompts and a few unconditioned
 samples. --hf-path evaluates a Hugging Face causal LM (hub name or directory, e.g. one written by
@@ -25,7 +25,8 @@ import re
 
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, is_master, atomic_write_text
+from nanochat.common import (atomic_write_text, compute_cleanup, compute_init, get_base_dir,
+                             is_master, print0)
 from nanochat.checkpoint import load_model
 from nanochat.core_eval import EvalBundleUnavailable, ensure_eval_bundle, evaluate_core
 from nanochat.dataloader import pretrain_loader
@@ -36,27 +37,28 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
-parser.add_argument("--eval", type=str, default=None, help="comma-separated subset of core,bpb,sample "
+parser.add_argument("--eval", default=None, help="comma-separated subset of core,bpb,sample "
                     "(default: all three; core,bpb with --hf-path)")
-parser.add_argument("--hf-path", type=str, default=None, help="evaluate this Hugging Face causal LM instead of a "
-                    "nanochat checkpoint: a hub name, or a local directory (which may run its own modeling code)")
-parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> to load (default: the largest d<N>)")
-parser.add_argument("--step", type=int, default=None, help="checkpoint step to load (default: the newest complete one)")
-parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
-parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per device; CORE packs "
-                    "up to this many x sequence_len tokens per forward (same peak memory)")
-parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split (whole steps)")
-parser.add_argument("--dataset", default=None, help="pretraining data for bpb (default: the model's training data)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
+parser.add_argument("--hf-path", default=None, help="evaluate this Hugging Face causal LM instead: "
+                    "a hub name, or a local directory (which may run its own modeling code)")
+parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> (default: largest)")
+parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples a task (-1 = all)")
+parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per "
+                    "device; CORE packs up to this many x sequence_len tokens per forward")
+parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split")
+parser.add_argument("--dataset", default=None, help="bpb data (default: the model's training data)")
+parser.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
 args = parser.parse_args()
-if args.eval is None:
-    args.eval = "core,bpb" if args.hf_path else "core,bpb,sample"
+args.eval = args.eval or ("core,bpb" if args.hf_path else "core,bpb,sample")
 evals = [e.strip() for e in args.eval.split(",") if e.strip()]
 unknown = sorted(set(evals) - {"core", "bpb", "sample"})
 if unknown or not evals:
-    parser.error(f"--eval={args.eval!r}: pick a comma-separated subset of core,bpb,sample (unknown: {unknown})")
+    parser.error(f"--eval={args.eval!r}: pick a comma-separated subset of core,bpb,sample "
+                 f"(unknown: {unknown})")
 if args.hf_path and (args.model_tag or args.step is not None):
-    parser.error("--model-tag and --step pick a nanochat checkpoint; --hf-path names the model on its own")
+    parser.error("--model-tag and --step pick a nanochat checkpoint; "
+                 "--hf-path names the model on its own")
 if args.hf_path and "sample" in evals:
     parser.error("--hf-path models are not sampled here (nanochat's "
                  "Engine runs nanochat models only); use --eval=core,bpb")
@@ -66,12 +68,15 @@ if args.hf_path:
     model, tokenizer = load_hf_model(args.hf_path, device)
     meta, sequence_len = {}, model.max_seq_len  # bpb rows are as long as the model's context
     if sequence_len is None:
-        parser.error(f"{args.hf_path}'s config has no max_position_embeddings: its context length is unknown")
-    model_line, csv_name = {"model": args.hf_path}, re.sub(r"[^\w.-]+", "-", args.hf_path).strip("-.") + ".csv"
+        parser.error(f"{args.hf_path}'s config has no max_position_embeddings: "
+                     f"its context length is unknown")
+    model_name, csv_name = args.hf_path, re.sub(r"[^\w.-]+", "-", args.hf_path).strip("-.") + ".csv"
 else:
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag,
+                                        step=args.step)
     sequence_len = model.config.sequence_len
-    model_line, csv_name = {"model": f"base_model (step {meta['step']})"}, f"base_model_{meta['step']:06d}.csv"
+    model_name, csv_name = f"base_model (step {meta['step']})", f"base_model_{meta['step']:06d}.csv"
+model_line = {"model": model_name}
 loss_report = []  # "Base model loss": bpb and samples; "Base model evaluation": CORE
 
 # -----------------------------------------------------------------------------
@@ -86,19 +91,20 @@ if "core" in evals:
         print0(f"CORE on {'all' if args.max_per_task < 0 else args.max_per_task} examples per task")
         out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
                             batch_tokens=args.device_batch_size * sequence_len)
-        lines = ["Task, Accuracy, Centered"]
-        lines += [f"{label}, {acc:.6f}, {out['centered_results'][label]:.6f}" for label, acc in out["results"].items()]
-        lines += [f"CORE, , {out['core_metric']:.6f}"]
+        centered = out["centered_results"]
+        rows = [("Task", "Accuracy", "Centered")]
+        rows += [(task, f"{acc:.6f}", f"{centered[task]:.6f}")
+                 for task, acc in out["results"].items()]
+        rows += [("CORE", "", f"{out['core_metric']:.6f}")]
         if is_master():
-            out_dir = os.path.join(get_base_dir(), "base_eval")
-            os.makedirs(out_dir, exist_ok=True)
-            csv_path = os.path.join(out_dir, csv_name)
-            atomic_write_text(csv_path, "\n".join(lines) + "\n")
+            csv_path = os.path.join(get_base_dir(), "base_eval", csv_name)
+            os.makedirs(os.path.dirname(csv_path), exist_ok=True)
+            atomic_write_text(csv_path, "".join(", ".join(row) + "\n" for row in rows))
             width = max(len(label) for label in out["results"])
-            print0("\n".join(f"{label:<{width}}  {acc:<10}  {centered}" for label, acc, centered in
-                             (line.split(", ") for line in lines)))
+            print0("\n".join(f"{label:<{width}}  {acc:<10}  {c}" for label, acc, c in rows))
             print0(f"Wrote {csv_path}")
-        get_report().log("Base model evaluation", [model_line, {"CORE": out["core_metric"]}, out["centered_results"]])
+        get_report().log("Base model evaluation",
+                         [model_line, {"CORE": out["core_metric"]}, centered])
 
 # -----------------------------------------------------------------------------
 # Bits per byte on the train and val splits
@@ -111,7 +117,8 @@ if "bpb" in evals:
         raise ValueError(f"--split-tokens={args.split_tokens} is less than one step of "
                          f"{tokens_per_step} tokens (device_batch_size {args.device_batch_size} "
                          f"x sequence_len {sequence_len} x {world_size} ranks); raise it")
-    print0(f"bpb over {steps * tokens_per_step:,} tokens per split ({steps} steps of {tokens_per_step:,})")
+    print0(f"bpb over {steps * tokens_per_step:,} tokens per split "
+           f"({steps} steps of {tokens_per_step:,})")
     token_bytes = tokenizer.token_bytes().to(device) if args.hf_path else get_token_bytes(device)
     bpb = {}
     for split in ("train", "val"):
@@ -126,16 +133,14 @@ if "bpb" in evals:
 
 if "sample" in evals and is_master():
     engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    print0("Greedy completions:")
     samples = greedy_completions(engine, tokenizer)
-    for sample in samples:
-        print0(f"  {sample!r}")
-    print0("Unconditioned samples (temperature 1.0):")
-    sequences, _ = engine.generate_batch([bos], num_samples=8, max_tokens=min(128, sequence_len - 1), temperature=1.0)
-    for sequence in sequences:
-        samples.append(tokenizer.decode(sequence[1:]))
-        print0(f"  {samples[-1]!r}")
+    print0("Greedy completions:\n" + "\n".join(f"  {s!r}" for s in samples))
+    sequences, _ = engine.generate_batch([tokenizer.get_bos_token_id()], num_samples=8,
+                                         max_tokens=min(128, sequence_len - 1), temperature=1.0)
+    unconditioned = [tokenizer.decode(sequence[1:]) for sequence in sequences]
+    print0("Unconditioned samples (temperature 1.0):\n"
+           + "\n".join(f"  {s!r}" for s in unconditioned))
+    samples += unconditioned
     loss_report.append("\n".join(f"- sample {i}: {s!r}" for i, s in enumerate(samples)))
 
 if loss_report:

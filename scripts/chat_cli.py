@@ -1,10 +1,10 @@
 """
 Chat with a trained model in the terminal, one GPU/CPU, replies streamed token by token.
 
-    python -m scripts.chat_cli                      # newest sft model; 'quit' or 'exit' leaves, 'clear' restarts
+    python -m scripts.chat_cli           # newest sft model; 'quit'/'exit' leaves, 'clear' restarts
     python -m scripts.chat_cli -i rl -g d20 -s 400 -t 0.8
     python -m scripts.chat_cli -p "Why is the sky blue?"     # answer once and exit
-    python -m scripts.chat_cli -i base -p "The capital of France is"   # a base model only continues text
+    python -m scripts.chat_cli -i base -p "The capital of France is"  # base: continues the text
 
 The conversation is kept as messages and rendered each turn by tokenizer.render_for_completion (the
 chat format of training); a reply goes back in as the parts it was made of, so a calculator call
@@ -20,15 +20,15 @@ import sys
 from nanochat.engine import add_dtype_flag
 
 parser = argparse.ArgumentParser(description="Chat with a model in the terminal")
-parser.add_argument("-i", "--source", type=str, default="sft",
-                    help="base|mid|sft|rl (base = completion mode), or a directory written by scripts.export_hf")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-parser.add_argument("-p", "--prompt", type=str, default="", help="answer this prompt and exit (default: interactive)")
-parser.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens (-1 = all)")
+parser.add_argument("-i", "--source", default="sft", help="base|mid|sft|rl (base = completion "
+                    "mode), or a directory written by scripts.export_hf")
+parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the largest d<N>)")
+parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
+parser.add_argument("-p", "--prompt", default="", help="answer this prompt and exit")
+parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+parser.add_argument("-k", "--top-k", type=int, default=50, help="the k likeliest (-1 = all)")
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
 add_dtype_flag(parser)
 args = parser.parse_args()
 
@@ -42,14 +42,11 @@ from nanochat.engine import Engine, ReplyStream, check_sampling, prepare_for_inf
 top_k = None if args.top_k == -1 else args.top_k
 try:
     check_sampling(args.temperature, top_k)  # before minutes of loading
-except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-_, _, _, _, device = compute_init(args.device_type)
-try:
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    _, _, _, _, device = compute_init(args.device_type)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
+                                        step=args.step)
     prepare_for_inference(model, args.dtype)
-except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
+except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad flags or artifacts: say which
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 engine = Engine(model, tokenizer)
@@ -64,19 +61,20 @@ def stream_reply(tokens, seed):
     """Generate after `tokens`, printing each part as it
     arrives; returns the reply's parts (engine.ReplyStream)."""
     max_tokens = min(args.max_tokens, context - len(tokens))
-    stream, shown, line_start = ReplyStream(tokenizer), -1, False  # whole characters only (one can span tokens)
+    stream, shown, line_start = ReplyStream(tokenizer), -1, False  # whole characters only
 
     def show(events):
         nonlocal shown, line_start
         for i, text in events:
             if i != shown:
-                kind, previous = stream.parts[i]["type"], stream.parts[shown]["type"] if shown >= 0 else "text"
-                if previous == "python" and kind != "python_output":  # the calculator refused the expression
+                kind = stream.parts[i]["type"]
+                previous = stream.parts[shown]["type"] if shown >= 0 else "text"
+                if previous == "python" and kind != "python_output":  # the calculator refused it
                     print(" (no result)", end="")
                 line_start = kind == "text" and previous != "text"
                 print(("\n" if line_start else "") + OPENERS.get(kind, ""), end="")
                 shown = i
-            if line_start:  # the text after a tool line starts its own line: no leading space there
+            if line_start:  # the text after a tool line starts its own line: no leading space
                 text = text.lstrip()
                 line_start = not text
             print(text, end="", flush=True)
@@ -94,11 +92,11 @@ def stream_reply(tokens, seed):
 # Chat loop
 
 if completion_mode:
-    print("base model: completion mode, each line is a plain-text prompt to continue (no chat format)")
+    print("base model: completion mode, each line is a plain-text prompt to continue "
+          "(no chat format)")
 elif not args.prompt:
     print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
-messages = []
-turn = 0
+messages, turn = [], 0
 while True:
     if args.prompt:
         line = args.prompt
@@ -108,7 +106,7 @@ while True:
         except (EOFError, KeyboardInterrupt):
             print()
             break
-        except UnicodeDecodeError as e:  # bytes the terminal's encoding cannot decode (e.g. Latin-1 under strict UTF-8)
+        except UnicodeDecodeError as e:  # e.g. Latin-1 typed in a UTF-8 terminal
             print(f"(that line is not valid {sys.stdin.encoding} text: {e.reason} "
                   f"at byte {e.start}; set your terminal to UTF-8 or type it again)")
             continue
@@ -125,9 +123,11 @@ while True:
     if completion_mode:
         prompt = tokenizer.encode(line, prepend=tokenizer.get_bos_token_id())
     else:
-        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "user", "content": line}]})
+        user = {"role": "user", "content": line}
+        prompt = tokenizer.render_for_completion({"messages": messages + [user]})
     if len(prompt) >= context:
-        print(f"(the conversation is {len(prompt)} tokens, the model's context {context}: type 'clear' to start over)")
+        print(f"(the conversation is {len(prompt)} tokens, the model's context {context}: "
+              f"type 'clear' to start over)")
         if args.prompt:
             sys.exit(1)
         continue

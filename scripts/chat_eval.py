@@ -1,8 +1,8 @@
 """
 Evaluate a chat model on the chat tasks and compute ChatCORE.
 
-    python -m scripts.chat_eval -i sft                                  # all tasks
-    python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100       # some tasks, first 100 problems each
+    python -m scripts.chat_eval -i sft                              # all tasks
+    python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 100   # some tasks, 100 problems each
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_eval -- -i sft
 
 Categorical tasks (ARC, MMLU, SynthMC) need no sampling: each prompt ends in <|assistant_start|> and
@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import load_model
-from nanochat.common import compute_init, compute_cleanup, print0, is_dist, get_base_dir, check_flags
+from nanochat.common import (check_flags, compute_cleanup, compute_init, get_base_dir, is_dist,
+                             print0)
 from nanochat.engine import Engine, add_dtype_flag, prepare_for_inference
 from nanochat.report import get_report
 from tasks.common import hub_dataset_ready
@@ -37,16 +38,17 @@ from tasks.humaneval import HumanEval
 from tasks.spellingbee import SpellingBee
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
 
+def on_hub(name, subset):
+    return lambda: hub_dataset_ready(name, subset, "test")
+
 # name: (build the test task, is its data on disk, accuracy of random guessing)
 REAL_TASKS = {
-    "ARC-Easy": (lambda: ARC(subset="ARC-Easy", split="test"),
-                 lambda: hub_dataset_ready("allenai/ai2_arc", "ARC-Easy", "test"), 0.25),
-    "ARC-Challenge": (lambda: ARC(subset="ARC-Challenge", split="test"),
-                      lambda: hub_dataset_ready("allenai/ai2_arc", "ARC-Challenge", "test"), 0.25),
-    "MMLU": (lambda: MMLU(subset="all", split="test"), lambda: hub_dataset_ready("cais/mmlu", "all", "test"), 0.25),
-    "GSM8K": (lambda: GSM8K("main", "test"), lambda: hub_dataset_ready("openai/gsm8k", "main", "test"), 0.0),
-    "HumanEval": (lambda: HumanEval(),
-                  lambda: hub_dataset_ready("openai/openai_humaneval", "openai_humaneval", "test"), 0.0),
+    "ARC-Easy": (lambda: ARC("ARC-Easy", "test"), on_hub("allenai/ai2_arc", "ARC-Easy"), 0.25),
+    "ARC-Challenge": (lambda: ARC("ARC-Challenge", "test"),
+                      on_hub("allenai/ai2_arc", "ARC-Challenge"), 0.25),
+    "MMLU": (lambda: MMLU("all", "test"), on_hub("cais/mmlu", "all"), 0.25),
+    "GSM8K": (lambda: GSM8K("main", "test"), on_hub("openai/gsm8k", "main"), 0.0),
+    "HumanEval": (HumanEval, on_hub("openai/openai_humaneval", "openai_humaneval"), 0.0),
     "SpellingBee": (lambda: SpellingBee(size=256, split="test"),
                     lambda: os.path.exists(os.path.join(get_base_dir(), "words_alpha.txt")), 0.0),
 }
@@ -63,7 +65,7 @@ ALL_TASKS = {**REAL_TASKS, **SYNTHETIC_TASKS}
 # -----------------------------------------------------------------------------
 # Evaluation functions (also called by mid_train / chat_sft for periodic metrics)
 
-def _rank_and_world():
+def _rank_and_world():  # from the process group: callers may set one up without torchrun
     return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
 
 def _sum_across_ranks(values, device):
@@ -75,36 +77,35 @@ def _sum_across_ranks(values, device):
 
 @torch.inference_mode()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
-    """-> (num_correct, num_problems) over all ranks. Batches of consecutive problems are strided across ranks;
-    each batch is right-padded with BOS (causal attention: padding after a prompt cannot change its last logits)."""
+    """
+    -> (num_correct, num_problems) over all ranks. Batches of consecutive problems are strided
+    across ranks; each batch is right-padded with BOS (causal attention: padding after a prompt
+    cannot change its last logits).
+    """
     rank, world = _rank_and_world()
     device = model.get_device()
     bos = tokenizer.get_bos_token_id()
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
-    letter_ids = {}
     correct = total = 0
-    for batch_start in range(rank * batch_size, num_problems, world * batch_size):
-        conversations = [task[i] for i in range(batch_start, min(batch_start + batch_size, num_problems))]
+    for start in range(rank * batch_size, num_problems, world * batch_size):
+        conversations = [task[i] for i in range(start, min(start + batch_size, num_problems))]
         prompts = [tokenizer.render_for_completion(c) for c in conversations]
         longest = max(len(p) for p in prompts)
-        ids = torch.tensor([p + [bos] * (longest - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(ids)
+        ids = [p + [bos] * (longest - len(p)) for p in prompts]
+        logits = model(torch.tensor(ids, dtype=torch.long, device=device))
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts)):
             letters = conversation["letters"]
-            for letter in letters:
-                if letter not in letter_ids:
-                    encoded = tokenizer.encode(letter)
-                    assert len(encoded) == 1, f"answer letter {letter!r} encodes to {encoded}, not one token"
-                    letter_ids[letter] = encoded[0]
-            scores = logits[row, len(prompt) - 1, [letter_ids[letter] for letter in letters]]
+            letter_ids = [tokenizer.encode(letter) for letter in letters]
+            assert all(len(i) == 1 for i in letter_ids), f"letters {letters} encode to {letter_ids}"
+            scores = logits[row, len(prompt) - 1, [i[0] for i in letter_ids]]
             predicted = letters[int(scores.argmax())]
             correct += int(task.evaluate(conversation, predicted))
             total += 1
     return tuple(_sum_across_ranks([correct, total], device))
 
 @torch.inference_mode()
-def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
-                        max_problems=None, progress=True):
+def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512,
+                        temperature=0.0, top_k=50, max_problems=None, progress=True):
     """
     -> (num_passed, num_problems) over all ranks; problem i is evaluated by rank i % world, sampled
     with seed i (so the result does not depend on the number of ranks). A prompt that leaves no room
@@ -122,25 +123,29 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
         if budget >= 1:
             sequences, _ = engine.generate_batch(tokens, num_samples=num_samples, max_tokens=budget,
                                                  temperature=temperature, top_k=top_k, seed=i)
-            completions = [tokenizer.decode(seq[len(tokens):]) for seq in sequences]
-            passed += int(any(task.evaluate(conversation, completion) for completion in completions))
+            passed += any(task.evaluate(conversation, tokenizer.decode(seq[len(tokens):]))
+                          for seq in sequences)
         total += 1
         if progress:
-            print(f"\r\033[Krank {rank} | {passed}/{total} ({100 * passed / total:.1f}%)", end="", flush=True)
+            print(f"\r\033[Krank {rank} | {passed}/{total} ({100 * passed / total:.1f}%)", end="",
+                  flush=True)
     if progress and total:
         print()
     return tuple(_sum_across_ranks([passed, total], device))
 
-def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1, max_new_tokens=512,
-                  temperature=0.0, top_k=50, max_problems=None):
-    """Accuracy of the model on one task, given by name (a key of ALL_TASKS) or as a Task object.
-    Every rank must call it (counts are summed across ranks). The caller puts the model in eval mode."""
+def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1,
+                  max_new_tokens=512, temperature=0.0, top_k=50, max_problems=None):
+    """
+    Accuracy of the model on one task, given by name (a key of ALL_TASKS) or as a Task object.
+    Every rank must call it (counts are summed across ranks). The caller puts the model in eval
+    mode.
+    """
     task = ALL_TASKS[task_name][0]() if isinstance(task_name, str) else task_name
     if task.eval_type == "categorical":
         correct, total = run_categorical_eval(task, tokenizer, model, batch_size, max_problems)
     else:
-        correct, total = run_generative_eval(task, tokenizer, model, engine, num_samples, max_new_tokens,
-                                             temperature, top_k, max_problems)
+        correct, total = run_generative_eval(task, tokenizer, model, engine, num_samples,
+                                             max_new_tokens, temperature, top_k, max_problems)
     assert total > 0, f"no problems were evaluated for {task_name} (max_problems={max_problems})"
     return correct / total
 
@@ -152,7 +157,8 @@ def chance_accuracy(task_name):
 def chatcore(accuracies):
     """Mean centered accuracy: 0 = chance, 1 = perfect,
     over the tasks in `accuracies` ({name: accuracy})."""
-    centered = [(acc - chance_accuracy(name)) / (1.0 - chance_accuracy(name)) for name, acc in accuracies.items()]
+    centered = [(acc - chance_accuracy(name)) / (1.0 - chance_accuracy(name))
+                for name, acc in accuracies.items()]
     return sum(centered) / len(centered)
 
 # -----------------------------------------------------------------------------
@@ -176,7 +182,7 @@ def resolve_tasks(task_names):
             continue
         try:
             tasks[name] = build()
-        except RuntimeError as e:  # the hub / word list could not be fetched; the message says how to fetch it
+        except RuntimeError as e:  # hub or word list not fetched; the message says how to fetch it
             offline = True
             skipped[name] = str(e)
     if not tasks:
@@ -186,63 +192,66 @@ def resolve_tasks(task_names):
 def validate_args(args):
     """Bad values end the program with one line naming the
     flag and the fix (a 0 batch or budget would report 0%)."""
+    t, x = args.temperature, args.max_problems
     check_flags([
-        ("-t/--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
-         "a finite number >= 0 (0 = greedy)"),
+        ("-t/--temperature", t, math.isfinite(t) and t >= 0, "a finite number >= 0 (0 = greedy)"),
         ("-m/--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1 tokens"),
         ("-n/--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
         ("-k/--top-k", args.top_k, args.top_k >= 1, ">= 1"),
         ("-b/--batch-size", args.batch_size, args.batch_size >= 1, ">= 1 problems"),
-        ("-x/--max-problems", args.max_problems, args.max_problems is None or args.max_problems >= 1,
-         ">= 1, or left out for all"),
+        ("-x/--max-problems", x, x is None or x >= 1, ">= 1, or left out for all"),
     ])
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
-    parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"], help="which checkpoints to load")
-    parser.add_argument("-a", "--task-name", type=str, default=None,
+    parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"])
+    parser.add_argument("-a", "--task-name", default=None,
                         help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all "
                              f"real tasks (the synthetic ones when no real dataset is available)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="generation budget per completion")
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="completions per problem (pass@k)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical tasks)")
-    parser.add_argument("-g", "--model-tag", type=str, default=None, help="checkpoint tag (default: the largest d<N>)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="most problems per task (default: all)")
-    parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
+    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="per completion")
+    parser.add_argument("-n", "--num-samples", type=int, default=1, help="per problem (pass@k)")
+    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest")
+    parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass "
+                        "(categorical tasks)")
+    parser.add_argument("-g", "--model-tag", default=None, help="default: the largest d<N>")
+    parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
+    parser.add_argument("-x", "--max-problems", type=int, default=None, help="default: all")
+    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
     add_dtype_flag(parser)
     args = parser.parse_args()
     validate_args(args)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, device, phase="eval",
+                                            model_tag=args.model_tag, step=args.step)
         prepare_for_inference(model, args.dtype)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched artifacts: say which
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched
         sys.exit(f"error: {e}")
     engine = Engine(model, tokenizer)
 
     tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)
     if skipped and set(tasks) == set(SYNTHETIC_TASKS):
-        print0("No real task data could be loaded (offline?): evaluating the synthetic tasks' test splits instead")
+        print0("No real task data could be loaded (offline?): "
+               "evaluating the synthetic tasks' test splits instead")
     results = {}
     for name, task in tasks.items():
-        accuracy = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size,
-                                 num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
-        results[name] = accuracy
-        print0(f"{name} accuracy: {100 * accuracy:.2f}% (chance {100 * chance_accuracy(name):.0f}%)")
+        results[name] = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size,
+                                      num_samples=args.num_samples,
+                                      max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_k=args.top_k,
+                                      max_problems=args.max_problems)
+        print0(f"{name} accuracy: {100 * results[name]:.2f}% "
+               f"(chance {100 * chance_accuracy(name):.0f}%)")
 
     summary = dict(results)
-    if all(name in results for name in REAL_TASKS):
-        summary["ChatCORE"] = chatcore({name: results[name] for name in REAL_TASKS})
-        print0(f"ChatCORE: {summary['ChatCORE']:.4f}")
-    if all(name in results for name in SYNTHETIC_TASKS):
-        summary["ChatCORE-synthetic"] = chatcore({name: results[name] for name in SYNTHETIC_TASKS})
-        print0(f"ChatCORE-synthetic (the embedded demo tasks, not comparable to ChatCORE): "
-               f"{summary['ChatCORE-synthetic']:.4f}")
+    synthetic_note = " (the embedded demo tasks, not comparable to ChatCORE)"
+    for label, names, note in (("ChatCORE", REAL_TASKS, ""),
+                               ("ChatCORE-synthetic", SYNTHETIC_TASKS, synthetic_note)):
+        if all(name in results for name in names):
+            summary[label] = chatcore({name: results[name] for name in names})
+            print0(f"{label}{note}: {summary[label]:.4f}")
     for name, reason in skipped.items():
         print0(f"skipped {name}: {reason}")
     if skipped:

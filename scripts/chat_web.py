@@ -3,7 +3,7 @@ Serve a chat model over HTTP: a ChatGPT-like page in the browser and an OpenAI-c
 
     python -m scripts.chat_web                          # newest sft model, http://127.0.0.1:8000/
     python -m scripts.chat_web -i sft -g d20 -n 8       # one worker per GPU on 8 GPUs
-    python -m scripts.chat_web --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines, on purpose
+    python -m scripts.chat_web --host 0.0.0.0 --api-key "$KEY"   # reachable from other machines
 
 Endpoints: GET / (the UI, nanochat/ui.html), GET /health, GET /stats, POST /chat/completions (the
 page's route: SSE lines `data: {"token": ..., "type": ..., "part": ..., "gpu": ...}` then `data:
@@ -33,20 +33,20 @@ import os
 from nanochat.engine import add_dtype_flag
 
 parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
-parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one model replica per GPU (CPU/MPS: 1)")
-parser.add_argument("-i", "--source", type=str, default="sft",
-                    help="checkpoint source: base|mid|sft|rl, or a directory written by scripts.export_hf")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature (0 = greedy)")
-parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0 = whole vocabulary)")
-parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default most tokens per reply")
-parser.add_argument("-p", "--port", type=int, default=8000, help="port (0 = any free port, printed at start)")
-parser.add_argument("--host", type=str, default="127.0.0.1", help="address to bind (0.0.0.0 = the network)")
-parser.add_argument("--device-type", type=str, default="", help="cuda|cpu|mps (empty = autodetect)")
-parser.add_argument("--api-key", type=str, default=os.environ.get("NANOCHAT_API_KEY", ""),
-                    help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY; empty = no key)")
-parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once (more wait)")
+parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one per GPU (CPU: 1)")
+parser.add_argument("-i", "--source", default="sft",
+                    help="base|mid|sft|rl, or a directory written by scripts.export_hf")
+parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the largest d<N>)")
+parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
+parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default (0 = greedy)")
+parser.add_argument("-k", "--top-k", type=int, default=50, help="default (0 = whole vocabulary)")
+parser.add_argument("-m", "--max-tokens", type=int, default=512, help="default most per reply")
+parser.add_argument("-p", "--port", type=int, default=8000, help="0 = any free port, printed")
+parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 = the network)")
+parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
+parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", ""),
+                    help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY)")
+parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once")
 add_dtype_flag(parser)
 args = parser.parse_args()
 
@@ -75,15 +75,17 @@ MAX_TOTAL_CHARS = 32_000
 MAX_TOKENS_LIMIT = 4_096
 MAX_TOP_K = 200
 MAX_BODY_BYTES = 1 << 20
-UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "nanochat", "ui.html")
 
 device_type = args.device_type or autodetect_device_type()
 if args.num_gpus < 1 or (device_type != "cuda" and args.num_gpus != 1):
     parser.error(f"--num-gpus={args.num_gpus}: use >= 1 on CUDA and 1 on {device_type}")
 if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
     parser.error(f"--num-gpus={args.num_gpus} but torch sees {torch.cuda.device_count()} GPUs")
-if not 0 <= args.temperature <= 2 or not 0 <= args.top_k <= MAX_TOP_K or not 1 <= args.max_tokens <= MAX_TOKENS_LIMIT:
-    parser.error(f"defaults must satisfy 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, 1 <= -m <= {MAX_TOKENS_LIMIT}")
+if not (0 <= args.temperature <= 2 and 0 <= args.top_k <= MAX_TOP_K
+        and 1 <= args.max_tokens <= MAX_TOKENS_LIMIT):
+    parser.error(f"defaults must satisfy 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, "
+                 f"1 <= -m <= {MAX_TOKENS_LIMIT}")
 if args.max_batch < 1:
     parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
 
@@ -94,23 +96,19 @@ class APIError(Exception):
     def __init__(self, message, param=None, status=400, kind="invalid_request_error"):
         super().__init__(message)
         self.message, self.param, self.status, self.kind = message, param, status, kind
-
-def error_response(e):
-    return JSONResponse({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": None}}, e.status)
-
-def is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
 
 def is_int(x):
-    return isinstance(x, int) and not isinstance(x, bool)
+    return isinstance(x, int) and not isinstance(x, bool)  # a bool is an int to Python, not to JSON
 
 def check_range(body, name, lo, hi, integer, default):
     value = body.get(name)
     if value is None:
         return default
-    if not (is_int(value) if integer else is_number(value)) or not lo <= value <= hi:
+    if not (is_int(value) or (not integer and isinstance(value, float))) or not lo <= value <= hi:
         kind = "an integer" if integer else "a number"
-        raise APIError(f"{name} must be {kind} from {lo} to {hi}, got {json.dumps(value)[:50]}", name)
+        got = json.dumps(value)[:50]
+        raise APIError(f"{name} must be {kind} from {lo} to {hi}, got {got}", name)
     return value
 
 def message_content(content, i, role, openai):
@@ -121,18 +119,21 @@ def message_content(content, i, role, openai):
     wrote it.
     """
     field = f"messages[{i}].content"
-    kinds = ("text",) if openai else ("text", "python", "python_output") if role == "assistant" else ()
+    kinds = (("text",) if openai else
+             ("text", "python", "python_output") if role == "assistant" else ())
     if isinstance(content, list) and kinds:
-        if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str) for p in content):
+        if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str)
+                   for p in content):
             types = " | ".join(map(json.dumps, kinds))
             raise APIError(f"{field} parts must be {{\"type\": {types}, \"text\": \"...\"}}"
-                           + (" (images, audio and files are not supported)" if openai else ""), field)
+                           + (" (images, audio and files are not supported)" if openai else ""),
+                           field)
         parts = [{"type": p["type"], "text": p["text"]} for p in content]
         content = "".join(p["text"] for p in parts) if openai else parts
     elif not isinstance(content, str):
         raise APIError(f"{field} must be a string", field)
     chars = len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
-    if not chars and not isinstance(content, list):  # a reply's parts may be empty: the model said nothing
+    if not chars and isinstance(content, str):  # a reply's parts may be empty: it said nothing
         raise APIError(f"{field} is empty", field)
     if chars > MAX_MESSAGE_CHARS:
         raise APIError(f"{field} has {chars} characters; the limit is {MAX_MESSAGE_CHARS}", field)
@@ -140,10 +141,13 @@ def message_content(content, i, role, openai):
 
 # OpenAI fields we cannot honour: a value other than the neutral one is refused, never silently
 # ignored.
-UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None, "function_call": None,
-               "logprobs": False, "top_logprobs": None, "stop": None, "presence_penalty": 0, "frequency_penalty": 0,
-               "logit_bias": None, "response_format": None, "audio": None, "modalities": None, "prediction": None}
-IGNORED = {"model", "user", "store", "metadata", "parallel_tool_calls", "service_tier", "reasoning_effort"}
+UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None,
+               "function_call": None, "logprobs": False, "top_logprobs": None, "stop": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+               "response_format": {"type": "text"}, "audio": None, "modalities": None,
+               "prediction": None}
+IGNORED = {"model", "user", "store", "metadata", "parallel_tool_calls", "service_tier",
+           "reasoning_effort"}
 WEB_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "seed"}
 OPENAI_FIELDS = WEB_FIELDS | {"max_completion_tokens", "stream", "stream_options"}
 
@@ -157,11 +161,9 @@ def parse_chat_request(body, openai):
             raise APIError(f"Unrecognized request argument supplied: {name}", name)
     if openai:
         for name, neutral in UNSUPPORTED.items():
-            value = body.get(name)
-            if value is None or value == neutral or (name == "response_format" and value == {"type": "text"}) \
-                    or (name == "logit_bias" and value == {}):
-                continue
-            raise APIError(f"{name}={json.dumps(value)[:50]} is not supported by this server", name)
+            if body.get(name) not in (None, neutral):
+                value = json.dumps(body[name])[:50]
+                raise APIError(f"{name}={value} is not supported by this server", name)
         if "model" in body and not isinstance(body["model"], str):
             raise APIError("model must be a string", "model")
 
@@ -175,30 +177,35 @@ def parse_chat_request(body, openai):
         if not isinstance(m, dict):
             raise APIError(f"{at} must be an object with role and content", at)
         if m.get("role") not in roles:
-            raise APIError(f"{at}.role must be one of {', '.join(roles)}; got {json.dumps(m.get('role'))[:50]}",
-                           f"{at}.role")
+            got = json.dumps(m.get("role"))[:50]
+            raise APIError(f"{at}.role must be one of {', '.join(roles)}; got {got}", f"{at}.role")
         if m["role"] == "system" and i != 0:
-            raise APIError(f"{at}: a system message is accepted only as the first message", f"{at}.role")
+            raise APIError(f"{at}: a system message is accepted only as the first message",
+                           f"{at}.role")
         content, chars = message_content(m.get("content"), i, m["role"], openai)
         parsed.append({"role": m["role"], "content": content})
         total += chars
     if total > MAX_TOTAL_CHARS:
-        raise APIError(f"the messages have {total} characters in all; the limit is {MAX_TOTAL_CHARS}", "messages")
+        raise APIError(f"the messages have {total} characters in all; "
+                       f"the limit is {MAX_TOTAL_CHARS}", "messages")
     if parsed[-1]["role"] != "user":
-        raise APIError("the last message must be the user's: the reply is the assistant's next turn", "messages")
+        raise APIError("the last message must be the user's: "
+                       "the reply is the assistant's next turn", "messages")
 
     max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
-    if openai:
-        max_completion = check_range(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, True, None)
-        if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-            raise APIError("max_tokens and max_completion_tokens differ: send one of them", "max_completion_tokens")
-        max_tokens = max_completion if max_completion is not None else max_tokens
-    stream = body.get("stream", False) if openai else True
+    max_completion = check_range(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, True,
+                                 max_tokens)
+    if None not in (max_tokens, max_completion) and max_tokens != max_completion:
+        raise APIError("max_tokens and max_completion_tokens differ: send one of them",
+                       "max_completion_tokens")
+    stream = body.get("stream", False)  # the web route always streams: it accepts no such field
     if not isinstance(stream, bool):
         raise APIError("stream must be true or false", "stream")
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
-        raise APIError("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    options = body.get("stream_options") or {}
+    include_usage = options.get("include_usage", False) if isinstance(options, dict) else None
+    if not isinstance(include_usage, bool):
+        raise APIError("stream_options must be an object like {\"include_usage\": true}",
+                       "stream_options")
     seed = body.get("seed")
     if seed is not None and not is_int(seed):
         raise APIError("seed must be an integer", "seed")
@@ -206,17 +213,18 @@ def parse_chat_request(body, openai):
         "messages": parsed,
         "temperature": float(check_range(body, "temperature", 0, 2, False, args.temperature)),
         "top_k": check_range(body, "top_k", 0, MAX_TOP_K, True, args.top_k),
-        "max_tokens": max_tokens or args.max_tokens,
+        "max_tokens": max_completion or args.max_tokens,
         "seed": random.randrange(2**31) if seed is None else seed % 2**63,
         "stream": stream,
-        "include_usage": stream_options.get("include_usage", False),
+        "include_usage": include_usage,
     }
 
 async def read_json(request):
-    """The body as JSON, read in pieces so an oversized body is refused without buffering it whole."""
+    """The body as JSON, read in pieces: an oversized body is refused without buffering it whole."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise APIError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+        raise APIError(f"the request body has {length} bytes; the limit is {MAX_BODY_BYTES}",
+                       status=413)
     data = bytearray()
     async for chunk in request.stream():
         data += chunk
@@ -224,7 +232,7 @@ async def read_json(request):
             raise APIError(f"the request body is over the {MAX_BODY_BYTES}-byte limit", status=413)
     try:
         return json.loads(bytes(data))
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; deep nesting a RecursionError
+    except (ValueError, RecursionError) as e:  # bad UTF-8: ValueError; deep nesting: RecursionError
         raise APIError(f"the request body is not valid JSON: {str(e)[:200]}")
 
 # -----------------------------------------------------------------------------
@@ -266,7 +274,7 @@ class Worker(threading.Thread):
             if not self.jobs and self.waiting.empty():
                 self.wake.wait()
             self.wake.clear()
-            for job in [j for j in self.jobs if j.cancelled.is_set()]:  # the client went away: free its row now
+            for job in [j for j in self.jobs if j.cancelled.is_set()]:  # client gone: free its row
                 batch.cancel(job.row)
                 self.jobs.remove(job)
             while len(self.jobs) < args.max_batch and not self.waiting.empty():
@@ -275,21 +283,24 @@ class Worker(threading.Thread):
                     continue
                 s = job.settings
                 try:
-                    job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"], s["top_k"] or None, s["seed"])
-                except Exception as e:  # a bad setting (ValueError) or failed prefill fails the request, not the worker
-                    print(f"worker {self.gpu_id}: prefill failed: {type(e).__name__}: {e}", flush=True)
-                    message = str(e) if isinstance(e, ValueError) else f"generation failed: {type(e).__name__}"
-                    job.send(("error", message))
+                    job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"],
+                                        s["top_k"] or None, s["seed"])
+                except Exception as e:  # a bad setting (ValueError) or prefill: fail the request
+                    name = type(e).__name__
+                    print(f"worker {self.gpu_id}: prefill failed: {name}: {e}", flush=True)
+                    bad_setting = isinstance(e, ValueError)
+                    job.send(("error", str(e) if bad_setting else f"generation failed: {name}"))
                     continue
                 self.jobs.append(job)
             if not self.jobs:
                 continue
             try:
                 results = batch.step()
-            except Exception as e:  # fail the requests in flight loudly, keep the worker alive for the next ones
-                print(f"worker {self.gpu_id}: decode step failed: {type(e).__name__}: {e}", flush=True)
+            except Exception as e:  # fail the requests in flight loudly, serve the next ones
+                name = type(e).__name__
+                print(f"worker {self.gpu_id}: decode step failed: {name}: {e}", flush=True)
                 for job in self.jobs:
-                    job.send(("error", f"generation failed: {type(e).__name__}"))
+                    job.send(("error", f"generation failed: {name}"))
                 self.jobs, batch = [], RowBatch(self.engine)
                 continue
             by_row = {id(job.row): job for job in self.jobs}
@@ -303,21 +314,21 @@ class Worker(threading.Thread):
 # -----------------------------------------------------------------------------
 # Load one replica per device
 
-if device_type == "cuda":
-    compute_init("cuda")
-    devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
-else:
-    devices = [compute_init(device_type)[4]]
-if os.path.isdir(args.source):  # a directory written by scripts.export_hf (e.g. downloaded from the Hub)
+devices = [compute_init(device_type)[4]]  # cuda:0 on CUDA; --num-gpus adds the others
+devices += [torch.device("cuda", i) for i in range(1, args.num_gpus)]
+if os.path.isdir(args.source):  # a directory written by scripts.export_hf (e.g. from the Hub)
     model_tag = os.path.basename(os.path.normpath(args.source))
+    MODEL_ID = f"nanochat-{model_tag}"
 else:
-    model_tag = args.model_tag or find_model_tag(os.path.join(get_base_dir(), SOURCE_DIRS.get(args.source, "?")))
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS.get(args.source, "?"))
+    model_tag = args.model_tag or find_model_tag(checkpoints_dir)
+    MODEL_ID = f"nanochat-{args.source}-{model_tag}"
 workers = []
 for gpu_id, device in enumerate(devices):
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag,
+                                        step=args.step)
     prepare_for_inference(model, args.dtype)
     workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
-MODEL_ID = f"nanochat-{model_tag}" if os.path.isdir(args.source) else f"nanochat-{args.source}-{model_tag}"
 CREATED = int(time.time())
 CONTEXT = model.config.sequence_len
 
@@ -329,7 +340,7 @@ async def generate(settings):
     """
     try:
         tokens = tokenizer.render_for_completion({"messages": settings["messages"]})
-    except ValueError as e:  # roles out of the training format's order, e.g. two user messages in a row
+    except ValueError as e:  # roles out of the training format's order, e.g. two user turns
         raise APIError(str(e), "messages")
     if len(tokens) >= CONTEXT:
         raise APIError(f"the conversation is {len(tokens)} tokens but the model's context "
@@ -340,9 +351,8 @@ async def generate(settings):
     worker.submit(job)
     t0, count, finish = time.time(), 0, None
     stream = ReplyStream(tokenizer)
-    typed = lambda events: [(i, stream.parts[i]["type"], text) for i, text in events]
     try:
-        while True:
+        while finish is None:
             token, finish = await job.results.get()
             if token == "error":
                 raise APIError(finish, status=500, kind="server_error")
@@ -350,14 +360,13 @@ async def generate(settings):
             if finish != "stop":  # the stop token ends the reply and is not part of it
                 count += 1
                 events = stream.push(token)
-            if finish is None:
-                if events:
-                    yield typed(events), None, len(tokens), count, worker.gpu_id
-                continue
-            yield typed(events + stream.flush()), finish, len(tokens), count, worker.gpu_id
-            return
+            if finish is not None:
+                events += stream.flush()
+            if events or finish is not None:
+                pieces = [(i, stream.parts[i]["type"], text) for i, text in events]
+                yield pieces, finish, len(tokens), count, worker.gpu_id
     finally:
-        job.cancelled.set()  # a no-op for a finished row; frees the row of a client that disconnected
+        job.cancelled.set()  # a no-op for a finished row; frees the row of a client that went away
         worker.wake.set()
         worker.load -= 1
         print(f"[{worker.gpu_id}] {len(tokens)} prompt tokens -> {count} tokens, "
@@ -370,18 +379,17 @@ app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
 
 @app.exception_handler(APIError)
 async def api_error_handler(request, e):
-    return error_response(e)
+    return JSONResponse(e.body, e.status)
 
 @app.exception_handler(Exception)
 async def unexpected_error_handler(request, e):  # say what happened instead of a bare 500 page
     print(f"error on {request.url.path}: {type(e).__name__}: {e}", flush=True)
-    return error_response(APIError(f"internal error: {type(e).__name__}", status=500, kind="server_error"))
+    error = APIError(f"internal error: {type(e).__name__}", kind="server_error")
+    return JSONResponse(error.body, 500)
 
 def check_key(request):
-    if not args.api_key:
-        return
     header = request.headers.get("authorization", "")
-    if not hmac.compare_digest(header.encode(), f"Bearer {args.api_key}".encode()):
+    if args.api_key and not hmac.compare_digest(header.encode(), f"Bearer {args.api_key}".encode()):
         raise APIError("missing or wrong API key: send 'Authorization: Bearer <key>'", status=401,
                        kind="authentication_error")
 
@@ -395,34 +403,38 @@ async def root():
     with open(UI_PATH, encoding="utf-8") as f:
         return HTMLResponse(f.read())
 
+def available_workers():
+    return sum(w.load < args.max_batch for w in workers)
+
 @app.get("/health")
 async def health():
     return {"status": "ok", "ready": all(w.is_alive() for w in workers), "num_gpus": len(workers),
-            "available_workers": sum(w.load < args.max_batch for w in workers)}
+            "available_workers": available_workers()}
 
 @app.get("/stats")
 async def stats(request: Request):
     check_key(request)
-    return {"total_workers": len(workers), "available_workers": sum(w.load < args.max_batch for w in workers),
+    return {"total_workers": len(workers), "available_workers": available_workers(),
             "busy_workers": sum(w.load > 0 for w in workers), "max_batch": args.max_batch,
-            "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), "requests": w.load} for w in workers]}
+            "workers": [{"gpu_id": w.gpu_id, "device": str(w.device), "requests": w.load}
+                        for w in workers]}
 
 @app.get("/v1/models")
 async def models(request: Request):
     check_key(request)
-    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED, "owned_by": "nanochat",
-                                         "context_length": CONTEXT}]}
+    return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED,
+                                        "owned_by": "nanochat", "context_length": CONTEXT}]}
 
 async def first_and_rest(gen):
-    """Run the generator to its first item so that errors
-    before any token (e.g. too long) become a plain 400."""
+    """Run the generator to its first item so that errors before any token (e.g. too long, a failed
+    prefill) become a plain error response, not an error inside a stream."""
     first = await gen.__anext__()
     async def rest():
         try:
             yield first
             async for item in gen:
                 yield item
-        finally:  # closed early (client gone): close the generation now rather than at garbage collection
+        finally:  # closed early (client gone): end the generation now, not at garbage collection
             await gen.aclose()
     return rest()
 
@@ -445,8 +457,9 @@ async def chat_completions(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 def text_of(pieces):
-    """The OpenAI route's content: the reply's text parts only. A calculator call and its result are steps the model
-    took, not text it said, and OpenAI's tool_calls would ask the client to run a tool that already ran."""
+    """The OpenAI route's content: the reply's text parts only. A calculator call and its result are
+    steps the model took, not text it said, and OpenAI's tool_calls would ask the client to run a
+    tool that already ran."""
     return "".join(text for _, kind, text in pieces if kind == "text")
 
 @app.post("/v1/chat/completions")
@@ -454,36 +467,35 @@ async def openai_chat_completions(request: Request):
     check_key(request)
     settings = parse_chat_request(await read_json(request), openai=True)
     items = await first_and_rest(generate(settings))
-    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": MODEL_ID}
     usage = lambda p, c: {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     if not settings["stream"]:
         parts = []
         async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
             parts.append(text_of(pieces))
-        return {"id": completion_id, "object": "chat.completion", "created": created, "model": MODEL_ID,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "finish_reason": finish, "logprobs": None}],
+        message = {"role": "assistant", "content": "".join(parts)}
+        choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+        return {**head, "object": "chat.completion", "choices": [choice],
                 "usage": usage(prompt_tokens, completion_tokens)}
 
     def chunk(delta, finish=None):
-        return sse({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL_ID,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]})
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
     async def events():
-        yield chunk({"role": "assistant", "content": ""})
+        yield sse(chunk({"role": "assistant", "content": ""}))
         try:
             async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
-                text = text_of(pieces)
-                if text:
-                    yield chunk({"content": text})
+                if text_of(pieces):
+                    yield sse(chunk({"content": text_of(pieces)}))
                 if finish is not None:
-                    yield chunk({}, finish)
+                    yield sse(chunk({}, finish))
                     if settings["include_usage"]:
-                        yield sse({"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                                   "model": MODEL_ID, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+                        tokens = usage(prompt_tokens, completion_tokens)
+                        yield sse(dict(chunk({}), choices=[], usage=tokens))
         except APIError as e:
-            yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": None}})
+            yield sse(e.body)
         finally:
             await items.aclose()
         yield "data: [DONE]\n\n"
@@ -499,11 +511,12 @@ if __name__ == "__main__":
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
-    sock.listen(2048)  # connections made right after the line below wait in the backlog until uvicorn accepts them
+    sock.listen(2048)  # connections made before uvicorn accepts wait in this backlog
     host, port = sock.getsockname()[:2]
     print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) "
           f"({', '.join(str(d) for d in devices)}), up to {args.max_batch} "
           f"requests decoded together per worker", flush=True)
-    print(f"serving http://{host}:{port}/" + ("  (API key required)" if args.api_key else ""), flush=True)
+    key_note = "  (API key required)" if args.api_key else ""
+    print(f"serving http://{host}:{port}/{key_note}", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
     uvicorn.Server(config).run(sockets=[sock])

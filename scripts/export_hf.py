@@ -2,9 +2,9 @@
 Export a trained nanochat to a Hugging Face model directory, loadable by transformers and by
 nanochat itself.
 
-    python -m scripts.export_hf -i sft -o out/nanochat-d20          # newest sft checkpoint of the largest d<N>
+    python -m scripts.export_hf -i sft -o out/nanochat-d20    # newest sft checkpoint, largest d<N>
     python -m scripts.export_hf -i base -g d12 -s 5000 -o out/base --dtype bfloat16 --check
-    hf upload USER/nanochat-d20 out/nanochat-d20                      # share it (huggingface_hub CLI)
+    hf upload USER/nanochat-d20 out/nanochat-d20                # share it (huggingface_hub CLI)
 
 Then: AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True),
 AutoTokenizer.from_pretrained(DIR), or `python -m scripts.chat_cli -i DIR`. What the directory
@@ -19,19 +19,19 @@ import os
 import sys
 
 parser = argparse.ArgumentParser(description="Export a checkpoint to the Hugging Face format")
-parser.add_argument("-i", "--source", type=str, default="sft", help="checkpoint source: base|mid|sft|rl")
-parser.add_argument("-g", "--model-tag", type=str, default=None, help="model tag, e.g. d20 (default: the largest d<N>)")
-parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the newest complete one)")
-parser.add_argument("-o", "--output", required=True, help="output directory (created; files in it are replaced)")
-parser.add_argument("--dtype", type=str, default="", choices=["", "float32", "bfloat16"],
+parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"])
+parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the largest d<N>)")
+parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
+parser.add_argument("-o", "--output", required=True, help="directory (created; its files replaced)")
+parser.add_argument("--dtype", default="", choices=["", "float32", "bfloat16"],
                     help="cast every weight to this dtype ('' = keep the checkpoint's dtypes)")
-parser.add_argument("--check", action="store_true", help="reload the export and compare weights and logits")
+parser.add_argument("--check", action="store_true", help="reload it, compare weights and logits")
 args = parser.parse_args()
 
 import torch
 
-from nanochat.checkpoint import (SOURCE_DIRS, SOURCE_SCRIPTS, check_tokenizer, find_last_step, find_model_tag,
-                                 load_checkpoint)
+from nanochat.checkpoint import (SOURCE_DIRS, SOURCE_SCRIPTS, check_tokenizer, find_last_step,
+                                 find_model_tag, load_checkpoint)
 from nanochat.common import get_base_dir
 from nanochat.hf.export import export_model, load_export
 from nanochat.tokenizer import get_tokenizer
@@ -39,8 +39,6 @@ from nanochat.tokenizer import get_tokenizer
 # -----------------------------------------------------------------------------
 # Find and read the checkpoint (every file verified against its recorded sha256)
 
-if args.source not in SOURCE_DIRS:
-    parser.error(f"unknown source {args.source!r}: use one of {sorted(SOURCE_DIRS)}")
 checkpoints_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
 try:
     model_tag = args.model_tag or find_model_tag(checkpoints_dir)
@@ -59,10 +57,11 @@ report_text = open(report_path, encoding="utf-8").read() if os.path.exists(repor
 # Export
 
 dtype = {"": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-export_model(state, meta, tokenizer, args.output, source=args.source, dtype=dtype, report_text=report_text)
-# safetensors creates its file 0600 whatever the umask: give it the mode every other file got (0644
-# under umask 022)
-os.chmod(os.path.join(args.output, "model.safetensors"), os.stat(os.path.join(args.output, "config.json")).st_mode)
+export_model(state, meta, tokenizer, args.output, source=args.source, dtype=dtype,
+             report_text=report_text)
+# safetensors creates its file 0600 whatever the umask: give it the mode every other file got
+mode = os.stat(os.path.join(args.output, "config.json")).st_mode
+os.chmod(os.path.join(args.output, "model.safetensors"), mode)
 size = sum(os.path.getsize(os.path.join(args.output, f)) for f in os.listdir(args.output))
 print(f"exported {args.source} {model_tag} step {step} to {args.output} ({size / 2**20:.1f} MiB): "
       f"{', '.join(sorted(os.listdir(args.output)))}")
@@ -72,18 +71,21 @@ print(f"exported {args.source} {model_tag} step {step} to {args.output} ({size /
 
 if args.check:
     model, tok, _ = load_export(args.output, "cpu")
-    expected = {k.removeprefix("_orig_mod."): v.to(dtype) if dtype is not None and v.is_floating_point() else v
-                for k, v in state.items()}
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+    expected = {k.removeprefix("_orig_mod."): cast(v) for k, v in state.items()}
     loaded = model.state_dict()
-    bad = [k for k, v in expected.items() if not torch.equal(loaded[k], v.float() if v.dtype == torch.bfloat16 else v)]
-    assert not bad and tok.fingerprint() == tokenizer.fingerprint(), f"export differs from the checkpoint: {bad}"
+    bad = [k for k, v in expected.items()
+           if not torch.equal(loaded[k], v.float() if v.dtype == torch.bfloat16 else v)]
+    assert not bad and tok.fingerprint() == tokenizer.fingerprint(), f"export differs: {bad}"
     print(f"check: nanochat reload ok ({len(expected)} tensors bit-identical, same tokenizer)")
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
-        print("check: transformers is not installed, skipped the transformers reload (pip install -e '.[hf]')")
+        print("check: transformers is not installed, skipped the transformers reload "
+              "(pip install -e '.[hf]')")
         sys.exit(0)
-    hf_model = AutoModelForCausalLM.from_pretrained(args.output, trust_remote_code=True, dtype=torch.float32).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(args.output, trust_remote_code=True,
+                                                    dtype=torch.float32).eval()
     ids = torch.tensor([tokenizer.encode("The capital of France is", prepend="<|bos|>")])
     with torch.no_grad():
         diff = (hf_model(ids).logits - model(ids)).abs().max().item()

@@ -3,7 +3,7 @@ Scaling analysis of the sweeps run by runs/miniseries.sh and runs/scaling_laws.s
 did this part in a notebook): IsoFLOP curves, the compute-optimal tokens:params ratio and val bpb
 against training compute.
 
-    python -m scripts.scaling_analysis --add-run=TAG --csv=results.csv    # append a finished base run's row
+    python -m scripts.scaling_analysis --add-run=TAG --csv=results.csv   # add a finished run's row
     python -m scripts.scaling_analysis --csv=a.csv [b.csv ...] [--out-dir=DIR]
 
 --add-run fills every column from the run's own records (the final checkpoint's meta JSON and its
@@ -23,33 +23,36 @@ notebook's alternative parameter conventions (total / non-embedding params).
 import argparse
 import csv
 import glob
-import json
 import math
 import os
+import statistics
 
 import numpy as np
 
+from nanochat.checkpoint import SOURCE_DIRS, read_meta
 from nanochat.common import get_base_dir, atomic_write_text
 from nanochat.report import get_pyplot, read_metric_log, metric_log_path
 
-COLUMNS = ["model_tag", "depth", "model_dim", "num_params", "num_scaling_params", "wte", "value_embeds", "lm_head",
-           "transformer_matrices", "scalars", "flops_per_token", "num_iterations", "total_batch_size", "tokens_trained",
-           "param_data_ratio", "target_flops", "total_flops", "val_bpb", "min_val_bpb", "core_score", "train_time_sec"]
+PARAM_GROUPS = ["wte", "value_embeds", "lm_head", "transformer_matrices", "scalars"]
+COLUMNS = ["model_tag", "depth", "model_dim", "num_params", "num_scaling_params", *PARAM_GROUPS,
+           "flops_per_token", "num_iterations", "total_batch_size", "tokens_trained",
+           "param_data_ratio", "target_flops", "total_flops", "val_bpb", "min_val_bpb",
+           "core_score", "train_time_sec"]
 
 # -----------------------------------------------------------------------------
 # One row per finished run, from its own records
 
 def run_row(tag, checkpoints_dir=None):
-    """The CSV row of base run `tag` (under checkpoints_dir, default <base>/base_checkpoints): final checkpoint meta +
-    metric log. Raises if the run has not finished."""
-    checkpoint_dir = os.path.join(checkpoints_dir or os.path.join(get_base_dir(), "base_checkpoints"), tag)
-    metas = sorted(glob.glob(os.path.join(checkpoint_dir, "meta_*.json")))
+    """The CSV row of base run `tag` (under checkpoints_dir, default <base>/base_checkpoints): final
+    checkpoint meta + metric log. Raises if the run has not finished."""
+    checkpoints_dir = checkpoints_dir or os.path.join(get_base_dir(), SOURCE_DIRS["base"])
+    run_dir = os.path.join(checkpoints_dir, tag)
+    metas = sorted(glob.glob(os.path.join(run_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {checkpoint_dir}: train it "
+        raise FileNotFoundError(f"no checkpoint meta in {run_dir}: train it "
                                 f"(base_train --model-tag={tag}) or point "
                                 f"--checkpoints-dir at the folder that holds {tag}/")
-    with open(metas[-1], encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_meta(metas[-1])
     if meta["step"] != meta["num_iterations"]:
         raise ValueError(f"run {tag} has not finished: newest checkpoint is step {meta['step']} of "
                          f"{meta['num_iterations']}; rerun it with --resume")
@@ -59,22 +62,26 @@ def run_row(tag, checkpoints_dir=None):
     counts = meta["param_counts"]
     tokens = meta["num_iterations"] * meta["total_batch_size"]
     return {
-        "model_tag": tag, "depth": meta["model_config"]["n_layer"], "model_dim": meta["model_config"]["n_embd"],
-        "num_params": counts["total"], "num_scaling_params": meta["num_scaling_params"],
-        **{k: counts.get(k, "") for k in ("wte", "value_embeds", "lm_head", "transformer_matrices", "scalars")},
+        "model_tag": tag, "depth": meta["model_config"]["n_layer"],
+        "model_dim": meta["model_config"]["n_embd"], "num_params": counts["total"],
+        "num_scaling_params": meta["num_scaling_params"],
+        **{k: counts.get(k, "") for k in PARAM_GROUPS},
         "flops_per_token": meta["flops_per_token"], "num_iterations": meta["num_iterations"],
         "total_batch_size": meta["total_batch_size"], "tokens_trained": tokens,
         "param_data_ratio": round(tokens / meta["num_scaling_params"], 4),
-        "target_flops": meta["user_config"].get("target_flops", -1), "total_flops": meta["flops_per_token"] * tokens,
-        "val_bpb": meta["val_bpb"], "min_val_bpb": meta["loop_state"]["min_val_bpb"],
-        "core_score": core[-1] if core else "", "train_time_sec": round(meta["loop_state"]["total_training_time"], 2),
+        "target_flops": meta["user_config"].get("target_flops", -1),
+        "total_flops": meta["flops_per_token"] * tokens, "val_bpb": meta["val_bpb"],
+        "min_val_bpb": meta["loop_state"]["min_val_bpb"], "core_score": core[-1] if core else "",
+        "train_time_sec": round(meta["loop_state"]["total_training_time"], 2),
     }
 
 def add_run(tag, csv_path, checkpoints_dir=None):
-    rows = [r for r in read_csv(csv_path) if r["model_tag"] != tag] if os.path.exists(csv_path) else []
+    rows = read_csv(csv_path) if os.path.exists(csv_path) else []
+    rows = [r for r in rows if r["model_tag"] != tag]
     rows.append(run_row(tag, checkpoints_dir))
     os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
-    lines = [",".join(COLUMNS)] + [",".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
+    lines = [",".join(COLUMNS)]
+    lines += [",".join("" if r.get(c) is None else str(r[c]) for c in COLUMNS) for r in rows]
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
     print(f"{csv_path}: {tag} val bpb {rows[-1]['val_bpb']} ({len(rows)} runs)")
 
@@ -101,32 +108,33 @@ def read_rows(csv_path):
 # -----------------------------------------------------------------------------
 # Fits
 
+def budget_runs(rows, budget):
+    """The runs of one FLOP budget (-1: the runs without one) that have a val bpb."""
+    return [r for r in rows if (r.get("target_flops") or -1) == budget and r["val_bpb"] is not None]
+
 def isoflop_fit(rows):
-    """Per budget: {budget: dict(n_opt, d_opt, ratio, bpb_opt, coeffs, inside)} from the parabola in log10 N, or
-    dict(reason=...) when there is no minimum to report. Budgets need 3+ sizes with a val bpb."""
+    """Per budget: {budget: dict(n_opt, d_opt, ratio, bpb_opt, coeffs, inside)} from the parabola
+    in log10 N, or dict(reason=...) when there is no minimum to report. Budgets need 3+ sizes with
+    a val bpb."""
     fits = {}
     for budget in sorted({r["target_flops"] for r in rows if (r.get("target_flops") or -1) > 0}):
-        runs = sorted((r for r in rows if r.get("target_flops") == budget and r["val_bpb"] is not None),
-                      key=lambda r: r["num_scaling_params"])
+        runs = sorted(budget_runs(rows, budget), key=lambda r: r["num_scaling_params"])
         if len({r["num_scaling_params"] for r in runs}) < 3:
             fits[budget] = {"reason": f"{len(runs)} model sizes; a parabola needs 3"}
             continue
         log_n = np.log10([r["num_scaling_params"] for r in runs])
         a, b, c = np.polyfit(log_n, [r["val_bpb"] for r in runs], 2)
         if a <= 0:
-            fits[budget] = {"reason": "val bpb has no minimum over these sizes (fit bends down)", "coeffs": (a, b, c)}
+            fits[budget] = {"reason": "val bpb has no minimum over these sizes (fit bends down)",
+                            "coeffs": (a, b, c)}
             continue
         x_opt = -b / (2 * a)
         slope, intercept = np.polyfit(log_n, np.log10([r["tokens_trained"] for r in runs]), 1)
         n_opt, d_opt = 10 ** x_opt, 10 ** (slope * x_opt + intercept)
-        fits[budget] = {"n_opt": n_opt, "d_opt": d_opt, "ratio": d_opt / n_opt, "bpb_opt": c - b * b / (4 * a),
-                        "coeffs": (a, b, c), "inside": bool(log_n[0] <= x_opt <= log_n[-1])}
+        fits[budget] = {"n_opt": n_opt, "d_opt": d_opt, "ratio": d_opt / n_opt,
+                        "bpb_opt": c - b * b / (4 * a), "coeffs": (a, b, c),
+                        "inside": bool(log_n[0] <= x_opt <= log_n[-1])}
     return fits
-
-def power_law(budgets, values):
-    """Exponent and prefactor of values = k * budgets^e (least squares in log-log)."""
-    e, log_k = np.polyfit(np.log10(budgets), np.log10(values), 1)
-    return e, 10 ** log_k
 
 # -----------------------------------------------------------------------------
 # Plots and table
@@ -135,46 +143,45 @@ def plot(rows, fits, out_dir, plt):
     budgets = sorted(fits)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, budget in enumerate(budgets):
-        runs = [r for r in rows if r.get("target_flops") == budget and r["val_bpb"] is not None]
-        ns = [r["num_scaling_params"] for r in runs]
-        ax.scatter(ns, [r["val_bpb"] for r in runs], color=f"C{i}", label=f"C = {budget:.3g} FLOPs")
-        for r in runs:
-            ax.annotate(f"d{r['depth']:.0f}", (r["num_scaling_params"], r["val_bpb"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        fit = fits[budget]
+        runs = budget_runs(rows, budget)
+        scatter(ax, runs, "num_scaling_params", f"C{i}", f"C = {budget:.3g} FLOPs")
+        fit, ns = fits[budget], [r["num_scaling_params"] for r in runs]
         if "coeffs" in fit:
             xs = np.linspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
-            ax.plot(10 ** xs, np.polyval(fit["coeffs"], xs), color=f"C{i}", linestyle="--", linewidth=1)
+            ax.plot(10 ** xs, np.polyval(fit["coeffs"], xs), color=f"C{i}", linestyle="--",
+                    linewidth=1)
         if "n_opt" in fit:
-            ax.plot(fit["n_opt"], fit["bpb_opt"], "*", color=f"C{i}", markersize=14, markeredgecolor="black",
-                    label=f"  fitted min: N* = {fit['n_opt']:.3g}" + ("" if fit["inside"] else " (outside sweep)"))
-    ax.set_xscale("log")
-    ax.set_xlabel("scaling parameters N (transformer matrices + lm_head, log scale)")
-    ax.set_ylabel("final val bpb (bits/byte)")
-    ax.set_title("IsoFLOP curves: val bpb vs model size at fixed compute")
-    paths = [_save(fig, ax, os.path.join(out_dir, "isoflop.png"), plt)] if budgets else []
+            where = "" if fit["inside"] else " (outside sweep)"
+            ax.plot(fit["n_opt"], fit["bpb_opt"], "*", color=f"C{i}", markersize=14,
+                    markeredgecolor="black", label=f"  fitted min: N* = {fit['n_opt']:.3g}{where}")
+    paths = [save(fig, ax, os.path.join(out_dir, "isoflop.png"), plt,
+                  "scaling parameters N (transformer matrices + lm_head, log scale)",
+                  "IsoFLOP curves: val bpb vs model size at fixed compute")] if budgets else []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({r.get("target_flops") or -1 for r in rows})
-    for i, group in enumerate(groups):
-        runs = [r for r in rows if (r.get("target_flops") or -1) == group and r["val_bpb"] is not None]
-        ax.scatter([r["total_flops"] for r in runs], [r["val_bpb"] for r in runs], color=f"C{i}",
-                   label=f"budget {group:.3g}" if group > 0 else "compute-optimal ratio (miniseries)")
-        for r in runs:
-            ax.annotate(f"d{r['depth']:.0f}", (r["total_flops"], r["val_bpb"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+    for i, group in enumerate(sorted({r.get("target_flops") or -1 for r in rows})):
+        label = f"budget {group:.3g}" if group > 0 else "compute-optimal ratio (miniseries)"
+        scatter(ax, budget_runs(rows, group), "total_flops", f"C{i}", label)
     minima = sorted((budget, fit["bpb_opt"]) for budget, fit in fits.items() if "bpb_opt" in fit)
     if minima:
         ax.plot(*zip(*minima), "k*--", markersize=10, linewidth=1, label="IsoFLOP minima (fitted)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs (log scale)")
-    ax.set_ylabel("final val bpb (bits/byte)")
-    ax.set_title("Val bpb vs training compute")
-    paths.append(_save(fig, ax, os.path.join(out_dir, "bpb_vs_flops.png"), plt))
+    paths.append(save(fig, ax, os.path.join(out_dir, "bpb_vs_flops.png"), plt,
+                      "training FLOPs (log scale)", "Val bpb vs training compute"))
     return paths
 
-def _save(fig, ax, path, plt):
-    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # log axis labelled on decades only: no overlapping text
+def scatter(ax, runs, x, color, label):
+    """Final val bpb of runs against column x, each point labelled with its depth."""
+    ax.scatter([r[x] for r in runs], [r["val_bpb"] for r in runs], color=color, label=label)
+    for r in runs:
+        ax.annotate(f"d{r['depth']:.0f}", (r[x], r["val_bpb"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+
+def save(fig, ax, path, plt, xlabel, title):
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only: no overlapping text
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final val bpb (bits/byte)")
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -185,7 +192,8 @@ def _save(fig, ax, path, plt):
 
 def markdown(rows, fits, csv_paths):
     lines = [f"# Scaling analysis of {', '.join(csv_paths)}", "",
-             "| tag | depth | scaling params | tokens | tokens:params | budget | FLOPs | val bpb | CORE | train s |",
+             "| tag | depth | scaling params | tokens | tokens:params | budget | FLOPs | val bpb "
+             "| CORE | train s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.get("target_flops") or -1, r["num_scaling_params"])):
         budget = f"{r['target_flops']:.3g}" if (r.get("target_flops") or -1) > 0 else "-"
@@ -197,7 +205,8 @@ def markdown(rows, fits, csv_paths):
                      f"{core} | {r.get('train_time_sec') or 0:.0f} |")
     if fits:
         lines += ["", "## IsoFLOP minima (parabola in log10 N)", "",
-                  "| budget C | N* (scaling params) | D* (tokens) | D*/N* | val bpb at N* | N* inside the sweep |",
+                  "| budget C | N* (scaling params) | D* (tokens) | D*/N* | val bpb at N* "
+                  "| N* inside the sweep |",
                   "|---|---|---|---|---|---|"]
         for budget, fit in sorted(fits.items()):
             if "n_opt" in fit:
@@ -208,25 +217,28 @@ def markdown(rows, fits, csv_paths):
                 lines.append(f"| {budget:.3g} | - | - | - | - | {fit['reason']} |")
         good = {b: f for b, f in fits.items() if "n_opt" in f and f["inside"]}
         if good:
-            ratios = [f["ratio"] for f in good.values()]
-            lines += ["", f"Optimal tokens:params ratio (geometric mean over "
-                          f"{len(good)} budget(s) with a minimum inside the sweep): "
-                          f"{math.exp(sum(map(math.log, ratios)) / len(ratios)):.2f}"]
-        if len(good) >= 2:
-            a, _ = power_law(list(good), [f["n_opt"] for f in good.values()])
-            b, _ = power_law(list(good), [f["d_opt"] for f in good.values()])
-            lines.append(f"Scaling of the optimum: N* ~ C^{a:.3f}, D* ~ C^{b:.3f} (Chinchilla: both ~0.5)")
+            ratio = statistics.geometric_mean(f["ratio"] for f in good.values())
+            lines += ["", f"Optimal tokens:params ratio (geometric mean over {len(good)} budget(s) "
+                          f"with a minimum inside the sweep): {ratio:.2f}"]
+        if len(good) >= 2:  # N* ~ C^a, D* ~ C^b: least-squares lines in log-log
+            log_c = np.log10(list(good))
+            a = np.polyfit(log_c, np.log10([f["n_opt"] for f in good.values()]), 1)[0]
+            b = np.polyfit(log_c, np.log10([f["d_opt"] for f in good.values()]), 1)[0]
+            lines.append(f"Scaling of the optimum: N* ~ C^{a:.3f}, D* ~ C^{b:.3f} "
+                         f"(Chinchilla: both ~0.5)")
     return "\n".join(lines) + "\n"
 
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Sweep results: record a run, or analyse the CSVs")
-    parser.add_argument("--csv", nargs="+", required=True, help="results CSV(s) (--add-run: the one to append to)")
-    parser.add_argument("--add-run", type=str, default=None, help="model tag of a finished base run to append to --csv")
-    parser.add_argument("--out-dir", default=None, help="folder for the PNGs and scaling.md (default: the first CSV's)")
-    parser.add_argument("--checkpoints-dir", default=None,
-                        help="where --add-run finds <tag>/ (default: $NANOCHAT_BASE_DIR/base_checkpoints)")
+    parser.add_argument("--csv", nargs="+", required=True,
+                        help="results CSV(s) (--add-run: the one to append to)")
+    parser.add_argument("--add-run", default=None, help="finished base run to add to --csv")
+    parser.add_argument("--out-dir", default=None,
+                        help="folder for the PNGs and scaling.md (default: the first CSV's)")
+    parser.add_argument("--checkpoints-dir", default=None, help="where --add-run finds <tag>/ "
+                        "(default: $NANOCHAT_BASE_DIR/base_checkpoints)")
     args = parser.parse_args()
     if args.add_run:
         assert len(args.csv) == 1, f"--add-run appends to one CSV, got {args.csv}"
@@ -234,7 +246,8 @@ if __name__ == "__main__":
     else:
         rows = [r for path in args.csv for r in read_rows(path)]
         if not rows:
-            raise SystemExit(f"no runs in {args.csv}: run runs/miniseries.sh or runs/scaling_laws.sh first")
+            raise SystemExit(f"no runs in {args.csv}: run runs/miniseries.sh or "
+                             f"runs/scaling_laws.sh first")
         out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.csv[0]))
         os.makedirs(out_dir, exist_ok=True)
         fits = isoflop_fit(rows)

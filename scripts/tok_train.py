@@ -1,10 +1,10 @@
 """
 Train the BPE tokenizer on the train split of the pretraining data; save it to <base>/tokenizer/.
 
-    python -m scripts.tok_train                                   # 2B chars, vocab 32,768
+    python -m scripts.tok_train                               # 2B chars, vocab 32,768
     python -m scripts.tok_train --max-chars=100000000 --vocab-size=4096
-    NANOCHAT_DATASET=local python -m scripts.tok_train            # the embedded offline corpus
-    python -m scripts.tok_train --overwrite                       # replace a tokenizer that checkpoints use
+    NANOCHAT_DATASET=local python -m scripts.tok_train        # the embedded offline corpus
+    python -m scripts.tok_train --overwrite                   # replace one that checkpoints use
 
 Writes tokenizer.json (data only: pattern, base64 merges, specials) and token_bytes.pt (raw byte
 length per token id, 0 for specials; loss_eval turns nats into bits per byte with it),
@@ -28,18 +28,25 @@ from nanochat.dataset import parquets_iter_batched, get_dataset_name
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer
 
+def count(text):
+    return int(float(text))
+
 parser = argparse.ArgumentParser(description="Train the nanochat BPE tokenizer")
-parser.add_argument("--max-chars", type=lambda s: int(float(s)), default=2_000_000_000,
+parser.add_argument("--max-chars", type=count, default=2_000_000_000,
                     help="stop after this many characters of training text (2e9 style accepted)")
-parser.add_argument("--doc-cap", type=lambda s: int(float(s)), default=10_000, help="crop documents to this many chars")
-parser.add_argument("--vocab-size", type=int, default=32_768, help="total vocab size including the 9 special tokens")
-parser.add_argument("--overwrite", action="store_true",
-                    help="retrain even if the tokenizer exists with these flags or checkpoints were trained with it")
+parser.add_argument("--doc-cap", type=count, default=10_000, help="crop documents to this length")
+parser.add_argument("--vocab-size", type=int, default=32_768, help="including the 9 special tokens")
+parser.add_argument("--overwrite", action="store_true", help="retrain even if the tokenizer exists "
+                    "with these flags or checkpoints were trained with it")
 args = parser.parse_args()
-check_flags([("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
-             ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
-             ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, ">= 265 (256 bytes + 9 special tokens)")])
-print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | vocab_size: {args.vocab_size:,}")
+check_flags([
+    ("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
+    ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
+    ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, 
+     ">= 265 (256 bytes + 9 specials)"),
+])
+print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | "
+      f"vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
 # An existing tokenizer: keep it if these flags made it; never replace one that checkpoints use
@@ -56,7 +63,8 @@ if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.ov
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
     if record == dict(config, fingerprint=fingerprint):
-        print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: kept (--overwrite retrains it)")
+        print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: "
+              f"kept (--overwrite retrains it)")
         raise SystemExit(0)
     users = sorted({os.path.dirname(path) for source in SOURCE_DIRS.values()
                     for path in glob.glob(os.path.join(get_base_dir(), source, "*", "meta_*.json"))
@@ -70,18 +78,13 @@ if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.ov
 # -----------------------------------------------------------------------------
 # Training text: train-split documents, each cropped, until max_chars
 
-num_chars = 0
-num_docs = 0
+num_chars = num_docs = 0
 
 def text_iterator():
     global num_chars, num_docs
-    for batch in parquets_iter_batched("train"):
-        for doc in batch:
-            doc = doc[:args.doc_cap]
-            if not doc:
-                continue
-            num_chars += len(doc)
-            num_docs += 1
+    for doc in (doc[:args.doc_cap] for batch in parquets_iter_batched("train") for doc in batch):
+        if doc:
+            num_chars, num_docs = num_chars + len(doc), num_docs + 1
             yield doc
             if num_chars > args.max_chars:
                 return
@@ -102,8 +105,9 @@ print(f"trained on {num_chars:,} chars from {num_docs:,} documents in {train_tim
 
 # Round trip on text that stresses the split pattern: digit groups, contractions, symbols, CJK,
 # emoji.
-sample = ("Hello world! This is a test. Numbers: 123, 4567, 89 and 3.14159. Contractions: I'm, you're, it's, "
-          "we'll, they've. Special chars: @#$%^&*()_+-=[]{}|;':\",./<>? Unicode: 你好世界 🌍🚀 naïve café\n\ttabs")
+sample = ("Hello world! This is a test. Numbers: 123, 4567, 89 and 3.14159. Contractions: I'm, "
+          "you're, it's, we'll, they've. Special chars: @#$%^&*()_+-=[]{}|;':\",./<>? Unicode: "
+          "你好世界 🌍🚀 naïve café\n\ttabs")
 ids = tokenizer.encode(sample)
 assert tokenizer.decode(ids) == sample, "round trip failed on the sample text"
 print(f"round trip ok: {len(sample.encode())} bytes -> {len(ids)} tokens")
@@ -119,6 +123,8 @@ token_bytes = tokenizer.token_bytes()
 lengths = token_bytes[token_bytes > 0].float()
 stats = {"token_bytes_min": int(lengths.min()), "token_bytes_max": int(lengths.max()),
          "token_bytes_mean": lengths.mean().item(), "token_bytes_std": lengths.std().item()}
-print(" | ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in stats.items()))
-get_report().log("Tokenizer training", [vars(args), {"train_time": train_time, "num_chars": num_chars,
-                 "num_docs": num_docs, "num_special_tokens": len(tokenizer.get_special_tokens())}, stats])
+print(" | ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}"
+                 for k, v in stats.items()))
+run = {"train_time": train_time, "num_chars": num_chars, "num_docs": num_docs,
+       "num_special_tokens": len(tokenizer.get_special_tokens())}
+get_report().log("Tokenizer training", [vars(args), run, stats])
