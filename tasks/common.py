@@ -42,12 +42,6 @@ class Task:
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
 
-    def num_examples(self):
-        raise NotImplementedError
-
-    def get_example(self, index):
-        raise NotImplementedError
-
     def evaluate(self, conversation, assistant_response):
         raise NotImplementedError(f"{type(self).__name__} has no evaluation (training data only)")
 
