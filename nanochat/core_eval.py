@@ -322,6 +322,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
     # not fit max_len)
     outcome = torch.zeros(2, len(data), dtype=torch.float32)
+    length = lambda example: max(len(tokens) for tokens, _, _ in example[1])  # its longest row
     my_indices = list(range(rank, len(data), world))
     for c in range(0, len(my_indices), chunk_size):
         # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs
@@ -331,8 +332,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
         outcome[1, skipped] = 1.0
         if not examples:
             continue
-        length = lambda ex: max(len(tokens) for tokens, _, _ in ex[1])  # of an example's rows
-        examples.sort(key=lambda ex: -length(ex))
+        examples.sort(key=length, reverse=True)
         if hasattr(model, "ensure_rotary_positions"):
             model.ensure_rotary_positions(length(examples[0]))
         i = 0

@@ -73,7 +73,8 @@ def polar_express(X, ns_steps=5):
     every singular value toward 1. The Frobenius normalization first puts all singular values below
     1, where the iteration converges.
     """
-    assert 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS), f"ns_steps={ns_steps} must be in 1..5"
+    n = len(POLAR_EXPRESS_COEFFS)
+    assert 1 <= ns_steps <= n, f"ns_steps={ns_steps} must be in 1..{n}"
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
     tall = X.size(-2) > X.size(-1)  # multiply on the small side: Gram matrix min(rows, cols) square
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
@@ -302,10 +303,8 @@ class MuonAdamW(torch.optim.Optimizer):
         return -(-len(group["params"]) // self.world_size)
 
     def _expected_state_shapes(self, group, p):
-        if group["kind"] == "adamw":
-            owned = tuple(p.shape)
-            if self._adamw_sharded(p):
-                owned = (p.shape[0] // self.world_size, *p.shape[1:])
+        if group["kind"] == "adamw":  # a shard is p.chunk(W)[rank] (dim 0 divides by W)
+            owned = tuple(p.chunk(self.world_size)[0].shape if self._adamw_sharded(p) else p.shape)
             return {"exp_avg": owned, "exp_avg_sq": owned}
         chunk, (rows, cols) = self._muon_chunk(group), p.shape
         return {"momentum_buffer": (chunk, rows, cols),
