@@ -149,8 +149,7 @@ class SyntheticIdentity(SyntheticTask):
 # Word problems with a calculator call
 
 NAMES = ["Tom", "Anna", "Maya", "Leo", "Sara", "Ben", "Lina", "Omar", "Nina", "Sam", "Eva", "Raj"]
-ITEMS = ["apples", "books", "marbles", "stickers", "cookies", "pencils", "coins", "cards", "shells",
-         "eggs"]
+ITEMS = "apples books marbles stickers cookies pencils coins cards shells eggs".split()
 # kind: (question, what the assistant says before its calculator call, the expression), filled in
 # with a name, an item and the drawn numbers a, b, c (and op, said as `word`)
 MATH_TEMPLATES = {
@@ -248,18 +247,12 @@ class SyntheticSpelling(SyntheticTask):
 MC_LETTERS = ["A", "B", "C", "D"]
 # Small categories whose members a tiny model can memorize (and a pretrained one may already know)
 CATEGORIES = {
-    "fruit": ["apple", "banana", "cherry", "grape", "lemon", "mango", "orange", "peach", "pear",
-              "plum"],
-    "animal": ["cat", "dog", "horse", "tiger", "rabbit", "monkey", "lion", "sheep", "mouse",
-               "zebra"],
-    "color": ["red", "blue", "green", "yellow", "purple", "pink", "brown", "black", "white",
-              "gray"],
-    "vehicle": ["car", "bus", "train", "truck", "bicycle", "boat", "plane", "tractor", "scooter",
-                "taxi"],
-    "musical instrument": ["piano", "guitar", "violin", "drum", "flute", "trumpet", "harp", "cello",
-                           "banjo", "organ"],
-    "body part": ["hand", "foot", "nose", "ear", "knee", "elbow", "finger", "shoulder", "ankle",
-                  "chin"],
+    "fruit": "apple banana cherry grape lemon mango orange peach pear plum".split(),
+    "animal": "cat dog horse tiger rabbit monkey lion sheep mouse zebra".split(),
+    "color": "red blue green yellow purple pink brown black white gray".split(),
+    "vehicle": "car bus train truck bicycle boat plane tractor scooter taxi".split(),
+    "musical instrument": "piano guitar violin drum flute trumpet harp cello banjo organ".split(),
+    "body part": "hand foot nose ear knee elbow finger shoulder ankle chin".split(),
 }
 ALL_CATEGORY_WORDS = [w for c in sorted(CATEGORIES) for w in CATEGORIES[c]]
 MC_KINDS = ["match", "category", "category", "largest", "smallest", "sum", "next_letter", "even"]
