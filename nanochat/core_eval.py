@@ -4,9 +4,9 @@ scored by a base model's likelihoods, each accuracy centered on its random basel
 
 Data: the DCLM eval bundle (core.yaml, eval_meta_data.csv, eval_data/**.jsonl), fetched once into
 <base>/eval_bundle/ by ensure_eval_bundle(). Three task types, one JSONL row per example:
-    multiple_choice    {"query", "choices", "gold"}           one prompt per choice, same context
-    schema             {"context_options", "continuation", "gold"}  one prompt per context, same ending
-    language_modeling  {"context", "continuation"}            exact match of the greedy continuation
+    multiple_choice    {"query", "choices", "gold"}               a prompt per choice, same context
+    schema             {"context_options", "continuation", "gold"}  a prompt per context, same end
+    language_modeling  {"context", "continuation"}                exact match of the greedy tokens
 
 Called by scripts/base_train.py (max 500 examples per task) and scripts/base_eval.py (all of them):
     out = evaluate_core(model, tokenizer, device, max_per_task=-1)
@@ -39,8 +39,7 @@ from nanochat.common import get_base_dir, get_dist_info, download_file_with_lock
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-# Keys each JSONL row needs, checked at load so a bad bundle fails with a file and line, not a
-# KeyError mid-eval.
+# Keys each JSONL row needs, checked at load: a bad bundle fails with a file and line, not mid-eval
 REQUIRED_KEYS = {
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
@@ -63,27 +62,31 @@ def eval_bundle_available():
     return os.path.isfile(os.path.join(get_eval_bundle_dir(), "core.yaml"))
 
 def _extract_bundle(zip_path, bundle_dir):
-    """Unzip into a temp dir next to bundle_dir, then rename, so a crash never leaves half a bundle."""
+    """Unzip into a temp dir next to bundle_dir, then rename, so a crash never leaves half a bundle.
+    A bad zip is deleted, else every rerun would find it on disk and fail again."""
     if os.path.exists(bundle_dir):
-        raise RuntimeError(f"{bundle_dir} exists but has no core.yaml; delete it and rerun to fetch the bundle again")
+        raise RuntimeError(f"{bundle_dir} exists but has no core.yaml; delete it and rerun to "
+                           f"fetch the bundle again")
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp", dir=os.path.dirname(bundle_dir))
     try:
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(tmp_dir)
         except zipfile.BadZipFile as e:
-            os.remove(zip_path)  # so the next run downloads it again
-            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to fetch it again") from e
+            os.remove(zip_path)
+            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
+                               f"fetch it again") from e
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
-        root = tmp_dir if os.path.isfile(os.path.join(tmp_dir, "core.yaml")) else os.path.join(tmp_dir, "eval_bundle")
+        flat = os.path.isfile(os.path.join(tmp_dir, "core.yaml"))
+        root = tmp_dir if flat else os.path.join(tmp_dir, "eval_bundle")
         if not os.path.isfile(os.path.join(root, "core.yaml")):
-            os.remove(zip_path)  # else every rerun would find it on disk and fail here again
+            os.remove(zip_path)
             raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top "
                                f"nor under eval_bundle/): not a CORE eval bundle; "
                                f"it was deleted, rerun to download it again")
         os.replace(root, bundle_dir)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle itself was renamed out
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
 
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     """
@@ -100,7 +103,7 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
                 try:
                     download_file_with_lock(url, zip_path)
                 except RuntimeError:
-                    pass  # download_url printed why; everyone raises below with how to fetch it by hand
+                    pass  # download_url printed why; everyone raises below with how to fetch it
                 else:
                     _extract_bundle(zip_path, bundle_dir)
                     os.remove(zip_path)
@@ -124,26 +127,25 @@ def load_core_config(bundle_dir):
         config = yaml.safe_load(f)
     tasks = []
     for i, entry in enumerate(config["icl_tasks"]):
-        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type") if k not in entry]
+        missing = [k for k in ("label", "dataset_uri", "num_fewshot", "icl_task_type")
+                   if k not in entry]
         if missing:
             raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
         if entry["icl_task_type"] not in TASK_TYPES:
             raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type "
                              f"{entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
         k = entry["num_fewshot"]
-        tasks.append({
-            "label": entry["label"],
-            "dataset_uri": entry["dataset_uri"],
-            "num_fewshot": int(k[0] if isinstance(k, list) else k),  # the bundle writes e.g. [10]
-            "task_type": entry["icl_task_type"],
-            "continuation_delimiter": entry.get("continuation_delimiter", " "),
-        })
+        tasks.append({"label": entry["label"], "dataset_uri": entry["dataset_uri"],
+                      "num_fewshot": int(k[0] if isinstance(k, list) else k),  # the bundle has [10]
+                      "task_type": entry["icl_task_type"],
+                      "continuation_delimiter": entry.get("continuation_delimiter", " ")})
     csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")
     with open(csv_path, encoding="utf-8", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     for task in tasks:
         if task["label"] not in baselines:
-            raise ValueError(f"{csv_path} has no 'Random baseline' row for task {task['label']!r} of core.yaml")
+            raise ValueError(f"{csv_path} has no 'Random baseline' row for task "
+                             f"{task['label']!r} of core.yaml")
     return tasks, baselines
 
 def load_task_data(path, task_type):
@@ -160,7 +162,8 @@ def load_task_data(path, task_type):
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from e
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column "
+                                 f"{e.colno})") from e
             missing = [k for k in REQUIRED_KEYS[task_type] if k not in item]
             if missing:
                 raise ValueError(f"{path}:{lineno}: a {task_type} example needs keys "
@@ -192,14 +195,16 @@ def render_prompts(task_type, item, delimiter, fewshot):
     language_modeling: [prompt without the continuation (trailing whitespace stripped), prompt with
     it].
     """
+    d = delimiter
     if task_type == "multiple_choice":
-        shots = "".join(f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
-        return [f"{shots}{item['query']}{delimiter}{choice}" for choice in item["choices"]]
+        shots = "".join(f"{ex['query']}{d}{ex['choices'][ex['gold']]}\n\n" for ex in fewshot)
+        return [f"{shots}{item['query']}{d}{choice}" for choice in item["choices"]]
     if task_type == "schema":
-        shots = "".join(f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
-        return [f"{shots}{context}{delimiter}{item['continuation']}" for context in item["context_options"]]
-    shots = "".join(f"{ex['context'].strip()}{delimiter}{ex['continuation']}\n\n" for ex in fewshot)
-    without = f"{shots}{item['context'].strip()}{delimiter}"
+        shots = "".join(f"{ex['context_options'][ex['gold']]}{d}{ex['continuation']}\n\n"
+                        for ex in fewshot)
+        return [f"{shots}{ctx}{d}{item['continuation']}" for ctx in item["context_options"]]
+    shots = "".join(f"{ex['context'].strip()}{d}{ex['continuation']}\n\n" for ex in fewshot)
+    without = f"{shots}{item['context'].strip()}{d}"
     # stripping lets the delimiter's space merge into the continuation's first token, as in running
     # text
     return [without.rstrip(), without + item["continuation"]]
@@ -243,8 +248,9 @@ def _common_prefix_len(seqs, limit):
     return lo
 
 def crop_left(tokens, start, end, max_len):
-    """Drop tokens from the left so the sequence fits a hard context of max_len (None = no limit); the scored span moves
-    with it. None when the span plus the one token before it (which predicts the first scored token) cannot fit."""
+    """Drop tokens from the left so the sequence fits a hard context of max_len (None = no limit);
+    the scored span moves with it. None when the span plus the one token before it (which predicts
+    the first scored token) cannot fit."""
     excess = len(tokens) - max_len if max_len is not None else 0
     if excess <= 0:
         return tokens, start, end
@@ -270,8 +276,7 @@ def score_rows(model, rows, pad_id, device):
         row_idx += [r] * (end - start)
         pos += range(start - 1, end - 1)  # logits at position t predict token t + 1
     ids = ids.to(device)
-    row_idx = torch.tensor(row_idx, device=device)
-    pos = torch.tensor(pos, device=device)
+    row_idx, pos = torch.tensor(row_idx, device=device), torch.tensor(pos, device=device)
     logits = model(ids)
     # only the continuation positions, not the (rows, T, vocab) log-softmax of everything
     selected = logits[row_idx, pos].float()
@@ -284,16 +289,19 @@ def score_rows(model, rows, pad_id, device):
     return mean_losses.tolist(), all_hit.tolist()
 
 def prepare_examples(task, data, indices, tokenizer, max_len=None):
-    """Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop examples.
-    Returns ([(idx, rows, gold)] for score_rows, [indices skipped because a scored span does not fit max_len])."""
+    """Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop
+    examples. Returns ([(idx, rows, gold)] for score_rows, [indices skipped because a scored span
+    does not fit max_len])."""
     prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
-                                   sample_fewshot(data, idx, task["num_fewshot"])) for idx in indices]
-    flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts], prepend=tokenizer.get_bos_token_id())
+                                   sample_fewshot(data, idx, task["num_fewshot"]))
+                    for idx in indices]
+    flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts],
+                            prepend=tokenizer.get_bos_token_id())
     examples, skipped, offset = [], [], 0
     for idx, prompts in zip(indices, prompt_lists):
         sequences, spans = continuation_spans(task["task_type"], flat[offset:offset + len(prompts)])
         offset += len(prompts)
-        rows = [crop_left(tokens, start, end, max_len) for tokens, (start, end) in zip(sequences, spans)]
+        rows = [crop_left(tokens, *span, max_len) for tokens, span in zip(sequences, spans)]
         if None in rows:
             skipped.append(idx)
         else:
@@ -310,39 +318,39 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
     bos = tokenizer.get_bos_token_id()
+    lm = task["task_type"] == "language_modeling"  # scored by exact match, not the lowest loss
     # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
     # not fit max_len)
     outcome = torch.zeros(2, len(data), dtype=torch.float32)
+    length = lambda example: max(len(tokens) for tokens, _, _ in example[1])  # its longest row
     my_indices = list(range(rank, len(data), world))
     for c in range(0, len(my_indices), chunk_size):
         # prepared a chunk at a time: tokenized prompts of a whole 10k-example task would take GBs
         # as Python lists
-        examples, skipped = prepare_examples(task, data, my_indices[c:c + chunk_size], tokenizer, max_len)
+        chunk = my_indices[c:c + chunk_size]
+        examples, skipped = prepare_examples(task, data, chunk, tokenizer, max_len)
         outcome[1, skipped] = 1.0
         if not examples:
             continue
-        examples.sort(key=lambda ex: -max(len(tokens) for tokens, _, _ in ex[1]))
+        examples.sort(key=length, reverse=True)
         if hasattr(model, "ensure_rotary_positions"):
-            model.ensure_rotary_positions(max(len(tokens) for tokens, _, _ in examples[0][1]))
+            model.ensure_rotary_positions(length(examples[0]))
         i = 0
         while i < len(examples):
             # longest first, so the first example's length is the batch's padded length
-            padded_len = max(len(tokens) for tokens, _, _ in examples[i][1])
-            j, num_rows = i, 0
-            while j < len(examples) and (j == i or (num_rows + len(examples[j][1])) * padded_len <= batch_tokens):
+            max_rows = batch_tokens // length(examples[i])
+            j, num_rows = i + 1, len(examples[i][1])
+            while j < len(examples) and num_rows + len(examples[j][1]) <= max_rows:
                 num_rows += len(examples[j][1])
                 j += 1
             batch = examples[i:j]
-            mean_losses, all_hit = score_rows(model, [row for _, rows, _ in batch for row in rows], bos, device)
+            rows = [row for _, ex_rows, _ in batch for row in ex_rows]
+            mean_losses, all_hit = score_rows(model, rows, bos, device)
             r = 0
-            for idx, rows, gold in batch:
-                if task["task_type"] == "language_modeling":
-                    is_correct = all_hit[r]
-                else:
-                    losses = mean_losses[r:r + len(rows)]
-                    is_correct = losses.index(min(losses)) == gold  # ties go to the first option
-                outcome[0, idx] = float(is_correct)
-                r += len(rows)
+            for idx, ex_rows, gold in batch:
+                losses = mean_losses[r:r + len(ex_rows)]  # the lowest wins, ties go to the first
+                outcome[0, idx] = float(all_hit[r] if lm else losses.index(min(losses)) == gold)
+                r += len(ex_rows)
             i = j
     if is_dist():
         outcome = outcome.to(device)  # NCCL reduces device tensors only
@@ -370,20 +378,22 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
     results, centered_results, skipped = {}, {}, {}
     for task in tasks:
         t0 = time.time()
-        data = load_task_data(os.path.join(bundle_dir, "eval_data", task["dataset_uri"]), task["task_type"])
+        label = task["label"]
+        path = os.path.join(bundle_dir, "eval_data", task["dataset_uri"])
+        data = load_task_data(path, task["task_type"])
         if not data:
-            raise ValueError(f"CORE task file {task['dataset_uri']} of {bundle_dir} has no examples")
-        random.Random(1337).shuffle(data)  # fixed order, so a cropped task is the same subset every time
+            raise ValueError(f"CORE task file {path} has no examples")
+        random.Random(1337).shuffle(data)  # fixed: a cropped task is the same subset every time
         if max_per_task > 0:
             data = data[:max_per_task]
-        accuracy, skipped[task["label"]] = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
-        baseline = 0.01 * baselines[task["label"]]
-        results[task["label"]] = accuracy
-        centered_results[task["label"]] = (accuracy - baseline) / (1.0 - baseline)
+        accuracy, skipped[label] = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
+        baseline = 0.01 * baselines[label]
+        results[label] = accuracy
+        centered_results[label] = (accuracy - baseline) / (1.0 - baseline)
         dt = time.time() - t0
-        print0(f"{task['label']:<35} accuracy {accuracy:.4f} | centered "
-               f"{centered_results[task['label']]:+.4f} | {len(data)} "
-               f"examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s)"
-               + (f" | {skipped[task['label']]} skipped: longer than max_seq_len" if skipped[task["label"]] else ""))
+        note = f" | {skipped[label]} skipped: longer than max_seq_len" if skipped[label] else ""
+        print0(f"{label:<35} accuracy {accuracy:.4f} | centered {centered_results[label]:+.4f} | "
+               f"{len(data)} examples in {dt:.2f}s ({len(data) / dt:.1f} examples/s){note}")
     core_metric = sum(centered_results.values()) / len(centered_results)
-    return {"results": results, "centered_results": centered_results, "core_metric": core_metric, "skipped": skipped}
+    return {"results": results, "centered_results": centered_results, "core_metric": core_metric,
+            "skipped": skipped}

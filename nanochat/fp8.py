@@ -4,7 +4,7 @@ Float8Linear.
 
     from nanochat.fp8 import convert_to_float8_training, worth_fp8
     convert_to_float8_training(model, module_filter_fn=worth_fp8)
-    model = torch.compile(model)          # compile after converting; uncompiled fp8 is slower than bf16
+    model = torch.compile(model)   # compile after converting: uncompiled fp8 is slower than bf16
 
 Each matmul quantizes its operands on the fly, one scale per tensor: scale = FP8_MAX / max|x| (in
 float64, so tiny amaxes do not overflow), saturate to +-FP8_MAX, cast. Forward: input and weight in
@@ -25,26 +25,22 @@ from nanochat.gpt import Linear
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 AMAX_EPS = 1e-12
 
-def tensorwise_scale(x, fp8_dtype):
-    """float32 scalar s with max|x| * s == the format's
-    largest finite value (s computed in float64)."""
-    amax = x.detach().abs().max().double().clamp(min=AMAX_EPS)
-    return (torch.finfo(fp8_dtype).max / amax).float()
-
 def to_fp8(x, fp8_dtype):
-    """(x_fp8, inverse_scale): x ~= x_fp8.float() * inverse_scale;
-    values saturate instead of overflowing to inf/NaN."""
-    scale = tensorwise_scale(x, fp8_dtype)
+    """(x_fp8, inverse_scale): x ~= x_fp8.float() * inverse_scale, the float32 scale computed in
+    float64 so that max|x| * scale == the format's largest finite value; values saturate instead of
+    overflowing to inf/NaN."""
     fp8_max = torch.finfo(fp8_dtype).max
+    scale = (fp8_max / x.detach().abs().max().double().clamp(min=AMAX_EPS)).float()
     x_fp8 = (x.float() * scale).clamp(-fp8_max, fp8_max).to(fp8_dtype).contiguous()
     return x_fp8, scale.reciprocal()
 
 def scaled_mm(a, a_inv, b, b_inv, out_dtype, fast_accum):
     """a @ b for fp8 operands; the CUDA kernel wants a row-major
     and b column-major (checked here on every device)."""
-    assert a.stride(1) == 1 and b.stride(0) == 1, \
-        f"_scaled_mm layouts: a strides {a.stride()} (row-major), b strides {b.stride()} (column-major)"
-    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    assert a.stride(1) == 1 and b.stride(0) == 1, f"_scaled_mm layouts: a strides {a.stride()} " \
+        f"(row-major), b strides {b.stride()} (column-major)"
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
 
 def column_major(x):
     return x.t().contiguous().t()
@@ -67,9 +63,10 @@ class Float8Matmul(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_fp8, x_inv, w_fp8, w_inv = ctx.saved_tensors
         g_fp8, g_inv = to_fp8(grad_out, E5M2)
-        grad_x = scaled_mm(g_fp8, g_inv, column_major(w_fp8), w_inv, ctx.out_dtype, False)  # (M,N) @ (N,K)
+        # (M, N) @ (N, K), then (N, M) @ (M, K)
+        grad_x = scaled_mm(g_fp8, g_inv, column_major(w_fp8), w_inv, ctx.out_dtype, False)
         g_t = g_fp8.t().contiguous()
-        grad_w = scaled_mm(g_t, g_inv, column_major(x_fp8), x_inv, ctx.weight_dtype, False)  # (N,M) @ (M,K)
+        grad_w = scaled_mm(g_t, g_inv, column_major(x_fp8), x_inv, ctx.weight_dtype, False)
         return grad_x, grad_w
 
 class Float8Linear(nn.Linear):
@@ -78,7 +75,7 @@ class Float8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear):
-        assert linear.bias is None, "Float8Linear supports bias-free layers only (nanochat has no biases)"
+        assert linear.bias is None, "Float8Linear supports bias-free layers only (as nanochat's)"
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=False)
         new.weight = linear.weight
@@ -97,21 +94,23 @@ class Float8Linear(nn.Linear):
 
 def check_fp8_supported(device):
     device = torch.device(device)
-    sm = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.cuda.is_available() else None
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    sm = torch.cuda.get_device_capability(device) if cuda else None
     if sm is None or sm < (8, 9):
         where = f"the model is on {device}" if sm is None else f"this GPU is SM{sm[0]}{sm[1]}"
         raise RuntimeError(f"fp8 training needs a CUDA GPU of compute capability "
                            f">= 8.9 (Ada/Hopper); {where}. Drop --fp8.")
 
 def worth_fp8(linear, fqn=""):
-    """The linears fp8 speeds up: dims divisible by 16 (torch._scaled_mm requires it), the smaller one >= 128 (the
-    small gates stay bf16)."""
+    """The linears fp8 speeds up: dims divisible by 16 (torch._scaled_mm requires it), the smaller
+    one >= 128 (the small gates stay bf16)."""
     n_in, n_out = linear.in_features, linear.out_features
     return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
 
 def convert_to_float8_training(module, module_filter_fn=None):
-    """Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its weight, when
-    module_filter_fn(linear, fully_qualified_name) is true (or always, without a filter). Returns `module`."""
+    """Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its
+    weight, when module_filter_fn(linear, fully_qualified_name) is true (or always, without a
+    filter). Returns `module`."""
     check_fp8_supported(next(module.parameters()).device)
 
     def swap(parent, prefix):

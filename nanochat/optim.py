@@ -6,7 +6,8 @@ tensor and update in a few batched kernels.
 
 Param groups (built by GPT.setup_optimizer; extra keys such as "initial_lr" are kept untouched):
     {"kind": "adamw", "params": [...], "lr", "betas": (b1, b2), "eps", "weight_decay"}
-    {"kind": "muon",  "params": [... all one 2-D shape], "lr", "momentum", "beta2", "weight_decay", "ns_steps"}
+    {"kind": "muon",  "params": [... all one 2-D shape], "lr", "momentum", "beta2", "weight_decay",
+     "ns_steps"}
 Schedules change group["lr"], group["momentum"], group["weight_decay"] between steps; step() reads
 them every call.
 
@@ -53,21 +54,17 @@ POLAR_EXPRESS_COEFFS = [
 
 def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     """
-    One AdamW step in place on p (any float dtype); moments are fp32 and the math is fp32. fp32
-    moments also for bf16 params (karpathy/nanochat keeps them in the param's dtype): with wte's
-    beta2 = 0.995 a step moves v by 0.005 x (g^2 - v), which bf16 rounds away once it is under half
-    its spacing; measured, v of a constant g = 1 stalls at 0.61 instead of 0.99, and at 1.47 instead
-    of 1.97 after g goes to 1.5 (tests/test_optim.py).
+    One AdamW step in place on p (any float dtype); moments and math are fp32, also for bf16 params:
+    with wte's beta2 = 0.995 a step moves v by 0.005 x (g^2 - v), which bf16 rounds away once it is
+    under half its spacing (v of a constant g = 1 then stalls at 0.61, tests/test_optim.py).
     """
     p32 = p.float()  # p itself when p is fp32
     g = grad.float()
     p32.mul_(1 - lr * wd)  # decoupled weight decay first (same order as torch.optim.AdamW)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.lerp_(g.square(), 1 - beta2)
-    bias1 = 1 - beta1 ** step
-    bias2 = 1 - beta2 ** step
-    denom = (exp_avg_sq / bias2).sqrt() + eps
-    p32.sub_((lr / bias1) * exp_avg / denom)
+    denom = (exp_avg_sq / (1 - beta2 ** step)).sqrt() + eps  # bias-corrected
+    p32.sub_((lr / (1 - beta1 ** step)) * exp_avg / denom)
     p.copy_(p32)  # no-op when p is fp32; rounds back to bf16 embeddings otherwise
 
 def polar_express(X, ns_steps=5):
@@ -76,9 +73,10 @@ def polar_express(X, ns_steps=5):
     every singular value toward 1. The Frobenius normalization first puts all singular values below
     1, where the iteration converges.
     """
-    assert 1 <= ns_steps <= len(POLAR_EXPRESS_COEFFS), f"ns_steps={ns_steps} must be in 1..{len(POLAR_EXPRESS_COEFFS)}"
+    n = len(POLAR_EXPRESS_COEFFS)
+    assert 1 <= ns_steps <= n, f"ns_steps={ns_steps} must be in 1..{n}"
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    tall = X.size(-2) > X.size(-1)  # multiply on the small side: the Gram matrix is min(rows, cols) square
+    tall = X.size(-2) > X.size(-1)  # multiply on the small side: Gram matrix min(rows, cols) square
     for a, b, c in POLAR_EXPRESS_COEFFS[:ns_steps]:
         if tall:
             A = X.mT @ X
@@ -95,7 +93,8 @@ def cautious_update_(p, update, lr, wd):
     mask = (update * p32) >= 0
     p.copy_(p32 - lr * update - lr * wd * p32 * mask)
 
-def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2, ns_steps, red_dim):
+def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, momentum, lr, wd, beta2,
+                    ns_steps, red_dim):
     """
     One Muon step in place on params (K, rows, cols) from grads (K, rows, cols). lr is already the
     effective lr (shape multiplier applied). red_dim=-1: NorMuon statistics per row, -2: per column.
@@ -114,7 +113,7 @@ def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, mome
     # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal
     # matrix
     X = X.float()
-    X = X * (math.sqrt(min(X.size(-2), X.size(-1))) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7))
+    X = X * (math.sqrt(min(X.shape[-2:])) / X.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-7))
     # NorMuon: factored second moment per row (or column), scale by its rsqrt, then restore the
     # total norm
     red_size = X.size(red_dim)
@@ -133,30 +132,30 @@ def muon_lr_multiplier(rows, cols):
 @functools.cache
 def _compiled(fn, backend="inductor"):
     """
-    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per distinct argument
-    signature (shape, dtype), as many as the model has parameter shapes: 4 AdamW and 4 Muon ones at
-    d12 or d20, so d12 then d20 in one process (bench.train) makes 8 of each. Dynamo allows 8 graphs
-    per function (recompile_limit) and with fullgraph=True the 9th raises instead of running
-    eagerly, so each new signature raises the limit, for this call only, to the number of signatures
-    seen. A recompile loop on a signature already seen (a value baked into the graph that changes
-    every step) still meets the plain limit. (dynamic=True would trace one symbolic graph instead,
-    with kernels nobody has timed on a GPU; a static graph per shape is a few seconds of compile
-    each.)
+    fn through torch.compile(fullgraph=True, dynamic=False): one static graph per argument signature
+    (shape, dtype), i.e. per parameter shape; two model sizes in one process (bench.train) make
+    more than the 8 graphs dynamo allows per function, and with fullgraph=True the 9th raises, so
+    each new signature raises the limit, for this call only, to the number of signatures seen. A
+    recompile loop on a signature already seen (a value baked into the graph) still meets the plain
+    limit. (dynamic=True would trace one symbolic graph, with kernels nobody has timed on a GPU.)
     """
     compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=backend)
     seen = set()
     def step(*args):
-        key = tuple((a.shape, a.stride(), a.dtype, a.requires_grad) if torch.is_tensor(a) else a for a in args)
+        key = tuple((a.shape, a.stride(), a.dtype, a.requires_grad) if torch.is_tensor(a) else a
+                    for a in args)
         if key in seen:
             return compiled(*args)
         seen.add(key)
-        with torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, len(seen))):
+        limit = max(torch._dynamo.config.recompile_limit, len(seen))
+        with torch._dynamo.config.patch(recompile_limit=limit):
             return compiled(*args)
     return step
 
 def _step_fn(fn, device):
-    """Compiled on CUDA, whatever the model's --compile: there it fuses each elementwise chain into a few kernels. On
-    CPU/MPS the first compile costs tens of seconds on a small box and the step is matmul/memory bound anyway."""
+    """Compiled on CUDA, whatever the model's --compile: there it fuses each elementwise chain into
+    a few kernels. On CPU/MPS the first compile costs tens of seconds and the step is
+    matmul/memory bound anyway."""
     return _compiled(fn) if device.type == "cuda" else fn
 
 # The collectives were renamed in torch 2.13 (the old names warn); 2.11/2.12 only have the old ones.
@@ -166,24 +165,47 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scat
 def _noop():
     pass
 
+def _after(wait, then):
+    """A finish() that waits for async work, then runs `then` (e.g. turns a SUM into an average)."""
+    def finish():
+        wait()
+        then()
+    return finish
+
+def _run_step(fn, device, tensors, scalars, values, static=()):
+    """fn(*tensors, *values, *static): eagerly with Python floats, or compiled with the values
+    copied into the 0-D CPU tensors `scalars`, so new values (schedules) reuse the graph instead of
+    recompiling."""
+    step = _step_fn(fn, device)
+    if step is not fn:
+        for t, v in zip(scalars, values):
+            t.fill_(v)
+        values = scalars
+    step(*tensors, *values, *static)
+
 # -----------------------------------------------------------------------------
 # Batch-size scaling: the learning rates and weight decay were tuned at d12 with 2^19-token batches
 
 REFERENCE_BATCH_TOKENS = 2 ** 19
 
 def batch_size_for(num_scaling_params, reference_scaling_params):
-    """Power Lines, B_opt ~ D^0.383 with D = ratio x scaling params; relative to d12's 2^19 the ratio cancels, so B
-    follows the model size, rounded to a power of two: d8 2^18, d10-d16 2^19, d18-d26 2^20, d32+ 2^21."""
-    return 2 ** round(math.log2(REFERENCE_BATCH_TOKENS * (num_scaling_params / reference_scaling_params) ** 0.383))
+    """Power Lines, B_opt ~ D^0.383 with D = ratio x scaling params; relative to d12's 2^19 the
+    ratio cancels, so B follows the model size, rounded to a power of two: d8 2^18, d10-d16 2^19,
+    d18-d26 2^20, d32+ 2^21."""
+    ratio = num_scaling_params / reference_scaling_params
+    return 2 ** round(math.log2(REFERENCE_BATCH_TOKENS * ratio ** 0.383))
 
 def batch_lr_scale(total_batch_size):
-    """Every learning rate scales with sqrt(B / 2^19), the square-root rule for adaptive optimizers."""
+    """Each learning rate scales with sqrt(B / 2^19), the square-root rule for Adam-like methods."""
     return (total_batch_size / REFERENCE_BATCH_TOKENS) ** 0.5
 
-def scaled_weight_decay(weight_decay, total_batch_size, num_scaling_params, reference_scaling_params):
-    """T_epoch rule (arXiv 2405.13698): lambda ~ sqrt(B / 2^19) x D_ref / D, D_ref = d12's tokens at the same
-    data:param ratio, so the ratio cancels and D_ref / D = reference / this model's scaling params."""
-    return weight_decay * batch_lr_scale(total_batch_size) * reference_scaling_params / num_scaling_params
+def scaled_weight_decay(weight_decay, total_batch_size, num_scaling_params,
+                        reference_scaling_params):
+    """T_epoch rule (arXiv 2405.13698): lambda ~ sqrt(B / 2^19) x D_ref / D, D_ref = d12's tokens
+    at the same data:param ratio, so the ratio cancels: D_ref / D = reference / this model's
+    scaling params."""
+    scale = batch_lr_scale(total_batch_size)
+    return weight_decay * scale * reference_scaling_params / num_scaling_params
 
 # -----------------------------------------------------------------------------
 
@@ -207,25 +229,27 @@ class MuonAdamW(torch.optim.Optimizer):
         self.rank = dist.get_rank() if is_dist() else 0
         self.native_collectives = is_dist() and "nccl" in str(dist.get_backend())
         super().__init__(param_groups, defaults={})
-        # 0-D CPU tensors carry hyperparameters into compiled steps, so new values do not trigger
-        # recompiles
-        self._adamw_t = {k: torch.tensor(0.0) for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
-        self._muon_t = {k: torch.tensor(0.0) for k in ("momentum", "lr", "wd", "beta2")}
+        # 0-D CPU tensors that carry hyperparameters into compiled steps (see _run_step)
+        self._adamw_t = [torch.tensor(0.0) for _ in range(6)]  # step, lr, beta1, beta2, eps, wd
+        self._muon_t = [torch.tensor(0.0) for _ in range(4)]  # momentum, lr, wd, beta2
 
     def add_param_group(self, group):
         required = {"adamw": ("params", "lr", "betas", "eps", "weight_decay"),
                     "muon": ("params", "lr", "momentum", "beta2", "weight_decay", "ns_steps")}
         kind = group.get("kind")
         if kind not in required:
-            raise ValueError(f"param group kind={kind!r}: every group needs \"kind\": \"adamw\" or \"muon\"")
+            raise ValueError(f"param group kind={kind!r}: every group needs "
+                             f"\"kind\": \"adamw\" or \"muon\"")
         missing = [k for k in required[kind] if k not in group]
         if missing:
-            raise ValueError(f"{kind} param group is missing {missing}; required keys: {list(required[kind])}")
+            raise ValueError(f"{kind} param group is missing {missing}; "
+                             f"required keys: {list(required[kind])}")
         super().add_param_group(group)
         params = group["params"]
         if kind == "muon":
             shapes = sorted({tuple(p.shape) for p in params})
-            assert len(shapes) == 1 and len(shapes[0]) == 2, f"a muon group needs 2-D params of one shape, got {shapes}"
+            assert len(shapes) == 1 and len(shapes[0]) == 2, \
+                f"a muon group needs 2-D params of one shape, got {shapes}"
         else:
             for p in params:
                 if p.numel() >= MIN_SHARD_NUMEL:
@@ -234,20 +258,16 @@ class MuonAdamW(torch.optim.Optimizer):
                         f"across {self.world_size} ranks, so dim 0 must be divisible "
                         f"by the world size: pad it (e.g. vocab to a multiple of 64)")
 
-    # ---- collectives: each starts async work and returns (result, finish) or finish; finish()
-    # blocks until done
+    # ---- collectives: each starts async work, returns (result, finish) or finish; finish() waits
 
     def _all_reduce_avg(self, x):
-        """Average x across ranks in place."""
+        """Average x across ranks in place. Returns (x, finish)."""
         if self.world_size == 1:
-            return _noop
+            return x, _noop
         if self.native_collectives:
-            return dist.all_reduce(x, op=dist.ReduceOp.AVG, async_op=True).wait
+            return x, dist.all_reduce(x, op=dist.ReduceOp.AVG, async_op=True).wait
         work = dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True)
-        def finish():
-            work.wait()
-            x.div_(self.world_size)
-        return finish
+        return x, _after(work.wait, lambda: x.div_(self.world_size))
 
     def _reduce_scatter_avg(self, x):
         """Average x across ranks and keep this rank's 1/W
@@ -259,12 +279,10 @@ class MuonAdamW(torch.optim.Optimizer):
         if self.native_collectives:
             out = torch.empty_like(x[:n])
             return out, _reduce_scatter_single(out, x, op=dist.ReduceOp.AVG, async_op=True).wait
-        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True)  # in place: x is a grad or a scratch stack
+        # in place: x is a grad or a scratch stack
+        work = dist.all_reduce(x, op=dist.ReduceOp.SUM, async_op=True)
         out = x[self.rank * n:(self.rank + 1) * n]
-        def finish():
-            work.wait()
-            out.div_(W)
-        return out, finish
+        return out, _after(work.wait, lambda: out.div_(W))
 
     def _all_gather(self, out, x):
         """Fill out (W*n, ...) with every rank's x (n, ...)
@@ -273,12 +291,7 @@ class MuonAdamW(torch.optim.Optimizer):
             return _all_gather_single(out, x, async_op=True).wait
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         work = dist.all_gather(parts, x, async_op=True)
-        def finish():
-            work.wait()
-            n = x.size(0)
-            for r, part in enumerate(parts):
-                out[r * n:(r + 1) * n].copy_(part)  # x may alias its own slice of out: same values, harmless
-        return finish
+        return _after(work.wait, lambda: torch.cat(parts, out=out))  # parts never alias out
 
     # ---- sharding: what this rank owns
 
@@ -286,23 +299,23 @@ class MuonAdamW(torch.optim.Optimizer):
         return self.world_size > 1 and p.numel() >= MIN_SHARD_NUMEL
 
     def _muon_chunk(self, group):
-        return -(-len(group["params"]) // self.world_size)  # ceil(K/W) matrices per rank, the last ones zero-padded
+        # ceil(K/W) matrices per rank, the last ones zero-padded
+        return -(-len(group["params"]) // self.world_size)
 
     def _expected_state_shapes(self, group, p):
-        if group["kind"] == "adamw":
-            owned = (p.shape[0] // self.world_size, *p.shape[1:]) if self._adamw_sharded(p) else tuple(p.shape)
+        if group["kind"] == "adamw":  # a shard is p.chunk(W)[rank] (dim 0 divides by W)
+            owned = tuple(p.chunk(self.world_size)[0].shape if self._adamw_sharded(p) else p.shape)
             return {"exp_avg": owned, "exp_avg_sq": owned}
         chunk, (rows, cols) = self._muon_chunk(group), p.shape
         return {"momentum_buffer": (chunk, rows, cols),
                 "second_momentum_buffer": (chunk, rows, 1) if rows >= cols else (chunk, 1, cols)}
 
-    # ---- the step: launch all reductions, then per group wait/update/launch gather, then wait for
-    # the gathers
+    # ---- the step: launch all reductions, per group wait/update/launch a gather, wait for gathers
 
     @torch.no_grad()
     def step(self):
-        reduced = [self._launch_adamw_reduce(g) if g["kind"] == "adamw" else self._launch_muon_reduce(g)
-                   for g in self.param_groups]
+        reduced = [self._launch_adamw_reduce(g) if g["kind"] == "adamw" else
+                   self._launch_muon_reduce(g) for g in self.param_groups]
         gathers = []
         for group, pending in zip(self.param_groups, reduced):
             if group["kind"] == "adamw":
@@ -313,38 +326,27 @@ class MuonAdamW(torch.optim.Optimizer):
             finish()
 
     def _launch_adamw_reduce(self, group):
-        pending = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if self._adamw_sharded(p):
-                grad, finish = self._reduce_scatter_avg(p.grad)
-            else:
-                grad, finish = p.grad, self._all_reduce_avg(p.grad)
-            pending.append((p, grad, finish))
-        return pending
+        """(param, its averaged grad or this rank's shard of it, finish) per param with a grad."""
+        return [(p, *(self._reduce_scatter_avg(p.grad) if self._adamw_sharded(p)
+                      else self._all_reduce_avg(p.grad)))
+                for p in group["params"] if p.grad is not None]
 
     def _adamw_update(self, group, pending):
         gathers = []
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
-            p_owned = p.chunk(self.world_size)[self.rank] if sharded else p  # dim 0 divides by W (add_param_group)
+            # dim 0 divides by W (add_param_group)
+            p_owned = p.chunk(self.world_size)[self.rank] if sharded else p
             state = self.state[p]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p_owned, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p_owned, dtype=torch.float32)
+                state.update(step=0, exp_avg=torch.zeros_like(p_owned, dtype=torch.float32),
+                             exp_avg_sq=torch.zeros_like(p_owned, dtype=torch.float32))
             state["step"] += 1
-            values = dict(step=state["step"], lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                          eps=group["eps"], wd=group["weight_decay"])
-            fn = _step_fn(adamw_step_fused, p.device)
-            if fn is not adamw_step_fused:
-                for k, v in values.items():
-                    self._adamw_t[k].fill_(v)
-                values = self._adamw_t
-            fn(p_owned, grad, state["exp_avg"], state["exp_avg_sq"], values["step"], values["lr"],
-               values["beta1"], values["beta2"], values["eps"], values["wd"])
+            tensors = (p_owned, grad, state["exp_avg"], state["exp_avg_sq"])
+            values = (state["step"], group["lr"], *group["betas"], group["eps"],
+                      group["weight_decay"])
+            _run_step(adamw_step_fused, p.device, tensors, self._adamw_t, values)
             if sharded:
                 gathers.append(self._all_gather(p, p_owned))
         return gathers
@@ -354,13 +356,12 @@ class MuonAdamW(torch.optim.Optimizer):
         missing = [i for i, p in enumerate(params) if p.grad is None]
         if len(missing) == len(params):
             return None
-        # the ranks must agree on which matrices take part, so a partial group is an error, not a
-        # silent skip
-        assert not missing, f"muon group of shape {tuple(params[0].shape)}: params {missing} have no grad but others do"
-        K, W = len(params), self.world_size
-        chunk = self._muon_chunk(group)
-        stacked = params[0].grad.new_zeros((chunk * W, *params[0].shape))
-        torch.stack([p.grad for p in params], out=stacked[:K])
+        # the ranks must agree on which matrices take part: a partial group is an error, not a skip
+        assert not missing, f"muon group of shape {tuple(params[0].shape)}: params {missing} " \
+                            f"have no grad but others do"
+        padded = self._muon_chunk(group) * self.world_size
+        stacked = params[0].grad.new_zeros((padded, *params[0].shape))
+        torch.stack([p.grad for p in params], out=stacked[:len(params)])
         return self._reduce_scatter_avg(stacked)
 
     def _muon_update(self, group, grads, finish):
@@ -375,25 +376,17 @@ class MuonAdamW(torch.optim.Optimizer):
         if not state:  # momentum_buffer and second_momentum_buffer
             state.update({k: torch.zeros(shape, dtype=torch.float32, device=owned.device)
                           for k, shape in self._expected_state_shapes(group, params[0]).items()})
-        values = dict(momentum=group["momentum"], lr=group["lr"] * muon_lr_multiplier(rows, cols),
-                      wd=group["weight_decay"], beta2=group["beta2"])
-        fn = _step_fn(muon_step_fused, owned.device)
-        if fn is not muon_step_fused:
-            for k, v in values.items():
-                self._muon_t[k].fill_(v)
-            values = self._muon_t
-        fn(grads, owned, state["momentum_buffer"], state["second_momentum_buffer"], values["momentum"],
-           values["lr"], values["wd"], values["beta2"], group["ns_steps"], -1 if rows >= cols else -2)
-        if self.world_size == 1:
-            def copy_back():
-                torch._foreach_copy_(params, list(owned.unbind(0)))
-            return copy_back
-        stacked = owned.new_empty((chunk * self.world_size, rows, cols))
-        gathered = self._all_gather(stacked, owned)
-        def finish_gather():
-            gathered()
-            torch._foreach_copy_(params, list(stacked[:len(params)].unbind(0)))
-        return finish_gather
+        values = (group["momentum"], group["lr"] * muon_lr_multiplier(rows, cols),
+                  group["weight_decay"], group["beta2"])
+        tensors = (grads, owned, state["momentum_buffer"], state["second_momentum_buffer"])
+        _run_step(muon_step_fused, owned.device, tensors, self._muon_t, values,
+                  static=(group["ns_steps"], -1 if rows >= cols else -2))
+        stacked, gathered = owned, _noop  # one rank: owned holds every matrix
+        if self.world_size > 1:
+            stacked = owned.new_empty((chunk * self.world_size, rows, cols))
+            gathered = self._all_gather(stacked, owned)
+        matrices = list(stacked[:len(params)].unbind(0))
+        return _after(gathered, lambda: torch._foreach_copy_(params, matrices))
 
     # ---- per-rank state dicts
 
@@ -406,15 +399,13 @@ class MuonAdamW(torch.optim.Optimizer):
                              f"with the same settings as the run that saved it")
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to its param's dtype; our moments stay fp32 even
-        # for bf16 params (bf16 cannot hold a 0.5% EMA increment), so put them back exactly as
-        # saved.
+        # for bf16 params (bf16 cannot hold a 0.5% EMA increment), so put them back as saved
         params = [(g, p) for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             group, p = params[idx]
             state = self.state[p]
-            for k, v in saved.items():
-                if torch.is_tensor(v):
-                    state[k] = v.to(device=p.device, copy=True)
+            state.update({k: v.to(device=p.device, copy=True) for k, v in saved.items()
+                          if torch.is_tensor(v)})
             for k, shape in self._expected_state_shapes(group, p).items():
                 if k in state and tuple(state[k].shape) != shape:
                     raise ValueError(

@@ -42,14 +42,8 @@ class Task:
         assert step >= 1, f"step must be >= 1, got {step}"
         self.start, self.stop, self.step = start, stop, step
 
-    def num_examples(self):
-        raise NotImplementedError
-
-    def get_example(self, index):
-        raise NotImplementedError
-
     def evaluate(self, conversation, assistant_response):
-        raise NotImplementedError(f"{type(self).__name__} has no evaluation (it is training data only)")
+        raise NotImplementedError(f"{type(self).__name__} has no evaluation (training data only)")
 
     def reward(self, conversation, assistant_response):
         """RL reward; by default 1.0 for a passing response, else 0.0."""
@@ -60,13 +54,13 @@ class Task:
         return max(0, -(-(stop - self.start) // self.step))  # ceil((stop - start) / step)
 
     def __getitem__(self, i):
-        assert 0 <= i < len(self), f"index {i} out of range for {type(self).__name__} of length {len(self)}"
+        assert 0 <= i < len(self), f"index {i} out of range for {type(self).__name__} ({len(self)})"
         return self.get_example(self.start + i * self.step)
 
 
 class TaskMixture(Task):
-    """All examples of all tasks, shuffled together once with random.Random(42) so every epoch interleaves them.
-    Passing a task twice oversamples it (each copy contributes every example once)."""
+    """All examples of all tasks, shuffled together once with random.Random(42) so every epoch
+    interleaves them. Passing a task twice oversamples it (each copy gives every example once)."""
     def __init__(self, tasks, **kwargs):
         super().__init__(**kwargs)
         self.tasks = tasks
@@ -91,8 +85,7 @@ class TaskSequence(Task):
     def num_examples(self):
         return self.offsets[-1]
 
-    def get_example(self, index):
-        assert 0 <= index < self.offsets[-1], f"index {index} out of range for {self.offsets[-1]} examples"
+    def get_example(self, index):  # an index out of range fails in the task's own __getitem__
         t = int(np.searchsorted(self.offsets, index, side="right")) - 1
         return self.tasks[t][index - self.offsets[t]]
 
@@ -100,8 +93,9 @@ class TaskSequence(Task):
 # Multiple choice
 
 def render_mc(question, letters, choices):
-    """The multiple-choice prompt. The letter comes after its choice with no space after "=", so the token the
-    model sees in the prompt is the same bare-letter token it must emit as the answer (small models benefit)."""
+    """The multiple-choice prompt. The letter comes after its choice with no space after "=", so the
+    token the model sees in the prompt is the bare-letter token it must emit as the answer (small
+    models benefit)."""
     assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
     lines = [f"Multiple Choice question: {question}\n"]
     lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
@@ -111,16 +105,17 @@ def render_mc(question, letters, choices):
 def qa_conversation(question, answer, **extra):
     """One user message and the assistant's answer (a
     string or a list of parts), plus any extra fields."""
-    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], **extra}
+    return {"messages": [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}], **extra}
 
 def mc_conversation(question, letters, choices, answer, **extra):
-    """The render_mc prompt, the answer letter as the reply, and the letters evaluate_letter allows."""
+    """The render_mc prompt, the answer letter as reply and the letters evaluate_letter allows."""
     return qa_conversation(render_mc(question, letters, choices), answer, letters=letters, **extra)
 
 def evaluate_letter(conversation, assistant_response):
     """Categorical grading: the response must be exactly the reference letter."""
     letters = conversation["letters"]
-    assert assistant_response in letters, f"response {assistant_response!r} is not one of the allowed letters {letters}"
+    assert assistant_response in letters, f"response {assistant_response!r} is not one of {letters}"
     return assistant_response == conversation["messages"][-1]["content"]
 
 # -----------------------------------------------------------------------------
@@ -129,22 +124,18 @@ def evaluate_letter(conversation, assistant_response):
 
 HF_URL = "https://huggingface.co"
 
-def get_hf_url():
-    return os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
-
 def hub_dataset_dir(repo, subset, split):
     return os.path.join(get_base_dir(), "task_data", repo.replace("/", "--"), subset, split)
 
 def hub_dataset_ready(repo, subset, split):
-    """True when the dataset was fully downloaded (its manifest exists); never touches the network."""
+    """True when the dataset was fully downloaded (its manifest exists); no network access."""
     return os.path.exists(os.path.join(hub_dataset_dir(repo, subset, split), "manifest.json"))
 
 
 class HubDataset:
     """Rows of a pyarrow table as dicts, optionally through a permutation (from shuffle)."""
     def __init__(self, table, indices=None):
-        self.table = table
-        self.indices = indices
+        self.table, self.indices = table, indices
 
     def __len__(self):
         return self.table.num_rows if self.indices is None else len(self.indices)
@@ -167,24 +158,26 @@ def _shard_sort_key(url):
     return (0, int(stem), "") if stem.isdigit() else (1, 0, stem)
 
 def _download_hub_dataset(repo, subset, split, data_dir):
-    listing_url = f"{get_hf_url()}/api/datasets/{repo}/parquet/{subset}/{split}"
+    hub = os.environ.get("NANOCHAT_HF_URL", HF_URL).rstrip("/")
+    listing_url = f"{hub}/api/datasets/{repo}/parquet/{subset}/{split}"
     how_to = (f"Fetch it on a machine with internet access (any nanochat command that uses "
               f"it downloads it), or download the parquet files listed at {listing_url} "
               f"and place them, in listing order, as {data_dir}/00000.parquet, "
               f"00001.parquet, ... plus a manifest.json {{\"files\": [...]}} naming them.")
     listing_path = os.path.join(data_dir, "listing.json")
     if not download_url(listing_url, listing_path, attempts=2):
-        offline = " (NANOCHAT_OFFLINE=1 is set)" if os.environ.get("NANOCHAT_OFFLINE") == "1" else ""
+        note = " (NANOCHAT_OFFLINE=1 is set)" if os.environ.get("NANOCHAT_OFFLINE") == "1" else ""
         raise RuntimeError(f"dataset {repo} ({subset}/{split}) is not in {data_dir} "
-                           f"and {listing_url} could not be fetched{offline}. {how_to}")
+                           f"and {listing_url} could not be fetched{note}. {how_to}")
     with open(listing_path, encoding="utf-8") as f:
         urls = json.load(f)
-    assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a non-empty list of parquet URLs"
+    assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a list of URLs"
     files = []
     for i, url in enumerate(sorted(urls, key=_shard_sort_key)):
         name = f"{i:05d}.parquet"
         if not download_url(url, os.path.join(data_dir, name)):
-            raise RuntimeError(f"could not download {url} (shard {i} of {repo} {subset}/{split}). {how_to}")
+            raise RuntimeError(f"could not download {url} (shard {i} of {repo} {subset}/{split}). "
+                               f"{how_to}")
         files.append(name)
     # Written last: its presence means every shard is complete (download_url renames atomically).
     manifest = {"repo": repo, "subset": subset, "split": split, "urls": urls, "files": files}
@@ -208,11 +201,14 @@ def load_hub_dataset(repo, subset, split):
 
 
 class HubTask(Task):
-    """A Task over a hub dataset in one fixed shuffled
-    order (seed 42); subclasses give conversation(row)."""
-    def __init__(self, repo, subset, split, **kwargs):
+    """A Task over a hub dataset in one fixed shuffled order (seed 42). Subclasses set repo, splits
+    ({subset: its splits}) and conversation(row)."""
+    def __init__(self, subset, split, **kwargs):
         super().__init__(**kwargs)
-        self.ds = load_hub_dataset(repo, subset, split).shuffle(seed=42)
+        name, splits = type(self).__name__, self.splits
+        assert subset in splits, f"{name} subset must be one of {list(splits)}, got {subset!r}"
+        assert split in splits[subset], f"{name} {subset} splits are {splits[subset]}: {split!r}?"
+        self.ds = load_hub_dataset(self.repo, subset, split).shuffle(seed=42)
 
     def num_examples(self):
         return len(self.ds)
@@ -226,16 +222,16 @@ class HubTask(Task):
 def calculator_conversation(question, before, expr, output, after):
     """A question, and a reply that says `before`, calls the
     calculator on expr (its output), then says `after`."""
-    return qa_conversation(question, [{"type": "text", "text": before}, {"type": "python", "text": expr},
-                                      {"type": "python_output", "text": output}, {"type": "text", "text": after}])
+    parts = zip(["text", "python", "python_output", "text"], [before, expr, output, after])
+    return qa_conversation(question, [{"type": kind, "text": text} for kind, text in parts])
 
 ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 def extract_answer(text):
-    """The characters after the first "#### " that make a number, commas removed ("1,234" -> "1234"); or None.
-    A trailing period stays ("#### 18." -> "18.", which does not equal "18"), as in OpenAI's own
-    normalization
-    (github.com/openai/grade-school-math, dataset.py), so GSM8K scores and RL rewards compare with published ones."""
+    """The characters after the first "#### " that make a number, commas removed ("1,234" ->
+    "1234"); or None. A trailing period stays ("#### 18." -> "18.", which does not equal "18"), as
+    in OpenAI's own normalization (github.com/openai/grade-school-math, dataset.py), so GSM8K scores
+    and RL rewards compare with published ones."""
     match = ANSWER_RE.search(text)
     return match.group(1).replace(",", "") if match else None
 

@@ -33,12 +33,14 @@ def parse_conversation_line(line):
     for i, message in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be an object with 'role' and 'content', got {message!r}")
+            raise ValueError(f"message {i} must be an object with 'role' and 'content', "
+                             f"got {message!r}")
         if message["role"] != expected:
             raise ValueError(f"message {i} has role {message['role']!r}, expected {expected!r} "
                              f"(strict user/assistant alternation)")
         if not isinstance(message["content"], str):
-            raise ValueError(f"message {i} content must be a string, got {type(message['content']).__name__}")
+            raise ValueError(f"message {i} content must be a string, "
+                             f"got {type(message['content']).__name__}")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -48,20 +50,19 @@ class CustomJSON(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         if not os.path.exists(filepath):
-            hint = (f"download the identity conversations with `curl -L -o {filepath} {IDENTITY_URL}`"
-                    if os.path.basename(filepath) == "identity_conversations.jsonl" else
-                    "write one JSON array of {\"role\", \"content\"} messages per line (see tasks/customjson.py)")
+            hint = ("write one JSON array of {\"role\", \"content\"} messages per line "
+                    "(see tasks/customjson.py)")
+            if os.path.basename(filepath) == "identity_conversations.jsonl":
+                hint = f"download the identity conversations: curl -L -o {filepath} {IDENTITY_URL}"
             raise FileNotFoundError(f"CustomJSON file {filepath} does not exist: {hint}")
         self.conversations = []
         with open(filepath, encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
                 try:
-                    messages = parse_conversation_line(line)
+                    if line.strip():
+                        self.conversations.append({"messages": parse_conversation_line(line)})
                 except ValueError as e:
                     raise ValueError(f"{filepath}, line {line_number}: {e}") from None
-                self.conversations.append({"messages": messages})
 
     def num_examples(self):
         return len(self.conversations)

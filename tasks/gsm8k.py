@@ -37,11 +37,7 @@ def gsm8k_conversation(row):
 class GSM8K(HubTask):
     eval_type = "generative"
     conversation = staticmethod(gsm8k_conversation)
-
-    def __init__(self, subset, split, **kwargs):
-        assert subset in ("main", "socratic"), f"GSM8K subset must be 'main' or 'socratic', got {subset!r}"
-        assert split in ("train", "test"), f"GSM8K split must be 'train' or 'test', got {split!r}"
-        super().__init__("openai/gsm8k", subset, split, **kwargs)
+    repo, splits = "openai/gsm8k", dict.fromkeys(["main", "socratic"], ("train", "test"))
 
     def evaluate(self, conversation, assistant_response):
         assert isinstance(assistant_response, str), "GSM8K grades the decoded completion text"

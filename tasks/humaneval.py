@@ -25,24 +25,24 @@ CODE_BLOCK_RE = re.compile(r"```(?:python)?\s*\n(.*?)\n```", re.DOTALL)
 def extract_imports(prompt):
     """The import lines at the top of a prompt (blank lines and comments may sit between them)."""
     imports = []
-    for line in prompt.split("\n"):
-        stripped = line.strip()
-        if stripped.startswith(("import ", "from ")):
-            imports.append(stripped)
-        elif stripped and not stripped.startswith("#"):
+    for line in map(str.strip, prompt.split("\n")):
+        if line.startswith(("import ", "from ")):
+            imports.append(line)
+        elif line and not line.startswith("#"):
             break
     return "\n".join(imports)
 
 def extract_program(completion):
-    """The first ```python (or bare ```) fenced block, else the whole completion (models often answer bare code);
-    either stripped of surrounding whitespace."""
+    """The first ```python (or bare ```) fenced block, else the whole completion (models often
+    answer bare code); either stripped of surrounding whitespace."""
     match = CODE_BLOCK_RE.search(completion)
     return (match.group(1) if match else completion).strip()
 
 def humaneval_program(conversation, completion):
     """The program whose clean exit means the completion passes."""
-    return (extract_imports(conversation["messages"][0]["content"]) + "\n\n" + extract_program(completion) + "\n\n"
-            + conversation["test"] + "\n" + f"check({conversation['entry_point']})")
+    imports = extract_imports(conversation["messages"][0]["content"])
+    return (f"{imports}\n\n{extract_program(completion)}\n\n{conversation['test']}\n"
+            f"check({conversation['entry_point']})")
 
 def humaneval_conversation(row):
     return qa_conversation(row["prompt"], row["prompt"] + "\n" + row["canonical_solution"],
@@ -52,9 +52,11 @@ def humaneval_conversation(row):
 class HumanEval(HubTask):
     eval_type = "generative"
     conversation = staticmethod(humaneval_conversation)
+    repo, splits = "openai/openai_humaneval", {"openai_humaneval": ("test",)}
 
     def __init__(self, **kwargs):
-        super().__init__("openai/openai_humaneval", "openai_humaneval", "test", **kwargs)
+        super().__init__("openai_humaneval", "test", **kwargs)
 
     def evaluate(self, conversation, assistant_response):
-        return execute_code(humaneval_program(conversation, assistant_response), timeout=5.0).success
+        program = humaneval_program(conversation, assistant_response)
+        return execute_code(program, timeout=5.0).success

@@ -2,8 +2,8 @@
 MMLU (cais/mmlu): 4-way multiple choice over 57 subjects.
 
     from tasks.mmlu import MMLU
-    MMLU(subset="auxiliary_train", split="train")   # ~100K rows (ARC, MC_TEST, OBQA, RACE) for training
-    MMLU(subset="all", split="test")                # 14,042 rows for evaluation (also "validation", "dev")
+    MMLU(subset="auxiliary_train", split="train")  # ~100K rows (ARC, MC_TEST, OBQA, RACE): training
+    MMLU(subset="all", split="test")               # 14,042 rows to evaluate (also validation, dev)
 
 Categorical: the model answers with one of the letters A-D (render_mc format).
 """
@@ -18,18 +18,13 @@ def mmlu_conversation(row):
         row = row["train"]
     assert len(row["choices"]) == 4, f"MMLU row has {len(row['choices'])} choices, expected 4"
     # "subject" lets evaluation group accuracy by subject
-    return mc_conversation(row["question"], LETTERS, row["choices"], LETTERS[row["answer"]], subject=row["subject"])
+    return mc_conversation(row["question"], LETTERS, row["choices"], LETTERS[row["answer"]],
+                           subject=row["subject"])
 
 
 class MMLU(HubTask):
     eval_type = "categorical"
     evaluate = staticmethod(evaluate_letter)
     conversation = staticmethod(mmlu_conversation)
-
-    def __init__(self, subset, split, **kwargs):
-        assert subset in ("all", "auxiliary_train"), f"MMLU subset must be 'all' or 'auxiliary_train', got {subset!r}"
-        if subset == "auxiliary_train":
-            assert split == "train", f"MMLU auxiliary_train only has split 'train', got {split!r}"
-        else:
-            assert split in ("test", "validation", "dev"), f"MMLU 'all' splits are test/validation/dev, got {split!r}"
-        super().__init__("cais/mmlu", subset, split, **kwargs)
+    repo = "cais/mmlu"
+    splits = {"all": ("test", "validation", "dev"), "auxiliary_train": ("train",)}

@@ -37,43 +37,31 @@ TEMPLATE_DIR = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ["configuration_nanochat.py", "modeling_nanochat.py"]
 META_FILE = "nanochat_meta.json"
 WEIGHTS_FILE = "model.safetensors"
-GPT_FIELDS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "window_pattern"]
+GPT_FIELDS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd",
+              "window_pattern"]
 
 # nanochat's chat format (Tokenizer.render_conversation): <|bos|>, a leading system message merged
 # into the first user message with "\n\n", user turns in <|user_start|>..<|user_end|>, assistant
 # turns in <|assistant_start|>..<|assistant_end|> whose content is a string or a list of parts
 # (text, python, python_output).
-CHAT_TEMPLATE = """{{- '<|bos|>' -}}
-{%- set ns = namespace(system='') -%}
+CHAT_TEMPLATE = """{{- '<|bos|>' -}}{%- set ns = namespace(system='') -%}
 {%- for message in messages -%}
 {%- if loop.first and message['role'] == 'system' -%}
 {%- set ns.system = message['content'] + '\\n\\n' -%}
 {%- elif message['role'] == 'user' -%}
-{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}
-{%- set ns.system = '' -%}
-{%- elif message['role'] == 'assistant' -%}
-{{- '<|assistant_start|>' -}}
-{%- if message['content'] is string -%}
-{{- message['content'] -}}
-{%- else -%}
-{%- for part in message['content'] -%}
-{%- if part['type'] == 'python' -%}
-{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
+{{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}
+{%- elif message['role'] == 'assistant' -%}{{- '<|assistant_start|>' -}}
+{%- if message['content'] is string -%}{{- message['content'] -}}
+{%- else -%}{%- for part in message['content'] -%}
+{%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
 {%- elif part['type'] == 'python_output' -%}
 {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
-{%- else -%}
-{{- part['text'] -}}
-{%- endif -%}
-{%- endfor -%}
-{%- endif -%}
-{{- '<|assistant_end|>' -}}
-{%- else -%}
-{{- raise_exception('roles must be user/assistant, after an optional first system message; got ' + message['role']) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|assistant_start|>' -}}
-{%- endif -%}
+{%- else -%}{{- part['text'] -}}{%- endif -%}
+{%- endfor -%}{%- endif -%}{{- '<|assistant_end|>' -}}
+{%- else -%}{{- raise_exception('roles must be user/assistant, after an optional first system '
+                                + 'message; got ' + message['role']) -}}
+{%- endif -%}{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}
 """
 
 # -----------------------------------------------------------------------------
@@ -82,34 +70,26 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to
     printable unicode characters (HF ByteLevel's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + n)
-            n += 1
-    return chars
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    others = [b for b in range(256) if b not in printable]  # shifted past 255, in byte order
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
 
 def hf_tokenizer_json(tokenizer):
     """Our tokenizer (its public to_data(): pattern, tokens in
     rank order, specials) as an HF tokenizer.json string."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer as HFTokenizer, AddedToken, decoders, models
+    from tokenizers import pre_tokenizers
     data = tokenizer.to_data()
     byte_char = bytes_to_unicode()
     to_str = lambda b: "".join(byte_char[x] for x in b)
     tokens = [base64.b64decode(t) for t in data["mergeable_ranks"]]
     ranks = {t: i for i, t in enumerate(tokens)}
-    merges = []
-    for rank, token in enumerate(tokens):
-        for i in range(1, len(token)):
-            left, right = token[:i], token[i:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], to_str(left), to_str(right)))
-    merges.sort()
-    bpe = models.BPE(vocab={to_str(t): i for i, t in enumerate(tokens)}, merges=[(m[3], m[4]) for m in merges],
-                     ignore_merges=True)
+    merges = sorted((rank, ranks[token[:i]], ranks[token[i:]]) for rank, token in enumerate(tokens)
+                    for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks)
+    merges = [(to_str(tokens[left]), to_str(tokens[right])) for _, left, right in merges]
+    vocab = {to_str(t): i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=True)
     hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(data["pattern"]), behavior="isolated", invert=False),
@@ -117,23 +97,26 @@ def hf_tokenizer_json(tokenizer):
     ])
     hf.decoder = decoders.ByteLevel()
     specials = sorted(data["special_tokens"].items(), key=lambda kv: kv[1])
-    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name, _ in specials])
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
     for name, i in specials:
-        assert hf.token_to_id(name) == i, f"special {name}: id {hf.token_to_id(name)} in the HF tokenizer, expected {i}"
+        assert hf.token_to_id(name) == i, f"special {name} got id {hf.token_to_id(name)}, not {i}"
     return hf.to_str()
 
 def tokenizer_from_hf_json(path):
     """Our Tokenizer from an exported tokenizer.json (the inverse of hf_tokenizer_json)."""
-    from nanochat.tokenizer import Tokenizer, _encoding_from_data, TOKENIZER_FORMAT, TOKENIZER_FORMAT_VERSION
+    from nanochat.tokenizer import Tokenizer, _encoding_from_data, TOKENIZER_FORMAT
+    from nanochat.tokenizer import TOKENIZER_FORMAT_VERSION
     with open(path, encoding="utf-8") as f:
         hf = json.load(f)
     char_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
-        vocab, pattern = hf["model"]["vocab"], hf["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
+        vocab = hf["model"]["vocab"]
         tokens = sorted(vocab, key=vocab.get)
         assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-        data = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION, "pattern": pattern,
-                "mergeable_ranks": [base64.b64encode(bytes(char_byte[c] for c in t)).decode("ascii") for t in tokens],
+        data = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION,
+                "pattern": hf["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"],
+                "mergeable_ranks": [base64.b64encode(bytes(char_byte[c] for c in t)).decode("ascii")
+                                    for t in tokens],
                 "special_tokens": {t["content"]: t["id"] for t in hf["added_tokens"]}}
     except (KeyError, IndexError, TypeError, AssertionError) as e:
         raise ValueError(f"{path} is not a tokenizer.json written by scripts.export_hf "
@@ -144,46 +127,47 @@ def tokenizer_from_hf_json(path):
 # Model card
 
 def model_card(meta, source, report_text=None):
-    """README.md for the Hub: YAML header, size, data, training tokens, eval numbers, how to load."""
+    """README.md for the Hub: YAML header, size, data, training tokens, evals, how to load."""
     cfg = meta["model_config"]
     uc = meta.get("pretrain_config") or meta.get("user_config") or {}
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanochat]", "---", "",
-             f"# nanochat d{cfg['n_layer']} ({source})", "",
-             "A [nanochat](https://github.com/karpathy/nanochat) model exported with `python -m scripts.export_hf`.",
-             "", "| | |", "|---|---|",
-             f"| stage | {source} (step {meta.get('step')}) |",
-             f"| layers / width / heads (kv) | {cfg['n_layer']} / "
-             f"{cfg['n_embd']} / {cfg['n_head']} ({cfg['n_kv_head']}) |",
-             f"| context / window pattern | {cfg['sequence_len']} / {cfg['window_pattern']} |",
-             f"| vocab | {cfg['vocab_size']} |"]
-    counts = meta.get("param_counts") or {}
-    if counts.get("total"):
-        lines.append(f"| parameters | {counts['total']:,} |")
-    if meta.get("dataset") or uc.get("dataset"):
-        lines.append(f"| pretraining data | {meta.get('dataset') or uc.get('dataset')} |")
-    if meta.get("total_batch_size") and meta.get("num_iterations"):
-        lines.append(f"| training tokens ({source}) | {meta['total_batch_size'] * meta['num_iterations']:,} |")
-    if meta.get("val_bpb") is not None:
-        lines.append(f"| validation bits per byte | {meta['val_bpb']:.4f} |")
-    for name, value in (meta.get("metrics") or {}).items():
-        if isinstance(value, (int, float)):
-            lines.append(f"| {name} | {value:.4f} |")
-    lines += ["", "## Use", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "tok = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
-              "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)",
-              *(["ids = tok(\"<|bos|>The capital of France is\", return_tensors=\"pt\").input_ids  # continues text"]
-                if source == "base" else
-                ["ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Why is the sky blue?\"}],",
-                 "    add_generation_prompt=True, return_tensors=\"pt\", return_dict=False)"]),
-              "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], skip_special_tokens=True))",
-              "```", "",
-              "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, "
-              "...) written in text, as chat templates need; nanochat itself never does for "
-              "user text: pass `split_special_tokens=True` to encode untrusted text the way "
-              "nanochat does. Padded batches and beam search are not supported.", "",
-              "With nanochat: download the directory, then `python -m scripts.chat_cli -i DIR` or "
-              "`python -m scripts.chat_web -i DIR`.", ""]
+    total = (meta.get("param_counts") or {}).get("total")
+    tokens = (meta.get("total_batch_size") or 0) * (meta.get("num_iterations") or 0)
+    bpb = meta.get("val_bpb")
+    rows = [("stage", f"{source} (step {meta.get('step')})"),
+            ("layers / width / heads (kv)",
+             f"{cfg['n_layer']} / {cfg['n_embd']} / {cfg['n_head']} ({cfg['n_kv_head']})"),
+            ("context / window pattern", f"{cfg['sequence_len']} / {cfg['window_pattern']}"),
+            ("vocab", cfg["vocab_size"]),
+            ("parameters", total and f"{total:,}"),
+            ("pretraining data", meta.get("dataset") or uc.get("dataset")),
+            (f"training tokens ({source})", tokens and f"{tokens:,}"),
+            ("validation bits per byte", bpb is not None and f"{bpb:.4f}"),
+            *[(name, f"{value:.4f}") for name, value in (meta.get("metrics") or {}).items()
+              if isinstance(value, (int, float))]]
+    if source == "base":
+        prompt = ['ids = tok("<|bos|>The capital of France is", return_tensors="pt").input_ids'
+                  '  # continues text']
+    else:
+        prompt = ['ids = tok.apply_chat_template([{"role": "user", "content": '
+                  '"Why is the sky blue?"}],',
+                  '    add_generation_prompt=True, return_tensors="pt", return_dict=False)']
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+             "tags: [nanochat]", "---", "", f"# nanochat d{cfg['n_layer']} ({source})", "",
+             "A [nanochat](https://github.com/karpathy/nanochat) model exported with "
+             "`python -m scripts.export_hf`.", "", "| | |", "|---|---|",
+             *[f"| {name} | {value} |" for name, value in rows if value],
+             "", "## Use", "", "```python",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "tok = AutoTokenizer.from_pretrained(REPO, trust_remote_code=True)",
+             "model = AutoModelForCausalLM.from_pretrained(REPO, trust_remote_code=True)", *prompt,
+             "print(tok.decode(model.generate(ids, max_new_tokens=128)[0, ids.size(1):], "
+             "skip_special_tokens=True))", "```", "",
+             "The tokenizer recognizes the special tokens (`<|bos|>`, `<|user_start|>`, "
+             "...) written in text, as chat templates need; nanochat itself never does for "
+             "user text: pass `split_special_tokens=True` to encode untrusted text the way "
+             "nanochat does. Padded batches and beam search are not supported.", "",
+             "With nanochat: download the directory, then `python -m scripts.chat_cli -i DIR` or "
+             "`python -m scripts.chat_web -i DIR`.", ""]
     if report_text:
         lines += ["## Training report", "", report_text.strip(), ""]
     return "\n".join(lines)
@@ -194,44 +178,43 @@ def model_card(meta, source, report_text=None):
 def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, report_text=None):
     """
     Write the HF directory. state: the checkpoint's state dict (each tensor keeps its dtype unless
-    dtype is given);
-    meta: the checkpoint's meta (model_config, tokenizer_fingerprint, metrics...). Every file is
-    written to a temp name and renamed; model.safetensors goes last but one, the README last.
+    dtype is given); meta: the checkpoint's meta (model_config, tokenizer_fingerprint, metrics...).
+    Every file is written to a temp name and renamed; model.safetensors goes last but one, the
+    README last.
     """
     from safetensors.torch import save_file
     cfg = meta["model_config"]
     state = {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in state.items()}
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    compute_dtype = state["transformer.wte.weight"].dtype  # embeddings are kept in the dtype the model computes in
+    wte = state["transformer.wte.weight"]  # embeddings are kept in the dtype the model computes in
     os.makedirs(out_dir, exist_ok=True)
+    write = lambda name, text: atomic_write_text(os.path.join(out_dir, name), text)
     for name in REMOTE_CODE:
-        tmp = os.path.join(out_dir, f"{name}.tmp{os.getpid()}")
-        shutil.copyfile(os.path.join(TEMPLATE_DIR, name), tmp)
-        os.replace(tmp, os.path.join(out_dir, name))
-    specials = {name: tokenizer.encode_special(name) for name in ("<|bos|>", "<|assistant_end|>")}
+        with open(os.path.join(TEMPLATE_DIR, name), encoding="utf-8") as f:
+            write(name, f.read())
+    bos, end = tokenizer.encode_special("<|bos|>"), tokenizer.encode_special("<|assistant_end|>")
     config = {
         "architectures": ["NanoChatForCausalLM"], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig",
                      "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
-        **{k: cfg[k] for k in GPT_FIELDS}, "padded_vocab_size": state["transformer.wte.weight"].size(0),
-        "bos_token_id": specials["<|bos|>"], "eos_token_id": specials["<|assistant_end|>"],
-        "dtype": str(compute_dtype).removeprefix("torch."), "use_cache": True, "tie_word_embeddings": False,
+        **{k: cfg[k] for k in GPT_FIELDS}, "padded_vocab_size": wte.size(0),
+        "bos_token_id": bos, "eos_token_id": end, "dtype": str(wte.dtype).removeprefix("torch."),
+        "use_cache": True, "tie_word_embeddings": False,
     }
-    bos, end = specials["<|bos|>"], specials["<|assistant_end|>"]
     generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
                         "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>",
-                        "model_max_length": cfg["sequence_len"], "clean_up_tokenization_spaces": False}
-    write = lambda name, text: atomic_write_text(os.path.join(out_dir, name), text)
+                        "model_max_length": cfg["sequence_len"],
+                        "clean_up_tokenization_spaces": False}
     write("config.json", json.dumps(config, indent=2))
     write("generation_config.json", json.dumps(generation, indent=2))
     write("tokenizer.json", hf_tokenizer_json(tokenizer))
     write("tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
     write("chat_template.jinja", CHAT_TEMPLATE)
-    # resume-only state (data-loader positions) says nothing about the model and can be large: left
-    # out
-    write(META_FILE, json.dumps({k: v for k, v in meta.items() if k != "dataloader_state_dict"}, indent=2))
+    # resume-only state (data-loader positions) says nothing about the model and can be large
+    meta = {k: v for k, v in meta.items() if k != "dataloader_state_dict"}
+    write(META_FILE, json.dumps(meta, indent=2))
     path = os.path.join(out_dir, WEIGHTS_FILE)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
@@ -245,7 +228,7 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
 def load_export(export_dir, device, phase="eval"):
     """-> (GPT, Tokenizer, meta) from a directory written
     by export_model (or downloaded from the Hub)."""
-    from nanochat.checkpoint import model_from_state  # checkpoint imports this module: import at call time
+    from nanochat.checkpoint import model_from_state  # checkpoint imports this module: import here
     try:
         from safetensors.torch import load_file
     except ImportError:
@@ -258,15 +241,18 @@ def load_export(export_dir, device, phase="eval"):
         raise ValueError(f"{export_dir}/config.json has model_type "
                          f"{config.get('model_type')!r}, not {MODEL_TYPE!r}: only directories "
                          f"written by `python -m scripts.export_hf` load as nanochat models")
-    missing = [name for name in (WEIGHTS_FILE, "tokenizer.json") if not os.path.exists(os.path.join(export_dir, name))]
+    missing = [name for name in (WEIGHTS_FILE, "tokenizer.json")
+               if not os.path.exists(os.path.join(export_dir, name))]
     if missing:
-        raise FileNotFoundError(f"{export_dir} lacks {missing}: download the whole directory, or re-export it")
+        raise FileNotFoundError(f"{export_dir} lacks {missing}: download the whole directory, "
+                                f"or re-export it")
     meta_path = os.path.join(export_dir, META_FILE)
     meta = {}
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             meta = json.load(f)
-    meta["model_config"] = {k: config[k] for k in GPT_FIELDS}  # config.json is what transformers runs: it wins
+    # config.json is what transformers runs: it wins
+    meta["model_config"] = {k: config[k] for k in GPT_FIELDS}
     state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device="cpu")
     model = model_from_state(meta["model_config"], state, torch.device(device), phase)
     tokenizer = tokenizer_from_hf_json(os.path.join(export_dir, "tokenizer.json"))

@@ -17,6 +17,7 @@ decoding (the smear's previous-token state rides on the cache and is neither reo
 training-time niceties (the weights come from the export, so _init_weights does nothing).
 """
 
+import functools
 import math
 
 import torch
@@ -34,17 +35,18 @@ ROPE_BASE = 100_000
 QK_SCALE = 1.2           # after QK RMSNorm: sharper attention than 1/sqrt(D) alone
 SOFTCAP = 15.0
 SHORT_WINDOW_TILE = 128  # "S" window = T/4 rounded up to a multiple of this
-CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# the output's cache field is `cache` from transformers 5.24, `past_key_values` before
+CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
+               else "past_key_values")
 
 
 def window_sizes(config):
-    """Left window per layer: the pattern tiled over layers, the last layer forced to full context."""
+    """Left window per layer: the pattern tiled over layers, the last layer at full context."""
     T = config.sequence_len
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)
     pattern = config.window_pattern.upper()
-    sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer)]
-    sizes[-1] = T
-    return sizes
+    sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer - 1)]
+    return sizes + [T]
 
 
 def has_value_embedding(layer_idx, n_layer):
@@ -57,7 +59,8 @@ def norm(x):
 
 def rotary(pos0, T, head_dim, device, dtype):
     """cos/sin (1, T, 1, head_dim/2) for positions pos0..pos0+T-1, computed in fp32 then cast."""
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+    inv_freq = 1.0 / (ROPE_BASE ** (channels / head_dim))
     freqs = torch.outer(torch.arange(pos0, pos0 + T, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
@@ -69,16 +72,16 @@ def apply_rotary(x, cos, sin):
 
 
 def attention(q, k, v, window):
-    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), queries aligned to the end of the keys; query i sees key j iff
-    0 <= pos_i - j <= window."""
+    """q (B, H, Tq, D), k/v (B, Hkv, Tk, D), queries aligned to the end of the keys; query i sees
+    key j iff 0 <= pos_i - j <= window."""
     Tq, Tk = q.size(2), k.size(2)
-    gqa = q.size(1) != k.size(1)
+    sdpa = functools.partial(F.scaled_dot_product_attention, enable_gqa=q.size(1) != k.size(1))
     if Tq == 1:  # decode: the last window+1 keys are exactly the visible ones
-        return F.scaled_dot_product_attention(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):], enable_gqa=gqa)
+        return sdpa(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):])
     if Tq == Tk and window >= Tk - 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    dist = torch.arange(Tk - Tq, Tk, device=q.device)[:, None] - torch.arange(Tk, device=q.device)[None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=(dist >= 0) & (dist <= window), enable_gqa=gqa)
+        return sdpa(q, k, v, is_causal=True)
+    dist = torch.arange(Tk - Tq, Tk, device=q.device)[:, None] - torch.arange(Tk, device=q.device)
+    return sdpa(q, k, v, attn_mask=(dist >= 0) & (dist <= window))
 
 
 class CausalSelfAttention(nn.Module):
@@ -96,12 +99,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, cos, sin, window, cache):
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:  # value embedding mixed in per kv-head with an input-dependent gate in (0, 3)
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.c_q, self.c_k, self.c_v))
+        if ve is not None:  # value embedding mixed in per kv-head, input-dependent gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + gate.unsqueeze(-1) * ve.view_as(v)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -163,9 +164,9 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None, use_cache=None, labels=None,
-                logits_to_keep=0, **kwargs):
-        cache = cache if cache is not None else past_key_values  # `cache` from transformers 5.24, the other before
+    def forward(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
+                use_cache=None, labels=None, logits_to_keep=0, **kwargs):
+        cache = cache if cache is not None else past_key_values  # see CACHE_FIELD
         B, T = input_ids.shape
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("this model does not support padded batches (attention_mask "
@@ -180,7 +181,8 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
 
         # Smear: x_t += smear_lambda * sigmoid(gate(x_t[:24])) * x_{t-1}, x_{t-1} the previous
         # normalized embedding (kept on the cache between calls when decoding)
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        gate = torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        gate = self.smear_lambda.to(x.dtype) * gate
         prev = x[:, :-1]
         if cache is not None:
             if pos0 > 0:
@@ -194,16 +196,18 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
         x0, backout = x, None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if str(i) in self.value_embeds else None
+            has_ve = str(i) in self.value_embeds
+            ve = self.value_embeds[str(i)](input_ids).to(x.dtype) if has_ve else None
             x = block(x, ve, cos, sin, self.window_sizes[i], cache)
             if i == self.config.n_layer // 2:
                 backout = x
-        x = norm(x - self.backout_lambda.to(x.dtype) * backout)  # remove part of the mid-depth residual
+        x = norm(x - self.backout_lambda.to(x.dtype) * backout)  # remove part of mid-depth residual
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         loss = None
-        if labels is not None:  # transformers convention: labels are the inputs, shifted here; -100 is ignored
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100)
+        if labels is not None:  # as in transformers: labels = inputs, shifted here; -100 ignored
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
