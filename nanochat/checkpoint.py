@@ -14,7 +14,7 @@ so a crash in the middle of a save leaves the previous checkpoint as the newest 
 Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256),
 and load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file,
 not a model that silently computes something else. One run at a time per directory: see
-lock_checkpoint_dir. The training scripts share how they start (check_fresh_start), resume
+lock_checkpoint_dir. The training scripts share how they start (start_or_resume), resume
 (load_resume, loop_meta, restore_loop) and save (TrainingSaves) here.
 
 Leaves out: loading checkpoints that save_checkpoint did not write (a meta without hashes is an
@@ -377,17 +377,13 @@ def check_tokenizer(meta, tokenizer, what):
 # Starting and resuming: a fresh run never replaces another's checkpoints; a resumed run makes the
 # same steps, bit for bit, as one that was never stopped
 
-def _minutes(text):
-    if not (float(text) > 0 or float(text) == -1):
-        raise argparse.ArgumentTypeError(f"{text} minutes: use > 0, or -1 for no time-based "
-                                         f"checkpoints")
-    return float(text)
-
-def _at_least_one(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: keep at least 1 (the newest is what a crash "
-                                         f"resumes from)")
-    return int(text)
+def _checked(convert, ok, requirement):
+    """An argparse type: convert, then refuse what is not ok naming the requirement."""
+    def parse(text):
+        if not ok(convert(text)):
+            raise argparse.ArgumentTypeError(f"{text}: {requirement}")
+        return convert(text)
+    return parse
 
 def add_checkpoint_flags(parser):
     """The flags the training scripts share for resuming and not losing work."""
@@ -400,11 +396,12 @@ def add_checkpoint_flags(parser):
         "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
     add("--save-every", type=int, default=-1,
         help="checkpoint every N steps (-1 = only at the end)")
+    minutes = _checked(float, lambda v: v > 0 or v == -1, "use > 0 minutes, or -1 for none")
     # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
-    add("--save-every-minutes", type=_minutes, default=30, help="also checkpoint every N minutes "
-        "of wall time, to resume from after a crash (-1 = never)")
-    add("--keep-periodic", type=_at_least_one, default=2,
-        help="keep the newest N of those time-based checkpoints")
+    add("--save-every-minutes", type=minutes, default=30, help="also checkpoint every N minutes of "
+        "wall time, to resume from after a crash (-1 = never)")
+    add("--keep-periodic", default=2, help="keep the newest N of those time-based checkpoints",
+        type=_checked(int, lambda v: v >= 1, "keep at least 1 (a crash resumes from the newest)"))
 
 def start_or_resume(checkpoint_dir, resume, overwrite, fresh_start, step=None):
     """
@@ -561,14 +558,10 @@ def stop_or_save_due(last_save_time, save_every_minutes):
 def resume_command(module):
     """The command that continues this run: its own flags, with
     --resume instead of --overwrite/--resume-from-step."""
-    argv, flags = sys.argv[1:], []
-    while argv:
-        arg = argv.pop(0)
-        if arg == "--resume-from-step" and argv:
-            argv.pop(0)
-        elif (arg not in ("--", "--resume", "--overwrite")
-              and not arg.startswith("--resume-from-step=")):
-            flags.append(arg)
+    argv = sys.argv[1:]
+    dropped = {i + 1 for i, arg in enumerate(argv) if arg == "--resume-from-step"}  # its value
+    flags = [arg for i, arg in enumerate(argv) if i not in dropped and arg.split("=")[0] not in
+             ("--", "--resume", "--overwrite", "--resume-from-step")]
     env = [f"{k}={shlex.quote(os.environ[k])}"
            for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
     launcher = ["python", "-m", module]

@@ -113,25 +113,22 @@ add_checkpoint_flags(parser)
 add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
 args = parser.parse_args()
 user_config = vars(args).copy()
-derive = lambda value: value > 0 or value == -1  # -1 = "derive it"; 0 or -5 is a typo
-check_flags([
-    ("--num-iterations", args.num_iterations, derive(args.num_iterations),
-     ">= 1, or -1 to derive it from --target-flops / --target-param-data-ratio"),
-    ("--target-flops", args.target_flops, derive(args.target_flops), "> 0, or -1 to use the ratio"),
-    ("--target-param-data-ratio", args.target_param_data_ratio,
-     derive(args.target_param_data_ratio), "> 0, or -1 to leave it unset"),
-    ("--total-batch-size", args.total_batch_size, derive(args.total_batch_size),
-     ">= 1 tokens, or -1 to derive it from --depth"),
-    ("--device-batch-size", args.device_batch_size, args.device_batch_size >= 1, ">= 1 rows"),
-    ("--depth", args.depth, args.depth >= 1, ">= 1 layers"),
-    ("--aspect-ratio", args.aspect_ratio, args.aspect_ratio >= 1,
-     ">= 1 (model_dim = depth x aspect ratio)"),
-    ("--head-dim", args.head_dim, args.head_dim >= 1, ">= 1"),
-    ("--max-seq-len", args.max_seq_len, args.max_seq_len >= 1, ">= 1 tokens"),
-    ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, ">= 0 steps"),
-    ("--warmdown-ratio", args.warmdown_ratio, 0 <= args.warmdown_ratio <= 1, "in [0, 1]"),
-    ("--final-lr-frac", args.final_lr_frac, 0 <= args.final_lr_frac <= 1, "in [0, 1]"),
-])
+derive = lambda v: v > 0 or v == -1  # -1 is the one "derive it" sentinel: 0 or -5 is a typo
+at_least_1, fraction = lambda v: v >= 1, lambda v: 0 <= v <= 1
+check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), ok(getattr(args, k)), requirement)
+             for k, ok, requirement in [
+    ("num_iterations", derive, ">= 1, or -1 to derive it from --target-flops or the ratio"),
+    ("target_flops", derive, "> 0, or -1 to use the ratio"),
+    ("target_param_data_ratio", derive, "> 0, or -1 to leave it unset"),
+    ("total_batch_size", derive, ">= 1 tokens, or -1 to derive it from --depth"),
+    ("device_batch_size", at_least_1, ">= 1 rows"),
+    ("depth", at_least_1, ">= 1 layers"),
+    ("aspect_ratio", at_least_1, ">= 1 (model_dim = depth x aspect ratio)"),
+    ("head_dim", at_least_1, ">= 1"),
+    ("max_seq_len", at_least_1, ">= 1 tokens"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0 steps"),
+    ("warmdown_ratio", fraction, "a fraction in [0, 1]"),
+    ("final_lr_frac", fraction, "a fraction in [0, 1]")]])
 
 # -----------------------------------------------------------------------------
 # Setup: device, tokenizer, data (fail here, with the command to run, not after building the model)
