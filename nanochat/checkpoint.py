@@ -361,6 +361,21 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     print0(f"loaded {source} model {model_tag} step {step} from {checkpoint_dir}")
     return model, tokenizer, meta
 
+def load_source(args, device, output):
+    """
+    The model a chat stage continues (--source, --model-tag, --model-step): -> (model, tokenizer,
+    meta, model tag, output dir). The output dir, <base>/<output's dir>/<the same tag>, is locked
+    for this run (lock_checkpoint_dir): a second run on it fails here, before any data is read.
+    """
+    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+    model_tag = args.model_tag
+    if not model_tag and os.path.isdir(source_dir):
+        model_tag = find_model_tag(source_dir)
+    model, tokenizer, meta = load_model(args.source, device, "train", model_tag, args.model_step)
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[output], model_tag)
+    lock_checkpoint_dir(output_dir, model_tag)
+    return model, tokenizer, meta, model_tag, output_dir
+
 def check_tokenizer(meta, tokenizer, what):
     """The tokenizer must be the one the checkpoint was trained
     with: same vocab size is not enough (other merges)."""

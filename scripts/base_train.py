@@ -65,8 +65,7 @@ parser = argparse.ArgumentParser(description="Pretrain a base model")
 add = parser.add_argument
 add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
 add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
-add("--dataset", default=None,
-    help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET or climbmix)")
+add("--dataset", help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET or climbmix)")
 add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
     "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
 add("--fp8", action=argparse.BooleanOptionalAction, default=False,
@@ -79,35 +78,28 @@ add("--max-seq-len", type=int, default=2048, help="context length T")
 add("--window-pattern", default="SSSL", help="per-layer attention windows, tiled: L = full "
     "context, S = T/4 rounded up to 128; last layer always L")
 # horizon (first one set wins)
-add("--num-iterations", type=int, default=-1,
-    help="optimizer steps (-1 = from --target-flops or the ratio)")
+add("--num-iterations", type=int, default=-1, help="steps (-1 = from --target-flops or the ratio)")
 add("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = use the ratio)")
-add("--target-param-data-ratio", type=float, default=12,
-    help="tokens / scaling params (-1 = unset)")
+add("--target-param-data-ratio", type=float, default=12, help="tokens per scaling param (-1 = no)")
 # batch
 add("--device-batch-size", type=int, default=32, help="rows per forward/backward per GPU")
-add("--total-batch-size", type=int, default=-1,
-    help="tokens per optimizer step (-1 = from depth, B_opt ~ D^0.383)")
+add("--total-batch-size", type=int, default=-1, help="tokens per step (-1 = from depth, ~D^0.383)")
 # optimizer
 add("--embedding-lr", type=float, default=0.3, help="AdamW lr of the token embedding")
 add("--unembedding-lr", type=float, default=0.008, help="AdamW lr of lm_head")
 add("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices")
 add("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars")
-add("--weight-decay", type=float, default=0.28,
-    help="Muon weight decay at d12 with 2^19-token batches (then scaled)")
+add("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12, 2^19-token batches")
 add("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
 add("--warmdown-ratio", type=float, default=0.65, help="last fraction of steps: linear LR warmdown")
 add("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
 # evaluation and output
-add("--eval-every", type=int, default=250,
-    help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
+add("--eval-every", type=int, default=250, help="val bpb every N steps, at 0 and end (-1 = never)")
 add("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
-add("--core-metric-every", type=int, default=2000,
-    help="CORE metric every N steps and at the last step (-1 = never)")
+add("--core-metric-every", type=int, default=2000, help="CORE every N steps and at end (-1 = no)")
 add("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
-add("--sample-every", type=int, default=2000,
-    help="greedy samples every N steps and at the last step (-1 = never)")
-add("--model-tag", default=None, help="checkpoint directory name (default d<depth>)")
+add("--sample-every", type=int, default=2000, help="samples every N steps and at end (-1 = no)")
+add("--model-tag", help="checkpoint directory name (default d<depth>)")
 # --resume, --resume-override, --overwrite, --save-every, --save-every-minutes, --keep-periodic
 add_checkpoint_flags(parser)
 add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")

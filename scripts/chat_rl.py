@@ -34,7 +34,6 @@ torch.compile (sequence lengths vary from step to step).
 """
 
 import argparse
-import os
 import time
 import zlib
 
@@ -42,10 +41,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, init_wandb,
-                             is_dist, synchronize)
-from nanochat.checkpoint import (load_model, find_model_tag, lock_checkpoint_dir, start_or_resume,
-                                 load_resume, TrainingSaves, load_optimizer_state, SOURCE_DIRS)
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, is_dist, synchronize
+from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
+                                 load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
@@ -179,9 +177,8 @@ def main():
     add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
-    add("--model-tag", default=None,
-        help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
     add("--task", default="gsm8k", choices=["gsm8k", "synthetic-math"], help="gsm8k = GSM8K main "
         "(fetched on first use); synthetic-math = embedded word problems, offline")
     add("--num-epochs", type=int, default=1, help="passes over the training questions")
@@ -190,8 +187,7 @@ def main():
     add("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
     add("--num-samples", type=int, default=16, help="completions sampled per question")
     add("--max-new-tokens", type=int, default=256, help="generation budget per completion")
-    add("--temperature", type=float, default=1.0,
-        help="sampling temperature (training and evaluation)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (train and eval)")
     add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     add("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
     add("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
@@ -224,14 +220,8 @@ def main():
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     examples_per_rank = args.examples_per_step // world_size
-    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir)
-                                   else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train",
-                                               model_tag=model_tag, step=args.model_step)
+    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, "rl")
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
-    lock_checkpoint_dir(output_dir, model_tag)  # one run per directory
     # never replace another run's checkpoints silently
     resume_step = start_or_resume(output_dir, args.resume, args.overwrite,
                                   f"from the {args.source} model")

@@ -51,10 +51,9 @@ from nanochat.common import (check_flags, compute_init, compute_cleanup, print0,
                              init_wandb, is_dist, get_peak_flops, decide_compile,
                              compile_for_training, grad_accum_steps_for, collect_garbage,
                              synchronize)
-from nanochat.checkpoint import (load_model, load_optimizer_shard, find_model_tag,
-                                 lock_checkpoint_dir, start_or_resume, load_resume, TrainingSaves,
-                                 load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS,
-                                 SOURCE_SCRIPTS, add_checkpoint_flags)
+from nanochat.checkpoint import (load_source, load_optimizer_shard, start_or_resume, load_resume,
+                                 TrainingSaves, load_optimizer_state, loop_meta, restore_loop,
+                                 SOURCE_DIRS, SOURCE_SCRIPTS, add_checkpoint_flags)
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -77,6 +76,9 @@ from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 # conversations per optimizer step (-1 = full rows, total_batch_size tokens, as mid-training). pack:
 # 1 = several conversations per row (mid-training's packer), 0 = one per row, padded (SFT).
 RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
+# the flags whose defaults the stage's recipe sets
+RECIPE_FLAGS = (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step",
+                "pack")
 STAGES = {
     "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2,
                 momentum_ramp=300, examples_per_step=-1, total_batch_size=524288, pack=1,
@@ -158,48 +160,40 @@ def main(stage):
     add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
         "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-    add("--source", default=defaults["source"], choices=["base", "mid", "sft"],
-        help="checkpoint to start at")
-    add("--model-tag", default=None,
-        help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
+    add("--source", choices=["base", "mid", "sft"], help="checkpoint to start at")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
     add("--mixture", default="real", choices=["real", "synthetic"], help="real = SmolTalk/MMLU/ARC/"
         "GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
-    add("--num-iterations", type=int, default=-1,
-        help="optimizer steps (-1 = one epoch of the mixture)")
-    add("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
-    add("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: "
-        "the source's; SFT: enough rows for its conversations, at most the source's)")
-    add("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (default: "
+    add("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
+    add("--max-seq-len", type=int, help="row length T (default: the source's)")
+    add("--device-batch-size", type=int, help="rows per forward/backward (default: the source's; "
+        "SFT: enough rows for its conversations, at most the source's)")
+    add("--total-batch-size", type=int, help=f"tokens per optimizer step (default: "
         f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its "
         f"conversations need)")
-    add("--examples-per-step", type=int, default=defaults["examples_per_step"],
-        help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every "
-        "row)")
-    add("--embedding-lr", type=float, default=defaults["embedding_lr"],
-        help="AdamW lr of wte (x width scaling)")
-    add("--unembedding-lr", type=float, default=defaults["unembedding_lr"],
-        help="AdamW lr of lm_head (x width scale)")
-    add("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon lr")
-    add("--init-lr-frac", type=float, default=defaults["init_lr_frac"],
-        help="multiplies every learning rate")
-    add("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"],
-        help="final fraction of the epoch with linear LR decay to 0")
-    add("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
+    add("--examples-per-step", type=int, help="conversations per optimizer step, shared over GPUs "
+        "and micro-steps (-1 = fill every row)")
+    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
+    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scale)")
+    add("--matrix-lr", type=float, help="Muon lr")
+    add("--init-lr-frac", type=float, help="multiplies every learning rate")
+    add("--warmdown-ratio", type=float, help="last fraction of the epoch: linear LR decay to 0")
+    add("--momentum-ramp", type=int,
         help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
+    add("--pack", type=int, choices=[0, 1], help="1 = pack conversations into rows (best fit, "
+        "largest first); 0 = one per row, padded, in order")
+    parser.set_defaults(source=defaults["source"], **{k: defaults[k] for k in RECIPE_FLAGS})
     add("--load-optimizer", type=int, default=0, choices=[0, 1], help="1 = warm-start the "
         "optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
-    add("--pack", type=int, default=defaults["pack"], choices=[0, 1], help="1 = pack conversations "
-        "into rows (best fit, largest first); 0 = one per row, padded, in order")
     add("--train-user-tokens", type=int, default=0,
         help="1 = train user tokens too (karpathy/nanochat's mid did)")
-    add("--eval-every", type=int, default=150,
-        help="val bpb every N steps, and at the start and end (-1 = never)")
+    add("--eval-every", type=int, default=150, help="val bpb every N steps, at start and end (-1 = "
+        "never)")
     add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     add("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and "
         "at the end (-1 = only at the end, 0 = never)")
-    add("--chat-eval-max-problems", type=int, default=200,
-        help="problems per task for those accuracies")
+    add("--chat-eval-max-problems", type=int, default=200, help="problems per task for those")
     # --resume, --resume-override, --overwrite, --save-every, --save-every-minutes, --keep-periodic
     add_checkpoint_flags(parser)
     args = parser.parse_args()
@@ -217,14 +211,9 @@ def main(stage):
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir)
-                                   else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train",
-                                               model_tag=model_tag, step=args.model_step)
+    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device,
+                                                                       defaults["output"])
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
-    lock_checkpoint_dir(output_dir, model_tag)  # a second run on it fails here (before any data)
     source_step = source_meta["step"]
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's
     source_name = f"{args.source} checkpoint"
@@ -234,8 +223,7 @@ def main(stage):
         settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
         return settings[name][0]
 
-    for name in (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp",
-                 "examples_per_step", "pack"):
+    for name in RECIPE_FLAGS:
         value = getattr(args, name)
         settings[name] = (value, "flag" if value != defaults[name] else f"{stage} recipe")
     T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
@@ -317,8 +305,7 @@ def main(stage):
     optimizer = model.setup_optimizer(weight_decay=0.0, lr_frac=args.init_lr_frac,
                                       **{k: getattr(args, k) for k in RECIPE_LRS})
     initial_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
-    print0("initial lrs: " + " | ".join(f"{g['name']} {g['initial_lr']:.6g}"
-                                        for g in optimizer.param_groups))
+    print0("initial lrs: " + " | ".join(f"{name} {lr:.6g}" for name, lr in initial_lrs.items()))
     step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = (0, 0.0, None, float("inf"),
                                                                       0.0, 0.0)
     stream_states = [None] * grad_accum_steps
@@ -348,8 +335,8 @@ def main(stage):
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little
         # (https://github.com/karpathy/nanochat/blob/master/dev/LOG.md, Feb 16); the fresh LRs stay.
-        load_optimizer_state(optimizer, load_optimizer_shard(os.path.join(source_dir, model_tag),
-                                                             source_step, device, rank=rank))
+        source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag)
+        load_optimizer_state(optimizer, load_optimizer_shard(source_dir, source_step, device, rank))
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
             if group["kind"] == "muon":
