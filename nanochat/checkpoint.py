@@ -14,7 +14,8 @@ so a crash in the middle of a save leaves the previous checkpoint as the newest 
 Integrity: meta records the sha256 of every file of the step and of its own content (meta_sha256),
 and load_checkpoint verifies them, so a flipped bit or an edited field is an error naming the file,
 not a model that silently computes something else. One run at a time per directory: see
-lock_checkpoint_dir.
+lock_checkpoint_dir. The training scripts share how they start (start_or_resume), resume
+(load_resume, loop_meta, restore_loop) and save (TrainingSaves) here.
 
 Leaves out: loading checkpoints that save_checkpoint did not write (a meta without hashes is an
 error).
@@ -50,6 +51,8 @@ SOURCE_DIRS = dict(base="base_checkpoints", mid="mid_checkpoints", sft="chatsft_
                    rl="chatrl_checkpoints")
 SOURCE_SCRIPTS = dict(base="scripts.base_train", mid="scripts.mid_train", sft="scripts.chat_sft",
                       rl="scripts.chat_rl")
+# the names of what a save writes, temp files included
+CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"
 
 def _paths(checkpoint_dir, step, rank=0):
     return (os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
@@ -113,18 +116,15 @@ def remove_orphaned_temp_files(checkpoint_dir, rank=0):
     """Delete the temp files (<name>.tmp<pid>) of this rank's file names that a killed save left
     behind: with the directory locked by this run, any not of this process belongs to a process that
     is gone."""
-    patterns = [f"optim_*_rank{rank}.pt.tmp*"]
-    patterns += ["model_*.pt.tmp*", "meta_*.json.tmp*"] if rank == 0 else []
-    removed = []
-    for pattern in patterns:
-        for path in glob.glob(os.path.join(checkpoint_dir, pattern)):
-            if re.search(r"\.tmp\d+$", path) and not path.endswith(f".tmp{os.getpid()}"):
-                os.remove(path)
-                removed.append(os.path.basename(path))
+    names = [f"optim_*_rank{rank}.pt"] + (["model_*.pt", "meta_*.json"] if rank == 0 else [])
+    removed = sorted(os.path.basename(path) for name in names
+                     for path in glob.glob(os.path.join(checkpoint_dir, f"{name}.tmp*"))
+                     if re.search(r"\.tmp\d+$", path) and not path.endswith(f".tmp{os.getpid()}"))
+    for name in removed:
+        os.remove(os.path.join(checkpoint_dir, name))
     if removed:
         print(f"removed {len(removed)} temp file(s) of an interrupted save in {checkpoint_dir}: "
-              f"{', '.join(sorted(removed))}", flush=True)
-    return removed
+              f"{', '.join(removed)}", flush=True)
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
     """
@@ -138,24 +138,22 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     if rank == 0 and os.path.exists(meta_path):
         os.remove(meta_path)  # re-saving a step: un-publish it until the new files are all in place
+    states = {model_path: model_state if rank == 0 else None, optim_path: optimizer_state}
     hashes = {}
     try:
-        if rank == 0:
-            hashes[os.path.basename(model_path)] = _atomic_torch_save(model_state, model_path)
-        if optimizer_state is not None:
-            hashes[os.path.basename(optim_path)] = _atomic_torch_save(optimizer_state, optim_path)
+        for path, state in states.items():
+            if state is not None:
+                hashes[os.path.basename(path)] = _atomic_torch_save(state, path)
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise
         for name in hashes:  # this step can never be complete now: give its space back
             os.remove(os.path.join(checkpoint_dir, name))
-        states = [model_state] if rank == 0 else []
-        needed = sum(_nbytes(state) for state in states + [optimizer_state])
         raise OSError(e.errno, f"saving step {step} into {checkpoint_dir} failed: {e.strerror}. "
-                      f"This rank's files need about {needed:,} bytes there and "
-                      f"{shutil.disk_usage(checkpoint_dir).free:,} are free. Free space "
-                      f"(or point NANOCHAT_BASE_DIR elsewhere), then rerun with "
-                      f"--resume: the newest complete checkpoint is untouched") from None
+                      f"This rank's files need about {_nbytes(list(states.values())):,} bytes "
+                      f"there and {shutil.disk_usage(checkpoint_dir).free:,} are free. Free space "
+                      f"(or point NANOCHAT_BASE_DIR elsewhere), then rerun with --resume: the "
+                      f"newest complete checkpoint is untouched") from None
     if is_dist():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, hashes)
@@ -168,13 +166,9 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
 
 def _nbytes(obj):
     """Bytes of the tensors in a (nested) state dict: about the size torch.save writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_nbytes(v) for v in obj)
-    return 0
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(_nbytes, obj.values() if isinstance(obj, dict) else obj))
+    return obj.nelement() * obj.element_size() if isinstance(obj, torch.Tensor) else 0
 
 # -----------------------------------------------------------------------------
 # One run per output directory
@@ -188,14 +182,13 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
     lock files sit beside the directory (<tag>.lock, <tag>.lock.json), so a run that fails at start
     leaves no empty tag for find_model_tag to pick.
     """
-    if get_dist_info()[1] != 0:
-        return
     checkpoint_dir = os.path.abspath(checkpoint_dir)
-    if checkpoint_dir in _held_locks:  # this process has it already (a script run twice: tests)
+    # a script run twice in one process (tests) has the lock already
+    if get_dist_info()[1] != 0 or checkpoint_dir in _held_locks:
         return
     os.makedirs(os.path.dirname(checkpoint_dir), exist_ok=True)
-    lock_path, owner_path = f"{checkpoint_dir}.lock", f"{checkpoint_dir}.lock.json"
-    lock = FileLock(lock_path, timeout=0)
+    owner_path = f"{checkpoint_dir}.lock.json"
+    lock = FileLock(f"{checkpoint_dir}.lock", timeout=0)
     try:
         lock.acquire()
     except Timeout:
@@ -205,52 +198,44 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
             holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
         except (OSError, ValueError, KeyError, TypeError):
             holder = f"a process that has not written {owner_path} yet"
-        raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait "
-                           f"for it to finish, stop it, or give this run its own directory "
-                           f"with a different --model-tag (this run's: {model_tag})") from None
+        raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for "
+                           f"it to finish, stop it, or give this run its own directory with a "
+                           f"different --model-tag (this run's: {model_tag})") from None
     started = datetime.datetime.now().isoformat(timespec="seconds")
     atomic_write_text(owner_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                               "model_tag": model_tag, "started": started}))
     _held_locks[checkpoint_dir] = lock
 
-# the names of what a save writes, temp files included
-CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"
+# -----------------------------------------------------------------------------
+# Finding and loading
 
 def _steps_with_meta(checkpoint_dir):
-    steps = [int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
-             if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(f)))]
-    return sorted(steps)
+    return sorted(int(m.group(1)) for f in glob.glob(os.path.join(checkpoint_dir, "meta_*.json"))
+                  if (m := re.fullmatch(r"meta_(\d+)\.json", os.path.basename(f))))
 
 def read_meta(meta_path):
     """The meta dict of a step; a file that is not a JSON object is an error naming it."""
     with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
     if not isinstance(meta, dict):
-        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object "
-                         f"a checkpoint meta is: restore it or delete this step's files")
+        raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object a "
+                         f"checkpoint meta is: restore it or delete this step's files")
     return meta
 
-def _is_complete(checkpoint_dir, step):
-    """The meta parses, and the model and every optimizer
-    shard it names load (mmap: no tensor data is read)."""
-    model_path, _, meta_path = _paths(checkpoint_dir, step)
-    try:
-        meta = read_meta(meta_path)
-        shards = [_paths(checkpoint_dir, step, r)[1] for r in range(meta.get("optim_shards", 0))]
-        paths = [model_path] + shards
-        for path in paths:
-            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, TypeError) as e:
-        print0(f"checkpoint step {step} in {checkpoint_dir} is incomplete, skipping it: {e}")
-        return False
-    return True
-
 def find_last_step(checkpoint_dir):
-    """The newest step whose meta exists and whose files load."""
+    """The newest step whose meta parses and whose model and every optimizer shard it names load
+    (mmap: no tensor data is read)."""
     steps = _steps_with_meta(checkpoint_dir)
     for step in reversed(steps):
-        if _is_complete(checkpoint_dir, step):
+        model_path, _, meta_path = _paths(checkpoint_dir, step)
+        try:
+            shards = range(read_meta(meta_path).get("optim_shards", 0))
+            for path in [model_path] + [_paths(checkpoint_dir, step, r)[1] for r in shards]:
+                torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             return step
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError,
+                TypeError) as e:
+            print0(f"checkpoint step {step} in {checkpoint_dir} is incomplete, skipping it: {e}")
     raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir} "
                             f"(steps with meta: {steps or 'none'})")
 
@@ -271,18 +256,19 @@ def find_model_tag(checkpoints_dir):
 def _fallback(step):
     return f"delete step {step}'s files (*_{step:06d}*) to fall back to the previous checkpoint"
 
-def _verify(path, meta, step):
-    """Check a file against the sha256 its meta recorded at save time."""
+def _verified(path, meta, step, device):
+    """torch.load of a file whose sha256 matches the one its meta recorded at save time."""
     name, recorded = os.path.basename(path), meta["sha256"]
     if name not in recorded:
-        raise RuntimeError(f"{path} is not among the files recorded in "
-                           f"meta_{step:06d}.json ({sorted(recorded)}): it does not "
-                           f"belong to this checkpoint; delete it or restore the original")
+        raise RuntimeError(f"{path} is not among the files recorded in meta_{step:06d}.json "
+                           f"({sorted(recorded)}): it does not belong to this checkpoint; delete "
+                           f"it or restore the original")
     actual = file_sha256(path)
     if actual != recorded[name]:
-        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs "
-                           f"from {recorded[name][:16]}... recorded when step {step} "
-                           f"was saved. Restore the file, or {_fallback(step)}")
+        raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from "
+                           f"{recorded[name][:16]}... recorded when step {step} was saved. "
+                           f"Restore the file, or {_fallback(step)}")
+    return torch.load(path, map_location=device, weights_only=True)
 
 def load_meta(checkpoint_dir, step):
     """The meta of a step, checked against its own recorded
@@ -298,18 +284,16 @@ def load_meta(checkpoint_dir, step):
                          f"or {_fallback(step)}") from None
     if "sha256" not in meta or meta.get("meta_sha256") != meta_sha256(meta):
         raise ValueError(f"{meta_path} was edited after it was saved (its content no longer "
-                         f"matches meta_sha256, or the hashes are gone): a changed field "
-                         f"such as model_config.sequence_len would run the model outside "
-                         f"what it was trained for. Restore the file, or {_fallback(step)}")
+                         f"matches meta_sha256, or the hashes are gone): a changed field such as "
+                         f"model_config.sequence_len would run the model outside what it was "
+                         f"trained for. Restore the file, or {_fallback(step)}")
     return meta
 
 def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """-> (model_state, optimizer_state or None, meta),
     every file verified against the sha256 in meta."""
-    model_path, _, _ = _paths(checkpoint_dir, step, rank)
     meta = load_meta(checkpoint_dir, step)
-    _verify(model_path, meta, step)
-    model_state = torch.load(model_path, map_location=device, weights_only=True)
+    model_state = _verified(_paths(checkpoint_dir, step)[0], meta, step, device)
     optimizer_state = None
     if load_optimizer:
         optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta)
@@ -318,27 +302,18 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
 def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
     """This rank's optimizer state of a step, without
     reading the model (SFT's warm start needs only this)."""
-    _, optim_path, _ = _paths(checkpoint_dir, step, rank)
-    if meta is None:
-        meta = load_meta(checkpoint_dir, step)
+    optim_path = _paths(checkpoint_dir, step, rank)[1]
+    meta = meta or load_meta(checkpoint_dir, step)
     if not os.path.exists(optim_path):
         raise FileNotFoundError(f"{optim_path} is missing: step {step} has "
-                                f"{meta.get('optim_shards', 0)} optimizer shards and rank "
-                                f"{rank} needs its own (resume with the same number of GPUs)")
-    _verify(optim_path, meta, step)
-    return torch.load(optim_path, map_location=device, weights_only=True)
-
-def build_model(checkpoint_dir, step, device, phase):
-    """Rebuild the GPT of a checkpoint: -> (model, meta). The
-    model config (incl. window_pattern) comes from meta."""
-    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    device = torch.device(device)
-    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
-    return model_from_state(meta["model_config"], model_state, device, phase), meta
+                                f"{meta.get('optim_shards', 0)} optimizer shards and rank {rank} "
+                                f"needs its own (resume with the same number of GPUs)")
+    return _verified(optim_path, meta, step, device)
 
 def model_from_state(config, state, device, phase):
     """The GPT of a model_config dict holding a state
     dict (from a checkpoint or an export), on device."""
+    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
     if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, so bf16 tensors are upcast
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
@@ -353,7 +328,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     """
     -> (model, tokenizer, meta) from <base>/<source dir>/<tag>/ at `step` (default: newest
     complete), or from a directory written by `python -m scripts.export_hf` (e.g. downloaded from
-    the Hugging Face Hub) when source is one.
+    the Hugging Face Hub) when source is one. The model config (incl. window_pattern) comes from
+    meta.
     """
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
         model, tokenizer, meta = load_export(source, device, phase)
@@ -367,14 +343,15 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     if not tags:
         raise FileNotFoundError(f"no {source} checkpoints in {checkpoints_dir}: train one with "
                                 f"`python -m {SOURCE_SCRIPTS[source]}`")
-    checkpoint_dir = os.path.join(checkpoints_dir, model_tag or find_model_tag(checkpoints_dir))
+    model_tag = model_tag or find_model_tag(checkpoints_dir)
+    checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
     if not os.path.isdir(checkpoint_dir):
         raise FileNotFoundError(f"no model tag {model_tag!r} in {checkpoints_dir}; "
                                 f"available: {sorted(tags)}")
-    model_tag = os.path.basename(checkpoint_dir)
-    if step is None:
-        step = find_last_step(checkpoint_dir)
-    model, meta = build_model(checkpoint_dir, step, device, phase)
+    step = find_last_step(checkpoint_dir) if step is None else step
+    device = torch.device(device)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    model = model_from_state(meta["model_config"], model_state, device, phase)
     tokenizer = get_tokenizer()
     vocab = meta["model_config"]["vocab_size"]
     assert tokenizer.get_vocab_size() == vocab, (f"tokenizer vocab {tokenizer.get_vocab_size()} != "
@@ -383,6 +360,21 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     check_tokenizer(meta, tokenizer, f"{source} {model_tag} step {step}")
     print0(f"loaded {source} model {model_tag} step {step} from {checkpoint_dir}")
     return model, tokenizer, meta
+
+def load_source(args, device, output):
+    """
+    The model a chat stage continues (--source, --model-tag, --model-step): -> (model, tokenizer,
+    meta, model tag, output dir). The output dir, <base>/<output's dir>/<the same tag>, is locked
+    for this run (lock_checkpoint_dir): a second run on it fails here, before any data is read.
+    """
+    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
+    model_tag = args.model_tag
+    if not model_tag and os.path.isdir(source_dir):
+        model_tag = find_model_tag(source_dir)
+    model, tokenizer, meta = load_model(args.source, device, "train", model_tag, args.model_step)
+    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[output], model_tag)
+    lock_checkpoint_dir(output_dir, model_tag)
+    return model, tokenizer, meta, model_tag, output_dir
 
 def check_tokenizer(meta, tokenizer, what):
     """The tokenizer must be the one the checkpoint was trained
@@ -397,20 +389,72 @@ def check_tokenizer(meta, tokenizer, what):
                          f"point NANOCHAT_BASE_DIR at the directory the model was trained in")
 
 # -----------------------------------------------------------------------------
-# Resuming: the same steps, bit for bit, as a run that was never stopped
+# Starting and resuming: a fresh run never replaces another's checkpoints; a resumed run makes the
+# same steps, bit for bit, as one that was never stopped
 
-def find_resume_step(checkpoint_dir, fresh_start):
-    """--resume: the newest complete step of checkpoint_dir,
-    or None (and a line: the run starts fresh_start)."""
+def _checked(convert, ok, requirement):
+    """An argparse type: convert, then refuse what is not ok naming the requirement."""
+    def parse(text):
+        if not ok(convert(text)):
+            raise argparse.ArgumentTypeError(f"{text}: {requirement}")
+        return convert(text)
+    return parse
+
+def add_checkpoint_flags(parser):
+    """The flags the training scripts share for resuming and not losing work."""
+    add = parser.add_argument
+    add("--resume", action="store_true",
+        help="continue from the newest complete checkpoint of the output directory (or start anew)")
+    add("--resume-override", action="store_true",
+        help="resume even though LR/schedule flags differ from the checkpoint's, with the new ones")
+    add("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
+        "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
+    add("--save-every", type=int, default=-1,
+        help="checkpoint every N steps (-1 = only at the end)")
+    minutes = _checked(float, lambda v: v > 0 or v == -1, "use > 0 minutes, or -1 for none")
+    # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
+    add("--save-every-minutes", type=minutes, default=30, help="also checkpoint every N minutes of "
+        "wall time, to resume from after a crash (-1 = never)")
+    add("--keep-periodic", default=2, help="keep the newest N of those time-based checkpoints",
+        type=_checked(int, lambda v: v >= 1, "keep at least 1 (a crash resumes from the newest)"))
+
+def start_or_resume(checkpoint_dir, resume, overwrite, fresh_start, step=None):
+    """
+    -> the step to resume from (`step` if given, else with resume the newest complete one), or
+    None: the run starts fresh_start. A run without --resume into a directory holding checkpoints
+    would silently replace a finished run's model: refuse, naming the way to continue it (--resume)
+    and the one way to replace it (--overwrite, which deletes them now).
+    """
+    resume = resume or step is not None
+    if resume and overwrite:
+        raise ValueError("--resume continues the checkpoints in the output "
+                         "directory and --overwrite deletes them: pass one of them")
+    steps = _steps_with_meta(checkpoint_dir)
+    if steps and not resume and not overwrite:
+        raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier run (last "
+                              f"step {steps[-1]}): add --resume to continue it, or --overwrite to "
+                              f"delete them and start from scratch (or give this run another "
+                              f"--model-tag)")
+    if steps and overwrite:
+        if get_dist_info()[1] == 0:
+            for name in os.listdir(checkpoint_dir):
+                if re.fullmatch(CHECKPOINT_FILE, name):
+                    os.remove(os.path.join(checkpoint_dir, name))
+        print0(f"--overwrite: deleted the checkpoints in {checkpoint_dir} (steps {steps})")
+    if not resume or step is not None:
+        return step
     try:
         return find_last_step(checkpoint_dir)
     except FileNotFoundError:
         print0(f"--resume: no complete checkpoint in {checkpoint_dir}, starting {fresh_start}")
-        return None
 
-def check_resume_config(meta, derived, checkpoint_dir, step):
-    """derived: what must match between a checkpoint and the
-    run resuming it (model shape, batch, horizon, GPUs...)."""
+def load_resume(checkpoint_dir, step, device, rank, derived, user_config, flags=(), override=False):
+    """
+    -> (model_state, optimizer_state, meta) of the step a run resumes from. derived: what must
+    match between the checkpoint and the run (model shape, batch, horizon, GPUs...); flags: the
+    ones that must too unless --resume-override (check_resume_flags).
+    """
+    model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, step, device, True, rank)
     mismatches = [f"{k}: checkpoint {meta.get(k)} vs now {v}"
                   for k, v in derived.items() if meta.get(k) != v]
     if mismatches:
@@ -418,6 +462,26 @@ def check_resume_config(meta, derived, checkpoint_dir, step):
                          f"configuration: {'; '.join(mismatches)}. Use the original run's flags "
                          f"(its user_config: {json.dumps(meta.get('user_config'))}) "
                          f"or a new --model-tag")
+    check_resume_flags(meta["user_config"], user_config, flags, override)
+    return model_state, optimizer_state, meta
+
+def check_resume_flags(saved_config, config, flags, override):
+    """
+    Resuming must continue the same trajectory: a different LR, schedule or seed would make the
+    resumed run differ from one that was never stopped. Raises naming the flags, unless override
+    (--resume-override) says it is meant; then prints them, and the caller must use the new values
+    (not the ones restored with the optimizer state).
+    flags: argparse dest names. -> ['--flag: checkpoint X vs now Y', ...] for those that differ.
+    """
+    changed = [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
+               for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
+    if changed and not override:
+        raise ValueError(f"resuming with flags that change the training trajectory: "
+                         f"{'; '.join(changed)}. Pass the checkpoint's values, or add "
+                         f"--resume-override to continue with the new ones")
+    if changed:
+        print0("--resume-override: continuing with new values for " + "; ".join(changed))
+    return changed
 
 def load_optimizer_state(optimizer, optimizer_state):
     """Restore the momenta, but keep this run's initial_lr per
@@ -440,83 +504,15 @@ def loop_meta(stream_states, **loop_state):
             "loop_state": {k: None if v == float("inf") else v for k, v in loop_state.items()}}
 
 def restore_loop(meta, rank, num_local_streams):
-    """-> (this rank's data loader states, the loop
-    variables) saved by loop_meta (null back to inf)."""
-    # as many streams as this run's: check_resume_config checked the batch
+    """-> (this rank's data loader states, the loop variables) saved by loop_meta (null back to
+    inf). As many streams as this run's: load_resume checked the batch."""
     streams = meta["dataloader_state_dict"]["streams"]
     loop_state = {k: float("inf") if v is None else v for k, v in meta["loop_state"].items()}
     return streams[rank * num_local_streams:(rank + 1) * num_local_streams], loop_state
 
-def check_resume_flags(saved_config, config, flags, override):
-    """
-    Resuming must continue the same trajectory: a different LR, schedule or seed would make the
-    resumed run differ from one that was never stopped. Raises naming the flags, unless override
-    (--resume-override) says it is meant; then prints them, and the caller must use the new values
-    (not the ones restored with the optimizer state).
-    flags: argparse dest names. -> ['--flag: checkpoint X vs now Y', ...] for those that differ.
-    """
-    changed = [f"--{k.replace('_', '-')}: checkpoint {saved_config.get(k)} vs now {config.get(k)}"
-               for k in flags if k in saved_config and saved_config.get(k) != config.get(k)]
-    if changed and not override:
-        raise ValueError(f"resuming with flags that change the training trajectory: "
-                         f"{'; '.join(changed)}. Pass the checkpoint's values, or add "
-                         f"--resume-override to continue with the new ones")
-    if changed:
-        print0("--resume-override: continuing with new values for " + "; ".join(changed))
-    return changed
-
 # -----------------------------------------------------------------------------
-# A fresh run never replaces another's checkpoints; periodic saves; SIGTERM/SIGINT stop after a step
-# and save
-
-def _minutes(text):
-    value = float(text)
-    if not (value > 0 or value == -1):
-        raise argparse.ArgumentTypeError(f"{text} minutes: use > 0, "
-                                         f"or -1 for no time-based checkpoints")
-    return value
-
-def _at_least_one(text):
-    if int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text}: keep at least 1 "
-                                         f"(the newest is what a crash resumes from)")
-    return int(text)
-
-def add_checkpoint_flags(parser):
-    """The flags the training scripts share for not losing work:
-    --overwrite, --save-every-minutes, --keep-periodic."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete this run's output checkpoints and start from scratch "
-                        "(without it, or --resume, a directory holding checkpoints is an error)")
-    # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
-    parser.add_argument("--save-every-minutes", type=_minutes, default=30,
-                        help="also checkpoint every N minutes of wall time, to resume from after a "
-                        "crash (-1 = never)")
-    parser.add_argument("--keep-periodic", type=_at_least_one, default=2,
-                        help="keep the newest N of those time-based checkpoints")
-
-def check_fresh_start(checkpoint_dir, resume, overwrite):
-    """
-    A run without --resume into a directory holding checkpoints would silently replace a finished
-    run's model: refuse, naming the way to continue it (--resume) and the one way to replace it
-    (--overwrite, which deletes them now).
-    """
-    if resume and overwrite:
-        raise ValueError("--resume continues the checkpoints in the output "
-                         "directory and --overwrite deletes them: pass one of them")
-    steps = _steps_with_meta(checkpoint_dir)
-    if resume or not steps:
-        return
-    if not overwrite:
-        raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier "
-                              f"run (last step {steps[-1]}): add --resume to "
-                              f"continue it, or --overwrite to delete them and start "
-                              f"from scratch (or give this run another --model-tag)")
-    if get_dist_info()[1] == 0:
-        for name in os.listdir(checkpoint_dir):
-            if re.fullmatch(CHECKPOINT_FILE, name):
-                os.remove(os.path.join(checkpoint_dir, name))
-    print0(f"--overwrite: deleted the checkpoints in {checkpoint_dir} (steps {steps})")
+# Saving during training: at the end, every --save-every steps, every --save-every-minutes (the
+# newest --keep-periodic kept), and when SIGTERM/SIGINT stops the run after a step
 
 def prune_periodic(checkpoint_dir, keep):
     """
@@ -547,16 +543,14 @@ def handle_stop_signals():
         if os.getpid() != pid:  # a forked worker (data or download pool): die as it would have
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
-            return
-        if _stop["signum"]:
-            if time.time() - _stop["time"] < 2:
-                return
+        elif not _stop["signum"]:
+            _stop.update(signum=signum, time=time.time())
+            print(f"{name}: finishing this step, then saving and exiting "
+                  f"(send it again to exit at once)", flush=True)
+        elif time.time() - _stop["time"] >= 2:
             print(f"{name} again: exiting now; the newest complete checkpoint is intact",
                   flush=True)
             os._exit(128 + signum)
-        _stop.update(signum=signum, time=time.time())
-        print(f"{name}: finishing this step, then saving and exiting "
-              f"(send it again to exit at once)", flush=True)
     pid = os.getpid()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
@@ -579,29 +573,66 @@ def stop_or_save_due(last_save_time, save_every_minutes):
 def resume_command(module):
     """The command that continues this run: its own flags, with
     --resume instead of --overwrite/--resume-from-step."""
-    argv, flags = sys.argv[1:], []
-    while argv:
-        arg = argv.pop(0)
-        if arg == "--resume-from-step" and argv:
-            argv.pop(0)
-        elif (arg not in ("--", "--resume", "--overwrite")
-              and not arg.startswith("--resume-from-step=")):
-            flags.append(arg)
+    argv = sys.argv[1:]
+    dropped = {i + 1 for i, arg in enumerate(argv) if arg == "--resume-from-step"}  # its value
+    flags = [arg for i, arg in enumerate(argv) if i not in dropped and arg.split("=")[0] not in
+             ("--", "--resume", "--overwrite", "--resume-from-step")]
     env = [f"{k}={shlex.quote(os.environ[k])}"
            for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
+    launcher = ["python", "-m", module]
     if is_dist():
         nproc = os.environ.get("LOCAL_WORLD_SIZE", "?")
         launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--"]
-    else:
-        launcher = ["python", "-m", module]
     return " ".join(env + [shlex.join(launcher + flags + ["--resume"])])
 
-def exit_after_stop(signum, module, checkpoint_dir, step):
-    """After the stop save: wait for every rank's files (an early exit would make torchrun kill
-    rank 0 while it publishes the meta), print the command that resumes, exit 128 + the signal
-    number like a killed process."""
-    if is_dist():
-        dist.barrier()
-    print0(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint "
-           f"in {checkpoint_dir}. Resume with:\n{resume_command(module)}")
-    sys.exit(128 + signum)
+class TrainingSaves:
+    """
+    When and how a training loop saves (every rank calls it): the last step and every --save-every
+    steps are kept; --save-every-minutes saves are "periodic" (prune_periodic keeps the newest
+    --keep-periodic); a SIGTERM/SIGINT makes the loop skip the evaluations due (the resumed run does
+    them first), save and exit. A script without add_checkpoint_flags (chat_rl) saves only at
+    --save-every steps and the end, and leaves the signals alone.
+
+        saves = TrainingSaves(checkpoint_dir, "scripts.base_train", args, start_step)
+        while True:  # ... evaluations unless saves.stopping(last_step)
+            if saves.due(step, last_step):
+                saves.save(step, model, optimizer, meta)  # exits after a stop's save
+            ...  # one step
+            saves.poll()
+    """
+    def __init__(self, checkpoint_dir, module, args, start_step):
+        self.dir, self.module, self.args, self.start_step = checkpoint_dir, module, args, start_step
+        self.signals = hasattr(args, "save_every_minutes")
+        self.signum, self.periodic_due, self.last_save_time = 0, False, time.time()
+        if self.signals:
+            handle_stop_signals()  # from here on SIGTERM/SIGINT stop after the current step
+
+    def stopping(self, last_step):
+        return bool(self.signum) and not last_step
+
+    def due(self, step, last_step):
+        self.kept = last_step or (self.args.save_every > 0 and step % self.args.save_every == 0)
+        self.stop = self.stopping(last_step)
+        return step > self.start_step and (self.kept or self.periodic_due or self.stop)
+
+    def save(self, step, model, optimizer, meta):
+        t0, rank = time.time(), get_dist_info()[1]
+        save_checkpoint(self.dir, step, model.state_dict(), optimizer.state_dict(),
+                        dict(meta, periodic=not self.kept), rank=rank)
+        print0(f"saved checkpoint {self.dir} step {step} in {time.time() - t0:.2f}s")
+        prune_periodic(self.dir, getattr(self.args, "keep_periodic", 0))
+        self.last_save_time = time.time()
+        if self.stop:
+            # wait for every rank's files: an early exit would make torchrun kill rank 0 while it
+            # publishes the meta; then exit 128 + the signal number like a killed process
+            if is_dist():
+                dist.barrier()
+            print0(f"stopped by {signal.Signals(self.signum).name} at step {step}; checkpoint in "
+                   f"{self.dir}. Resume with:\n{resume_command(self.module)}")
+            sys.exit(128 + self.signum)
+
+    def poll(self):
+        """After each step, every rank (a collective): a stop signal, a periodic save due."""
+        if self.signals:
+            self.signum, self.periodic_due = stop_or_save_due(self.last_save_time,
+                                                              self.args.save_every_minutes)

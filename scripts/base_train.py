@@ -2,10 +2,10 @@
 Pretrain a base GPT. One dial, --depth, sets width, heads, horizon, batch size, learning rates and
 weight decay.
 
-    python -m scripts.base_train --depth=20                              # one GPU (or CPU/MPS, slowly)
-    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --target-param-data-ratio=8 --fp8
-    python -m scripts.base_train --depth=20 --resume                     # continue from the newest complete checkpoint
-    python -m scripts.base_train --depth=20 --overwrite                  # delete that run's checkpoints, start over
+    python -m scripts.base_train --depth=20               # one GPU (or CPU/MPS, slowly)
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth=24 --fp8
+    python -m scripts.base_train --depth=20 --resume      # from the newest complete checkpoint
+    python -m scripts.base_train --depth=20 --overwrite   # delete its checkpoints, start over
 
 Data: pretraining shards of the dataset named by --dataset, else env NANOCHAT_DATASET, else climbmix
 (`python -m nanochat.dataset -n 8`; `--dataset local` is the offline corpus). Tokenizer: `python -m
@@ -40,20 +40,20 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops, init_wandb,
-                             decide_compile, is_dist, check_flags, grad_accum_steps_for, collect_garbage, synchronize,
-                             compile_for_training, COMPUTE_DTYPE)
+from nanochat.common import (compute_init, compute_cleanup, print0, get_base_dir, get_peak_flops,
+                             init_wandb, decide_compile, is_dist, check_flags, grad_accum_steps_for,
+                             collect_garbage, synchronize, compile_for_training, COMPUTE_DTYPE)
 from nanochat.gpt import GPT, config_for_depth
 from nanochat.tokenizer import get_tokenizer, get_token_bytes
 from nanochat.dataset import list_parquet_files, get_dataset_name
 from nanochat.dataloader import pretrain_loader
-from nanochat.checkpoint import (save_checkpoint, load_checkpoint, lock_checkpoint_dir, find_resume_step,
-                                 check_resume_config, check_resume_flags, load_optimizer_state, loop_meta, restore_loop,
-                                 check_fresh_start, prune_periodic, handle_stop_signals, stop_or_save_due,
-                                 exit_after_stop, add_checkpoint_flags, SOURCE_DIRS)
+from nanochat.checkpoint import (lock_checkpoint_dir, start_or_resume, load_resume, TrainingSaves,
+                                 load_optimizer_state, loop_meta, restore_loop,
+                                 add_checkpoint_flags, SOURCE_DIRS)
 from nanochat.core_eval import ensure_eval_bundle, evaluate_core
 from nanochat.engine import Engine, greedy_completions
-from nanochat.fp8 import check_fp8_supported, convert_to_float8_training, float8_disabled, worth_fp8
+from nanochat.fp8 import (check_fp8_supported, convert_to_float8_training, float8_disabled,
+                          worth_fp8)
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import batch_size_for, batch_lr_scale, scaled_weight_decay
 from nanochat.report import get_report, MetricLog
@@ -63,11 +63,11 @@ from nanochat.report import get_report, MetricLog
 
 parser = argparse.ArgumentParser(description="Pretrain a base model")
 add = parser.add_argument
-add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-add("--dataset", type=str, default=None, help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET or climbmix)")
-add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a "
-    "working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
+add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+add("--dataset", help="climbmix|fineweb-edu|local (default: env NANOCHAT_DATASET or climbmix)")
+add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
+    "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
 add("--fp8", action=argparse.BooleanOptionalAction, default=False,
     help="fp8 matmuls (tensorwise scaling) for the big linears (CUDA SM89+; --no-fp8 undoes --fp8)")
 # model
@@ -75,61 +75,55 @@ add("--depth", type=int, default=20, help="number of layers: the one complexity 
 add("--aspect-ratio", type=int, default=64, help="width = depth x this, up to whole heads")
 add("--head-dim", type=int, default=128, help="attention head dimension")
 add("--max-seq-len", type=int, default=2048, help="context length T")
-add("--window-pattern", type=str, default="SSSL", help="per-layer attention windows, tiled: L = full context, "
-    "S = T/4 rounded up to 128; last layer always L")
+add("--window-pattern", default="SSSL", help="per-layer attention windows, tiled: L = full "
+    "context, S = T/4 rounded up to 128; last layer always L")
 # horizon (first one set wins)
-add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --target-flops or the ratio)")
+add("--num-iterations", type=int, default=-1, help="steps (-1 = from --target-flops or the ratio)")
 add("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = use the ratio)")
-add("--target-param-data-ratio", type=float, default=12, help="tokens / scaling params (-1 = unset)")
+add("--target-param-data-ratio", type=float, default=12, help="tokens per scaling param (-1 = no)")
 # batch
 add("--device-batch-size", type=int, default=32, help="rows per forward/backward per GPU")
-add("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1 = from depth, B_opt ~ D^0.383)")
+add("--total-batch-size", type=int, default=-1, help="tokens per step (-1 = from depth, ~D^0.383)")
 # optimizer
 add("--embedding-lr", type=float, default=0.3, help="AdamW lr of the token embedding")
 add("--unembedding-lr", type=float, default=0.008, help="AdamW lr of lm_head")
 add("--matrix-lr", type=float, default=0.02, help="Muon lr of the transformer matrices")
 add("--scalar-lr", type=float, default=0.5, help="AdamW lr of the per-layer scalars")
-add("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 with 2^19-token batches (then scaled)")
+add("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12, 2^19-token batches")
 add("--warmup-steps", type=int, default=40, help="linear LR warmup steps")
-add("--warmdown-ratio", type=float, default=0.65, help="final fraction of steps: linear LR warmdown")
+add("--warmdown-ratio", type=float, default=0.65, help="last fraction of steps: linear LR warmdown")
 add("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the last step")
-# resume
-add("--resume", action="store_true", help="resume from the newest complete checkpoint of --model-tag (or start fresh)")
-add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
-add("--resume-override", action="store_true", help="resume with LR/schedule flags that differ from the checkpoint's")
 # evaluation and output
-add("--eval-every", type=int, default=250, help="val bpb every N steps, also at step 0 and the last step (-1 = never)")
+add("--eval-every", type=int, default=250, help="val bpb every N steps, at 0 and end (-1 = never)")
 add("--eval-tokens", type=int, default=80 * 524288, help="tokens per val bpb evaluation")
-add("--core-metric-every", type=int, default=2000, help="CORE metric every N steps and at the last step (-1 = never)")
+add("--core-metric-every", type=int, default=2000, help="CORE every N steps and at end (-1 = no)")
 add("--core-metric-max-per-task", type=int, default=500, help="examples per CORE task (-1 = all)")
-add("--sample-every", type=int, default=2000, help="greedy samples every N steps and at the last step (-1 = never)")
-add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-add_checkpoint_flags(parser)  # --overwrite, --save-every-minutes, --keep-periodic
-add("--model-tag", type=str, default=None, help="checkpoint directory name (default d<depth>)")
+add("--sample-every", type=int, default=2000, help="samples every N steps and at end (-1 = no)")
+add("--model-tag", help="checkpoint directory name (default d<depth>)")
+# --resume, --resume-override, --overwrite, --save-every, --save-every-minutes, --keep-periodic
+add_checkpoint_flags(parser)
+add("--resume-from-step", type=int, default=-1, help="resume from this checkpoint step (-1 = no)")
 args = parser.parse_args()
 user_config = vars(args).copy()
-check_flags([  # -1 is the one "derive it" sentinel: 0 or -5 is a typo, not a request to derive
-    ("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
-     ">= 1, or -1 to derive it from --target-flops / --target-param-data-ratio"),
-    ("--target-flops", args.target_flops, args.target_flops > 0 or args.target_flops == -1,
-     "> 0, or -1 to use the ratio"),
-    ("--target-param-data-ratio", args.target_param_data_ratio,
-     args.target_param_data_ratio > 0 or args.target_param_data_ratio == -1, "> 0, or -1 to leave it unset"),
-    ("--total-batch-size", args.total_batch_size, args.total_batch_size >= 1 or args.total_batch_size == -1,
-     ">= 1 tokens, or -1 to derive it from --depth"),
-    ("--device-batch-size", args.device_batch_size, args.device_batch_size >= 1, ">= 1 rows"),
-    ("--depth", args.depth, args.depth >= 1, ">= 1 layers"),
-    ("--aspect-ratio", args.aspect_ratio, args.aspect_ratio >= 1, ">= 1 (model_dim = depth x aspect ratio)"),
-    ("--head-dim", args.head_dim, args.head_dim >= 1, ">= 1"),
-    ("--max-seq-len", args.max_seq_len, args.max_seq_len >= 1, ">= 1 tokens"),
-    ("--warmup-steps", args.warmup_steps, args.warmup_steps >= 0, ">= 0 steps"),
-    ("--warmdown-ratio", args.warmdown_ratio, 0 <= args.warmdown_ratio <= 1, "a fraction in [0, 1]"),
-    ("--final-lr-frac", args.final_lr_frac, 0 <= args.final_lr_frac <= 1, "a fraction in [0, 1]"),
-])
+derive = lambda v: v > 0 or v == -1  # -1 is the one "derive it" sentinel: 0 or -5 is a typo
+at_least_1, fraction = lambda v: v >= 1, lambda v: 0 <= v <= 1
+check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), ok(getattr(args, k)), requirement)
+             for k, ok, requirement in [
+    ("num_iterations", derive, ">= 1, or -1 to derive it from --target-flops or the ratio"),
+    ("target_flops", derive, "> 0, or -1 to use the ratio"),
+    ("target_param_data_ratio", derive, "> 0, or -1 to leave it unset"),
+    ("total_batch_size", derive, ">= 1 tokens, or -1 to derive it from --depth"),
+    ("device_batch_size", at_least_1, ">= 1 rows"),
+    ("depth", at_least_1, ">= 1 layers"),
+    ("aspect_ratio", at_least_1, ">= 1 (model_dim = depth x aspect ratio)"),
+    ("head_dim", at_least_1, ">= 1"),
+    ("max_seq_len", at_least_1, ">= 1 tokens"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0 steps"),
+    ("warmdown_ratio", fraction, "a fraction in [0, 1]"),
+    ("final_lr_frac", fraction, "a fraction in [0, 1]")]])
 
 # -----------------------------------------------------------------------------
-# Setup: device, tokenizer, data (fail here, with the command to run, rather than after the model is
-# built)
+# Setup: device, tokenizer, data (fail here, with the command to run, not after building the model)
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
@@ -162,52 +156,54 @@ shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, sequence_le
              vocab_size=vocab_size, window_pattern=args.window_pattern)
 config = config_for_depth(args.depth, **shape)
 with torch.device("meta"):
-    model = GPT(config)           # raises naming the problem for e.g. an odd head dim or a bad window pattern
-    reference_model = GPT(config_for_depth(12, **shape))  # d12 is where the learning rates and weight decay were tuned
+    model = GPT(config)  # raises naming the problem, e.g. an odd head dim or a bad window pattern
+    reference_model = GPT(config_for_depth(12, **shape))  # where the LRs and weight decay were set
 param_counts = model.num_scaling_params()
 num_scaling_params = scaling_params(model)
-num_flops_per_token = model.estimate_flops()  # counted before any fp8 swap (karpathy/nanochat undercounted after)
+# counted before any fp8 swap (karpathy/nanochat undercounted after)
+num_flops_per_token = model.estimate_flops()
 print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {args.head_dim}, "
        f"windows {model.window_sizes}, vocab {vocab_size}")
-print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items()) + f" | scaling {num_scaling_params:,}")
+print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items())
+       + f" | scaling {num_scaling_params:,}")
 print0(f"FLOPs per token: {num_flops_per_token:e}")
 print0(attention_banner(device, model.window_sizes, config.sequence_len))
 
 # -----------------------------------------------------------------------------
 # Derivation. N = scaling params; the LRs and weight decay were tuned at d12 (N_d12) with 2^19-token
 # batches.
-# 1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))        Power Lines, B_opt ~ D^0.383
-# (batch_size_for)
+# 1. batch         B = 2^round(log2(2^19 x (N / N_d12)^0.383))  Power Lines, B_opt ~ D^0.383
+#                  (batch_size_for)
 # 2. horizon       steps = --num-iterations | --target-flops / (FLOPs per token x B) | ratio x N / B
-# The ratio (default 12 tokens per scaling parameter) is the compute-optimal one: IsoFLOP sweeps
-# over depth
-# (runs/scaling_laws.sh, docs/scaling.md) put the loss minimum at a roughly constant tokens:params
-# ratio when N
-# counts the block matrices + lm_head, as Chinchilla found with its own counting
-# (https://arxiv.org/abs/2203.15556;
-# ~20 there); 10.5 from the first sweep, 12 after a re-run. A smaller ratio trains a bigger model
-# for less time.
-# 3. LR scale      every lr x sqrt(B / 2^19)
-# (batch_lr_scale)
+#    The ratio (default 12 tokens per scaling parameter) is the compute-optimal one: IsoFLOP sweeps
+#    over depth (runs/scaling_laws.sh, docs/scaling.md) put the loss minimum at a roughly constant
+#    tokens:params ratio when N counts the block matrices + lm_head, as Chinchilla found with its
+#    own counting (https://arxiv.org/abs/2203.15556; ~20 there). A smaller ratio trains a bigger
+#    model for less time.
+# 3. LR scale      every lr x sqrt(B / 2^19) (batch_lr_scale)
 # 4. weight decay  --weight-decay x sqrt(B / 2^19) x N_d12 / N, cosine to 0 over the run
-# (scaled_weight_decay)
+#                  (scaled_weight_decay)
 
 reference_scaling_params = scaling_params(reference_model)
 total_batch_size = args.total_batch_size
 if total_batch_size == -1:
     total_batch_size = batch_size_for(num_scaling_params, reference_scaling_params)
-grad_accum_steps = grad_accum_steps_for(total_batch_size, args.device_batch_size, args.max_seq_len, world_size)
+grad_accum_steps = grad_accum_steps_for(total_batch_size, args.device_batch_size, args.max_seq_len,
+                                        world_size)
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+num_streams = world_size * grad_accum_steps
 
 if args.num_iterations > 0:
     num_iterations, horizon = args.num_iterations, "--num-iterations"
 elif args.target_flops > 0:
-    num_iterations, horizon = round(args.target_flops / (num_flops_per_token * total_batch_size)), "--target-flops"
+    num_iterations = round(args.target_flops / (num_flops_per_token * total_batch_size))
+    horizon = "--target-flops"
 elif args.target_param_data_ratio > 0:
     num_iterations = int(args.target_param_data_ratio * num_scaling_params) // total_batch_size
     horizon = "--target-param-data-ratio"
 else:
-    raise ValueError("no training horizon: set --num-iterations, --target-flops or --target-param-data-ratio")
+    raise ValueError("no training horizon: set --num-iterations, --target-flops or "
+                     "--target-param-data-ratio")
 if num_iterations < 1:
     raise ValueError(f"{horizon} gives {num_iterations} steps at {total_batch_size:,} "
                      f"tokens per step: raise it or lower the batch")
@@ -228,25 +224,23 @@ print0(f"batch: {total_batch_size:,} tokens = {args.device_batch_size} rows x "
 
 model_tag = args.model_tag or f"d{args.depth}"
 checkpoint_dir = os.path.join(get_base_dir(), SOURCE_DIRS["base"], model_tag)
-lock_checkpoint_dir(checkpoint_dir, model_tag)  # a second run writing this directory fails here, naming this one
-check_fresh_start(checkpoint_dir, args.resume or args.resume_from_step >= 0, args.overwrite)
-num_streams = world_size * grad_accum_steps
-resume_step = args.resume_from_step if args.resume_from_step >= 0 else None
-if resume_step is None and args.resume:
-    resume_step = find_resume_step(checkpoint_dir, "from scratch")
+lock_checkpoint_dir(checkpoint_dir, model_tag)  # a second run on it fails here, naming this one
+resume_step = start_or_resume(checkpoint_dir, args.resume, args.overwrite, "from scratch",
+                              args.resume_from_step if args.resume_from_step >= 0 else None)
 derived = {  # what must match between a checkpoint and the run resuming it
-    "model_config": dict(config.__dict__), "total_batch_size": total_batch_size, "num_iterations": num_iterations,
-    "device_batch_size": args.device_batch_size, "max_seq_len": args.max_seq_len, "world_size": world_size,
-    "dataset": dataset,
+    "model_config": dict(config.__dict__), "total_batch_size": total_batch_size,
+    "num_iterations": num_iterations, "device_batch_size": args.device_batch_size,
+    "max_seq_len": args.max_seq_len, "world_size": world_size, "dataset": dataset,
 }
 if resume_step is not None:
-    model_state, optimizer_state, meta = load_checkpoint(checkpoint_dir, resume_step, device, load_optimizer=True,
-                                                         rank=rank)
-    check_resume_config(meta, derived, checkpoint_dir, resume_step)
-    check_resume_flags(meta["user_config"], user_config, ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr",
-                       "weight_decay", "warmup_steps", "warmdown_ratio", "final_lr_frac"], args.resume_override)
+    trajectory = ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay",
+                  "warmup_steps", "warmdown_ratio", "final_lr_frac"]
+    model_state, optimizer_state, meta = load_resume(checkpoint_dir, resume_step, device, rank,
+                                                     derived, user_config, trajectory,
+                                                     args.resume_override)
     if resume_step == num_iterations:  # e.g. runs/speedrun.sh run again after a later stage failed
-        print0(f"{checkpoint_dir} is already trained to its last step {num_iterations}: nothing to do")
+        print0(f"{checkpoint_dir} is already trained to its last step {num_iterations}: "
+               f"nothing to do")
         raise SystemExit(0)
     print0(f"resuming from {checkpoint_dir} step {resume_step}")
 
@@ -261,18 +255,19 @@ if resume_step is not None:
 orig_model = model  # uncompiled: CORE, sampling and saving use it
 if args.fp8:
     convert_to_float8_training(model, module_filter_fn=worth_fp8)
-optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                  matrix_lr=args.matrix_lr, weight_decay=weight_decay_scaled, scalar_lr=args.scalar_lr,
-                                  lr_scale=lr_scale)
+optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+                                  embedding_lr=args.embedding_lr, scalar_lr=args.scalar_lr,
+                                  weight_decay=weight_decay_scaled, lr_scale=lr_scale)
 if resume_step is not None:
-    load_optimizer_state(optimizer, optimizer_state)  # the momenta; this run's LRs (checked above) rule
+    load_optimizer_state(optimizer, optimizer_state)  # the momenta; this run's LRs (checked) rule
     del optimizer_state
 if use_compile:
     model = compile_for_training(model)
 
 def bf16_eval():
-    """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a
-    compiled model would recompile it every time, so with --fp8 evaluation runs the uncompiled model."""
+    """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping
+    modules under a compiled model would recompile it every time, so with --fp8 evaluation runs the
+    uncompiled model."""
     return float8_disabled(orig_model) if args.fp8 else contextlib.nullcontext()
 eval_model = orig_model if args.fp8 else model
 
@@ -319,16 +314,19 @@ if resume_step is not None:
     step, val_bpb = resume_step, meta["val_bpb"]
     min_val_bpb, smooth_train_loss = loop["min_val_bpb"], loop["smooth_train_loss"]
     total_training_time = loop["total_training_time"]
-train_loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "train",
-                                 rank=rank * grad_accum_steps + a, world_size=num_streams, device=device,
-                                 state=stream_states[a], dataset=dataset) for a in range(grad_accum_steps)]
-batches = [next(loader) for loader in train_loaders]  # prefetched: the batches the next step trains on
+
+def stream_loader(split, a, **kwargs):
+    """The loader of local stream a (the streams of rank r follow those of rank r-1)."""
+    return pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, split,
+                           rank * grad_accum_steps + a, num_streams, device, dataset=dataset,
+                           **kwargs)
+train_loaders = [stream_loader("train", a, state=stream_states[a]) for a in range(grad_accum_steps)]
+batches = [next(loader) for loader in train_loaders]  # prefetched: what the next step trains on
+
 def val_batches():
     """Fresh val streams from the start of the val shard, split
     like the train ones (the same val set on any GPUs)."""
-    loaders = [pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, "val", dataset=dataset,
-                               device=device, rank=rank * grad_accum_steps + a, world_size=num_streams)
-               for a in range(grad_accum_steps)]
+    loaders = [stream_loader("val", a) for a in range(grad_accum_steps)]
     for i in itertools.count():
         yield next(loaders[i % grad_accum_steps])
 
@@ -337,73 +335,67 @@ if args.eval_every > 0 and eval_steps < 1:
     raise ValueError(f"--eval-tokens={args.eval_tokens} is less than one batch "
                      f"of {tokens_per_fwdbwd} tokens across GPUs; raise it")
 if args.core_metric_every > 0:
-    ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it by hand
+    ensure_eval_bundle()  # now rather than after hours of training; raises with how to fetch it
 peak_flops = get_peak_flops(device)
 start_step = step
-metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl, one line per step
-handle_stop_signals()  # from here on SIGTERM/SIGINT stop after the current step, with a checkpoint
-stop_signal, periodic_due, last_save_time = 0, False, time.time()
+metric_log = MetricLog("base", model_tag, resume_step)  # <base>/logs/base_<tag>.jsonl
+saves = TrainingSaves(checkpoint_dir, "scripts.base_train", args, start_step)
+
+def due(every, last_step):
+    """An evaluation every `every` steps (-1 = never) and at the last step."""
+    return every > 0 and (last_step or (step > 0 and step % every == 0))
 
 # -----------------------------------------------------------------------------
 # Training loop: runs num_iterations + 1 times; the last pass only evaluates and saves
 
 while True:
     last_step = step == num_iterations
-    stopping = stop_signal and not last_step  # the evaluations due now are skipped: the resumed run does them first
-    record = {"step": step, "flops": num_flops_per_token * total_batch_size * step}
+    stopping = saves.stopping(last_step)  # skip the evaluations due: the resumed run does them
+    flops = num_flops_per_token * total_batch_size * step
+    record = {"step": step, "flops": flops}
 
     if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         model.eval()
         try:
             with bf16_eval():
                 val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
-        except ValueError as e:  # its one error: a val shard with no text (e.g. only empty documents) is bad data
+        except ValueError as e:  # its one error: a val shard with no text (only empty documents)
             raise SystemExit(f"error: val bpb at step {step}: {e}") from None
         model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         record["val_bpb"] = val_bpb
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
-        wandb_run.log({"step": step, "total_training_flops": record["flops"], "val/bpb": val_bpb})
+        wandb_run.log({"step": step, "total_training_flops": flops, "val/bpb": val_bpb})
 
-    if not stopping and args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+    if not stopping and due(args.core_metric_every, last_step):
         orig_model.eval()
-        with bf16_eval():
-            core = evaluate_core(orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task,  # in the
-                                 batch_tokens=args.device_batch_size * args.max_seq_len)  # memory of a micro-batch
+        with bf16_eval():  # in the memory of a micro-batch
+            core = evaluate_core(orig_model, tokenizer, device, args.core_metric_max_per_task,
+                                 batch_tokens=args.device_batch_size * args.max_seq_len)
         orig_model.train()
         record["core_metric"] = core["core_metric"]
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
-        wandb_run.log({"step": step, "core_metric": core["core_metric"], "centered_results": core["centered_results"]})
+        wandb_run.log({"step": step, "core_metric": core["core_metric"],
+                       "centered_results": core["centered_results"]})
 
-    sample_due = last_step or (step > 0 and step % args.sample_every == 0)
-    if not stopping and master and args.sample_every > 0 and sample_due:
+    if not stopping and master and due(args.sample_every, last_step):
         orig_model.eval()
-        engine = Engine(orig_model, tokenizer)
         with bf16_eval():
-            for text in greedy_completions(engine, tokenizer):
+            for text in greedy_completions(Engine(orig_model, tokenizer), tokenizer):
                 print0(text)
         orig_model.train()
 
-    kept_save = last_step or (args.save_every > 0 and step % args.save_every == 0)
-    if step > start_step and (kept_save or periodic_due or stopping):
-        meta = {
-            "step": step, "val_bpb": val_bpb, **derived, "user_config": user_config,
-            "model_tag": model_tag, "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
-            "tokenizer_fingerprint": tokenizer.fingerprint(), "periodic": not kept_save,
-            "num_scaling_params": num_scaling_params, "param_counts": param_counts,
-            "flops_per_token": num_flops_per_token,
-            "batch_lr_scale": lr_scale, "weight_decay_scaled": weight_decay_scaled, "warmdown_iters": warmdown_iters,
+    if saves.due(step, last_step):
+        saves.save(step, orig_model, optimizer, {
+            "val_bpb": val_bpb, **derived, "user_config": user_config, "model_tag": model_tag,
+            "window_sizes": orig_model.window_sizes, "grad_accum_steps": grad_accum_steps,
+            "tokenizer_fingerprint": tokenizer.fingerprint(), "param_counts": param_counts,
+            "num_scaling_params": num_scaling_params, "flops_per_token": num_flops_per_token,
+            "batch_lr_scale": lr_scale, "weight_decay_scaled": weight_decay_scaled,
+            "warmdown_iters": warmdown_iters,
             "initial_lrs": {g["name"]: g["initial_lr"] for g in optimizer.param_groups},
             **loop_meta(stream_states, min_val_bpb=min_val_bpb, smooth_train_loss=smooth_train_loss,
-                        total_training_time=total_training_time),
-        }
-        t_save = time.time()
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step} in {time.time() - t_save:.2f}s")
-        prune_periodic(checkpoint_dir, args.keep_periodic)
-        last_save_time = time.time()
-    if stopping:
-        exit_after_stop(stop_signal, "scripts.base_train", checkpoint_dir, step)
+                        total_training_time=total_training_time)})
 
     if last_step:
         metric_log.log(record)
@@ -443,35 +435,41 @@ while True:
     tok_per_sec = total_batch_size / dt
     mfu = 100 * num_flops_per_token * tok_per_sec / (peak_flops * world_size)
     epoch = min(s["epoch"] for _, _, s in batches)
-    eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m" if step > 10 else "-"
+    eta = "-"
+    if step > 10:
+        eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m"
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) "
            f"| loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
            f"tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | total time: "
            f"{total_training_time / 60:.2f}m | eta: {eta}")
-    metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, "lrm": lrm, "dt": dt,
-                    "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch, "time": total_training_time})
+    metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, "lrm": lrm,
+                    "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch,
+                    "time": total_training_time})
     if step % 100 == 0:
-        wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size * step,
-                       "total_training_time": total_training_time, "train/loss": debiased_loss, "train/lrm": lrm,
-                       "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
+        wandb_run.log({"step": step, "total_training_flops": flops + num_flops_per_token *
+                       total_batch_size, "total_training_time": total_training_time,
+                       "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
+                       "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
     if step == start_step + 1 and use_compile:
-        print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
+        print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the graph")
     collect_garbage(step, start_step)
-    stop_signal, periodic_due = stop_or_save_due(last_save_time, args.save_every_minutes)
+    saves.poll()
 
 # -----------------------------------------------------------------------------
 
-if device_type == "cuda":
-    print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024 ** 2:.0f} MiB")
+peak_memory = torch.cuda.max_memory_allocated() / 1024 ** 2 if device_type == "cuda" else None
+if peak_memory is not None:
+    print0(f"peak memory: {peak_memory:.0f} MiB")
 print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
 get_report().log("Base model training", [user_config, {
-    "Number of parameters": param_counts["total"], "Number of scaling parameters": num_scaling_params,
-    "FLOPs per token": f"{num_flops_per_token:e}", "Iterations": num_iterations, "Training tokens": total_tokens,
-    "Tokens : scaling params": total_tokens / num_scaling_params, "Total batch size": total_batch_size,
-    "World size": world_size, "Muon weight decay": weight_decay_scaled, "Min val bpb": min_val_bpb,
-    "Final val bpb": val_bpb, "Total training FLOPs": f"{num_flops_per_token * total_tokens:e}",
-    "Total training time (min)": total_training_time / 60,
-    "Peak memory (MiB)": torch.cuda.max_memory_allocated() / 1024 ** 2 if device_type == "cuda" else None}])
+    "Number of parameters": param_counts["total"],
+    "Number of scaling parameters": num_scaling_params,
+    "FLOPs per token": f"{num_flops_per_token:e}", "Iterations": num_iterations,
+    "Training tokens": total_tokens, "Tokens : scaling params": total_tokens / num_scaling_params,
+    "Total batch size": total_batch_size, "World size": world_size,
+    "Muon weight decay": weight_decay_scaled, "Min val bpb": min_val_bpb, "Final val bpb": val_bpb,
+    "Total training FLOPs": f"{num_flops_per_token * total_tokens:e}",
+    "Total training time (min)": total_training_time / 60, "Peak memory (MiB)": peak_memory}])
 wandb_run.finish()
 metric_log.close()
 compute_cleanup()

@@ -2,34 +2,38 @@
 Reinforcement learning on problems with a checkable answer: GSM8K, or the offline synthetic
 arithmetic task.
 
-    python -m scripts.chat_rl                                         # GSM8K (fetched on first use), from the sft model
-    python -m scripts.chat_rl --task=synthetic-math --num-iterations=30  # offline: the embedded word problems
+    python -m scripts.chat_rl                 # GSM8K (fetched on first use), from the sft model
+    python -m scripts.chat_rl --task=synthetic-math --num-iterations=30  # offline: word problems
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_rl -- --run=rl1
-    python -m scripts.chat_rl --resume                                # continue from the newest checkpoint, exactly
+    python -m scripts.chat_rl --resume        # continue from the newest checkpoint, exactly
 
 The algorithm is on-policy REINFORCE with a group-mean baseline (a simplified "GRPO"):
-- Each step takes --examples-per-step questions (spread over ranks) and samples --num-samples completions of each
-  through the Engine (passes of --device-batch-size), so calculator calls run and their results are forced in.
-- reward = task.reward(question, completion) (1.0 when the "#### N" answer is right); the advantage of a sample
-  is its reward minus the mean reward of its question's samples (no division by the std). A question whose
-  samples all score the same teaches nothing and contributes exactly zero gradient (its passes are skipped).
-- loss of a pass = -sum(logp(token) * advantage) over its trained tokens / (trained tokens in the pass x passes
-  per question x questions per rank): token-level normalisation (DAPO, arXiv:2503.14476) within a question.
-  Trained tokens are the ones the model sampled; the prompt, the forced calculator output, the padding and (unless
-  --train-stop-token=1) the sampled stop token are not (mask 0). Training the stop token too changed no pass@1..4
-  on the CPU demo's RL stage (d2 model, 15 seeds each: paired pass@1 difference -0.001 +- 0.024) and made
-  completions 0.7 tokens longer, so the default is karpathy/nanochat's.
-- No KL penalty, no reference model, no PPO ratio or clipping: one optimizer step per batch of fresh samples.
-  LR decays linearly to 0 over the run.
-- pass@k (k = 1..--num-samples-eval) on held-out test problems at step 0, every --eval-every steps and at the end.
-- Checkpoints hold the optimizer shards and the loop state. Sampling seeds are a function of (step, question,
-  pass), so the loop state is also the sampling RNG state and --resume continues bit for bit.
+- Each step takes --examples-per-step questions (spread over ranks) and samples --num-samples
+  completions of each through the Engine (passes of --device-batch-size), so calculator calls run
+  and their results are forced in.
+- reward = task.reward(question, completion) (1.0 when the "#### N" answer is right); the advantage
+  of a sample is its reward minus the mean reward of its question's samples (no division by the
+  std). A question whose samples all score the same teaches nothing and contributes exactly zero
+  gradient (its passes are skipped).
+- loss of a pass = -sum(logp(token) * advantage) over its trained tokens / (trained tokens in the
+  pass x passes per question x questions per rank): token-level normalisation (DAPO,
+  arXiv:2503.14476) within a question. Trained tokens are the ones the model sampled; the prompt,
+  the forced calculator output, the padding and (unless --train-stop-token=1) the sampled stop
+  token are not (mask 0). Training the stop token too changed no pass@1..4 on the CPU demo's RL
+  stage (d2, 15 seeds: paired pass@1 difference -0.001 +- 0.024), so the default is
+  karpathy/nanochat's.
+- No KL penalty, no reference model, no PPO ratio or clipping: one optimizer step per batch of
+  fresh samples. LR decays linearly to 0 over the run.
+- pass@k (k = 1..--num-samples-eval) on held-out test problems at step 0, every --eval-every steps
+  and at the end.
+- Checkpoints hold the optimizer shards and the loop state. Sampling seeds are a function of (step,
+  question, pass), so the loop state is also the sampling RNG state and --resume continues bit for
+  bit.
 Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp16 GradScaler,
 torch.compile (sequence lengths vary from step to step).
 """
 
 import argparse
-import os
 import time
 import zlib
 
@@ -37,10 +41,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist, synchronize
-from nanochat.checkpoint import (load_model, load_checkpoint, save_checkpoint, find_model_tag, lock_checkpoint_dir,
-                                 find_resume_step, check_resume_config, load_optimizer_state, SOURCE_DIRS,
-                                 check_fresh_start)
+from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, is_dist, synchronize
+from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
+                                 load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
@@ -51,7 +54,6 @@ def rl_tasks(name):
     if name == "gsm8k":
         return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     # seed 3: problems neither mid-training (0) nor SFT (1) saw; the test split is chat_eval's
-    # SynthMath
     return SyntheticMath(split="train", size=8000, seed=3), SyntheticMath(split="test", size=200)
 
 # -----------------------------------------------------------------------------
@@ -62,7 +64,8 @@ def sample_seed(*key):
     example, pass) (crc32: hash() is salted per process)."""
     return zlib.crc32("/".join(map(str, key)).encode()) & 0x7FFFFFFF
 
-def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, train_stop_token=False, **sampling):
+def sample_completions(engine, prompt, num_samples, device_batch_size, seeds,
+                       train_stop_token=False, **sampling):
     """
     -> passes: per pass of up to device_batch_size samples (seeded seeds[p]), a list of (tokens,
     mask) completions. A completion ends with the stop token the model sampled unless it ran out of
@@ -74,7 +77,8 @@ def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, tr
     for p, start in enumerate(range(0, num_samples, device_batch_size)):
         n = min(device_batch_size, num_samples - start)
         rows, done = [([], []) for _ in range(n)], [False] * n
-        for token_column, mask_column in engine.generate(prompt, num_samples=n, seed=seeds[p], **sampling):
+        generated = engine.generate(prompt, num_samples=n, seed=seeds[p], **sampling)
+        for token_column, mask_column in generated:
             for i, (token, mask) in enumerate(zip(token_column, mask_column)):
                 if not done[i]:
                     done[i] = token in engine.stop_tokens
@@ -85,16 +89,18 @@ def sample_completions(engine, prompt, num_samples, device_batch_size, seeds, tr
 
 def completion_text(engine, tokens):
     """The decoded answer without its stop token (what the task grades)."""
-    return engine.tokenizer.decode(tokens[:-1] if tokens and tokens[-1] in engine.stop_tokens else tokens)
+    stopped = tokens and tokens[-1] in engine.stop_tokens
+    return engine.tokenizer.decode(tokens[:-1] if stopped else tokens)
 
 def make_batch(prompt, completions, pad_id, device="cpu"):
-    """One pass as a training batch: rows prompt + completion, right-padded with pad_id.
-    -> inputs (B, L-1), targets (B, L-1) with -1 wherever the target token is prompt, forced output or padding."""
+    """One pass as a training batch: rows prompt + completion, right-padded with pad_id. -> inputs
+    (B, L-1), targets (B, L-1) with -1 wherever the target token is prompt, forced output or
+    padding."""
     rows = [prompt + tokens for tokens, _ in completions]
     masks = [[0] * len(prompt) + mask for _, mask in completions]
     length = max(len(row) for row in rows)
-    ids = torch.tensor([row + [pad_id] * (length - len(row)) for row in rows], dtype=torch.long, device=device)
-    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], dtype=torch.bool, device=device)
+    ids = torch.tensor([row + [pad_id] * (length - len(row)) for row in rows], device=device)
+    mask = torch.tensor([m + [0] * (length - len(m)) for m in masks], device=device).bool()
     return ids[:, :-1], ids[:, 1:].masked_fill(~mask[:, 1:], -1)
 
 def group_advantages(rewards):
@@ -141,7 +147,8 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     context = engine.model.config.sequence_len
-    counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())  # solved within k, total
+    # problems solved within k samples, k = 1..num_samples, then the total
+    counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())
     for i in range(rank, num_problems, world):
         conversation = task[i]
         prompt = engine.tokenizer.render_for_completion(conversation)
@@ -164,22 +171,23 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
 # -----------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(description="RL (REINFORCE, group-mean baseline) on GSM8K or synthetic arithmetic")
+    parser = argparse.ArgumentParser(
+        description="RL (REINFORCE, group-mean baseline) on GSM8K or synthetic arithmetic")
     add = parser.add_argument
-    add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-    add("--source", type=str, default="sft", choices=["mid", "sft"], help="checkpoint to start from")
-    add("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
-    add("--task", type=str, default="gsm8k", choices=["gsm8k", "synthetic-math"],
-        help="gsm8k = GSM8K main (fetched on first use); synthetic-math = embedded word problems, offline")
+    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    add("--task", default="gsm8k", choices=["gsm8k", "synthetic-math"], help="gsm8k = GSM8K main "
+        "(fetched on first use); synthetic-math = embedded word problems, offline")
     add("--num-epochs", type=int, default=1, help="passes over the training questions")
     add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = --num-epochs epochs)")
     add("--device-batch-size", type=int, default=8, help="samples per generation / forward pass")
-    add("--examples-per-step", type=int, default=16, help="questions per optimizer step, over all ranks")
+    add("--examples-per-step", type=int, default=16, help="questions per optimizer step, all ranks")
     add("--num-samples", type=int, default=16, help="completions sampled per question")
     add("--max-new-tokens", type=int, default=256, help="generation budget per completion")
-    add("--temperature", type=float, default=1.0, help="sampling temperature (training and evaluation)")
+    add("--temperature", type=float, default=1.0, help="sampling temperature (train and eval)")
     add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     add("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
     add("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
@@ -189,12 +197,13 @@ def main():
     add("--train-stop-token", type=int, default=0, choices=[0, 1],
         help="1 = also train the sampled <|assistant_end|> (when to stop is an "
              "action too); 0 = only the answer's tokens, as karpathy/nanochat")
-    add("--eval-every", type=int, default=60, help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
+    add("--eval-every", type=int, default=60,
+        help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
     add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
     add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
-    add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = only at the end)")
-    add("--resume", action="store_true", help="resume from the newest complete checkpoint of this run")
-    add("--overwrite", action="store_true", help="delete this run's checkpoints and start from scratch")
+    add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = at the end)")
+    add("--resume", action="store_true", help="resume from the newest complete checkpoint")
+    add("--overwrite", action="store_true", help="delete this run's checkpoints, start afresh")
     args = parser.parse_args()
     user_config = vars(args).copy()
 
@@ -206,20 +215,18 @@ def main():
     if args.examples_per_step % world_size != 0:
         raise ValueError(f"--examples-per-step={args.examples_per_step} does not split "
                          f"over {world_size} ranks: use a multiple of {world_size}")
-    for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval", "max_new_tokens"):
+    for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval",
+                 "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     examples_per_rank = args.examples_per_step // world_size
-    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
-                                               step=args.model_step)
+    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, "rl")
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS["rl"], model_tag)
-    lock_checkpoint_dir(output_dir, model_tag)  # one run per directory
-    check_fresh_start(output_dir, args.resume, args.overwrite)  # never replace another run's checkpoints silently
+    # never replace another run's checkpoints silently
+    resume_step = start_or_resume(output_dir, args.resume, args.overwrite,
+                                  f"from the {args.source} model")
     engine = Engine(model, tokenizer)
-    pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0), any id would do
+    pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0)
     train_task, test_task = rl_tasks(args.task)
     num_steps = args.num_iterations
     if num_steps <= 0:
@@ -236,56 +243,58 @@ def main():
            f"{num_steps} steps x {args.examples_per_step} questions ({examples_per_rank}/rank) x "
            f"{args.num_samples} samples in {passes_per_question} passes")
 
-    derived = {"source": args.source, "source_step": source_meta["step"], "model_config": source_meta["model_config"],
-               "world_size": world_size, "num_steps": num_steps,
-               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step", "num_samples",
-                                             "max_new_tokens", "temperature", "top_k", "embedding_lr",
-                                             "unembedding_lr", "matrix_lr", "weight_decay", "init_lr_frac",
+    derived = {"source": args.source, "source_step": source_meta["step"], "world_size": world_size,
+               "model_config": source_meta["model_config"], "num_steps": num_steps,
+               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step",
+                                             "num_samples", "max_new_tokens", "temperature",
+                                             "top_k", "embedding_lr", "unembedding_lr",
+                                             "matrix_lr", "weight_decay", "init_lr_frac",
                                              "train_stop_token")}}
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                      matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                      lr_frac=args.init_lr_frac)
+    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+                                      embedding_lr=args.embedding_lr, lr_frac=args.init_lr_frac,
+                                      weight_decay=args.weight_decay)
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
-    resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
-    if resume_step is not None:
-        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True,
-                                                         rank=rank)
-        check_resume_config(meta, derived, output_dir, resume_step)  # the LRs are in derived: no override here
+    if resume_step is not None:  # the LRs are in derived: no override here
+        model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,
+                                                     user_config)
         model.load_state_dict(model_state, strict=True)
         load_optimizer_state(optimizer, optim_state)
-        step = resume_step
-        history = {int(s): {int(k): v for k, v in m.items()} for s, m in meta["loop_state"]["history"].items()}
-        times = meta["loop_state"]["times"]
+        step, times = resume_step, meta["loop_state"]["times"]
+        history = {int(s): {int(k): v for k, v in m.items()}
+                   for s, m in meta["loop_state"]["history"].items()}
         print0(f"resuming from {output_dir} step {resume_step}")
     wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
     start_step = step
-    metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl, one line per step
+    metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl
+    saves = TrainingSaves(output_dir, "scripts.chat_rl", args, start_step)
 
     # -------------------------------------------------------------------------
     # Training loop
 
     while True:
         last_step = step == num_steps
-        record = {"step": step}  # the model after `step` updates: its pass@k, and the samples update step+1 trains on
+        # the model after `step` updates: its pass@k, and the samples update step+1 trains on
+        record = {"step": step}
         if step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            pass_at_k, problems = evaluate_pass_at_k(engine, test_task, eval_problems, args.num_samples_eval,
-                                                     args.device_batch_size, **sampling)
+            pass_at_k, problems = evaluate_pass_at_k(engine, test_task, eval_problems,
+                                                     args.num_samples_eval, args.device_batch_size,
+                                                     **sampling)
             history[step] = pass_at_k
-            record.update({f"pass@{k}": v for k, v in pass_at_k.items()})
+            metrics = {f"pass@{k}": v for k, v in pass_at_k.items()}
+            record.update(metrics)
             print0(f"step {step:05d} | {problems} test problems | "
-                   + " | ".join(f"pass@{k}: {v:.4f}" for k, v in pass_at_k.items()))
-            wandb_run.log({"step": step, **{f"pass@{k}": v for k, v in pass_at_k.items()}})
+                   + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+            wandb_run.log({"step": step, **metrics})
 
-        if step > start_step and (last_step or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {**derived, "user_config": user_config, "model_tag": model_tag,
-                    "tokenizer_fingerprint": tokenizer.fingerprint(),
-                    "pretrain_config": source_meta.get("pretrain_config", source_meta.get("user_config")),
-                    "metrics": {f"pass@{k}": v for k, v in history[max(history)].items()},
-                    # the sampling seeds derive from the step: this loop state is also the sampling
-                    # RNG state
-                    "loop_state": {"history": history, "times": times}}
-            save_checkpoint(output_dir, step, model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-            print0(f"saved checkpoint {output_dir} step {step}")
+        if saves.due(step, last_step):
+            saves.save(step, model, optimizer, {
+                **derived, "user_config": user_config, "model_tag": model_tag,
+                "tokenizer_fingerprint": tokenizer.fingerprint(),
+                "pretrain_config": source_meta.get("pretrain_config",
+                                                   source_meta.get("user_config")),
+                "metrics": {f"pass@{k}": v for k, v in history[max(history)].items()},
+                # the sampling seeds derive from the step: this is also the sampling RNG state
+                "loop_state": {"history": history, "times": times}})
 
         if last_step:
             metric_log.log(record)
@@ -304,15 +313,17 @@ def main():
                                  f"a {len(prompt)}-token prompt, no room left in the "
                                  f"model's {model.config.sequence_len}-token context")
             seeds = [sample_seed("train", step, example, p) for p in range(passes_per_question)]
-            passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size, seeds,
-                                        bool(args.train_stop_token), **{**sampling, "max_tokens": budget})
+            passes = sample_completions(engine, prompt, args.num_samples, args.device_batch_size,
+                                        seeds, bool(args.train_stop_token),
+                                        **{**sampling, "max_tokens": budget})
             completions = [c for completions in passes for c in completions]
             group_rewards = [train_task.reward(conversation, completion_text(engine, tokens))
                              for tokens, _ in completions]
             groups.append((prompt, passes, group_advantages(group_rewards)))
             rewards += group_rewards
             lengths += [len(tokens) for tokens, _ in completions]
-            digests.append((example, zlib.crc32(repr([tokens for tokens, _ in completions]).encode())))
+            sampled = repr([tokens for tokens, _ in completions]).encode()
+            digests.append((example, zlib.crc32(sampled)))
         t1 = time.time()
 
         # ---- train: one optimizer step on this batch of fresh samples
@@ -325,8 +336,10 @@ def main():
         synchronize(device)
         t2 = time.time()
 
-        totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64, device=device)
-        if is_dist():  # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
+        totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64,
+                              device=device)
+        # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
+        if is_dist():
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             gathered = [None] * world_size
             dist.all_gather_object(gathered, digests)
@@ -340,10 +353,11 @@ def main():
         print0(f"step {step:05d}/{num_steps:05d} | reward: {mean_reward:.6f} | loss: "
                f"{loss_sum / world_size:+.6f} | length: {mean_length:.1f} | lrm: {lrm:.3f} "
                f"| sample: {t1 - t0:.2f}s | train: {t2 - t1:.2f}s | samples {digest:08x}")
-        metric_log.log({**record, "reward": mean_reward, "loss": loss_sum / world_size, "sequence_length": mean_length,
-                        "lrm": lrm, "time_sample": t1 - t0, "time_train": t2 - t1})
-        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length, "lrm": lrm,
-                       "time/sample": t1 - t0, "time/train": t2 - t1})
+        metric_log.log({**record, "reward": mean_reward, "loss": loss_sum / world_size, "lrm": lrm,
+                        "sequence_length": mean_length, "time_sample": t1 - t0,
+                        "time_train": t2 - t1})
+        wandb_run.log({"step": step, "reward": mean_reward, "sequence_length": mean_length,
+                       "lrm": lrm, "time/sample": t1 - t0, "time/train": t2 - t1})
 
     # -------------------------------------------------------------------------
     steps_run = max(num_steps, 1)
@@ -351,8 +365,8 @@ def main():
            f"{times['train'] / steps_run:.2f}s training")
     first, last, k_max = min(history), max(history), args.num_samples_eval
     get_report().log("Chat RL", [user_config, {
-        "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task, "Steps": num_steps,
-        "Test problems": eval_problems,
+        "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task,
+        "Steps": num_steps, "Test problems": eval_problems,
         **{f"pass@{k} at step {s}": history[s][k] for k in (1, k_max) for s in (first, last)},
         "Sampling time per step (s)": times["sample"] / steps_run,
         "Training time per step (s)": times["train"] / steps_run}])

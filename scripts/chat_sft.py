@@ -2,33 +2,35 @@
 Teach a pretrained model to chat. Mid-training and supervised fine-tuning are two runs of this one
 loop:
 
-    python -m scripts.mid_train                          # base -> mid: the large conversation mixture
-    python -m scripts.chat_sft                           # mid -> sft: the small high-quality mixture
+    python -m scripts.mid_train                     # base -> mid: the large conversation mixture
+    python -m scripts.chat_sft                      # mid -> sft: the small high-quality mixture
     torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft -- --run=sft1
-    python -m scripts.chat_sft --mixture=synthetic       # offline: the embedded synthetic tasks (tasks/synthetic.py)
-    python -m scripts.chat_sft --resume                  # continue from the newest complete checkpoint, exactly
+    python -m scripts.chat_sft --mixture=synthetic  # offline: tasks/synthetic.py
+    python -m scripts.chat_sft --resume             # continue from the newest checkpoint, exactly
 
 What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule)
 and the data mixture (build_mixture). Everything else is shared:
-- Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split across rows):
-  mid-training packs several per row (best fit, largest first, BOS padding, causal attention across them), SFT
-  puts one per row in the mixture's order, padded (--pack flips either). Only the assistant's tokens are trained
-  (--train-user-tokens=1 trains the user's too, as karpathy/nanochat's mid-training did).
-- The loss is the sum over the step's supervised tokens divided by their count across every micro-batch and
-  rank, so each supervised token weighs the same and a micro-batch with no supervised token adds zero, where
-  karpathy/nanochat's per-micro-batch mean turned into NaN.
-- One epoch of the mixture, ending when every conversation of it has been trained once (or --num-iterations
-  steps); the LR schedule is a function of the fraction of the run done (of the epoch trained, or of
-  --num-iterations): constant, then a linear warmdown over the last --warmdown-ratio to 0. Muon weight decay 0.
-- The recipes (STAGES) are karpathy/nanochat's separate mid-training and SFT stages: mid-training steps of
-  524,288 tokens, SFT steps of 32 conversations (its 4 rows x 8 GPUs; ~700 steps for an epoch of its
-  ~23K-conversation mixture), each starting with fresh optimizer momenta.
-- Sequence length and device batch size are inherited from the source checkpoint unless overridden (SFT takes
-  one row per conversation of the step, at most the source's device batch); the start prints every setting with
-  where it came from, the per-group lrs and the epoch's step count. The source model's window pattern is carried
-  into the new checkpoint.
-- Warm start (--load-optimizer=1): the source's optimizer momenta are loaded when it saved one shard per rank of
-  this run; with another number of GPUs the run warns and starts the momenta fresh.
+- Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split
+  across rows): mid-training packs several per row (best fit, largest first, BOS padding, causal
+  attention across them), SFT puts one per row in the mixture's order, padded (--pack flips
+  either). Only the assistant's tokens are trained (--train-user-tokens=1 trains the user's too, as
+  karpathy/nanochat's mid-training did).
+- The loss is the sum over the step's supervised tokens divided by their count across every
+  micro-batch and rank, so each supervised token weighs the same and a micro-batch with no
+  supervised token adds zero, where karpathy/nanochat's per-micro-batch mean turned into NaN.
+- One epoch of the mixture, ending when every conversation of it has been trained once (or
+  --num-iterations steps); the LR schedule is a function of the fraction of the run done (of the
+  epoch trained, or of --num-iterations): constant, then a linear warmdown over the last
+  --warmdown-ratio to 0. Muon weight decay 0.
+- The recipes (STAGES) are karpathy/nanochat's separate mid-training and SFT stages: mid-training
+  steps of 524,288 tokens, SFT steps of 32 conversations (its 4 rows x 8 GPUs; ~700 steps for an
+  epoch of its ~23K-conversation mixture), each starting with fresh optimizer momenta.
+- Sequence length and device batch size are inherited from the source checkpoint unless overridden
+  (SFT takes one row per conversation of the step, at most the source's device batch); the start
+  prints every setting with where it came from, the per-group lrs and the epoch's step count. The
+  source model's window pattern is carried into the new checkpoint.
+- Warm start (--load-optimizer=1): the source's optimizer momenta are loaded when it saved one shard
+  per rank of this run; with another number of GPUs the run warns and starts the momenta fresh.
 - Checkpoints hold the loader positions and the loop state, so --resume continues bit for bit.
 Leaves out: the fp16 GradScaler path and fp8 (bf16 or fp32 only).
 """
@@ -45,14 +47,13 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir, init_wandb, is_dist,
-                             get_peak_flops, decide_compile, compile_for_training, grad_accum_steps_for,
-                             collect_garbage, synchronize)
-from nanochat.checkpoint import (load_model, load_checkpoint, load_optimizer_shard, save_checkpoint, find_model_tag,
-                                 lock_checkpoint_dir, find_resume_step, check_resume_config, check_resume_flags,
-                                 load_optimizer_state, loop_meta, restore_loop, SOURCE_DIRS, SOURCE_SCRIPTS,
-                                 add_checkpoint_flags, check_fresh_start, prune_periodic, handle_stop_signals,
-                                 stop_or_save_due, exit_after_stop)
+from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir,
+                             init_wandb, is_dist, get_peak_flops, decide_compile,
+                             compile_for_training, grad_accum_steps_for, collect_garbage,
+                             synchronize)
+from nanochat.checkpoint import (load_source, load_optimizer_shard, start_or_resume, load_resume,
+                                 TrainingSaves, load_optimizer_state, loop_meta, restore_loop,
+                                 SOURCE_DIRS, SOURCE_SCRIPTS, add_checkpoint_flags)
 from nanochat.dataloader import chat_loader
 from nanochat.engine import Engine
 from nanochat.loss_eval import evaluate_bpb
@@ -75,12 +76,16 @@ from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 # conversations per optimizer step (-1 = full rows, total_batch_size tokens, as mid-training). pack:
 # 1 = several conversations per row (mid-training's packer), 0 = one per row, padded (SFT).
 RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
+# the flags whose defaults the stage's recipe sets
+RECIPE_FLAGS = (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step",
+                "pack")
 STAGES = {
-    "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2, momentum_ramp=300,
-                examples_per_step=-1, total_batch_size=524288, pack=1, title="Midtraining",
-                wandb_project="nanochat-mid"),
-    "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0, momentum_ramp=0,
-                examples_per_step=32, total_batch_size=524288, pack=0, title="Chat SFT", wandb_project="nanochat-sft"),
+    "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2,
+                momentum_ramp=300, examples_per_step=-1, total_batch_size=524288, pack=1,
+                title="Midtraining", wandb_project="nanochat-mid"),
+    "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0,
+                momentum_ramp=0, examples_per_step=32, total_batch_size=524288, pack=0,
+                title="Chat SFT", wandb_project="nanochat-sft"),
 }
 
 def identity_task():
@@ -98,23 +103,26 @@ def build_mixture(stage, mixture):
     if mixture == "synthetic":
         size = 4000 if stage == "mid" else 1000
         seed = 0 if stage == "mid" else 1  # SFT sees fresh problems of the same skills
-        train = TaskMixture([SyntheticIdentity(split="train", size=size // 2, seed=seed),
-                             SyntheticMath(split="train", size=size, seed=seed),
-                             SyntheticSpelling(split="train", size=size, seed=seed),
-                             SyntheticMC(split="train", size=size, seed=seed)])
-        val = TaskMixture([cls(split="test", size=100, seed=2) for cls in (SyntheticMath, SyntheticSpelling,
-                                                                           SyntheticMC)])
+        train = TaskMixture([SyntheticIdentity(split="train", size=size // 2, seed=seed)] +
+                            [cls(split="train", size=size, seed=seed)
+                             for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
+        val = TaskMixture([cls(split="test", size=100, seed=2)
+                           for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
         return train, val, ["SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC"]
     if stage == "mid":
         train = TaskMixture([SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
                              GSM8K(subset="main", split="train"), identity_task(), identity_task(),
-                             SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train")])
+                             SimpleSpelling(size=200_000, split="train"),
+                             SpellingBee(size=80_000, split="train")])
         val = TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
                            GSM8K(subset="main", split="test", stop=420)])
     else:
-        train = TaskMixture([ARC(subset="ARC-Easy", split="train"), ARC(subset="ARC-Challenge", split="train"),
-                             GSM8K(subset="main", split="train"), SmolTalk(split="train", stop=10_000), identity_task(),
-                             SimpleSpelling(size=300, split="train"), SpellingBee(size=300, split="train")])
+        train = TaskMixture([ARC(subset="ARC-Easy", split="train"),
+                             ARC(subset="ARC-Challenge", split="train"),
+                             GSM8K(subset="main", split="train"),
+                             SmolTalk(split="train", stop=10_000), identity_task(),
+                             SimpleSpelling(size=300, split="train"),
+                             SpellingBee(size=300, split="train")])
         val = SmolTalk(split="test")
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
 
@@ -122,7 +130,8 @@ def mean_rendered_length(task, tokenizer, T, sample=1000):
     """Mean tokens per conversation as the packer renders them
     (cropped to T+1), over `sample` evenly spaced ones."""
     indices = range(0, len(task), max(1, len(task) // sample))
-    return sum(len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in indices) / len(indices)
+    lengths = [len(tokenizer.render_conversation(task[i], max_tokens=T + 1)[0]) for i in indices]
+    return sum(lengths) / len(indices)
 
 def count_supervised(micro_batch_targets):
     """Supervised tokens (target >= 0) in this step's
@@ -144,55 +153,57 @@ def token_weighted_loss(model, inputs, targets, num_supervised):
 
 def main(stage):
     defaults = STAGES[stage]
-    parser = argparse.ArgumentParser(description=f"{defaults['title']}: {defaults['source']} -> {defaults['output']}")
+    parser = argparse.ArgumentParser(
+        description=f"{defaults['title']}: {defaults['source']} -> {defaults['output']}")
     add = parser.add_argument
-    add("--run", type=str, default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", type=str, default="", help="cuda|cpu|mps ('' = autodetect)")
-    add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto (CUDA, and CPU with a "
-        "working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-    add("--source", type=str, default=defaults["source"], choices=["base", "mid", "sft"], help="checkpoint to start at")
-    add("--model-tag", type=str, default=None, help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, default=None, help="source checkpoint step (default: the newest)")
-    add("--mixture", type=str, default="real", choices=["real", "synthetic"],
-        help="real = SmolTalk/MMLU/ARC/GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
-    add("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = one epoch of the mixture)")
-    add("--max-seq-len", type=int, default=None, help="row length T (default: the source's)")
-    add("--device-batch-size", type=int, default=None, help="rows per forward/backward (default: the source's; "
+    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
+        "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
+    add("--source", choices=["base", "mid", "sft"], help="checkpoint to start at")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    add("--mixture", default="real", choices=["real", "synthetic"], help="real = SmolTalk/MMLU/ARC/"
+        "GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
+    add("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
+    add("--max-seq-len", type=int, help="row length T (default: the source's)")
+    add("--device-batch-size", type=int, help="rows per forward/backward (default: the source's; "
         "SFT: enough rows for its conversations, at most the source's)")
-    add("--total-batch-size", type=int, default=None, help=f"tokens per optimizer step (default: "
-        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its conversations need)")
-    add("--examples-per-step", type=int, default=defaults["examples_per_step"],
-        help="conversations per optimizer step, shared over GPUs and micro-steps (-1 = fill every row)")
-    add("--embedding-lr", type=float, default=defaults["embedding_lr"], help="AdamW lr of wte (x width scaling)")
-    add("--unembedding-lr", type=float, default=defaults["unembedding_lr"], help="AdamW lr of lm_head (x width scale)")
-    add("--matrix-lr", type=float, default=defaults["matrix_lr"], help="Muon lr")
-    add("--init-lr-frac", type=float, default=defaults["init_lr_frac"], help="multiplies every learning rate")
-    add("--warmdown-ratio", type=float, default=defaults["warmdown_ratio"],
-        help="final fraction of the epoch with linear LR decay to 0")
-    add("--momentum-ramp", type=int, default=defaults["momentum_ramp"],
+    add("--total-batch-size", type=int, help=f"tokens per optimizer step (default: "
+        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its "
+        f"conversations need)")
+    add("--examples-per-step", type=int, help="conversations per optimizer step, shared over GPUs "
+        "and micro-steps (-1 = fill every row)")
+    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
+    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scale)")
+    add("--matrix-lr", type=float, help="Muon lr")
+    add("--init-lr-frac", type=float, help="multiplies every learning rate")
+    add("--warmdown-ratio", type=float, help="last fraction of the epoch: linear LR decay to 0")
+    add("--momentum-ramp", type=int,
         help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
-    add("--load-optimizer", type=int, default=0, choices=[0, 1],
-        help="1 = warm-start the optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
-    add("--pack", type=int, default=defaults["pack"], choices=[0, 1],
-        help="1 = pack conversations into rows (best fit, largest first); 0 = one per row, padded, in order")
-    add("--train-user-tokens", type=int, default=0, help="1 = train user tokens too (karpathy/nanochat's mid did)")
-    add("--eval-every", type=int, default=150, help="val bpb every N steps, and at the start and end (-1 = never)")
+    add("--pack", type=int, choices=[0, 1], help="1 = pack conversations into rows (best fit, "
+        "largest first); 0 = one per row, padded, in order")
+    parser.set_defaults(source=defaults["source"], **{k: defaults[k] for k in RECIPE_FLAGS})
+    add("--load-optimizer", type=int, default=0, choices=[0, 1], help="1 = warm-start the "
+        "optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
+    add("--train-user-tokens", type=int, default=0,
+        help="1 = train user tokens too (karpathy/nanochat's mid did)")
+    add("--eval-every", type=int, default=150, help="val bpb every N steps, at start and end (-1 = "
+        "never)")
     add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
-    add("--chat-eval-every", type=int, default=-1,
-        help="chat task accuracies every N steps and at the end (-1 = only at the end, 0 = never)")
-    add("--chat-eval-max-problems", type=int, default=200, help="problems per task for those accuracies")
-    add("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
-    add("--resume", action="store_true", help="resume from the newest complete checkpoint of this stage")
-    add("--resume-override", action="store_true",
-        help="resume even though LR/schedule flags differ from the checkpoint's, with the new values")
-    add_checkpoint_flags(parser)  # --overwrite, --save-every-minutes, --keep-periodic
+    add("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and "
+        "at the end (-1 = only at the end, 0 = never)")
+    add("--chat-eval-max-problems", type=int, default=200, help="problems per task for those")
+    # --resume, --resume-override, --overwrite, --save-every, --save-every-minutes, --keep-periodic
+    add_checkpoint_flags(parser)
     args = parser.parse_args()
     user_config = vars(args).copy()
-    inherited = {f"--{k.replace('_', '-')}": getattr(args, k) for k in ("max_seq_len", "device_batch_size",
-                                                                         "total_batch_size")}
+    inherited = {f"--{k.replace('_', '-')}": getattr(args, k)
+                 for k in ("max_seq_len", "device_batch_size", "total_batch_size")}
     check_flags([(flag, v, v is None or v >= 1, ">= 1, or left out to inherit the source's")
                  for flag, v in inherited.items()]
-                + [("--num-iterations", args.num_iterations, args.num_iterations >= 1 or args.num_iterations == -1,
+                + [("--num-iterations", args.num_iterations,
+                    args.num_iterations >= 1 or args.num_iterations == -1,
                     ">= 1, or -1 for one epoch of the mixture")])
 
     # -------------------------------------------------------------------------
@@ -200,15 +211,11 @@ def main(stage):
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    model_tag = args.model_tag or (find_model_tag(source_dir) if os.path.isdir(source_dir) else None)
-    model, tokenizer, source_meta = load_model(args.source, device, phase="train", model_tag=model_tag,
-                                               step=args.model_step)
+    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device,
+                                                                       defaults["output"])
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[defaults["output"]], model_tag)
-    lock_checkpoint_dir(output_dir, model_tag)  # a second run on output_dir fails here (before any data), naming us
     source_step = source_meta["step"]
-    pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's flags
+    pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's
     source_name = f"{args.source} checkpoint"
     settings = {}  # name -> (value, where it came from), printed below
 
@@ -216,14 +223,17 @@ def main(stage):
         settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
         return settings[name][0]
 
-    for name in (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step", "pack"):
-        settings[name] = (getattr(args, name), "flag" if getattr(args, name) != defaults[name] else f"{stage} recipe")
+    for name in RECIPE_FLAGS:
+        value = getattr(args, name)
+        settings[name] = (value, "flag" if value != defaults[name] else f"{stage} recipe")
     T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
     if T > model.config.sequence_len:
-        raise ValueError(f"--max-seq-len={T} exceeds the model's context {model.config.sequence_len}")
+        raise ValueError(f"--max-seq-len={T} exceeds the model's context "
+                         f"{model.config.sequence_len}")
 
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
-    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks if args.chat_eval_every != 0}  # loaded once
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks  # loaded once
+                  if args.chat_eval_every != 0}
     mean_len = mean_rendered_length(train_task, tokenizer, T)
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations "
            f"({mean_len:.0f} tokens on average), {len(val_task):,} validation")
@@ -242,29 +252,32 @@ def main(stage):
                                    micro_steps * device_batch_size * T * world_size,
                                    f"{micro_steps} micro-batch(es) per GPU for {rows} rows")
     else:
-        device_batch_size = setting("device_batch_size", args.device_batch_size, source_meta["device_batch_size"],
-                                    source_name)
-        total_batch_size = setting("total_batch_size", args.total_batch_size, defaults["total_batch_size"],
-                                   f"{stage} recipe")
+        device_batch_size = setting("device_batch_size", args.device_batch_size,
+                                    source_meta["device_batch_size"], source_name)
+        total_batch_size = setting("total_batch_size", args.total_batch_size,
+                                   defaults["total_batch_size"], f"{stage} recipe")
     grad_accum_steps = grad_accum_steps_for(total_batch_size, device_batch_size, T, world_size)
     tokens_per_fwdbwd = device_batch_size * T * world_size
     num_streams = world_size * grad_accum_steps
     if 0 < args.examples_per_step < num_streams:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer "
-                         f"than the {num_streams} data streams (GPUs x "
-                         f"accumulation steps), so some would train nothing: raise "
-                         f"it or use fewer GPUs / a larger --device-batch-size")
-    if not args.pack and math.ceil(args.examples_per_step / num_streams) > device_batch_size:
-        rows_per_gpu = math.ceil(args.examples_per_step / (device_batch_size * world_size)) * device_batch_size
-        needed = rows_per_gpu * T * world_size
-        raise ValueError(f"--examples-per-step={args.examples_per_step}, one conversation "
-                         f"per row, needs {math.ceil(args.examples_per_step / num_streams)} "
-                         f"rows per micro-batch, which has {device_batch_size}: raise "
-                         f"--total-batch-size to {needed} or pass --pack=1")
-    # stream s (of rank s // accumulation steps) places its share of the step's conversations; the
-    # first take the rest
-    stream_cap = lambda s: (None if args.examples_per_step <= 0 else
-                            args.examples_per_step // num_streams + (s < args.examples_per_step % num_streams))
+        raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the "
+                         f"{num_streams} data streams (GPUs x accumulation steps), so some would "
+                         f"train nothing: raise it or use fewer GPUs / a larger "
+                         f"--device-batch-size")
+    per_stream = math.ceil(args.examples_per_step / num_streams)
+    if not args.pack and per_stream > device_batch_size:
+        rows_per_gpu = math.ceil(args.examples_per_step / (device_batch_size * world_size))
+        raise ValueError(f"--examples-per-step={args.examples_per_step}, one conversation per row, "
+                         f"needs {per_stream} rows per micro-batch, which has {device_batch_size}: "
+                         f"raise --total-batch-size to "
+                         f"{rows_per_gpu * device_batch_size * T * world_size} or pass --pack=1")
+
+    def stream_cap(s):
+        """Stream s (of rank s // accumulation steps) places its share of the step's
+        conversations; the first take the rest."""
+        quotient, remainder = divmod(args.examples_per_step, num_streams)
+        return quotient + (s < remainder) if args.examples_per_step > 0 else None
+
     if args.num_iterations > 0:
         steps_line = f"{args.num_iterations} steps (--num-iterations)"
     elif args.examples_per_step > 0:
@@ -274,54 +287,56 @@ def main(stage):
         steps_line = (f"one epoch ~ {math.ceil(len(train_task) * mean_len / total_batch_size):,} "
                       f"steps at full rows (more as padding takes its share; the run ends when "
                       f"every conversation is trained)")
-    lrs = {k: getattr(args, k) for k in RECIPE_LRS}
     print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> "
            f"{SOURCE_DIRS[defaults['output']]} | T {T} | batch {total_batch_size:,} tokens = "
            f"{device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | {steps_line}")
     print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
-    derived = {"source": args.source, "source_step": source_step, "model_config": source_meta["model_config"],
-               "max_seq_len": T, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
-               "world_size": world_size, "mixture": args.mixture, "num_iterations": args.num_iterations,
+    derived = {"source": args.source, "source_step": source_step, "max_seq_len": T,
+               "model_config": source_meta["model_config"], "device_batch_size": device_batch_size,
+               "total_batch_size": total_batch_size, "world_size": world_size,
+               "mixture": args.mixture, "num_iterations": args.num_iterations,
                "examples_per_step": args.examples_per_step, "pack": args.pack}
-    # never replace another run's checkpoints silently; after the flag checks, so a bad flag gets its own error
-    check_fresh_start(output_dir, args.resume, args.overwrite)
-    resume_step = find_resume_step(output_dir, f"from the {args.source} model") if args.resume else None
+    # never replace another run's checkpoints silently; after the flag checks, so a bad flag gets
+    # its own error
+    resume_step = start_or_resume(output_dir, args.resume, args.overwrite,
+                                  f"from the {args.source} model")
 
-    optimizer = model.setup_optimizer(weight_decay=0.0, lr_frac=args.init_lr_frac, **lrs)
+    optimizer = model.setup_optimizer(weight_decay=0.0, lr_frac=args.init_lr_frac,
+                                      **{k: getattr(args, k) for k in RECIPE_LRS})
     initial_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
-    print0("initial lrs: " + " | ".join(f"{g['name']} {g['initial_lr']:.6g}" for g in optimizer.param_groups))
-    step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = 0, 0.0, None, float("inf"), 0.0, 0.0
+    print0("initial lrs: " + " | ".join(f"{name} {lr:.6g}" for name, lr in initial_lrs.items()))
+    step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = (0, 0.0, None, float("inf"),
+                                                                      0.0, 0.0)
     stream_states = [None] * grad_accum_steps
+    shards = source_meta.get("optim_shards", 0)
     if resume_step is not None:
-        model_state, optim_state, meta = load_checkpoint(output_dir, resume_step, device, load_optimizer=True,
-                                                         rank=rank)
-        check_resume_config(meta, derived, output_dir, resume_step)
-        check_resume_flags(meta["user_config"], user_config, [*RECIPE_LRS, "init_lr_frac", "warmdown_ratio",
-                           "momentum_ramp", "train_user_tokens"], args.resume_override)
+        trajectory = [*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp",
+                      "train_user_tokens"]
+        model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,
+                                                     user_config, trajectory, args.resume_override)
         model.load_state_dict(model_state, strict=True)
-        load_optimizer_state(optimizer, optim_state)  # the momenta; this run's LRs (checked above) rule
+        load_optimizer_state(optimizer, optim_state)  # the momenta; this run's LRs (checked) rule
         stream_states, loop = restore_loop(meta, rank, grad_accum_steps)
         step, val_bpb = resume_step, meta["val_bpb"]
-        progress, min_val_bpb, smooth_loss, total_time = (loop[k] for k in
-                                                          ("progress", "min_val_bpb", "smooth_loss", "total_time"))
+        progress, min_val_bpb, smooth_loss, total_time = (
+            loop[k] for k in ("progress", "min_val_bpb", "smooth_loss", "total_time"))
         print0(f"resuming from {output_dir} step {resume_step}")
-    elif args.load_optimizer and source_meta.get("optim_shards", 0) == 0:
-        raise ValueError(f"--load-optimizer=1 needs the source's optimizer "
-                         f"state, but {args.source} {model_tag} step "
-                         f"{source_step} saved none: pass --load-optimizer=0")
-    elif args.load_optimizer and source_meta["optim_shards"] != world_size:
-        # the state is sharded per rank (each rank owns a slice of every matrix group), so it cannot
-        # be re-cut here
-        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step "
-               f"{source_step} saved optimizer shards for {source_meta['optim_shards']} "
-               f"rank(s) and this run has {world_size}: the momenta start fresh (run "
-               f"with {source_meta['optim_shards']} GPUs to warm-start them)")
+    elif args.load_optimizer and shards == 0:
+        raise ValueError(f"--load-optimizer=1 needs the source's optimizer state, but "
+                         f"{args.source} {model_tag} step {source_step} saved none: pass "
+                         f"--load-optimizer=0")
+    elif args.load_optimizer and shards != world_size:
+        # the state is sharded per rank (each rank owns a slice of every matrix group), so it
+        # cannot be re-cut here
+        print0(f"WARNING: --load-optimizer=1 but {args.source} {model_tag} step {source_step} "
+               f"saved optimizer shards for {shards} rank(s) and this run has {world_size}: the "
+               f"momenta start fresh (run with {shards} GPUs to warm-start them)")
     elif args.load_optimizer:
         # Warm start: the momenta of the source run help a little
         # (https://github.com/karpathy/nanochat/blob/master/dev/LOG.md, Feb 16); the fresh LRs stay.
-        load_optimizer_state(optimizer, load_optimizer_shard(os.path.join(source_dir, model_tag), source_step, device,
-                                                             rank=rank))
+        source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source], model_tag)
+        load_optimizer_state(optimizer, load_optimizer_shard(source_dir, source_step, device, rank))
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"]
             if group["kind"] == "muon":
@@ -336,20 +351,22 @@ def main(stage):
     # Data: one stream per (rank, micro-step), like base_train, so the data depends on the total
     # batch only
 
-    packing = dict(pack=bool(args.pack), buffer_size=100 if args.pack else 1)  # unpacked: in the mixture's order
-    train_loaders = [chat_loader(train_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
-                                 world_size=num_streams, device=device, state=stream_states[a],
-                                 train_all_tokens=bool(args.train_user_tokens),
-                                 num_epochs=1 if args.num_iterations <= 0 else None,
-                                 max_per_batch=stream_cap(rank * grad_accum_steps + a), **packing)
+    def stream_loader(task, a, **kwargs):
+        s = rank * grad_accum_steps + a
+        return chat_loader(task, tokenizer, device_batch_size, T, s, num_streams, device,
+                           pack=bool(args.pack), buffer_size=100 if args.pack else 1, **kwargs)
+    # unpacked: in the mixture's order
+    train_loaders = [stream_loader(train_task, a, state=stream_states[a],
+                                   train_all_tokens=bool(args.train_user_tokens),
+                                   num_epochs=1 if args.num_iterations <= 0 else None,
+                                   max_per_batch=stream_cap(rank * grad_accum_steps + a))
                      for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
 
     def val_batches():
-        loaders = [chat_loader(val_task, tokenizer, device_batch_size, T, rank=rank * grad_accum_steps + a,
-                               world_size=num_streams, device=device, **packing) for a in range(grad_accum_steps)]
+        loaders = [stream_loader(val_task, a) for a in range(grad_accum_steps)]
         for i in itertools.count():
             inputs, targets, _ = next(loaders[i % grad_accum_steps])
             yield inputs, targets
@@ -367,7 +384,9 @@ def main(stage):
         return p.item()
 
     def get_lr_multiplier(progress):
-        return max(0.0, min(1.0, (1.0 - progress) / args.warmdown_ratio)) if args.warmdown_ratio > 0 else 1.0
+        if args.warmdown_ratio <= 0:
+            return 1.0
+        return max(0.0, min(1.0, (1.0 - progress) / args.warmdown_ratio))
 
     def get_muon_momentum(it):
         frac = min(it / args.momentum_ramp, 1.0) if args.momentum_ramp > 0 else 1.0
@@ -379,18 +398,17 @@ def main(stage):
     flops_per_token = orig_model.estimate_flops()
     start_step = step
     metrics = {}
-    metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl, one line per step
-    handle_stop_signals()  # SIGTERM/SIGINT: stop after the current step, with a checkpoint
-    stop_signal, periodic_due, last_save_time = 0, False, time.time()
+    metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl
+    saves = TrainingSaves(output_dir, SOURCE_SCRIPTS[stage], args, start_step)
 
     # -------------------------------------------------------------------------
     # Training loop
 
     while True:
-        last_step = (step >= args.num_iterations) if args.num_iterations > 0 else (progress >= 1.0)
+        last_step = step >= args.num_iterations if args.num_iterations > 0 else progress >= 1.0
         record = {"step": step, "flops": flops_per_token * total_batch_size * step}
 
-        stopping = stop_signal and not last_step  # evaluations due now are skipped: the resumed run does them
+        stopping = saves.stopping(last_step)  # skip the evaluations due: the resumed run does them
         if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
             model.eval()
             val_bpb = evaluate_bpb(model, val_batches(), eval_steps, token_bytes)
@@ -408,24 +426,19 @@ def main(stage):
                        for name, task in eval_tasks.items()}
             orig_model.train()
             # centered mean over the tracked tasks only: the full ChatCORE is chat_eval's
-            metrics["ChatCORE-synthetic" if args.mixture == "synthetic" else "ChatCORE-tracked"] = chatcore(metrics)
+            tracked = "synthetic" if args.mixture == "synthetic" else "tracked"
+            metrics[f"ChatCORE-{tracked}"] = chatcore(metrics)
             record.update(metrics)
             print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
             wandb_run.log({"step": step, **{f"chat/{k}": v for k, v in metrics.items()}})
 
-        kept_save = last_step or (args.save_every > 0 and step % args.save_every == 0)
-        if step > start_step and (kept_save or periodic_due or stopping):
-            meta = {**derived, "step": step, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
-                    "pretrain_config": pretrain_config, "model_tag": model_tag, "initial_lrs": initial_lrs,
-                    "tokenizer_fingerprint": tokenizer.fingerprint(), "periodic": not kept_save,
-                    **loop_meta(stream_states, progress=progress, smooth_loss=smooth_loss, min_val_bpb=min_val_bpb,
-                                total_time=total_time)}
-            save_checkpoint(output_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank=rank)
-            print0(f"saved checkpoint {output_dir} step {step}")
-            prune_periodic(output_dir, args.keep_periodic)
-            last_save_time = time.time()
-        if stopping:
-            exit_after_stop(stop_signal, SOURCE_SCRIPTS[stage], output_dir, step)
+        if saves.due(step, last_step):
+            saves.save(step, orig_model, optimizer, {
+                **derived, "val_bpb": val_bpb, "metrics": metrics, "user_config": user_config,
+                "pretrain_config": pretrain_config, "model_tag": model_tag,
+                "initial_lrs": initial_lrs, "tokenizer_fingerprint": tokenizer.fingerprint(),
+                **loop_meta(stream_states, progress=progress, smooth_loss=smooth_loss,
+                            min_val_bpb=min_val_bpb, total_time=total_time)})
 
         if last_step:
             metric_log.log(record)
@@ -439,7 +452,7 @@ def main(stage):
             inputs, targets, state = batches[a]
             loss = token_weighted_loss(model, inputs, targets, num_supervised)
             loss_sum += loss.detach()
-            (loss * world_size).backward()  # the optimizer averages gradients over ranks; undo that mean
+            (loss * world_size).backward()  # the optimizer averages gradients over ranks: undo it
             stream_states[a] = state
             batches[a] = next(train_loaders[a])
         progress = epoch_progress()
@@ -460,30 +473,34 @@ def main(stage):
         step += 1
         if step > start_step + 1:
             total_time += dt
-        if num_supervised.item() > 0:  # a step with nothing to learn has no loss to average in
+        supervised = int(num_supervised.item())
+        if supervised > 0:  # a step with nothing to learn has no loss to average in
             smooth_loss = 0.9 * smooth_loss + 0.1 * train_loss
+            record["loss"] = train_loss
         debiased = smooth_loss / (1 - 0.9 ** step)
         tok_per_sec = total_batch_size / dt
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
         print0(f"step {step:05d} ({100 * min(progress, 1.0):.1f}% of epoch) | loss: {debiased:.6f} "
-               f"| lrm: {lrm:.3f} | supervised tokens: {int(num_supervised.item()):,} | dt: "
+               f"| lrm: {lrm:.3f} | supervised tokens: {supervised:,} | dt: "
                f"{dt * 1000:.0f}ms | tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f}")
-        if num_supervised.item() > 0:
-            record["loss"] = train_loss
-        metric_log.log({**record, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu,
-                        "progress": progress, "supervised_tokens": int(num_supervised.item()), "time": total_time})
+        metric_log.log({**record, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "mfu": mfu,
+                        "tok_per_sec": tok_per_sec, "progress": progress,
+                        "supervised_tokens": supervised, "time": total_time})
         if step % 10 == 0:
-            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt, "train/mfu": mfu})
+            wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
+                           "train/mfu": mfu})
         if step == start_step + 1 and use_compile:
-            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the compiled graph")
+            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the "
+                   f"graph")
         collect_garbage(step, start_step)
-        stop_signal, periodic_due = stop_or_save_due(last_save_time, args.save_every_minutes)
+        saves.poll()
 
     # -------------------------------------------------------------------------
     print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")
     get_report().log(defaults["title"], [user_config, {
-        "Source": f"{args.source} {model_tag} step {source_step}", "Training conversations": len(train_task),
-        "Iterations": step, "Tokens per step": total_batch_size,
+        "Source": f"{args.source} {model_tag} step {source_step}",
+        "Training conversations": len(train_task), "Iterations": step,
+        "Tokens per step": total_batch_size,
         "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
         "Min val bpb": min_val_bpb, "Training time (min)": total_time / 60}, metrics])
     wandb_run.finish()

@@ -20,6 +20,7 @@ import sys
 import pytest
 import torch
 
+import nanochat.checkpoint
 from nanochat.gpt import GPT, config_for_depth
 from conftest import NumberedTask, by_group, make_pretraining_dir
 
@@ -75,7 +76,8 @@ def stop_after_optimizer(monkeypatch, module=None, next_call=None):
     return built
 
 def meta_model_source(monkeypatch, module, depth, tokenizer):
-    """module.load_model hands back a depth-`depth` model on the meta device with a source meta of SHAPES[depth]."""
+    """load_model (which module's load_source calls) hands back a depth-`depth` model on the meta device with a
+    source meta of SHAPES[depth]."""
     shape = SHAPES[depth]
     config = config_for_depth(depth, head_dim=shape["head_dim"], sequence_len=shape["max_seq_len"],
                               vocab_size=tokenizer.get_vocab_size(), window_pattern="L")
@@ -83,7 +85,7 @@ def meta_model_source(monkeypatch, module, depth, tokenizer):
         model = GPT(config)
     meta = {"step": 1, "model_config": dict(config.__dict__), "user_config": {"depth": depth},
             **{k: v for k, v in shape.items() if k != "head_dim"}}
-    monkeypatch.setattr(module, "load_model", lambda *args, **kwargs: (model, tokenizer, meta))
+    monkeypatch.setattr(nanochat.checkpoint, "load_model", lambda *args, **kwargs: (model, tokenizer, meta))
 
 @pytest.mark.parametrize("depth", [4, 12])
 def test_base_train_lrs(depth, tmp_path, monkeypatch, tiny_tokenizer):
