@@ -70,12 +70,6 @@ _PEAK_BANDWIDTH = [
     ("l40s", 0.864e12), ("l4", 0.3e12), ("5090", 1.79e12), ("4090", 1.01e12), ("3090", 0.936e12),
 ]
 
-def get_peak_bandwidth(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((bw for key, bw in _PEAK_BANDWIDTH if key in name), None)
-
 def timed(fn, *fn_args):
     """-> (fn(*fn_args), seconds), the device synchronized before and after."""
     synchronize(device)
@@ -109,14 +103,14 @@ if bad or (len(dtypes) > 1 and "" in dtypes):
                  f"or leave it out for the default")
 
 read_bandwidth = measure_read_bandwidth()
-peak_bw = get_peak_bandwidth(device)
+gpu_name = torch.cuda.get_device_name(device) if on_cuda else ""  # "" matches no datasheet entry
+peak_bw = next((bw for key, bw in _PEAK_BANDWIDTH if key in gpu_name.lower()), None)
 bandwidth_source = "datasheet" if peak_bw else "measured: torch sum over 256 MB, best of 5"
 peak_bw = peak_bw or read_bandwidth
 peak_flops = get_peak_flops(device)
 peak_flops = None if math.isinf(peak_flops) else peak_flops
-print(f"device: {torch.cuda.get_device_name(device) if on_cuda else device} "
-      f"| read bandwidth {read_bandwidth / 1e9:.1f} GB/s measured | MBU "
-      f"against {peak_bw / 1e9:.1f} GB/s ({bandwidth_source})")
+print(f"device: {gpu_name or device} | read bandwidth {read_bandwidth / 1e9:.1f} GB/s measured | "
+      f"MBU against {peak_bw / 1e9:.1f} GB/s ({bandwidth_source})")
 
 def fresh_model():
     """-> (model, name): the same weights for every dtype (seed 0 for --depth)."""
@@ -257,9 +251,9 @@ for r in runs:
     p = r["prefill"]
     print(f"  {r['card']['model']} {r['dtype']:>8}: {p['prompt_tokens']} tokens, TTFT "
           f"{p['ttft_s'] * 1e3:.1f} ms | {p['tok_per_s']:,.0f} tok/s | MFU {fmt(p['mfu'], '.1%')}")
-print(f"decode ({decode_tokens} timed steps after {WARMUP_STEPS} "
-      f"warm-up, context {runs[0]['prefill']['prompt_tokens']}+; "
-      f"MBU against {peak_bw / 1e9:.1f} GB/s, {bandwidth_source}):")
+print(f"decode ({decode_tokens} timed steps after {WARMUP_STEPS} warm-up, context "
+      f"{runs[0]['prefill']['prompt_tokens']}+; MBU against {peak_bw / 1e9:.1f} GB/s, "
+      f"{bandwidth_source}):")
 print(f"{'model':>14} {'dtype':>8} {'batch':>6} {'TTFT ms':>9} {'TPOT ms':>9} "
       f"{'tok/s':>10} {'GB/s':>8} {'MBU':>7} {'MFU':>7} {'peak VRAM GB':>13}")
 for r in decode_rows:
