@@ -110,14 +110,6 @@ class Linear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE, dtype=COMPUTE_DTYPE):
-    """cos/sin of shape (1, seq_len, 1, head_dim/2), in the activation dtype, broadcasting over
-    (B, T, H, D/2)."""
-    channels = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
-    inv_freq = 1.0 / (base ** (channels / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
-
 def apply_rotary(x, cos, sin):
     # non-interleaved halves: channel j pairs with channel j + D/2
     d = x.size(-1) // 2
@@ -258,9 +250,13 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     def set_rotary(self, n):
-        """Rotary tables for positions 0..n-1, computed afresh in the compute dtype."""
-        self.cos, self.sin = rotary_tables(n, self.head_dim, self.get_device(),
-                                           dtype=self.compute_dtype)
+        """Rotary cos/sin for positions 0..n-1, shaped (1, n, 1, head_dim/2) to broadcast over
+        (B, T, H, D/2): computed afresh in fp32, held in the compute dtype."""
+        f32 = dict(dtype=torch.float32, device=self.get_device())
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, self.head_dim, 2, **f32) / self.head_dim))
+        freqs = torch.outer(torch.arange(n, **f32), inv_freq)
+        self.cos = freqs.cos().to(self.compute_dtype)[None, :, None, :]
+        self.sin = freqs.sin().to(self.compute_dtype)[None, :, None, :]
 
     def ensure_rotary_positions(self, num_positions):
         """
