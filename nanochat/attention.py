@@ -15,6 +15,7 @@ kernel for full causal; SDPA on CPU/MPS. attention_reference is an explicit mask
 tests hold the others to. ATTN_IMPL forces one (tests, debugging).
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -25,14 +26,12 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from nanochat.common import COMPUTE_DTYPE, print0
 
-ATTN_IMPL = None  # None = pick per device; "fa3" | "flex" | "sdpa" | "reference" forces one (tests, debugging)
+ATTN_IMPL = None  # None = pick per device; "fa3" | "flex" | "sdpa" | "reference" forces one
 FLEX_BLOCK = 128
-_fa3_module = None
-_fa3_checked = False
 
 def visible_mask(Tq, Tk, window, device):
     """(Tq, Tk) boolean: causal within a left window, queries aligned to the end of the keys."""
-    dist = torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)[None, :]
+    dist = torch.arange(Tk - Tq, Tk, device=device)[:, None] - torch.arange(Tk, device=device)
     return (dist >= 0) & (dist <= window)
 
 def attention_reference(q, k, v, window):
@@ -45,8 +44,8 @@ def attention_reference(q, k, v, window):
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 def attention_sdpa(q, k, v, window):
-    """torch SDPA: is_causal for plain causal, sliced keys
-    for one-token decode, else an explicit (Tq, Tk) mask."""
+    """torch SDPA: is_causal for plain causal, sliced keys for one-token decode, else an explicit
+    (Tq, Tk) mask."""
     Tq, Tk = q.size(1), k.size(1)
     gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -59,17 +58,17 @@ def attention_sdpa(q, k, v, window):
     elif Tq == Tk and window >= Tk - 1:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left, so build
-        # the mask
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible_mask(Tq, Tk, window, q.device), enable_gqa=gqa)
+        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left
+        mask = visible_mask(Tq, Tk, window, q.device)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
 
 def attention_one_query(q, k, v, mask=None):
     """
-    Decoding on CPU: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask None or broadcasting to (B, 1, 1,
-    Tk) -> (B, H, 1, D). Two matmuls and an fp32 softmax: SDPA's CPU flash kernel tiles for many
-    queries and costs ~4x as much for one (d20 shapes, 64-1,024 keys; docs/perf.md, "Decode").
-    The query heads that share a kv head are stacked as rows, so GQA needs no copies of k and v.
+    Decoding on CPU: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask None or broadcasting to
+    (B, 1, 1, Tk) -> (B, H, 1, D). Two matmuls and an fp32 softmax: SDPA's CPU flash kernel tiles
+    for many queries and costs ~4x as much for one (docs/perf.md, "Decode"). The query heads that
+    share a kv head are stacked as rows, so GQA needs no copies of k and v.
     """
     B, H, _, D = q.shape
     Hkv = k.size(1)
@@ -99,19 +98,18 @@ def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
 
-    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod,
-                                    seq_lengths=(T, T))
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block,
+                                    mask_mod=mask_mod, seq_lengths=(T, T))
 
 def attention_flex(q, k, v, window):
     """
     CUDA path without FA3. Inside a torch.compile trace (the compiled training model) sliding
-    windows run as
-    FlexAttention: the plain flex_attention call becomes part of the model's graph, which compiles
-    it into one block-sparse kernel. Everything else goes to SDPA: full causal (flash kernel),
-    decode and cache chunks (Tq < Tk: small masks), and any uncompiled call, sliding windows
-    included, with an explicit (T, T) mask. Uncompiled flex would materialize the B x H x T x T
-    scores, and a standalone torch.compile(flex_attention) with static shapes recompiles for every
-    new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
+    windows run as FlexAttention: the plain flex_attention call becomes part of the model's graph,
+    which compiles it into one block-sparse kernel. Everything else goes to SDPA: full causal (flash
+    kernel), decode and cache chunks (Tq < Tk: small masks), and any uncompiled call, sliding
+    windows included, with an explicit (T, T) mask. Uncompiled flex would materialize the
+    B x H x T x T scores, and a standalone torch.compile(flex_attention) with static shapes
+    recompiles for every new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
     """
     Tq, Tk = q.size(1), k.size(1)
     if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
@@ -121,38 +119,37 @@ def attention_flex(q, k, v, window):
     y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
 
+@functools.cache
 def load_fa3():
-    """FA3 kernel module from the `kernels` package (Hopper
-    build first), or None when not installed / not bf16."""
-    global _fa3_module, _fa3_checked
-    if _fa3_checked:
-        return _fa3_module
-    _fa3_checked = True
-    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16 or importlib.util.find_spec("kernels") is None:
+    """FA3 kernel module from the `kernels` package (Hopper build first), or None when not
+    installed / not bf16. Looked up once per process."""
+    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16:
+        return None
+    if importlib.util.find_spec("kernels") is None:
         return None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from kernels import get_kernel  # optional (CUDA only): imported once found
     major, _ = torch.cuda.get_device_capability()
     repo = "varunneal/flash-attention-3" if major == 9 else "kernels-community/flash-attn3"
     try:
-        _fa3_module = get_kernel(repo).flash_attn_interface
+        return get_kernel(repo).flash_attn_interface
     except Exception as e:  # no network / no build for this GPU: say so loudly, use flex
-        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) did not load ({type(e).__name__}: {e}); using flex")
-    return _fa3_module
+        print0(f"WARNING: `kernels` is installed but FA3 ({repo}) did not load "
+               f"({type(e).__name__}: {e}); using flex")
+        return None
 
 def attention_fa3(q, k, v, window):
-    # FA3 aligns causal masks bottom-right when Tq < Tk, matching our convention; some builds also
-    # return the LSE
+    # FA3 aligns causal masks bottom-right when Tq < Tk, as we do; some builds also return the LSE
     y = load_fa3().flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
     return y[0] if isinstance(y, tuple) else y
 
 def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     """
-    Rows at their own cache positions (a server decoding different requests together): positions (B,
-    Tq) is where each row's new tokens go, row_positions the rows' cache lengths on the host. Writes
-    each row's keys/values at its positions, then attends with a per-row causal-window mask, so a
-    row never sees another row's longer history nor a stale slot past its own end. SDPA with an
-    explicit (B, 1, Tq, Tk) mask on every device.
+    Rows at their own cache positions (a server decoding different requests together): positions
+    (B, Tq) is where each row's new tokens go, row_positions the rows' cache lengths on the host.
+    Writes each row's keys/values at its positions, then attends with a per-row causal-window mask,
+    so a row never sees another row's longer history nor a stale slot past its own end. SDPA with
+    an explicit (B, 1, Tq, Tk) mask on every device (one query on CPU: attention_one_query).
     """
     rows = torch.arange(q.size(0), device=q.device)[:, None]
     k_cache[rows, positions] = k
@@ -163,19 +160,22 @@ def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     k, v = k_cache[:, lo:hi].transpose(1, 2), v_cache[:, lo:hi].transpose(1, 2)
     if q.size(1) == 1 and q.device.type == "cpu":
         return attention_one_query(q.transpose(1, 2), k, v, mask).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=q.size(2) != k.size(1))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                       enable_gqa=q.size(2) != k.size(1))
     return y.transpose(1, 2)
 
-ATTENTION_IMPLS = dict(reference=attention_reference, sdpa=attention_sdpa, flex=attention_flex, fa3=attention_fa3)
+ATTENTION_IMPLS = dict(reference=attention_reference, sdpa=attention_sdpa, flex=attention_flex,
+                       fa3=attention_fa3)
 
 def pick_attention_impl(device):
     if ATTN_IMPL is not None:
         if ATTN_IMPL not in ATTENTION_IMPLS:
-            raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of {sorted(ATTENTION_IMPLS)} or None (auto)")
+            raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of "
+                             f"{sorted(ATTENTION_IMPLS)} or None (auto)")
         if ATTN_IMPL == "fa3" and load_fa3() is None:
-            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable "
-                             "(needs CUDA, bf16 and the `kernels` package with "
-                             "a build for this GPU): use None (auto) or 'flex'")
+            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 "
+                             "and the `kernels` package with a build for this GPU): use None "
+                             "(auto) or 'flex'")
         return ATTN_IMPL
     if torch.device(device).type == "cuda":
         return "fa3" if load_fa3() is not None else "flex"
@@ -188,14 +188,15 @@ def attention_banner(device, window_sizes, sequence_len):
     """One line saying which attention path runs; loud when it is a slow one."""
     impl = pick_attention_impl(device)
     windowed = any(w < sequence_len for w in window_sizes)
+    mask_note = " (sliding windows via an explicit T x T mask)" if windowed else ""
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
-        "flex": "attention: FlexAttention block-sparse for sliding windows in "
-                "a compiled model; SDPA for full causal, decode and uncompiled "
-                "calls (sliding windows via an explicit T x T mask)",
-        "sdpa": "attention: torch SDPA" + (" (sliding windows via an explicit T x T mask)" if windowed else ""),
+        "flex": "attention: FlexAttention block-sparse for sliding windows in a compiled model; "
+                "SDPA for full causal, decode and uncompiled calls (sliding windows via an "
+                "explicit T x T mask)",
+        "sdpa": "attention: torch SDPA" + mask_note,
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]
     if impl == "sdpa" and torch.device(device).type == "cuda" and windowed:
-        msg = "WARNING: " + msg + " on CUDA is slow; use ATTN_IMPL=None (flex) or --window-pattern L"
+        msg = f"WARNING: {msg} on CUDA is slow; use ATTN_IMPL=None (flex) or --window-pattern L"
     return msg

@@ -1,10 +1,10 @@
 """
 Fast sampling from a GPT with a KV cache, plus the calculator tool the chat model may call.
 
-    prepare_for_inference(model, "")          # weights held once in the device's inference dtype (bf16/fp32/int8)
+    prepare_for_inference(model, "")   # weights held once in the device's dtype (bf16/fp32/int8)
     engine = Engine(model, tokenizer)
-    for token_column, mask_column in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
-        ...                                   # one token per sample per step, streamed
+    for tokens, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
+        ...                            # one token per sample per step, streamed
     sequences, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 How: the prompt is prefilled once at batch 1 into a cache sized to the prompt; that cache is copied
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import load_fa3
 from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, print0
-from nanochat.gpt import KVCache, Linear, rotary_tables
+from nanochat.gpt import KVCache, Linear
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -42,22 +42,23 @@ from nanochat.gpt import KVCache, Linear, rotary_tables
 # arithmetic has no ** (9**9**9 never finishes), and the string methods below never make a string
 # longer than its input.
 _STRING_METHODS = {"count", "lower", "upper", "casefold", "strip", "lstrip", "rstrip"}
-_FORBIDDEN = ["__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input", "globals", "locals",
-              "vars", "dir", "getattr", "setattr", "delattr", "hasattr"]
+_FORBIDDEN = ["__", "import", "exec", "eval", "compile", "open", "file", "input", "raw_input",
+              "globals", "locals", "vars", "dir", "getattr", "setattr", "delattr", "hasattr"]
 _ARITHMETIC_CHARS = set("0123456789*+-/.() ")
 # Unlike the arithmetic case, commas are kept here: in 'a,b'.count(',') they are data.
 _STRING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'\"()._ ,")
-_ARITHMETIC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv,
-                     ast.UAdd, ast.USub)
+_ARITHMETIC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Add, ast.Sub, ast.Mult, ast.Div,
+                     ast.FloorDiv, ast.UAdd, ast.USub)
 MAX_EXPRESSION_CHARS = 256  # products of <=256 digits stay far below int->str's 4300-digit limit
 
 def _is_string_method_chain(node):
     """str-literal(.method(str-or-int literals))* with methods from _STRING_METHODS only."""
     if isinstance(node, ast.Constant):
         return isinstance(node.value, str)
-    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.keywords
-            and node.func.attr in _STRING_METHODS and _is_string_method_chain(node.func.value)
-            and all(isinstance(a, ast.Constant) and isinstance(a.value, (str, int)) for a in node.args))
+    is_literal = lambda a: isinstance(a, ast.Constant) and isinstance(a.value, (str, int))
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and not node.keywords and node.func.attr in _STRING_METHODS
+            and _is_string_method_chain(node.func.value) and all(map(is_literal, node.args)))
 
 def _is_arithmetic(tree):
     is_number = lambda node: isinstance(node, ast.Constant) and type(node.value) in (int, float)
@@ -73,10 +74,12 @@ def use_calculator(expr):
     is evaluated with no builtins.
     """
     expr = expr.strip()
-    arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)  # 1,000 -> 1000, but (1,2) stays a tuple and is refused
+    # 1,000 -> 1000, but (1,2) stays a tuple and is refused
+    arithmetic = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr)
     if arithmetic and set(arithmetic) <= _ARITHMETIC_CHARS:
         expr = arithmetic
-    elif not (set(expr) <= _STRING_CHARS and ".count(" in expr and not any(w in expr.lower() for w in _FORBIDDEN)):
+    elif not (set(expr) <= _STRING_CHARS and ".count(" in expr
+              and not any(w in expr.lower() for w in _FORBIDDEN)):
         return None
     if len(expr) > MAX_EXPRESSION_CHARS:
         return None
@@ -84,12 +87,13 @@ def use_calculator(expr):
         tree = ast.parse(expr, mode="eval")
     except (SyntaxError, RecursionError):
         return None
-    is_count = isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body) and tree.body.func.attr == "count"
+    is_count = (isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body)
+                and tree.body.func.attr == "count")
     if not (_is_arithmetic(tree) or is_count):
         return None
     try:
         return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
-    except (ArithmeticError, TypeError, ValueError):  # 1/0, float overflow, 'abc'.count(1), 'abc'.count()
+    except (ArithmeticError, TypeError, ValueError):  # 1/0, overflow, 'abc'.count(1), 'abc'.count()
         return None
 
 # -----------------------------------------------------------------------------
@@ -100,7 +104,7 @@ INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8"
 
 def default_inference_dtype(device):
     """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
-    if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says otherwise
+    if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
     if device.type == "cpu":
         # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively;
@@ -109,14 +113,15 @@ def default_inference_dtype(device):
         if amx or torch.cpu._is_avx512_bf16_supported():
             feature = "AMX" if amx else "AVX512-BF16"
             return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
-        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software (try --dtype bfloat16)"
-    return "float32", f"{device.type}: fp32 as in training (bf16 not measured here; try --dtype bfloat16)"
+        return "float32", ("CPU lacks AVX512-BF16/AMX: bf16 would be converted in software "
+                           "(try --dtype bfloat16)")
+    return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
 
 def add_dtype_flag(parser):
     """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
     parser.add_argument("--dtype", type=str, default="", choices=["", *INFERENCE_DTYPES],
-                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with AVX512-BF16/AMX, "
-                             "else float32; int8: CPU only)")
+                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with "
+                             "AVX512-BF16/AMX, else float32; int8: CPU only)")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
@@ -142,7 +147,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.reshape(-1, x.size(-1)).contiguous()
-        if rows.size(0) > INT8_KERNEL_MAX_ROWS:  # a prefill: compute-bound, so the dequantized copy costs little
+        if rows.size(0) > INT8_KERNEL_MAX_ROWS:  # compute-bound prefill: dequantizing costs little
             return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
         return torch._weight_int8pack_mm(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
 
@@ -155,7 +160,8 @@ class PackedLinear(nn.Module):
     """
     def __init__(self, linear):
         super().__init__()
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16), 1)  # 1 row: decode
+        weight = linear.weight.detach().to(torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)  # laid out for 1 row: decode
         self.weight = nn.Parameter(packed, requires_grad=False)
 
     def forward(self, x):
@@ -181,7 +187,8 @@ def _stack_qkv(model):
 def _swap_matrices(model, module_class):
     """The block matrices and lm_head -> module_class(linear); the tiny gates stay plain."""
     for block in model.transformer.h:
-        for parent, name in [(block.attn, "c_qkv"), (block.attn, "c_proj"), (block.mlp, "c_fc"), (block.mlp, "c_proj")]:
+        for parent, name in [(block.attn, "c_qkv"), (block.attn, "c_proj"), (block.mlp, "c_fc"),
+                             (block.mlp, "c_proj")]:
             setattr(parent, name, module_class(getattr(parent, name)))
     model.lm_head = module_class(model.lm_head)
 
@@ -190,16 +197,17 @@ def prepare_for_inference(model, dtype=""):
     Make a loaded GPT ready to generate, in place: weights held once in the inference dtype,
     activations and KV cache in the same dtype, no autograd. Training keeps fp32 master weights and
     casts them at every forward, so a bf16 decode step there reads 4 bytes per weight and writes and
-    reads 2 more; here it reads 2 (int8: 1).
-    dtype: a key of INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its
-    name.
+    reads 2 more; here it reads 2 (int8: 1). dtype: a key of INFERENCE_DTYPES, or '' for the
+    device's default. Prints which and why; -> its name.
     """
     device = model.get_device()
     dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
     if dtype not in INFERENCE_DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; leave it out for the default")
+        raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; "
+                         f"leave it out for the default")
     if dtype == "int8" and device.type != "cpu":
-        raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use --dtype bfloat16")
+        raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use "
+                         f"--dtype bfloat16")
     if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
         raise ValueError("--dtype float32: attention on this GPU is FA3, which runs "
                          "bf16 only; use --dtype bfloat16, or NANOCHAT_DTYPE=float32 to "
@@ -209,10 +217,9 @@ def prepare_for_inference(model, dtype=""):
     _stack_qkv(model)
     if dtype == "int8":  # quantized from the weights as loaded, before they are rounded to bf16
         _swap_matrices(model, Int8Linear)
-    model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay as they are
-    # recomputed rather than cast, so fp32 tables come from fp32 math even where training held them
-    # in bf16
-    model.cos, model.sin = rotary_tables(model.cos.size(1), model.cos.size(-1) * 2, device, dtype=model.compute_dtype)
+    model.to(model.compute_dtype)  # casts floating-point tensors only: int8 weights stay int8
+    # recomputed rather than cast: fp32 tables from fp32 math even where training held them in bf16
+    model.set_rotary(model.cos.size(1))
     if dtype == "bfloat16" and uses_onednn_bf16(device):
         _swap_matrices(model, PackedLinear)
     print0(f"inference dtype: {dtype} ({reason})")
@@ -235,14 +242,15 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None):
         logits, indices = torch.topk(logits, top_k, dim=-1)
     cdf = F.softmax(logits.float() / temperature, dim=-1).cumsum(dim=-1)
     u = torch.rand(cdf.size(0), 1, generator=rng, device=cdf.device) * cdf[:, -1:]
-    choice = (cdf[:, :-1] <= u).sum(dim=-1, keepdim=True)  # how many of the first V-1 steps lie at or below u
+    choice = (cdf[:, :-1] <= u).sum(dim=-1, keepdim=True)  # the first V-1 steps at or below u
     return choice if indices is None else indices.gather(1, choice)
 
 def check_sampling(temperature, top_k):
-    """Raise ValueError naming a bad sampling setting;
-    CLIs call it before loading a model to fail fast."""
+    """Raise ValueError naming a bad sampling setting; CLIs call it before loading a model to fail
+    fast."""
     if not 0 <= temperature < float("inf"):  # also refuses nan, which argparse's float accepts
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                         f"{temperature}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1, or None for the full vocabulary; got {top_k}")
 
@@ -251,32 +259,28 @@ def check_sampling(temperature, top_k):
 
 def new_kv_cache(model, batch_size, seq_len):
     """An empty KV cache shaped for model, on its device, in its compute dtype."""
-    config = model.config
-    return KVCache(batch_size=batch_size, num_heads=config.n_kv_head, seq_len=seq_len,
-                   head_dim=config.n_embd // config.n_head, num_layers=config.n_layer,
-                   device=model.get_device(), dtype=model.compute_dtype)
+    c = model.config
+    return KVCache(batch_size, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer,
+                   model.get_device(), model.compute_dtype)
 
 class RowState:
     """Per-sample decoding state: the tool-call state machine and tokens queued to be forced in."""
     def __init__(self):
-        self.forced_tokens = deque()
-        self.in_python_block = False
-        self.python_tokens = []
-        self.completed = False
+        self.forced_tokens, self.python_tokens = deque(), []
+        self.in_python_block = self.completed = False
 
 class Engine:
 
     def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         special = tokenizer.encode_special
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     def _advance_row(self, row, sampled):
-        """The token a row takes this step (a queued forced
-        token replaces the sample) -> (token, mask)."""
+        """The token a row takes this step (a queued forced token replaces the sample) ->
+        (token, mask)."""
         forced = len(row.forced_tokens) > 0
         token = row.forced_tokens.popleft() if forced else sampled
         if token in self.stop_tokens:
@@ -287,7 +291,8 @@ class Engine:
             row.in_python_block = False
             result = use_calculator(self.tokenizer.decode(row.python_tokens))
             if result is not None:
-                row.forced_tokens.extend([self.output_start, *self.tokenizer.encode(str(result)), self.output_end])
+                output = self.tokenizer.encode(str(result))
+                row.forced_tokens.extend([self.output_start, *output, self.output_end])
         elif row.in_python_block:
             row.python_tokens.append(token)
         return token, 0 if forced else 1
@@ -298,7 +303,8 @@ class Engine:
         if len(tokens) == 0:
             raise ValueError("the prompt is empty: start it with the <|bos|> token")
         if not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"prompt tokens must be ints in [0, {vocab_size}), got {tokens[:16]}...")
+            raise ValueError(f"prompt tokens must be ints in [0, {vocab_size}), got "
+                             f"{tokens[:16]}...")
         if len(tokens) >= context:
             raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context "
                              f"is {context}: shorten it to at most {context - 1} tokens")
@@ -313,11 +319,9 @@ class Engine:
         check_sampling(temperature, top_k)
         return max_tokens
 
-    def _new_cache(self, batch_size, seq_len):
-        return new_kv_cache(self.model, batch_size, seq_len)
-
     @torch.inference_mode()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None,
+                 seed=42):
         """
         Stream samples: yields (token_column, mask_column), one entry per sample each step. mask 1 =
         sampled by the model, 0 = forced tool output. A stopped row keeps receiving (meaningless)
@@ -326,23 +330,22 @@ class Engine:
         """
         max_tokens = self._check_args(tokens, num_samples, max_tokens, temperature, top_k)
         device = self.model.get_device()
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
+        rng = torch.Generator(device=device).manual_seed(seed)
 
         # Prefill once at batch 1, then copy that cache into every row of the decode cache.
-        prefill_cache = self._new_cache(batch_size=1, seq_len=len(tokens))
+        prefill_cache = new_kv_cache(self.model, 1, len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
         logits = logits.expand(num_samples, -1)  # each row still samples its own first token
-        decode_cache = self._new_cache(batch_size=num_samples, seq_len=len(tokens) + max_tokens)
+        decode_cache = new_kv_cache(self.model, num_samples, len(tokens) + max_tokens)
         decode_cache.prefill(prefill_cache)
         del prefill_cache
 
         rows = [RowState() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            token_column, mask_column = zip(*[self._advance_row(row, token) for row, token in zip(rows, sampled)])
-            token_column, mask_column = list(token_column), list(mask_column)
+            columns = zip(*[self._advance_row(row, token) for row, token in zip(rows, sampled)])
+            token_column, mask_column = map(list, columns)
             yield token_column, mask_column
             if step == max_tokens - 1 or all(row.completed for row in rows):
                 break
@@ -350,8 +353,8 @@ class Engine:
             logits = self.model(ids, kv_cache=decode_cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
-        """Returns (sequences, masks): per sample the prompt plus its generated tokens, stop token excluded,
-        and a mask (0 for the prompt and forced tool output, 1 for sampled tokens)."""
+        """Returns (sequences, masks): per sample the prompt plus its generated tokens, stop token
+        excluded, and a mask (0 for the prompt and forced tool output, 1 for sampled tokens)."""
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         done = [False] * num_samples
@@ -364,8 +367,8 @@ class Engine:
         return sequences, masks
 
 # -----------------------------------------------------------------------------
-# Different requests decoded together (chat_web): each row has its own prompt, position, sampling
-# and seed
+# Different requests decoded together (chat_web): each row has its own prompt, position,
+# sampling and seed
 
 class RowCache(KVCache):
     """
@@ -375,21 +378,22 @@ class RowCache(KVCache):
     changes once per request).
     """
     def __init__(self, model, capacity):
-        c = model.config
-        super().__init__(batch_size=0, num_heads=c.n_kv_head, seq_len=capacity, head_dim=c.n_embd // c.n_head,
-                         num_layers=c.n_layer, device=model.get_device(), dtype=model.compute_dtype)
+        c, device, dtype = model.config, model.get_device(), model.compute_dtype
+        super().__init__(0, c.n_kv_head, capacity, c.n_embd // c.n_head, c.n_layer, device, dtype)
         self.row_positions = []
-        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=model.get_device(), dtype=model.compute_dtype)
+        self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=device, dtype=dtype)
 
     def add_row(self, prefilled):
         n = prefilled.get_pos()
         assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, \
             f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
         shape = (self.num_layers, 1, self.max_seq_len, self.num_heads, self.head_dim)
-        k, v = (torch.zeros(shape, dtype=t.dtype, device=t.device) for t in (self.k_cache, self.v_cache))
+        k, v = (t.new_zeros(shape) for t in (self.k_cache, self.v_cache))
         k[:, :, :n], v[:, :, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
-        self.k_cache, self.v_cache = torch.cat([self.k_cache, k], dim=1), torch.cat([self.v_cache, v], dim=1)
-        self.prev_embedding = torch.cat([self.prev_embedding, prefilled.prev_embedding.to(self.prev_embedding.dtype)])
+        self.k_cache = torch.cat([self.k_cache, k], dim=1)
+        self.v_cache = torch.cat([self.v_cache, v], dim=1)
+        prev = prefilled.prev_embedding.to(self.prev_embedding.dtype)
+        self.prev_embedding = torch.cat([self.prev_embedding, prev])
         self.row_positions.append(n)
         self.batch_size += 1
 
@@ -404,11 +408,11 @@ class RowCache(KVCache):
         self.row_positions = [p + n for p in self.row_positions]
 
 class Request:
-    """One row of a RowBatch: its sampling settings, its own seeded generator, and where it stands."""
+    """One row of a RowBatch: its sampling settings, its own seeded generator, where it stands."""
     def __init__(self, tokens, max_tokens, temperature, top_k, seed, device):
-        self.tokens, self.max_tokens, self.temperature, self.top_k = tokens, max_tokens, temperature, top_k
-        self.rng = torch.Generator(device=device)
-        self.rng.manual_seed(seed)
+        self.tokens, self.max_tokens = tokens, max_tokens
+        self.temperature, self.top_k = temperature, top_k
+        self.rng = torch.Generator(device=device).manual_seed(seed)
         self.state = RowState()
         self.generated = 0
         self.logits = None  # (1, V) logits for this row's next token
@@ -435,10 +439,12 @@ class RowBatch:
     def add(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
         if len(tokens) + max_tokens > self.capacity:
-            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the capacity {self.capacity}")
-        request = Request(tokens, max_tokens, temperature, top_k, seed, self.model.get_device())
-        prefill_cache = self.engine._new_cache(batch_size=1, seq_len=len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
+            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the capacity "
+                             f"{self.capacity}")
+        device = self.model.get_device()
+        request = Request(tokens, max_tokens, temperature, top_k, seed, device)
+        prefill_cache = new_kv_cache(self.model, 1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
         request.logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
         self.cache.add_row(prefill_cache)
         self.rows.append(request)
@@ -453,24 +459,23 @@ class RowBatch:
     def step(self):
         if not self.rows:
             return []
-        sampled = torch.cat([sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows])
-        sampled = sampled.view(-1).tolist()  # one host sync for the whole batch
-        out, keep, next_tokens = [], [], []
-        for i, (request, token) in enumerate(zip(self.rows, sampled)):
+        sampled = [sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows]
+        sampled = torch.cat(sampled).view(-1).tolist()  # one host sync for the whole batch
+        out = []
+        for request, token in zip(self.rows, sampled):
             token, mask = self.engine._advance_row(request.state, token)
             request.generated += 1
             out_of_tokens = request.generated >= request.max_tokens
             finish = "stop" if request.state.completed else "length" if out_of_tokens else None
             out.append((request, token, mask, finish))
-            if finish is None:
-                keep.append(i)
-                next_tokens.append(token)
+        keep = [i for i, (_, _, _, finish) in enumerate(out) if finish is None]
         if len(keep) < len(self.rows):
             self.cache.keep_rows(keep)
             self.rows = [self.rows[i] for i in keep]
         if self.rows:
-            ids = torch.tensor(next_tokens, dtype=torch.long, device=self.model.get_device()).unsqueeze(1)
-            logits = self.model(ids, kv_cache=self.cache)[:, -1, :]
+            next_tokens = [out[i][1] for i in keep]
+            ids = torch.tensor(next_tokens, dtype=torch.long, device=self.model.get_device())
+            logits = self.model(ids[:, None], kv_cache=self.cache)[:, -1, :]
             for i, request in enumerate(self.rows):
                 request.logits = logits[i:i + 1]
         return out
@@ -484,8 +489,7 @@ class TextStream:
     decoding restarts cleanly.
     """
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
+        self.tokenizer, self.pending = tokenizer, []
 
     def push(self, token):
         self.pending.append(token)
@@ -510,7 +514,8 @@ class ReplyStream:
     """
     def __init__(self, tokenizer):
         special = tokenizer.encode_special
-        self.opens = {special("<|python_start|>"): "python", special("<|output_start|>"): "python_output"}
+        self.opens = {special("<|python_start|>"): "python",
+                      special("<|output_start|>"): "python_output"}
         self.specials = set(tokenizer.special_ids.values())
         self.text = TextStream(tokenizer)
         self.parts, self.open = [], False  # open: the last part takes the next text token
@@ -522,7 +527,8 @@ class ReplyStream:
                 self.open = True
             return self._add(self.text.push(token))
         events = self.flush()
-        self.open = token in self.opens  # a closing (or stray) special ends the part; text after it opens a new one
+        # a closing (or stray) special ends the part; text after it opens a new one
+        self.open = token in self.opens
         if self.open:
             self.parts.append({"type": self.opens[token], "text": ""})
             events.append((len(self.parts) - 1, ""))
@@ -542,18 +548,17 @@ class ReplyStream:
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is",
-                  "The planets of the solar system are:", "My favorite color is", "If 5*x + 3 = 13, then x is"]
+                  "The planets of the solar system are:", "My favorite color is",
+                  "If 5*x + 3 = 13, then x is"]
 
 def greedy_completions(engine, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16):
-    """-> list of prompt + greedy continuation texts (up
-    to max_tokens, fewer where the context is shorter)."""
-    bos = tokenizer.get_bos_token_id()
+    """-> list of prompt + greedy continuation texts (up to max_tokens, fewer where the context is
+    shorter)."""
     texts = []
     for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=bos)
+        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
         budget = min(max_tokens, engine.model.config.sequence_len - len(tokens))
-        sequence = tokens
         if budget > 0:
-            sequence = engine.generate_batch(tokens, num_samples=1, max_tokens=budget, temperature=0)[0][0]
-        texts.append(tokenizer.decode(sequence[1:]))
+            tokens = engine.generate_batch(tokens, max_tokens=budget, temperature=0)[0][0]
+        texts.append(tokenizer.decode(tokens[1:]))
     return texts

@@ -5,14 +5,15 @@ its KV cache, optimizer routing and FLOP accounting.
     from nanochat.gpt import GPT, GPTConfig
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=12, n_head=6, n_kv_head=6, n_embd=768))
-    model.to_empty(device="cuda"); model.init_weights()   # __init__ allocates nothing; init_weights sets every value
-    loss = model(idx, targets)                            # or logits = model(idx); or model(idx, kv_cache=cache)
+    model.to_empty(device="cuda")   # __init__ allocates nothing
+    model.init_weights()            # sets every value
+    loss = model(idx, targets)      # or logits = model(idx); or model(idx, kv_cache=cache)
 
 Per forward pass: token embedding -> RMSNorm -> smear (mix in the previous token) -> x0 := x -> per
 layer x = resid_lambda*x + x0_lambda*x0 then a pre-norm block (attention with RoPE, QK-norm x1.2,
 sliding window, value embeddings on alternating layers; ReLU^2 MLP) -> backout (subtract a fraction
-of the mid-depth residual)
--> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy (ignore_index -1).
+of the mid-depth residual) -> RMSNorm -> lm_head -> fp32 -> softcap 15 -> cross-entropy
+(ignore_index -1).
 
 Where the ideas come from: rotary embeddings (https://arxiv.org/abs/2104.09864); ReLU^2 (Primer,
 https://arxiv.org/abs/2109.08668); QK-norm and learned x0 residual scalars as in the modded-nanogpt
@@ -38,9 +39,9 @@ VE_GATE_CHANNELS = 12    # value-embedding gate reads the first 12 channels of t
 ROPE_BASE = 100_000
 QK_SCALE = 1.2           # after QK RMSNorm: sharper attention than the kernel's 1/sqrt(D) alone
 SOFTCAP = 15.0
-VOCAB_MULTIPLE = 64      # embedding/lm_head rows padded to a multiple of 64 (tensor-core friendly); logits sliced back
+VOCAB_MULTIPLE = 64      # embedding/lm_head rows padded (tensor-core friendly); logits sliced back
 SHORT_WINDOW_TILE = 128  # "S" window = T/4 rounded up to a multiple of this
-ROPE_HEADROOM = 10       # cos/sin precomputed for 10x sequence_len positions (long generations, KV cache)
+ROPE_HEADROOM = 10       # cos/sin precomputed for 10x sequence_len positions (long generations)
 
 @dataclass
 class GPTConfig:
@@ -53,8 +54,8 @@ class GPTConfig:
     window_pattern: str = "SSSL"
 
 def config_for_depth(depth, aspect_ratio=64, head_dim=128, **fields):
-    """The one complexity dial: width = depth x aspect_ratio
-    rounded up to whole heads of head_dim; no GQA."""
+    """The one complexity dial: width = depth x aspect_ratio rounded up to whole heads of head_dim;
+    no GQA."""
     n_embd = math.ceil(depth * aspect_ratio / head_dim) * head_dim
     n_head = n_embd // head_dim
     return GPTConfig(n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head, **fields)
@@ -63,23 +64,28 @@ def validate_config(config):
     """Raise ValueError naming the bad field and the fix."""
     c = config
     if c.n_embd % c.n_head != 0:
-        raise ValueError(f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}; pick n_embd = n_head * head_dim")
+        raise ValueError(f"n_embd={c.n_embd} is not divisible by n_head={c.n_head}; "
+                         f"pick n_embd = n_head * head_dim")
     if c.n_kv_head <= 0 or c.n_head % c.n_kv_head != 0:
-        raise ValueError(f"n_head={c.n_head} is not divisible by n_kv_head={c.n_kv_head}: GQA needs that")
+        raise ValueError(f"n_head={c.n_head} is not divisible by n_kv_head={c.n_kv_head}: "
+                         f"GQA needs that")
     if (c.n_embd // c.n_head) % 2 != 0:
-        raise ValueError(f"head_dim={c.n_embd // c.n_head} is odd; rotary embeddings rotate pairs of channels")
+        raise ValueError(f"head_dim={c.n_embd // c.n_head} is odd; rotary embeddings rotate "
+                         f"pairs of channels")
     if c.n_embd < SMEAR_CHANNELS:
-        raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}, the channels the smear gate reads: use a wider model")
+        raise ValueError(f"n_embd={c.n_embd} < {SMEAR_CHANNELS}, the channels the smear gate "
+                         f"reads: use a wider model")
     bad = sorted(set(c.window_pattern.upper()) - set("SL"))
     if not c.window_pattern or bad:
         raise ValueError(f"window_pattern={c.window_pattern!r} has characters {bad}; use "
                          f"only S (short window) and L (full context), e.g. 'SSSL' or 'L'")
     if c.n_layer < 1 or c.sequence_len < 1 or c.vocab_size < 1:
-        raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, vocab_size={c.vocab_size}: need all > 0")
+        raise ValueError(f"n_layer={c.n_layer}, sequence_len={c.sequence_len}, "
+                         f"vocab_size={c.vocab_size}: need all > 0")
 
 def compute_window_sizes(config):
-    """Left window per layer: the pattern tiled over
-    layers, the last layer forced to L (full context)."""
+    """Left window per layer: the pattern tiled over layers, the last layer forced to L (full
+    context)."""
     T = config.sequence_len
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)  # 512 at T=2048
     pattern = config.window_pattern.upper()
@@ -96,20 +102,13 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
-    """Bias-free linear keeping an fp32 master weight, cast
-    to the input's dtype at use (no autocast anywhere)."""
+    """Bias-free linear keeping an fp32 master weight, cast to the input's dtype at use (no
+    autocast anywhere)."""
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
-
-def rotary_tables(seq_len, head_dim, device, base=ROPE_BASE, dtype=COMPUTE_DTYPE):
-    """cos/sin of shape (1, seq_len, 1, head_dim/2), in the
-    activation dtype, broadcasting over (B, T, H, D/2)."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return freqs.cos().to(dtype)[None, :, None, :], freqs.sin().to(dtype)[None, :, None, :]
 
 def apply_rotary(x, cos, sin):
     # non-interleaved halves: channel j pairs with channel j + D/2
@@ -132,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(self.n_head * self.head_dim, config.n_embd)
         has_ve = has_value_embedding(layer_idx, config.n_layer)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_ve else None
-        self.c_qkv = None  # generating: c_q, c_k, c_v stacked into one matrix (engine.prepare_for_inference)
+        self.c_qkv = None  # generating: c_q, c_k, c_v stacked (engine.prepare_for_inference)
 
     def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
         B, T, _ = x.shape
@@ -141,28 +140,25 @@ class CausalSelfAttention(nn.Module):
         else:
             kv_width = self.n_kv_head * self.head_dim
             q, k, v = self.c_qkv(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads, D)
         if ve is not None:
-            # ResFormer-style value embedding, mixed per kv-head with an input-dependent gate in (0,
-            # 3)
+            # ResFormer value embedding, mixed per kv-head by an input-dependent gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         cos, sin = cos_sin
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        if kv_cache is not None and isinstance(pos0, torch.Tensor):
+        if kv_cache is None:
+            y = attention(q, k, v, window)
+        elif isinstance(pos0, torch.Tensor):  # rows at their own positions
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             y = attention_rows(q, k, v, k_cache, v_cache, pos0, kv_cache.row_positions, window)
-            return self.c_proj(y.reshape(B, T, -1))
-        if kv_cache is not None:
+        else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
             k_cache[:, pos0:pos0 + T] = k
             v_cache[:, pos0:pos0 + T] = v
-            lo = max(0, pos0 - window)  # keys older than the window are invisible to every new query
-            k, v = k_cache[:, lo:pos0 + T], v_cache[:, lo:pos0 + T]
-        y = attention(q, k, v, window)
+            lo = max(0, pos0 - window)  # older keys are invisible to every new query
+            y = attention(q, k_cache[:, lo:pos0 + T], v_cache[:, lo:pos0 + T], window)
         return self.c_proj(y.reshape(B, T, -1))
 
 class MLP(nn.Module):
@@ -196,17 +192,18 @@ class GPT(nn.Module):
         self.compute_dtype = COMPUTE_DTYPE
         self.window_sizes = compute_window_sizes(config)
         L, C = config.n_layer, config.n_embd
-        head_dim = C // config.n_head
+        self.head_dim = C // config.n_head
         self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(self.padded_vocab_size, C),
             "h": nn.ModuleList([Block(config, i) for i in range(L)]),
         })
         self.lm_head = Linear(C, self.padded_vocab_size)  # untied from wte
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, config.n_kv_head * head_dim)
+        ve_width = config.n_kv_head * self.head_dim
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, ve_width)
                                            for i in range(L) if has_value_embedding(i, L)})
         # Embedding tables are huge and only looked up: keep them in the compute dtype (fp16 would
-        # lose too much).
+        # lose too much)
         if COMPUTE_DTYPE != torch.float16:
             self.transformer.wte.to(dtype=COMPUTE_DTYPE)
             self.value_embeds.to(dtype=COMPUTE_DTYPE)
@@ -215,9 +212,9 @@ class GPT(nn.Module):
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        cos, sin = rotary_tables(ROPE_HEADROOM * config.sequence_len, head_dim, self.transformer.wte.weight.device)
-        self.register_buffer("cos", cos, persistent=False)  # recomputed by init_weights, never checkpointed
-        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("cos", None, persistent=False)  # set by set_rotary, not checkpointed
+        self.register_buffer("sin", None, persistent=False)
+        self.set_rotary(ROPE_HEADROOM * config.sequence_len)
 
     @torch.no_grad()
     def init_weights(self):
@@ -247,11 +244,19 @@ class GPT(nn.Module):
         nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         self.smear_lambda.zero_()
         self.backout_lambda.fill_(0.2)
-        self.cos, self.sin = rotary_tables(ROPE_HEADROOM * self.config.sequence_len, C // self.config.n_head,
-                                           self.get_device(), dtype=self.compute_dtype)
+        self.set_rotary(ROPE_HEADROOM * self.config.sequence_len)
 
     def get_device(self):
         return self.transformer.wte.weight.device
+
+    def set_rotary(self, n):
+        """Rotary cos/sin for positions 0..n-1, shaped (1, n, 1, head_dim/2) to broadcast over
+        (B, T, H, D/2): computed afresh in fp32, held in the compute dtype."""
+        f32 = dict(dtype=torch.float32, device=self.get_device())
+        inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, self.head_dim, 2, **f32) / self.head_dim))
+        freqs = torch.outer(torch.arange(n, **f32), inv_freq)
+        self.cos = freqs.cos().to(self.compute_dtype)[None, :, None, :]
+        self.sin = freqs.sin().to(self.compute_dtype)[None, :, None, :]
 
     def ensure_rotary_positions(self, num_positions):
         """
@@ -261,12 +266,11 @@ class GPT(nn.Module):
         window_size=(sequence_len, 0) does.
         """
         if num_positions > self.cos.size(1):
-            head_dim = self.config.n_embd // self.config.n_head
-            self.cos, self.sin = rotary_tables(num_positions, head_dim, self.get_device(), dtype=self.compute_dtype)
+            self.set_rotary(num_positions)
 
     def softcap(self, logits):
-        """The real vocabulary's logits (lm_head is padded),
-        in fp32, squashed into (-SOFTCAP, SOFTCAP)."""
+        """The real vocabulary's logits (lm_head is padded), in fp32, squashed into
+        (-SOFTCAP, SOFTCAP)."""
         return SOFTCAP * torch.tanh(logits[..., :self.config.vocab_size].float() / SOFTCAP)
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
@@ -283,7 +287,8 @@ class GPT(nn.Module):
         # sigmoid(gate(x_t[:24])) * x_{t-1}, with x_{t-1} the previous normalized embedding (from
         # the cache when decoding): cheap bigram-ish mixing, a no-op at init (lambda 0).
         x = norm(self.transformer.wte(idx).to(self.compute_dtype))
-        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))
+        gate = self.smear_gate(x[..., :SMEAR_CHANNELS])
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(gate)
         prev = x[:, :-1]
         if kv_cache is not None:
             if kv_cache.row_positions is not None or pos0 > 0:
@@ -329,17 +334,20 @@ class GPT(nn.Module):
         """
         last, row_positions = 0, None
         if kv_cache is not None:
-            L, shape, kv_heads = self.config.n_layer, tuple(kv_cache.k_cache.shape), self.config.n_kv_head
-            assert shape[0] == L and shape[3:] == (kv_heads, self.config.n_embd // self.config.n_head), \
-                f"KV cache shape {shape} does not fit this model (layers {L}, kv heads {kv_heads})"
+            L, kv_heads, shape = self.config.n_layer, self.config.n_kv_head, kv_cache.k_cache.shape
+            assert shape[0] == L and tuple(shape[3:]) == (kv_heads, self.head_dim), \
+                f"KV cache shape {tuple(shape)} does not fit this model (layers {L}, kv heads " \
+                f"{kv_heads}, head_dim {self.head_dim})"
             row_positions = kv_cache.row_positions  # None: every row at one shared position
             last = kv_cache.get_pos() if row_positions is None else max(row_positions)
-            assert last + T <= shape[2], f"KV cache full: position {last} + {T} new tokens > capacity {shape[2]}"
-        assert last + T <= self.cos.size(1), \
-            f"sequence reaches position {last + T}, rotary tables cover {self.cos.size(1)}: ensure_rotary_positions"
+            assert last + T <= shape[2], \
+                f"KV cache full: position {last} + {T} new tokens > capacity {shape[2]}"
+        assert last + T <= self.cos.size(1), f"sequence reaches position {last + T}, rotary " \
+            f"tables cover {self.cos.size(1)}: ensure_rotary_positions"
         if row_positions is None:
             return last, (self.cos[:, last:last + T], self.sin[:, last:last + T])
-        assert min(row_positions) > 0, "rows at their own positions decode after a prefill: add prefilled rows"
+        assert min(row_positions) > 0, \
+            "rows at their own positions decode after a prefill: add prefilled rows"
         pos = torch.tensor(row_positions, device=device)[:, None] + torch.arange(T, device=device)
         return pos, (self.cos[0, pos], self.sin[0, pos])
 
@@ -348,35 +356,36 @@ class GPT(nn.Module):
         B, T, _ = x.shape
         if decoding and x.device.type == "cpu" and B * T <= 64 and isinstance(self.lm_head, Linear):
             # Decoding a few rows on CPU: W @ x^T hands the BLAS the long vocabulary side to split
-            # (MKL on a 2-core EPYC: 2x faster than x @ W^T at 8 rows x 8,192 vocab; docs/perf.md
-            # "Engine.generate rows").
-            return self.softcap((self.lm_head.weight.to(x.dtype) @ x.view(B * T, -1).t()).t().view(B, T, -1))
+            # (2x faster than x @ W^T at 8 rows; docs/perf.md "Engine.generate rows")
+            W = self.lm_head.weight.to(x.dtype)
+            return self.softcap((W @ x.view(B * T, -1).t()).t().view(B, T, -1))
         return self.softcap(self.lm_head(x))
 
     def token_losses(self, x, targets):
         """
         (B, T, C) final hidden states and (B, T) targets -> (B * T,) cross-entropy of the softcapped
         logits, 0 where the target is -1. The same math on every path; the two branches only save
-        memory and time:
-        - under torch.compile inductor fuses softcap + cross-entropy into row-wise kernels itself; on CPU the head
-          runs on 4 chunks of rows, whose 64 MiB buffers are reused where a whole (B*T, vocab) logits tensor and its
-          gradient would be page-faulted in afresh every step (glibc unmaps freed blocks over 32 MiB);
-        - eager, SoftcapCrossEntropy keeps only the raw logits and one logsumexp per row for backward.
-        docs/perf.md "Compiling CPU training, and its memory" has the measurements.
+        memory and time (docs/perf.md "Compiling CPU training, and its memory"):
+        - under torch.compile inductor fuses softcap + cross-entropy into row-wise kernels itself;
+          on CPU the head runs on 4 chunks of rows, whose buffers are reused where a whole
+          (B*T, vocab) logits tensor and its gradient would be page-faulted in afresh every step
+          (glibc unmaps freed blocks over 32 MiB);
+        - eager, SoftcapCrossEntropy keeps only the raw logits and one logsumexp per row.
         """
         rows, row_targets = x.view(-1, x.size(-1)), targets.view(-1)
         if torch.compiler.is_compiling():
             chunks = 4 if x.device.type == "cpu" else 1
-            return torch.cat([F.cross_entropy(self.softcap(self.lm_head(r)), t, ignore_index=-1, reduction="none")
-                              for r, t in zip(rows.chunk(chunks), row_targets.chunk(chunks))])
+            pieces = zip(rows.chunk(chunks), row_targets.chunk(chunks))
+            return torch.cat([F.cross_entropy(self.softcap(self.lm_head(r)), t, ignore_index=-1,
+                                              reduction="none") for r, t in pieces])
         logits = self.lm_head(rows)[..., :self.config.vocab_size].float()
         return SoftcapCrossEntropy.apply(logits, row_targets)
 
     # -------------------------------------------------------------------------
     # Optimizer
 
-    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02, weight_decay=0.28, scalar_lr=0.5,
-                        lr_scale=1.0, lr_frac=1.0):
+    def setup_optimizer(self, unembedding_lr=0.008, embedding_lr=0.3, matrix_lr=0.02,
+                        weight_decay=0.28, scalar_lr=0.5, lr_scale=1.0, lr_frac=1.0):
         """
         MuonAdamW: Muon for the block matrices, AdamW for embeddings, lm_head and scalars.
         AdamW lrs scale as sigma = (n_embd/768)^-0.5 (tuned at d768).
@@ -387,96 +396,99 @@ class GPT(nn.Module):
         overwrites momentum and weight_decay each step.
         """
         sigma = (self.config.n_embd / 768) ** -0.5
+        lm_head_lr, wte_lr = unembedding_lr * sigma * lr_scale, embedding_lr * sigma * lr_scale
 
         def adamw(name, params, lr, betas, wd):
-            return dict(kind="adamw", name=name, params=list(params), lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+            return dict(kind="adamw", name=name, params=list(params), lr=lr, betas=betas, eps=1e-10,
+                        weight_decay=wd)
 
+        smear_backout = [self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
         groups = [
-            adamw("lm_head", self.lm_head.parameters(), unembedding_lr * sigma * lr_scale, (0.8, 0.96), 0.01),
-            adamw("wte", self.transformer.wte.parameters(), embedding_lr * sigma * lr_scale, (0.8, 0.995), 0.001),
-            adamw("value_embeds", self.value_embeds.parameters(), 0.5 * embedding_lr * sigma * lr_scale, (0.8, 0.995),
-                  0.01),
-            adamw("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01 * lr_scale, (0.8, 0.95), 0.05),
+            adamw("lm_head", self.lm_head.parameters(), lm_head_lr, (0.8, 0.96), 0.01),
+            adamw("wte", self.transformer.wte.parameters(), wte_lr, (0.8, 0.995), 0.001),
+            adamw("value_embeds", self.value_embeds.parameters(), 0.5 * wte_lr, (0.8, 0.995), 0.01),
+            adamw("resid_lambdas", [self.resid_lambdas], scalar_lr * 0.01 * lr_scale, (0.8, 0.95),
+                  0.05),
             adamw("x0_lambdas", [self.x0_lambdas], scalar_lr * lr_scale, (0.96, 0.95), 0.0),
-            adamw("smear_backout", [self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95),
-                  0.0),
+            adamw("smear_backout", smear_backout, 0.2, (0.8, 0.95), 0.0),
         ]
         matrices = list(self.transformer.h.parameters())  # every block matrix, VE gates included
         for shape in sorted({tuple(p.shape) for p in matrices}):
-            groups.append(dict(kind="muon", name=f"muon{list(shape)}", params=[p for p in matrices if p.shape == shape],
-                               lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9, weight_decay=weight_decay,
-                               ns_steps=5))
+            params = [p for p in matrices if p.shape == shape]
+            groups.append(dict(kind="muon", name=f"muon{list(shape)}", params=params,
+                               lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9,
+                               weight_decay=weight_decay, ns_steps=5))
         for g in groups:
             g["initial_lr"] = g["lr"] = g["lr"] * lr_frac
         grouped = [id(p) for g in groups for p in g["params"]]
         assert len(grouped) == len(set(grouped)), "a parameter is in two optimizer groups"
-        assert set(grouped) == {id(p) for p in self.parameters()}, \
-            f"parameters without a group: {[n for n, p in self.named_parameters() if id(p) not in set(grouped)]}"
+        assert set(grouped) == {id(p) for p in self.parameters()}, "parameters without a group: " \
+            f"{[n for n, p in self.named_parameters() if id(p) not in set(grouped)]}"
         return MuonAdamW(groups)
 
     # -------------------------------------------------------------------------
     # Accounting: parameters by kind and FLOPs (scaling laws, MFU, infer_bench)
 
     def num_scaling_params(self):
-        """Parameter counts by kind; scaling params (for the
-        tokens:params ratio) = transformer_matrices + lm_head."""
+        """Parameter counts by kind; scaling params (for the tokens:params ratio) =
+        transformer_matrices + lm_head."""
         count = lambda params: sum(p.numel() for p in params)
         counts = {
             "wte": count(self.transformer.wte.parameters()),
             "value_embeds": count(self.value_embeds.parameters()),
             "lm_head": count(self.lm_head.parameters()),
             "transformer_matrices": count(self.transformer.h.parameters()),
-            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda,
-                              self.smear_gate.weight]),
+            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
+                              self.backout_lambda, self.smear_gate.weight]),
         }
         counts["total"] = sum(counts.values())
-        assert counts["total"] == count(self.parameters()), f"{counts} misses some of {count(self.parameters())}"
+        total = count(self.parameters())
+        assert counts["total"] == total, f"{counts} misses some of {total}"
         return counts
 
     def num_matmul_params(self):
         # any nn.Linear, so fp8-swapped layers (Float8Linear subclasses nn.Linear) still count
         return sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
-    def _attn_dims(self):
-        return self.config.n_head * (self.config.n_embd // self.config.n_head)
+    # Attention FLOPs: H * D = n_embd per query and key for QK^T and again for AV
 
     def estimate_flops(self):
-        """Training FLOPs per token (fwd+bwd): 6 per matmul weight
-        + 12*H*D*min(window, T) per layer for QK^T and AV."""
+        """Training FLOPs per token (fwd+bwd): 6 per matmul weight + 12*H*D*min(window, T) per
+        layer for QK^T and AV."""
         T = self.config.sequence_len
-        attn = sum(12 * self._attn_dims() * min(w, T) for w in self.window_sizes)
+        attn = sum(12 * self.config.n_embd * min(w, T) for w in self.window_sizes)
         return 6 * self.num_matmul_params() + attn
 
     def estimate_decode_flops(self, ctx):
         """FLOPs to decode one token, ctx keys in the cache counting its own: a layer of window w
         attends to min(ctx, w + 1) of them."""
-        return 2 * self.num_matmul_params() + sum(4 * self._attn_dims() * min(ctx, w + 1) for w in self.window_sizes)
+        keys = sum(min(ctx, w + 1) for w in self.window_sizes)
+        return 2 * self.num_matmul_params() + 4 * self.config.n_embd * keys
 
     def estimate_prefill_flops(self, n):
         """FLOPs to prefill n tokens: query t attends to min(t + 1, w + 1) keys."""
-        attn = 0
-        for w in self.window_sizes:
-            k = min(w + 1, n)  # the queries from k on see k keys each; the first k - 1 see 1, 2, ...
-            attn += 4 * self._attn_dims() * (k * (k + 1) // 2 + (n - k) * k)
-        return 2 * self.num_matmul_params() * n + attn
-
-    def kv_bytes_per_token(self):
-        head_dim = self.config.n_embd // self.config.n_head
-        return self.config.n_layer * 2 * self.config.n_kv_head * head_dim * self.compute_dtype.itemsize
+        # k = min(w + 1, n): the queries from k on see k keys each; the first k - 1 see 1, 2, ...
+        ks = [min(w + 1, n) for w in self.window_sizes]
+        keys = sum(k * (k + 1) // 2 + (n - k) * k for k in ks)
+        return 2 * self.num_matmul_params() * n + 4 * self.config.n_embd * keys
 
     def kv_read_bytes(self, ctx):
-        """KV-cache bytes one decode step reads at context
-        length ctx (windows cap what each layer reads)."""
-        per_pos = 2 * self.config.n_kv_head * (self.config.n_embd // self.config.n_head) * self.compute_dtype.itemsize
+        """KV-cache bytes one decode step reads at context length ctx (windows cap what each layer
+        reads): keys and values of the kv heads at each position, in the compute dtype."""
+        per_pos = 2 * self.config.n_kv_head * self.head_dim * self.compute_dtype.itemsize
         return sum(per_pos * min(ctx, w + 1) for w in self.window_sizes)
+
+    def kv_bytes_per_token(self):
+        return self.kv_read_bytes(1)  # one position, read by every layer
 
     # -------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
-        """Naive batch-1 streaming generation (the whole sequence
-        again each step, no cache): Engine's yardstick."""
-        assert isinstance(tokens, list), f"tokens must be a list of ints, got {type(tokens).__name__}"
+        """Naive batch-1 streaming generation (the whole sequence again each step, no cache):
+        Engine's yardstick."""
+        assert isinstance(tokens, list), \
+            f"tokens must be a list of ints, got {type(tokens).__name__}"
         device = self.get_device()
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -486,7 +498,8 @@ class GPT(nn.Module):
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             if temperature > 0:
-                next_id = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+                probs = F.softmax(logits / temperature, dim=-1)
+                next_id = torch.multinomial(probs, 1, generator=rng)
             else:
                 next_id = logits.argmax(dim=-1, keepdim=True)
             ids = torch.cat([ids, next_id], dim=1)
@@ -495,7 +508,7 @@ class GPT(nn.Module):
 # -----------------------------------------------------------------------------
 # The eager loss (GPT.token_losses without torch.compile)
 
-LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB of fp32 temporaries at a time
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk of SoftcapCrossEntropy: 16 MiB of fp32 at a time
 
 class SoftcapCrossEntropy(torch.autograd.Function):
     """
@@ -547,7 +560,8 @@ class KVCache:
     row_positions: None here; a subclass whose rows sit at their own positions (engine.RowCache)
     lists them on the host.
     """
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype=COMPUTE_DTYPE):
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device,
+                 dtype=COMPUTE_DTYPE):
         self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len
         self.head_dim, self.num_layers = head_dim, num_layers
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
@@ -573,11 +587,13 @@ class KVCache:
     def prefill(self, other):
         """Copy a batch-1 cache's filled prefix (and its smear state) into every row of this one."""
         pos = other.get_pos()
-        assert other.batch_size == 1, f"prefill copies from a batch-1 cache, got batch {other.batch_size}"
+        assert other.batch_size == 1, \
+            f"prefill copies from a batch-1 cache, got batch {other.batch_size}"
         layout = lambda c: (c.num_layers, c.num_heads, c.head_dim)
         assert layout(other) == layout(self), \
             f"cache layouts differ: {tuple(other.k_cache.shape)} vs {tuple(self.k_cache.shape)}"
-        assert pos <= self.max_seq_len, f"prefix of {pos} tokens does not fit a cache of {self.max_seq_len}"
+        assert pos <= self.max_seq_len, \
+            f"prefix of {pos} tokens does not fit a cache of {self.max_seq_len}"
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from nanochat.checkpoint import save_checkpoint
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, Int8Linear, PackedLinear, default_inference_dtype,
-                             prepare_for_inference, uses_onednn_bf16)
+                             new_kv_cache, prepare_for_inference, uses_onednn_bf16)
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from conftest import seeded_gpt
 
@@ -87,7 +87,7 @@ def test_cached_decoding_in_the_inference_dtype_matches_its_full_forward(dtype, 
     model = converted(trained_like(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(),
                                              n_layer=2, n_head=2, n_kv_head=2, n_embd=64), seed=1), dtype)
     engine = Engine(model, tiny_tokenizer)
-    assert engine._new_cache(1, 8).k_cache.dtype == torch.bfloat16
+    assert new_kv_cache(model, 1, 8).k_cache.dtype == torch.bfloat16
     prompt = [tiny_tokenizer.get_bos_token_id()] + tiny_tokenizer.encode("the cat sat")
     tokens = [t for t, in (column for column, _ in engine.generate(prompt, max_tokens=12, temperature=0.0))]
     with torch.no_grad():
