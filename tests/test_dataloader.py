@@ -57,6 +57,15 @@ def test_best_fit_packing_hand_example(local_data):
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
     assert inputs.dtype == targets.dtype == torch.int64
 
+def test_best_fit_ties_go_to_the_document_that_came_first(local_data):
+    # five documents of 4 tokens (with BOS) across three row groups; rows of 4 take one each, in stream order
+    # (a bisect for the largest fitting length alone lands on the last of them)
+    write_shards({0: ["xxx", "yyy"], 1: ["ppp", "qqq", "rrr"]}, row_group_size=2)
+    loader = pretrain_loader(CharTokenizer(), B=5, T=3, split="train", buffer_size=5, tokenizer_batch_size=2)
+    inputs, targets, _ = next(loader)
+    rows = torch.cat([inputs, targets[:, -1:]], dim=1).tolist()
+    assert [chr(row[1]) for row in rows] == ["x", "y", "p", "q", "r"]
+
 def test_rows_start_with_bos_and_are_full_documents(local_data, tiny_tokenizer):
     rng = random.Random(0)
     docs = random_texts(rng, 200)
