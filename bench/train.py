@@ -7,7 +7,8 @@ tokens, for fixed model configs; plus how fast the pretraining loader packs batc
     python -m bench.train --configs=cpu4k --loader-batches=0  # CPU: the same at vocab 4,096 (docs/perf.md's yardstick)
     python -m bench.train --configs=d12,d20 --attn=auto,sdpa  # CUDA: FA3/flex (auto) vs plain SDPA
     python -m bench.train --configs=d20 --fp8 --compile=1     # CUDA: fp8 matmuls, compiled
-    NANOCHAT_DTYPE=float32 python -m bench.train --configs=d12  # precision comes from NANOCHAT_DTYPE (bf16 on SM80+)
+    NANOCHAT_DTYPE=float32 python -m bench.train --configs=cpu  # the precision; unset: bf16 on
+                                        # CUDA SM80+ and on CPUs with AVX512-BF16/AMX, else fp32
 
 Prints a table, then one JSON line with every number. "peak RSS" is the process's high-water mark so far
 (ru_maxrss): run one config per process to read it for that config alone. MFU = FLOPs/token x tok/s / peak bf16 FLOP/s
@@ -28,7 +29,7 @@ os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 import torch
 
 from nanochat.common import (autodetect_device_type, get_peak_flops, get_base_dir, decide_compile, synchronize,
-                             compile_for_training, COMPUTE_DTYPE)
+                             compile_for_training, COMPUTE_DTYPE, COMPUTE_DTYPE_REASON)
 import nanochat.attention as attention
 from nanochat.dataloader import pretrain_loader
 from nanochat.fp8 import convert_to_float8_training, worth_fp8
@@ -138,7 +139,8 @@ def bench_loader():
     return rows
 
 results = []
-print(f"device: {device_type} | compute dtype: {COMPUTE_DTYPE} | torch.compile: {compile_reason} | fp8: {args.fp8} | "
+print(f"device: {device_type} | compute dtype: {COMPUTE_DTYPE} ({COMPUTE_DTYPE_REASON}) | "
+      f"torch.compile: {compile_reason} | fp8: {args.fp8} | "
       f"torch threads: {torch.get_num_threads()}")
 print(f"{'config':<6} {'attn':<9} {'window':<6} {'B x T':>10} {'params':>8} {'FLOPs/tok':>10} {'ms/step':>9} "
       f"{'cpu ms':>9} {'tok/s':>10} {'MFU %':>6} {'peak RSS MB':>11} {'1st step s':>10}")

@@ -314,7 +314,7 @@ def model_from_state(config, state, device, phase):
     """The GPT of a model_config dict holding a state
     dict (from a checkpoint or an export), on device."""
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    if device.type in ("cpu", "mps"):  # CPU/MPS compute in fp32, so bf16 tensors are upcast
+    if device.type in ("cpu", "mps"):  # upcast; load_state_dict casts back where the model holds bf16
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))

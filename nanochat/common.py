@@ -74,7 +74,20 @@ def _detect_compute_dtype():
         if major >= 8:
             return torch.bfloat16, f"CUDA SM{major}{minor} supports bf16"
         return torch.float32, f"CUDA SM{major}{minor} < SM80 has no fast bf16"
-    return torch.float32, "no CUDA device (CPU/MPS compute in fp32)"
+    if torch.backends.mps.is_available():
+        return torch.float32, "MPS computes in fp32 (bf16 not measured there)"
+    feature = cpu_bf16_feature()
+    if feature:  # bf16 activations, fp32 master weights, as on GPU; speed and loss: docs/perf.md
+        return torch.bfloat16, (f"CPU has {feature}: bf16 matmuls ~1.6x fp32's; "
+                                "NANOCHAT_DTYPE=float32 for fp32")
+    return torch.float32, "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software"
+
+def cpu_bf16_feature():
+    """'AMX' or 'AVX512-BF16' where the CPU multiplies bf16 natively (Sapphire Rapids+; Zen 4+,
+    Cooper Lake+) and oneDNN uses it, else None."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None
 
 COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
 

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.attention import load_fa3
-from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, print0
+from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cpu_bf16_feature, print0
 from nanochat.gpt import KVCache, Linear
 
 # -----------------------------------------------------------------------------
@@ -107,11 +107,8 @@ def default_inference_dtype(device):
     if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
     if device.type == "cpu":
-        # AVX512-BF16 (Zen 4+, Cooper Lake+) and AMX (Sapphire Rapids+) multiply bf16 natively;
-        # oneDNN uses them
-        amx = torch.cpu._is_amx_tile_supported()
-        if amx or torch.cpu._is_avx512_bf16_supported():
-            feature = "AMX" if amx else "AVX512-BF16"
+        feature = cpu_bf16_feature()
+        if feature:
             return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
         return "float32", ("CPU lacks AVX512-BF16/AMX: bf16 would be converted in software "
                            "(try --dtype bfloat16)")

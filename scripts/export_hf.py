@@ -33,6 +33,7 @@ import torch
 from nanochat.checkpoint import (SOURCE_DIRS, SOURCE_SCRIPTS, check_tokenizer, find_last_step,
                                  find_model_tag, load_checkpoint)
 from nanochat.common import get_base_dir
+from nanochat.engine import prepare_for_inference
 from nanochat.hf.export import export_model, load_export
 from nanochat.tokenizer import get_tokenizer
 
@@ -86,6 +87,7 @@ if args.check:
         sys.exit(0)
     hf_model = AutoModelForCausalLM.from_pretrained(args.output, trust_remote_code=True,
                                                     dtype=torch.float32).eval()
+    prepare_for_inference(model, "float32")  # fp32 to fp32: the default compute dtype is bf16 on some CPUs
     ids = torch.tensor([tokenizer.encode("The capital of France is", prepend="<|bos|>")])
     with torch.no_grad():
         diff = (hf_model(ids).logits - model(ids)).abs().max().item()

@@ -24,6 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+# Tests compare against fp32 values worked by hand. Without this the CPU would compute in bf16
+# wherever it has AVX512-BF16 or AMX (common.COMPUTE_DTYPE, chosen at import, hence before nanochat
+# loads), so results would hang on the CI machine's CPU. The bf16 path's tests set
+# NANOCHAT_DTYPE=bfloat16 for their subprocesses.
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
