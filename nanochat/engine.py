@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import load_fa3
 from nanochat.common import COMPUTE_DTYPE, COMPUTE_DTYPE_REASON, cpu_bf16_feature, print0
-from nanochat.gpt import KVCache, Linear
+from nanochat.gpt import KVCache, Linear, kv_zeros
 
 # -----------------------------------------------------------------------------
 # Calculator tool
@@ -384,11 +384,12 @@ class RowCache(KVCache):
         n = prefilled.get_pos()
         assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, \
             f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
-        shape = (self.num_layers, 1, self.max_seq_len, self.num_heads, self.head_dim)
-        k, v = (t.new_zeros(shape) for t in (self.k_cache, self.v_cache))
-        k[:, :, :n], v[:, :, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
-        self.k_cache = torch.cat([self.k_cache, k], dim=1)
-        self.v_cache = torch.cat([self.v_cache, v], dim=1)
+        B, T, H, D = self.batch_size, self.max_seq_len, self.num_heads, self.head_dim
+        k, v = (kv_zeros((self.num_layers, B + 1, T, H, D), t.device, t.dtype)
+                for t in (self.k_cache, self.v_cache))  # torch.cat would lose kv_zeros' layout
+        k[:, :B], v[:, :B] = self.k_cache, self.v_cache
+        k[:, B:, :n], v[:, B:, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
+        self.k_cache, self.v_cache = k, v
         prev = prefilled.prev_embedding.to(self.prev_embedding.dtype)
         self.prev_embedding = torch.cat([self.prev_embedding, prev])
         self.row_positions.append(n)

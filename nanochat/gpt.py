@@ -110,11 +110,14 @@ class Linear(nn.Linear):
     def forward(self, x):
         return F.linear(x, self.weight.to(x.dtype))
 
-def apply_rotary(x, cos, sin):
-    # non-interleaved halves: channel j pairs with channel j + D/2
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+def rotate_and_norm(x, cos, sin):
+    """
+    Rotary position embedding, then per-head RMSNorm scaled by QK_SCALE: x (B, T, heads, D).
+    Non-interleaved halves: channel j pairs with j + D/2, so with x = [x1, x2], cos = [c, c] and
+    sin = [s, -s] the result is [x1 c + x2 s, x2 c - x1 s] = x cos + roll(x, D/2) sin.
+    """
+    x = x * cos + torch.roll(x, x.size(-1) // 2, dims=-1) * sin
+    return norm(x) * QK_SCALE
 
 # -----------------------------------------------------------------------------
 # Model
@@ -135,19 +138,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, ve, cos_sin, window, kv_cache, pos0):
         B, T, _ = x.shape
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        cos, sin = cos_sin
         if self.c_qkv is None:
             q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
-        else:
-            kv_width = self.n_kv_head * self.head_dim
-            q, k, v = self.c_qkv(x).split([self.n_head * self.head_dim, kv_width, kv_width], dim=-1)
-        q, k, v = (t.view(B, T, -1, self.head_dim) for t in (q, k, v))  # (B, T, heads, D)
+            q = rotate_and_norm(q.view(B, T, H, D), cos, sin)
+            k = rotate_and_norm(k.view(B, T, Hkv, D), cos, sin)
+        else:  # generating: one matrix, and q and k heads rotated and normed as one tensor
+            qk, v = self.c_qkv(x).split([(H + Hkv) * D, Hkv * D], dim=-1)
+            q, k = rotate_and_norm(qk.view(B, T, H + Hkv, D), cos, sin).split([H, Hkv], dim=2)
+        v = v.view(B, T, Hkv, D)  # q, k, v: (B, T, heads, D)
         if ve is not None:
             # ResFormer value embedding, mixed per kv-head by an input-dependent gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, Hkv, D)
         if kv_cache is None:
             y = attention(q, k, v, window)
         elif isinstance(pos0, torch.Tensor):  # rows at their own positions
@@ -250,13 +254,15 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     def set_rotary(self, n):
-        """Rotary cos/sin for positions 0..n-1, shaped (1, n, 1, head_dim/2) to broadcast over
-        (B, T, H, D/2): computed afresh in fp32, held in the compute dtype."""
+        """Rotary tables for positions 0..n-1, shaped (1, n, 1, head_dim) to broadcast over (B, T,
+        H, D): cos = [c, c] and sin = [s, -s] (rotate_and_norm), computed afresh in fp32, held in
+        the compute dtype."""
         f32 = dict(dtype=torch.float32, device=self.get_device())
         inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, self.head_dim, 2, **f32) / self.head_dim))
         freqs = torch.outer(torch.arange(n, **f32), inv_freq)
-        self.cos = freqs.cos().to(self.compute_dtype)[None, :, None, :]
-        self.sin = freqs.sin().to(self.compute_dtype)[None, :, None, :]
+        cos, sin = freqs.cos(), freqs.sin()
+        self.cos = torch.cat([cos, cos], dim=1).to(self.compute_dtype)[None, :, None, :]
+        self.sin = torch.cat([sin, -sin], dim=1).to(self.compute_dtype)[None, :, None, :]
 
     def ensure_rotary_positions(self, num_positions):
         """
@@ -551,6 +557,18 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # KV cache for inference
 
+def kv_zeros(shape, device, dtype):
+    """
+    Zeros of shape (layers, batch, positions, heads, head_dim). On CPU this shape is a view of
+    memory laid out heads before positions: a decode step then multiplies each head's cached keys
+    as one contiguous matrix, where the positions-first layout makes CPU matmul copy them first
+    (docs/perf.md, "Decode").
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, device=device, dtype=dtype)
+    L, B, T, H, D = shape
+    return torch.zeros(L, B, H, T, D, device=device, dtype=dtype).transpose(2, 3)
+
 class KVCache:
     """
     Pre-allocated keys/values (num_layers, batch, seq_len, num_heads, head_dim) in the compute
@@ -565,8 +583,7 @@ class KVCache:
         self.batch_size, self.num_heads, self.max_seq_len = batch_size, num_heads, seq_len
         self.head_dim, self.num_layers = head_dim, num_layers
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
-        self.k_cache = torch.zeros(shape, device=device, dtype=dtype)
-        self.v_cache = torch.zeros(shape, device=device, dtype=dtype)
+        self.k_cache, self.v_cache = kv_zeros(shape, device, dtype), kv_zeros(shape, device, dtype)
         self.cache_seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
         self.prev_embedding = None
         self.row_positions = None

@@ -151,6 +151,18 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
         assert finish == ("stop" if len(expected) < len(tokens) or tokens[-1] in stops else "length")
     assert out["c"][1] == "length" and len(out["c"][0]) == 5
 
+def test_cpu_cache_keeps_each_heads_keys_contiguous_as_rows_join_and_leave():
+    # A decode step multiplies each head's cached keys as one matrix: (B, H, T, D) views whose
+    # (T, D) blocks are contiguous, or CPU matmul copies every layer's keys first, every step.
+    model = seeded_gpt(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    batch = RowBatch(Engine(model, TOK))
+    requests = [batch.add(prompt, max_tokens=4, temperature=0.0) for prompt in (PROMPT, PROMPT[:3], PROMPT)]
+    batch.cancel(requests[1])
+    batch.step()
+    for cache in (batch.cache.k_cache, batch.cache.v_cache):
+        heads = cache[0].transpose(1, 2)  # (B, H, T, D)
+        assert heads.size(0) == 2 and heads.stride(-1) == 1 and heads.stride(-2) == heads.size(-1)
+
 def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
     engine = Engine(tiny_gpt(), TOK)
     sampled = dict(max_tokens=12, temperature=1.0, top_k=20, seed=7)

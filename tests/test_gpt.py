@@ -132,9 +132,12 @@ def test_init_matches_spec_and_works_from_meta():
     assert 0 <= model.smear_gate.weight.min() and model.smear_gate.weight.max() <= 0.02
     assert model.lm_head.weight.dtype == torch.float32 and model.transformer.h[0].attn.c_q.weight.dtype == torch.float32
     # rotary tables rebuilt after to_empty: position 1, frequency 0 is a rotation by 1 radian
-    assert model.cos.shape == (1, 1280, 1, 32)
+    # (channel j pairs with j + 32: cos = [c, c], sin = [s, -s])
+    assert model.cos.shape == (1, 1280, 1, 64)
     assert model.cos[0, 1, 0, 0].item() == pytest.approx(math.cos(1.0), abs=1e-3)
     assert model.sin[0, 5, 0, 31].item() == pytest.approx(math.sin(5 * 100_000 ** (-62 / 64)), abs=1e-3)
+    assert torch.equal(model.cos[..., 32:], model.cos[..., :32])
+    assert torch.equal(model.sin[..., 32:], -model.sin[..., :32])
 
 def test_smear_is_a_noop_at_init_but_not_after():
     model = tiny_model(active=False)
