@@ -29,7 +29,7 @@ import random
 import re
 import shutil
 import sysconfig
-from multiprocessing import Pool
+from multiprocessing.pool import ThreadPool
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -192,8 +192,9 @@ def download_shards(num_files, dataset=None, num_workers=4):
     print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in "
           f"{data_dir}", flush=True)
     ok = []
-    if jobs:
-        with Pool(processes=max(1, min(num_workers, len(jobs)))) as pool:
+    if jobs:  # threads: downloads wait on the network, and a forked worker of a process that
+        # has threads (torch's, a caller's server) can deadlock on a lock one of them held
+        with ThreadPool(processes=max(1, min(num_workers, len(jobs)))) as pool:
             ok = pool.map(_download_one, jobs)
     failed = [os.path.basename(job[1]) for job, good in zip(jobs, ok) if not good]
     print(f"Downloaded: {len(indices) - len(failed)}/{len(indices)}", flush=True)
