@@ -67,10 +67,11 @@ def attention_one_query(q, k, v, mask=None):
     """
     Decoding on CPU: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask None or broadcasting to
     (B, 1, 1, Tk) -> (B, H, 1, D). Two matmuls and an fp32 softmax: SDPA's CPU flash kernel tiles
-    for many queries; for one it is faster below ~100 keys, even at 128 and 2-3.5x slower from 256
-    to 1,024 (d20 heads, docs/perf.md, "Decode"). The query heads that share a kv head are stacked as columns, so GQA
-    needs no copies of k and v. Keys times queries rather than queries times transposed keys: CPU
-    matmul runs it 1.5-3x faster (d20 heads, bf16: 46 vs 69 us at 144 keys, 175 vs 502 at 1,024).
+    for many queries; for one it is faster below ~100 keys and 1.2-3.5x slower from 128 to 1,024
+    (d20 heads, docs/perf.md, "Decode"). The query heads that share a kv head are stacked as
+    columns, so GQA needs no copies of k and v. Keys times queries rather than queries times
+    transposed keys: CPU matmul runs it 1.5-3x faster (d20 heads, bf16: 46 vs 69 us at 144 keys,
+    175 vs 502 at 1,024).
     """
     B, H, _, D = q.shape
     Hkv = k.size(1)
