@@ -540,10 +540,7 @@ def handle_stop_signals():
     """
     def handler(signum, frame):
         name = signal.Signals(signum).name
-        if os.getpid() != pid:  # a forked worker (data or download pool): die as it would have
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        elif not _stop["signum"]:
+        if not _stop["signum"]:
             _stop.update(signum=signum, time=time.time())
             print(f"{name}: finishing this step, then saving and exiting "
                   f"(send it again to exit at once)", flush=True)
@@ -551,7 +548,6 @@ def handle_stop_signals():
             print(f"{name} again: exiting now; the newest complete checkpoint is intact",
                   flush=True)
             os._exit(128 + signum)
-    pid = os.getpid()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, handler)
 
