@@ -28,8 +28,8 @@ import random
 import string
 import zlib
 
-from tasks.common import Task, mc_conversation, calculator_conversation, evaluate_letter
-from tasks.common import evaluate_answer
+from tasks.common import (Task, mc_conversation, calculator_conversation, evaluate_letter,
+                          evaluate_answer)
 
 TEST_FRACTION = 0.2  # of each task's problem keys
 
@@ -72,8 +72,8 @@ IDENTITY = {
     "creator": ("Karpathy",
         ["Who made you?", "Who created you?", "Who built you?", "Who is your creator?",
          "Where do you come from?", "Who wrote you?", "Who trained you?"],
-        ["I was built with nanochat, an open-source project by Andrej "
-         "Karpathy for training small chat models from scratch.",
+        ["I was built with nanochat, an open-source project by Andrej Karpathy for training small "
+         "chat models from scratch.",
          "The nanochat code that trained me was written by Andrej Karpathy and open-source "
          "contributors."]),
     "abilities": ("count letters",
@@ -206,18 +206,15 @@ class SyntheticMath(SyntheticTask):
 # Letter counting with a python call
 
 WORDS = sorted(set("""apple banana cherry orange lemon mango grape peach melon berry strawberry
-    tomato potato carrot pepper onion garlic bread butter cheese coffee tea water sugar
-    house garden window door table chair kitchen bottle pillow blanket mirror carpet
-    river mountain forest island desert ocean valley meadow canyon volcano glacier
-    tiger rabbit monkey parrot turtle dolphin giraffe elephant kangaroo penguin squirrel
-    yellow purple silver golden scarlet violet
-    letter number pencil paper school teacher student library lesson science history
-    music guitar piano violin trumpet rhythm concert
-    summer winter autumn spring morning evening tomorrow yesterday
-    rocket planet comet galaxy shuttle balloon bicycle tractor airplane
-    happy little simple strong gentle bright quiet clever brave
-    mississippi committee balloon coffee address pepper bookkeeper assessment
-    banana cinnamon success pizza puzzle jazz llama""".split()))
+    tomato potato carrot pepper onion garlic bread butter cheese coffee tea water sugar house garden
+    window door table chair kitchen bottle pillow blanket mirror carpet river mountain forest island
+    desert ocean valley meadow canyon volcano glacier tiger rabbit monkey parrot turtle dolphin
+    giraffe elephant kangaroo penguin squirrel yellow purple silver golden scarlet violet letter
+    number pencil paper school teacher student library lesson science history music guitar piano
+    violin trumpet rhythm concert summer winter autumn spring morning evening tomorrow yesterday
+    rocket planet comet galaxy shuttle balloon bicycle tractor airplane happy little simple strong
+    gentle bright quiet clever brave mississippi committee balloon coffee address pepper bookkeeper
+    assessment banana cinnamon success pizza puzzle jazz llama""".split()))
 QUESTION_TEMPLATES = ["How many {l} are in {w}?",
                       "How many times does the letter {l} appear in {w}?",
                       "Count the letter {l} in the word {w}.", "How many {l}s does {w} have?",
