@@ -106,23 +106,20 @@ if {limit_memory}:
     limits += [(resource.RLIMIT_AS, {memory}), (resource.RLIMIT_DATA, {memory})]
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
-drop_to_uid = {drop_to_uid}
-if drop_to_uid is not None:
+if {drop_to_uid} is not None:
     os.setgroups([])
-    os.setgid(drop_to_uid)
-    os.setuid(drop_to_uid)
+    os.setgid({drop_to_uid})
+    os.setuid({drop_to_uid})
 with open({program_path}, encoding="utf-8") as f:
     _compiled = compile(f.read(), {program_path}, "exec")
 faulthandler.disable()
 for module, names in [(builtins, "exit quit help"), (shutil, "rmtree move chown"),
-                      (os, "kill system putenv remove removedirs rmdir fchdir setuid fork "
-                           "forkpty killpg rename renames truncate replace unlink fchmod fchown "
-                           "chmod chown chroot lchflags lchmod lchown getcwd chdir")]:
+                      (subprocess, "Popen"), (os, "kill system putenv remove removedirs rmdir fork "
+                           "fchdir setuid forkpty killpg rename renames truncate replace unlink "
+                           "fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir")]:
     for name in names.split():
         setattr(module, name, None)
-subprocess.Popen = None
-for name in ["ipdb", "joblib", "resource", "psutil", "tkinter"]:
-    sys.modules[name] = None
+sys.modules.update(dict.fromkeys(["ipdb", "joblib", "resource", "psutil", "tkinter"]))
 exec(_compiled, {{"__name__": "__main__", "__builtins__": builtins}})
 '''
 
@@ -162,15 +159,12 @@ def _bwrap_command(bwrap, work_dir, program_path=None):
             command += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             command += ["--ro-bind", path, path]
-    made = set()
-    for directory in _python_dirs():
-        # its parents are created traversable but not listable (0711): /root/.pyenv/... shows
-        # nothing else of /root
-        parts = directory.split("/")
-        for parent in ["/".join(parts[:i]) for i in range(2, len(parts))]:
-            if parent not in made:
-                command += ["--perms", "0711", "--dir", parent]
-                made.add(parent)
+    dirs = _python_dirs()
+    # their parents are created traversable but not listable (0711): /root/.pyenv/... shows
+    # nothing else of /root
+    for parent in dict.fromkeys(d[:i] for d in dirs for i in range(1, len(d)) if d[i] == "/"):
+        command += ["--perms", "0711", "--dir", parent]
+    for directory in dirs:
         command += ["--ro-bind", directory, directory]
     command += ["--proc", "/proc", "--dev", "/dev",
                 "--perms", "0777", "--size", str(MAX_WORK_BYTES), "--tmpfs", work_dir]
@@ -281,11 +275,10 @@ def _isolation():
         bwrap, problem = _probe_isolation()
         if bwrap is None and not _banner_shown:
             as_root = ""
-            if os.geteuid() == 0 and _can_drop_privileges():
-                as_root = "; it still runs as uid nobody, so it cannot start processes"
-            elif os.geteuid() == 0:
-                as_root = ("; it runs as root, as this Python cannot start as uid nobody (install "
-                           "it outside /root)")
+            if os.geteuid() == 0:
+                as_root = ("; it still runs as uid nobody, so it cannot start processes"
+                           if _can_drop_privileges() else "; it runs as root, as this Python "
+                           "cannot start as uid nobody (install it outside /root)")
             print(f"nanochat.execution: WARNING: model-written code runs WITHOUT "
                   f"isolation (your files, network and processes are reachable "
                   f"from it): {problem}{as_root}", file=sys.stderr, flush=True)
@@ -342,11 +335,11 @@ def _sandbox_init(info_read, info_write):
         info = b""
         while not info.rstrip().endswith(b"}") and (chunk := f.read1(4096)):
             info += chunk
-    if not info.rstrip().endswith(b"}"):
-        return None
     try:
         return os.pidfd_open(json.loads(info)["child-pid"])
-    except OSError:  # ended and reaped already (and so all it started), or no pidfds: killpg alone
+    # ValueError: no whole JSON, bwrap failed before starting it; OSError: ended and reaped already
+    # (and so all it started), or no pidfds: killpg alone
+    except (OSError, ValueError):
         return None
 
 def execute_code(code, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024):
