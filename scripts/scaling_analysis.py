@@ -49,9 +49,9 @@ def run_row(tag, checkpoints_dir=None):
     run_dir = os.path.join(checkpoints_dir, tag)
     metas = sorted(glob.glob(os.path.join(run_dir, "meta_*.json")))
     if not metas:
-        raise FileNotFoundError(f"no checkpoint meta in {run_dir}: train it "
-                                f"(base_train --model-tag={tag}) or point "
-                                f"--checkpoints-dir at the folder that holds {tag}/")
+        raise FileNotFoundError(f"no checkpoint meta in {run_dir}: train it (base_train "
+                                f"--model-tag={tag}) or point --checkpoints-dir at the folder "
+                                f"that holds {tag}/")
     meta = read_meta(metas[-1])
     if meta["step"] != meta["num_iterations"]:
         raise ValueError(f"run {tag} has not finished: newest checkpoint is step {meta['step']} of "
@@ -59,15 +59,13 @@ def run_row(tag, checkpoints_dir=None):
     log_path = metric_log_path("base", tag)
     records = read_metric_log(log_path) if os.path.exists(log_path) else []
     core = [r["core_metric"] for r in records if r.get("core_metric") is not None]
-    counts = meta["param_counts"]
-    tokens = meta["num_iterations"] * meta["total_batch_size"]
+    counts, tokens = meta["param_counts"], meta["num_iterations"] * meta["total_batch_size"]
     return {
         "model_tag": tag, "depth": meta["model_config"]["n_layer"],
         "model_dim": meta["model_config"]["n_embd"], "num_params": counts["total"],
-        "num_scaling_params": meta["num_scaling_params"],
-        **{k: counts.get(k, "") for k in PARAM_GROUPS},
-        "flops_per_token": meta["flops_per_token"], "num_iterations": meta["num_iterations"],
-        "total_batch_size": meta["total_batch_size"], "tokens_trained": tokens,
+        **{k: meta[k] for k in ("num_scaling_params", "flops_per_token", "num_iterations",
+                                "total_batch_size")},
+        **{k: counts.get(k, "") for k in PARAM_GROUPS}, "tokens_trained": tokens,
         "param_data_ratio": round(tokens / meta["num_scaling_params"], 4),
         "target_flops": meta["user_config"].get("target_flops", -1),
         "total_flops": meta["flops_per_token"] * tokens, "val_bpb": meta["val_bpb"],
@@ -148,8 +146,7 @@ def plot(rows, fits, out_dir, plt):
         fit, ns = fits[budget], [r["num_scaling_params"] for r in runs]
         if "coeffs" in fit:
             xs = np.linspace(math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1, 100)
-            ax.plot(10 ** xs, np.polyval(fit["coeffs"], xs), color=f"C{i}", linestyle="--",
-                    linewidth=1)
+            ax.plot(10 ** xs, np.polyval(fit["coeffs"], xs), f"C{i}--", linewidth=1)
         if "n_opt" in fit:
             where = "" if fit["inside"] else " (outside sweep)"
             ax.plot(fit["n_opt"], fit["bpb_opt"], "*", color=f"C{i}", markersize=14,
@@ -177,11 +174,8 @@ def scatter(ax, runs, x, color, label):
                     textcoords="offset points")
 
 def save(fig, ax, path, plt, xlabel, title):
-    ax.set_xscale("log")
+    ax.set(xscale="log", xlabel=xlabel, ylabel="final val bpb (bits/byte)", title=title)
     ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only: no overlapping text
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("final val bpb (bits/byte)")
-    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -193,8 +187,7 @@ def save(fig, ax, path, plt, xlabel, title):
 def markdown(rows, fits, csv_paths):
     lines = [f"# Scaling analysis of {', '.join(csv_paths)}", "",
              "| tag | depth | scaling params | tokens | tokens:params | budget | FLOPs | val bpb "
-             "| CORE | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| CORE | train s |", "|---" * 10 + "|"]
     for r in sorted(rows, key=lambda r: (r.get("target_flops") or -1, r["num_scaling_params"])):
         budget = f"{r['target_flops']:.3g}" if (r.get("target_flops") or -1) > 0 else "-"
         core = f"{r['core_score']:.4f}" if r.get("core_score") is not None else "-"
@@ -206,8 +199,7 @@ def markdown(rows, fits, csv_paths):
     if fits:
         lines += ["", "## IsoFLOP minima (parabola in log10 N)", "",
                   "| budget C | N* (scaling params) | D* (tokens) | D*/N* | val bpb at N* "
-                  "| N* inside the sweep |",
-                  "|---|---|---|---|---|---|"]
+                  "| N* inside the sweep |", "|---" * 6 + "|"]
         for budget, fit in sorted(fits.items()):
             if "n_opt" in fit:
                 lines.append(f"| {budget:.3g} | {fit['n_opt']:,.0f} | {fit['d_opt']:,.0f} "
@@ -222,8 +214,8 @@ def markdown(rows, fits, csv_paths):
                           f"with a minimum inside the sweep): {ratio:.2f}"]
         if len(good) >= 2:  # N* ~ C^a, D* ~ C^b: least-squares lines in log-log
             log_c = np.log10(list(good))
-            a = np.polyfit(log_c, np.log10([f["n_opt"] for f in good.values()]), 1)[0]
-            b = np.polyfit(log_c, np.log10([f["d_opt"] for f in good.values()]), 1)[0]
+            a, b = (np.polyfit(log_c, np.log10([f[k] for f in good.values()]), 1)[0]
+                    for k in ("n_opt", "d_opt"))
             lines.append(f"Scaling of the optimum: N* ~ C^{a:.3f}, D* ~ C^{b:.3f} "
                          f"(Chinchilla: both ~0.5)")
     return "\n".join(lines) + "\n"
