@@ -97,10 +97,9 @@ def render_mc(question, letters, choices):
     token the model sees in the prompt is the bare-letter token it must emit as the answer (small
     models benefit)."""
     assert len(letters) == len(choices), f"{len(letters)} letters for {len(choices)} choices"
-    lines = [f"Multiple Choice question: {question}\n"]
-    lines += [f"- {choice}={letter}\n" for letter, choice in zip(letters, choices)]
-    lines.append("\nRespond only with the letter of the correct answer.")
-    return "".join(lines)
+    options = "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
+    return (f"Multiple Choice question: {question}\n{options}\n"
+            "Respond only with the letter of the correct answer.")
 
 def qa_conversation(question, answer, **extra):
     """One user message and the assistant's answer (a
@@ -172,13 +171,11 @@ def _download_hub_dataset(repo, subset, split, data_dir):
     with open(listing_path, encoding="utf-8") as f:
         urls = json.load(f)
     assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a list of URLs"
-    files = []
-    for i, url in enumerate(sorted(urls, key=_shard_sort_key)):
-        name = f"{i:05d}.parquet"
+    files = [f"{i:05d}.parquet" for i in range(len(urls))]
+    for i, (name, url) in enumerate(zip(files, sorted(urls, key=_shard_sort_key))):
         if not download_url(url, os.path.join(data_dir, name)):
             raise RuntimeError(f"could not download {url} (shard {i} of {repo} {subset}/{split}). "
                                f"{how_to}")
-        files.append(name)
     # Written last: its presence means every shard is complete (download_url renames atomically).
     manifest = {"repo": repo, "subset": subset, "split": split, "urls": urls, "files": files}
     atomic_write_text(os.path.join(data_dir, "manifest.json"), json.dumps(manifest, indent=1))
