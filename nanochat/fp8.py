@@ -108,20 +108,16 @@ def worth_fp8(linear, fqn=""):
     return n_in % 16 == 0 and n_out % 16 == 0 and min(n_in, n_out) >= 128
 
 def convert_to_float8_training(module, module_filter_fn=None):
-    """Swap every nn.Linear in `module` (children before parents) for a Float8Linear sharing its
-    weight, when module_filter_fn(linear, fully_qualified_name) is true (or always, without a
-    filter). Returns `module`."""
+    """Swap every nn.Linear below `module` for a Float8Linear sharing its weight, when
+    module_filter_fn(linear, fully_qualified_name) is true (or always, without a filter). Returns
+    `module`."""
     check_fp8_supported(next(module.parameters()).device)
-
-    def swap(parent, prefix):
-        for name, child in parent.named_children():
+    for prefix, parent in list(module.named_modules()):
+        for name, child in list(parent.named_children()):
             fqn = f"{prefix}.{name}" if prefix else name
-            swap(child, fqn)
             if type(child) is not Float8Linear and isinstance(child, nn.Linear) \
                     and (module_filter_fn is None or module_filter_fn(child, fqn)):
                 setattr(parent, name, Float8Linear.from_linear(child))
-
-    swap(module, "")
     return module
 
 @contextmanager
