@@ -23,16 +23,13 @@ from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 # -----------------------------------------------------------------------------
 
-def first_row_group(split):
-    return "\n".join(next(iter(parquets_iter_batched(split))))
-
 # The samples: each opens with a line "=== name ===" (the texts are kept as written, lines and all)
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tok_eval_samples.txt"),
           encoding="utf-8") as f:
     pieces = re.split(r"^=== (\w+) ===\n", f.read(), flags=re.MULTILINE)[1:]
 all_text = [(name, text.strip()) for name, text in zip(pieces[::2], pieces[1::2])]
-all_text += [(f"{get_dataset_name()}-{split}", first_row_group(split))
-             for split in ("train", "val")]
+all_text += [(f"{get_dataset_name()}-{split}", "\n".join(next(parquets_iter_batched(split))))
+             for split in ("train", "val")]  # the first row group of each
 
 tokenizers = {"ours": get_tokenizer()}
 for label, name in [("gpt2", "gpt2"), ("gpt4", "cl100k_base")]:
@@ -62,8 +59,7 @@ vocab = {label: tok.get_vocab_size() for label, tok in tokenizers.items()}
 tables = []
 for base in [label for label in tokenizers if label != "ours"] or [None]:
     labels = [base, "ours"] if base else ["ours"]
-    header = ["Text", "Bytes"] + [f"{label} {kind}" for label in labels
-                                  for kind in ("tok", "ratio")]
+    header = ["Text", "Bytes"] + [f"{lab} {kind}" for lab in labels for kind in ("tok", "ratio")]
     header += ["Rel diff"] if base else []
     title = f"{base.upper()} (vocab {vocab[base]:,}) vs ours" if base else "Ours: bytes per token"
     lines = [title + f" (vocab {vocab['ours']:,})", "", table_row(header),

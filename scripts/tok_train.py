@@ -42,8 +42,7 @@ args = parser.parse_args()
 check_flags([
     ("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
     ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
-    ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + 9, 
-     ">= 265 (256 bytes + 9 specials)"),
+    ("--vocab-size", args.vocab_size, args.vocab_size >= 265, ">= 265 (256 bytes + 9 specials)"),
 ])
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | "
       f"vocab_size: {args.vocab_size:,}")
@@ -58,10 +57,7 @@ config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": ar
           "dataset": get_dataset_name()}
 if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
     fingerprint = Tokenizer.from_directory(tokenizer_dir).fingerprint()
-    record = {}
-    if os.path.exists(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
+    record = json.load(open(record_path, encoding="utf-8")) if os.path.exists(record_path) else {}
     if record == dict(config, fingerprint=fingerprint):
         print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: "
               f"kept (--overwrite retrains it)")
