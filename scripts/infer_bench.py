@@ -97,8 +97,7 @@ default_batch_sizes = "1,8,32,128" if on_cuda else "1,4"
 batch_sizes = [int(b) for b in (args.batch_sizes or default_batch_sizes).split(",")]
 assert min(batch_sizes) >= 1, f"--batch-sizes must be positive integers, got {args.batch_sizes!r}"
 dtypes = args.dtype.split(",")
-bad = [d for d in dtypes if d and d not in INFERENCE_DTYPES]
-if bad or (len(dtypes) > 1 and "" in dtypes):
+if not set(dtypes) <= {"", *INFERENCE_DTYPES} or (len(dtypes) > 1 and "" in dtypes):
     parser.error(f"--dtype {args.dtype!r}: list dtypes from {list(INFERENCE_DTYPES)}, "
                  f"or leave it out for the default")
 
@@ -140,8 +139,8 @@ def bench_dtype(dtype):
     n_prompt = min(prompt_tokens, config.sequence_len - WARMUP_STEPS - decode_tokens)
     assert n_prompt >= 1, (f"--decode-tokens {decode_tokens} + {WARMUP_STEPS} warm-up "
                            f"leave no room for a prompt in context {config.sequence_len}")
-    seed0 = lambda: torch.Generator().manual_seed(0)
-    random_ids = lambda n: torch.randint(0, config.vocab_size, (n,), generator=seed0())
+    random_ids = lambda n: torch.randint(0, config.vocab_size, (n,),
+                                         generator=torch.Generator().manual_seed(0))
     prompt = random_ids(n_prompt)[None].to(device)
     mid_ctx = n_prompt + WARMUP_STEPS + decode_tokens // 2
     # FLOPs from the shapes, counted before int8 swaps nn.Linear modules out
