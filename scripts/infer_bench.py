@@ -156,18 +156,16 @@ def bench_dtype(dtype):
     weight_bytes = nbytes(p for p in params if p not in embeddings)
     kv_read, kv_per_token = model.kv_read_bytes(mid_ctx), model.kv_bytes_per_token()
     vram = torch.cuda.get_device_properties(device).total_memory if on_cuda else None
-    card = {
-        "model": model_name, "dtype": dtype, "n_layer": config.n_layer, "n_embd": config.n_embd,
-        "n_head": config.n_head, "sequence_len": config.sequence_len,
-        "window_sizes": model.window_sizes, "compute_dtype": str(model.compute_dtype),
-        "params": sum(p.numel() for p in params), "param_bytes_by_dtype": bytes_by_dtype,
-        "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_per_token,
-        "kv_read_bytes_per_row_at_mid_ctx": kv_read, "mid_ctx": mid_ctx, "peak_bandwidth": peak_bw,
-        "peak_flops": peak_flops, "vram_bytes": vram,
-        "batch1_decode_ceiling_tok_per_s": peak_bw / (weight_bytes + kv_read),
-        "max_full_context_rows": (vram - weight_bytes) // (kv_per_token * config.sequence_len)
-                                 if vram else None,
-    }
+    card = {"model": model_name, "dtype": dtype,
+            **{k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "sequence_len")},
+            "window_sizes": model.window_sizes, "compute_dtype": str(model.compute_dtype),
+            "params": sum(p.numel() for p in params), "param_bytes_by_dtype": bytes_by_dtype,
+            "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_per_token,
+            "kv_read_bytes_per_row_at_mid_ctx": kv_read, "mid_ctx": mid_ctx,
+            "peak_bandwidth": peak_bw, "peak_flops": peak_flops, "vram_bytes": vram,
+            "batch1_decode_ceiling_tok_per_s": peak_bw / (weight_bytes + kv_read),
+            "max_full_context_rows": (vram - weight_bytes) // (kv_per_token * config.sequence_len)
+                                     if vram else None}
     for k, v in card.items():
         print(f"  {k:36s} {v}")
 
@@ -210,8 +208,7 @@ def bench_dtype(dtype):
             "tpot_s": tpot, "tok_per_s": batch_size * len(step_times) / sum(step_times),
             "bytes_per_s": bytes_per_s, "mbu": ratio(bytes_per_s, peak_bw),
             "mfu": ratio(batch_size * decode_flops / tpot, peak_flops),
-            "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
-        })
+            "peak_vram_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None})
         del cache
 
     # Engine.generate end to end, as chat_eval and RL call it: one prompt, B samples, every step's

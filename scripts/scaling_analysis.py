@@ -60,18 +60,17 @@ def run_row(tag, checkpoints_dir=None):
     records = read_metric_log(log_path) if os.path.exists(log_path) else []
     core = [r["core_metric"] for r in records if r.get("core_metric") is not None]
     counts, tokens = meta["param_counts"], meta["num_iterations"] * meta["total_batch_size"]
-    return {
-        "model_tag": tag, "depth": meta["model_config"]["n_layer"],
-        "model_dim": meta["model_config"]["n_embd"], "num_params": counts["total"],
-        **{k: meta[k] for k in ("num_scaling_params", "flops_per_token", "num_iterations",
-                                "total_batch_size")},
-        **{k: counts.get(k, "") for k in PARAM_GROUPS}, "tokens_trained": tokens,
-        "param_data_ratio": round(tokens / meta["num_scaling_params"], 4),
-        "target_flops": meta["user_config"].get("target_flops", -1),
-        "total_flops": meta["flops_per_token"] * tokens, "val_bpb": meta["val_bpb"],
-        "min_val_bpb": meta["loop_state"]["min_val_bpb"], "core_score": core[-1] if core else "",
-        "train_time_sec": round(meta["loop_state"]["total_training_time"], 2),
-    }
+    return {"model_tag": tag, "depth": meta["model_config"]["n_layer"],
+            "model_dim": meta["model_config"]["n_embd"], "num_params": counts["total"],
+            **{k: meta[k] for k in ("num_scaling_params", "flops_per_token", "num_iterations",
+                                    "total_batch_size")},
+            **{k: counts.get(k, "") for k in PARAM_GROUPS}, "tokens_trained": tokens,
+            "param_data_ratio": round(tokens / meta["num_scaling_params"], 4),
+            "target_flops": meta["user_config"].get("target_flops", -1),
+            "total_flops": meta["flops_per_token"] * tokens, "val_bpb": meta["val_bpb"],
+            "min_val_bpb": meta["loop_state"]["min_val_bpb"],
+            "core_score": core[-1] if core else "",
+            "train_time_sec": round(meta["loop_state"]["total_training_time"], 2)}
 
 def add_run(tag, csv_path, checkpoints_dir=None):
     rows = read_csv(csv_path) if os.path.exists(csv_path) else []
