@@ -117,7 +117,6 @@ IDENTITY = {
          "Thank you so much!"],
         ["You're welcome!", "You're welcome! Happy to help."]),
 }
-IDENTITY_TOPICS = sorted(IDENTITY)
 
 
 class SyntheticIdentity(SyntheticTask):
@@ -128,7 +127,7 @@ class SyntheticIdentity(SyntheticTask):
     def get_example(self, index):
         rng = random.Random(f"SyntheticIdentity/{self.seed}/{self.split}/{index}")
         num_turns = rng.choice([1, 1, 1, 2, 2, 3])
-        topics = rng.sample(IDENTITY_TOPICS, num_turns)
+        topics = rng.sample(sorted(IDENTITY), num_turns)
         messages = []
         for turn, topic in enumerate(topics):
             keyword, phrasings, answers = IDENTITY[topic]
