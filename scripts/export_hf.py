@@ -87,7 +87,8 @@ if args.check:
         sys.exit(0)
     hf_model = AutoModelForCausalLM.from_pretrained(args.output, trust_remote_code=True,
                                                     dtype=torch.float32).eval()
-    prepare_for_inference(model, "float32")  # fp32 to fp32: the default compute dtype is bf16 on some CPUs
+    # fp32 to fp32: the default compute dtype is bf16 on some CPUs
+    prepare_for_inference(model, "float32")
     ids = torch.tensor([tokenizer.encode("The capital of France is", prepend="<|bos|>")])
     with torch.no_grad():
         diff = (hf_model(ids).logits - model(ids)).abs().max().item()
