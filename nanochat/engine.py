@@ -110,9 +110,8 @@ def default_inference_dtype(device):
 
 def add_dtype_flag(parser):
     """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
-    parser.add_argument("--dtype", type=str, default="", choices=["", *INFERENCE_DTYPES],
-                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with "
-                             "AVX512-BF16/AMX, else float32; int8: CPU only)")
+    parser.add_argument("--dtype", default="", choices=["", *INFERENCE_DTYPES],
+                        help="weights: '' = bf16 where native, else fp32; int8: CPU only")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
@@ -332,8 +331,7 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            columns = zip(*[self._advance_row(row, token) for row, token in zip(rows, sampled)])
-            token_column, mask_column = map(list, columns)
+            token_column, mask_column = map(list, zip(*map(self._advance_row, rows, sampled)))
             yield token_column, mask_column
             if step == max_tokens - 1 or all(row.completed for row in rows):
                 break

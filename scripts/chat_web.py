@@ -151,16 +151,13 @@ def parse_chat_request(body, openai):
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     known = OPENAI_FIELDS | set(UNSUPPORTED) | IGNORED if openai else WEB_FIELDS
-    for name in body:
+    for name, value in body.items():
         if name not in known:
             raise APIError(f"Unrecognized request argument supplied: {name}", name)
-    if openai:
-        for name, neutral in UNSUPPORTED.items():
-            if body.get(name) not in (None, neutral):
-                value = json.dumps(body[name])[:50]
-                raise APIError(f"{name}={value} is not supported by this server", name)
-        if "model" in body and not isinstance(body["model"], str):
-            raise APIError("model must be a string", "model")
+        if name in UNSUPPORTED and value not in (None, UNSUPPORTED[name]):
+            raise APIError(f"{name}={json.dumps(value)[:50]} is not supported by this server", name)
+    if not isinstance(body.get("model", ""), str):  # the web route refused the field above
+        raise APIError("model must be a string", "model")
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
@@ -248,11 +245,6 @@ class Worker(threading.Thread):
         # finished (event loop thread only)
         self.jobs, self.load = [], 0
 
-    def submit(self, job):
-        self.load += 1
-        self.waiting.put(job)
-        self.wake.set()
-
     def fail(self, jobs, stage, e, message=None):
         """Say loudly what failed; its requests end with an error naming the exception's type."""
         name = type(e).__name__
@@ -271,14 +263,12 @@ class Worker(threading.Thread):
                 self.jobs.remove(job)
             while len(self.jobs) < args.max_batch and not self.waiting.empty():
                 job = self.waiting.get()
-                if job.cancelled.is_set():
-                    continue
                 try:
-                    job.row = batch.add(job.tokens, **job.sampling)
+                    if not job.cancelled.is_set():
+                        job.row = batch.add(job.tokens, **job.sampling)
+                        self.jobs.append(job)
                 except Exception as e:  # a bad setting (ValueError) or prefill: fail the request
                     self.fail([job], "prefill", e, str(e) if isinstance(e, ValueError) else None)
-                    continue
-                self.jobs.append(job)
             if not self.jobs:
                 continue
             try:
@@ -329,9 +319,10 @@ async def generate(settings):
     settings = dict(settings, max_tokens=min(settings["max_tokens"], CONTEXT - len(tokens)))
     worker = min(workers, key=lambda w: w.load)
     job = Job(tokens, settings)
-    worker.submit(job)
-    t0, count, finish = time.time(), 0, None
-    stream = ReplyStream(tokenizer)
+    worker.load += 1
+    worker.waiting.put(job)
+    worker.wake.set()
+    t0, count, finish, stream = time.time(), 0, None, ReplyStream(tokenizer)
     try:
         while finish is None:
             token, finish = await job.results.get()
@@ -470,11 +461,10 @@ async def openai_chat_completions(request: Request):
             async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
                 if text_of(pieces):
                     yield sse(chunk({"content": text_of(pieces)}))
-                if finish is not None:
-                    yield sse(chunk({}, finish))
-                    if settings["include_usage"]:
-                        tokens = usage(prompt_tokens, completion_tokens)
-                        yield sse(dict(chunk({}), choices=[], usage=tokens))
+            yield sse(chunk({}, finish))  # the last item carries the finish reason
+            if settings["include_usage"]:
+                tokens = usage(prompt_tokens, completion_tokens)
+                yield sse(dict(chunk({}), choices=[], usage=tokens))
         except APIError as e:
             yield sse(e.body)
         finally:
