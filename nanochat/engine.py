@@ -85,16 +85,12 @@ def use_calculator(expr):
         return None
     try:
         tree = ast.parse(expr, mode="eval")
-    except (SyntaxError, RecursionError):
-        return None
-    is_count = (isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body)
-                and tree.body.func.attr == "count")
-    if not (_is_arithmetic(tree) or is_count):
-        return None
-    try:
-        return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
-    except (ArithmeticError, TypeError, ValueError):  # 1/0, overflow, 'abc'.count(1), 'abc'.count()
-        return None
+        is_count = isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body)
+        if _is_arithmetic(tree) or (is_count and tree.body.func.attr == "count"):
+            return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
+    except (SyntaxError, RecursionError, ArithmeticError, TypeError, ValueError):
+        pass  # unparsable, 1/0, overflow, 'abc'.count(1), 'abc'.count()
+    return None
 
 # -----------------------------------------------------------------------------
 # Inference weights: held once in the dtype the device does best
@@ -106,19 +102,16 @@ def default_inference_dtype(device):
     """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
     if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
+    if device.type == "cpu" and (feature := cpu_bf16_feature()):
+        return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
     if device.type == "cpu":
-        feature = cpu_bf16_feature()
-        if feature:
-            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
-        return "float32", ("CPU lacks AVX512-BF16/AMX: bf16 would be converted in software "
-                           "(try --dtype bfloat16)")
+        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 runs emulated (try --dtype bfloat16)"
     return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
 
 def add_dtype_flag(parser):
     """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
-    parser.add_argument("--dtype", type=str, default="", choices=["", *INFERENCE_DTYPES],
-                        help="weights for generation ('' = bfloat16 on CUDA SM80+ and CPUs with "
-                             "AVX512-BF16/AMX, else float32; int8: CPU only)")
+    parser.add_argument("--dtype", default="", choices=["", *INFERENCE_DTYPES],
+                        help="weights: '' = bf16 where native, else fp32; int8: CPU only")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
@@ -173,8 +166,7 @@ def _stack_qkv(model):
     c_q, c_k and c_v read the same input: stacked into one matrix (attn.c_qkv) they are one matmul
     per layer instead of three, which a bandwidth-bound decode step feels (docs/perf.md, "Decode").
     """
-    for block in model.transformer.h:
-        attn = block.attn
+    for attn in [block.attn for block in model.transformer.h]:
         weight = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]).detach()
         with torch.device("meta"):
             attn.c_qkv = Linear(weight.size(1), weight.size(0))
@@ -200,15 +192,12 @@ def prepare_for_inference(model, dtype=""):
     device = model.get_device()
     dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
     if dtype not in INFERENCE_DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not one of {list(INFERENCE_DTYPES)}; "
-                         f"leave it out for the default")
+        raise ValueError(f"--dtype {dtype!r}: use one of {list(INFERENCE_DTYPES)} or leave it out")
     if dtype == "int8" and device.type != "cpu":
-        raise ValueError(f"--dtype int8 runs torch's CPU int8 kernel; on {device.type} use "
-                         f"--dtype bfloat16")
+        raise ValueError(f"--dtype int8 runs on CPU only; on {device.type} use --dtype bfloat16")
     if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
-        raise ValueError("--dtype float32: attention on this GPU is FA3, which runs "
-                         "bf16 only; use --dtype bfloat16, or NANOCHAT_DTYPE=float32 to "
-                         "compute everything in fp32 (attention then uses flex/SDPA)")
+        raise ValueError("--dtype float32: this GPU's attention (FA3) runs bf16 only; use --dtype "
+                         "bfloat16, or NANOCHAT_DTYPE=float32 for fp32 throughout (flex/SDPA)")
     model.eval().requires_grad_(False)
     model.compute_dtype = INFERENCE_DTYPES[dtype]
     _stack_qkv(model)
@@ -288,8 +277,8 @@ class Engine:
             row.in_python_block = False
             result = use_calculator(self.tokenizer.decode(row.python_tokens))
             if result is not None:
-                output = self.tokenizer.encode(str(result))
-                row.forced_tokens.extend([self.output_start, *output, self.output_end])
+                row.forced_tokens += [self.output_start, *self.tokenizer.encode(str(result)),
+                                      self.output_end]
         elif row.in_python_block:
             row.python_tokens.append(token)
         return token, 0 if forced else 1
@@ -300,21 +289,24 @@ class Engine:
         if len(tokens) == 0:
             raise ValueError("the prompt is empty: start it with the <|bos|> token")
         if not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"prompt tokens must be ints in [0, {vocab_size}), got "
-                             f"{tokens[:16]}...")
+            raise ValueError(f"prompt tokens must be ints in [0, {vocab_size}), got {tokens[:16]}")
         if len(tokens) >= context:
             raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context "
                              f"is {context}: shorten it to at most {context - 1} tokens")
-        if max_tokens is None:
-            max_tokens = context - len(tokens)
-        if max_tokens < 1 or len(tokens) + max_tokens > context:
-            raise ValueError(f"max_tokens={max_tokens} with a {len(tokens)}-token "
-                             f"prompt does not fit the model's context of {context}: "
-                             f"use 1 <= max_tokens <= {context - len(tokens)}")
+        max_tokens = context - len(tokens) if max_tokens is None else max_tokens
+        if not 1 <= max_tokens <= context - len(tokens):
+            raise ValueError(f"max_tokens={max_tokens} with a {len(tokens)}-token prompt: context "
+                             f"{context} allows 1 <= max_tokens <= {context - len(tokens)}")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         check_sampling(temperature, top_k)
         return max_tokens
+
+    def _prefill(self, tokens):
+        """The prompt through the model at batch 1 -> (its last position's logits, its cache)."""
+        cache = new_kv_cache(self.model, 1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.model.get_device())
+        return self.model(ids, kv_cache=cache)[:, -1, :], cache
 
     @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None,
@@ -330,9 +322,7 @@ class Engine:
         rng = torch.Generator(device=device).manual_seed(seed)
 
         # Prefill once at batch 1, then copy that cache into every row of the decode cache.
-        prefill_cache = new_kv_cache(self.model, 1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
+        logits, prefill_cache = self._prefill(tokens)
         logits = logits.expand(num_samples, -1)  # each row still samples its own first token
         decode_cache = new_kv_cache(self.model, num_samples, len(tokens) + max_tokens)
         decode_cache.prefill(prefill_cache)
@@ -341,8 +331,7 @@ class Engine:
         rows = [RowState() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
-            columns = zip(*[self._advance_row(row, token) for row, token in zip(rows, sampled)])
-            token_column, mask_column = map(list, columns)
+            token_column, mask_column = map(list, zip(*map(self._advance_row, rows, sampled)))
             yield token_column, mask_column
             if step == max_tokens - 1 or all(row.completed for row in rows):
                 break
@@ -405,29 +394,26 @@ class RowCache(KVCache):
     def advance(self, n):
         self.row_positions = [p + n for p in self.row_positions]
 
-class Request:
+class Request(RowState):
     """One row of a RowBatch: its sampling settings, its own seeded generator, where it stands."""
-    def __init__(self, tokens, max_tokens, temperature, top_k, seed, device):
-        self.tokens, self.max_tokens = tokens, max_tokens
-        self.temperature, self.top_k = temperature, top_k
+    def __init__(self, max_tokens, temperature, top_k, seed, device):
+        super().__init__()
+        self.max_tokens, self.temperature, self.top_k = max_tokens, temperature, top_k
         self.rng = torch.Generator(device=device).manual_seed(seed)
-        self.state = RowState()
-        self.generated = 0
-        self.logits = None  # (1, V) logits for this row's next token
+        self.generated, self.logits = 0, None  # logits: (1, V) for this row's next token
 
 class RowBatch:
     """
     Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row;
     step() gives every row its next token: -> [(request, token, mask, finish)], finish None, "stop"
     (the token is <|assistant_end|> or <|bos|>) or "length" (max_tokens reached). Finished rows
-    leave; cancel() drops a row at once. Each row samples from its own logits with its own
+    leave; cancel(*requests) drops rows at once. Each row samples from its own logits with its own
     generator, so a seeded request gives the same tokens alone or next to others (up to float
     rounding, which batch shape can change).
     """
-    def __init__(self, engine, capacity=None):
+    def __init__(self, engine):
         self.engine, self.model = engine, engine.model
-        self.capacity = capacity or self.model.config.sequence_len
-        self.cache = RowCache(self.model, self.capacity)
+        self.cache = RowCache(self.model, self.model.config.sequence_len)
         self.rows = []
 
     def __len__(self):
@@ -435,21 +421,16 @@ class RowBatch:
 
     @torch.inference_mode()
     def add(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        # the cache holds the whole context, and _check_args fits prompt + max_tokens in it
         max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
-        if len(tokens) + max_tokens > self.capacity:
-            raise ValueError(f"{len(tokens)} prompt + {max_tokens} new tokens exceed the capacity "
-                             f"{self.capacity}")
-        device = self.model.get_device()
-        request = Request(tokens, max_tokens, temperature, top_k, seed, device)
-        prefill_cache = new_kv_cache(self.model, 1, len(tokens))
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        request.logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]
+        request = Request(max_tokens, temperature, top_k, seed, self.model.get_device())
+        request.logits, prefill_cache = self.engine._prefill(tokens)
         self.cache.add_row(prefill_cache)
         self.rows.append(request)
         return request
 
-    def cancel(self, request):
-        keep = [i for i, r in enumerate(self.rows) if r is not request]
+    def cancel(self, *requests):
+        keep = [i for i, r in enumerate(self.rows) if r not in requests]
         self.cache.keep_rows(keep)
         self.rows = [self.rows[i] for i in keep]
 
@@ -461,17 +442,16 @@ class RowBatch:
         sampled = torch.cat(sampled).view(-1).tolist()  # one host sync for the whole batch
         out = []
         for request, token in zip(self.rows, sampled):
-            token, mask = self.engine._advance_row(request.state, token)
+            token, mask = self.engine._advance_row(request, token)
             request.generated += 1
             out_of_tokens = request.generated >= request.max_tokens
-            finish = "stop" if request.state.completed else "length" if out_of_tokens else None
+            finish = "stop" if request.completed else "length" if out_of_tokens else None
             out.append((request, token, mask, finish))
-        keep = [i for i, (_, _, _, finish) in enumerate(out) if finish is None]
-        if len(keep) < len(self.rows):
-            self.cache.keep_rows(keep)
-            self.rows = [self.rows[i] for i in keep]
+        finished = [request for request, *_, finish in out if finish]
+        if finished:
+            self.cancel(*finished)
         if self.rows:
-            next_tokens = [out[i][1] for i in keep]
+            next_tokens = [token for _, token, _, finish in out if finish is None]
             ids = torch.tensor(next_tokens, dtype=torch.long, device=self.model.get_device())
             logits = self.model(ids[:, None], kv_cache=self.cache)[:, -1, :]
             for i, request in enumerate(self.rows):

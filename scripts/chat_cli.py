@@ -43,8 +43,7 @@ top_k = None if args.top_k == -1 else args.top_k
 try:
     check_sampling(args.temperature, top_k)  # before minutes of loading
     _, _, _, _, device = compute_init(args.device_type)
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag,
-                                        step=args.step)
+    model, tokenizer, _ = load_model(args.source, device, model_tag=args.model_tag, step=args.step)
     prepare_for_inference(model, args.dtype)
 except (FileNotFoundError, ValueError, RuntimeError) as e:  # bad flags or artifacts: say which
     print(f"error: {e}", file=sys.stderr)
@@ -60,30 +59,28 @@ OPENERS = {"python": "\n[calculator] ", "python_output": " = "}
 def stream_reply(tokens, seed):
     """Generate after `tokens`, printing each part as it
     arrives; returns the reply's parts (engine.ReplyStream)."""
-    max_tokens = min(args.max_tokens, context - len(tokens))
-    stream, shown, line_start = ReplyStream(tokenizer), -1, False  # whole characters only
+    stream = ReplyStream(tokenizer)  # whole characters only
+    shown, kind, line_start = -1, "text", False  # the part on screen, its type
 
     def show(events):
-        nonlocal shown, line_start
+        nonlocal shown, kind, line_start
         for i, text in events:
             if i != shown:
-                kind = stream.parts[i]["type"]
-                previous = stream.parts[shown]["type"] if shown >= 0 else "text"
+                previous, kind, shown = kind, stream.parts[i]["type"], i
                 if previous == "python" and kind != "python_output":  # the calculator refused it
                     print(" (no result)", end="")
                 line_start = kind == "text" and previous != "text"
                 print(("\n" if line_start else "") + OPENERS.get(kind, ""), end="")
-                shown = i
             if line_start:  # the text after a tool line starts its own line: no leading space
                 text = text.lstrip()
                 line_start = not text
             print(text, end="", flush=True)
 
-    for token_column, _ in engine.generate(tokens, num_samples=1, max_tokens=max_tokens,
-                                           temperature=args.temperature, top_k=top_k, seed=seed):
-        if token_column[0] in engine.stop_tokens:
+    for column, _ in engine.generate(tokens, max_tokens=min(args.max_tokens, context - len(tokens)),
+                                     temperature=args.temperature, top_k=top_k, seed=seed):
+        if column[0] in engine.stop_tokens:
             break
-        show(stream.push(token_column[0]))
+        show(stream.push(column[0]))
     show(stream.flush())
     print(flush=True)
     return stream.parts
@@ -91,25 +88,24 @@ def stream_reply(tokens, seed):
 # -----------------------------------------------------------------------------
 # Chat loop
 
-if completion_mode:
-    print("base model: completion mode, each line is a plain-text prompt to continue "
-          "(no chat format)")
-elif not args.prompt:
-    print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
-messages, turn = [], 0
-while True:
-    if args.prompt:
-        line = args.prompt
-    else:
+def typed_lines():
+    """Lines typed at the prompt until EOF or Ctrl-C; a line that is not valid text is skipped."""
+    while True:
         try:
-            line = input("\nUser: ")
+            yield input("\nUser: ")
         except (EOFError, KeyboardInterrupt):
             print()
-            break
+            return
         except UnicodeDecodeError as e:  # e.g. Latin-1 typed in a UTF-8 terminal
             print(f"(that line is not valid {sys.stdin.encoding} text: {e.reason} "
                   f"at byte {e.start}; set your terminal to UTF-8 or type it again)")
-            continue
+
+if completion_mode:
+    print("base model: completion mode (no chat format), each line a plain-text prompt to continue")
+elif not args.prompt:
+    print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves")
+messages, turn = [], 0
+for line in [args.prompt] if args.prompt else typed_lines():
     line = line.strip()
     if line in ("quit", "exit"):
         break
@@ -120,25 +116,20 @@ while True:
     if not line:
         continue
 
-    if completion_mode:
-        prompt = tokenizer.encode(line, prepend=tokenizer.get_bos_token_id())
-    else:
-        user = {"role": "user", "content": line}
-        prompt = tokenizer.render_for_completion({"messages": messages + [user]})
+    user = {"role": "user", "content": line}
+    prompt = (tokenizer.encode(line, prepend=tokenizer.get_bos_token_id()) if completion_mode
+              else tokenizer.render_for_completion({"messages": messages + [user]}))
     if len(prompt) >= context:
         print(f"(the conversation is {len(prompt)} tokens, the model's context {context}: "
               f"type 'clear' to start over)")
         if args.prompt:
             sys.exit(1)
         continue
-    if not completion_mode:
-        print("\nAssistant: ", end="", flush=True)
+    print("" if completion_mode else "\nAssistant: ", end="", flush=True)
     try:
         parts = stream_reply(prompt, seed=42 + turn)
     except ValueError as e:  # -m Engine rejects for this model: every turn would fail the same way
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     turn += 1
-    messages += [{"role": "user", "content": line}, {"role": "assistant", "content": parts}]
-    if args.prompt:
-        break
+    messages += [user, {"role": "assistant", "content": parts}]

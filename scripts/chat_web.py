@@ -34,8 +34,7 @@ from nanochat.engine import add_dtype_flag
 
 parser = argparse.ArgumentParser(description="Serve a chat model: web UI and OpenAI-compatible API")
 parser.add_argument("-n", "--num-gpus", type=int, default=1, help="workers, one per GPU (CPU: 1)")
-parser.add_argument("-i", "--source", default="sft",
-                    help="base|mid|sft|rl, or a directory written by scripts.export_hf")
+parser.add_argument("-i", "--source", default="sft", help="base|mid|sft|rl, or an export_hf folder")
 parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
 parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default (0 = greedy)")
@@ -83,11 +82,9 @@ if args.num_gpus < 1 or (device_type != "cuda" and args.num_gpus != 1):
 if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
     parser.error(f"--num-gpus={args.num_gpus} but torch sees {torch.cuda.device_count()} GPUs")
 if not (0 <= args.temperature <= 2 and 0 <= args.top_k <= MAX_TOP_K
-        and 1 <= args.max_tokens <= MAX_TOKENS_LIMIT):
-    parser.error(f"defaults must satisfy 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, "
-                 f"1 <= -m <= {MAX_TOKENS_LIMIT}")
-if args.max_batch < 1:
-    parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+        and 1 <= args.max_tokens <= MAX_TOKENS_LIMIT and args.max_batch >= 1):
+    parser.error(f"need 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, 1 <= -m <= {MAX_TOKENS_LIMIT} and "
+                 f"--max-batch >= 1")
 
 # -----------------------------------------------------------------------------
 # Request validation: every rule answers HTTP 400 with an OpenAI-style error naming the field
@@ -125,9 +122,8 @@ def message_content(content, i, role, openai):
         if not all(isinstance(p, dict) and p.get("type") in kinds and isinstance(p.get("text"), str)
                    for p in content):
             types = " | ".join(map(json.dumps, kinds))
-            raise APIError(f"{field} parts must be {{\"type\": {types}, \"text\": \"...\"}}"
-                           + (" (images, audio and files are not supported)" if openai else ""),
-                           field)
+            note = " (images, audio and files are not supported)" if openai else ""
+            raise APIError(f'{field} parts must be {{"type": {types}, "text": "..."}}{note}', field)
         parts = [{"type": p["type"], "text": p["text"]} for p in content]
         content = "".join(p["text"] for p in parts) if openai else parts
     elif not isinstance(content, str):
@@ -143,9 +139,8 @@ def message_content(content, i, role, openai):
 # ignored.
 UNSUPPORTED = {"n": 1, "top_p": 1, "tools": None, "tool_choice": None, "functions": None,
                "function_call": None, "logprobs": False, "top_logprobs": None, "stop": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
-               "response_format": {"type": "text"}, "audio": None, "modalities": None,
-               "prediction": None}
+               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "audio": None,
+               "response_format": {"type": "text"}, "modalities": None, "prediction": None}
 IGNORED = {"model", "user", "store", "metadata", "parallel_tool_calls", "service_tier",
            "reasoning_effort"}
 WEB_FIELDS = {"messages", "temperature", "top_k", "max_tokens", "seed"}
@@ -156,16 +151,13 @@ def parse_chat_request(body, openai):
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     known = OPENAI_FIELDS | set(UNSUPPORTED) | IGNORED if openai else WEB_FIELDS
-    for name in body:
+    for name, value in body.items():
         if name not in known:
             raise APIError(f"Unrecognized request argument supplied: {name}", name)
-    if openai:
-        for name, neutral in UNSUPPORTED.items():
-            if body.get(name) not in (None, neutral):
-                value = json.dumps(body[name])[:50]
-                raise APIError(f"{name}={value} is not supported by this server", name)
-        if "model" in body and not isinstance(body["model"], str):
-            raise APIError("model must be a string", "model")
+        if name in UNSUPPORTED and value not in (None, UNSUPPORTED[name]):
+            raise APIError(f"{name}={json.dumps(value)[:50]} is not supported by this server", name)
+    if not isinstance(body.get("model", ""), str):  # the web route refused the field above
+        raise APIError("model must be a string", "model")
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
@@ -180,8 +172,7 @@ def parse_chat_request(body, openai):
             got = json.dumps(m.get("role"))[:50]
             raise APIError(f"{at}.role must be one of {', '.join(roles)}; got {got}", f"{at}.role")
         if m["role"] == "system" and i != 0:
-            raise APIError(f"{at}: a system message is accepted only as the first message",
-                           f"{at}.role")
+            raise APIError(f"{at}: a system message must be the first message", f"{at}.role")
         content, chars = message_content(m.get("content"), i, m["role"], openai)
         parsed.append({"role": m["role"], "content": content})
         total += chars
@@ -193,9 +184,8 @@ def parse_chat_request(body, openai):
                        "the reply is the assistant's next turn", "messages")
 
     max_tokens = check_range(body, "max_tokens", 1, MAX_TOKENS_LIMIT, True, None)
-    max_completion = check_range(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, True,
-                                 max_tokens)
-    if None not in (max_tokens, max_completion) and max_tokens != max_completion:
+    max_new = check_range(body, "max_completion_tokens", 1, MAX_TOKENS_LIMIT, True, max_tokens)
+    if None not in (max_tokens, max_new) and max_tokens != max_new:
         raise APIError("max_tokens and max_completion_tokens differ: send one of them",
                        "max_completion_tokens")
     stream = body.get("stream", False)  # the web route always streams: it accepts no such field
@@ -204,20 +194,15 @@ def parse_chat_request(body, openai):
     options = body.get("stream_options") or {}
     include_usage = options.get("include_usage", False) if isinstance(options, dict) else None
     if not isinstance(include_usage, bool):
-        raise APIError("stream_options must be an object like {\"include_usage\": true}",
-                       "stream_options")
+        raise APIError('stream_options must be like {"include_usage": true}', "stream_options")
     seed = body.get("seed")
     if seed is not None and not is_int(seed):
         raise APIError("seed must be an integer", "seed")
-    return {
-        "messages": parsed,
-        "temperature": float(check_range(body, "temperature", 0, 2, False, args.temperature)),
-        "top_k": check_range(body, "top_k", 0, MAX_TOP_K, True, args.top_k),
-        "max_tokens": max_completion or args.max_tokens,
-        "seed": random.randrange(2**31) if seed is None else seed % 2**63,
-        "stream": stream,
-        "include_usage": include_usage,
-    }
+    return dict(messages=parsed, stream=stream, include_usage=include_usage,
+                temperature=float(check_range(body, "temperature", 0, 2, False, args.temperature)),
+                top_k=check_range(body, "top_k", 0, MAX_TOP_K, True, args.top_k) or None,  # 0: all
+                max_tokens=max_new or args.max_tokens,
+                seed=random.randrange(2**31) if seed is None else seed % 2**63)
 
 async def read_json(request):
     """The body as JSON, read in pieces: an oversized body is refused without buffering it whole."""
@@ -239,16 +224,13 @@ async def read_json(request):
 # Workers: one thread per device, each decoding all of its requests as one batch
 
 class Job:
-    """One request as a worker sees it; results go back to
-    the event loop as (token, finish) or ("error", text)."""
-    def __init__(self, tokens, settings, loop):
-        self.tokens, self.settings, self.loop = tokens, settings, loop
-        self.results = asyncio.Queue()
+    """One request as a worker sees it; results go back to the event loop (deliver) as
+    (token, finish) or ("error", text)."""
+    def __init__(self, tokens, settings):
+        self.tokens, self.row = tokens, None
+        self.sampling = {k: settings[k] for k in ("max_tokens", "temperature", "top_k", "seed")}
+        self.loop, self.results = asyncio.get_running_loop(), asyncio.Queue()
         self.cancelled = threading.Event()
-        self.row = None
-
-    def send(self, item):
-        self.loop.call_soon_threadsafe(self.results.put_nowait, item)
 
 def deliver(delivered):
     for job, item in delivered:
@@ -258,15 +240,17 @@ class Worker(threading.Thread):
     def __init__(self, gpu_id, device, engine):
         super().__init__(daemon=True, name=f"worker-{gpu_id}")
         self.gpu_id, self.device, self.engine = gpu_id, device, engine
-        self.waiting = queue.Queue()
-        self.jobs = []           # jobs with a row in the batch (worker thread only)
-        self.load = 0            # requests assigned and not finished (event loop thread only)
-        self.wake = threading.Event()
+        self.waiting, self.wake = queue.Queue(), threading.Event()
+        # jobs: those with a row in the batch (worker thread only); load: requests assigned and not
+        # finished (event loop thread only)
+        self.jobs, self.load = [], 0
 
-    def submit(self, job):
-        self.load += 1
-        self.waiting.put(job)
-        self.wake.set()
+    def fail(self, jobs, stage, e, message=None):
+        """Say loudly what failed; its requests end with an error naming the exception's type."""
+        name = type(e).__name__
+        print(f"worker {self.gpu_id}: {stage} failed: {name}: {e}", flush=True)
+        error = ("error", message or f"generation failed: {name}")
+        jobs[0].loop.call_soon_threadsafe(deliver, [(job, error) for job in jobs])
 
     def run(self):
         batch = RowBatch(self.engine)
@@ -279,37 +263,25 @@ class Worker(threading.Thread):
                 self.jobs.remove(job)
             while len(self.jobs) < args.max_batch and not self.waiting.empty():
                 job = self.waiting.get()
-                if job.cancelled.is_set():
-                    continue
-                s = job.settings
                 try:
-                    job.row = batch.add(job.tokens, s["max_tokens"], s["temperature"],
-                                        s["top_k"] or None, s["seed"])
+                    if not job.cancelled.is_set():
+                        job.row = batch.add(job.tokens, **job.sampling)
+                        self.jobs.append(job)
                 except Exception as e:  # a bad setting (ValueError) or prefill: fail the request
-                    name = type(e).__name__
-                    print(f"worker {self.gpu_id}: prefill failed: {name}: {e}", flush=True)
-                    bad_setting = isinstance(e, ValueError)
-                    job.send(("error", str(e) if bad_setting else f"generation failed: {name}"))
-                    continue
-                self.jobs.append(job)
+                    self.fail([job], "prefill", e, str(e) if isinstance(e, ValueError) else None)
             if not self.jobs:
                 continue
             try:
                 results = batch.step()
             except Exception as e:  # fail the requests in flight loudly, serve the next ones
-                name = type(e).__name__
-                print(f"worker {self.gpu_id}: decode step failed: {name}: {e}", flush=True)
-                for job in self.jobs:
-                    job.send(("error", f"generation failed: {name}"))
+                self.fail(self.jobs, "decode step", e)
                 self.jobs, batch = [], RowBatch(self.engine)
                 continue
             by_row = {id(job.row): job for job in self.jobs}
             delivered = [(by_row[id(row)], (token, finish)) for row, token, _, finish in results]
             # one wake-up of the event loop per step, not one per row
             self.jobs[0].loop.call_soon_threadsafe(deliver, delivered)
-            for job, (_, finish) in delivered:
-                if finish is not None:
-                    self.jobs.remove(job)
+            self.jobs = [job for job, (_, finish) in delivered if finish is None]
 
 # -----------------------------------------------------------------------------
 # Load one replica per device
@@ -325,8 +297,7 @@ else:
     MODEL_ID = f"nanochat-{args.source}-{model_tag}"
 workers = []
 for gpu_id, device in enumerate(devices):
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=model_tag,
-                                        step=args.step)
+    model, tokenizer, _ = load_model(args.source, device, model_tag=model_tag, step=args.step)
     prepare_for_inference(model, args.dtype)
     workers.append(Worker(gpu_id, device, Engine(model, tokenizer)))
 CREATED = int(time.time())
@@ -347,10 +318,11 @@ async def generate(settings):
                        f"is {CONTEXT}: start a new conversation or shorten it", "messages")
     settings = dict(settings, max_tokens=min(settings["max_tokens"], CONTEXT - len(tokens)))
     worker = min(workers, key=lambda w: w.load)
-    job = Job(tokens, settings, asyncio.get_running_loop())
-    worker.submit(job)
-    t0, count, finish = time.time(), 0, None
-    stream = ReplyStream(tokenizer)
+    job = Job(tokens, settings)
+    worker.load += 1
+    worker.waiting.put(job)
+    worker.wake.set()
+    t0, count, finish, stream = time.time(), 0, None, ReplyStream(tokenizer)
     try:
         while finish is None:
             token, finish = await job.results.get()
@@ -425,9 +397,13 @@ async def models(request: Request):
     return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": CREATED,
                                         "owned_by": "nanochat", "context_length": CONTEXT}]}
 
-async def first_and_rest(gen):
-    """Run the generator to its first item so that errors before any token (e.g. too long, a failed
-    prefill) become a plain error response, not an error inside a stream."""
+async def start_chat(request, openai):
+    """Check and parse a chat request, then run its generation to the first item, so that errors
+    before any token (e.g. too long, a failed prefill) become a plain error response, not an error
+    inside a stream. -> (settings, the generation's items)"""
+    check_key(request)
+    settings = parse_chat_request(await read_json(request), openai)
+    gen = generate(settings)
     first = await gen.__anext__()
     async def rest():
         try:
@@ -436,13 +412,11 @@ async def first_and_rest(gen):
                 yield item
         finally:  # closed early (client gone): end the generation now, not at garbage collection
             await gen.aclose()
-    return rest()
+    return settings, rest()
 
 @app.post("/chat/completions")
 async def chat_completions(request: Request):
-    check_key(request)
-    settings = parse_chat_request(await read_json(request), openai=False)
-    items = await first_and_rest(generate(settings))
+    _, items = await start_chat(request, openai=False)
 
     async def events():
         try:
@@ -464,9 +438,7 @@ def text_of(pieces):
 
 @app.post("/v1/chat/completions")
 async def openai_chat_completions(request: Request):
-    check_key(request)
-    settings = parse_chat_request(await read_json(request), openai=True)
-    items = await first_and_rest(generate(settings))
+    settings, items = await start_chat(request, openai=True)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": MODEL_ID}
     usage = lambda p, c: {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -489,11 +461,10 @@ async def openai_chat_completions(request: Request):
             async for pieces, finish, prompt_tokens, completion_tokens, _ in items:
                 if text_of(pieces):
                     yield sse(chunk({"content": text_of(pieces)}))
-                if finish is not None:
-                    yield sse(chunk({}, finish))
-                    if settings["include_usage"]:
-                        tokens = usage(prompt_tokens, completion_tokens)
-                        yield sse(dict(chunk({}), choices=[], usage=tokens))
+            yield sse(chunk({}, finish))  # the last item carries the finish reason
+            if settings["include_usage"]:
+                tokens = usage(prompt_tokens, completion_tokens)
+                yield sse(dict(chunk({}), choices=[], usage=tokens))
         except APIError as e:
             yield sse(e.body)
         finally:
@@ -513,9 +484,8 @@ if __name__ == "__main__":
     sock.bind((args.host, args.port))
     sock.listen(2048)  # connections made before uvicorn accepts wait in this backlog
     host, port = sock.getsockname()[:2]
-    print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) "
-          f"({', '.join(str(d) for d in devices)}), up to {args.max_batch} "
-          f"requests decoded together per worker", flush=True)
+    print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) ({', '.join(map(str, devices))}), up "
+          f"to {args.max_batch} requests decoded together per worker", flush=True)
     key_note = "  (API key required)" if args.api_key else ""
     print(f"serving http://{host}:{port}/{key_note}", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)
