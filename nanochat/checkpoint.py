@@ -22,10 +22,10 @@ error).
 """
 
 import argparse
-import datetime
 import errno
 import glob
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -41,7 +41,8 @@ import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
 
-from nanochat.common import get_base_dir, get_dist_info, atomic_write_text, print0, is_dist
+from nanochat.common import (get_base_dir, get_dist_info, atomic_path, atomic_write_text, print0,
+                             is_dist)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import load_export
 from nanochat.tokenizer import get_tokenizer
@@ -55,9 +56,8 @@ SOURCE_SCRIPTS = dict(base="scripts.base_train", mid="scripts.mid_train", sft="s
 CHECKPOINT_FILE = r"(model_\d+\.pt|optim_\d+_rank\d+\.pt|meta_\d+\.json)(\.tmp\d+)?"
 
 def _paths(checkpoint_dir, step, rank=0):
-    return (os.path.join(checkpoint_dir, f"model_{step:06d}.pt"),
-            os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt"),
-            os.path.join(checkpoint_dir, f"meta_{step:06d}.json"))
+    names = f"model_{step:06d}.pt", f"optim_{step:06d}_rank{rank}.pt", f"meta_{step:06d}.json"
+    return [os.path.join(checkpoint_dir, name) for name in names]
 
 def file_sha256(path, chunk_size=1 << 24):
     h = hashlib.sha256()
@@ -73,58 +73,31 @@ def meta_sha256(meta):
     canonical = json.dumps(json.loads(json.dumps(content)), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
-class _WriteAll:
+class _WriteAll(io.FileIO):
     """The file torch.save writes to: its zip writer turns a short write into "unexpected pos" and
     drops the OSError, so this keeps the error, and a full disk (ENOSPC, EFBIG, EDQUOT) is reported
     as one."""
-    def __init__(self, f):
-        self.f, self.error = f, None
+    error = None
 
     def write(self, data):
         view = memoryview(data).cast("B")
         try:
             while view:
-                view = view[self.f.write(view):]
+                view = view[super().write(view):]
         except OSError as e:
             self.error = e
             raise
         return len(data)
 
-    def flush(self):
-        self.f.flush()
-
 def _atomic_torch_save(obj, path):
     """torch.save through a temp file and a rename; returns the sha256 of the published file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb", buffering=0) as f:
-            writer = _WriteAll(f)
+    with atomic_path(path) as tmp:
+        with _WriteAll(tmp, "wb") as f:  # unbuffered
             try:
-                torch.save(obj, writer)
-            except RuntimeError:
-                if writer.error is None:
-                    raise
-                raise writer.error from None
-        digest = file_sha256(tmp)  # from the page cache: no second copy of the state in memory
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return digest
-
-def remove_orphaned_temp_files(checkpoint_dir, rank=0):
-    """Delete the temp files (<name>.tmp<pid>) of this rank's file names that a killed save left
-    behind: with the directory locked by this run, any not of this process belongs to a process that
-    is gone."""
-    names = [f"optim_*_rank{rank}.pt"] + (["model_*.pt", "meta_*.json"] if rank == 0 else [])
-    removed = sorted(os.path.basename(path) for name in names
-                     for path in glob.glob(os.path.join(checkpoint_dir, f"{name}.tmp*"))
-                     if re.search(r"\.tmp\d+$", path) and not path.endswith(f".tmp{os.getpid()}"))
-    for name in removed:
-        os.remove(os.path.join(checkpoint_dir, name))
-    if removed:
-        print(f"removed {len(removed)} temp file(s) of an interrupted save in {checkpoint_dir}: "
-              f"{', '.join(removed)}", flush=True)
+                torch.save(obj, f)
+            except RuntimeError as e:
+                raise (f.error or e) from None
+        return file_sha256(tmp)  # from the page cache: no second copy of the state in memory
 
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, rank=0):
     """
@@ -134,7 +107,16 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
     tokenizer.
     """
     os.makedirs(checkpoint_dir, exist_ok=True)
-    remove_orphaned_temp_files(checkpoint_dir, rank)
+    # the temp files (<name>.tmp<pid>) of this rank's file names that a killed save left behind:
+    # with the directory locked by this run, any not of this process is of a process that is gone
+    names = rf"optim_\d+_rank{rank}\.pt" + (r"|model_\d+\.pt|meta_\d+\.json" if rank == 0 else "")
+    orphans = sorted(n for n in os.listdir(checkpoint_dir) if re.fullmatch(rf"({names})\.tmp\d+", n)
+                     and not n.endswith(f".tmp{os.getpid()}"))
+    for name in orphans:
+        os.remove(os.path.join(checkpoint_dir, name))
+    if orphans:
+        print(f"removed {len(orphans)} temp file(s) of an interrupted save in {checkpoint_dir}: "
+              f"{', '.join(orphans)}", flush=True)
     model_path, optim_path, meta_path = _paths(checkpoint_dir, step, rank)
     if rank == 0 and os.path.exists(meta_path):
         os.remove(meta_path)  # re-saving a step: un-publish it until the new files are all in place
@@ -154,15 +136,19 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
                       f"there and {shutil.disk_usage(checkpoint_dir).free:,} are free. Free space "
                       f"(or point NANOCHAT_BASE_DIR elsewhere), then rerun with --resume: the "
                       f"newest complete checkpoint is untouched") from None
-    if is_dist():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, hashes)
-        hashes = {name: digest for rank_hashes in gathered for name, digest in rank_hashes.items()}
+    hashes = {name: sha for rank_hashes in _every_rank(hashes) for name, sha in rank_hashes.items()}
     if rank == 0:
         shards = get_dist_info()[3] if optimizer_state is not None else 0  # one per rank
         meta = dict(meta, step=step, optim_shards=shards, sha256=hashes)
         meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
+
+def _every_rank(obj):
+    """[rank 0's obj, rank 1's, ...]: one all_gather_object, or [obj] without a process group."""
+    gathered = [None] * dist.get_world_size() if is_dist() else [obj]
+    if is_dist():
+        dist.all_gather_object(gathered, obj)
+    return gathered
 
 def _nbytes(obj):
     """Bytes of the tensors in a (nested) state dict: about the size torch.save writes."""
@@ -193,15 +179,13 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
         lock.acquire()
     except Timeout:
         try:
-            with open(owner_path, encoding="utf-8") as f:
-                owner = json.load(f)
-            holder = f"pid {owner['pid']} on host {owner['host']}, started {owner['started']}"
+            holder = "pid {pid} on host {host}, started {started}".format(**read_meta(owner_path))
         except (OSError, ValueError, KeyError, TypeError):
             holder = f"a process that has not written {owner_path} yet"
         raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for "
                            f"it to finish, stop it, or give this run its own directory with a "
                            f"different --model-tag (this run's: {model_tag})") from None
-    started = datetime.datetime.now().isoformat(timespec="seconds")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")  # local time, ISO 8601 to the second
     atomic_write_text(owner_path, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                               "model_tag": model_tag, "started": started}))
     _held_locks[checkpoint_dir] = lock
@@ -248,8 +232,7 @@ def find_model_tag(checkpoints_dir):
     tags = _model_tags(checkpoints_dir)
     if not tags:
         raise FileNotFoundError(f"no model tags (subdirectories) in {checkpoints_dir}")
-    depth_tags = [t for t in tags if re.fullmatch(r"d\d+", t)]
-    if depth_tags:
+    if depth_tags := [t for t in tags if re.fullmatch(r"d\d+", t)]:
         return max(depth_tags, key=lambda t: int(t[1:]))
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
@@ -263,8 +246,7 @@ def _verified(path, meta, step, device):
         raise RuntimeError(f"{path} is not among the files recorded in meta_{step:06d}.json "
                            f"({sorted(recorded)}): it does not belong to this checkpoint; delete "
                            f"it or restore the original")
-    actual = file_sha256(path)
-    if actual != recorded[name]:
+    if (actual := file_sha256(path)) != recorded[name]:
         raise RuntimeError(f"{path} is corrupt: its sha256 {actual[:16]}... differs from "
                            f"{recorded[name][:16]}... recorded when step {step} was saved. "
                            f"Restore the file, or {_fallback(step)}")
@@ -294,10 +276,9 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     every file verified against the sha256 in meta."""
     meta = load_meta(checkpoint_dir, step)
     model_state = _verified(_paths(checkpoint_dir, step)[0], meta, step, device)
-    optimizer_state = None
-    if load_optimizer:
-        optimizer_state = load_optimizer_shard(checkpoint_dir, step, device, rank, meta)
-    return model_state, optimizer_state, meta
+    if not load_optimizer:
+        return model_state, None, meta
+    return model_state, load_optimizer_shard(checkpoint_dir, step, device, rank, meta), meta
 
 def load_optimizer_shard(checkpoint_dir, step, device, rank=0, meta=None):
     """This rank's optimizer state of a step, without
@@ -314,7 +295,7 @@ def model_from_state(config, state, device, phase):
     """The GPT of a model_config dict holding a state
     dict (from a checkpoint or an export), on device."""
     assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    if device.type in ("cpu", "mps"):  # upcast; load_state_dict casts back where the model holds bf16
+    if device.type in ("cpu", "mps"):  # upcast; load_state_dict casts back where the model has bf16
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
@@ -332,9 +313,8 @@ def load_model(source, device, phase="eval", model_tag=None, step=None):
     meta.
     """
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "config.json")):
-        model, tokenizer, meta = load_export(source, device, phase)
-        print0(f"loaded exported model from {source}")
-        return model, tokenizer, meta
+        print0(f"loading exported model from {source}")
+        return load_export(source, device, phase)
     if source not in SOURCE_DIRS:
         raise ValueError(f"unknown checkpoint source {source!r}: use one of {sorted(SOURCE_DIRS)}, "
                          f"or a directory written by scripts.export_hf")
@@ -368,9 +348,8 @@ def load_source(args, device, output):
     for this run (lock_checkpoint_dir): a second run on it fails here, before any data is read.
     """
     source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    model_tag = args.model_tag
-    if not model_tag and os.path.isdir(source_dir):
-        model_tag = find_model_tag(source_dir)
+    # no source dir: load_model names what is missing
+    model_tag = args.model_tag or os.path.isdir(source_dir) and find_model_tag(source_dir)
     model, tokenizer, meta = load_model(args.source, device, "train", model_tag, args.model_step)
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[output], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)
@@ -379,10 +358,9 @@ def load_source(args, device, output):
 def check_tokenizer(meta, tokenizer, what):
     """The tokenizer must be the one the checkpoint was trained
     with: same vocab size is not enough (other merges)."""
+    # None in a meta written by hand (tests, bench.serve): only the vocab size checks
     recorded = meta.get("tokenizer_fingerprint")
-    if recorded is None:  # a meta written by hand (tests, bench.serve): only the vocab size checks
-        return
-    if recorded != tokenizer.fingerprint():
+    if recorded is not None and recorded != tokenizer.fingerprint():
         raise ValueError(f"the tokenizer in {get_base_dir()}/tokenizer (fingerprint "
                          f"{tokenizer.fingerprint()[:16]}...) is not the one {what} was "
                          f"trained with ({recorded[:16]}...): restore that tokenizer, or "
@@ -409,8 +387,7 @@ def add_checkpoint_flags(parser):
         help="resume even though LR/schedule flags differ from the checkpoint's, with the new ones")
     add("--overwrite", action="store_true", help="delete this run's output checkpoints and start "
         "from scratch (without it, or --resume, a directory holding checkpoints is an error)")
-    add("--save-every", type=int, default=-1,
-        help="checkpoint every N steps (-1 = only at the end)")
+    add("--save-every", type=int, default=-1, help="save every N steps (-1 = only at the end)")
     minutes = _checked(float, lambda v: v > 0 or v == -1, "use > 0 minutes, or -1 for none")
     # 30 min: a save costs well under 2% of the interval (the table in docs/reliability.md)
     add("--save-every-minutes", type=minutes, default=30, help="also checkpoint every N minutes of "
@@ -433,13 +410,10 @@ def start_or_resume(checkpoint_dir, resume, overwrite, fresh_start, step=None):
     if steps and not resume and not overwrite:
         raise FileExistsError(f"{checkpoint_dir} holds the checkpoints of an earlier run (last "
                               f"step {steps[-1]}): add --resume to continue it, or --overwrite to "
-                              f"delete them and start from scratch (or give this run another "
-                              f"--model-tag)")
-    if steps and overwrite:
-        if get_dist_info()[1] == 0:
-            for name in os.listdir(checkpoint_dir):
-                if re.fullmatch(CHECKPOINT_FILE, name):
-                    os.remove(os.path.join(checkpoint_dir, name))
+                              f"delete them and start from scratch (or use another --model-tag)")
+    if steps and overwrite and get_dist_info()[1] == 0:  # rank 0 deletes, and prints
+        for name in [n for n in os.listdir(checkpoint_dir) if re.fullmatch(CHECKPOINT_FILE, n)]:
+            os.remove(os.path.join(checkpoint_dir, name))
         print0(f"--overwrite: deleted the checkpoints in {checkpoint_dir} (steps {steps})")
     if not resume or step is not None:
         return step
@@ -495,11 +469,7 @@ def loop_meta(stream_states, **loop_state):
     """The meta entries a loop resumes from: every rank's data loader states, gathered in rank order
     (rank r's streams follow rank r-1's, as restore_loop slices them), and the loop's own variables
     (inf saved as null: strict JSON)."""
-    streams = [stream_states]
-    if is_dist():
-        streams = [None] * dist.get_world_size()
-        dist.all_gather_object(streams, stream_states)
-    streams = [s for rank_streams in streams for s in rank_streams]
+    streams = [s for rank_streams in _every_rank(stream_states) for s in rank_streams]
     return {"dataloader_state_dict": {"streams": streams},
             "loop_state": {k: None if v == float("inf") else v for k, v in loop_state.items()}}
 
@@ -575,10 +545,9 @@ def resume_command(module):
              ("--", "--resume", "--overwrite", "--resume-from-step")]
     env = [f"{k}={shlex.quote(os.environ[k])}"
            for k in ("NANOCHAT_BASE_DIR", "NANOCHAT_DATASET") if k in os.environ]
-    launcher = ["python", "-m", module]
-    if is_dist():
-        nproc = os.environ.get("LOCAL_WORLD_SIZE", "?")
-        launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--"]
+    nproc = os.environ.get("LOCAL_WORLD_SIZE", "?")
+    launcher = (["torchrun", "--standalone", f"--nproc_per_node={nproc}", "-m", module, "--"]
+                if is_dist() else ["python", "-m", module])
     return " ".join(env + [shlex.join(launcher + flags + ["--resume"])])
 
 class TrainingSaves:

@@ -6,6 +6,7 @@ an atomic HTTP download with retries.
 Nothing here reads command-line flags; scripts pass what they parsed.
 """
 
+import contextlib
 import gc
 import os
 import shutil
@@ -14,8 +15,8 @@ import sys
 import tempfile
 import time
 import http.client
-import urllib.request
 import urllib.error
+from urllib.request import urlopen
 
 import torch
 import torch.distributed as dist
@@ -49,11 +50,8 @@ def print0(*args, **kwargs):
 # Device and compute dtype
 
 def autodetect_device_type():
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return ("cuda" if torch.cuda.is_available() else
+            "mps" if torch.backends.mps.is_available() else "cpu")
 
 def _detect_compute_dtype():
     """Choose the activation dtype once, at import, and say why (the slow path is loud)."""
@@ -76,8 +74,8 @@ def _detect_compute_dtype():
         return torch.float32, f"CUDA SM{major}{minor} < SM80 has no fast bf16"
     if torch.backends.mps.is_available():
         return torch.float32, "MPS computes in fp32 (bf16 not measured there)"
-    feature = cpu_bf16_feature()
-    if feature:  # bf16 activations, fp32 master weights, as on GPU; speed and loss: docs/perf.md
+    # bf16 activations, fp32 master weights, as on GPU; speed and loss: docs/perf.md
+    if feature := cpu_bf16_feature():
         return torch.bfloat16, (f"CPU has {feature}: bf16 trains 1.6-1.8x faster than fp32; "
                                 "NANOCHAT_DTYPE=float32 for fp32")
     return torch.float32, "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software"
@@ -85,9 +83,8 @@ def _detect_compute_dtype():
 def cpu_bf16_feature():
     """'AMX' or 'AVX512-BF16' where the CPU multiplies bf16 natively (Sapphire Rapids+; Zen 4+,
     Cooper Lake+) and oneDNN uses it, else None."""
-    if torch.cpu._is_amx_tile_supported():
-        return "AMX"
-    return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    return ("AMX" if torch.cpu._is_amx_tile_supported() else
+            "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else None)
 
 COMPUTE_DTYPE, COMPUTE_DTYPE_REASON = _detect_compute_dtype()
 
@@ -106,10 +103,10 @@ def _cpu_compile_problem():
     if shutil.which(cxx) is None:
         return f"no C++ compiler {cxx!r} on PATH for inductor (install g++ or set CXX)"
     with tempfile.TemporaryDirectory() as tmp:
-        command = [cxx, "-x", "c++", "-shared", "-fPIC", "-fopenmp", "-", "-o", f"{tmp}/probe.so"]
         try:
-            result = subprocess.run(command, input=_OPENMP_PROBE, capture_output=True, text=True,
-                                    timeout=120)
+            result = subprocess.run([cxx, "-x", "c++", "-shared", "-fPIC", "-fopenmp", "-", "-o",
+                                     f"{tmp}/probe.so"], input=_OPENMP_PROBE, capture_output=True,
+                                    text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"the C++ compiler {cxx!r} did not run ({e})"
     if result.returncode != 0:
@@ -136,13 +133,11 @@ def decide_compile(flag, device_type):
         flag, source = int(env), f"NANOCHAT_COMPILE={env}"
     if flag == 0:
         return False, f"off: {source}"
-    if device_type == "cpu":
-        problem = _cpu_compile_problem()
-        if problem is not None:
-            if flag == 1:
-                raise RuntimeError(f"{source} on CPU, but {problem}: fix that or pass --compile=0")
-            return False, (f"off: {problem}; training uncompiled (slower, more memory), "
-                           f"--compile=0 silences this")
+    if device_type == "cpu" and (problem := _cpu_compile_problem()) is not None:
+        if flag == 1:
+            raise RuntimeError(f"{source} on CPU, but {problem}: fix that or pass --compile=0")
+        return False, (f"off: {problem}; training uncompiled (slower, more memory), "
+                       f"--compile=0 silences this")
     if flag == 1:
         return True, f"on: {source}"
     if device_type == "mps":
@@ -177,21 +172,18 @@ def compute_init(device_type=""):
     """
     device_type = device_type or autodetect_device_type()
     assert device_type in ("cuda", "mps", "cpu"), f"device {device_type!r}: use cuda, mps or cpu"
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device-type=cuda was requested but torch sees no CUDA device; use "
-                           "--device-type=cpu")
-    if device_type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError("--device-type=mps was requested but MPS is not available; use "
-                           "--device-type=cpu")
+    # autodetect names the one accelerator torch sees (a machine has CUDA or MPS, not both)
+    if device_type not in ("cpu", autodetect_device_type()):
+        raise RuntimeError(f"--device-type={device_type} was requested but torch sees no "
+                           f"{device_type.upper()} device; use --device-type=cpu")
 
-    torch.manual_seed(42)
-    if device_type == "cuda":
-        torch.cuda.manual_seed(42)
+    torch.manual_seed(42)  # seeds every device, CUDA included
+    cuda = device_type == "cuda"
+    if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
     ddp, rank, local_rank, world_size = get_dist_info()
-    cuda = device_type == "cuda"
     device = torch.device("cuda", local_rank) if cuda else torch.device(device_type)
     if ddp:
         if cuda:  # before the group: NCCL initializes eagerly on the bound device_id
@@ -228,8 +220,7 @@ class DummyWandb:
     """Same log/finish interface as a wandb run, does nothing."""
     def log(self, *args, **kwargs):
         pass
-    def finish(self):
-        pass
+    finish = log
 
 def init_wandb(project, run, config, master):
     if run == "dummy" or not master:
@@ -247,15 +238,12 @@ def init_wandb(project, run, config, master):
 
 _PEAK_FLOPS = [
     ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
-    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12),
-    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
-    ("h800 nvl", 989e12), ("h800", 756e12),
-    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
-    ("l40s", 362e12), ("l4", 121e12),
-    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
-    ("mi250x", 383e12), ("mi250", 362.1e12),
-    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
-]
+    ("h200 nvl", 836e12), ("h200 pcie", 836e12), ("h200", 989e12), ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12), ("h100", 989e12), ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12), ("l40s", 362e12),
+    ("l4", 121e12), ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15),
+    ("mi300a", 980.6e12), ("mi250x", 383e12), ("mi250", 362.1e12),
+    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12)]
 
 def get_peak_flops(device):
     """Peak dense bf16 FLOP/s of one device; float('inf') when unknown (CPU, MPS, unlisted GPUs)."""
@@ -281,24 +269,18 @@ def download_url(url, path, attempts=5, timeout=30, backoff=2.0, chunk_size=1 <<
         print(f"NANOCHAT_OFFLINE=1: not downloading {url}", flush=True)
         return False
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, \
-                    open(tmp_path, "wb") as f:
-                expected = response.headers.get("Content-Length")
-                written = 0
-                while chunk := response.read(chunk_size):
-                    written += f.write(chunk)
-            if expected is not None and written != int(expected):
-                raise IOError(f"got {written} of {expected} bytes")
-            if verify is not None:
-                verify(tmp_path)
-            os.replace(tmp_path, path)
+            with atomic_path(path) as tmp_path:
+                with urlopen(url, timeout=timeout) as response, open(tmp_path, "wb") as f:
+                    shutil.copyfileobj(response, f, chunk_size)
+                    written, expected = f.tell(), response.headers.get("Content-Length")
+                if expected is not None and written != int(expected):
+                    raise IOError(f"got {written} of {expected} bytes")
+                if verify is not None:
+                    verify(tmp_path)
             return True
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
             print(f"download of {url} failed (attempt {attempt}/{attempts}): {e}", flush=True)
             if attempt < attempts:
                 time.sleep(backoff ** attempt)
@@ -349,9 +331,19 @@ def collect_garbage(step, start_step, every=5000):
     elif step % every == 0:
         gc.collect()
 
-def atomic_write_text(path, text):
-    """Write a text file via a temp file and rename, so a crash never leaves half a file."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temp path beside `path` (<path>.tmp<pid>) for the block to write: renamed to `path` when
+    the block succeeds, removed when it fails, so a crash never leaves half a file at `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def atomic_write_text(path, text):
+    """Write a text file via a temp file and rename (atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 import nanochat.checkpoint as ckpt
 from nanochat.checkpoint import save_checkpoint, load_checkpoint, find_last_step, find_model_tag, load_model
+from nanochat.common import atomic_write_text
 from conftest import save_tiny_gpt
 
 def small_model_and_optimizer(seed):
@@ -66,6 +67,13 @@ def test_save_killed_halfway_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert find_last_step(d) == 10
     model_state, _, meta = load_checkpoint(d, find_last_step(d), "cpu")
     assert meta["tag"] == "good" and torch.equal(model_state["0.weight"], model.state_dict()["0.weight"])
+
+def test_atomic_write_text_that_fails_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "meta.json"
+    atomic_write_text(str(path), "old")
+    with pytest.raises(TypeError):
+        atomic_write_text(str(path), 123)  # fails after the temp file is opened
+    assert os.listdir(tmp_path) == ["meta.json"] and path.read_text() == "old"
 
 def test_find_last_step_checks_the_files(tmp_path):
     d = str(tmp_path)
