@@ -55,12 +55,11 @@ def _to_device(batch, device):
 # Pretraining: BOS-aligned best-fit packing with exact resume
 
 def _row_group_index(paths):
-    """(file index, row group) of every row group of the files, in order: the global list the
-    streams stride over."""
+    """(path, row group) of every row group of the files, in order: the global list the streams
+    stride over."""
     key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
     if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512x
-        _row_group_cache[key] = [(p, r) for p, path in enumerate(paths)
-                                 for r in range(num_row_groups(path))]
+        _row_group_cache[key] = [(p, r) for p in paths for r in range(num_row_groups(p))]
     return _row_group_cache[key]
 _row_group_cache = {}
 
@@ -94,8 +93,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
     keys, tokens = [], {}  # tokens: doc position (g, doc) -> token ids (BOS first)
 
     def read_texts(g):
-        p, r = index[g % len(index)]
-        return read_row_group(paths[p], r)
+        return read_row_group(*index[g % len(index)])
 
     def add_docs(positions, texts):
         rows = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
@@ -201,8 +199,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's
     # size (a tiny validation set read by many GPUs x accumulation steps) start at rank % n instead
     # of past the end.
-    epoch, cursor, buffer, consumed = 1, rank % n, [], 0
-    epoch_start = cursor
+    epoch, cursor, epoch_start, buffer, consumed = 1, rank % n, rank % n, [], 0
 
     def render(index):
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)

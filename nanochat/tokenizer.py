@@ -27,7 +27,6 @@ Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encod
 """
 
 import base64
-import copy
 import hashlib
 import json
 import os
@@ -86,8 +85,7 @@ class Tokenizer:
             raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install "
                               "rustbpe` (loading a trained one needs only tiktoken)") from None
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS),
-                                    pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(text_iterator, 256 + num_merges, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         learned = len(mergeable_ranks) - 256
         if learned != num_merges:
@@ -270,9 +268,7 @@ class Tokenizer:
                 add(self.encode(part["text"], prepend=start, append=end), supervised)
             add([self.encode_special("<|assistant_end|>")], 1)
 
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return ids[:max_tokens], mask[:max_tokens]  # [:None] keeps everything
 
     def render_for_completion(self, conversation):
         """
@@ -283,11 +279,10 @@ class Tokenizer:
         calculator call goes back in as the call the model wrote. Not truncated: fitting the context
         is the caller's decision.
         """
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         if messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        ids, _ = self.render_conversation(conversation, max_tokens=None)
+            messages = messages[:-1]
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
         return ids + [self.encode_special("<|assistant_start|>")]
 
 # -----------------------------------------------------------------------------
