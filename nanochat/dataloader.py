@@ -121,21 +121,19 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
         """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the
         buffer."""
         nonlocal g, doc_idx, texts, texts_at
-        empty = 0  # row groups passed without a document; a whole epoch of them: there are none
-        while True:
+        # the current row group, then at most a whole epoch of them: when all those are empty, the
+        # stride only comes back to them, so this stream has no documents at all
+        for _ in range(len(index) + 2):
             if texts_at != g:
                 texts, texts_at = read_texts(g), g
-            if doc_idx >= len(texts):
-                empty = empty + 1 if doc_idx == 0 else 0
-                if empty > len(index):
-                    raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); "
-                                     f"to replace them: {repair_command(paths[0])}")
-                g, doc_idx = g + world_size, 0
-                continue
-            chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
-            add_docs([(g, doc_idx + i) for i in range(len(chunk))], chunk)
-            doc_idx += len(chunk)
-            return
+            if doc_idx < len(texts):
+                chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
+                add_docs([(g, doc_idx + i) for i in range(len(chunk))], chunk)
+                doc_idx += len(chunk)
+                return
+            g, doc_idx = g + world_size, 0
+        raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); to replace "
+                         f"them: {repair_command(paths[0])}")
 
     def get_state():
         buffer = {}
@@ -243,7 +241,6 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
         # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n
         share = -(-(n - epoch_start) // world_size)
-        progress = epoch - 1 + consumed / share
         yield inputs, targets, {"epoch": epoch, "cursor": cursor,
                                 "buffer": [item[0] for item in buffer], "epoch_start": epoch_start,
-                                "consumed": consumed, "progress": progress}
+                                "consumed": consumed, "progress": epoch - 1 + consumed / share}

@@ -79,8 +79,7 @@ def list_parquet_files(split=None, dataset=None):
     pinned shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the
     fix when empty."""
     assert split in (None, "train", "val"), f"split must be 'train', 'val' or None, got {split!r}"
-    name = get_dataset_name(dataset)
-    data_dir = get_data_dir(name)
+    name, data_dir = get_dataset_name(dataset), get_data_dir(dataset)
     if name not in _announced:
         _announced.add(name)
         print0(f"pretraining data: {name} ({data_dir})")
@@ -297,10 +296,9 @@ def build_local_corpus(force=False, root=None):
     shutil.rmtree(data_dir, ignore_errors=True)  # whatever is left makes the rename below fail
     os.replace(tmp_dir, data_dir)
     digest = corpus_hash(docs)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, "
-          f"{LOCAL_NUM_SHARDS} shards in {data_dir}\nlocal corpus sha256 {digest} "
-          f"(Python {platform.python_version()} standard library; the same Python "
-          f"version builds the same corpus on any machine)", flush=True)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, {LOCAL_NUM_SHARDS} "
+          f"shards in {data_dir}\nlocal corpus sha256 {digest} (Python {platform.python_version()} "
+          f"standard library: the same Python version builds the same corpus anywhere)", flush=True)
     return digest
 
 # -----------------------------------------------------------------------------

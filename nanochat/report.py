@@ -266,13 +266,11 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
     seconds = (run_end - run_start).total_seconds()
     lines.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
     rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
-    if rate:
-        per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
-        lines.append(f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x "
-                     f"{seconds / 3600:.2f} h = ${per_gpu * gpus * seconds / 3600:,.2f}")
-    else:
-        lines.append("Estimated cost: - (no GPU in the header's hardware list)")
-    return lines
+    if not rate:
+        return lines + ["Estimated cost: - (no GPU in the header's hardware list)"]
+    per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
+    return lines + [f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x "
+                    f"{seconds / 3600:.2f} h = ${per_gpu * gpus * seconds / 3600:,.2f}"]
 
 def get_pyplot():
     """pyplot on the Agg backend (files only, no display), or None without matplotlib."""
