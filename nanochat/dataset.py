@@ -172,8 +172,7 @@ def download_shards(num_files, dataset=None, num_workers=4):
     name = get_dataset_name(dataset)
     assert name != "local", "the local corpus is built, not downloaded: call build_local_corpus()"
     val_index = val_shard_index(name)
-    num_train = val_index if num_files < 0 else min(num_files, val_index)
-    indices = list(range(num_train)) + [val_index]
+    indices = list(range(val_index if num_files < 0 else min(num_files, val_index))) + [val_index]
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     url_base = (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[name][0]).rstrip("/")

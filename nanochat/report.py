@@ -67,13 +67,11 @@ def _format_value(value):
 def header_markdown():
     now = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
     lines = ["# nanochat training report", "", f"Generated: {now}", ""]
-    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"])
-    if branch:
-        commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if branch := _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]):
         dirty = "dirty" if _run(["git", "status", "--porcelain"]) else "clean"
-        message = _run(["git", "log", "-1", "--pretty=%s"])[:80]
         lines += ["## Environment", "", "### Git", f"- Branch: {branch}",
-                  f"- Commit: {commit} ({dirty})", f"- Message: {message}", ""]
+                  f"- Commit: {_run(['git', 'rev-parse', '--short', 'HEAD'])} ({dirty})",
+                  f"- Message: {_run(['git', 'log', '-1', '--pretty=%s'])[:80]}", ""]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     lines += ["### Hardware",
               f"- Platform: {platform.system()} {platform.machine()} ({socket.gethostname()})",
