@@ -34,8 +34,7 @@ from bisect import bisect_left, bisect_right, insort
 
 import torch
 
-from nanochat.dataset import (get_dataset_name, list_parquet_files, num_row_groups, read_row_group,
-                             repair_command)
+from nanochat.dataset import list_parquet_files, num_row_groups, read_row_group, repair_command
 
 # -----------------------------------------------------------------------------
 # Shared: rows -> device tensors
@@ -78,9 +77,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
     paths = list_parquet_files(split, dataset=dataset)
     index = _row_group_index(paths)
     if not index:
-        raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} "
-                         f"hold no row groups ({', '.join(paths)}); to replace them: "
-                         f"{repair_command(paths[0])}")
+        raise ValueError(f"the {split} files hold no row groups ({', '.join(paths)}); to replace "
+                         f"them: {repair_command(paths[0])}")
     bos = tokenizer.get_bos_token_id()
 
     # Stream cursor: the next unread document is doc_idx of global row group g (epoch g //
@@ -103,9 +101,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 
     if state is not None:
         if "row_group" not in state:
-            raise ValueError(f"dataloader state of an older format (per-file row groups, keys "
-                             f"{sorted(state)}): resume it with the nanochat version that wrote "
-                             f"it, or start a new run")
+            raise ValueError(f"dataloader state of an older format (keys {sorted(state)}): "
+                             f"resume with the nanochat version that wrote it or start a new run")
         assert state["num_row_groups"] == len(index), (
             f"dataloader state was saved with {state['num_row_groups']} {split} row groups "
             f"but the files now have {len(index)}: resume with the same data shards")

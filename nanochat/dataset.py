@@ -308,9 +308,8 @@ def main(argv=None):
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="train shards (-1 = all), plus the val shard")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); "
-                             f"local = built from this Python's standard library, no network")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="default: $NANOCHAT_DATASET, "
+                        f"else {DEFAULT_DATASET}; local = built offline from this Python's stdlib")
     parser.add_argument("--force", action="store_true", help="rebuild an existing local corpus")
     args = parser.parse_args(argv)
     name = get_dataset_name(args.dataset)
