@@ -231,9 +231,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 _, ids, mask = buffer.pop(i)
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
-                pos += len(ids)
-                consumed += 1
-                placed += 1
+                pos, consumed, placed = pos + len(ids), consumed + 1, placed + 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
         # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n
