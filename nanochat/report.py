@@ -111,7 +111,6 @@ class Report:
                                                            for k, v in item.items()]
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         atomic_write_text(path, "\n".join(lines) + "\n\n")
-        return path
 
     def reset(self):
         for name in os.listdir(self.report_dir):
