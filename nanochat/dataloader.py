@@ -34,8 +34,7 @@ from bisect import bisect_left, bisect_right, insort
 
 import torch
 
-from nanochat.dataset import (get_dataset_name, list_parquet_files, num_row_groups, read_row_group,
-                             repair_command)
+from nanochat.dataset import list_parquet_files, num_row_groups, read_row_group, repair_command
 
 # -----------------------------------------------------------------------------
 # Shared: rows -> device tensors
@@ -55,12 +54,11 @@ def _to_device(batch, device):
 # Pretraining: BOS-aligned best-fit packing with exact resume
 
 def _row_group_index(paths):
-    """(file index, row group) of every row group of the files, in order: the global list the
-    streams stride over."""
+    """(path, row group) of every row group of the files, in order: the global list the streams
+    stride over."""
     key = tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths)
     if key not in _row_group_cache:  # 512 streams in one process read the footers once, not 512x
-        _row_group_cache[key] = [(p, r) for p, path in enumerate(paths)
-                                 for r in range(num_row_groups(path))]
+        _row_group_cache[key] = [(p, r) for p in paths for r in range(num_row_groups(p))]
     return _row_group_cache[key]
 _row_group_cache = {}
 
@@ -79,9 +77,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
     paths = list_parquet_files(split, dataset=dataset)
     index = _row_group_index(paths)
     if not index:
-        raise ValueError(f"the {split} files of dataset {get_dataset_name(dataset)!r} "
-                         f"hold no row groups ({', '.join(paths)}); to replace them: "
-                         f"{repair_command(paths[0])}")
+        raise ValueError(f"the {split} files hold no row groups ({', '.join(paths)}); to replace "
+                         f"them: {repair_command(paths[0])}")
     bos = tokenizer.get_bos_token_id()
 
     # Stream cursor: the next unread document is doc_idx of global row group g (epoch g //
@@ -94,8 +91,7 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
     keys, tokens = [], {}  # tokens: doc position (g, doc) -> token ids (BOS first)
 
     def read_texts(g):
-        p, r = index[g % len(index)]
-        return read_row_group(paths[p], r)
+        return read_row_group(*index[g % len(index)])
 
     def add_docs(positions, texts):
         rows = tokenizer.encode(texts, prepend=bos, num_threads=tokenizer_threads)
@@ -105,9 +101,8 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
 
     if state is not None:
         if "row_group" not in state:
-            raise ValueError(f"dataloader state of an older format (per-file row groups, keys "
-                             f"{sorted(state)}): resume it with the nanochat version that wrote "
-                             f"it, or start a new run")
+            raise ValueError(f"dataloader state of an older format (keys {sorted(state)}): "
+                             f"resume with the nanochat version that wrote it or start a new run")
         assert state["num_row_groups"] == len(index), (
             f"dataloader state was saved with {state['num_row_groups']} {split} row groups "
             f"but the files now have {len(index)}: resume with the same data shards")
@@ -123,21 +118,19 @@ def pretrain_loader(tokenizer, B, T, split, rank=0, world_size=1, device="cpu", 
         """Tokenize the next up to tokenizer_batch_size documents of this rank's stream into the
         buffer."""
         nonlocal g, doc_idx, texts, texts_at
-        empty = 0  # row groups passed without a document; a whole epoch of them: there are none
-        while True:
+        # the current row group, then at most a whole epoch of them: when all those are empty, the
+        # stride only comes back to them, so this stream has no documents at all
+        for _ in range(len(index) + 2):
             if texts_at != g:
                 texts, texts_at = read_texts(g), g
-            if doc_idx >= len(texts):
-                empty = empty + 1 if doc_idx == 0 else 0
-                if empty > len(index):
-                    raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); "
-                                     f"to replace them: {repair_command(paths[0])}")
-                g, doc_idx = g + world_size, 0
-                continue
-            chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
-            add_docs([(g, doc_idx + i) for i in range(len(chunk))], chunk)
-            doc_idx += len(chunk)
-            return
+            if doc_idx < len(texts):
+                chunk = texts[doc_idx:doc_idx + tokenizer_batch_size]
+                add_docs([(g, doc_idx + i) for i in range(len(chunk))], chunk)
+                doc_idx += len(chunk)
+                return
+            g, doc_idx = g + world_size, 0
+        raise ValueError(f"the {split} files hold no documents ({', '.join(paths)}); to replace "
+                         f"them: {repair_command(paths[0])}")
 
     def get_state():
         buffer = {}
@@ -201,8 +194,7 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's
     # size (a tiny validation set read by many GPUs x accumulation steps) start at rank % n instead
     # of past the end.
-    epoch, cursor, buffer, consumed = 1, rank % n, [], 0
-    epoch_start = cursor
+    epoch, cursor, epoch_start, buffer, consumed = 1, rank % n, rank % n, [], 0
 
     def render(index):
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
@@ -239,14 +231,11 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 _, ids, mask = buffer.pop(i)
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
-                pos += len(ids)
-                consumed += 1
-                placed += 1
+                pos, consumed, placed = pos + len(ids), consumed + 1, placed + 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
         # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n
         share = -(-(n - epoch_start) // world_size)
-        progress = epoch - 1 + consumed / share
         yield inputs, targets, {"epoch": epoch, "cursor": cursor,
                                 "buffer": [item[0] for item in buffer], "epoch_start": epoch_start,
-                                "consumed": consumed, "progress": progress}
+                                "consumed": consumed, "progress": epoch - 1 + consumed / share}

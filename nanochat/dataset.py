@@ -38,13 +38,12 @@ from nanochat.common import get_base_dir, download_url, print0
 
 # -----------------------------------------------------------------------------
 # Datasets: name -> (URL base, index of the last shard). The last shard is the pinned val shard.
+# "local" has no URL: build_local_corpus() writes its LOCAL_NUM_SHARDS shards.
 
 HF = "https://huggingface.co/datasets/karpathy"
-DATASETS = {
-    "climbmix": (f"{HF}/climbmix-400b-shuffle/resolve/main", 6542),
-    "fineweb-edu": (f"{HF}/fineweb-edu-100b-shuffle/resolve/main", 1822),
-    "local": (None, 9),  # built by build_local_corpus(): LOCAL_NUM_SHARDS shards, the last is val
-}
+DATASETS = {"climbmix": (f"{HF}/climbmix-400b-shuffle/resolve/main", 6542),
+            "fineweb-edu": (f"{HF}/fineweb-edu-100b-shuffle/resolve/main", 1822),
+            "local": (None, 9)}
 DEFAULT_DATASET = "climbmix"
 
 def shard_name(index):
@@ -58,8 +57,7 @@ def get_dataset_name(dataset=None):
     return name
 
 def get_data_dir(dataset=None):
-    name = get_dataset_name(dataset)
-    return os.path.join(get_base_dir(), "base_data_" + name.replace("-", "_"))
+    return os.path.join(get_base_dir(), "base_data_" + get_dataset_name(dataset).replace("-", "_"))
 
 def val_shard_index(dataset=None):
     return DATASETS[get_dataset_name(dataset)][1]
@@ -68,9 +66,8 @@ def fetch_command(dataset=None, num_files=8):
     """The command that makes this dataset's shards appear (train shards 0..num_files-1 and the val
     shard), for error messages."""
     name = get_dataset_name(dataset)
-    if name == "local":
-        return "python -m nanochat.dataset --dataset local"
-    return f"python -m nanochat.dataset -n {num_files} --dataset {name}"
+    count = "" if name == "local" else f"-n {num_files} "
+    return f"python -m nanochat.dataset {count}--dataset {name}"
 
 # -----------------------------------------------------------------------------
 # Readers
@@ -82,8 +79,7 @@ def list_parquet_files(split=None, dataset=None):
     pinned shard) or None (all). Temp files of unfinished downloads are ignored. Raises naming the
     fix when empty."""
     assert split in (None, "train", "val"), f"split must be 'train', 'val' or None, got {split!r}"
-    name = get_dataset_name(dataset)
-    data_dir = get_data_dir(name)
+    name, data_dir = get_dataset_name(dataset), get_data_dir(dataset)
     if name not in _announced:
         _announced.add(name)
         print0(f"pretraining data: {name} ({data_dir})")
@@ -133,8 +129,7 @@ def num_row_groups(path):
 def read_row_group(path, rg_idx):
     """The texts of row group rg_idx of one shard."""
     with _shard_errors(path):
-        texts = pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"]).column("text")
-        return texts.to_pylist()
+        return pq.ParquetFile(path).read_row_group(rg_idx, columns=["text"])["text"].to_pylist()
 
 def verify_shard(path):
     """Raises ValueError unless path is a complete parquet shard: readable footer, row groups,
@@ -145,8 +140,7 @@ def verify_shard(path):
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"not a complete parquet file ({e})") from None
     text_type = schema.field("text").type if "text" in schema.names else pa.null()
-    is_text = pa.types.is_string(text_type) or pa.types.is_large_string(text_type)
-    if pf.num_row_groups < 1 or not is_text:
+    if pf.num_row_groups < 1 or text_type not in (pa.string(), pa.large_string()):
         raise ValueError(f"not a text shard: {pf.num_row_groups} row groups, schema {schema}")
 
 def parquets_iter_batched(split, start=0, step=1, dataset=None):
@@ -171,10 +165,6 @@ def write_shard(path, texts, row_group_size):
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_BACKOFF = 2.0  # seconds, raised to the attempt number: waits 2, 4, 8, 16 (tests set 0)
 
-def _download_one(job):
-    url, path, attempts, backoff = job
-    return download_url(url, path, attempts=attempts, backoff=backoff, verify=verify_shard)
-
 def download_shards(num_files, dataset=None, num_workers=4):
     """Fetch train shards 0..num_files-1 (-1 = all) plus the pinned val shard, num_workers at a
     time. Shards already on disk are skipped without a request. Returns the names of shards that
@@ -182,21 +172,20 @@ def download_shards(num_files, dataset=None, num_workers=4):
     name = get_dataset_name(dataset)
     assert name != "local", "the local corpus is built, not downloaded: call build_local_corpus()"
     val_index = val_shard_index(name)
-    num_train = val_index if num_files < 0 else min(num_files, val_index)
-    indices = list(range(num_train)) + [val_index]
+    indices = list(range(val_index if num_files < 0 else min(num_files, val_index))) + [val_index]
     data_dir = get_data_dir(name)
     os.makedirs(data_dir, exist_ok=True)
     url_base = (os.environ.get("NANOCHAT_DATA_URL") or DATASETS[name][0]).rstrip("/")
-    jobs = [(f"{url_base}/{shard_name(i)}", path, DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF)
+    jobs = [(f"{url_base}/{shard_name(i)}", path)
             for i in indices if not os.path.exists(path := os.path.join(data_dir, shard_name(i)))]
     print(f"dataset {name}: want {len(indices)} shards ({len(indices) - len(jobs)} present) in "
           f"{data_dir}", flush=True)
-    ok = []
-    if jobs:  # threads: downloads wait on the network, and a forked worker of a process that
-        # has threads (torch's, a caller's server) can deadlock on a lock one of them held
-        with ThreadPool(processes=max(1, min(num_workers, len(jobs)))) as pool:
-            ok = pool.map(_download_one, jobs)
-    failed = [os.path.basename(job[1]) for job, good in zip(jobs, ok) if not good]
+    # threads: downloads wait on the network, and a forked worker of a process that has threads
+    # (torch's, a caller's server) can deadlock on a lock one of them held
+    with ThreadPool(processes=max(1, min(num_workers, len(jobs)))) as pool:
+        ok = pool.map(lambda job: download_url(*job, attempts=DOWNLOAD_ATTEMPTS,
+                                               backoff=DOWNLOAD_BACKOFF, verify=verify_shard), jobs)
+    failed = [os.path.basename(path) for (url, path), good in zip(jobs, ok) if not good]
     print(f"Downloaded: {len(indices) - len(failed)}/{len(indices)}", flush=True)
     return failed
 
@@ -254,25 +243,19 @@ def split_doc(text, max_chars=MAX_DOC_CHARS):
             pieces.append(para[:max_chars])
             para = para[max_chars:]
         current = f"{current}\n\n{para}" if current else para
-    if current:
-        pieces.append(current)
-    return pieces
+    return pieces + [current] if current else pieces
 
 def collect_local_documents(root=None):
     """All documents under root (default: the stdlib), in sorted walk order, deduplicated, small
     pieces dropped."""
-    seen, docs = set(), []
+    docs = []
     for dirpath, dirnames, filenames in os.walk(root or sysconfig.get_paths()["stdlib"]):
         dirnames[:] = sorted(d for d in dirnames
                              if d not in SKIP_DIRS and not d.startswith("config-"))
         for filename in sorted(filenames):
             for doc in _docs_of_file(os.path.join(dirpath, filename)):
-                for piece in split_doc(doc.strip()):
-                    h = hashlib.sha1(piece.encode()).digest()
-                    if len(piece) >= MIN_DOC_CHARS and h not in seen:
-                        seen.add(h)
-                        docs.append(piece)
-    return docs
+                docs += [piece for piece in split_doc(doc.strip()) if len(piece) >= MIN_DOC_CHARS]
+    return list(dict.fromkeys(docs))  # each piece once, where it first appeared
 
 def corpus_hash(docs):
     """sha256 of the documents in order (length-prefixed, so no two different lists collide by
@@ -309,14 +292,12 @@ def build_local_corpus(force=False, root=None):
         split = "val" if i == LOCAL_NUM_SHARDS - 1 else "train"
         print(f"{shard_name(i)} ({split}): {len(texts):,} docs, {sum(map(len, texts)):,} chars",
               flush=True)
-    if os.path.isdir(data_dir):
-        shutil.rmtree(data_dir)
+    shutil.rmtree(data_dir, ignore_errors=True)  # whatever is left makes the rename below fail
     os.replace(tmp_dir, data_dir)
     digest = corpus_hash(docs)
-    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, "
-          f"{LOCAL_NUM_SHARDS} shards in {data_dir}\nlocal corpus sha256 {digest} "
-          f"(Python {platform.python_version()} standard library; the same Python "
-          f"version builds the same corpus on any machine)", flush=True)
+    print(f"local corpus: {len(docs):,} docs, {sum(map(len, docs)):,} chars, {LOCAL_NUM_SHARDS} "
+          f"shards in {data_dir}\nlocal corpus sha256 {digest} (Python {platform.python_version()} "
+          f"standard library: the same Python version builds the same corpus anywhere)", flush=True)
     return digest
 
 # -----------------------------------------------------------------------------
@@ -327,18 +308,15 @@ def main(argv=None):
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="train shards (-1 = all), plus the val shard")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    parser.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                        help=f"which data (default: env NANOCHAT_DATASET, else {DEFAULT_DATASET}); "
-                             f"local = built from this Python's standard library, no network")
-    parser.add_argument("--force", action="store_true",
-                        help="local only: rebuild the corpus even if its shards exist")
+    parser.add_argument("--dataset", choices=sorted(DATASETS), help="default: $NANOCHAT_DATASET, "
+                        f"else {DEFAULT_DATASET}; local = built offline from this Python's stdlib")
+    parser.add_argument("--force", action="store_true", help="rebuild an existing local corpus")
     args = parser.parse_args(argv)
     name = get_dataset_name(args.dataset)
     if name == "local":
         if args.num_files != -1:
             parser.error("-n/--num-files does not apply to --dataset local (always built whole)")
-        build_local_corpus(force=args.force)
-        return
+        return build_local_corpus(force=args.force)
     if args.force:
         parser.error("--force is for --dataset local; delete a bad shard by hand to fetch it again")
     assert args.num_workers >= 1, f"--num-workers must be >= 1, got {args.num_workers}"

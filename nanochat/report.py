@@ -67,13 +67,11 @@ def _format_value(value):
 def header_markdown():
     now = f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S}"
     lines = ["# nanochat training report", "", f"Generated: {now}", ""]
-    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"])
-    if branch:
-        commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if branch := _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]):
         dirty = "dirty" if _run(["git", "status", "--porcelain"]) else "clean"
-        message = _run(["git", "log", "-1", "--pretty=%s"])[:80]
         lines += ["## Environment", "", "### Git", f"- Branch: {branch}",
-                  f"- Commit: {commit} ({dirty})", f"- Message: {message}", ""]
+                  f"- Commit: {_run(['git', 'rev-parse', '--short', 'HEAD'])} ({dirty})",
+                  f"- Message: {_run(['git', 'log', '-1', '--pretty=%s'])[:80]}", ""]
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     lines += ["### Hardware",
               f"- Platform: {platform.system()} {platform.machine()} ({socket.gethostname()})",
@@ -113,7 +111,6 @@ class Report:
                                                            for k, v in item.items()]
         path = os.path.join(self.report_dir, slugify(section) + ".md")
         atomic_write_text(path, "\n".join(lines) + "\n\n")
-        return path
 
     def reset(self):
         for name in os.listdir(self.report_dir):
@@ -124,8 +121,8 @@ class Report:
 
     def generate(self):
         header_path = pathlib.Path(self.report_dir, "header.md")
-        parts = [header_path.read_text("utf-8")] if header_path.exists() else []
-        header = parts[0] if parts else ""
+        header = header_path.read_text("utf-8") if header_path.exists() else ""
+        parts = [header] if header else []
         start = re.search(r"^Run started: (.+)$", header, re.MULTILINE)
         run_start = previous = _parse_time(start.group(1)) if start else None
         metrics = {}  # (metric, column) -> value
@@ -137,11 +134,9 @@ class Report:
                 continue
             parts.append(text := path.read_text("utf-8"))
             for metric in SUMMARY_METRICS if section in EVAL_COLUMNS else []:
-                m = re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE)
-                if m:
+                if m := re.search(rf"^- {re.escape(metric)}: (-?[0-9.]+)$", text, re.MULTILINE):
                     metrics[(metric, EVAL_COLUMNS[section])] = m.group(1)
-            stamp = re.search(r"^timestamp: (.+)$", text, re.MULTILINE)
-            if stamp:
+            if stamp := re.search(r"^timestamp: (.+)$", text, re.MULTILINE):
                 when = _parse_time(stamp.group(1))
                 if previous is not None:
                     stage_times.append((section, (when - previous).total_seconds()))
@@ -159,8 +154,7 @@ class Report:
         out_path = os.path.join(self.report_dir, "report.md")
         atomic_write_text(out_path, report)
         # the copy in the current directory links the PNGs where they are
-        png_dir = os.path.abspath(self.report_dir)
-        link = lambda m: f"]({os.path.join(png_dir, m.group(1))})"
+        link = lambda m: f"]({os.path.join(os.path.abspath(self.report_dir), m.group(1))})"
         atomic_write_text("report.md", re.sub(r"\]\(([a-z_]+\.png)\)", link, report))
         print(f"Report written to {out_path} (copied to ./report.md)")
         return out_path
@@ -179,8 +173,7 @@ def read_metric_log(path):
     with open(path, encoding="utf-8") as f:
         *lines, torn = f.read().split("\n")
     if torn:
-        warnings.warn(f"{path}: ignoring a truncated last line (the run stopped mid-write): "
-                      f"{torn[:80]!r}")
+        warnings.warn(f"{path}: ignoring a truncated last line (a crash mid-write): {torn[:80]!r}")
     records = []
     for number, line in enumerate(lines, 1):
         try:
@@ -210,9 +203,8 @@ class MetricLog:
         if get_dist_info()[1] != 0:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        kept = []
-        if resume_step is not None and os.path.exists(self.path):
-            kept = [r for r in read_metric_log(self.path) if r["step"] < resume_step]
+        resumed = resume_step is not None and os.path.exists(self.path)
+        kept = [r for r in read_metric_log(self.path) if r["step"] < resume_step] if resumed else []
         # also drops a torn line
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")
@@ -249,11 +241,9 @@ def _duration(seconds):
 
 def load_metric_logs(stage, since=None):
     """{tag: records} of <base>/logs/<stage>_<tag>.jsonl, only the files written since `since`."""
-    logs = {}
-    for path in sorted(glob.glob(metric_log_path(stage, "*"))):
-        if since is None or os.path.getmtime(path) >= since.timestamp():
-            logs[os.path.basename(path)[len(stage) + 1:-len(".jsonl")]] = read_metric_log(path)
-    return logs
+    return {os.path.basename(path)[len(stage) + 1:-len(".jsonl")]: read_metric_log(path)
+            for path in sorted(glob.glob(metric_log_path(stage, "*")))
+            if since is None or os.path.getmtime(path) >= since.timestamp()}
 
 def _total_flops(records):
     return max((r["flops"] for r in records if r.get("flops") is not None), default=0)
@@ -273,13 +263,11 @@ def cost_markdown(header, run_start, run_end, stage_times, logs):
     seconds = (run_end - run_start).total_seconds()
     lines.append(f"Total wall clock time: {int(seconds // 3600)}h{int(seconds % 3600 // 60)}m")
     rate = re.search(r"^- Hourly rate: \$([0-9.]+)/GPU/hour x (\d+) GPUs$", header, re.MULTILINE)
-    if rate:
-        per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
-        lines.append(f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x "
-                     f"{seconds / 3600:.2f} h = ${per_gpu * gpus * seconds / 3600:,.2f}")
-    else:
-        lines.append("Estimated cost: - (no GPU in the header's hardware list)")
-    return lines
+    if not rate:
+        return lines + ["Estimated cost: - (no GPU in the header's hardware list)"]
+    per_gpu, gpus = float(rate.group(1)), int(rate.group(2))
+    return lines + [f"Estimated cost: ${per_gpu:.2f}/GPU/hour x {gpus} GPUs x "
+                    f"{seconds / 3600:.2f} h = ${per_gpu * gpus * seconds / 3600:,.2f}"]
 
 def get_pyplot():
     """pyplot on the Agg backend (files only, no display), or None without matplotlib."""
@@ -309,12 +297,9 @@ def _plot_base(plt, logs):
             axes[1, col].plot(*_series(records, "val_bpb", x), "o-", color=f"C{i}",
                               label=f"{tag} val")
     for row, ylabel in enumerate(["train loss (nats/token)", "val bpb (bits/byte)"]):
-        axes[row, 0].set_xlabel("step")
-        axes[row, 1].set_xlabel("training FLOPs (log scale)")
-        axes[row, 1].set_xscale("log")
+        axes[row, 0].set(xlabel="step", ylabel=ylabel)
+        axes[row, 1].set(xlabel="training FLOPs (log scale)", ylabel=ylabel, xscale="log")
         axes[row, 1].xaxis.set_minor_formatter(plt.NullFormatter())  # labels on decades only
-        for ax in axes[row]:
-            ax.set_ylabel(ylabel)
     fig.suptitle("Base model training: loss and val bpb by step and by compute")
     return fig, axes.flat
 
@@ -327,10 +312,8 @@ def _plot_chat(plt, logs):
                          label=f"{stage} {tag} train (EMA 0.9)")
             axes[1].plot(*_series(records, "val_bpb"), "o-", color=color,
                          label=f"{stage} {tag} val")
-    axes[0].set_ylabel("train loss (nats/supervised token)")
-    axes[1].set_ylabel("val bpb (bits/byte, assistant tokens)")
-    for ax in axes:
-        ax.set_xlabel("step (of that stage)")
+    axes[0].set(xlabel="step (of that stage)", ylabel="train loss (nats/supervised token)")
+    axes[1].set(xlabel="step (of that stage)", ylabel="val bpb (bits/byte, assistant tokens)")
     fig.suptitle("Mid-training and SFT: loss by step")
     return fig, axes
 
@@ -341,10 +324,8 @@ def _plot_rl(plt, logs):
         for j, key in enumerate(sorted({k for r in records for k in r if k.startswith("pass@")},
                                        key=lambda k: int(k[5:]) if k[5:].isdigit() else 0)):
             axes[1].plot(*_series(records, key), "o-", color=f"C{i + j}", label=f"{tag} {key}")
-    axes[0].set_ylabel("mean reward per sample")
-    axes[1].set_ylabel("pass@k (fraction of problems)")
-    for ax in axes:
-        ax.set_xlabel("step")
+    axes[0].set(xlabel="step", ylabel="mean reward per sample")
+    axes[1].set(xlabel="step", ylabel="pass@k (fraction of problems)")
     fig.suptitle("Reinforcement learning: reward and pass@k by step")
     return fig, axes
 
@@ -362,8 +343,8 @@ def _plot_evals(plt, metrics):
         ax.hlines(CHANCE.get(name, 0.0), i - 0.45, i + 0.45, colors="black", linestyles="--",
                   zorder=3, label="chance" if i == 0 else None)
     ax.set_xticks(range(len(names)), names, rotation=20)
-    ax.set_ylabel("accuracy (CORE, ChatCORE: centered, 0 = chance)")
-    ax.set_title("Evaluations by stage against chance")
+    ax.set(ylabel="accuracy (CORE, ChatCORE: centered, 0 = chance)",
+           title="Evaluations by stage against chance")
     ax.axhline(0, color="gray", linewidth=0.5)
     return fig, [ax]
 
@@ -401,18 +382,15 @@ def plot_markdown(report_dir, logs, metrics):
 class DummyReport:
     def log(self, *args, **kwargs):
         pass
-    def reset(self, *args, **kwargs):
-        pass
+    reset = log
 
 def get_report():
     """Rank 0 gets the real report; other ranks a no-op one."""
-    if get_dist_info()[1] == 0:
-        return Report(os.path.join(get_base_dir(), "report"))
-    return DummyReport()
+    rank = get_dist_info()[1]
+    return Report(os.path.join(get_base_dir(), "report")) if rank == 0 else DummyReport()
 
 if __name__ == "__main__":
     command = sys.argv[1] if len(sys.argv) > 1 else "generate"
     if command not in ("reset", "generate"):
-        sys.exit(f"unknown command {command!r}: use `python -m nanochat.report reset` or "
-                 f"`... generate`")
+        sys.exit(f"unknown command {command!r}: use `python -m nanochat.report reset|generate`")
     getattr(get_report(), command)()

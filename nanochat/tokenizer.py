@@ -27,7 +27,6 @@ Leaves out: HF-model tokenizers (from_pretrained only loads stock tiktoken encod
 """
 
 import base64
-import copy
 import hashlib
 import json
 import os
@@ -77,24 +76,21 @@ class Tokenizer:
         of strings; vocab_size counts the 9 specials."""
         num_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
         if num_merges < 0:
-            raise ValueError(f"vocab_size={vocab_size} is too small: it must be at least 256 "
-                             f"bytes + {len(SPECIAL_TOKENS)} special tokens = "
-                             f"{256 + len(SPECIAL_TOKENS)}")
+            raise ValueError(f"vocab_size={vocab_size} is too small: it needs at least 256 bytes + "
+                             f"{len(SPECIAL_TOKENS)} special tokens = {256 + len(SPECIAL_TOKENS)}")
         try:  # imported here: loading and using a trained tokenizer needs only tiktoken
             import rustbpe
         except ImportError:
             raise ImportError("training a tokenizer needs the BPE trainer rustbpe: `pip install "
                               "rustbpe` (loading a trained one needs only tiktoken)") from None
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS),
-                                    pattern=SPLIT_PATTERN)
+        trainer.train_from_iterator(text_iterator, 256 + num_merges, pattern=SPLIT_PATTERN)
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         learned = len(mergeable_ranks) - 256
         if learned != num_merges:
             # rustbpe stops early when no pair occurs twice; a short vocab would shift the specials
-            raise ValueError(f"the training text only supports {learned} merges but vocab_size="
-                             f"{vocab_size} needs {num_merges}: train on more text or lower the "
-                             f"vocab size")
+            raise ValueError(f"the text only supports {learned} merges, vocab_size={vocab_size} "
+                             f"needs {num_merges}: train on more text or lower the vocab size")
         special_tokens = {name: len(mergeable_ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(name="rustbpe", pat_str=SPLIT_PATTERN,
                                 mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
@@ -109,10 +105,9 @@ class Tokenizer:
         if not os.path.exists(pickle_path):
             raise FileNotFoundError(f"no tokenizer at {path}: {TRAIN}")
         if os.environ.get(ALLOW_PICKLE_ENV) != "1":
-            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE}, the pickle "
-                               f"format of older versions: loading a pickle runs whatever code "
-                               f"it holds. If you made it yourself, load it once with "
-                               f"{ALLOW_PICKLE_ENV}=1 (it is converted to {TOKENIZER_FILE}); "
+            raise RuntimeError(f"{tokenizer_dir} has only {PICKLE_TOKENIZER_FILE} (older versions; "
+                               f"unpickling runs any code it holds). If you made it, load it once "
+                               f"with {ALLOW_PICKLE_ENV}=1 to convert it to {TOKENIZER_FILE}; "
                                f"otherwise {RETRAIN}")
         try:
             with open(pickle_path, "rb") as f:
@@ -154,8 +149,7 @@ class Tokenizer:
         return {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION,
                 "pattern": self.enc._pat_str,
                 "mergeable_ranks": [base64.b64encode(t).decode("ascii") for t in tokens],
-                "special_tokens": dict(sorted(self.enc._special_tokens.items(),
-                                              key=lambda kv: kv[1]))}
+                "special_tokens": dict(sorted(self.special_ids.items(), key=lambda kv: kv[1]))}
 
     def fingerprint(self):
         """sha256 of the tokenizer's data: two tokenizers with
@@ -234,10 +228,8 @@ class Tokenizer:
         if messages and messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
-            merged = dict(messages[1],
-                          content=messages[0]["content"] + "\n\n" + messages[1]["content"])
-            messages = [merged] + list(messages[2:])
-            offset = 1
+            merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
+            messages, offset = [dict(messages[1], content=merged)] + list(messages[2:]), 1
         if not messages:
             raise ValueError("the conversation has no user or assistant messages")
 
@@ -270,9 +262,7 @@ class Tokenizer:
                 add(self.encode(part["text"], prepend=start, append=end), supervised)
             add([self.encode_special("<|assistant_end|>")], 1)
 
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
-        return ids, mask
+        return ids[:max_tokens], mask[:max_tokens]  # [:None] keeps everything
 
     def render_for_completion(self, conversation):
         """
@@ -283,11 +273,10 @@ class Tokenizer:
         calculator call goes back in as the call the model wrote. Not truncated: fitting the context
         is the caller's decision.
         """
-        conversation = copy.deepcopy(conversation)
         messages = conversation["messages"]
         if messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        ids, _ = self.render_conversation(conversation, max_tokens=None)
+            messages = messages[:-1]
+        ids, _ = self.render_conversation({"messages": messages}, max_tokens=None)
         return ids + [self.encode_special("<|assistant_start|>")]
 
 # -----------------------------------------------------------------------------
@@ -305,8 +294,7 @@ def _read_tokenizer_json(path):
         raise RuntimeError(f"{path} is not a {TOKENIZER_FORMAT} tokenizer file; {RETRAIN}")
     if data.get("version") != TOKENIZER_FORMAT_VERSION:
         raise RuntimeError(f"{path} has format version {data.get('version')!r}, this code reads "
-                           f"version {TOKENIZER_FORMAT_VERSION}; re-run `python -m "
-                           f"scripts.tok_train` or use matching code")
+                           f"version {TOKENIZER_FORMAT_VERSION}: {TRAIN} or use matching code")
     return data
 
 def _encoding_from_data(data, path):
@@ -334,9 +322,8 @@ def get_token_bytes(device="cpu"):
     try:
         token_bytes = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        first_line = (str(e).splitlines() or [""])[0]
-        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {first_line}); re-run "
-                           f"`python -m scripts.tok_train` to rewrite it") from None
+        first = (str(e).splitlines() or [""])[0]  # torch's messages can run on for lines
+        raise RuntimeError(f"{path} is corrupt ({type(e).__name__}: {first}); {RETRAIN}") from None
     if not isinstance(token_bytes, torch.Tensor) or token_bytes.dim() != 1:
         raise RuntimeError(f"{path} does not hold a 1-D tensor of token byte lengths; {RETRAIN}")
     return token_bytes
