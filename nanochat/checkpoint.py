@@ -348,8 +348,9 @@ def load_source(args, device, output):
     for this run (lock_checkpoint_dir): a second run on it fails here, before any data is read.
     """
     source_dir = os.path.join(get_base_dir(), SOURCE_DIRS[args.source])
-    # no source dir: load_model names what is missing
-    model_tag = args.model_tag or os.path.isdir(source_dir) and find_model_tag(source_dir)
+    model_tag = args.model_tag
+    if not model_tag and os.path.isdir(source_dir):  # else load_model names what is missing
+        model_tag = find_model_tag(source_dir)
     model, tokenizer, meta = load_model(args.source, device, "train", model_tag, args.model_step)
     output_dir = os.path.join(get_base_dir(), SOURCE_DIRS[output], model_tag)
     lock_checkpoint_dir(output_dir, model_tag)

@@ -102,10 +102,11 @@ def default_inference_dtype(device):
     """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
     if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
-    if device.type == "cpu" and (feature := cpu_bf16_feature()):
-        return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
     if device.type == "cpu":
-        return "float32", "CPU lacks AVX512-BF16/AMX: bf16 runs emulated (try --dtype bfloat16)"
+        if feature := cpu_bf16_feature():
+            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
+        return "float32", ("CPU lacks AVX512-BF16/AMX: bf16 would be converted in software "
+                           "(try --dtype bfloat16)")
     return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
 
 def add_dtype_flag(parser):
