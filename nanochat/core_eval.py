@@ -32,19 +32,18 @@ import zipfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 import yaml
 from filelock import FileLock
 
-from nanochat.common import get_base_dir, get_dist_info, download_file_with_lock, is_dist, print0
+from nanochat.common import get_base_dir, get_dist_info, download_url, is_dist, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Keys each JSONL row needs, checked at load: a bad bundle fails with a file and line, not mid-eval
-REQUIRED_KEYS = {
-    "multiple_choice": ("query", "choices", "gold"),
-    "schema": ("context_options", "continuation", "gold"),
-    "language_modeling": ("context", "continuation"),
-}
+REQUIRED_KEYS = {"multiple_choice": ("query", "choices", "gold"),
+                 "schema": ("context_options", "continuation", "gold"),
+                 "language_modeling": ("context", "continuation")}
+TASK_TYPES = tuple(REQUIRED_KEYS)
 
 class EvalBundleUnavailable(RuntimeError):
     """The bundle is not on disk and could not be downloaded
@@ -72,19 +71,17 @@ def _extract_bundle(zip_path, bundle_dir):
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 zf.extractall(tmp_dir)
+            problem = "holds no core.yaml (neither at the top nor under eval_bundle/)"
         except zipfile.BadZipFile as e:
-            os.remove(zip_path)
-            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
-                               f"fetch it again") from e
+            problem = f"is not a valid zip ({e})"
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
-        flat = os.path.isfile(os.path.join(tmp_dir, "core.yaml"))
-        root = tmp_dir if flat else os.path.join(tmp_dir, "eval_bundle")
-        if not os.path.isfile(os.path.join(root, "core.yaml")):
+        roots = [r for r in (tmp_dir, os.path.join(tmp_dir, "eval_bundle"))
+                 if os.path.isfile(os.path.join(r, "core.yaml"))]
+        if not roots:
             os.remove(zip_path)
-            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top "
-                               f"nor under eval_bundle/): not a CORE eval bundle; "
-                               f"it was deleted, rerun to download it again")
-        os.replace(root, bundle_dir)
+            raise RuntimeError(f"{zip_path} {problem}: not a CORE eval bundle; it was deleted, "
+                               f"rerun to download it again")
+        os.replace(roots[0], bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
 
@@ -100,11 +97,8 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
             if not eval_bundle_available():
                 zip_path = bundle_dir + ".zip"
                 print(f"Downloading the CORE eval bundle (~162 MB) from {url}", flush=True)
-                try:
-                    download_file_with_lock(url, zip_path)
-                except RuntimeError:
-                    pass  # download_url printed why; everyone raises below with how to fetch it
-                else:
+                # on failure download_url prints why; everyone raises below with how to fetch it
+                if download_url(url, zip_path):
                     _extract_bundle(zip_path, bundle_dir)
                     os.remove(zip_path)
     if is_dist():
@@ -142,10 +136,9 @@ def load_core_config(bundle_dir):
     csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")
     with open(csv_path, encoding="utf-8", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    for task in tasks:
-        if task["label"] not in baselines:
-            raise ValueError(f"{csv_path} has no 'Random baseline' row for task "
-                             f"{task['label']!r} of core.yaml")
+    missing = [task["label"] for task in tasks if task["label"] not in baselines]
+    if missing:
+        raise ValueError(f"{csv_path} has no 'Random baseline' row for core.yaml tasks {missing}")
     return tasks, baselines
 
 def load_task_data(path, task_type):
@@ -179,13 +172,9 @@ def sample_fewshot(data, idx, k):
     random.Random(1234 + idx) so every run and rank agrees."""
     # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
     # (rng.sample would raise mid-eval); with enough examples the draws are karpathy/nanochat's
-    k = min(k, len(data) - 1)
-    if k <= 0:
-        return []
-    rng = random.Random(1234 + idx)
     # same draws as rng.sample over the list of all indices but idx, without building that list per
     # example
-    picks = rng.sample(range(len(data) - 1), k)
+    picks = random.Random(1234 + idx).sample(range(len(data) - 1), max(0, min(k, len(data) - 1)))
     return [data[i + (i >= idx)] for i in picks]
 
 def render_prompts(task_type, item, delimiter, fewshot):
@@ -254,9 +243,7 @@ def crop_left(tokens, start, end, max_len):
     excess = len(tokens) - max_len if max_len is not None else 0
     if excess <= 0:
         return tokens, start, end
-    if start - excess < 1:
-        return None
-    return tokens[excess:], start - excess, end - excess
+    return (tokens[excess:], start - excess, end - excess) if start - excess >= 1 else None
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -268,25 +255,21 @@ def score_rows(model, rows, pad_id, device):
     (mean cross-entropy over tokens[start:end], whether argmax predicted every one of them).
     Right padding is harmless: with causal attention no real position sees the pad tokens.
     """
-    max_len = max(len(tokens) for tokens, _, _ in rows)
-    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
-    row_idx, pos = [], []
-    for r, (tokens, start, end) in enumerate(rows):
-        ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        row_idx += [r] * (end - start)
-        pos += range(start - 1, end - 1)  # logits at position t predict token t + 1
-    ids = ids.to(device)
-    row_idx, pos = torch.tensor(row_idx, device=device), torch.tensor(pos, device=device)
+    ids = pad_sequence([torch.tensor(tokens, dtype=torch.long) for tokens, _, _ in rows],
+                       batch_first=True, padding_value=pad_id).to(device)
+    # (row, position) of the logits that score each continuation token: position t predicts t + 1
+    row_idx, pos = torch.tensor([(r, p) for r, (_, start, end) in enumerate(rows)
+                                 for p in range(start - 1, end - 1)], device=device).T
     logits = model(ids)
     # only the continuation positions, not the (rows, T, vocab) log-softmax of everything
     selected = logits[row_idx, pos].float()
     targets = ids[row_idx, pos + 1]
     losses = F.cross_entropy(selected, targets, reduction="none")
     misses = (selected.argmax(dim=-1) != targets).float()
-    counts = torch.zeros(len(rows), device=device).index_add_(0, row_idx, torch.ones_like(losses))
-    mean_losses = torch.zeros(len(rows), device=device).index_add_(0, row_idx, losses) / counts
-    all_hit = torch.zeros(len(rows), device=device).index_add_(0, row_idx, misses) == 0
-    return mean_losses.tolist(), all_hit.tolist()
+    # per row: [scored tokens, summed loss, misses]
+    sums = torch.zeros(3, len(rows), device=device).index_add_(
+        1, row_idx, torch.stack([torch.ones_like(losses), losses, misses]))
+    return (sums[1] / sums[0]).tolist(), (sums[2] == 0).tolist()
 
 def prepare_examples(task, data, indices, tokenizer, max_len=None):
     """Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop
@@ -330,10 +313,8 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
         chunk = my_indices[c:c + chunk_size]
         examples, skipped = prepare_examples(task, data, chunk, tokenizer, max_len)
         outcome[1, skipped] = 1.0
-        if not examples:
-            continue
         examples.sort(key=length, reverse=True)
-        if hasattr(model, "ensure_rotary_positions"):
+        if examples and hasattr(model, "ensure_rotary_positions"):
             model.ensure_rotary_positions(length(examples[0]))
         i = 0
         while i < len(examples):
