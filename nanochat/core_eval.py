@@ -78,12 +78,12 @@ def _extract_bundle(zip_path, bundle_dir):
         roots = [r for r in (tmp_dir, os.path.join(tmp_dir, "eval_bundle"))
                  if os.path.isfile(os.path.join(r, "core.yaml"))]
         if not roots:
-            os.remove(zip_path)
             raise RuntimeError(f"{zip_path} {problem}: not a CORE eval bundle; it was deleted, "
                                f"rerun to download it again")
         os.replace(roots[0], bundle_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
+        os.remove(zip_path)  # a bad one too: else every rerun would find it on disk and fail again
 
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     """
@@ -100,7 +100,6 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
                 # on failure download_url prints why; everyone raises below with how to fetch it
                 if download_url(url, zip_path):
                     _extract_bundle(zip_path, bundle_dir)
-                    os.remove(zip_path)
     if is_dist():
         dist.barrier()
     if not eval_bundle_available():
@@ -210,9 +209,9 @@ def continuation_spans(task_type, token_lists):
     if task_type == "language_modeling":
         without, with_ = token_lists
         if with_[:len(without)] != without or len(with_) == len(without):
-            raise ValueError(f"language_modeling prompt without the continuation "
-                             f"({len(without)} tokens) is not a strict token "
-                             f"prefix of the prompt with it ({len(with_)} tokens)")
+            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} "
+                             f"tokens) is not a strict token prefix of the one with it "
+                             f"({len(with_)} tokens)")
         return [with_], [(len(without), len(with_))]
     # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
     # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
@@ -278,12 +277,11 @@ def prepare_examples(task, data, indices, tokenizer, max_len=None):
     prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
                                    sample_fewshot(data, idx, task["num_fewshot"]))
                     for idx in indices]
-    flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts],
-                            prepend=tokenizer.get_bos_token_id())
-    examples, skipped, offset = [], [], 0
+    flat = iter(tokenizer.encode([p for prompts in prompt_lists for p in prompts],
+                                 prepend=tokenizer.get_bos_token_id()))
+    examples, skipped = [], []
     for idx, prompts in zip(indices, prompt_lists):
-        sequences, spans = continuation_spans(task["task_type"], flat[offset:offset + len(prompts)])
-        offset += len(prompts)
+        sequences, spans = continuation_spans(task["task_type"], [next(flat) for _ in prompts])
         rows = [crop_left(tokens, *span, max_len) for tokens, span in zip(sequences, spans)]
         if None in rows:
             skipped.append(idx)
@@ -300,7 +298,6 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
-    bos = tokenizer.get_bos_token_id()
     lm = task["task_type"] == "language_modeling"  # scored by exact match, not the lowest loss
     # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
     # not fit max_len)
@@ -326,12 +323,11 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
                 j += 1
             batch = examples[i:j]
             rows = [row for _, ex_rows, _ in batch for row in ex_rows]
-            mean_losses, all_hit = score_rows(model, rows, bos, device)
-            r = 0
+            # (mean loss, all hit) per row, in order; the lowest loss wins, ties go to the first
+            scores = iter(zip(*score_rows(model, rows, tokenizer.get_bos_token_id(), device)))
             for idx, ex_rows, gold in batch:
-                losses = mean_losses[r:r + len(ex_rows)]  # the lowest wins, ties go to the first
-                outcome[0, idx] = float(all_hit[r] if lm else losses.index(min(losses)) == gold)
-                r += len(ex_rows)
+                losses, hits = zip(*[next(scores) for _ in ex_rows])
+                outcome[0, idx] = float(hits[0] if lm else losses.index(min(losses)) == gold)
             i = j
     if is_dist():
         outcome = outcome.to(device)  # NCCL reduces device tensors only
@@ -365,8 +361,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
         if not data:
             raise ValueError(f"CORE task file {path} has no examples")
         random.Random(1337).shuffle(data)  # fixed: a cropped task is the same subset every time
-        if max_per_task > 0:
-            data = data[:max_per_task]
+        data = data[:max_per_task] if max_per_task > 0 else data
         accuracy, skipped[label] = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
         baseline = 0.01 * baselines[label]
         results[label] = accuracy

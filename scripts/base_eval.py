@@ -72,8 +72,7 @@ if args.hf_path:
                      f"its context length is unknown")
     model_name, csv_name = args.hf_path, re.sub(r"[^\w.-]+", "-", args.hf_path).strip("-.") + ".csv"
 else:
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag,
-                                        step=args.step)
+    model, tokenizer, meta = load_model("base", device, model_tag=args.model_tag, step=args.step)
     sequence_len = model.config.sequence_len
     model_name, csv_name = f"base_model (step {meta['step']})", f"base_model_{meta['step']:06d}.csv"
 model_line = {"model": model_name}

@@ -127,7 +127,6 @@ master = rank == 0
 dataset = get_dataset_name(args.dataset)
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device)
-vocab_size = tokenizer.get_vocab_size()
 list_parquet_files("train", dataset=dataset)
 list_parquet_files("val", dataset=dataset)
 use_compile, compile_reason = decide_compile(args.compile, device.type)
@@ -149,7 +148,7 @@ def scaling_params(model):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, sequence_len=args.max_seq_len,
-             vocab_size=vocab_size, window_pattern=args.window_pattern)
+             vocab_size=tokenizer.get_vocab_size(), window_pattern=args.window_pattern)
 config = config_for_depth(args.depth, **shape)
 with torch.device("meta"):
     model = GPT(config)  # raises naming the problem, e.g. an odd head dim or a bad window pattern
@@ -159,7 +158,7 @@ num_scaling_params = scaling_params(model)
 # counted before any fp8 swap (karpathy/nanochat undercounted after)
 num_flops_per_token = model.estimate_flops()
 print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {args.head_dim}, "
-       f"windows {model.window_sizes}, vocab {vocab_size}")
+       f"windows {model.window_sizes}, vocab {config.vocab_size}")
 print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items())
        + f" | scaling {num_scaling_params:,}")
 print0(f"FLOPs per token: {num_flops_per_token:e}")
@@ -396,11 +395,10 @@ while True:
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
     for a in range(grad_accum_steps):
-        inputs, targets, state = batches[a]
+        inputs, targets, stream_states[a] = batches[a]  # saved after this step: it trains on them
         loss = model(inputs, targets)
         loss_sum += loss.detach()
         (loss / grad_accum_steps).backward()
-        stream_states[a] = state
         batches[a] = next(train_loaders[a])  # prefetch while the GPU works
     lrm = get_lr_multiplier(step)
     for group in optimizer.param_groups:
@@ -435,8 +433,8 @@ while True:
     metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, **stats,
                     "time": total_training_time})
     if step % 100 == 0:
-        wandb_run.log({"step": step, "total_training_flops": num_flops_per_token * total_batch_size
-                       * step, "total_training_time": total_training_time,
+        wandb_run.log({"step": step, "total_training_flops": flops + num_flops_per_token *
+                       total_batch_size, "total_training_time": total_training_time,
                        "train/loss": debiased_loss, **{f"train/{k}": v for k, v in stats.items()}})
     if step == start_step + 1 and use_compile:
         print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the graph")
