@@ -42,8 +42,7 @@ EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundl
 # Keys each JSONL row needs, checked at load: a bad bundle fails with a file and line, not mid-eval
 REQUIRED_KEYS = {"multiple_choice": ("query", "choices", "gold"),
                  "schema": ("context_options", "continuation", "gold"),
-                 "language_modeling": ("context", "continuation")}
-TASK_TYPES = tuple(REQUIRED_KEYS)
+                 "language_modeling": ("context", "continuation")}  # the three task types
 
 class EvalBundleUnavailable(RuntimeError):
     """The bundle is not on disk and could not be downloaded
@@ -68,19 +67,18 @@ def _extract_bundle(zip_path, bundle_dir):
                            f"fetch the bundle again")
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp", dir=os.path.dirname(bundle_dir))
     try:
-        try:
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp_dir)
-            problem = "holds no core.yaml (neither at the top nor under eval_bundle/)"
-        except zipfile.BadZipFile as e:
-            problem = f"is not a valid zip ({e})"
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_dir)
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
         roots = [r for r in (tmp_dir, os.path.join(tmp_dir, "eval_bundle"))
                  if os.path.isfile(os.path.join(r, "core.yaml"))]
         if not roots:
-            raise RuntimeError(f"{zip_path} {problem}: not a CORE eval bundle; it was deleted, "
-                               f"rerun to download it again")
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under "
+                               f"eval_bundle/); it was deleted, rerun to download it again")
         os.replace(roots[0], bundle_dir)
+    except zipfile.BadZipFile as e:
+        raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
+                           f"fetch it again") from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
         os.remove(zip_path)  # a bad one too: else every rerun would find it on disk and fail again
@@ -124,9 +122,9 @@ def load_core_config(bundle_dir):
                    if k not in entry]
         if missing:
             raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
-        if entry["icl_task_type"] not in TASK_TYPES:
+        if entry["icl_task_type"] not in REQUIRED_KEYS:
             raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type "
-                             f"{entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
+                             f"{entry['icl_task_type']!r}, expected one of {tuple(REQUIRED_KEYS)}")
         k = entry["num_fewshot"]
         tasks.append({"label": entry["label"], "dataset_uri": entry["dataset_uri"],
                       "num_fewshot": int(k[0] if isinstance(k, list) else k),  # the bundle has [10]
