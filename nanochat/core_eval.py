@@ -314,8 +314,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
         i = 0
         while i < len(examples):
             # longest first, so the first example's length is the batch's padded length
-            max_rows = batch_tokens // length(examples[i])
-            j, num_rows = i + 1, len(examples[i][1])
+            j, num_rows, max_rows = i + 1, len(examples[i][1]), batch_tokens // length(examples[i])
             while j < len(examples) and num_rows + len(examples[j][1]) <= max_rows:
                 num_rows += len(examples[j][1])
                 j += 1

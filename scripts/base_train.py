@@ -404,8 +404,7 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
-            group["momentum"] = get_muon_momentum(step)
-            group["weight_decay"] = get_weight_decay(step)
+            group.update(momentum=get_muon_momentum(step), weight_decay=get_weight_decay(step))
     optimizer.step()
     model.zero_grad(set_to_none=True)
     if is_dist():
