@@ -258,14 +258,13 @@ if use_compile:
 
 @contextlib.contextmanager
 def evaluating(m):
-    """m in eval mode, then back to training. Evaluation and sampling run plain bf16 linears
-    (sharing the fp8 layers' weights). Swapping modules under a compiled model would recompile it
-    every time, so with --fp8 evaluation runs the uncompiled model."""
+    """m in eval mode, then back to training; yields the model to evaluate. Evaluation and sampling
+    run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a compiled
+    model would recompile it every time, so with --fp8 evaluation runs the uncompiled model."""
     m.eval()
     with float8_disabled(orig_model) if args.fp8 else contextlib.nullcontext():
-        yield
+        yield orig_model if args.fp8 else m
     m.train()
-eval_model = orig_model if args.fp8 else model
 
 # -----------------------------------------------------------------------------
 # Schedules (plain functions of the step)
@@ -351,7 +350,7 @@ while True:
 
     if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
         try:
-            with evaluating(model):
+            with evaluating(model) as eval_model:
                 val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
         except ValueError as e:  # its one error: a val shard with no text (only empty documents)
             raise SystemExit(f"error: val bpb at step {step}: {e}") from None
