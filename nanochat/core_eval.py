@@ -32,19 +32,17 @@ import zipfile
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 import yaml
 from filelock import FileLock
 
-from nanochat.common import get_base_dir, get_dist_info, download_file_with_lock, is_dist, print0
+from nanochat.common import get_base_dir, get_dist_info, download_url, is_dist, print0
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Keys each JSONL row needs, checked at load: a bad bundle fails with a file and line, not mid-eval
-REQUIRED_KEYS = {
-    "multiple_choice": ("query", "choices", "gold"),
-    "schema": ("context_options", "continuation", "gold"),
-    "language_modeling": ("context", "continuation"),
-}
+REQUIRED_KEYS = {"multiple_choice": ("query", "choices", "gold"),
+                 "schema": ("context_options", "continuation", "gold"),
+                 "language_modeling": ("context", "continuation")}  # the three task types
 
 class EvalBundleUnavailable(RuntimeError):
     """The bundle is not on disk and could not be downloaded
@@ -69,24 +67,21 @@ def _extract_bundle(zip_path, bundle_dir):
                            f"fetch the bundle again")
     tmp_dir = tempfile.mkdtemp(prefix="eval_bundle.tmp", dir=os.path.dirname(bundle_dir))
     try:
-        try:
-            with zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp_dir)
-        except zipfile.BadZipFile as e:
-            os.remove(zip_path)
-            raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
-                               f"fetch it again") from e
+        with zipfile.ZipFile(zip_path) as zf:
+            zf.extractall(tmp_dir)
         # the published zip holds a top-level eval_bundle/ folder; accept a flat zip too
-        flat = os.path.isfile(os.path.join(tmp_dir, "core.yaml"))
-        root = tmp_dir if flat else os.path.join(tmp_dir, "eval_bundle")
-        if not os.path.isfile(os.path.join(root, "core.yaml")):
-            os.remove(zip_path)
-            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top "
-                               f"nor under eval_bundle/): not a CORE eval bundle; "
-                               f"it was deleted, rerun to download it again")
-        os.replace(root, bundle_dir)
+        roots = [r for r in (tmp_dir, os.path.join(tmp_dir, "eval_bundle"))
+                 if os.path.isfile(os.path.join(r, "core.yaml"))]
+        if not roots:
+            raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under "
+                               f"eval_bundle/); it was deleted, rerun to download it again")
+        os.replace(roots[0], bundle_dir)
+    except zipfile.BadZipFile as e:
+        raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
+                           f"fetch it again") from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
+        os.remove(zip_path)  # a bad one too: else every rerun would find it on disk and fail again
 
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     """
@@ -100,13 +95,9 @@ def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
             if not eval_bundle_available():
                 zip_path = bundle_dir + ".zip"
                 print(f"Downloading the CORE eval bundle (~162 MB) from {url}", flush=True)
-                try:
-                    download_file_with_lock(url, zip_path)
-                except RuntimeError:
-                    pass  # download_url printed why; everyone raises below with how to fetch it
-                else:
+                # on failure download_url prints why; everyone raises below with how to fetch it
+                if download_url(url, zip_path):
                     _extract_bundle(zip_path, bundle_dir)
-                    os.remove(zip_path)
     if is_dist():
         dist.barrier()
     if not eval_bundle_available():
@@ -131,9 +122,9 @@ def load_core_config(bundle_dir):
                    if k not in entry]
         if missing:
             raise ValueError(f"{yaml_path}: icl_tasks entry {i} lacks {missing}")
-        if entry["icl_task_type"] not in TASK_TYPES:
+        if entry["icl_task_type"] not in REQUIRED_KEYS:
             raise ValueError(f"{yaml_path}: task {entry['label']!r} has icl_task_type "
-                             f"{entry['icl_task_type']!r}, expected one of {TASK_TYPES}")
+                             f"{entry['icl_task_type']!r}, expected one of {tuple(REQUIRED_KEYS)}")
         k = entry["num_fewshot"]
         tasks.append({"label": entry["label"], "dataset_uri": entry["dataset_uri"],
                       "num_fewshot": int(k[0] if isinstance(k, list) else k),  # the bundle has [10]
@@ -142,10 +133,9 @@ def load_core_config(bundle_dir):
     csv_path = os.path.join(bundle_dir, "eval_meta_data.csv")
     with open(csv_path, encoding="utf-8", newline="") as f:
         baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-    for task in tasks:
-        if task["label"] not in baselines:
-            raise ValueError(f"{csv_path} has no 'Random baseline' row for task "
-                             f"{task['label']!r} of core.yaml")
+    missing = [task["label"] for task in tasks if task["label"] not in baselines]
+    if missing:
+        raise ValueError(f"{csv_path} has no 'Random baseline' row for core.yaml tasks {missing}")
     return tasks, baselines
 
 def load_task_data(path, task_type):
@@ -179,13 +169,9 @@ def sample_fewshot(data, idx, k):
     random.Random(1234 + idx) so every run and rank agrees."""
     # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
     # (rng.sample would raise mid-eval); with enough examples the draws are karpathy/nanochat's
-    k = min(k, len(data) - 1)
-    if k <= 0:
-        return []
-    rng = random.Random(1234 + idx)
     # same draws as rng.sample over the list of all indices but idx, without building that list per
     # example
-    picks = rng.sample(range(len(data) - 1), k)
+    picks = random.Random(1234 + idx).sample(range(len(data) - 1), max(0, min(k, len(data) - 1)))
     return [data[i + (i >= idx)] for i in picks]
 
 def render_prompts(task_type, item, delimiter, fewshot):
@@ -221,9 +207,9 @@ def continuation_spans(task_type, token_lists):
     if task_type == "language_modeling":
         without, with_ = token_lists
         if with_[:len(without)] != without or len(with_) == len(without):
-            raise ValueError(f"language_modeling prompt without the continuation "
-                             f"({len(without)} tokens) is not a strict token "
-                             f"prefix of the prompt with it ({len(with_)} tokens)")
+            raise ValueError(f"language_modeling prompt without the continuation ({len(without)} "
+                             f"tokens) is not a strict token prefix of the one with it "
+                             f"({len(with_)} tokens)")
         return [with_], [(len(without), len(with_))]
     # keep at least one token on each side of the cut: every prompt then scores >= 1 token and
     # every scored token has a token before it (BOS is common to all prompts, so prefix >= 1)
@@ -254,9 +240,7 @@ def crop_left(tokens, start, end, max_len):
     excess = len(tokens) - max_len if max_len is not None else 0
     if excess <= 0:
         return tokens, start, end
-    if start - excess < 1:
-        return None
-    return tokens[excess:], start - excess, end - excess
+    return (tokens[excess:], start - excess, end - excess) if start - excess >= 1 else None
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -268,25 +252,21 @@ def score_rows(model, rows, pad_id, device):
     (mean cross-entropy over tokens[start:end], whether argmax predicted every one of them).
     Right padding is harmless: with causal attention no real position sees the pad tokens.
     """
-    max_len = max(len(tokens) for tokens, _, _ in rows)
-    ids = torch.full((len(rows), max_len), pad_id, dtype=torch.long)
-    row_idx, pos = [], []
-    for r, (tokens, start, end) in enumerate(rows):
-        ids[r, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        row_idx += [r] * (end - start)
-        pos += range(start - 1, end - 1)  # logits at position t predict token t + 1
-    ids = ids.to(device)
-    row_idx, pos = torch.tensor(row_idx, device=device), torch.tensor(pos, device=device)
+    ids = pad_sequence([torch.tensor(tokens, dtype=torch.long) for tokens, _, _ in rows],
+                       batch_first=True, padding_value=pad_id).to(device)
+    # (row, position) of the logits that score each continuation token: position t predicts t + 1
+    row_idx, pos = torch.tensor([(r, p) for r, (_, start, end) in enumerate(rows)
+                                 for p in range(start - 1, end - 1)], device=device).T
     logits = model(ids)
     # only the continuation positions, not the (rows, T, vocab) log-softmax of everything
     selected = logits[row_idx, pos].float()
     targets = ids[row_idx, pos + 1]
     losses = F.cross_entropy(selected, targets, reduction="none")
     misses = (selected.argmax(dim=-1) != targets).float()
-    counts = torch.zeros(len(rows), device=device).index_add_(0, row_idx, torch.ones_like(losses))
-    mean_losses = torch.zeros(len(rows), device=device).index_add_(0, row_idx, losses) / counts
-    all_hit = torch.zeros(len(rows), device=device).index_add_(0, row_idx, misses) == 0
-    return mean_losses.tolist(), all_hit.tolist()
+    # per row: [scored tokens, summed loss, misses]
+    sums = torch.zeros(3, len(rows), device=device).index_add_(
+        1, row_idx, torch.stack([torch.ones_like(losses), losses, misses]))
+    return (sums[1] / sums[0]).tolist(), (sums[2] == 0).tolist()
 
 def prepare_examples(task, data, indices, tokenizer, max_len=None):
     """Render, tokenize (with BOS, one batched encode call) and, for a hard context max_len, crop
@@ -295,12 +275,11 @@ def prepare_examples(task, data, indices, tokenizer, max_len=None):
     prompt_lists = [render_prompts(task["task_type"], data[idx], task["continuation_delimiter"],
                                    sample_fewshot(data, idx, task["num_fewshot"]))
                     for idx in indices]
-    flat = tokenizer.encode([p for prompts in prompt_lists for p in prompts],
-                            prepend=tokenizer.get_bos_token_id())
-    examples, skipped, offset = [], [], 0
+    flat = iter(tokenizer.encode([p for prompts in prompt_lists for p in prompts],
+                                 prepend=tokenizer.get_bos_token_id()))
+    examples, skipped = [], []
     for idx, prompts in zip(indices, prompt_lists):
-        sequences, spans = continuation_spans(task["task_type"], flat[offset:offset + len(prompts)])
-        offset += len(prompts)
+        sequences, spans = continuation_spans(task["task_type"], [next(flat) for _ in prompts])
         rows = [crop_left(tokens, *span, max_len) for tokens, span in zip(sequences, spans)]
         if None in rows:
             skipped.append(idx)
@@ -317,7 +296,6 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     """
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
-    bos = tokenizer.get_bos_token_id()
     lm = task["task_type"] == "language_modeling"  # scored by exact match, not the lowest loss
     # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
     # not fit max_len)
@@ -330,27 +308,23 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
         chunk = my_indices[c:c + chunk_size]
         examples, skipped = prepare_examples(task, data, chunk, tokenizer, max_len)
         outcome[1, skipped] = 1.0
-        if not examples:
-            continue
         examples.sort(key=length, reverse=True)
-        if hasattr(model, "ensure_rotary_positions"):
+        if examples and hasattr(model, "ensure_rotary_positions"):
             model.ensure_rotary_positions(length(examples[0]))
         i = 0
         while i < len(examples):
             # longest first, so the first example's length is the batch's padded length
-            max_rows = batch_tokens // length(examples[i])
-            j, num_rows = i + 1, len(examples[i][1])
+            j, num_rows, max_rows = i + 1, len(examples[i][1]), batch_tokens // length(examples[i])
             while j < len(examples) and num_rows + len(examples[j][1]) <= max_rows:
                 num_rows += len(examples[j][1])
                 j += 1
             batch = examples[i:j]
             rows = [row for _, ex_rows, _ in batch for row in ex_rows]
-            mean_losses, all_hit = score_rows(model, rows, bos, device)
-            r = 0
+            # (mean loss, all hit) per row, in order; the lowest loss wins, ties go to the first
+            scores = iter(zip(*score_rows(model, rows, tokenizer.get_bos_token_id(), device)))
             for idx, ex_rows, gold in batch:
-                losses = mean_losses[r:r + len(ex_rows)]  # the lowest wins, ties go to the first
-                outcome[0, idx] = float(all_hit[r] if lm else losses.index(min(losses)) == gold)
-                r += len(ex_rows)
+                losses, hits = zip(*[next(scores) for _ in ex_rows])
+                outcome[0, idx] = float(hits[0] if lm else losses.index(min(losses)) == gold)
             i = j
     if is_dist():
         outcome = outcome.to(device)  # NCCL reduces device tensors only
@@ -384,8 +358,7 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, batch_tokens=32768)
         if not data:
             raise ValueError(f"CORE task file {path} has no examples")
         random.Random(1337).shuffle(data)  # fixed: a cropped task is the same subset every time
-        if max_per_task > 0:
-            data = data[:max_per_task]
+        data = data[:max_per_task] if max_per_task > 0 else data
         accuracy, skipped[label] = evaluate_task(model, tokenizer, data, task, device, batch_tokens)
         baseline = 0.01 * baselines[label]
         results[label] = accuracy

@@ -29,8 +29,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     documents).
     """
     device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # nats, bytes (exact below 2^53)
     batch_iter = iter(batches)
     for _ in range(steps):
         x, y = next(batch_iter)[:2]
@@ -38,12 +37,11 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         y = y.view(-1).to(device)
         # indexing token_bytes with -1 would silently read the last entry: clamp, then zero out
         num_bytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
-        total_nats += torch.where(num_bytes > 0, loss.to(device, torch.float64), 0.0).sum()
-        total_bytes += num_bytes.sum()
+        nats = torch.where(num_bytes > 0, loss.to(device, torch.float64), 0.0).sum()
+        totals += torch.stack([nats, num_bytes.sum().double()])
     if is_dist():
-        dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
-        dist.all_reduce(total_bytes, op=dist.ReduceOp.SUM)
-    total_nats, total_bytes = total_nats.item(), total_bytes.item()
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    total_nats, total_bytes = totals.tolist()
     if total_bytes == 0:
         raise ValueError(f"bits per byte is undefined: the {steps} evaluation batches hold no text "
                          f"bytes (only padding and special tokens: empty validation documents); "

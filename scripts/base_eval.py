@@ -37,18 +37,18 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(description="Evaluate a base model: bpb, CORE, samples")
-parser.add_argument("--eval", default=None, help="comma-separated subset of core,bpb,sample "
-                    "(default: all three; core,bpb with --hf-path)")
-parser.add_argument("--hf-path", default=None, help="evaluate this Hugging Face causal LM instead: "
-                    "a hub name, or a local directory (which may run its own modeling code)")
-parser.add_argument("--model-tag", default=None, help="base_checkpoints/<tag> (default: largest)")
-parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-parser.add_argument("--max-per-task", type=int, default=-1, help="CORE examples a task (-1 = all)")
-parser.add_argument("--device-batch-size", type=int, default=32, help="bpb rows per forward per "
-                    "device; CORE packs up to this many x sequence_len tokens per forward")
-parser.add_argument("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split")
-parser.add_argument("--dataset", default=None, help="bpb data (default: the model's training data)")
-parser.add_argument("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+add = parser.add_argument
+add("--eval", help="comma-separated subset of core,bpb,sample (default: all; core,bpb for HF)")
+add("--hf-path", help="evaluate this Hugging Face causal LM instead: a hub name, or a local "
+    "directory (which may run its own modeling code)")
+add("--model-tag", help="base_checkpoints/<tag> (default: largest)")
+add("--step", type=int, help="checkpoint step (default: the newest)")
+add("--max-per-task", type=int, default=-1, help="CORE examples a task (-1 = all)")
+add("--device-batch-size", type=int, default=32, help="bpb rows per forward per device; CORE packs "
+    "up to this many x sequence_len tokens per forward")
+add("--split-tokens", type=int, default=40 * 524288, help="bpb tokens per split")
+add("--dataset", help="bpb data (default: the model's training data)")
+add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
 args = parser.parse_args()
 args.eval = args.eval or ("core,bpb" if args.hf_path else "core,bpb,sample")
 evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -72,8 +72,7 @@ if args.hf_path:
                      f"its context length is unknown")
     model_name, csv_name = args.hf_path, re.sub(r"[^\w.-]+", "-", args.hf_path).strip("-.") + ".csv"
 else:
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag,
-                                        step=args.step)
+    model, tokenizer, meta = load_model("base", device, model_tag=args.model_tag, step=args.step)
     sequence_len = model.config.sequence_len
     model_name, csv_name = f"base_model (step {meta['step']})", f"base_model_{meta['step']:06d}.csv"
 model_line = {"model": model_name}
@@ -92,10 +91,8 @@ if "core" in evals:
         out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
                             batch_tokens=args.device_batch_size * sequence_len)
         centered = out["centered_results"]
-        rows = [("Task", "Accuracy", "Centered")]
-        rows += [(task, f"{acc:.6f}", f"{centered[task]:.6f}")
-                 for task, acc in out["results"].items()]
-        rows += [("CORE", "", f"{out['core_metric']:.6f}")]
+        rows = [("Task", "Accuracy", "Centered"), *((task, f"{acc:.6f}", f"{centered[task]:.6f}")
+                for task, acc in out["results"].items()), ("CORE", "", f"{out['core_metric']:.6f}")]
         if is_master():
             csv_path = os.path.join(get_base_dir(), "base_eval", csv_name)
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)

@@ -114,27 +114,22 @@ check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), ok(getattr(args, k))
     ("target_param_data_ratio", derive, "> 0, or -1 to leave it unset"),
     ("total_batch_size", derive, ">= 1 tokens, or -1 to derive it from --depth"),
     ("device_batch_size", at_least_1, ">= 1 rows"),
-    ("depth", at_least_1, ">= 1 layers"),
+    *[(k, at_least_1, ">= 1") for k in ("depth", "head_dim", "max_seq_len")],
     ("aspect_ratio", at_least_1, ">= 1 (model_dim = depth x aspect ratio)"),
-    ("head_dim", at_least_1, ">= 1"),
-    ("max_seq_len", at_least_1, ">= 1 tokens"),
     ("warmup_steps", lambda v: v >= 0, ">= 0 steps"),
-    ("warmdown_ratio", fraction, "a fraction in [0, 1]"),
-    ("final_lr_frac", fraction, "a fraction in [0, 1]")]])
+    *[(k, fraction, "a fraction in [0, 1]") for k in ("warmdown_ratio", "final_lr_frac")]]])
 
 # -----------------------------------------------------------------------------
 # Setup: device, tokenizer, data (fail here, with the command to run, not after building the model)
 
 ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 master = rank == 0
-device_type = device.type
 dataset = get_dataset_name(args.dataset)
 tokenizer = get_tokenizer()
 token_bytes = get_token_bytes(device)
-vocab_size = tokenizer.get_vocab_size()
 list_parquet_files("train", dataset=dataset)
 list_parquet_files("val", dataset=dataset)
-use_compile, compile_reason = decide_compile(args.compile, device_type)
+use_compile, compile_reason = decide_compile(args.compile, device.type)
 print0(f"torch.compile: {compile_reason}")
 if args.fp8:
     check_fp8_supported(device)  # raises on CPU/MPS and on GPUs older than SM89, naming the fix
@@ -153,7 +148,7 @@ def scaling_params(model):
     return counts["transformer_matrices"] + counts["lm_head"]
 
 shape = dict(aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, sequence_len=args.max_seq_len,
-             vocab_size=vocab_size, window_pattern=args.window_pattern)
+             vocab_size=tokenizer.get_vocab_size(), window_pattern=args.window_pattern)
 config = config_for_depth(args.depth, **shape)
 with torch.device("meta"):
     model = GPT(config)  # raises naming the problem, e.g. an odd head dim or a bad window pattern
@@ -163,7 +158,7 @@ num_scaling_params = scaling_params(model)
 # counted before any fp8 swap (karpathy/nanochat undercounted after)
 num_flops_per_token = model.estimate_flops()
 print0(f"depth {args.depth}: width {config.n_embd}, {config.n_head} heads of {args.head_dim}, "
-       f"windows {model.window_sizes}, vocab {vocab_size}")
+       f"windows {model.window_sizes}, vocab {config.vocab_size}")
 print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in param_counts.items())
        + f" | scaling {num_scaling_params:,}")
 print0(f"FLOPs per token: {num_flops_per_token:e}")
@@ -185,13 +180,11 @@ print0(attention_banner(device, model.window_sizes, config.sequence_len))
 #                  (scaled_weight_decay)
 
 reference_scaling_params = scaling_params(reference_model)
-total_batch_size = args.total_batch_size
-if total_batch_size == -1:
-    total_batch_size = batch_size_for(num_scaling_params, reference_scaling_params)
+total_batch_size = (args.total_batch_size if args.total_batch_size > 0 else
+                    batch_size_for(num_scaling_params, reference_scaling_params))
 grad_accum_steps = grad_accum_steps_for(total_batch_size, args.device_batch_size, args.max_seq_len,
                                         world_size)
 tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-num_streams = world_size * grad_accum_steps
 
 if args.num_iterations > 0:
     num_iterations, horizon = args.num_iterations, "--num-iterations"
@@ -230,8 +223,7 @@ resume_step = start_or_resume(checkpoint_dir, args.resume, args.overwrite, "from
 derived = {  # what must match between a checkpoint and the run resuming it
     "model_config": dict(config.__dict__), "total_batch_size": total_batch_size,
     "num_iterations": num_iterations, "device_batch_size": args.device_batch_size,
-    "max_seq_len": args.max_seq_len, "world_size": world_size, "dataset": dataset,
-}
+    "max_seq_len": args.max_seq_len, "world_size": world_size, "dataset": dataset}
 if resume_step is not None:
     trajectory = ["embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay",
                   "warmup_steps", "warmdown_ratio", "final_lr_frac"]
@@ -264,12 +256,15 @@ if resume_step is not None:
 if use_compile:
     model = compile_for_training(model)
 
-def bf16_eval():
-    """Evaluation and sampling run plain bf16 linears (sharing the fp8 layers' weights). Swapping
-    modules under a compiled model would recompile it every time, so with --fp8 evaluation runs the
-    uncompiled model."""
-    return float8_disabled(orig_model) if args.fp8 else contextlib.nullcontext()
-eval_model = orig_model if args.fp8 else model
+@contextlib.contextmanager
+def evaluating(m):
+    """m in eval mode, then back to training; yields the model to evaluate. Evaluation and sampling
+    run plain bf16 linears (sharing the fp8 layers' weights). Swapping modules under a compiled
+    model would recompile it every time, so with --fp8 evaluation runs the uncompiled model."""
+    m.eval()
+    with float8_disabled(orig_model) if args.fp8 else contextlib.nullcontext():
+        yield orig_model if args.fp8 else m
+    m.train()
 
 # -----------------------------------------------------------------------------
 # Schedules (plain functions of the step)
@@ -318,8 +313,8 @@ if resume_step is not None:
 def stream_loader(split, a, **kwargs):
     """The loader of local stream a (the streams of rank r follow those of rank r-1)."""
     return pretrain_loader(tokenizer, args.device_batch_size, args.max_seq_len, split,
-                           rank * grad_accum_steps + a, num_streams, device, dataset=dataset,
-                           **kwargs)
+                           rank * grad_accum_steps + a, world_size * grad_accum_steps, device,
+                           dataset=dataset, **kwargs)
 train_loaders = [stream_loader("train", a, state=stream_states[a]) for a in range(grad_accum_steps)]
 batches = [next(loader) for loader in train_loaders]  # prefetched: what the next step trains on
 
@@ -327,8 +322,7 @@ def val_batches():
     """Fresh val streams from the start of the val shard, split
     like the train ones (the same val set on any GPUs)."""
     loaders = [stream_loader("val", a) for a in range(grad_accum_steps)]
-    for i in itertools.count():
-        yield next(loaders[i % grad_accum_steps])
+    return (next(loader) for loader in itertools.cycle(loaders))
 
 eval_steps = args.eval_tokens // tokens_per_fwdbwd
 if args.eval_every > 0 and eval_steps < 1:
@@ -355,35 +349,29 @@ while True:
     record = {"step": step, "flops": flops}
 
     if not stopping and args.eval_every > 0 and (last_step or step % args.eval_every == 0):
-        model.eval()
         try:
-            with bf16_eval():
+            with evaluating(model) as eval_model:
                 val_bpb = evaluate_bpb(eval_model, val_batches(), eval_steps, token_bytes)
         except ValueError as e:  # its one error: a val shard with no text (only empty documents)
             raise SystemExit(f"error: val bpb at step {step}: {e}") from None
-        model.train()
         min_val_bpb = min(min_val_bpb, val_bpb)
         record["val_bpb"] = val_bpb
         print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
         wandb_run.log({"step": step, "total_training_flops": flops, "val/bpb": val_bpb})
 
     if not stopping and due(args.core_metric_every, last_step):
-        orig_model.eval()
-        with bf16_eval():  # in the memory of a micro-batch
+        with evaluating(orig_model):  # in the memory of a micro-batch
             core = evaluate_core(orig_model, tokenizer, device, args.core_metric_max_per_task,
                                  batch_tokens=args.device_batch_size * args.max_seq_len)
-        orig_model.train()
         record["core_metric"] = core["core_metric"]
         print0(f"step {step:05d} | CORE metric: {core['core_metric']:.4f}")
         wandb_run.log({"step": step, "core_metric": core["core_metric"],
                        "centered_results": core["centered_results"]})
 
     if not stopping and master and due(args.sample_every, last_step):
-        orig_model.eval()
-        with bf16_eval():
+        with evaluating(orig_model):
             for text in greedy_completions(Engine(orig_model, tokenizer), tokenizer):
                 print0(text)
-        orig_model.train()
 
     if saves.due(step, last_step):
         saves.save(step, orig_model, optimizer, {
@@ -406,18 +394,16 @@ while True:
     t0 = time.time()
     loss_sum = torch.zeros((), device=device)
     for a in range(grad_accum_steps):
-        inputs, targets, state = batches[a]
+        inputs, targets, stream_states[a] = batches[a]  # saved after this step: it trains on them
         loss = model(inputs, targets)
         loss_sum += loss.detach()
         (loss / grad_accum_steps).backward()
-        stream_states[a] = state
         batches[a] = next(train_loaders[a])  # prefetch while the GPU works
     lrm = get_lr_multiplier(step)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lrm
         if group["kind"] == "muon":
-            group["momentum"] = get_muon_momentum(step)
-            group["weight_decay"] = get_weight_decay(step)
+            group.update(momentum=get_muon_momentum(step), weight_decay=get_weight_decay(step))
     optimizer.step()
     model.zero_grad(set_to_none=True)
     if is_dist():
@@ -430,26 +416,24 @@ while True:
     # ---- logging: debiased EMA of the loss, throughput, MFU, ETA
     smooth_train_loss = 0.9 * smooth_train_loss + 0.1 * train_loss
     debiased_loss = smooth_train_loss / (1 - 0.9 ** step)
-    if step > 10:
-        total_training_time += dt  # the first steps include compilation
+    eta = "-"
+    if step > 10:  # the first steps include compilation
+        total_training_time += dt
+        eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m"
     tok_per_sec = total_batch_size / dt
     mfu = 100 * num_flops_per_token * tok_per_sec / (peak_flops * world_size)
     epoch = min(s["epoch"] for _, _, s in batches)
-    eta = "-"
-    if step > 10:
-        eta = f"{total_training_time / (step - 10) * (num_iterations - step) / 60:.1f}m"
     print0(f"step {step:05d}/{num_iterations:05d} ({100 * step / num_iterations:.2f}%) "
            f"| loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | dt: {dt * 1000:.2f}ms | "
            f"tok/s: {tok_per_sec:,.0f} | mfu: {mfu:.2f} | epoch: {epoch} | total time: "
            f"{total_training_time / 60:.2f}m | eta: {eta}")
-    metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, "lrm": lrm,
-                    "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch,
+    stats = {"lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec, "mfu": mfu, "epoch": epoch}
+    metric_log.log({**record, "loss": train_loss, "smooth_loss": debiased_loss, **stats,
                     "time": total_training_time})
     if step % 100 == 0:
         wandb_run.log({"step": step, "total_training_flops": flops + num_flops_per_token *
                        total_batch_size, "total_training_time": total_training_time,
-                       "train/loss": debiased_loss, "train/lrm": lrm, "train/dt": dt,
-                       "train/tok_per_sec": tok_per_sec, "train/mfu": mfu, "train/epoch": epoch})
+                       "train/loss": debiased_loss, **{f"train/{k}": v for k, v in stats.items()}})
     if step == start_step + 1 and use_compile:
         print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the graph")
     collect_garbage(step, start_step)
@@ -457,7 +441,7 @@ while True:
 
 # -----------------------------------------------------------------------------
 
-peak_memory = torch.cuda.max_memory_allocated() / 1024 ** 2 if device_type == "cuda" else None
+peak_memory = torch.cuda.max_memory_allocated() / 1024 ** 2 if device.type == "cuda" else None
 if peak_memory is not None:
     print0(f"peak memory: {peak_memory:.0f} MiB")
 print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
