@@ -41,13 +41,15 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, is_dist, synchronize
+from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, init_wandb,
+                             is_dist, synchronize)
 from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
                                  load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
 from tasks.synthetic import SyntheticMath
+from scripts.chat_eval import rank_and_world, reduce_across_ranks
 
 def rl_tasks(name):
     """-> (train task, held-out test task) for --task."""
@@ -145,7 +147,7 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
     Problem i runs on rank i % world with seeds from i only, so the numbers do not depend on the
     number of ranks or the step. A prompt with no room left in the context counts as failed.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+    rank, world = rank_and_world()
     context = engine.model.config.sequence_len
     # problems solved within k samples, k = 1..num_samples, then the total
     counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())
@@ -163,9 +165,7 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
                     for completions in passes for tokens, _ in completions]
         if any(outcomes):
             counts[outcomes.index(True):num_samples] += 1
-    if is_dist():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    total = int(counts[num_samples])
+    total = int(reduce_across_ranks(counts)[num_samples])
     return {k: counts[k - 1].item() / max(total, 1) for k in range(1, num_samples + 1)}, total
 
 # -----------------------------------------------------------------------------
@@ -194,11 +194,10 @@ def main():
     add("--matrix-lr", type=float, default=0.02, help="Muon lr")
     add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
     add("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
-    add("--train-stop-token", type=int, default=0, choices=[0, 1],
-        help="1 = also train the sampled <|assistant_end|> (when to stop is an "
-             "action too); 0 = only the answer's tokens, as karpathy/nanochat")
-    add("--eval-every", type=int, default=60,
-        help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
+    add("--train-stop-token", type=int, default=0, choices=[0, 1], help="1 = also train the "
+        "sampled <|assistant_end|> (when to stop is an action too); 0 = not, as karpathy/nanochat")
+    add("--eval-every", type=int, default=60, help="pass@k every N steps, at 0 and the end (-1 = "
+        "only those)")
     add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
     add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
     add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = at the end)")
@@ -206,19 +205,17 @@ def main():
     add("--overwrite", action="store_true", help="delete this run's checkpoints, start afresh")
     args = parser.parse_args()
     user_config = vars(args).copy()
+    check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), getattr(args, k) >= 1, ">= 1")
+                 for k in ("device_batch_size", "examples_per_step", "num_samples",
+                           "num_samples_eval", "max_new_tokens")])
 
     # -------------------------------------------------------------------------
     # Setup
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    master = rank == 0
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split "
-                         f"over {world_size} ranks: use a multiple of {world_size}")
-    for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval",
-                 "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split over "
+                         f"{world_size} ranks: use a multiple of {world_size}")
     examples_per_rank = args.examples_per_step // world_size
     model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, "rl")
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
@@ -228,13 +225,12 @@ def main():
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0)
     train_task, test_task = rl_tasks(args.task)
-    num_steps = args.num_iterations
-    if num_steps <= 0:
-        num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
+    epoch_steps = len(train_task) // args.examples_per_step
+    num_steps = args.num_iterations if args.num_iterations > 0 else epoch_steps * args.num_epochs
     if num_steps < 1:
-        raise ValueError(f"{len(train_task)} training questions make "
-                         f"no step of {args.examples_per_step}: lower "
-                         f"--examples-per-step or set --num-iterations")
+        raise ValueError(f"{len(train_task)} training questions make no step of "
+                         f"{args.examples_per_step}: lower --examples-per-step or set "
+                         f"--num-iterations")
     eval_problems = min(args.eval_examples, len(test_task))
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     passes_per_question = -(-args.num_samples // args.device_batch_size)
@@ -250,9 +246,8 @@ def main():
                                              "top_k", "embedding_lr", "unembedding_lr",
                                              "matrix_lr", "weight_decay", "init_lr_frac",
                                              "train_stop_token")}}
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-                                      embedding_lr=args.embedding_lr, lr_frac=args.init_lr_frac,
-                                      weight_decay=args.weight_decay)
+    optimizer = model.setup_optimizer(lr_frac=args.init_lr_frac, **{k: user_config[k] for k in (
+        "unembedding_lr", "matrix_lr", "embedding_lr", "weight_decay")})
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
     if resume_step is not None:  # the LRs are in derived: no override here
         model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,
@@ -263,7 +258,7 @@ def main():
         history = {int(s): {int(k): v for k, v in m.items()}
                    for s, m in meta["loop_state"]["history"].items()}
         print0(f"resuming from {output_dir} step {resume_step}")
-    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, rank == 0)
     start_step = step
     metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl
     saves = TrainingSaves(output_dir, "scripts.chat_rl", args, start_step)
@@ -336,16 +331,15 @@ def main():
         synchronize(device)
         t2 = time.time()
 
+        # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
         totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64,
                               device=device)
-        # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
+        reward_sum, num_samples, length_sum, loss_sum = reduce_across_ranks(totals).tolist()
         if is_dist():
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             gathered = [None] * world_size
             dist.all_gather_object(gathered, digests)
             digests = [d for rank_digests in gathered for d in rank_digests]
         digest = zlib.crc32(repr(sorted(digests)).encode())
-        reward_sum, num_samples, length_sum, loss_sum = totals.tolist()
         step += 1
         times["sample"] += t1 - t0
         times["train"] += t2 - t1
@@ -360,16 +354,15 @@ def main():
                        "lrm": lrm, "time/sample": t1 - t0, "time/train": t2 - t1})
 
     # -------------------------------------------------------------------------
-    steps_run = max(num_steps, 1)
-    print0(f"done: {num_steps} steps | per step {times['sample'] / steps_run:.2f}s sampling + "
-           f"{times['train'] / steps_run:.2f}s training")
+    print0(f"done: {num_steps} steps | per step {times['sample'] / num_steps:.2f}s sampling + "
+           f"{times['train'] / num_steps:.2f}s training")
     first, last, k_max = min(history), max(history), args.num_samples_eval
     get_report().log("Chat RL", [user_config, {
         "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task,
         "Steps": num_steps, "Test problems": eval_problems,
         **{f"pass@{k} at step {s}": history[s][k] for k in (1, k_max) for s in (first, last)},
-        "Sampling time per step (s)": times["sample"] / steps_run,
-        "Training time per step (s)": times["train"] / steps_run}])
+        "Sampling time per step (s)": times["sample"] / num_steps,
+        "Training time per step (s)": times["train"] / num_steps}])
     wandb_run.finish()
     metric_log.close()
     compute_cleanup()
