@@ -82,8 +82,7 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     cannot change its last logits).
     """
     rank, world = rank_and_world()
-    device = model.get_device()
-    bos = tokenizer.get_bos_token_id()
+    device, bos = model.get_device(), tokenizer.get_bos_token_id()
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     correct = total = 0
     for start in range(rank * batch_size, num_problems, world * batch_size):
@@ -172,15 +171,14 @@ def resolve_tasks(task_names):
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}: choose from {'|'.join(ALL_TASKS)}")
         return {name: ALL_TASKS[name][0]() for name in task_names}, {}
-    tasks, skipped, offline = {}, {}, False
+    tasks, skipped = {}, {}
     for name, (build, ready, _) in REAL_TASKS.items():
-        if offline and not ready():
+        if skipped and not ready():  # something skipped: a fetch has failed
             skipped[name] = "not fetched: an earlier download failed (offline?)"
             continue
         try:
             tasks[name] = build()
         except RuntimeError as e:  # hub or word list not fetched; the message says how to fetch it
-            offline = True
             skipped[name] = str(e)
     if not tasks:
         tasks = {name: build() for name, (build, _, _) in SYNTHETIC_TASKS.items()}
@@ -220,8 +218,7 @@ if __name__ == "__main__":
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval",
-                                            model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
         prepare_for_inference(model, args.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched
         sys.exit(f"error: {e}")

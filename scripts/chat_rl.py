@@ -33,7 +33,6 @@ Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp1
 torch.compile (sequence lengths vary from step to step).
 """
 
-import argparse
 import time
 import zlib
 
@@ -50,6 +49,7 @@ from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
 from tasks.synthetic import SyntheticMath
 from scripts.chat_eval import rank_and_world, reduce_across_ranks
+from scripts.chat_sft import RECIPE_LRS, stage_parser
 
 def rl_tasks(name):
     """-> (train task, held-out test task) for --task."""
@@ -125,8 +125,7 @@ def policy_gradient_backward(model, groups, pad_id):
     skipped; parameters left without a gradient get zeros, so every rank enters the optimizer's
     collectives with the same tensors.
     """
-    device = model.get_device()
-    total = 0.0
+    device, total = model.get_device(), 0.0
     for prompt, passes, advantages in groups:
         if not advantages.any():
             continue
@@ -148,13 +147,12 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
     number of ranks or the step. A prompt with no room left in the context counts as failed.
     """
     rank, world = rank_and_world()
-    context = engine.model.config.sequence_len
     # problems solved within k samples, k = 1..num_samples, then the total
     counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())
     for i in range(rank, num_problems, world):
         conversation = task[i]
         prompt = engine.tokenizer.render_for_completion(conversation)
-        budget = min(sampling["max_tokens"], context - len(prompt))
+        budget = min(sampling["max_tokens"], engine.model.config.sequence_len - len(prompt))
         counts[num_samples] += 1
         if budget < 1:
             continue
@@ -171,14 +169,9 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
 # -----------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(
-        description="RL (REINFORCE, group-mean baseline) on GSM8K or synthetic arithmetic")
-    add = parser.add_argument
-    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
-    add("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
-    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    parser, add = stage_parser("RL (REINFORCE, group-mean baseline) on GSM8K or synthetic "
+                               "arithmetic", ["mid", "sft"])
+    parser.set_defaults(source="sft", **RECIPE_LRS, init_lr_frac=0.05)  # mid's LRs x 0.05
     add("--task", default="gsm8k", choices=["gsm8k", "synthetic-math"], help="gsm8k = GSM8K main "
         "(fetched on first use); synthetic-math = embedded word problems, offline")
     add("--num-epochs", type=int, default=1, help="passes over the training questions")
@@ -189,11 +182,7 @@ def main():
     add("--max-new-tokens", type=int, default=256, help="generation budget per completion")
     add("--temperature", type=float, default=1.0, help="sampling temperature (train and eval)")
     add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    add("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
-    add("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
-    add("--matrix-lr", type=float, default=0.02, help="Muon lr")
     add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    add("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
     add("--train-stop-token", type=int, default=0, choices=[0, 1], help="1 = also train the "
         "sampled <|assistant_end|> (when to stop is an action too); 0 = not, as karpathy/nanochat")
     add("--eval-every", type=int, default=60, help="pass@k every N steps, at 0 and the end (-1 = "
@@ -239,13 +228,13 @@ def main():
            f"{num_steps} steps x {args.examples_per_step} questions ({examples_per_rank}/rank) x "
            f"{args.num_samples} samples in {passes_per_question} passes")
 
+    # what a resumed run must match, the LRs included
+    same = ["task", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+            "temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
+            "init_lr_frac", "train_stop_token"]
     derived = {"source": args.source, "source_step": source_meta["step"], "world_size": world_size,
                "model_config": source_meta["model_config"], "num_steps": num_steps,
-               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step",
-                                             "num_samples", "max_new_tokens", "temperature",
-                                             "top_k", "embedding_lr", "unembedding_lr",
-                                             "matrix_lr", "weight_decay", "init_lr_frac",
-                                             "train_stop_token")}}
+               **{k: user_config[k] for k in same}}
     optimizer = model.setup_optimizer(lr_frac=args.init_lr_frac, **{k: user_config[k] for k in (
         "unembedding_lr", "matrix_lr", "embedding_lr", "weight_decay")})
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
@@ -259,9 +248,8 @@ def main():
                    for s, m in meta["loop_state"]["history"].items()}
         print0(f"resuming from {output_dir} step {resume_step}")
     wandb_run = init_wandb("nanochat-rl", args.run, user_config, rank == 0)
-    start_step = step
     metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl
-    saves = TrainingSaves(output_dir, "scripts.chat_rl", args, start_step)
+    saves = TrainingSaves(output_dir, "scripts.chat_rl", args, step)
 
     # -------------------------------------------------------------------------
     # Training loop
@@ -271,11 +259,10 @@ def main():
         # the model after `step` updates: its pass@k, and the samples update step+1 trains on
         record = {"step": step}
         if step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            pass_at_k, problems = evaluate_pass_at_k(engine, test_task, eval_problems,
-                                                     args.num_samples_eval, args.device_batch_size,
-                                                     **sampling)
-            history[step] = pass_at_k
-            metrics = {f"pass@{k}": v for k, v in pass_at_k.items()}
+            history[step], problems = evaluate_pass_at_k(
+                engine, test_task, eval_problems, args.num_samples_eval, args.device_batch_size,
+                **sampling)
+            metrics = {f"pass@{k}": v for k, v in history[step].items()}
             record.update(metrics)
             print0(f"step {step:05d} | {problems} test problems | "
                    + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
@@ -317,8 +304,7 @@ def main():
             groups.append((prompt, passes, group_advantages(group_rewards)))
             rewards += group_rewards
             lengths += [len(tokens) for tokens, _ in completions]
-            sampled = repr([tokens for tokens, _ in completions]).encode()
-            digests.append((example, zlib.crc32(sampled)))
+            digests.append((example, zlib.crc32(repr([t for t, _ in completions]).encode())))
         t1 = time.time()
 
         # ---- train: one optimizer step on this batch of fresh samples

@@ -8,8 +8,8 @@ loop:
     python -m scripts.chat_sft --mixture=synthetic  # offline: tasks/synthetic.py
     python -m scripts.chat_sft --resume             # continue from the newest checkpoint, exactly
 
-What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule)
-and the data mixture (build_mixture). Everything else is shared:
+What differs between the stages is the table STAGES below (source checkpoint, LR, schedule) and
+the data mixture (build_mixture); each writes its own checkpoints. Everything else is shared:
 - Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split
   across rows): mid-training packs several per row (best fit, largest first, BOS padding, causal
   attention across them), SFT puts one per row in the mixture's order, padded (--pack flips
@@ -85,40 +85,51 @@ STAGES = {  # stage (= its output) -> source and recipe
                 **RECIPE_LRS, examples_per_step=32, total_batch_size=2**19, title="Chat SFT"),
 }
 
+def stage_parser(description, sources):
+    """The flags of every chat stage (mid, SFT, RL): where it starts and its learning rates (the
+    caller sets their defaults). -> (parser, its add_argument)"""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--source", choices=sources, help="checkpoint to start from")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
+    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scaling)")
+    add("--matrix-lr", type=float, help="Muon lr")
+    add("--init-lr-frac", type=float, help="multiplies every learning rate")
+    return parser, add
+
 def identity_task():
     """The identity conversations: <base>/identity_conversations.jsonl
     if present (CustomJSON), else synthetic ones."""
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
-    if os.path.exists(path):
-        print0(f"identity conversations: {path}")
-        return CustomJSON(filepath=path)
-    print0(f"identity conversations: synthetic (no {path})")
-    return SyntheticIdentity(split="train", size=1000)
+    found = os.path.exists(path)
+    print0(f"identity conversations: {path if found else f'synthetic (no {path})'}")
+    return CustomJSON(filepath=path) if found else SyntheticIdentity(split="train", size=1000)
 
 def build_mixture(stage, mixture):
     """-> (train task, val task, names of the chat tasks to track during training)."""
     if mixture == "synthetic":
-        size = 4000 if stage == "mid" else 1000
-        seed = 0 if stage == "mid" else 1  # SFT sees fresh problems of the same skills
+        # SFT sees fresh problems of the same skills
+        size, seed = (4000, 0) if stage == "mid" else (1000, 1)
+        skills = (SyntheticMath, SyntheticSpelling, SyntheticMC)
         train = TaskMixture([SyntheticIdentity(split="train", size=size // 2, seed=seed)] +
-                            [cls(split="train", size=size, seed=seed)
-                             for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
-        val = TaskMixture([cls(split="test", size=100, seed=2)
-                           for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
+                            [cls(split="train", size=size, seed=seed) for cls in skills])
+        val = TaskMixture([cls(split="test", size=100, seed=2) for cls in skills])
         return train, val, ["SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC"]
     if stage == "mid":
-        train = TaskMixture([SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
-                             GSM8K(subset="main", split="train"), identity_task(), identity_task(),
+        train = TaskMixture([SmolTalk(split="train"), MMLU("auxiliary_train", "train"),
+                             GSM8K("main", "train"), identity_task(), identity_task(),
                              SimpleSpelling(size=200_000, split="train"),
                              SpellingBee(size=80_000, split="train")])
-        val = TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
-                           GSM8K(subset="main", split="test", stop=420)])
+        val = TaskMixture([SmolTalk(split="test"), MMLU("all", "test", stop=5200),
+                           GSM8K("main", "test", stop=420)])
     else:
-        train = TaskMixture([ARC(subset="ARC-Easy", split="train"),
-                             ARC(subset="ARC-Challenge", split="train"),
-                             GSM8K(subset="main", split="train"),
-                             SmolTalk(split="train", stop=10_000), identity_task(),
-                             SimpleSpelling(size=300, split="train"),
+        train = TaskMixture([ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"),
+                             GSM8K("main", "train"), SmolTalk(split="train", stop=10_000),
+                             identity_task(), SimpleSpelling(size=300, split="train"),
                              SpellingBee(size=300, split="train")])
         val = SmolTalk(split="test")
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
@@ -147,16 +158,10 @@ def token_weighted_loss(model, inputs, targets, num_supervised):
 
 def main(stage):
     defaults = STAGES[stage]
-    parser = argparse.ArgumentParser(
-        description=f"{defaults['title']}: {defaults['source']} -> {stage}")
-    add = parser.add_argument
-    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    parser, add = stage_parser(f"{defaults['title']}: {defaults['source']} -> {stage}",
+                               ["base", "mid", "sft"])
     add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
         "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-    add("--source", choices=["base", "mid", "sft"], help="checkpoint to start at")
-    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
     add("--mixture", default="real", choices=["real", "synthetic"], help="real = SmolTalk/MMLU/ARC/"
         "GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
     add("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
@@ -164,14 +169,9 @@ def main(stage):
     add("--device-batch-size", type=int, help="rows per forward/backward (default: the source's; "
         "SFT: enough rows for its conversations, at most the source's)")
     add("--total-batch-size", type=int, help=f"tokens per optimizer step (default: "
-        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its "
-        f"conversations need)")
+        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows they need)")
     add("--examples-per-step", type=int, help="conversations per optimizer step, shared over GPUs "
         "and micro-steps (-1 = fill every row)")
-    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
-    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scale)")
-    add("--matrix-lr", type=float, help="Muon lr")
-    add("--init-lr-frac", type=float, help="multiplies every learning rate")
     add("--warmdown-ratio", type=float, help="last fraction of the epoch: linear LR decay to 0")
     add("--momentum-ramp", type=int, help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = none)")
     add("--pack", type=int, choices=[0, 1], help="1 = pack conversations into rows (best fit, "
@@ -203,11 +203,10 @@ def main(stage):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, stage)
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    source_step = source_meta["step"]
+    source_step, source_name = source_meta["step"], f"{args.source} checkpoint"
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's
-    source_name = f"{args.source} checkpoint"
-    # name -> (value, where it came from), printed below
     recipe, source_rows = f"{stage} recipe", source_meta["device_batch_size"]
+    # name -> (value, where it came from), printed below
     settings = {k: (user_config[k], "flag" if user_config[k] != defaults[k] else recipe)
                 for k in RECIPE_FLAGS}
 
@@ -244,7 +243,6 @@ def main(stage):
         device_batch_size = flag_or("device_batch_size", source_rows, source_name)
         total_batch_size = flag_or("total_batch_size", defaults["total_batch_size"], recipe)
     grad_accum_steps = grad_accum_steps_for(total_batch_size, device_batch_size, T, world_size)
-    tokens_per_fwdbwd = device_batch_size * T * world_size
     num_streams = world_size * grad_accum_steps
     if 0 < args.examples_per_step < num_streams:
         raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the "
@@ -349,12 +347,11 @@ def main(stage):
                      for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
-    eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+    eval_steps = max(1, args.eval_tokens // (device_batch_size * T * world_size))
 
-    def val_batches():
+    def val_batches():  # (inputs, targets) from the streams in turn
         loaders = [stream_loader(val_task, a) for a in range(grad_accum_steps)]
-        for i in itertools.count():
-            yield next(loaders[i % grad_accum_steps])[:2]  # inputs, targets
+        return (next(loader)[:2] for loader in itertools.cycle(loaders))
 
     def epoch_progress():
         """
@@ -377,10 +374,8 @@ def main(stage):
 
     wandb_run = init_wandb(f"nanochat-{stage}", args.run, user_config, rank == 0)
     engine = Engine(orig_model, tokenizer)
-    peak_flops = get_peak_flops(device)
-    flops_per_token = orig_model.estimate_flops()
-    start_step = step
-    metrics = {}
+    peak_flops, flops_per_token = get_peak_flops(device), orig_model.estimate_flops()
+    start_step, metrics = step, {}
     metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl
     saves = TrainingSaves(output_dir, SOURCE_SCRIPTS[stage], args, start_step)
 
@@ -432,11 +427,10 @@ def main(stage):
         num_supervised = count_supervised([targets for _, targets, _ in batches])
         loss_sum = torch.zeros((), device=device)
         for a in range(grad_accum_steps):
-            inputs, targets, state = batches[a]
+            inputs, targets, stream_states[a] = batches[a]  # the stream's state after this batch
             loss = token_weighted_loss(model, inputs, targets, num_supervised)
             loss_sum += loss.detach()
             (loss * world_size).backward()  # the optimizer averages gradients over ranks: undo it
-            stream_states[a] = state
             batches[a] = next(train_loaders[a])
         progress = epoch_progress()
         # with --num-iterations the schedule follows the steps: the run may end before the epoch
