@@ -181,6 +181,8 @@ def resolve_tasks(task_names):
         except RuntimeError as e:  # hub or word list not fetched; the message says how to fetch it
             skipped[name] = str(e)
     if not tasks:
+        print0("No real task data could be loaded (offline?): "
+               "evaluating the synthetic tasks' test splits instead")
         tasks = {name: build() for name, (build, _, _) in SYNTHETIC_TASKS.items()}
     return tasks, skipped
 
@@ -225,9 +227,6 @@ if __name__ == "__main__":
     engine = Engine(model, tokenizer)
 
     tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)
-    if skipped and set(tasks) == set(SYNTHETIC_TASKS):
-        print0("No real task data could be loaded (offline?): "
-               "evaluating the synthetic tasks' test splits instead")
     settings = {k: vars(args)[k] for k in ("batch_size", "num_samples", "max_new_tokens",
                                            "temperature", "top_k", "max_problems")}
     results = {}
