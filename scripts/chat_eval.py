@@ -68,10 +68,11 @@ ALL_TASKS = {**REAL_TASKS, **SYNTHETIC_TASKS}
 def rank_and_world():  # from the process group: callers may set one up without torchrun
     return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
 
-def reduce_across_ranks(tensor, op=dist.ReduceOp.SUM):
-    """All-reduce in place (a no-op in one process) -> the tensor; the chat scripts share it."""
-    if is_dist():
-        dist.all_reduce(tensor, op=op)
+def reduce_across_ranks(tensor, op="SUM"):
+    """All-reduce in place with dist.ReduceOp.<op> (a no-op in one process) -> the tensor. The chat
+    scripts share it."""
+    if is_dist():  # ReduceOp looked up only here: torch built without distributed lacks it
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor
 
 @torch.inference_mode()

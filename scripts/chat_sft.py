@@ -44,7 +44,6 @@ import time
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch
-import torch.distributed as dist
 
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir,
@@ -361,7 +360,7 @@ def main(stage):
         only (nothing trained twice) until all are done.
         """
         p = torch.tensor(min(state["progress"] for state in stream_states), dtype=torch.float64)
-        return reduce_across_ranks(p, dist.ReduceOp.MIN).item()
+        return reduce_across_ranks(p, "MIN").item()
 
     def get_lr_multiplier(progress):
         if args.warmdown_ratio <= 0:
