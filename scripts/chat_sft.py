@@ -220,8 +220,8 @@ def main(stage):
                          f"{model.config.sequence_len}")
 
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
-    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks  # loaded once
-                  if args.chat_eval_every != 0}
+    # built once, evaluated at every chat eval
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks if args.chat_eval_every != 0}
     mean_len = mean_rendered_length(train_task, tokenizer, T)
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations "
            f"({mean_len:.0f} tokens on average), {len(val_task):,} validation")
