@@ -65,15 +65,15 @@ ALL_TASKS = {**REAL_TASKS, **SYNTHETIC_TASKS}
 # -----------------------------------------------------------------------------
 # Evaluation functions (also called by mid_train / chat_sft for periodic metrics)
 
-def _rank_and_world():  # from the process group: callers may set one up without torchrun
+def rank_and_world():  # from the process group: callers may set one up without torchrun
     return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
 
-def _sum_across_ranks(values, device):
-    if not is_dist():
-        return values
-    counts = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return counts.tolist()
+def reduce_across_ranks(tensor, op="SUM"):
+    """All-reduce in place with dist.ReduceOp.<op> (a no-op in one process) -> the tensor. The chat
+    scripts share it."""
+    if is_dist():  # ReduceOp looked up only here: torch built without distributed lacks it
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor
 
 @torch.inference_mode()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
@@ -82,9 +82,8 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
     across ranks; each batch is right-padded with BOS (causal attention: padding after a prompt
     cannot change its last logits).
     """
-    rank, world = _rank_and_world()
-    device = model.get_device()
-    bos = tokenizer.get_bos_token_id()
+    rank, world = rank_and_world()
+    device, bos = model.get_device(), tokenizer.get_bos_token_id()
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     correct = total = 0
     for start in range(rank * batch_size, num_problems, world * batch_size):
@@ -98,10 +97,9 @@ def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):
             letter_ids = [tokenizer.encode(letter) for letter in letters]
             assert all(len(i) == 1 for i in letter_ids), f"letters {letters} encode to {letter_ids}"
             scores = logits[row, len(prompt) - 1, [i[0] for i in letter_ids]]
-            predicted = letters[int(scores.argmax())]
-            correct += int(task.evaluate(conversation, predicted))
+            correct += int(task.evaluate(conversation, letters[int(scores.argmax())]))
             total += 1
-    return tuple(_sum_across_ranks([correct, total], device))
+    return tuple(reduce_across_ranks(torch.tensor([correct, total], device=device)).tolist())
 
 @torch.inference_mode()
 def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_tokens=512,
@@ -111,9 +109,8 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
     with seed i (so the result does not depend on the number of ranks). A prompt that leaves no room
     to answer in the model's context counts as failed.
     """
-    rank, world = _rank_and_world()
-    device = model.get_device()
-    context = model.config.sequence_len
+    rank, world = rank_and_world()
+    device, context = model.get_device(), model.config.sequence_len
     num_problems = len(task) if max_problems is None else min(len(task), max_problems)
     passed = total = 0
     for i in range(rank, num_problems, world):
@@ -131,7 +128,7 @@ def run_generative_eval(task, tokenizer, model, engine, num_samples=1, max_new_t
                   flush=True)
     if progress and total:
         print()
-    return tuple(_sum_across_ranks([passed, total], device))
+    return tuple(reduce_across_ranks(torch.tensor([passed, total], device=device)).tolist())
 
 def run_chat_eval(task_name, model, tokenizer, engine, batch_size=8, num_samples=1,
                   max_new_tokens=512, temperature=0.0, top_k=50, max_problems=None):
@@ -175,17 +172,18 @@ def resolve_tasks(task_names):
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}: choose from {'|'.join(ALL_TASKS)}")
         return {name: ALL_TASKS[name][0]() for name in task_names}, {}
-    tasks, skipped, offline = {}, {}, False
+    tasks, skipped = {}, {}
     for name, (build, ready, _) in REAL_TASKS.items():
-        if offline and not ready():
+        if skipped and not ready():  # something skipped: a fetch has failed
             skipped[name] = "not fetched: an earlier download failed (offline?)"
             continue
         try:
             tasks[name] = build()
         except RuntimeError as e:  # hub or word list not fetched; the message says how to fetch it
-            offline = True
             skipped[name] = str(e)
     if not tasks:
+        print0("No real task data could be loaded (offline?): "
+               "evaluating the synthetic tasks' test splits instead")
         tasks = {name: build() for name, (build, _, _) in SYNTHETIC_TASKS.items()}
     return tasks, skipped
 
@@ -204,51 +202,43 @@ def validate_args(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Evaluate a chat model on the chat tasks")
-    parser.add_argument("-i", "--source", required=True, choices=["mid", "sft", "rl"])
-    parser.add_argument("-a", "--task-name", default=None,
-                        help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: all "
-                             f"real tasks (the synthetic ones when no real dataset is available)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("-m", "--max-new-tokens", type=int, default=512, help="per completion")
-    parser.add_argument("-n", "--num-samples", type=int, default=1, help="per problem (pass@k)")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="sample from the k likeliest")
-    parser.add_argument("-b", "--batch-size", type=int, default=8, help="problems per forward pass "
-                        "(categorical tasks)")
-    parser.add_argument("-g", "--model-tag", default=None, help="default: the largest d<N>")
-    parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
-    parser.add_argument("-x", "--max-problems", type=int, default=None, help="default: all")
-    parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
+    add = parser.add_argument
+    add("-i", "--source", required=True, choices=["mid", "sft", "rl"])
+    add("-a", "--task-name", help=f"tasks separated by '|' from {'|'.join(ALL_TASKS)}; default: "
+        f"all real tasks (the synthetic ones when no real dataset is available)")
+    add("-t", "--temperature", type=float, default=0.0, help="0 = greedy")
+    add("-m", "--max-new-tokens", type=int, default=512, help="per completion")
+    add("-n", "--num-samples", type=int, default=1, help="per problem (pass@k)")
+    add("-k", "--top-k", type=int, default=50, help="sample from the k likeliest")
+    add("-b", "--batch-size", type=int, default=8, help="problems per forward pass (categorical)")
+    add("-g", "--model-tag", help="default: the largest d<N>")
+    add("-s", "--step", type=int, help="default: the newest")
+    add("-x", "--max-problems", type=int, help="default: all")
+    add("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
     add_dtype_flag(parser)
     args = parser.parse_args()
     validate_args(args)
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval",
-                                            model_tag=args.model_tag, step=args.step)
+        model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
         prepare_for_inference(model, args.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched
         sys.exit(f"error: {e}")
     engine = Engine(model, tokenizer)
 
     tasks, skipped = resolve_tasks(args.task_name.split("|") if args.task_name else None)
-    if skipped and set(tasks) == set(SYNTHETIC_TASKS):
-        print0("No real task data could be loaded (offline?): "
-               "evaluating the synthetic tasks' test splits instead")
+    settings = {k: vars(args)[k] for k in ("batch_size", "num_samples", "max_new_tokens",
+                                           "temperature", "top_k", "max_problems")}
     results = {}
     for name, task in tasks.items():
-        results[name] = run_chat_eval(task, model, tokenizer, engine, batch_size=args.batch_size,
-                                      num_samples=args.num_samples,
-                                      max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, top_k=args.top_k,
-                                      max_problems=args.max_problems)
+        results[name] = run_chat_eval(task, model, tokenizer, engine, **settings)
         print0(f"{name} accuracy: {100 * results[name]:.2f}% "
                f"(chance {100 * chance_accuracy(name):.0f}%)")
 
     summary = dict(results)
-    synthetic_note = " (the embedded demo tasks, not comparable to ChatCORE)"
-    for label, names, note in (("ChatCORE", REAL_TASKS, ""),
-                               ("ChatCORE-synthetic", SYNTHETIC_TASKS, synthetic_note)):
+    for label, names, note in (("ChatCORE", REAL_TASKS, ""), ("ChatCORE-synthetic", SYNTHETIC_TASKS,
+                               " (the embedded demo tasks, not comparable to ChatCORE)")):
         if all(name in results for name in names):
             summary[label] = chatcore({name: results[name] for name in names})
             print0(f"{label}{note}: {summary[label]:.4f}")

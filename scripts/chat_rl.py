@@ -33,7 +33,6 @@ Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp1
 torch.compile (sequence lengths vary from step to step).
 """
 
-import argparse
 import time
 import zlib
 
@@ -41,13 +40,16 @@ import torch
 import torch.distributed as dist
 
 from nanochat.attention import attention_banner
-from nanochat.common import compute_init, compute_cleanup, print0, init_wandb, is_dist, synchronize
+from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, init_wandb,
+                             is_dist, synchronize)
 from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
                                  load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
 from tasks.synthetic import SyntheticMath
+from scripts.chat_eval import rank_and_world, reduce_across_ranks
+from scripts.chat_sft import RECIPE_LRS, stage_parser
 
 def rl_tasks(name):
     """-> (train task, held-out test task) for --task."""
@@ -123,8 +125,7 @@ def policy_gradient_backward(model, groups, pad_id):
     skipped; parameters left without a gradient get zeros, so every rank enters the optimizer's
     collectives with the same tensors.
     """
-    device = model.get_device()
-    total = 0.0
+    device, total = model.get_device(), 0.0
     for prompt, passes, advantages in groups:
         if not advantages.any():
             continue
@@ -145,14 +146,13 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
     Problem i runs on rank i % world with seeds from i only, so the numbers do not depend on the
     number of ranks or the step. A prompt with no room left in the context counts as failed.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
-    context = engine.model.config.sequence_len
+    rank, world = rank_and_world()
     # problems solved within k samples, k = 1..num_samples, then the total
     counts = torch.zeros(num_samples + 1, dtype=torch.long, device=engine.model.get_device())
     for i in range(rank, num_problems, world):
         conversation = task[i]
         prompt = engine.tokenizer.render_for_completion(conversation)
-        budget = min(sampling["max_tokens"], context - len(prompt))
+        budget = min(sampling["max_tokens"], engine.model.config.sequence_len - len(prompt))
         counts[num_samples] += 1
         if budget < 1:
             continue
@@ -163,22 +163,15 @@ def evaluate_pass_at_k(engine, task, num_problems, num_samples, device_batch_siz
                     for completions in passes for tokens, _ in completions]
         if any(outcomes):
             counts[outcomes.index(True):num_samples] += 1
-    if is_dist():
-        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    total = int(counts[num_samples])
+    total = int(reduce_across_ranks(counts)[num_samples])
     return {k: counts[k - 1].item() / max(total, 1) for k in range(1, num_samples + 1)}, total
 
 # -----------------------------------------------------------------------------
 
 def main():
-    parser = argparse.ArgumentParser(
-        description="RL (REINFORCE, group-mean baseline) on GSM8K or synthetic arithmetic")
-    add = parser.add_argument
-    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
-    add("--source", default="sft", choices=["mid", "sft"], help="checkpoint to start from")
-    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    parser, add = stage_parser("RL (REINFORCE, group-mean baseline) on GSM8K or synthetic "
+                               "arithmetic", ["mid", "sft"])
+    parser.set_defaults(source="sft", **RECIPE_LRS, init_lr_frac=0.05)  # mid's LRs x 0.05
     add("--task", default="gsm8k", choices=["gsm8k", "synthetic-math"], help="gsm8k = GSM8K main "
         "(fetched on first use); synthetic-math = embedded word problems, offline")
     add("--num-epochs", type=int, default=1, help="passes over the training questions")
@@ -189,16 +182,11 @@ def main():
     add("--max-new-tokens", type=int, default=256, help="generation budget per completion")
     add("--temperature", type=float, default=1.0, help="sampling temperature (train and eval)")
     add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
-    add("--embedding-lr", type=float, default=0.2, help="AdamW lr of wte")
-    add("--unembedding-lr", type=float, default=0.004, help="AdamW lr of lm_head")
-    add("--matrix-lr", type=float, default=0.02, help="Muon lr")
     add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
-    add("--init-lr-frac", type=float, default=0.05, help="multiplies every learning rate")
-    add("--train-stop-token", type=int, default=0, choices=[0, 1],
-        help="1 = also train the sampled <|assistant_end|> (when to stop is an "
-             "action too); 0 = only the answer's tokens, as karpathy/nanochat")
-    add("--eval-every", type=int, default=60,
-        help="pass@k every N steps, and at step 0 and the end (-1 = only those)")
+    add("--train-stop-token", type=int, default=0, choices=[0, 1], help="1 = also train the "
+        "sampled <|assistant_end|> (when to stop is an action too); 0 = not, as karpathy/nanochat")
+    add("--eval-every", type=int, default=60, help="pass@k every N steps, at 0 and the end (-1 = "
+        "only those)")
     add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
     add("--num-samples-eval", type=int, default=8, help="samples per test problem: pass@1..pass@N")
     add("--save-every", type=int, default=60, help="checkpoint every N steps (-1 = at the end)")
@@ -206,19 +194,17 @@ def main():
     add("--overwrite", action="store_true", help="delete this run's checkpoints, start afresh")
     args = parser.parse_args()
     user_config = vars(args).copy()
+    check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), getattr(args, k) >= 1, ">= 1")
+                 for k in ("device_batch_size", "examples_per_step", "num_samples",
+                           "num_samples_eval", "max_new_tokens")])
 
     # -------------------------------------------------------------------------
     # Setup
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    master = rank == 0
     if args.examples_per_step % world_size != 0:
-        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split "
-                         f"over {world_size} ranks: use a multiple of {world_size}")
-    for flag in ("device_batch_size", "examples_per_step", "num_samples", "num_samples_eval",
-                 "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+        raise ValueError(f"--examples-per-step={args.examples_per_step} does not split over "
+                         f"{world_size} ranks: use a multiple of {world_size}")
     examples_per_rank = args.examples_per_step // world_size
     model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, "rl")
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
@@ -228,13 +214,12 @@ def main():
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")  # padding is never trained (mask 0)
     train_task, test_task = rl_tasks(args.task)
-    num_steps = args.num_iterations
-    if num_steps <= 0:
-        num_steps = (len(train_task) // args.examples_per_step) * args.num_epochs
+    epoch_steps = len(train_task) // args.examples_per_step
+    num_steps = args.num_iterations if args.num_iterations > 0 else epoch_steps * args.num_epochs
     if num_steps < 1:
-        raise ValueError(f"{len(train_task)} training questions make "
-                         f"no step of {args.examples_per_step}: lower "
-                         f"--examples-per-step or set --num-iterations")
+        raise ValueError(f"{len(train_task)} training questions make no step of "
+                         f"{args.examples_per_step}: lower --examples-per-step or set "
+                         f"--num-iterations")
     eval_problems = min(args.eval_examples, len(test_task))
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     passes_per_question = -(-args.num_samples // args.device_batch_size)
@@ -243,16 +228,15 @@ def main():
            f"{num_steps} steps x {args.examples_per_step} questions ({examples_per_rank}/rank) x "
            f"{args.num_samples} samples in {passes_per_question} passes")
 
+    # what a resumed run must match, the LRs included
+    same = ["task", "device_batch_size", "examples_per_step", "num_samples", "max_new_tokens",
+            "temperature", "top_k", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay",
+            "init_lr_frac", "train_stop_token"]
     derived = {"source": args.source, "source_step": source_meta["step"], "world_size": world_size,
                "model_config": source_meta["model_config"], "num_steps": num_steps,
-               **{k: user_config[k] for k in ("task", "device_batch_size", "examples_per_step",
-                                             "num_samples", "max_new_tokens", "temperature",
-                                             "top_k", "embedding_lr", "unembedding_lr",
-                                             "matrix_lr", "weight_decay", "init_lr_frac",
-                                             "train_stop_token")}}
-    optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-                                      embedding_lr=args.embedding_lr, lr_frac=args.init_lr_frac,
-                                      weight_decay=args.weight_decay)
+               **{k: user_config[k] for k in same}}
+    optimizer = model.setup_optimizer(lr_frac=args.init_lr_frac, **{k: user_config[k] for k in (
+        "unembedding_lr", "matrix_lr", "embedding_lr", "weight_decay")})
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
     if resume_step is not None:  # the LRs are in derived: no override here
         model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,
@@ -263,10 +247,9 @@ def main():
         history = {int(s): {int(k): v for k, v in m.items()}
                    for s, m in meta["loop_state"]["history"].items()}
         print0(f"resuming from {output_dir} step {resume_step}")
-    wandb_run = init_wandb("nanochat-rl", args.run, user_config, master)
-    start_step = step
+    wandb_run = init_wandb("nanochat-rl", args.run, user_config, rank == 0)
     metric_log = MetricLog("rl", model_tag, resume_step)  # <base>/logs/rl_<tag>.jsonl
-    saves = TrainingSaves(output_dir, "scripts.chat_rl", args, start_step)
+    saves = TrainingSaves(output_dir, "scripts.chat_rl", args, step)
 
     # -------------------------------------------------------------------------
     # Training loop
@@ -276,11 +259,10 @@ def main():
         # the model after `step` updates: its pass@k, and the samples update step+1 trains on
         record = {"step": step}
         if step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            pass_at_k, problems = evaluate_pass_at_k(engine, test_task, eval_problems,
-                                                     args.num_samples_eval, args.device_batch_size,
-                                                     **sampling)
-            history[step] = pass_at_k
-            metrics = {f"pass@{k}": v for k, v in pass_at_k.items()}
+            history[step], problems = evaluate_pass_at_k(
+                engine, test_task, eval_problems, args.num_samples_eval, args.device_batch_size,
+                **sampling)
+            metrics = {f"pass@{k}": v for k, v in history[step].items()}
             record.update(metrics)
             print0(f"step {step:05d} | {problems} test problems | "
                    + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
@@ -322,8 +304,7 @@ def main():
             groups.append((prompt, passes, group_advantages(group_rewards)))
             rewards += group_rewards
             lengths += [len(tokens) for tokens, _ in completions]
-            sampled = repr([tokens for tokens, _ in completions]).encode()
-            digests.append((example, zlib.crc32(sampled)))
+            digests.append((example, zlib.crc32(repr([t for t, _ in completions]).encode())))
         t1 = time.time()
 
         # ---- train: one optimizer step on this batch of fresh samples
@@ -336,16 +317,15 @@ def main():
         synchronize(device)
         t2 = time.time()
 
+        # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
         totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64,
                               device=device)
-        # sums over ranks; the digest of every sampled token, in question order (same on any GPUs)
+        reward_sum, num_samples, length_sum, loss_sum = reduce_across_ranks(totals).tolist()
         if is_dist():
-            dist.all_reduce(totals, op=dist.ReduceOp.SUM)
             gathered = [None] * world_size
             dist.all_gather_object(gathered, digests)
             digests = [d for rank_digests in gathered for d in rank_digests]
         digest = zlib.crc32(repr(sorted(digests)).encode())
-        reward_sum, num_samples, length_sum, loss_sum = totals.tolist()
         step += 1
         times["sample"] += t1 - t0
         times["train"] += t2 - t1
@@ -360,16 +340,15 @@ def main():
                        "lrm": lrm, "time/sample": t1 - t0, "time/train": t2 - t1})
 
     # -------------------------------------------------------------------------
-    steps_run = max(num_steps, 1)
-    print0(f"done: {num_steps} steps | per step {times['sample'] / steps_run:.2f}s sampling + "
-           f"{times['train'] / steps_run:.2f}s training")
+    print0(f"done: {num_steps} steps | per step {times['sample'] / num_steps:.2f}s sampling + "
+           f"{times['train'] / num_steps:.2f}s training")
     first, last, k_max = min(history), max(history), args.num_samples_eval
     get_report().log("Chat RL", [user_config, {
         "Source": f"{args.source} {model_tag} step {source_meta['step']}", "Task": args.task,
         "Steps": num_steps, "Test problems": eval_problems,
         **{f"pass@{k} at step {s}": history[s][k] for k in (1, k_max) for s in (first, last)},
-        "Sampling time per step (s)": times["sample"] / steps_run,
-        "Training time per step (s)": times["train"] / steps_run}])
+        "Sampling time per step (s)": times["sample"] / num_steps,
+        "Training time per step (s)": times["train"] / num_steps}])
     wandb_run.finish()
     metric_log.close()
     compute_cleanup()

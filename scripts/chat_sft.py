@@ -8,8 +8,8 @@ loop:
     python -m scripts.chat_sft --mixture=synthetic  # offline: tasks/synthetic.py
     python -m scripts.chat_sft --resume             # continue from the newest checkpoint, exactly
 
-What differs between the stages is the table STAGES below (source checkpoint, output, LR, schedule)
-and the data mixture (build_mixture). Everything else is shared:
+What differs between the stages is the table STAGES below (source checkpoint, LR, schedule) and
+the data mixture (build_mixture); each writes its own checkpoints. Everything else is shared:
 - Rows of T+1 tokens hold whole conversations (nanochat/dataloader.chat_loader; none is ever split
   across rows): mid-training packs several per row (best fit, largest first, BOS padding, causal
   attention across them), SFT puts one per row in the mixture's order, padded (--pack flips
@@ -44,13 +44,11 @@ import time
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch
-import torch.distributed as dist
 
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir,
-                             init_wandb, is_dist, get_peak_flops, decide_compile,
-                             compile_for_training, grad_accum_steps_for, collect_garbage,
-                             synchronize)
+                             init_wandb, get_peak_flops, decide_compile, compile_for_training,
+                             grad_accum_steps_for, collect_garbage, synchronize)
 from nanochat.checkpoint import (load_source, load_optimizer_shard, start_or_resume, load_resume,
                                  TrainingSaves, load_optimizer_state, loop_meta, restore_loop,
                                  SOURCE_DIRS, SOURCE_SCRIPTS, add_checkpoint_flags)
@@ -67,7 +65,7 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee, SimpleSpelling
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
-from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
+from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore, reduce_across_ranks
 
 # karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training
 # stage). lrs are the base optimizer's per-group values (AdamW ones then scale with width as in
@@ -79,49 +77,58 @@ RECIPE_LRS = {"embedding_lr": 0.2, "unembedding_lr": 0.004, "matrix_lr": 0.02}
 # the flags whose defaults the stage's recipe sets
 RECIPE_FLAGS = (*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp", "examples_per_step",
                 "pack")
-STAGES = {
-    "mid": dict(source="base", output="mid", **RECIPE_LRS, init_lr_frac=1.0, warmdown_ratio=0.2,
-                momentum_ramp=300, examples_per_step=-1, total_batch_size=524288, pack=1,
-                title="Midtraining", wandb_project="nanochat-mid"),
-    "sft": dict(source="mid", output="sft", **RECIPE_LRS, init_lr_frac=0.02, warmdown_ratio=1.0,
-                momentum_ramp=0, examples_per_step=32, total_batch_size=524288, pack=0,
-                title="Chat SFT", wandb_project="nanochat-sft"),
+STAGES = {  # stage (= its output) -> source and recipe
+    "mid": dict(source="base", init_lr_frac=1.0, warmdown_ratio=0.2, momentum_ramp=300, pack=1,
+                **RECIPE_LRS, examples_per_step=-1, total_batch_size=2**19, title="Midtraining"),
+    "sft": dict(source="mid", init_lr_frac=0.02, warmdown_ratio=1.0, momentum_ramp=0, pack=0,
+                **RECIPE_LRS, examples_per_step=32, total_batch_size=2**19, title="Chat SFT"),
 }
+
+def stage_parser(description, sources):
+    """The flags of every chat stage (mid, SFT, RL): where it starts and its learning rates (the
+    caller sets their defaults). -> (parser, its add_argument)"""
+    parser = argparse.ArgumentParser(description=description)
+    add = parser.add_argument
+    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    add("--source", choices=sources, help="checkpoint to start from")
+    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
+    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
+    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
+    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scaling)")
+    add("--matrix-lr", type=float, help="Muon lr")
+    add("--init-lr-frac", type=float, help="multiplies every learning rate")
+    return parser, add
 
 def identity_task():
     """The identity conversations: <base>/identity_conversations.jsonl
     if present (CustomJSON), else synthetic ones."""
     path = os.path.join(get_base_dir(), "identity_conversations.jsonl")
-    if os.path.exists(path):
-        print0(f"identity conversations: {path}")
-        return CustomJSON(filepath=path)
-    print0(f"identity conversations: synthetic (no {path})")
-    return SyntheticIdentity(split="train", size=1000)
+    found = os.path.exists(path)
+    print0(f"identity conversations: {path if found else f'synthetic (no {path})'}")
+    return CustomJSON(filepath=path) if found else SyntheticIdentity(split="train", size=1000)
 
 def build_mixture(stage, mixture):
     """-> (train task, val task, names of the chat tasks to track during training)."""
     if mixture == "synthetic":
-        size = 4000 if stage == "mid" else 1000
-        seed = 0 if stage == "mid" else 1  # SFT sees fresh problems of the same skills
+        # SFT sees fresh problems of the same skills
+        size, seed = (4000, 0) if stage == "mid" else (1000, 1)
+        skills = (SyntheticMath, SyntheticSpelling, SyntheticMC)
         train = TaskMixture([SyntheticIdentity(split="train", size=size // 2, seed=seed)] +
-                            [cls(split="train", size=size, seed=seed)
-                             for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
-        val = TaskMixture([cls(split="test", size=100, seed=2)
-                           for cls in (SyntheticMath, SyntheticSpelling, SyntheticMC)])
+                            [cls(split="train", size=size, seed=seed) for cls in skills])
+        val = TaskMixture([cls(split="test", size=100, seed=2) for cls in skills])
         return train, val, ["SynthIdentity", "SynthMath", "SynthSpelling", "SynthMC"]
     if stage == "mid":
-        train = TaskMixture([SmolTalk(split="train"), MMLU(subset="auxiliary_train", split="train"),
-                             GSM8K(subset="main", split="train"), identity_task(), identity_task(),
+        train = TaskMixture([SmolTalk(split="train"), MMLU("auxiliary_train", "train"),
+                             GSM8K("main", "train"), identity_task(), identity_task(),
                              SimpleSpelling(size=200_000, split="train"),
                              SpellingBee(size=80_000, split="train")])
-        val = TaskMixture([SmolTalk(split="test"), MMLU(subset="all", split="test", stop=5200),
-                           GSM8K(subset="main", split="test", stop=420)])
+        val = TaskMixture([SmolTalk(split="test"), MMLU("all", "test", stop=5200),
+                           GSM8K("main", "test", stop=420)])
     else:
-        train = TaskMixture([ARC(subset="ARC-Easy", split="train"),
-                             ARC(subset="ARC-Challenge", split="train"),
-                             GSM8K(subset="main", split="train"),
-                             SmolTalk(split="train", stop=10_000), identity_task(),
-                             SimpleSpelling(size=300, split="train"),
+        train = TaskMixture([ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"),
+                             GSM8K("main", "train"), SmolTalk(split="train", stop=10_000),
+                             identity_task(), SimpleSpelling(size=300, split="train"),
                              SpellingBee(size=300, split="train")])
         val = SmolTalk(split="test")
     return train, val, ["ARC-Easy", "MMLU", "GSM8K"]
@@ -136,10 +143,7 @@ def mean_rendered_length(task, tokenizer, T, sample=1000):
 def count_supervised(micro_batch_targets):
     """Supervised tokens (target >= 0) in this step's
     micro-batches, summed over ranks: the loss denominator."""
-    num_supervised = sum((targets >= 0).sum() for targets in micro_batch_targets).float()
-    if is_dist():
-        dist.all_reduce(num_supervised, op=dist.ReduceOp.SUM)
-    return num_supervised
+    return reduce_across_ranks(sum((targets >= 0).sum() for targets in micro_batch_targets).float())
 
 def token_weighted_loss(model, inputs, targets, num_supervised):
     """
@@ -153,16 +157,10 @@ def token_weighted_loss(model, inputs, targets, num_supervised):
 
 def main(stage):
     defaults = STAGES[stage]
-    parser = argparse.ArgumentParser(
-        description=f"{defaults['title']}: {defaults['source']} -> {defaults['output']}")
-    add = parser.add_argument
-    add("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    add("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    parser, add = stage_parser(f"{defaults['title']}: {defaults['source']} -> {stage}",
+                               ["base", "mid", "sft"])
     add("--compile", type=int, default=-1, help="torch.compile the model: 1 on, 0 off, -1 = auto "
         "(CUDA, and CPU with a working C++ compiler; env NANOCHAT_COMPILE=0/1 overrides auto)")
-    add("--source", choices=["base", "mid", "sft"], help="checkpoint to start at")
-    add("--model-tag", help="source (and output) model tag (default: the largest d<N>)")
-    add("--model-step", type=int, help="source checkpoint step (default: the newest)")
     add("--mixture", default="real", choices=["real", "synthetic"], help="real = SmolTalk/MMLU/ARC/"
         "GSM8K/... (fetched on first use); synthetic = embedded offline tasks")
     add("--num-iterations", type=int, default=-1, help="steps (-1 = one epoch of the mixture)")
@@ -170,26 +168,19 @@ def main(stage):
     add("--device-batch-size", type=int, help="rows per forward/backward (default: the source's; "
         "SFT: enough rows for its conversations, at most the source's)")
     add("--total-batch-size", type=int, help=f"tokens per optimizer step (default: "
-        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows its "
-        f"conversations need)")
+        f"{defaults['total_batch_size']:,}; with --examples-per-step > 0: the rows they need)")
     add("--examples-per-step", type=int, help="conversations per optimizer step, shared over GPUs "
         "and micro-steps (-1 = fill every row)")
-    add("--embedding-lr", type=float, help="AdamW lr of wte (x width scaling)")
-    add("--unembedding-lr", type=float, help="AdamW lr of lm_head (x width scale)")
-    add("--matrix-lr", type=float, help="Muon lr")
-    add("--init-lr-frac", type=float, help="multiplies every learning rate")
     add("--warmdown-ratio", type=float, help="last fraction of the epoch: linear LR decay to 0")
-    add("--momentum-ramp", type=int,
-        help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
+    add("--momentum-ramp", type=int, help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = none)")
     add("--pack", type=int, choices=[0, 1], help="1 = pack conversations into rows (best fit, "
         "largest first); 0 = one per row, padded, in order")
     parser.set_defaults(source=defaults["source"], **{k: defaults[k] for k in RECIPE_FLAGS})
     add("--load-optimizer", type=int, default=0, choices=[0, 1], help="1 = warm-start the "
         "optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
-    add("--train-user-tokens", type=int, default=0,
-        help="1 = train user tokens too (karpathy/nanochat's mid did)")
-    add("--eval-every", type=int, default=150, help="val bpb every N steps, at start and end (-1 = "
-        "never)")
+    add("--train-user-tokens", type=int, default=0, help="1 = train user tokens too (as the "
+        "karpathy/nanochat mid did)")
+    add("--eval-every", type=int, default=150, help="val bpb every N steps, 0 and end (-1 = never)")
     add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     add("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and "
         "at the end (-1 = only at the end, 0 = never)")
@@ -198,42 +189,39 @@ def main(stage):
     add_checkpoint_flags(parser)
     args = parser.parse_args()
     user_config = vars(args).copy()
-    inherited = {f"--{k.replace('_', '-')}": getattr(args, k)
-                 for k in ("max_seq_len", "device_batch_size", "total_batch_size")}
-    check_flags([(flag, v, v is None or v >= 1, ">= 1, or left out to inherit the source's")
-                 for flag, v in inherited.items()]
-                + [("--num-iterations", args.num_iterations,
-                    args.num_iterations >= 1 or args.num_iterations == -1,
+    iters = args.num_iterations
+    check_flags([(f"--{k.replace('_', '-')}", v, v is None or v >= 1, ">= 1, or left out to "
+                  "inherit the source's") for k, v in user_config.items()
+                 if k in ("max_seq_len", "device_batch_size", "total_batch_size")]
+                + [("--num-iterations", iters, iters >= 1 or iters == -1,
                     ">= 1, or -1 for one epoch of the mixture")])
 
     # -------------------------------------------------------------------------
     # Setup: the source model and what it inherits
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-    master = rank == 0
-    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device,
-                                                                       defaults["output"])
+    model, tokenizer, source_meta, model_tag, output_dir = load_source(args, device, stage)
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
-    source_step = source_meta["step"]
+    source_step, source_name = source_meta["step"], f"{args.source} checkpoint"
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's
-    source_name = f"{args.source} checkpoint"
-    settings = {}  # name -> (value, where it came from), printed below
+    recipe, source_rows = f"{stage} recipe", source_meta["device_batch_size"]
+    # name -> (value, where it came from), printed below
+    settings = {k: (user_config[k], "flag" if user_config[k] != defaults[k] else recipe)
+                for k in RECIPE_FLAGS}
 
-    def setting(name, flag_value, default, origin):
-        settings[name] = (flag_value, "flag") if flag_value is not None else (default, origin)
+    def flag_or(name, default, origin):
+        value = user_config[name]
+        settings[name] = (value, "flag") if value is not None else (default, origin)
         return settings[name][0]
 
-    for name in RECIPE_FLAGS:
-        value = getattr(args, name)
-        settings[name] = (value, "flag" if value != defaults[name] else f"{stage} recipe")
-    T = setting("max_seq_len", args.max_seq_len, source_meta["max_seq_len"], source_name)
+    T = flag_or("max_seq_len", source_meta["max_seq_len"], source_name)
     if T > model.config.sequence_len:
         raise ValueError(f"--max-seq-len={T} exceeds the model's context "
                          f"{model.config.sequence_len}")
 
     train_task, val_task, tracked_tasks = build_mixture(stage, args.mixture)
-    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks  # loaded once
-                  if args.chat_eval_every != 0}
+    # built once, evaluated at every chat eval
+    eval_tasks = {name: ALL_TASKS[name][0]() for name in tracked_tasks if args.chat_eval_every != 0}
     mean_len = mean_rendered_length(train_task, tokenizer, T)
     print0(f"mixture ({args.mixture}): {len(train_task):,} training conversations "
            f"({mean_len:.0f} tokens on average), {len(val_task):,} validation")
@@ -244,20 +232,16 @@ def main(stage):
         # compute spent, nothing trained
         per_gpu = math.ceil(args.examples_per_step / world_size)
         rows = math.ceil(1.5 * per_gpu * mean_len / (T + 1)) if args.pack else per_gpu
-        device_batch_size = setting("device_batch_size", args.device_batch_size,
-                                    min(rows, source_meta["device_batch_size"]),
+        device_batch_size = flag_or("device_batch_size", min(rows, source_rows),
                                     f"{per_gpu} conversations per GPU, at most the {source_name}'s")
         micro_steps = math.ceil(rows / device_batch_size)
-        total_batch_size = setting("total_batch_size", args.total_batch_size,
+        total_batch_size = flag_or("total_batch_size",
                                    micro_steps * device_batch_size * T * world_size,
                                    f"{micro_steps} micro-batch(es) per GPU for {rows} rows")
     else:
-        device_batch_size = setting("device_batch_size", args.device_batch_size,
-                                    source_meta["device_batch_size"], source_name)
-        total_batch_size = setting("total_batch_size", args.total_batch_size,
-                                   defaults["total_batch_size"], f"{stage} recipe")
+        device_batch_size = flag_or("device_batch_size", source_rows, source_name)
+        total_batch_size = flag_or("total_batch_size", defaults["total_batch_size"], recipe)
     grad_accum_steps = grad_accum_steps_for(total_batch_size, device_batch_size, T, world_size)
-    tokens_per_fwdbwd = device_batch_size * T * world_size
     num_streams = world_size * grad_accum_steps
     if 0 < args.examples_per_step < num_streams:
         raise ValueError(f"--examples-per-step={args.examples_per_step} is fewer than the "
@@ -288,15 +272,14 @@ def main(stage):
                       f"steps at full rows (more as padding takes its share; the run ends when "
                       f"every conversation is trained)")
     print0(f"{defaults['title']}: {args.source} {model_tag} step {source_step} -> "
-           f"{SOURCE_DIRS[defaults['output']]} | T {T} | batch {total_batch_size:,} tokens = "
+           f"{SOURCE_DIRS[stage]} | T {T} | batch {total_batch_size:,} tokens = "
            f"{device_batch_size} x {T} x {world_size} GPUs x {grad_accum_steps} | {steps_line}")
     print0("settings: " + " | ".join(f"{k} {v} ({origin})" for k, (v, origin) in settings.items()))
 
     derived = {"source": args.source, "source_step": source_step, "max_seq_len": T,
                "model_config": source_meta["model_config"], "device_batch_size": device_batch_size,
-               "total_batch_size": total_batch_size, "world_size": world_size,
-               "mixture": args.mixture, "num_iterations": args.num_iterations,
-               "examples_per_step": args.examples_per_step, "pack": args.pack}
+               "total_batch_size": total_batch_size, "world_size": world_size, "pack": args.pack,
+               **{k: user_config[k] for k in ("mixture", "num_iterations", "examples_per_step")}}
     # never replace another run's checkpoints silently; after the flag checks, so a bad flag gets
     # its own error
     resume_step = start_or_resume(output_dir, args.resume, args.overwrite,
@@ -306,21 +289,19 @@ def main(stage):
                                       **{k: getattr(args, k) for k in RECIPE_LRS})
     initial_lrs = {g["name"]: g["initial_lr"] for g in optimizer.param_groups}
     print0("initial lrs: " + " | ".join(f"{name} {lr:.6g}" for name, lr in initial_lrs.items()))
-    step, progress, val_bpb, min_val_bpb, smooth_loss, total_time = (0, 0.0, None, float("inf"),
-                                                                      0.0, 0.0)
-    stream_states = [None] * grad_accum_steps
+    step, val_bpb, stream_states = 0, None, [None] * grad_accum_steps
+    loop = {"progress": 0.0, "min_val_bpb": float("inf"), "smooth_loss": 0.0, "total_time": 0.0}
     shards = source_meta.get("optim_shards", 0)
     if resume_step is not None:
-        trajectory = [*RECIPE_LRS, "init_lr_frac", "warmdown_ratio", "momentum_ramp",
-                      "train_user_tokens"]
-        model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,
-                                                     user_config, trajectory, args.resume_override)
+        # the flags that change the trajectory, checked unless --resume-override (examples_per_step
+        # and pack are in derived: they must match)
+        model_state, optim_state, meta = load_resume(
+            output_dir, resume_step, device, rank, derived, user_config,
+            [*RECIPE_FLAGS, "train_user_tokens"], args.resume_override)
         model.load_state_dict(model_state, strict=True)
         load_optimizer_state(optimizer, optim_state)  # the momenta; this run's LRs (checked) rule
         stream_states, loop = restore_loop(meta, rank, grad_accum_steps)
         step, val_bpb = resume_step, meta["val_bpb"]
-        progress, min_val_bpb, smooth_loss, total_time = (
-            loop[k] for k in ("progress", "min_val_bpb", "smooth_loss", "total_time"))
         print0(f"resuming from {output_dir} step {resume_step}")
     elif args.load_optimizer and shards == 0:
         raise ValueError(f"--load-optimizer=1 needs the source's optimizer state, but "
@@ -341,6 +322,8 @@ def main(stage):
             group["lr"] = group["initial_lr"]
             if group["kind"] == "muon":
                 group["weight_decay"] = 0.0
+    progress, min_val_bpb, smooth_loss, total_time = (
+        loop[k] for k in ("progress", "min_val_bpb", "smooth_loss", "total_time"))
     orig_model = model
     use_compile, compile_reason = decide_compile(args.compile, device.type)
     print0(f"torch.compile: {compile_reason}")
@@ -363,13 +346,11 @@ def main(stage):
                      for a in range(grad_accum_steps)]
     batches = [next(loader) for loader in train_loaders]
     token_bytes = get_token_bytes(device)
-    eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+    eval_steps = max(1, args.eval_tokens // (device_batch_size * T * world_size))
 
-    def val_batches():
+    def val_batches():  # (inputs, targets) from the streams in turn
         loaders = [stream_loader(val_task, a) for a in range(grad_accum_steps)]
-        for i in itertools.count():
-            inputs, targets, _ = next(loaders[i % grad_accum_steps])
-            yield inputs, targets
+        return (next(loader)[:2] for loader in itertools.cycle(loaders))
 
     def epoch_progress():
         """
@@ -379,9 +360,7 @@ def main(stage):
         only (nothing trained twice) until all are done.
         """
         p = torch.tensor(min(state["progress"] for state in stream_states), dtype=torch.float64)
-        if is_dist():
-            dist.all_reduce(p, op=dist.ReduceOp.MIN)
-        return p.item()
+        return reduce_across_ranks(p, "MIN").item()
 
     def get_lr_multiplier(progress):
         if args.warmdown_ratio <= 0:
@@ -392,12 +371,10 @@ def main(stage):
         frac = min(it / args.momentum_ramp, 1.0) if args.momentum_ramp > 0 else 1.0
         return (1 - frac) * 0.85 + frac * 0.95
 
-    wandb_run = init_wandb(defaults["wandb_project"], args.run, user_config, master)
+    wandb_run = init_wandb(f"nanochat-{stage}", args.run, user_config, rank == 0)
     engine = Engine(orig_model, tokenizer)
-    peak_flops = get_peak_flops(device)
-    flops_per_token = orig_model.estimate_flops()
-    start_step = step
-    metrics = {}
+    peak_flops, flops_per_token = get_peak_flops(device), orig_model.estimate_flops()
+    start_step, metrics = step, {}
     metric_log = MetricLog(stage, model_tag, resume_step)  # <base>/logs/<stage>_<tag>.jsonl
     saves = TrainingSaves(output_dir, SOURCE_SCRIPTS[stage], args, start_step)
 
@@ -449,11 +426,10 @@ def main(stage):
         num_supervised = count_supervised([targets for _, targets, _ in batches])
         loss_sum = torch.zeros((), device=device)
         for a in range(grad_accum_steps):
-            inputs, targets, state = batches[a]
+            inputs, targets, stream_states[a] = batches[a]  # the stream's state after this batch
             loss = token_weighted_loss(model, inputs, targets, num_supervised)
             loss_sum += loss.detach()
             (loss * world_size).backward()  # the optimizer averages gradients over ranks: undo it
-            stream_states[a] = state
             batches[a] = next(train_loaders[a])
         progress = epoch_progress()
         # with --num-iterations the schedule follows the steps: the run may end before the epoch
@@ -465,9 +441,7 @@ def main(stage):
                 group["momentum"] = get_muon_momentum(step)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        if is_dist():
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        train_loss = loss_sum.item()
+        train_loss = reduce_across_ranks(loss_sum).item()
         synchronize(device)
         dt = time.time() - t0
         step += 1
@@ -490,17 +464,15 @@ def main(stage):
             wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm, "train/dt": dt,
                            "train/mfu": mfu})
         if step == start_step + 1 and use_compile:
-            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse the "
-                   f"graph")
+            print0(f"first step took {dt:.1f}s, most of it torch.compile; later steps reuse it")
         collect_garbage(step, start_step)
         saves.poll()
 
     # -------------------------------------------------------------------------
     print0(f"done: {step} steps, {total_time / 60:.2f}m, min val bpb {min_val_bpb:.6f}")
     get_report().log(defaults["title"], [user_config, {
-        "Source": f"{args.source} {model_tag} step {source_step}",
-        "Training conversations": len(train_task), "Iterations": step,
-        "Tokens per step": total_batch_size,
+        "Source": f"{args.source} {model_tag} step {source_step}", "Iterations": step,
+        "Training conversations": len(train_task), "Tokens per step": total_batch_size,
         "Final train loss": smooth_loss / (1 - 0.9 ** max(step, 1)),
         "Min val bpb": min_val_bpb, "Training time (min)": total_time / 60}, metrics])
     wandb_run.finish()
