@@ -213,6 +213,15 @@ def is_dist():
     """True when a multi-rank process group is up (collectives are needed)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
+def rank_and_world():  # from the process group: callers may set one up without torchrun
+    return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+
+def reduce_across_ranks(tensor, op="SUM"):
+    """All-reduce in place with dist.ReduceOp.<op> (a no-op in one process) -> the tensor."""
+    if is_dist():  # ReduceOp looked up only here: torch built without distributed lacks it
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+    return tensor
+
 # -----------------------------------------------------------------------------
 # wandb: only when installed and the run is not "dummy"
 

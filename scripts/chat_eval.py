@@ -23,11 +23,10 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 from nanochat.checkpoint import load_model
-from nanochat.common import (check_flags, compute_cleanup, compute_init, get_base_dir, is_dist,
-                             print0)
+from nanochat.common import (check_flags, compute_cleanup, compute_init, get_base_dir, print0,
+                             rank_and_world, reduce_across_ranks)
 from nanochat.engine import Engine, add_dtype_flag, prepare_for_inference
 from nanochat.report import get_report
 from tasks.common import hub_dataset_ready
@@ -64,16 +63,6 @@ ALL_TASKS = {**REAL_TASKS, **SYNTHETIC_TASKS}
 
 # -----------------------------------------------------------------------------
 # Evaluation functions (also called by mid_train / chat_sft for periodic metrics)
-
-def rank_and_world():  # from the process group: callers may set one up without torchrun
-    return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
-
-def reduce_across_ranks(tensor, op="SUM"):
-    """All-reduce in place with dist.ReduceOp.<op> (a no-op in one process) -> the tensor. The chat
-    scripts share it."""
-    if is_dist():  # ReduceOp looked up only here: torch built without distributed lacks it
-        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
-    return tensor
 
 @torch.inference_mode()
 def run_categorical_eval(task, tokenizer, model, batch_size, max_problems=None):

@@ -41,14 +41,13 @@ import torch.distributed as dist
 
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, init_wandb,
-                             is_dist, synchronize)
+                             is_dist, synchronize, rank_and_world, reduce_across_ranks)
 from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
                                  load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
 from nanochat.report import get_report, MetricLog
 from tasks.gsm8k import GSM8K
 from tasks.synthetic import SyntheticMath
-from scripts.chat_eval import rank_and_world, reduce_across_ranks
 from scripts.chat_sft import RECIPE_LRS, stage_parser
 
 def rl_tasks(name):

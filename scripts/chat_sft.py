@@ -48,7 +48,8 @@ import torch
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, get_base_dir,
                              init_wandb, get_peak_flops, decide_compile, compile_for_training,
-                             grad_accum_steps_for, collect_garbage, synchronize)
+                             grad_accum_steps_for, collect_garbage, synchronize,
+                             reduce_across_ranks)
 from nanochat.checkpoint import (load_source, load_optimizer_shard, start_or_resume, load_resume,
                                  TrainingSaves, load_optimizer_state, loop_meta, restore_loop,
                                  SOURCE_DIRS, SOURCE_SCRIPTS, add_checkpoint_flags)
@@ -65,7 +66,7 @@ from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SpellingBee, SimpleSpelling
 from tasks.synthetic import SyntheticIdentity, SyntheticMath, SyntheticSpelling, SyntheticMC
-from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore, reduce_across_ranks
+from scripts.chat_eval import ALL_TASKS, run_chat_eval, chatcore
 
 # karpathy/nanochat's mid_train.py and chat_sft.py (the versions with a separate mid-training
 # stage). lrs are the base optimizer's per-group values (AdamW ones then scale with width as in
