@@ -106,10 +106,11 @@ if {limit_memory}:
     limits += [(resource.RLIMIT_AS, {memory}), (resource.RLIMIT_DATA, {memory})]
 for limit, value in limits:
     resource.setrlimit(limit, (value, value))
-if {drop_to_uid} is not None:
+drop_to_uid = {drop_to_uid}
+if drop_to_uid is not None:
     os.setgroups([])
-    os.setgid({drop_to_uid})
-    os.setuid({drop_to_uid})
+    os.setgid(drop_to_uid)
+    os.setuid(drop_to_uid)
 with open({program_path}, encoding="utf-8") as f:
     _compiled = compile(f.read(), {program_path}, "exec")
 faulthandler.disable()

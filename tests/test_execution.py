@@ -19,6 +19,7 @@ def test_output_returned():
     result = execute_code("def add(a, b):\n    return a + b\nprint(add(2, 3))\nprint('done')\n")
     assert result.success, result
     assert result.stdout == "5\ndone\n"
+    assert result.stderr == ""  # nothing of the sandbox's own start-up reaches the program's stderr
     assert result.error is None and not result.timeout and not result.memory_exceeded
 
 def test_quotes_backslashes_braces_survive():
