@@ -57,7 +57,10 @@ config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": ar
           "dataset": get_dataset_name()}
 if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
     fingerprint = Tokenizer.from_directory(tokenizer_dir).fingerprint()
-    record = json.load(open(record_path, encoding="utf-8")) if os.path.exists(record_path) else {}
+    record = {}
+    if os.path.exists(record_path):
+        with open(record_path, encoding="utf-8") as f:
+            record = json.load(f)
     if record == dict(config, fingerprint=fingerprint):
         print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: "
               f"kept (--overwrite retrains it)")
