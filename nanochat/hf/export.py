@@ -26,11 +26,10 @@ transformers only to run the exported model under transformers.
 import base64
 import json
 import os
-import shutil
 
 import torch
 
-from nanochat.common import atomic_write_text
+from nanochat.common import atomic_path, atomic_write_text
 
 MODEL_TYPE = "nanochat_gpt"
 TEMPLATE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -64,6 +63,10 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}{%- set ns = namespace(system='') -%}
 {%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}
 """
 
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
 # -----------------------------------------------------------------------------
 # Tokenizer
 
@@ -78,8 +81,7 @@ def bytes_to_unicode():
 def hf_tokenizer_json(tokenizer):
     """Our tokenizer (its public to_data(): pattern, tokens in
     rank order, specials) as an HF tokenizer.json string."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, AddedToken, decoders, models
-    from tokenizers import pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     data = tokenizer.to_data()
     byte_char = bytes_to_unicode()
     to_str = lambda b: "".join(byte_char[x] for x in b)
@@ -89,12 +91,10 @@ def hf_tokenizer_json(tokenizer):
                     for i in range(1, len(token)) if token[:i] in ranks and token[i:] in ranks)
     merges = [(to_str(tokens[left]), to_str(tokens[right])) for _, left, right in merges]
     vocab = {to_str(t): i for i, t in enumerate(tokens)}
-    bpe = models.BPE(vocab=vocab, merges=merges, ignore_merges=True)
-    hf = HFTokenizer(bpe)
+    hf = Tokenizer(models.BPE(vocab, merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(data["pattern"]), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
     specials = sorted(data["special_tokens"].items(), key=lambda kv: kv[1])
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s, _ in specials])
@@ -104,17 +104,15 @@ def hf_tokenizer_json(tokenizer):
 
 def tokenizer_from_hf_json(path):
     """Our Tokenizer from an exported tokenizer.json (the inverse of hf_tokenizer_json)."""
-    from nanochat.tokenizer import Tokenizer, _encoding_from_data, TOKENIZER_FORMAT
-    from nanochat.tokenizer import TOKENIZER_FORMAT_VERSION
-    with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
+    from nanochat.tokenizer import Tokenizer, _encoding_from_data
+    hf = read_json(path)
     char_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
         vocab = hf["model"]["vocab"]
         tokens = sorted(vocab, key=vocab.get)
         assert [vocab[t] for t in tokens] == list(range(len(tokens)))
-        data = {"format": TOKENIZER_FORMAT, "version": TOKENIZER_FORMAT_VERSION,
-                "pattern": hf["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"],
+        # to_data()'s form, the fields _encoding_from_data reads
+        data = {"pattern": hf["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"],
                 "mergeable_ranks": [base64.b64encode(bytes(char_byte[c] for c in t)).decode("ascii")
                                     for t in tokens],
                 "special_tokens": {t["content"]: t["id"] for t in hf["added_tokens"]}}
@@ -144,13 +142,10 @@ def model_card(meta, source, report_text=None):
             ("validation bits per byte", bpb is not None and f"{bpb:.4f}"),
             *[(name, f"{value:.4f}") for name, value in (meta.get("metrics") or {}).items()
               if isinstance(value, (int, float))]]
-    if source == "base":
-        prompt = ['ids = tok("<|bos|>The capital of France is", return_tensors="pt").input_ids'
-                  '  # continues text']
-    else:
-        prompt = ['ids = tok.apply_chat_template([{"role": "user", "content": '
-                  '"Why is the sky blue?"}],',
-                  '    add_generation_prompt=True, return_tensors="pt", return_dict=False)']
+    prompt = ['ids = tok("<|bos|>The capital of France is", return_tensors="pt").input_ids'
+              '  # continues text'] if source == "base" else [
+        'ids = tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}],',
+        '    add_generation_prompt=True, return_tensors="pt", return_dict=False)']
     lines = ["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags: [nanochat]", "---", "", f"# nanochat d{cfg['n_layer']} ({source})", "",
              "A [nanochat](https://github.com/karpathy/nanochat) model exported with "
@@ -190,39 +185,30 @@ def export_model(state, meta, tokenizer, out_dir, source="sft", dtype=None, repo
     wte = state["transformer.wte.weight"]  # embeddings are kept in the dtype the model computes in
     os.makedirs(out_dir, exist_ok=True)
     write = lambda name, text: atomic_write_text(os.path.join(out_dir, name), text)
+    dump = lambda name, obj: write(name, json.dumps(obj, indent=2))
     for name in REMOTE_CODE:
         with open(os.path.join(TEMPLATE_DIR, name), encoding="utf-8") as f:
             write(name, f.read())
     bos, end = tokenizer.encode_special("<|bos|>"), tokenizer.encode_special("<|assistant_end|>")
-    config = {
+    dump("config.json", {
         "architectures": ["NanoChatForCausalLM"], "model_type": MODEL_TYPE,
         "auto_map": {"AutoConfig": "configuration_nanochat.NanoChatConfig",
                      "AutoModelForCausalLM": "modeling_nanochat.NanoChatForCausalLM"},
         **{k: cfg[k] for k in GPT_FIELDS}, "padded_vocab_size": wte.size(0),
         "bos_token_id": bos, "eos_token_id": end, "dtype": str(wte.dtype).removeprefix("torch."),
-        "use_cache": True, "tie_word_embeddings": False,
-    }
-    generation = {"bos_token_id": bos, "eos_token_id": [end, bos], "pad_token_id": bos}
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|bos|>",
-                        "eos_token": "<|assistant_end|>", "pad_token": "<|bos|>",
-                        "model_max_length": cfg["sequence_len"],
-                        "clean_up_tokenization_spaces": False}
-    write("config.json", json.dumps(config, indent=2))
-    write("generation_config.json", json.dumps(generation, indent=2))
+        "use_cache": True, "tie_word_embeddings": False})
+    dump("generation_config.json", {"bos_token_id": bos, "eos_token_id": [end, bos],
+                                    "pad_token_id": bos})
     write("tokenizer.json", hf_tokenizer_json(tokenizer))
-    write("tokenizer_config.json", json.dumps(tokenizer_config, indent=2))
+    dump("tokenizer_config.json", {"tokenizer_class": "PreTrainedTokenizerFast",
+                                   "bos_token": "<|bos|>", "eos_token": "<|assistant_end|>",
+                                   "pad_token": "<|bos|>", "model_max_length": cfg["sequence_len"],
+                                   "clean_up_tokenization_spaces": False})
     write("chat_template.jinja", CHAT_TEMPLATE)
     # resume-only state (data-loader positions) says nothing about the model and can be large
-    meta = {k: v for k, v in meta.items() if k != "dataloader_state_dict"}
-    write(META_FILE, json.dumps(meta, indent=2))
-    path = os.path.join(out_dir, WEIGHTS_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    dump(META_FILE, {k: v for k, v in meta.items() if k != "dataloader_state_dict"})
+    with atomic_path(os.path.join(out_dir, WEIGHTS_FILE)) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     write("README.md", model_card(meta, source, report_text))
 
 def load_export(export_dir, device, phase="eval"):
@@ -234,28 +220,22 @@ def load_export(export_dir, device, phase="eval"):
     except ImportError:
         raise ImportError(f"loading {export_dir} needs the safetensors package: pip "
                           f"install safetensors (or pip install -e '.[hf]')") from None
-    assert phase in ("train", "eval"), f"phase must be 'train' or 'eval', got {phase!r}"
-    with open(os.path.join(export_dir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    path = lambda name: os.path.join(export_dir, name)
+    config = read_json(path("config.json"))
     if config.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{export_dir}/config.json has model_type "
                          f"{config.get('model_type')!r}, not {MODEL_TYPE!r}: only directories "
                          f"written by `python -m scripts.export_hf` load as nanochat models")
-    missing = [name for name in (WEIGHTS_FILE, "tokenizer.json")
-               if not os.path.exists(os.path.join(export_dir, name))]
+    missing = [name for name in (WEIGHTS_FILE, "tokenizer.json") if not os.path.exists(path(name))]
     if missing:
         raise FileNotFoundError(f"{export_dir} lacks {missing}: download the whole directory, "
                                 f"or re-export it")
-    meta_path = os.path.join(export_dir, META_FILE)
-    meta = {}
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
+    meta = read_json(path(META_FILE)) if os.path.exists(path(META_FILE)) else {}
     # config.json is what transformers runs: it wins
     meta["model_config"] = {k: config[k] for k in GPT_FIELDS}
-    state = load_file(os.path.join(export_dir, WEIGHTS_FILE), device="cpu")
+    state = load_file(path(WEIGHTS_FILE), device="cpu")
     model = model_from_state(meta["model_config"], state, torch.device(device), phase)
-    tokenizer = tokenizer_from_hf_json(os.path.join(export_dir, "tokenizer.json"))
+    tokenizer = tokenizer_from_hf_json(path("tokenizer.json"))
     recorded = meta.get("tokenizer_fingerprint")
     if recorded is not None and recorded != tokenizer.fingerprint():
         raise ValueError(f"{export_dir}/tokenizer.json is not the tokenizer this model was "
