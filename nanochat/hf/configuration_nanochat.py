@@ -25,5 +25,4 @@ class NanoChatConfig(PretrainedConfig):
         self.padded_vocab_size = padded_vocab_size if padded_vocab_size is not None else rounded
         self.n_layer, self.n_head, self.n_kv_head, self.n_embd = n_layer, n_head, n_kv_head, n_embd
         self.window_pattern, self.use_cache = window_pattern, use_cache
-        kwargs["tie_word_embeddings"] = False  # lm_head and wte are separate matrices
-        super().__init__(**kwargs)
+        super().__init__(**{**kwargs, "tie_word_embeddings": False})  # lm_head, wte: two matrices

@@ -42,9 +42,8 @@ CACHE_FIELD = ("cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__
 
 def window_sizes(config):
     """Left window per layer: the pattern tiled over layers, the last layer at full context."""
-    T = config.sequence_len
+    T, pattern = config.sequence_len, config.window_pattern.upper()
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)
-    pattern = config.window_pattern.upper()
     sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer - 1)]
     return sizes + [T]
 
@@ -87,15 +86,14 @@ def attention(q, k, v, window):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim = config.n_embd // config.n_head
-        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.layer_idx, self.head_dim = layer_idx, config.n_embd // config.n_head
+        q_dim, kv_dim = config.n_head * self.head_dim, config.n_kv_head * self.head_dim
+        self.c_q = nn.Linear(config.n_embd, q_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
+        self.c_proj = nn.Linear(q_dim, config.n_embd, bias=False)
         has_ve = has_value_embedding(layer_idx, config.n_layer)
-        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, self.n_kv_head, bias=False) if has_ve else None
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False) if has_ve else None
 
     def forward(self, x, ve, cos, sin, window, cache):
         B, T, _ = x.shape
@@ -103,13 +101,11 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # value embedding mixed in per kv-head, input-dependent gate in (0, 3)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view_as(v)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        q, k = (norm(apply_rotary(t, cos, sin)) * QK_SCALE for t in (q, k))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
-        y = attention(q, k, v, window)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.c_proj(attention(q, k, v, window).transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -188,10 +184,8 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
             if pos0 > 0:
                 prev = torch.cat([cache.nanochat_prev_embedding.to(x.dtype), prev], dim=1)
             cache.nanochat_prev_embedding = x[:, -1:].clone()
-        if prev.size(1) == T:
-            x = x + gate * prev
-        else:
-            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
+        first = T - prev.size(1)  # 1 when the first token has no previous one: it stays as is
+        x = torch.cat([x[:, :first], x[:, first:] + gate[:, first:] * prev], dim=1)
 
         x0, backout = x, None
         for i, block in enumerate(self.transformer.h):
@@ -202,12 +196,11 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
             if i == self.config.n_layer // 2:
                 backout = x
         x = norm(x - self.backout_lambda.to(x.dtype) * backout)  # remove part of mid-depth residual
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()
+        # the last logits_to_keep positions, all of them for 0 (x[:, -0:] is x)
+        logits = self.lm_head(x[:, -logits_to_keep:])[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         loss = None
-        if labels is not None:  # as in transformers: labels = inputs, shifted here; -100 ignored
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+        # as in transformers: labels = inputs, shifted here; -100 (cross_entropy's default) ignored
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].reshape(-1))
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
