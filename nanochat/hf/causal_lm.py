@@ -51,9 +51,8 @@ class HFTokenizer:
         bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
         self.bos_token_id = bos if bos is not None else eos
         if self.bos_token_id is None:
-            raise ValueError(f"the tokenizer of {name} has neither a bos nor "
-                             f"an eos token to start each document with; set "
-                             f"one in its tokenizer_config.json (bos_token)")
+            raise ValueError(f"the tokenizer of {name} has neither a bos nor an eos token to start "
+                             f"documents with: set one in its tokenizer_config.json (bos_token)")
 
     def get_bos_token_id(self):
         return self.bos_token_id

@@ -44,8 +44,7 @@ GPT_FIELDS = ["sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n
 # turns in <|assistant_start|>..<|assistant_end|> whose content is a string or a list of parts
 # (text, python, python_output).
 CHAT_TEMPLATE = """{{- '<|bos|>' -}}{%- set ns = namespace(system='') -%}
-{%- for message in messages -%}
-{%- if loop.first and message['role'] == 'system' -%}
+{%- for message in messages -%}{%- if loop.first and message['role'] == 'system' -%}
 {%- set ns.system = message['content'] + '\\n\\n' -%}
 {%- elif message['role'] == 'user' -%}
 {{- '<|user_start|>' + ns.system + message['content'] + '<|user_end|>' -}}{%- set ns.system = '' -%}
@@ -55,11 +54,9 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}{%- set ns = namespace(system='') -%}
 {%- if part['type'] == 'python' -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
 {%- elif part['type'] == 'python_output' -%}
 {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
-{%- else -%}{{- part['text'] -}}{%- endif -%}
-{%- endfor -%}{%- endif -%}{{- '<|assistant_end|>' -}}
+{%- else -%}{{- part['text'] -}}{%- endif -%}{%- endfor -%}{%- endif -%}{{- '<|assistant_end|>' -}}
 {%- else -%}{{- raise_exception('roles must be user/assistant, after an optional first system '
-                                + 'message; got ' + message['role']) -}}
-{%- endif -%}{%- endfor -%}
+                                + 'message; got ' + message['role']) -}}{%- endif -%}{%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}
 """
 
@@ -73,8 +70,8 @@ def read_json(path):
 def bytes_to_unicode():
     """GPT-2's reversible map from the 256 byte values to
     printable unicode characters (HF ByteLevel's alphabet)."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)}
+    # kept as themselves: "!".."~", "¡".."¬", "®".."ÿ"
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}
     others = [b for b in range(256) if b not in printable]  # shifted past 255, in byte order
     return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
 
