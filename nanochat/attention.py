@@ -79,8 +79,8 @@ def attention_one_query(q, k, v, mask=None):
     scores = scores.float() / math.sqrt(D)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, Hkv, H / Hkv, D)
-    return y.view(B, H, 1, D)
+    # (B, Hkv, H / Hkv, D) -> (B, H, 1, D)
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).view(B, H, 1, D)
 
 def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     """
@@ -115,10 +115,9 @@ def attention_flex(q, k, v, window):
     B x H x T x T scores, and a standalone torch.compile(flex_attention) with static shapes
     recompiles for every new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
     """
-    Tq, Tk = q.size(1), k.size(1)
-    if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
+    if q.size(1) != k.size(1) or window >= k.size(1) - 1 or not torch.compiler.is_compiling():
         return attention_sdpa(q, k, v, window)
-    block_mask = sliding_block_mask(Tq, window, q.device)
+    block_mask = sliding_block_mask(q.size(1), window, q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)

@@ -196,10 +196,8 @@ class GPT(nn.Module):
         L, C = config.n_layer, config.n_embd
         self.head_dim = C // config.n_head
         self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, C),
-            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
-        })
+        self.transformer = nn.ModuleDict({"wte": nn.Embedding(self.padded_vocab_size, C),
+                                          "h": nn.ModuleList([Block(config, i) for i in range(L)])})
         self.lm_head = Linear(C, self.padded_vocab_size)  # untied from wte
         ve_width = config.n_kv_head * self.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, ve_width)
@@ -226,8 +224,7 @@ class GPT(nn.Module):
         1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
         Also rebuilds the rotary tables (to_empty() leaves buffers uninitialized).
         """
-        C, L = self.config.n_embd, self.config.n_layer
-        s = math.sqrt(3.0 / C)
+        L, s = self.config.n_layer, math.sqrt(3.0 / self.config.n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
@@ -297,10 +294,9 @@ class GPT(nn.Module):
             if kv_cache.row_positions is not None or pos0 > 0:
                 prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), prev], dim=1)
             kv_cache.prev_embedding = x[:, -1:].clone()
-        if prev.size(1) == T:
-            x = x + gate * prev
-        else:
-            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
+        # the first token keeps its embedding unless the cache holds the one before it
+        x = (x + gate * prev if prev.size(1) == T else
+             torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1))
 
         # blocks: (B, T, C) -> (B, T, C). Each layer first rescales the residual and mixes the
         # embedding x0 back in (learned per-layer lambdas); the value embeddings of a layer are
@@ -416,11 +412,10 @@ class GPT(nn.Module):
             adamw("smear_backout", smear_backout, 0.2, (0.8, 0.95), 0.0),
         ]
         matrices = list(self.transformer.h.parameters())  # every block matrix, VE gates included
-        for shape in sorted({tuple(p.shape) for p in matrices}):
-            params = [p for p in matrices if p.shape == shape]
-            groups.append(dict(kind="muon", name=f"muon{list(shape)}", params=params,
-                               lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9,
-                               weight_decay=weight_decay, ns_steps=5))
+        groups += [dict(kind="muon", name=f"muon{list(shape)}",
+                        params=[p for p in matrices if p.shape == shape], lr=matrix_lr * lr_scale,
+                        momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5)
+                   for shape in sorted({tuple(p.shape) for p in matrices})]
         for g in groups:
             g["initial_lr"] = g["lr"] = g["lr"] * lr_frac
         grouped = [id(p) for g in groups for p in g["params"]]
@@ -441,8 +436,7 @@ class GPT(nn.Module):
                   "lm_head": count(self.lm_head), "transformer_matrices": count(self.transformer.h),
                   "scalars": sum(p.numel() for p in scalars) + count(self.smear_gate)}
         counts["total"] = sum(counts.values())
-        total = count(self)
-        assert counts["total"] == total, f"{counts} misses some of {total}"
+        assert counts["total"] == count(self), f"{counts} misses some of {count(self)}"
         return counts
 
     def num_matmul_params(self):
@@ -495,10 +489,8 @@ class GPT(nn.Module):
             if top_k is not None and top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            if temperature > 0:
-                next_id = torch.multinomial((logits / temperature).softmax(-1), 1, generator=rng)
-            else:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            next_id = (torch.multinomial((logits / temperature).softmax(-1), 1, generator=rng)
+                       if temperature > 0 else logits.argmax(dim=-1, keepdim=True))
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
 

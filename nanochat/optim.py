@@ -105,9 +105,8 @@ def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, mome
     X = g.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else g
     # MuonEq: give every row the mean row norm ||X||_F/sqrt(rows), so no row dominates the
     # orthogonalization
-    row_norm = X.norm(dim=-1, keepdim=True)
     mean_row_norm = X.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
-    X = X * (mean_row_norm / row_norm.clamp_min(1e-7))
+    X = X * (mean_row_norm / X.norm(dim=-1, keepdim=True).clamp_min(1e-7))
     X = polar_express(X, ns_steps)
     # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal
     # matrix
@@ -243,13 +242,12 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"{kind} param group is missing {missing}; "
                              f"required keys: {list(required[kind])}")
         super().add_param_group(group)
-        params = group["params"]
         if kind == "muon":
-            shapes = sorted({tuple(p.shape) for p in params})
+            shapes = sorted({tuple(p.shape) for p in group["params"]})
             assert len(shapes) == 1 and len(shapes[0]) == 2, \
                 f"a muon group needs 2-D params of one shape, got {shapes}"
         else:
-            for p in params:
+            for p in group["params"]:
                 assert p.numel() < MIN_SHARD_NUMEL or p.shape[0] % self.world_size == 0, (
                     f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 across "
                     f"{self.world_size} ranks, so dim 0 must be divisible by the world size: pad "
@@ -329,7 +327,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"] if p.grad is not None]
 
     def _adamw_update(self, group, pending):
-        gathers = []
+        """Update each param (or this rank's shard of it), yielding the finish() of each shard's
+        all-gather: step() consumes it at once."""
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
@@ -345,8 +344,7 @@ class MuonAdamW(torch.optim.Optimizer):
                       group["weight_decay"])
             _run_step(adamw_step_fused, p.device, tensors, self._adamw_t, values)
             if sharded:
-                gathers.append(self._all_gather(p, p_owned))
-        return gathers
+                yield self._all_gather(p, p_owned)
 
     def _launch_muon_reduce(self, group):
         params = group["params"]
