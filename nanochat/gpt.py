@@ -503,9 +503,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """
     Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss
     and gradient 0), the same numbers as F.cross_entropy on the softcapped logits, in chunks of
-    rows, keeping only the raw logits and one logsumexp per row for backward, where eager autograd
-    on the plain formula would hold four (rows, vocab) fp32 tensors at once (docs/perf.md "Compiling
-    CPU training, and its memory").
+    rows, keeping only the raw logits and per-row values (target, its gather index, logsumexp) for
+    backward, where eager autograd on the plain formula would hold four (rows, vocab) fp32 tensors
+    at once (docs/perf.md "Compiling CPU training, and its memory").
     """
     @staticmethod
     def forward(ctx, logits, targets):
