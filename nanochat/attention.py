@@ -47,21 +47,22 @@ def attention_sdpa(q, k, v, window):
     """torch SDPA: is_causal for plain causal, sliced keys for one-token decode, else an explicit
     (Tq, Tk) mask."""
     Tq, Tk = q.size(1), k.size(1)
-    gqa = q.size(2) != k.size(2)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if Tq == 1:
-        # decode: the last window+1 keys are exactly the visible ones, no mask needed
-        k, v = k[:, :, -(window + 1):], v[:, :, -(window + 1):]
-        if q.device.type == "cpu":
-            return attention_one_query(q, k, v).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if Tq == 1:  # decode: the last window+1 keys are exactly the visible ones, no mask needed
+        y = sdpa_heads_first(q, k[:, :, -(window + 1):], v[:, :, -(window + 1):])
     elif Tq == Tk and window >= Tk - 1:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
-        # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left
-        mask = visible_mask(Tq, Tk, window, q.device)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = sdpa_heads_first(q, k, v, is_causal=True)
+    else:  # sliding window or a chunk appended to a cache: SDPA's is_causal aligns top-left
+        y = sdpa_heads_first(q, k, v, mask=visible_mask(Tq, Tk, window, q.device))
     return y.transpose(1, 2)
+
+def sdpa_heads_first(q, k, v, mask=None, is_causal=False):
+    """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D): torch SDPA, or for one query on
+    CPU attention_one_query."""
+    if q.size(2) == 1 and q.device.type == "cpu":
+        return attention_one_query(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          enable_gqa=q.size(1) != k.size(1))
 
 def attention_one_query(q, k, v, mask=None):
     """
@@ -73,14 +74,13 @@ def attention_one_query(q, k, v, mask=None):
     transposed keys: CPU matmul runs it 1.5-3x faster (d20 heads, bf16: 46 vs 69 us at 144 keys,
     175 vs 502 at 1,024).
     """
-    B, H, _, D = q.shape
-    Hkv = k.size(1)
+    (B, H, _, D), Hkv = q.shape, k.size(1)
     scores = torch.matmul(k, q.view(B, Hkv, H // Hkv, D).transpose(-1, -2)).transpose(-1, -2)
     scores = scores.float() / math.sqrt(D)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, Hkv, H / Hkv, D)
-    return y.view(B, H, 1, D)
+    # (B, Hkv, H / Hkv, D) -> (B, H, 1, D)
+    return torch.matmul(scores.softmax(dim=-1).to(v.dtype), v).view(B, H, 1, D)
 
 def sliding_block_mask(T, window, device, block=FLEX_BLOCK):
     """
@@ -115,10 +115,9 @@ def attention_flex(q, k, v, window):
     B x H x T x T scores, and a standalone torch.compile(flex_attention) with static shapes
     recompiles for every new (B, T) of eager training or sampling, running eagerly after dynamo's 8.
     """
-    Tq, Tk = q.size(1), k.size(1)
-    if Tq != Tk or window >= Tk - 1 or not torch.compiler.is_compiling():
+    if q.size(1) != k.size(1) or window >= k.size(1) - 1 or not torch.compiler.is_compiling():
         return attention_sdpa(q, k, v, window)
-    block_mask = sliding_block_mask(Tq, window, q.device)
+    block_mask = sliding_block_mask(q.size(1), window, q.device)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     y = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=q.size(1) != k.size(1))
     return y.transpose(1, 2)
@@ -127,9 +126,8 @@ def attention_flex(q, k, v, window):
 def load_fa3():
     """FA3 kernel module from the `kernels` package (Hopper build first), or None when not
     installed / not bf16. Looked up once per process."""
-    if not torch.cuda.is_available() or COMPUTE_DTYPE != torch.bfloat16:
-        return None
-    if importlib.util.find_spec("kernels") is None:
+    cuda_bf16 = torch.cuda.is_available() and COMPUTE_DTYPE == torch.bfloat16
+    if not cuda_bf16 or importlib.util.find_spec("kernels") is None:
         return None
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from kernels import get_kernel  # optional (CUDA only): imported once found
@@ -156,17 +154,12 @@ def attention_rows(q, k, v, k_cache, v_cache, positions, row_positions, window):
     an explicit (B, 1, Tq, Tk) mask on every device (one query on CPU: attention_one_query).
     """
     rows = torch.arange(q.size(0), device=q.device)[:, None]
-    k_cache[rows, positions] = k
-    v_cache[rows, positions] = v
+    k_cache[rows, positions], v_cache[rows, positions] = k, v
     lo, hi = max(0, min(row_positions) - window), max(row_positions) + q.size(1)
     dist = positions[:, :, None] - torch.arange(lo, hi, device=q.device)[None, None, :]
     mask = ((dist >= 0) & (dist <= window))[:, None]
     k, v = k_cache[:, lo:hi].transpose(1, 2), v_cache[:, lo:hi].transpose(1, 2)
-    if q.size(1) == 1 and q.device.type == "cpu":
-        return attention_one_query(q.transpose(1, 2), k, v, mask).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
-                                       enable_gqa=q.size(2) != k.size(1))
-    return y.transpose(1, 2)
+    return sdpa_heads_first(q.transpose(1, 2), k, v, mask).transpose(1, 2)
 
 ATTENTION_IMPLS = dict(reference=attention_reference, sdpa=attention_sdpa, flex=attention_flex,
                        fa3=attention_fa3)
@@ -177,9 +170,8 @@ def pick_attention_impl(device):
             raise ValueError(f"attention.ATTN_IMPL={ATTN_IMPL!r}: use one of "
                              f"{sorted(ATTENTION_IMPLS)} or None (auto)")
         if ATTN_IMPL == "fa3" and load_fa3() is None:
-            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16 "
-                             "and the `kernels` package with a build for this GPU): use None "
-                             "(auto) or 'flex'")
+            raise ValueError("attention.ATTN_IMPL='fa3' but FA3 is unavailable (needs CUDA, bf16, "
+                             "`kernels` with a build for this GPU): use None (auto) or 'flex'")
         return ATTN_IMPL
     if torch.device(device).type == "cuda":
         return "fa3" if load_fa3() is not None else "flex"
@@ -192,13 +184,12 @@ def attention_banner(device, window_sizes, sequence_len):
     """One line saying which attention path runs; loud when it is a slow one."""
     impl = pick_attention_impl(device)
     windowed = any(w < sequence_len for w in window_sizes)
-    mask_note = " (sliding windows via an explicit T x T mask)" if windowed else ""
+    mask_note = " (sliding windows via an explicit T x T mask)"
     msg = {
         "fa3": "attention: FA3 (kernels package), sliding windows native",
         "flex": "attention: FlexAttention block-sparse for sliding windows in a compiled model; "
-                "SDPA for full causal, decode and uncompiled calls (sliding windows via an "
-                "explicit T x T mask)",
-        "sdpa": "attention: torch SDPA" + mask_note,
+                "SDPA for full causal, decode and uncompiled calls" + mask_note,
+        "sdpa": "attention: torch SDPA" + (mask_note if windowed else ""),
         "reference": "WARNING: attention: explicit reference softmax (slow, tests only)",
     }[impl]
     if impl == "sdpa" and torch.device(device).type == "cuda" and windowed:

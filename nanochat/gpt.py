@@ -90,8 +90,7 @@ def compute_window_sizes(config):
     short = min(T, math.ceil(T / 4 / SHORT_WINDOW_TILE) * SHORT_WINDOW_TILE)  # 512 at T=2048
     pattern = config.window_pattern.upper()
     sizes = [short if pattern[i % len(pattern)] == "S" else T for i in range(config.n_layer)]
-    sizes[-1] = T
-    return sizes
+    return sizes[:-1] + [T]
 
 def has_value_embedding(layer_idx, n_layer):
     """Alternating layers, always including the last one."""
@@ -159,8 +158,7 @@ class CausalSelfAttention(nn.Module):
             y = attention_rows(q, k, v, k_cache, v_cache, pos0, kv_cache.row_positions, window)
         else:
             k_cache, v_cache = kv_cache.get_layer_cache(self.layer_idx)
-            k_cache[:, pos0:pos0 + T] = k
-            v_cache[:, pos0:pos0 + T] = v
+            k_cache[:, pos0:pos0 + T], v_cache[:, pos0:pos0 + T] = k, v
             lo = max(0, pos0 - window)  # older keys are invisible to every new query
             y = attention(q, k_cache[:, lo:pos0 + T], v_cache[:, lo:pos0 + T], window)
         return self.c_proj(y.reshape(B, T, -1))
@@ -198,19 +196,16 @@ class GPT(nn.Module):
         L, C = config.n_layer, config.n_embd
         self.head_dim = C // config.n_head
         self.padded_vocab_size = math.ceil(config.vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(self.padded_vocab_size, C),
-            "h": nn.ModuleList([Block(config, i) for i in range(L)]),
-        })
+        self.transformer = nn.ModuleDict({"wte": nn.Embedding(self.padded_vocab_size, C),
+                                          "h": nn.ModuleList([Block(config, i) for i in range(L)])})
         self.lm_head = Linear(C, self.padded_vocab_size)  # untied from wte
         ve_width = config.n_kv_head * self.head_dim
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(self.padded_vocab_size, ve_width)
                                            for i in range(L) if has_value_embedding(i, L)})
-        # Embedding tables are huge and only looked up: keep them in the compute dtype (fp16 would
-        # lose too much)
-        if COMPUTE_DTYPE != torch.float16:
-            self.transformer.wte.to(dtype=COMPUTE_DTYPE)
-            self.value_embeds.to(dtype=COMPUTE_DTYPE)
+        # Embedding tables are huge and only looked up: keep them in the compute dtype (bf16 or
+        # fp32; common refuses fp16, which would lose too much)
+        self.transformer.wte.to(dtype=COMPUTE_DTYPE)
+        self.value_embeds.to(dtype=COMPUTE_DTYPE)
         self.resid_lambdas = nn.Parameter(torch.ones(L))
         self.x0_lambdas = nn.Parameter(torch.zeros(L))
         self.smear_gate = Linear(SMEAR_CHANNELS, 1)
@@ -229,8 +224,7 @@ class GPT(nn.Module):
         1.05 and x0_lambdas 0.20 -> 0.05 linearly over layers; smear_lambda 0; backout_lambda 0.2.
         Also rebuilds the rotary tables (to_empty() leaves buffers uninitialized).
         """
-        C, L = self.config.n_embd, self.config.n_layer
-        s = math.sqrt(3.0 / C)
+        L, s = self.config.n_layer, math.sqrt(3.0 / self.config.n_embd)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
@@ -300,10 +294,9 @@ class GPT(nn.Module):
             if kv_cache.row_positions is not None or pos0 > 0:
                 prev = torch.cat([kv_cache.prev_embedding.to(x.dtype), prev], dim=1)
             kv_cache.prev_embedding = x[:, -1:].clone()
-        if prev.size(1) == T:
-            x = x + gate * prev
-        else:
-            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
+        # the first token keeps its embedding unless the cache holds the one before it
+        x = (x + gate * prev if prev.size(1) == T else
+             torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1))
 
         # blocks: (B, T, C) -> (B, T, C). Each layer first rescales the residual and mixes the
         # embedding x0 back in (learned per-layer lambdas); the value embeddings of a layer are
@@ -419,11 +412,10 @@ class GPT(nn.Module):
             adamw("smear_backout", smear_backout, 0.2, (0.8, 0.95), 0.0),
         ]
         matrices = list(self.transformer.h.parameters())  # every block matrix, VE gates included
-        for shape in sorted({tuple(p.shape) for p in matrices}):
-            params = [p for p in matrices if p.shape == shape]
-            groups.append(dict(kind="muon", name=f"muon{list(shape)}", params=params,
-                               lr=matrix_lr * lr_scale, momentum=0.95, beta2=0.9,
-                               weight_decay=weight_decay, ns_steps=5))
+        groups += [dict(kind="muon", name=f"muon{list(shape)}",
+                        params=[p for p in matrices if p.shape == shape], lr=matrix_lr * lr_scale,
+                        momentum=0.95, beta2=0.9, weight_decay=weight_decay, ns_steps=5)
+                   for shape in sorted({tuple(p.shape) for p in matrices})]
         for g in groups:
             g["initial_lr"] = g["lr"] = g["lr"] * lr_frac
         grouped = [id(p) for g in groups for p in g["params"]]
@@ -438,18 +430,13 @@ class GPT(nn.Module):
     def num_scaling_params(self):
         """Parameter counts by kind; scaling params (for the tokens:params ratio) =
         transformer_matrices + lm_head."""
-        count = lambda params: sum(p.numel() for p in params)
-        counts = {
-            "wte": count(self.transformer.wte.parameters()),
-            "value_embeds": count(self.value_embeds.parameters()),
-            "lm_head": count(self.lm_head.parameters()),
-            "transformer_matrices": count(self.transformer.h.parameters()),
-            "scalars": count([self.resid_lambdas, self.x0_lambdas, self.smear_lambda,
-                              self.backout_lambda, self.smear_gate.weight]),
-        }
+        count = lambda module: sum(p.numel() for p in module.parameters())
+        scalars = [self.resid_lambdas, self.x0_lambdas, self.smear_lambda, self.backout_lambda]
+        counts = {"wte": count(self.transformer.wte), "value_embeds": count(self.value_embeds),
+                  "lm_head": count(self.lm_head), "transformer_matrices": count(self.transformer.h),
+                  "scalars": sum(p.numel() for p in scalars) + count(self.smear_gate)}
         counts["total"] = sum(counts.values())
-        total = count(self.parameters())
-        assert counts["total"] == total, f"{counts} misses some of {total}"
+        assert counts["total"] == count(self), f"{counts} misses some of {count(self)}"
         return counts
 
     def num_matmul_params(self):
@@ -493,8 +480,7 @@ class GPT(nn.Module):
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
         """Naive batch-1 streaming generation (the whole sequence again each step, no cache):
         Engine's yardstick."""
-        assert isinstance(tokens, list), \
-            f"tokens must be a list of ints, got {type(tokens).__name__}"
+        assert isinstance(tokens, list), f"tokens is a {type(tokens).__name__}: pass a list of ints"
         device = self.get_device()
         rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
@@ -503,11 +489,8 @@ class GPT(nn.Module):
             if top_k is not None and top_k > 0:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=rng)
-            else:
-                next_id = logits.argmax(dim=-1, keepdim=True)
+            next_id = (torch.multinomial((logits / temperature).softmax(-1), 1, generator=rng)
+                       if temperature > 0 else logits.argmax(dim=-1, keepdim=True))
             ids = torch.cat([ids, next_id], dim=1)
             yield next_id.item()
 
@@ -520,9 +503,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """
     Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss
     and gradient 0), the same numbers as F.cross_entropy on the softcapped logits, in chunks of
-    rows, keeping only the raw logits and one logsumexp per row for backward, where eager autograd
-    on the plain formula would hold four (rows, vocab) fp32 tensors at once (docs/perf.md "Compiling
-    CPU training, and its memory").
+    rows, keeping only the raw logits and per-row values (target, its gather index, logsumexp) for
+    backward, where eager autograd on the plain formula would hold four (rows, vocab) fp32 tensors
+    at once (docs/perf.md "Compiling CPU training, and its memory").
     """
     @staticmethod
     def forward(ctx, logits, targets):
@@ -535,15 +518,14 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
             losses[i:i + chunk] = lse[i:i + chunk] - z.gather(1, index[i:i + chunk]).squeeze(1)
         losses.masked_fill_(targets == -1, 0.0)
-        ctx.save_for_backward(logits, targets, lse)
+        ctx.save_for_backward(logits, targets, index, lse)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         # d loss / d z = softmax(z) - onehot(target); d z / d logits = 1 - tanh^2
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets, index, lse = ctx.saved_tensors
         n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
-        index = targets.clamp(min=0).unsqueeze(1)
         scale = (grad_losses * (targets != -1)).unsqueeze(1)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         minus_one = torch.full((min(chunk, n), 1), -1.0, dtype=logits.dtype, device=logits.device)
@@ -585,8 +567,7 @@ class KVCache:
         shape = (num_layers, batch_size, seq_len, num_heads, head_dim)
         self.k_cache, self.v_cache = kv_zeros(shape, device, dtype), kv_zeros(shape, device, dtype)
         self.cache_seqlens = torch.zeros(batch_size, device=device, dtype=torch.int32)
-        self.prev_embedding = None
-        self.row_positions = None
+        self.prev_embedding = self.row_positions = None
 
     def reset(self):
         self.cache_seqlens.zero_()
@@ -604,8 +585,7 @@ class KVCache:
     def prefill(self, other):
         """Copy a batch-1 cache's filled prefix (and its smear state) into every row of this one."""
         pos = other.get_pos()
-        assert other.batch_size == 1, \
-            f"prefill copies from a batch-1 cache, got batch {other.batch_size}"
+        assert other.batch_size == 1, f"prefill needs a batch-1 cache, got batch {other.batch_size}"
         layout = lambda c: (c.num_layers, c.num_heads, c.head_dim)
         assert layout(other) == layout(self), \
             f"cache layouts differ: {tuple(other.k_cache.shape)} vs {tuple(self.k_cache.shape)}"

@@ -58,8 +58,7 @@ def adamw_step_fused(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, 
     with wte's beta2 = 0.995 a step moves v by 0.005 x (g^2 - v), which bf16 rounds away once it is
     under half its spacing (v of a constant g = 1 then stalls at 0.61, tests/test_optim.py).
     """
-    p32 = p.float()  # p itself when p is fp32
-    g = grad.float()
+    p32, g = p.float(), grad.float()  # p32 is p itself when p is fp32
     p32.mul_(1 - lr * wd)  # decoupled weight decay first (same order as torch.optim.AdamW)
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.lerp_(g.square(), 1 - beta2)
@@ -106,9 +105,8 @@ def muon_step_fused(grads, params, momentum_buffer, second_momentum_buffer, mome
     X = g.bfloat16() if COMPUTE_DTYPE == torch.bfloat16 else g
     # MuonEq: give every row the mean row norm ||X||_F/sqrt(rows), so no row dominates the
     # orthogonalization
-    row_norm = X.norm(dim=-1, keepdim=True)
     mean_row_norm = X.norm(dim=(-2, -1), keepdim=True) / math.sqrt(X.size(-2))
-    X = X * (mean_row_norm / row_norm.clamp_min(1e-7))
+    X = X * (mean_row_norm / X.norm(dim=-1, keepdim=True).clamp_min(1e-7))
     X = polar_express(X, ns_steps)
     # Muon+: fix the Frobenius norm at sqrt(min(rows, cols)), the norm of an exact semi-orthogonal
     # matrix
@@ -238,25 +236,22 @@ class MuonAdamW(torch.optim.Optimizer):
                     "muon": ("params", "lr", "momentum", "beta2", "weight_decay", "ns_steps")}
         kind = group.get("kind")
         if kind not in required:
-            raise ValueError(f"param group kind={kind!r}: every group needs "
-                             f"\"kind\": \"adamw\" or \"muon\"")
+            raise ValueError(f'param group kind={kind!r}: a group needs "kind": "adamw" or "muon"')
         missing = [k for k in required[kind] if k not in group]
         if missing:
             raise ValueError(f"{kind} param group is missing {missing}; "
                              f"required keys: {list(required[kind])}")
         super().add_param_group(group)
-        params = group["params"]
         if kind == "muon":
-            shapes = sorted({tuple(p.shape) for p in params})
+            shapes = sorted({tuple(p.shape) for p in group["params"]})
             assert len(shapes) == 1 and len(shapes[0]) == 2, \
                 f"a muon group needs 2-D params of one shape, got {shapes}"
         else:
-            for p in params:
-                if p.numel() >= MIN_SHARD_NUMEL:
-                    assert p.shape[0] % self.world_size == 0, (
-                        f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 "
-                        f"across {self.world_size} ranks, so dim 0 must be divisible "
-                        f"by the world size: pad it (e.g. vocab to a multiple of 64)")
+            for p in group["params"]:
+                assert p.numel() < MIN_SHARD_NUMEL or p.shape[0] % self.world_size == 0, (
+                    f"AdamW param of shape {tuple(p.shape)} is sharded along dim 0 across "
+                    f"{self.world_size} ranks, so dim 0 must be divisible by the world size: pad "
+                    f"it (e.g. vocab to a multiple of 64)")
 
     # ---- collectives: each starts async work, returns (result, finish) or finish; finish() waits
 
@@ -332,7 +327,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"] if p.grad is not None]
 
     def _adamw_update(self, group, pending):
-        gathers = []
+        """Update each param (or this rank's shard of it), yielding the finish() of each shard's
+        all-gather: step() consumes it at once."""
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
@@ -348,8 +344,7 @@ class MuonAdamW(torch.optim.Optimizer):
                       group["weight_decay"])
             _run_step(adamw_step_fused, p.device, tensors, self._adamw_t, values)
             if sharded:
-                gathers.append(self._all_gather(p, p_owned))
-        return gathers
+                yield self._all_gather(p, p_owned)
 
     def _launch_muon_reduce(self, group):
         params = group["params"]
@@ -394,9 +389,8 @@ class MuonAdamW(torch.optim.Optimizer):
         saved_kinds = [g.get("kind") for g in state_dict["param_groups"]]
         kinds = [g["kind"] for g in self.param_groups]
         if saved_kinds != kinds:
-            raise ValueError(f"saved optimizer has groups {saved_kinds} but this "
-                             f"one has {kinds}: build the model and optimizer "
-                             f"with the same settings as the run that saved it")
+            raise ValueError(f"saved optimizer has groups {saved_kinds} but this one has {kinds}: "
+                             "build the model and optimizer as the run that saved it did")
         super().load_state_dict(state_dict)
         # torch casts every floating state tensor to its param's dtype; our moments stay fp32 even
         # for bf16 params (bf16 cannot hold a 0.5% EMA increment), so put them back as saved
