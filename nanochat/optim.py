@@ -327,8 +327,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"] if p.grad is not None]
 
     def _adamw_update(self, group, pending):
-        """Update each param (or this rank's shard of it), yielding the finish() of each shard's
-        all-gather: step() consumes it at once."""
+        """Update each param (or this rank's shard of it) -> the finish() of each shard's
+        all-gather."""
+        gathers = []
         for p, grad, finish in pending:
             finish()
             sharded = self._adamw_sharded(p)
@@ -344,7 +345,8 @@ class MuonAdamW(torch.optim.Optimizer):
                       group["weight_decay"])
             _run_step(adamw_step_fused, p.device, tensors, self._adamw_t, values)
             if sharded:
-                yield self._all_gather(p, p_owned)
+                gathers.append(self._all_gather(p, p_owned))
+        return gathers
 
     def _launch_muon_reduce(self, group):
         params = group["params"]
