@@ -73,15 +73,18 @@ def _extract_bundle(zip_path, bundle_dir):
         roots = [r for r in (tmp_dir, os.path.join(tmp_dir, "eval_bundle"))
                  if os.path.isfile(os.path.join(r, "core.yaml"))]
         if not roots:
+            os.remove(zip_path)
             raise RuntimeError(f"{zip_path} holds no core.yaml (neither at the top nor under "
                                f"eval_bundle/); it was deleted, rerun to download it again")
         os.replace(roots[0], bundle_dir)
     except zipfile.BadZipFile as e:
+        os.remove(zip_path)
         raise RuntimeError(f"{zip_path} is not a valid zip ({e}); it was deleted, rerun to "
                            f"fetch it again") from e
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)  # leftovers only; the bundle was renamed out
-        os.remove(zip_path)  # a bad one too: else every rerun would find it on disk and fail again
+    # extracted: no longer needed. Any other failure (a full disk) keeps the 162 MB download
+    os.remove(zip_path)
 
 def ensure_eval_bundle(url=EVAL_BUNDLE_URL):
     """
@@ -169,9 +172,12 @@ def sample_fewshot(data, idx, k):
     random.Random(1234 + idx) so every run and rank agrees."""
     # a task cropped by max_per_task can hold fewer than k + 1 examples: use all the others then
     # (rng.sample would raise mid-eval); with enough examples the draws are karpathy/nanochat's
-    # same draws as rng.sample over the list of all indices but idx, without building that list per
-    # example
-    picks = random.Random(1234 + idx).sample(range(len(data) - 1), max(0, min(k, len(data) - 1)))
+    k = min(k, len(data) - 1)
+    if k <= 0:
+        return []
+    # the same draws as rng.sample over the list of all indices but idx, without building that list
+    # per example
+    picks = random.Random(1234 + idx).sample(range(len(data) - 1), k)
     return [data[i + (i >= idx)] for i in picks]
 
 def render_prompts(task_type, item, delimiter, fewshot):
@@ -297,6 +303,7 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
     max_len = getattr(model, "max_seq_len", None)  # a hard context limit; our own models have none
     lm = task["task_type"] == "language_modeling"  # scored by exact match, not the lowest loss
+    bos = tokenizer.get_bos_token_id()
     # on the host, one copy to the device at the end: row 0 = correct, row 1 = skipped (its span did
     # not fit max_len)
     outcome = torch.zeros(2, len(data), dtype=torch.float32)
@@ -320,11 +327,12 @@ def evaluate_task(model, tokenizer, data, task, device, batch_tokens=32768, chun
                 j += 1
             batch = examples[i:j]
             rows = [row for _, ex_rows, _ in batch for row in ex_rows]
-            # (mean loss, all hit) per row, in order; the lowest loss wins, ties go to the first
-            scores = iter(zip(*score_rows(model, rows, tokenizer.get_bos_token_id(), device)))
+            mean_losses, all_hit = score_rows(model, rows, bos, device)
+            r = 0
             for idx, ex_rows, gold in batch:
-                losses, hits = zip(*[next(scores) for _ in ex_rows])
-                outcome[0, idx] = float(hits[0] if lm else losses.index(min(losses)) == gold)
+                losses = mean_losses[r:r + len(ex_rows)]  # the lowest wins, ties go to the first
+                outcome[0, idx] = float(all_hit[r] if lm else losses.index(min(losses)) == gold)
+                r += len(ex_rows)
             i = j
     if is_dist():
         outcome = outcome.to(device)  # NCCL reduces device tensors only

@@ -374,6 +374,21 @@ def test_bundle_offline_and_corrupt_zip(base_dir, http_server, monkeypatch):
         core_eval.ensure_eval_bundle(url=http_server.url + "/other.zip")
     assert not (base_dir / "eval_bundle.zip").exists() and not (base_dir / "eval_bundle").exists()
 
+def test_extract_failure_other_than_a_bad_zip_keeps_the_download(tmp_path, monkeypatch):
+    # a full disk while renaming the extracted bundle: the 162 MB zip must survive for the rerun
+    zip_path, bundle_dir = tmp_path / "eval_bundle.zip", tmp_path / "eval_bundle"
+    with zipfile.ZipFile(zip_path, "w") as zf:
+        zf.writestr("eval_bundle/core.yaml", "icl_tasks: []")
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(core_eval.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        core_eval._extract_bundle(str(zip_path), str(bundle_dir))
+    assert zip_path.exists() and not bundle_dir.exists()
+    monkeypatch.undo()
+    core_eval._extract_bundle(str(zip_path), str(bundle_dir))  # the rerun: extracted, zip removed
+    assert (bundle_dir / "core.yaml").exists() and not zip_path.exists()
+
 def test_missing_task_file_and_malformed_line(tiny_tokenizer, bundle):
     model = UniformModel(tiny_tokenizer.get_vocab_size())
     lm_path = bundle / "eval_data/language_understanding/lm_task.jsonl"
