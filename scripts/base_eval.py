@@ -91,8 +91,10 @@ if "core" in evals:
         out = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task,
                             batch_tokens=args.device_batch_size * sequence_len)
         centered = out["centered_results"]
-        rows = [("Task", "Accuracy", "Centered"), *((task, f"{acc:.6f}", f"{centered[task]:.6f}")
-                for task, acc in out["results"].items()), ("CORE", "", f"{out['core_metric']:.6f}")]
+        rows = [("Task", "Accuracy", "Centered")]
+        rows += [(task, f"{acc:.6f}", f"{centered[task]:.6f}")
+                 for task, acc in out["results"].items()]
+        rows += [("CORE", "", f"{out['core_metric']:.6f}")]
         if is_master():
             csv_path = os.path.join(get_base_dir(), "base_eval", csv_name)
             os.makedirs(os.path.dirname(csv_path), exist_ok=True)

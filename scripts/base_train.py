@@ -114,7 +114,9 @@ check_flags([(f"--{k.replace('_', '-')}", getattr(args, k), ok(getattr(args, k))
     ("target_param_data_ratio", derive, "> 0, or -1 to leave it unset"),
     ("total_batch_size", derive, ">= 1 tokens, or -1 to derive it from --depth"),
     ("device_batch_size", at_least_1, ">= 1 rows"),
-    *[(k, at_least_1, ">= 1") for k in ("depth", "head_dim", "max_seq_len")],
+    ("depth", at_least_1, ">= 1 layers"),
+    ("head_dim", at_least_1, ">= 1"),
+    ("max_seq_len", at_least_1, ">= 1 tokens"),
     ("aspect_ratio", at_least_1, ">= 1 (model_dim = depth x aspect ratio)"),
     ("warmup_steps", lambda v: v >= 0, ">= 0 steps"),
     *[(k, fraction, "a fraction in [0, 1]") for k in ("warmdown_ratio", "final_lr_frac")]]])

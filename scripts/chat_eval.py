@@ -210,7 +210,8 @@ if __name__ == "__main__":
 
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     try:
-        model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.step)
+        model, tokenizer, meta = load_model(args.source, device, model_tag=args.model_tag,
+                                            step=args.step)
         prepare_for_inference(model, args.dtype)
     except (FileNotFoundError, ValueError, RuntimeError) as e:  # missing, corrupt or mismatched
         sys.exit(f"error: {e}")

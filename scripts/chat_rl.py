@@ -33,8 +33,13 @@ Leaves out: importance ratios for off-policy reuse, KL to a reference model, fp1
 torch.compile (sequence lengths vary from step to step).
 """
 
+import os
 import time
 import zlib
+
+# as every training script: sampled and trained sequence lengths vary from step to step, which
+# fragments CUDA's fixed-size segments (importing scripts.chat_sft below sets it too)
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch
 import torch.distributed as dist
@@ -183,7 +188,8 @@ def main():
     add("--top-k", type=int, default=50, help="sample from the k most likely tokens")
     add("--weight-decay", type=float, default=0.0, help="Muon weight decay")
     add("--train-stop-token", type=int, default=0, choices=[0, 1], help="1 = also train the "
-        "sampled <|assistant_end|> (when to stop is an action too); 0 = not, as karpathy/nanochat")
+        "sampled <|assistant_end|> (when to stop is an action too); 0 = only the answer's "
+        "tokens, as karpathy/nanochat")
     add("--eval-every", type=int, default=60, help="pass@k every N steps, at 0 and the end (-1 = "
         "only those)")
     add("--eval-examples", type=int, default=400, help="held-out test problems per evaluation")
@@ -234,8 +240,8 @@ def main():
     derived = {"source": args.source, "source_step": source_meta["step"], "world_size": world_size,
                "model_config": source_meta["model_config"], "num_steps": num_steps,
                **{k: user_config[k] for k in same}}
-    optimizer = model.setup_optimizer(lr_frac=args.init_lr_frac, **{k: user_config[k] for k in (
-        "unembedding_lr", "matrix_lr", "embedding_lr", "weight_decay")})
+    optimizer = model.setup_optimizer(weight_decay=args.weight_decay, lr_frac=args.init_lr_frac,
+                                      **{k: getattr(args, k) for k in RECIPE_LRS})
     step, history, times = 0, {}, {"sample": 0.0, "train": 0.0}
     if resume_step is not None:  # the LRs are in derived: no override here
         model_state, optim_state, meta = load_resume(output_dir, resume_step, device, rank, derived,

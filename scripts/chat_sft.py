@@ -173,7 +173,8 @@ def main(stage):
     add("--examples-per-step", type=int, help="conversations per optimizer step, shared over GPUs "
         "and micro-steps (-1 = fill every row)")
     add("--warmdown-ratio", type=float, help="last fraction of the epoch: linear LR decay to 0")
-    add("--momentum-ramp", type=int, help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = none)")
+    add("--momentum-ramp", type=int,
+        help="steps of the Muon momentum ramp 0.85 -> 0.95 (0 = constant 0.95)")
     add("--pack", type=int, choices=[0, 1], help="1 = pack conversations into rows (best fit, "
         "largest first); 0 = one per row, padded, in order")
     parser.set_defaults(source=defaults["source"], **{k: defaults[k] for k in RECIPE_FLAGS})
@@ -181,7 +182,8 @@ def main(stage):
         "optimizer momenta from the source checkpoint; 0 = fresh (karpathy/nanochat)")
     add("--train-user-tokens", type=int, default=0, help="1 = train user tokens too (as the "
         "karpathy/nanochat mid did)")
-    add("--eval-every", type=int, default=150, help="val bpb every N steps, 0 and end (-1 = never)")
+    add("--eval-every", type=int, default=150, help="val bpb every N steps, at step 0 and the end "
+        "(-1 = never)")
     add("--eval-tokens", type=int, default=20 * 524288, help="tokens per val bpb evaluation")
     add("--chat-eval-every", type=int, default=-1, help="chat task accuracies every N steps and "
         "at the end (-1 = only at the end, 0 = never)")
@@ -190,10 +192,11 @@ def main(stage):
     add_checkpoint_flags(parser)
     args = parser.parse_args()
     user_config = vars(args).copy()
+    inherited = {f"--{k.replace('_', '-')}": getattr(args, k)
+                 for k in ("max_seq_len", "device_batch_size", "total_batch_size")}
     iters = args.num_iterations
-    check_flags([(f"--{k.replace('_', '-')}", v, v is None or v >= 1, ">= 1, or left out to "
-                  "inherit the source's") for k, v in user_config.items()
-                 if k in ("max_seq_len", "device_batch_size", "total_batch_size")]
+    check_flags([(flag, v, v is None or v >= 1, ">= 1, or left out to inherit the source's")
+                 for flag, v in inherited.items()]
                 + [("--num-iterations", iters, iters >= 1 or iters == -1,
                     ">= 1, or -1 for one epoch of the mixture")])
 
@@ -205,7 +208,8 @@ def main(stage):
     print0(attention_banner(device, model.window_sizes, model.config.sequence_len))
     source_step, source_name = source_meta["step"], f"{args.source} checkpoint"
     pretrain_config = source_meta.get("pretrain_config", source_meta["user_config"])  # base_train's
-    recipe, source_rows = f"{stage} recipe", source_meta["device_batch_size"]
+    recipe = f"{stage} recipe"
+    source_rows = source_meta["device_batch_size"]
     # name -> (value, where it came from), printed below
     settings = {k: (user_config[k], "flag" if user_config[k] != defaults[k] else recipe)
                 for k in RECIPE_FLAGS}
@@ -280,7 +284,8 @@ def main(stage):
     derived = {"source": args.source, "source_step": source_step, "max_seq_len": T,
                "model_config": source_meta["model_config"], "device_batch_size": device_batch_size,
                "total_batch_size": total_batch_size, "world_size": world_size, "pack": args.pack,
-               **{k: user_config[k] for k in ("mixture", "num_iterations", "examples_per_step")}}
+               "mixture": args.mixture, "num_iterations": args.num_iterations,
+               "examples_per_step": args.examples_per_step}
     # never replace another run's checkpoints silently; after the flag checks, so a bad flag gets
     # its own error
     resume_step = start_or_resume(output_dir, args.resume, args.overwrite,
