@@ -34,7 +34,7 @@ from multiprocessing.pool import ThreadPool
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, download_url, print0
+from nanochat.common import atomic_path, get_base_dir, download_url, print0
 
 # -----------------------------------------------------------------------------
 # Datasets: name -> (URL base, index of the last shard). The last shard is the pinned val shard.
@@ -153,11 +153,10 @@ def parquets_iter_batched(split, start=0, step=1, dataset=None):
 
 def write_shard(path, texts, row_group_size):
     """Write texts as one shard (column "text", zstd), via a temp file and rename."""
-    tmp_path = f"{path}.tmp{os.getpid()}"
     table = pa.table({"text": pa.array(texts, type=pa.string())})
-    pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd",
-                   compression_level=3, use_dictionary=False, write_statistics=False)
-    os.replace(tmp_path, path)
+    with atomic_path(path) as tmp_path:
+        pq.write_table(table, tmp_path, row_group_size=row_group_size, compression="zstd",
+                       compression_level=3, use_dictionary=False, write_statistics=False)
 
 # -----------------------------------------------------------------------------
 # Downloader

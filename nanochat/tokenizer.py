@@ -35,7 +35,7 @@ import pickle
 import tiktoken
 import torch
 
-from nanochat.common import get_base_dir, atomic_write_text
+from nanochat.common import get_base_dir, atomic_path, atomic_write_text
 
 SPECIAL_TOKENS = ["<|bos|>",  # document delimiter, prepended to every document
                   "<|user_start|>", "<|user_end|>", "<|assistant_start|>", "<|assistant_end|>",
@@ -135,10 +135,8 @@ class Tokenizer:
         """Write tokenizer.json and token_bytes.pt, each through a temp file and a rename."""
         os.makedirs(tokenizer_dir, exist_ok=True)
         atomic_write_text(os.path.join(tokenizer_dir, TOKENIZER_FILE), json.dumps(self.to_data()))
-        path = os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.token_bytes(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(tokenizer_dir, TOKEN_BYTES_FILE)) as tmp:
+            torch.save(self.token_bytes(), tmp)
 
     def to_data(self):
         """The whole tokenizer as plain data: split pattern,

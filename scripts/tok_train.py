@@ -56,14 +56,18 @@ record_path = os.path.join(tokenizer_dir, "tok_train.json")
 config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": args.vocab_size,
           "dataset": get_dataset_name()}
 if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
-    fingerprint = Tokenizer.from_directory(tokenizer_dir).fingerprint()
+    existing = Tokenizer.from_directory(tokenizer_dir)
+    fingerprint = existing.fingerprint()
     record = {}
     if os.path.exists(record_path):
         with open(record_path, encoding="utf-8") as f:
             record = json.load(f)
     if record == dict(config, fingerprint=fingerprint):
+        # token_bytes.pt is derived from tokenizer.json: rewritten, so that deleting a damaged one
+        # and rerunning (what its error says) repairs it
+        existing.save(tokenizer_dir)
         print(f"{tokenizer_dir} was trained with these flags on {config['dataset']}: "
-              f"kept (--overwrite retrains it)")
+              f"kept (--overwrite retrains it); token_bytes.pt rewritten")
         raise SystemExit(0)
     users = sorted({os.path.dirname(path) for source in SOURCE_DIRS.values()
                     for path in glob.glob(os.path.join(get_base_dir(), source, "*", "meta_*.json"))

@@ -23,8 +23,12 @@ def test_existing_tokenizer_is_kept_or_guarded(tmp_path, tiny_tokenizer):
     assert first.returncode == 0, first.stderr[-2000:]
     tokenizer = Tokenizer.from_directory(str(tmp_path / "tokenizer"))
     assert tokenizer.get_vocab_size() == 300
+    token_bytes = tmp_path / "tokenizer" / "token_bytes.pt"
+    expected = token_bytes.read_bytes()
+    token_bytes.unlink()  # what the damaged-file error says to do: delete it and rerun
     again = tok_train(tmp_path, "--vocab-size=300")
     assert again.returncode == 0 and "was trained with these flags on local: kept" in again.stdout, again.stderr
+    assert token_bytes.read_bytes() == expected
 
     # a checkpoint trained with it: other flags must not replace it...
     ckpt_dir = tmp_path / "base_checkpoints" / "d2"
