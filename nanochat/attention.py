@@ -58,8 +58,9 @@ def attention_sdpa(q, k, v, window):
 
 def sdpa_heads_first(q, k, v, mask=None, is_causal=False):
     """q (B, H, Tq, D), k and v (B, Hkv, Tk, D) -> (B, H, Tq, D): torch SDPA, or for one query on
-    CPU attention_one_query."""
+    CPU attention_one_query (which sees every key: is_causal is for Tq == Tk > 1 only)."""
     if q.size(2) == 1 and q.device.type == "cpu":
+        assert not is_causal, "one query: pass its visible keys, not is_causal (SDPA: top-left)"
         return attention_one_query(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=q.size(1) != k.size(1))
@@ -71,8 +72,7 @@ def attention_one_query(q, k, v, mask=None):
     for many queries; for one it is faster below ~100 keys and 1.2-3.5x slower from 128 to 1,024
     (d20 heads, docs/perf.md, "Decode"). The query heads that share a kv head are stacked as
     columns, so GQA needs no copies of k and v. Keys times queries rather than queries times
-    transposed keys: CPU matmul runs it 1.5-3x faster (d20 heads, bf16: 46 vs 69 us at 144 keys,
-    175 vs 502 at 1,024).
+    transposed keys: CPU matmul runs it 1.5-3x faster (docs/perf.md, "Decode").
     """
     (B, H, _, D), Hkv = q.shape, k.size(1)
     scores = torch.matmul(k, q.view(B, Hkv, H // Hkv, D).transpose(-1, -2)).transpose(-1, -2)

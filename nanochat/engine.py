@@ -85,12 +85,16 @@ def use_calculator(expr):
         return None
     try:
         tree = ast.parse(expr, mode="eval")
-        is_count = isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body)
-        if _is_arithmetic(tree) or (is_count and tree.body.func.attr == "count"):
-            return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
-    except (SyntaxError, RecursionError, ArithmeticError, TypeError, ValueError):
-        pass  # unparsable, 1/0, overflow, 'abc'.count(1), 'abc'.count()
-    return None
+    except (SyntaxError, RecursionError):
+        return None
+    is_count = (isinstance(tree.body, ast.Call) and _is_string_method_chain(tree.body)
+                and tree.body.func.attr == "count")
+    if not (_is_arithmetic(tree) or is_count):
+        return None
+    try:
+        return eval(compile(tree, "<calculator>", "eval"), {"__builtins__": {}}, {})
+    except (ArithmeticError, TypeError, ValueError):  # 1/0, overflow, 'abc'.count(1), 'abc'.count()
+        return None
 
 # -----------------------------------------------------------------------------
 # Inference weights: held once in the dtype the device does best

@@ -503,9 +503,9 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     """
     Per-row cross-entropy of SOFTCAP * tanh(logits / SOFTCAP) against targets (-1 = ignored: loss
     and gradient 0), the same numbers as F.cross_entropy on the softcapped logits, in chunks of
-    rows, keeping only the raw logits and per-row values (target, its gather index, logsumexp) for
-    backward, where eager autograd on the plain formula would hold four (rows, vocab) fp32 tensors
-    at once (docs/perf.md "Compiling CPU training, and its memory").
+    rows, keeping only the raw logits and one logsumexp per row for backward, where eager autograd
+    on the plain formula would hold four (rows, vocab) fp32 tensors at once (docs/perf.md "Compiling
+    CPU training, and its memory").
     """
     @staticmethod
     def forward(ctx, logits, targets):
@@ -518,14 +518,15 @@ class SoftcapCrossEntropy(torch.autograd.Function):
             lse[i:i + chunk] = torch.logsumexp(z, dim=-1)
             losses[i:i + chunk] = lse[i:i + chunk] - z.gather(1, index[i:i + chunk]).squeeze(1)
         losses.masked_fill_(targets == -1, 0.0)
-        ctx.save_for_backward(logits, targets, index, lse)
+        ctx.save_for_backward(logits, targets, lse)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
         # d loss / d z = softmax(z) - onehot(target); d z / d logits = 1 - tanh^2
-        logits, targets, index, lse = ctx.saved_tensors
+        logits, targets, lse = ctx.saved_tensors
         n, chunk = logits.size(0), max(1, LOSS_CHUNK_ELEMENTS // logits.size(1))
+        index = targets.clamp(min=0).unsqueeze(1)
         scale = (grad_losses * (targets != -1)).unsqueeze(1)
         grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         minus_one = torch.full((min(chunk, n), 1), -1.0, dtype=logits.dtype, device=logits.device)

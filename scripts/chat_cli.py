@@ -24,13 +24,15 @@ parser.add_argument("-i", "--source", default="sft", help="base|mid|sft|rl (base
                     "mode), or a directory written by scripts.export_hf")
 parser.add_argument("-g", "--model-tag", default=None, help="e.g. d20 (default: the largest d<N>)")
 parser.add_argument("-s", "--step", type=int, default=None, help="default: the newest")
-parser.add_argument("-p", "--prompt", default="", help="answer this prompt and exit")
+parser.add_argument("-p", "--prompt", help="answer this prompt and exit")
 parser.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
 parser.add_argument("-k", "--top-k", type=int, default=50, help="the k likeliest (-1 = all)")
 parser.add_argument("-m", "--max-tokens", type=int, default=256, help="most tokens per reply")
 parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
 add_dtype_flag(parser)
 args = parser.parse_args()
+if args.prompt is not None and args.prompt.strip() in ("", "clear", "quit", "exit"):
+    parser.error(f"-p {args.prompt!r}: give a message to send")
 
 from nanochat.common import compute_init
 from nanochat.checkpoint import load_model

@@ -258,9 +258,10 @@ class Worker(threading.Thread):
             if not self.jobs and self.waiting.empty():
                 self.wake.wait()
             self.wake.clear()
-            for job in [j for j in self.jobs if j.cancelled.is_set()]:  # client gone: free its row
-                batch.cancel(job.row)
-                self.jobs.remove(job)
+            gone = [j for j in self.jobs if j.cancelled.is_set()]  # clients gone: free their rows
+            if gone:  # in one call: each cancel copies the whole KV cache
+                batch.cancel(*(j.row for j in gone))
+                self.jobs = [j for j in self.jobs if j not in gone]
             while len(self.jobs) < args.max_batch and not self.waiting.empty():
                 job = self.waiting.get()
                 try:

@@ -109,6 +109,10 @@ def test_unknown_source_or_tag_is_a_clean_error(checkpoints, monkeypatch, capsys
 def test_flag_the_engine_rejects_is_a_clean_error(checkpoints, monkeypatch, capsys):
     code, _, err = run_cli_in_process(["-i", "sft", "-k", "0", "-p", "hello"], monkeypatch, capsys)
     assert code == 1 and "top_k must be >= 1" in err and "Traceback" not in err, err
+    # a -p with nothing to send (blank, or a loop command) is a usage error, not a silent exit 0
+    for prompt in ["   ", "clear"]:
+        code, _, err = run_cli_in_process(["-i", "sft", "-p", prompt], monkeypatch, capsys)
+        assert code == 2 and "give a message to send" in err, err
 
 def test_calculator_call_in_a_terminal(base_dir, tiny_tokenizer, tmp_path):
     # chat_cli in a real terminal (tmux): the question's answer uses the calculator, shown as a line of its own

@@ -177,6 +177,10 @@ def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
     batch.step()
     batch.cancel(first)
     assert len(batch) == 1 and [r for r, *_ in batch.step()] == [second]
+    # several at once (a server whose clients left together): one cache copy, the rest go on
+    third, fourth = (batch.add(PROMPT, max_tokens=20, temperature=0.0) for _ in range(2))
+    batch.cancel(second, fourth)
+    assert len(batch) == 1 and [r for r, *_ in batch.step()] == [third]
 
 def test_temperature_zero_ignores_seed_and_fixed_seed_reproduces():
     engine = Engine(tiny_gpt(), TOK)

@@ -184,8 +184,10 @@ class NanoChatForCausalLM(PreTrainedModel, GenerationMixin):
             if pos0 > 0:
                 prev = torch.cat([cache.nanochat_prev_embedding.to(x.dtype), prev], dim=1)
             cache.nanochat_prev_embedding = x[:, -1:].clone()
-        first = T - prev.size(1)  # 1 when the first token has no previous one: it stays as is
-        x = torch.cat([x[:, :first], x[:, first:] + gate[:, first:] * prev], dim=1)
+        if prev.size(1) == T:  # every token has its previous one (from the cache for the first)
+            x = x + gate * prev
+        else:  # the first token has none: it stays as is
+            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * prev], dim=1)
 
         x0, backout = x, None
         for i, block in enumerate(self.transformer.h):
