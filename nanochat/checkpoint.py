@@ -42,7 +42,7 @@ import torch.distributed as dist
 from filelock import FileLock, Timeout
 
 from nanochat.common import (get_base_dir, get_dist_info, atomic_path, atomic_write_text, print0,
-                             is_dist)
+                             is_dist, gather_across_ranks, read_json)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf.export import load_export
 from nanochat.tokenizer import get_tokenizer
@@ -136,19 +136,13 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_state, meta, ra
                       f"there and {shutil.disk_usage(checkpoint_dir).free:,} are free. Free space "
                       f"(or point NANOCHAT_BASE_DIR elsewhere), then rerun with --resume: the "
                       f"newest complete checkpoint is untouched") from None
-    hashes = {name: sha for rank_hashes in _every_rank(hashes) for name, sha in rank_hashes.items()}
+    hashes = {name: sha for rank_hashes in gather_across_ranks(hashes)
+              for name, sha in rank_hashes.items()}
     if rank == 0:
         shards = get_dist_info()[3] if optimizer_state is not None else 0  # one per rank
         meta = dict(meta, step=step, optim_shards=shards, sha256=hashes)
         meta["meta_sha256"] = meta_sha256(meta)
         atomic_write_text(meta_path, json.dumps(meta, indent=2))
-
-def _every_rank(obj):
-    """[rank 0's obj, rank 1's, ...]: one all_gather_object, or [obj] without a process group."""
-    gathered = [None] * dist.get_world_size() if is_dist() else [obj]
-    if is_dist():
-        dist.all_gather_object(gathered, obj)
-    return gathered
 
 def _nbytes(obj):
     """Bytes of the tensors in a (nested) state dict: about the size torch.save writes."""
@@ -179,7 +173,7 @@ def lock_checkpoint_dir(checkpoint_dir, model_tag=None):
         lock.acquire()
     except Timeout:
         try:
-            holder = "pid {pid} on host {host}, started {started}".format(**read_meta(owner_path))
+            holder = "pid {pid} on host {host}, started {started}".format(**read_json(owner_path))
         except (OSError, ValueError, KeyError, TypeError):
             holder = f"a process that has not written {owner_path} yet"
         raise RuntimeError(f"{checkpoint_dir} is being written by another run ({holder}): wait for "
@@ -199,8 +193,7 @@ def _steps_with_meta(checkpoint_dir):
 
 def read_meta(meta_path):
     """The meta dict of a step; a file that is not a JSON object is an error naming it."""
-    with open(meta_path, encoding="utf-8") as f:
-        meta = json.load(f)
+    meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise ValueError(f"{meta_path} holds a JSON {type(meta).__name__}, not the object a "
                          f"checkpoint meta is: restore it or delete this step's files")
@@ -470,7 +463,7 @@ def loop_meta(stream_states, **loop_state):
     """The meta entries a loop resumes from: every rank's data loader states, gathered in rank order
     (rank r's streams follow rank r-1's, as restore_loop slices them), and the loop's own variables
     (inf saved as null: strict JSON)."""
-    streams = [s for rank_streams in _every_rank(stream_states) for s in rank_streams]
+    streams = [s for rank_streams in gather_across_ranks(stream_states) for s in rank_streams]
     return {"dataloader_state_dict": {"streams": streams},
             "loop_state": {k: None if v == float("inf") else v for k, v in loop_state.items()}}
 

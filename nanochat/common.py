@@ -8,6 +8,7 @@ Nothing here reads command-line flags; scripts pass what they parsed.
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import subprocess
@@ -76,8 +77,8 @@ def _detect_compute_dtype():
         return torch.float32, "MPS computes in fp32 (bf16 not measured there)"
     # bf16 activations, fp32 master weights, as on GPU; speed and loss: docs/perf.md
     if feature := cpu_bf16_feature():
-        return torch.bfloat16, (f"CPU has {feature}: bf16 trains 1.6-1.8x faster than fp32; "
-                                "NANOCHAT_DTYPE=float32 for fp32")
+        return torch.bfloat16, (f"CPU has {feature}: bf16 trains 1.5-1.8x faster than fp32 "
+                                "(docs/perf.md); NANOCHAT_DTYPE=float32 for fp32")
     return torch.float32, "CPU lacks AVX512-BF16/AMX: bf16 would be converted in software"
 
 def cpu_bf16_feature():
@@ -216,6 +217,14 @@ def is_dist():
 def rank_and_world():  # from the process group: callers may set one up without torchrun
     return (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
 
+def gather_across_ranks(obj):
+    """[rank 0's obj, rank 1's, ...]: one all_gather_object, or [obj] in one process."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
 def reduce_across_ranks(tensor, op="SUM"):
     """All-reduce in place with dist.ReduceOp.<op> (a no-op in one process) -> the tensor."""
     if is_dist():  # ReduceOp looked up only here: torch built without distributed lacks it
@@ -351,6 +360,10 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 def atomic_write_text(path, text):
     """Write a text file via a temp file and rename (atomic_path)."""

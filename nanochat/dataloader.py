@@ -194,7 +194,8 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
     # buffer: (example index, ids, mask) in the order they were pulled. Streams beyond the dataset's
     # size (a tiny validation set read by many GPUs x accumulation steps) start at rank % n instead
     # of past the end.
-    epoch, cursor, epoch_start, buffer, consumed = 1, rank % n, rank % n, [], 0
+    epoch, cursor, buffer, consumed = 1, rank % n, [], 0
+    epoch_start = cursor
 
     def render(index):
         ids, mask = tokenizer.render_conversation(dataset[index], max_tokens=T + 1)
@@ -231,7 +232,9 @@ def chat_loader(dataset, tokenizer, B, T, rank=0, world_size=1, device="cpu", st
                 _, ids, mask = buffer.pop(i)
                 rows[b, pos:pos + len(ids)] = torch.tensor(ids, dtype=torch.int64)
                 supervised[b, pos:pos + len(ids)] = torch.tensor(mask, dtype=torch.bool)
-                pos, consumed, placed = pos + len(ids), consumed + 1, placed + 1
+                pos += len(ids)
+                consumed += 1
+                placed += 1
         targets = rows[:, 1:].masked_fill(~supervised[:, 1:], -1)
         inputs, targets = _to_device(torch.stack([rows[:, :-1], targets]), device).unbind(0)
         # this stream's share of an epoch that began at cursor epoch_start: start, start+W, ... < n

@@ -115,9 +115,10 @@ with open({program_path}, encoding="utf-8") as f:
     _compiled = compile(f.read(), {program_path}, "exec")
 faulthandler.disable()
 for module, names in [(builtins, "exit quit help"), (shutil, "rmtree move chown"),
-                      (subprocess, "Popen"), (os, "kill system putenv remove removedirs rmdir fork "
-                           "fchdir setuid forkpty killpg rename renames truncate replace unlink "
-                           "fchmod fchown chmod chown chroot lchflags lchmod lchown getcwd chdir")]:
+                      (subprocess, "Popen"),
+                      (os, "kill system putenv remove removedirs rmdir fork fchdir setuid forkpty "
+                           "killpg rename renames truncate replace unlink fchmod fchown chmod "
+                           "chown chroot lchflags lchmod lchown getcwd chdir")]:
     for name in names.split():
         setattr(module, name, None)
 sys.modules.update(dict.fromkeys(["ipdb", "joblib", "resource", "psutil", "tkinter"]))
@@ -276,10 +277,11 @@ def _isolation():
         bwrap, problem = _probe_isolation()
         if bwrap is None and not _banner_shown:
             as_root = ""
-            if os.geteuid() == 0:
-                as_root = ("; it still runs as uid nobody, so it cannot start processes"
-                           if _can_drop_privileges() else "; it runs as root, as this Python "
-                           "cannot start as uid nobody (install it outside /root)")
+            if os.geteuid() == 0 and _can_drop_privileges():
+                as_root = "; it still runs as uid nobody, so it cannot start processes"
+            elif os.geteuid() == 0:
+                as_root = ("; it runs as root, as this Python cannot start as uid nobody (install "
+                           "it outside /root)")
             print(f"nanochat.execution: WARNING: model-written code runs WITHOUT "
                   f"isolation (your files, network and processes are reachable "
                   f"from it): {problem}{as_root}", file=sys.stderr, flush=True)

@@ -227,7 +227,8 @@ class Tokenizer:
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
             merged = messages[0]["content"] + "\n\n" + messages[1]["content"]
-            messages, offset = [dict(messages[1], content=merged)] + list(messages[2:]), 1
+            messages = [dict(messages[1], content=merged)] + list(messages[2:])
+            offset = 1
         if not messages:
             raise ValueError("the conversation has no user or assistant messages")
 

@@ -42,11 +42,10 @@ import zlib
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch
-import torch.distributed as dist
 
 from nanochat.attention import attention_banner
 from nanochat.common import (check_flags, compute_init, compute_cleanup, print0, init_wandb,
-                             is_dist, synchronize, rank_and_world, reduce_across_ranks)
+                             synchronize, rank_and_world, reduce_across_ranks, gather_across_ranks)
 from nanochat.checkpoint import (load_source, start_or_resume, load_resume, TrainingSaves,
                                  load_optimizer_state, SOURCE_DIRS)
 from nanochat.engine import Engine
@@ -326,10 +325,7 @@ def main():
         totals = torch.tensor([sum(rewards), len(rewards), sum(lengths), loss], dtype=torch.float64,
                               device=device)
         reward_sum, num_samples, length_sum, loss_sum = reduce_across_ranks(totals).tolist()
-        if is_dist():
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, digests)
-            digests = [d for rank_digests in gathered for d in rank_digests]
+        digests = [d for rank_digests in gather_across_ranks(digests) for d in rank_digests]
         digest = zlib.crc32(repr(sorted(digests)).encode())
         step += 1
         times["sample"] += t1 - t0

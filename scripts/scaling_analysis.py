@@ -59,7 +59,8 @@ def run_row(tag, checkpoints_dir=None):
     log_path = metric_log_path("base", tag)
     records = read_metric_log(log_path) if os.path.exists(log_path) else []
     core = [r["core_metric"] for r in records if r.get("core_metric") is not None]
-    counts, tokens = meta["param_counts"], meta["num_iterations"] * meta["total_batch_size"]
+    counts = meta["param_counts"]
+    tokens = meta["num_iterations"] * meta["total_batch_size"]
     return {"model_tag": tag, "depth": meta["model_config"]["n_layer"],
             "model_dim": meta["model_config"]["n_embd"], "num_params": counts["total"],
             **{k: meta[k] for k in ("num_scaling_params", "flops_per_token", "num_iterations",

@@ -23,10 +23,10 @@ import os
 import time
 
 from nanochat.checkpoint import SOURCE_DIRS, read_meta
-from nanochat.common import get_base_dir, check_flags, atomic_write_text
+from nanochat.common import get_base_dir, check_flags, atomic_write_text, read_json
 from nanochat.dataset import parquets_iter_batched, get_dataset_name
 from nanochat.report import get_report
-from nanochat.tokenizer import Tokenizer
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 def count(text):
     return int(float(text))
@@ -42,7 +42,8 @@ args = parser.parse_args()
 check_flags([
     ("--max-chars", args.max_chars, args.max_chars >= 1, ">= 1 characters of training text"),
     ("--doc-cap", args.doc_cap, args.doc_cap >= 1, ">= 1 (0 would crop every document to nothing)"),
-    ("--vocab-size", args.vocab_size, args.vocab_size >= 265, ">= 265 (256 bytes + 9 specials)"),
+    ("--vocab-size", args.vocab_size, args.vocab_size >= 256 + len(SPECIAL_TOKENS),
+     f">= {256 + len(SPECIAL_TOKENS)} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"),
 ])
 print(f"max_chars: {args.max_chars:,} | doc_cap: {args.doc_cap:,} | "
       f"vocab_size: {args.vocab_size:,}")
@@ -58,10 +59,7 @@ config = {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size": ar
 if os.path.exists(os.path.join(tokenizer_dir, "tokenizer.json")) and not args.overwrite:
     existing = Tokenizer.from_directory(tokenizer_dir)
     fingerprint = existing.fingerprint()
-    record = {}
-    if os.path.exists(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
+    record = read_json(record_path) if os.path.exists(record_path) else {}
     if record == dict(config, fingerprint=fingerprint):
         # token_bytes.pt is derived from tokenizer.json: rewritten, so that deleting a damaged one
         # and rerunning (what its error says) repairs it

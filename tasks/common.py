@@ -172,8 +172,8 @@ def _download_hub_dataset(repo, subset, split, data_dir):
         urls = json.load(f)
     assert isinstance(urls, list) and urls, f"{listing_url} returned {urls!r}, not a list of URLs"
     files = [f"{i:05d}.parquet" for i in range(len(urls))]
-    for i, (name, url) in enumerate(zip(files, sorted(urls, key=_shard_sort_key))):
-        if not download_url(url, os.path.join(data_dir, name)):
+    for i, url in enumerate(sorted(urls, key=_shard_sort_key)):
+        if not download_url(url, os.path.join(data_dir, files[i])):
             raise RuntimeError(f"could not download {url} (shard {i} of {repo} {subset}/{split}). "
                                f"{how_to}")
     # Written last: its presence means every shard is complete (download_url renames atomically).

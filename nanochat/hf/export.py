@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from nanochat.common import atomic_path, atomic_write_text
+from nanochat.common import atomic_path, atomic_write_text, read_json
 
 MODEL_TYPE = "nanochat_gpt"
 TEMPLATE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -59,10 +59,6 @@ CHAT_TEMPLATE = """{{- '<|bos|>' -}}{%- set ns = namespace(system='') -%}
                                 + 'message; got ' + message['role']) -}}{%- endif -%}{%- endfor -%}
 {%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}
 """
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 # -----------------------------------------------------------------------------
 # Tokenizer
