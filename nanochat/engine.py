@@ -1,7 +1,7 @@
 """
 Fast sampling from a GPT with a KV cache, plus the calculator tool the chat model may call.
 
-    prepare_for_inference(model, "")   # weights held once in the device's dtype (bf16/fp32/int8)
+    prepare_for_inference(model, "")   # weights held once in the device's dtype (bf16/fp16/...)
     engine = Engine(model, tokenizer)
     for tokens, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
         ...                            # one token per sample per step, streamed
@@ -99,24 +99,36 @@ def use_calculator(expr):
 # -----------------------------------------------------------------------------
 # Inference weights: held once in the dtype the device does best
 
-# --dtype -> the dtype activations, KV cache and (but for int8) the weights are held in
-INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.bfloat16}
+# --dtype -> the dtype activations and KV cache are held in (the weights too, but for float16's
+# fp16 and int8's int8)
+INFERENCE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                    "float16": torch.float32, "int8": torch.bfloat16}
+
+def has_fbgemm():
+    """FBGEMM, the x86 CPU library behind torch's fp16-weight kernels (not on ARM builds)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
 
 def default_inference_dtype(device):
-    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp32."""
+    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp16 weights on x86
+    CPUs, else fp32."""
     if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
     if device.type == "cpu":
         if feature := cpu_bf16_feature():
-            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
-        return "float32", ("CPU lacks AVX512-BF16/AMX: bf16 would be converted in software "
-                           "(try --dtype bfloat16)")
+            return "bfloat16", (f"CPU has {feature}: half the bytes of fp32 per decoded token "
+                                f"(one chat decodes faster with --dtype float16)")
+        if has_fbgemm():
+            return "float16", ("CPU lacks AVX512-BF16/AMX: fp16 weights, fp32 arithmetic, faster "
+                               "than fp32 at every batch size")
+        return "float32", ("CPU lacks AVX512-BF16/AMX and FBGEMM: bf16 would be converted in "
+                           "software (try --dtype bfloat16)")
     return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
 
 def add_dtype_flag(parser):
     """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
     parser.add_argument("--dtype", default="", choices=["", *INFERENCE_DTYPES],
-                        help="weights: '' = bf16 where native, else fp32; int8: CPU only")
+                        help="weights: '' = bf16 where native, else float16 (x86) or fp32; "
+                             "float16 and int8: CPU only")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms
@@ -162,6 +174,21 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
 
+class Fp16Linear(nn.Module):
+    """
+    gpt.Linear with fp16 weights for CPU generation, multiplied by FBGEMM (torch's fp16 dynamic-
+    quantization kernels: fp32 activations in and out, fp32 arithmetic). Two bytes per weight as
+    in bf16, and its matrix-vector product reads them faster than oneDNN's bf16 one on CPUs without
+    AMX; from 8 rows on, oneDNN's bf16 dot products win (docs/perf.md, "Decode").
+    """
+    def __init__(self, linear):
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), None)
+        self.nbytes = 2 * linear.weight.numel()  # the packed weights are not a tensor
+
+    def forward(self, x):
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
 def uses_onednn_bf16(device):
     mkldnn = torch.backends.mkldnn.is_available()
     return device.type == "cpu" and mkldnn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -189,17 +216,20 @@ def _swap_matrices(model, module_class):
 def prepare_for_inference(model, dtype=""):
     """
     Make a loaded GPT ready to generate, in place: weights held once in the inference dtype,
-    activations and KV cache in the same dtype, no autograd. Training keeps fp32 master weights and
-    casts them at every forward, so a bf16 decode step there reads 4 bytes per weight and writes and
-    reads 2 more; here it reads 2 (int8: 1). dtype: a key of INFERENCE_DTYPES, or '' for the
-    device's default. Prints which and why; -> its name.
+    activations and KV cache in the same dtype (float16: in fp32), no autograd. Training keeps fp32
+    master weights and casts them at every forward, so a bf16 decode step there reads 4 bytes per
+    weight and writes and reads 2 more; here it reads 2 (int8: 1). dtype: a key of
+    INFERENCE_DTYPES, or '' for the device's default. Prints which and why; -> its name.
     """
     device = model.get_device()
     dtype, reason = default_inference_dtype(device) if dtype == "" else (dtype, "set by --dtype")
     if dtype not in INFERENCE_DTYPES:
         raise ValueError(f"--dtype {dtype!r}: use one of {list(INFERENCE_DTYPES)} or leave it out")
-    if dtype == "int8" and device.type != "cpu":
-        raise ValueError(f"--dtype int8 runs on CPU only; on {device.type} use --dtype bfloat16")
+    if dtype in ("int8", "float16") and device.type != "cpu":
+        raise ValueError(f"--dtype {dtype} runs on CPU only; on {device.type} use --dtype bfloat16")
+    if dtype == "float16" and not has_fbgemm():
+        raise ValueError("--dtype float16 needs FBGEMM (x86 CPUs), which this torch build lacks; "
+                         "use --dtype bfloat16 or float32")
     if dtype == "float32" and device.type == "cuda" and load_fa3() is not None:
         raise ValueError("--dtype float32: this GPU's attention (FA3) runs bf16 only; use --dtype "
                          "bfloat16, or NANOCHAT_DTYPE=float32 for fp32 throughout (flex/SDPA)")
@@ -213,6 +243,9 @@ def prepare_for_inference(model, dtype=""):
     model.set_rotary(model.cos.size(1))
     if dtype == "bfloat16" and uses_onednn_bf16(device):
         _swap_matrices(model, PackedLinear)
+    if dtype == "float16":  # the embedding tables, only looked up, in fp16 too
+        _swap_matrices(model, Fp16Linear)
+        model.transformer.wte.half(), model.value_embeds.half()
     print0(f"inference dtype: {dtype} ({reason})")
     return dtype
 

@@ -7,7 +7,7 @@ inference dtypes.
     python -m scripts.infer_bench -i sft -g d20 --batch-sizes 1,8,32,128
     python -m scripts.infer_bench --depth 4 --device-type cpu  # a random-init model, no training
     python -m scripts.infer_bench --depth 20 --device-type cpu --batch-sizes 1,8 \
-        --dtype float32,bfloat16,int8                          # one table: dtype x batch
+        --dtype float32,bfloat16,float16,int8                  # one table: dtype x batch
 
 Each dtype gets the model afresh (same seed or checkpoint), converted by
 engine.prepare_for_inference as the chat scripts convert it. It runs the Engine's path by hand so
@@ -16,9 +16,9 @@ rows, then one token per row per step (sample_next_token, stop tokens ignored so
 the full count). Decode steps are timed one by one after an 8-step warm-up; the median is TPOT. MBU
 = (weight bytes + B x KV bytes read at mid-decode) / TPOT / peak bandwidth, where weight bytes are
 every parameter except the embedding tables (only B rows of those are read per step), in the dtype
-they are held in (int8: the int8 matrices and their bf16 scales). Peak bandwidth: the device's
-datasheet figure on CUDA; elsewhere the read bandwidth measured in this run (a torch sum over 256
-MB, best of 5). Decode MFU = B x decode FLOPs at mid-decode / TPOT / peak FLOP/s. Prints a table,
+they are held in (int8: the int8 matrices and their bf16 scales; float16: 2 bytes per weight).
+Peak bandwidth: the device's datasheet figure on CUDA; elsewhere the read bandwidth measured in
+this run (a torch sum over 256 MB, best of 5). Decode MFU = B x decode FLOPs at mid-decode / TPOT / peak FLOP/s. Prints a table,
 then one JSON line with every number (unknown peaks -> null). Leaves out: multi-GPU, CUDA graphs,
 torch.compile, speculative decoding.
 """
@@ -38,7 +38,7 @@ add("--depth", type=int, default=-1, help="random-init model of this depth (-1 =
 add("--max-seq-len", type=int, default=2048, help="context of the --depth model")
 add("--vocab-size", type=int, default=32768, help="vocab of the --depth model (CPU demo: 8192)")
 add("--head-dim", type=int, default=128, help="head width of the --depth model (CPU demo: 64)")
-add("--dtype", default="", help="float32|bfloat16|int8, comma list ('' = chat scripts' default)")
+add("--dtype", default="", help="float32|bfloat16|float16|int8, comma list ('' = the default)")
 add("--prompt-tokens", type=int, default=-1, help="prompt length (-1 = 2048 on CUDA, else 128)")
 add("--decode-tokens", type=int, default=-1, help="timed decode steps (-1 = 256 on CUDA, else 16)")
 add("--batch-sizes", default="", help="rows decoded at once ('' = 1,8,32,128 on CUDA, else 1,4)")
@@ -57,8 +57,8 @@ import torch
 
 from nanochat.checkpoint import load_model
 from nanochat.common import compute_init, get_peak_flops, synchronize
-from nanochat.engine import (INFERENCE_DTYPES, Engine, new_kv_cache, prepare_for_inference,
-                             sample_next_token)
+from nanochat.engine import (INFERENCE_DTYPES, Engine, Fp16Linear, new_kv_cache,
+                             prepare_for_inference, sample_next_token)
 from nanochat.gpt import GPT, config_for_depth
 
 WARMUP_STEPS = 8
@@ -152,8 +152,11 @@ def bench_dtype(dtype):
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
     bytes_by_dtype = {str(d): nbytes(p for p in params if p.dtype == d)
                       for d in dict.fromkeys(p.dtype for p in params)}
+    fp16_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, Fp16Linear))
+    if fp16_bytes:  # FBGEMM's packed fp16 matrices are not parameters
+        bytes_by_dtype["torch.float16"] = fp16_bytes
     embeddings = {*model.transformer.wte.parameters(), *model.value_embeds.parameters()}
-    weight_bytes = nbytes(p for p in params if p not in embeddings)
+    weight_bytes = nbytes(p for p in params if p not in embeddings) + fp16_bytes
     kv_read, kv_per_token = model.kv_read_bytes(mid_ctx), model.kv_bytes_per_token()
     vram = torch.cuda.get_device_properties(device).total_memory if on_cuda else None
     card = {"model": model_name, "dtype": dtype,

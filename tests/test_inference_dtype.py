@@ -1,6 +1,6 @@
 """
 Inference dtypes (engine.prepare_for_inference): a model converted to generate holds its weights once in bf16 (or
-int8 with bf16 scales) and copies none of them per forward, its logits stay within a written bound of the fp32
+fp16, or int8 with bf16 scales) and copies none of them per forward, its logits stay within a written bound of the fp32
 model's, its greedy tokens agree, and training-side models are untouched.
 """
 
@@ -15,14 +15,18 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from nanochat import engine
 from nanochat.checkpoint import save_checkpoint
 from nanochat.common import COMPUTE_DTYPE
-from nanochat.engine import (INT8_KERNEL_MAX_ROWS, Engine, Int8Linear, PackedLinear, default_inference_dtype,
-                             new_kv_cache, prepare_for_inference, uses_onednn_bf16)
+from nanochat.engine import (INFERENCE_DTYPES, INT8_KERNEL_MAX_ROWS, Engine, Fp16Linear, Int8Linear, PackedLinear,
+                             default_inference_dtype, has_fbgemm, new_kv_cache, prepare_for_inference,
+                             uses_onednn_bf16)
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# float16 multiplies through FBGEMM, in x86 builds of torch only
+REDUCED = ["bfloat16", "int8"] + (["float16"] if has_fbgemm() else [])
 
 def trained_like(config, seed):
     """A seeded GPT whose matrices are N(0, 1/fan_in), as after training, instead of init's zero projections and
@@ -50,13 +54,15 @@ D20_LAYER = GPTConfig(sequence_len=256, vocab_size=512, n_layer=1, n_head=10, n_
 # sit at about 2x those. A broken conversion (scales off, rotary tables or weights in the wrong dtype) errs by the
 # logits' whole scale. Greedy agreement: random logits have many near-ties, and a position flips when its top-2 gap
 # is below the error; measured 98.0-98.4% (bf16) and 96.3-98.1% (int8) of 512 positions; a broken model agrees on
-# ~1/vocab of them.
+# ~1/vocab of them. float16 rounds only the weights, to 11 significant bits, and computes in fp32: measured
+# 0.040-0.051% rms, max 0.0029, greedy agreement 99.8-100%.
 BOUNDS = {  # dtype: (rms error / logit std, max |error|, least greedy agreement)
     "bfloat16": (0.02, 0.12, 0.95),
     "int8": (0.035, 0.2, 0.93),
+    "float16": (0.001, 0.006, 0.99),
 }
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", REDUCED)
 @pytest.mark.parametrize("config,rows", [(SMALL, 8), (D20_LAYER, 2)], ids=["small", "d20-width-layer"])
 def test_logits_and_greedy_tokens_match_fp32_within_bound(dtype, config, rows):
     model = trained_like(config, seed=0)
@@ -80,14 +86,14 @@ def test_float32_inference_model_computes_the_training_models_logits():
     with torch.no_grad():
         assert torch.allclose(prepared(prompts), model(prompts), atol=1e-4, rtol=0)
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", REDUCED)
 def test_cached_decoding_in_the_inference_dtype_matches_its_full_forward(dtype, tiny_tokenizer):
     """Engine's greedy tokens (batch-1 prefill, KV cache in the inference dtype, one token a step) are the argmax of
     the converted model's own full forward over the same sequence: the cache holds what the forward computed."""
     model = converted(trained_like(GPTConfig(sequence_len=64, vocab_size=tiny_tokenizer.get_vocab_size(),
                                              n_layer=2, n_head=2, n_kv_head=2, n_embd=64), seed=1), dtype)
     engine = Engine(model, tiny_tokenizer)
-    assert new_kv_cache(model, 1, 8).k_cache.dtype == torch.bfloat16
+    assert new_kv_cache(model, 1, 8).k_cache.dtype == INFERENCE_DTYPES[dtype]
     prompt = [tiny_tokenizer.get_bos_token_id()] + tiny_tokenizer.encode("the cat sat")
     tokens = [t for t, in (column for column, _ in engine.generate(prompt, max_tokens=12, temperature=0.0))]
     with torch.no_grad():
@@ -125,10 +131,15 @@ def test_weights_are_held_once_in_the_inference_dtype_and_never_cast_per_forward
     casting.compute_dtype = torch.bfloat16
     casting.cos, casting.sin = casting.cos.bfloat16(), casting.sin.bfloat16()
     assert copied_per_decode_step(casting) >= matrices
-    for dtype, held in [("bfloat16", {torch.bfloat16}), ("int8", {torch.bfloat16, torch.int8})]:
+    held_by_dtype = {"bfloat16": {torch.bfloat16}, "int8": {torch.bfloat16, torch.int8},
+                     # fp16 embedding tables; the gates and lambdas in the fp32 of the activations
+                     "float16": {torch.float16, torch.float32}}
+    for dtype in REDUCED:
         prepared = converted(model, dtype)
-        assert {p.dtype for p in prepared.parameters()} | {b.dtype for b in prepared.buffers()} == held
-        assert prepared.compute_dtype == torch.bfloat16 and not any(p.requires_grad for p in prepared.parameters())
+        held = {p.dtype for p in prepared.parameters()} | {b.dtype for b in prepared.buffers()}
+        assert held == held_by_dtype[dtype]
+        assert prepared.compute_dtype == INFERENCE_DTYPES[dtype]
+        assert not any(p.requires_grad for p in prepared.parameters())
         # what is left: the logits to fp32 for the softcap and a few scalars, far below one matrix
         assert copied_per_decode_step(prepared) < 0.05 * matrices
     if uses_onednn_bf16(torch.device("cpu")):  # this CPU runs bf16 matrices through oneDNN's packed layout
@@ -140,6 +151,9 @@ def test_weights_are_held_once_in_the_inference_dtype_and_never_cast_per_forward
     int8_layers = [m for m in int8.modules() if isinstance(m, Int8Linear)]
     assert sum(m.weight.nbytes for m in int8_layers) == matrices - sum(g.weight.numel() for g in gates)
     assert sum(m.scales.nbytes for m in int8_layers) == 2 * sum(m.weight.size(0) for m in int8_layers)
+    if has_fbgemm():  # two bytes per weight of the same matrices, packed by FBGEMM
+        fp16_layers = [m for m in converted(model, "float16").modules() if isinstance(m, Fp16Linear)]
+        assert sum(m.nbytes for m in fp16_layers) == 2 * sum(m.weight.numel() for m in int8_layers)
     # the training model is untouched: fp32 masters, the import-time compute dtype
     assert {p.dtype for p in model.parameters()} == {torch.float32} and model.compute_dtype == COMPUTE_DTYPE
 
@@ -167,13 +181,27 @@ def test_packed_bf16_weights_multiply_as_the_plain_bf16_weight():
         expected = torch.nn.functional.linear(x.float(), linear.weight.bfloat16().float())
         assert torch.allclose(packed(x).float(), expected, rtol=1e-2, atol=1e-2)
 
+@pytest.mark.skipif(not has_fbgemm(), reason="no FBGEMM in this torch build")
+def test_fp16_weights_multiply_as_the_fp16_rounded_weight_in_fp32():
+    linear = trained_like(SMALL, seed=0).transformer.h[0].mlp.c_fc
+    fp16 = Fp16Linear(linear)
+    for shape in [(1, 1), (8, 1), (2, 64)]:  # decode rows and a prefill
+        x = torch.randn(*shape, SMALL.n_embd)
+        expected = torch.nn.functional.linear(x, linear.weight.half().float())
+        assert torch.allclose(fp16(x), expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fp16(x), torch.nn.functional.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
+
 def test_default_dtype_follows_the_hardware_and_bad_choices_name_the_fix(monkeypatch):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     assert default_inference_dtype(torch.device("cpu"))[0] == "bfloat16"
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(engine, "has_fbgemm", lambda: True)
     name, reason = default_inference_dtype(torch.device("cpu"))
-    assert name == "float32" and "AVX512-BF16" in reason
+    assert name == "float16" and "AVX512-BF16" in reason
+    monkeypatch.setattr(engine, "has_fbgemm", lambda: False)  # an ARM build of torch
+    name, reason = default_inference_dtype(torch.device("cpu"))
+    assert name == "float32" and "AVX512-BF16" in reason and "FBGEMM" in reason
     model = trained_like(SMALL, seed=0)
     assert prepare_for_inference(copy.deepcopy(model), "") == "float32"
     with pytest.raises(ValueError, match="float16.*float32"):
@@ -197,7 +225,7 @@ def saved_chat_model(base_dir, tiny_tokenizer):
                     {"model_config": dataclasses.asdict(config), "user_config": {}})
     return model
 
-@pytest.mark.parametrize("dtype", ["", "float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["", "float32", *REDUCED])
 def test_chat_cli_generates_in_the_chosen_dtype(dtype, saved_chat_model, tiny_tokenizer, monkeypatch, capsys):
     flags = ["--dtype", dtype] if dtype else []
     monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", "-t", "0", "-m", "8", "-p", "hi", *flags])
