@@ -10,34 +10,37 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from nanochat.engine import INFERENCE_DTYPES, has_fbgemm
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from conftest import seeded_gpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DTYPES = ["float32", "bfloat16", "int8"] + (["float16"] if has_fbgemm() else [])  # float16: x86 only
 
 def test_infer_bench_random_model_json(base_dir):
     cmd = [sys.executable, "-m", "scripts.infer_bench", "--depth", "1", "--max-seq-len", "64", "--prompt-tokens", "16",
            "--decode-tokens", "4", "--batch-sizes", "1,2", "--device-type", "cpu", "--engine-samples", "1,8",
-           "--dtype", "float32,bfloat16,int8"]
+           "--dtype", ",".join(DTYPES)]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["device"] == "cpu"
     # one row per dtype x batch, in the order asked; MBU on CPU is against the bandwidth measured in the same run
     assert [(row["dtype"], row["batch_size"]) for row in result["decode"]] == \
-        [(d, b) for d in ("float32", "bfloat16", "int8") for b in (1, 2)]
+        [(d, b) for d in DTYPES for b in (1, 2)]
     assert result["bandwidth_source"].startswith("measured") and result["read_bandwidth"] > 1e8
     for row in result["decode"]:
         assert row["tok_per_s"] > 0 and row["tpot_s"] > 0
         assert row["mbu"] == pytest.approx(row["bytes_per_s"] / result["read_bandwidth"])
-    assert [p["dtype"] for p in result["prefills"]] == ["float32", "bfloat16", "int8"]
+    assert [p["dtype"] for p in result["prefills"]] == DTYPES
     assert result["prefill"]["ttft_s"] > 0 and result["prefill"]["prompt_tokens"] == 16
     # Engine.generate rows: every sample runs the full count (no stop token can be sampled)
     assert [(r["dtype"], r["samples"], r["tokens"]) for r in result["engine"]] == \
-        [(d, s, s * 32) for d in ("float32", "bfloat16", "int8") for s in (1, 8)]
+        [(d, s, s * 32) for d in DTYPES for s in (1, 8)]
     assert all(r["tok_per_s"] > 0 for r in result["engine"])
     # byte accounting against a model of the same shape (depth 1: width 64 rounded up to one 128-wide head), counted
-    # in the dtype each run holds: 4 bytes a weight, 2 in bf16, int8 matrices 1 plus a 2-byte scale per output row
+    # in the dtype each run holds: 4 bytes a weight, 2 in bf16, int8 matrices 1 plus a 2-byte scale per output row,
+    # float16 matrices 2 with the small gates and scalars in the fp32 of its activations
     model = GPT(GPTConfig(sequence_len=64, vocab_size=32768, n_layer=1, n_head=1, n_kv_head=1, n_embd=128))
     model.init_weights()
     embeddings = {id(p) for p in [model.transformer.wte.weight, *model.value_embeds.parameters()]}
@@ -47,13 +50,15 @@ def test_infer_bench_random_model_json(base_dir):
                                block.mlp.c_proj, model.lm_head)]
     numel = lambda ps: sum(p.numel() for p in ps)
     expected = {"float32": 4 * numel(weights), "bfloat16": 2 * numel(weights),
-                "int8": numel(int8) + 2 * sum(w.size(0) for w in int8) + 2 * (numel(weights) - numel(int8))}
+                "int8": numel(int8) + 2 * sum(w.size(0) for w in int8) + 2 * (numel(weights) - numel(int8)),
+                "float16": 2 * numel(int8) + 4 * (numel(weights) - numel(int8))}
+    expected = {d: expected[d] for d in DTYPES}
     cards = {card["dtype"]: card for card in result["cards"]}
     assert {d: card["weight_bytes_read_per_step"] for d, card in cards.items()} == expected
     assert result["card"] == cards["float32"] and cards["float32"]["params"] == numel(model.parameters())
     for dtype, card in cards.items():
-        kv_dtype = torch.float32 if dtype == "float32" else torch.bfloat16  # the KV cache follows the activations
-        cache = KVCache(1, 1, 64, 128, 1, "cpu", dtype=kv_dtype)
+        # the KV cache follows the activations
+        cache = KVCache(1, 1, 64, 128, 1, "cpu", dtype=INFERENCE_DTYPES[dtype])
         assert card["kv_bytes_per_token"] == (cache.k_cache.nbytes + cache.v_cache.nbytes) // 64
         kv_read = card["kv_bytes_per_token"] * min(card["mid_ctx"], 64)  # one layer, window = the whole context
         assert card["kv_read_bytes_per_row_at_mid_ctx"] == kv_read

@@ -192,15 +192,18 @@ def test_fp16_weights_multiply_as_the_fp16_rounded_weight_in_fp32():
     assert not torch.allclose(fp16(x), torch.nn.functional.linear(x, linear.weight), rtol=1e-5, atol=1e-5)
 
 def test_default_dtype_follows_the_hardware_and_bad_choices_name_the_fix(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert default_inference_dtype(torch.device("cpu"))[0] == "bfloat16"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    # x86 builds of torch have FBGEMM: fp16 weights unless AMX's bf16 tiles are there
     monkeypatch.setattr(engine, "has_fbgemm", lambda: True)
-    name, reason = default_inference_dtype(torch.device("cpu"))
-    assert name == "float16" and "AVX512-BF16" in reason
-    monkeypatch.setattr(engine, "has_fbgemm", lambda: False)  # an ARM build of torch
-    name, reason = default_inference_dtype(torch.device("cpu"))
+    for amx, bf16, expected in [(True, True, "bfloat16"), (False, True, "float16"), (False, False, "float16")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        assert default_inference_dtype(cpu)[0] == expected
+    monkeypatch.setattr(engine, "has_fbgemm", lambda: False)  # e.g. an ARM build
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert default_inference_dtype(cpu)[0] == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    name, reason = default_inference_dtype(cpu)
     assert name == "float32" and "AVX512-BF16" in reason and "FBGEMM" in reason
     model = trained_like(SMALL, seed=0)
     assert prepare_for_inference(copy.deepcopy(model), "") == "float32"
