@@ -18,9 +18,9 @@ the full count). Decode steps are timed one by one after an 8-step warm-up; the 
 every parameter except the embedding tables (only B rows of those are read per step), in the dtype
 they are held in (int8: the int8 matrices and their bf16 scales; float16: 2 bytes per weight).
 Peak bandwidth: the device's datasheet figure on CUDA; elsewhere the read bandwidth measured in
-this run (a torch sum over 256 MB, best of 5). Decode MFU = B x decode FLOPs at mid-decode / TPOT / peak FLOP/s. Prints a table,
-then one JSON line with every number (unknown peaks -> null). Leaves out: multi-GPU, CUDA graphs,
-torch.compile, speculative decoding.
+this run (a torch sum over 256 MB, best of 5). Decode MFU = B x decode FLOPs at mid-decode / TPOT /
+peak FLOP/s. Prints a table, then one JSON line with every number (unknown peaks -> null). Leaves
+out: multi-GPU, CUDA graphs, torch.compile, speculative decoding.
 """
 
 import argparse
