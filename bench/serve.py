@@ -50,6 +50,7 @@ parser.add_argument("--model", default="random", help="random (demo-shaped, rand
 parser.add_argument("--url", default="", help="bench a running server at this 127.0.0.1 URL instead of starting one")
 parser.add_argument("--api-key", type=str, default="", help="API key of the --url server")
 parser.add_argument("--device-type", type=str, default="cpu", help="device of the server this script starts")
+parser.add_argument("--dtype", type=str, default="", help="its --dtype ('' = chat_web's default)")
 parser.add_argument("--soak", type=int, default=0, help="soak test with this many clients (0 = the load test)")
 parser.add_argument("--disconnect-share", type=float, default=0.2, help="soak: share of requests cut off mid-stream")
 parser.add_argument("--malformed-share", type=float, default=0.1, help="soak: share of requests with a bad body")
@@ -87,7 +88,7 @@ def start_server(base_dir, source, max_batch):
     log_path = os.path.join(base_dir, "chat_web.log")
     env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir)
     cmd = [sys.executable, "-m", "scripts.chat_web", "-i", source, "-p", "0", "--device-type", args.device_type,
-           "--max-batch", str(max_batch)]
+           "--max-batch", str(max_batch), *(["--dtype", args.dtype] if args.dtype else [])]
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
