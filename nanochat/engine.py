@@ -178,8 +178,9 @@ class Fp16Linear(nn.Module):
     """
     gpt.Linear with fp16 weights for CPU generation, multiplied by FBGEMM (torch's fp16 dynamic-
     quantization kernels: fp32 activations in and out, fp32 arithmetic). Two bytes per weight as
-    in bf16, and its matrix-vector product reads them faster than oneDNN's bf16 one on CPUs without
-    AMX; from 8 rows on, oneDNN's bf16 dot products win (docs/perf.md, "Decode").
+    in bf16, and its matrix-vector product reads them faster than oneDNN's bf16 one (a 2-core EPYC
+    with AVX512-BF16, no AMX: d20's matrices 30 vs 37-48 ms per token); from 8 rows on, oneDNN's
+    bf16 dot products win (docs/perf.md, "Decode").
     """
     def __init__(self, linear):
         super().__init__()
@@ -245,7 +246,8 @@ def prepare_for_inference(model, dtype=""):
         _swap_matrices(model, PackedLinear)
     if dtype == "float16":  # the embedding tables, only looked up, in fp16 too
         _swap_matrices(model, Fp16Linear)
-        model.transformer.wte.half(), model.value_embeds.half()
+        model.transformer.wte.half()
+        model.value_embeds.half()
     print0(f"inference dtype: {dtype} ({reason})")
     return dtype
 
