@@ -109,26 +109,26 @@ def has_fbgemm():
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 def default_inference_dtype(device):
-    """-> (name, reason): on x86 CPUs without AMX fp16 weights through FBGEMM, else bf16 where the
-    hardware multiplies it natively, else fp32."""
+    """-> (name, reason): bf16 where the hardware multiplies it natively, else fp16 weights on x86
+    CPUs (FBGEMM), else fp32."""
     if device.type == "cuda":  # the process's compute dtype: SM80+ bf16 unless NANOCHAT_DTYPE says
         return ("bfloat16" if COMPUTE_DTYPE == torch.bfloat16 else "float32"), COMPUTE_DTYPE_REASON
     if device.type == "cpu":
-        feature = cpu_bf16_feature()
-        if has_fbgemm() and feature != "AMX":
-            return "float16", ("x86 CPU without AMX: FBGEMM's fp16 weights decode one chat fastest "
-                               "(--dtype bfloat16 prefills faster where the CPU has AVX512-BF16)")
-        if feature:
-            return "bfloat16", f"CPU has {feature}: half the bytes of fp32 per decoded token"
-        return "float32", ("CPU lacks FBGEMM and AVX512-BF16/AMX: bf16 would be converted in "
+        if feature := cpu_bf16_feature():
+            return "bfloat16", (f"CPU has {feature}: half the bytes of fp32 per decoded token; "
+                                f"--dtype float16 decodes one chat faster, prefills slower")
+        if has_fbgemm():
+            return "float16", ("CPU lacks AVX512-BF16/AMX: fp16 weights through FBGEMM, fp32 "
+                               "arithmetic, faster than fp32 at every batch size")
+        return "float32", ("CPU lacks AVX512-BF16/AMX and FBGEMM: bf16 would be converted in "
                            "software (try --dtype bfloat16)")
     return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
 
 def add_dtype_flag(parser):
     """--dtype for the scripts that load a model to generate (chat_cli, chat_web, chat_eval)."""
     parser.add_argument("--dtype", default="", choices=["", *INFERENCE_DTYPES],
-                        help="weights: '' = float16 on x86 CPUs without AMX, else bf16 where "
-                             "native, else fp32; float16 and int8: CPU only")
+                        help="weights: '' = bf16 where native, else float16 on x86 CPUs, else "
+                             "fp32; float16 and int8: CPU only")
 
 # Rows up to which _weight_int8pack_mm beats dequantizing to bf16 first: the dequantized copy costs
 # the same at any row count, the kernel grows with rows (half of d20's matrices, 2-core EPYC: 131 ms

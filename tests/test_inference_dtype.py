@@ -193,18 +193,16 @@ def test_fp16_weights_multiply_as_the_fp16_rounded_weight_in_fp32():
 
 def test_default_dtype_follows_the_hardware_and_bad_choices_name_the_fix(monkeypatch):
     cpu = torch.device("cpu")
-    # x86 builds of torch have FBGEMM: fp16 weights unless AMX's bf16 tiles are there
-    monkeypatch.setattr(engine, "has_fbgemm", lambda: True)
-    for amx, bf16, expected in [(True, True, "bfloat16"), (False, True, "float16"), (False, False, "float16")]:
-        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
-        assert default_inference_dtype(cpu)[0] == expected
-    monkeypatch.setattr(engine, "has_fbgemm", lambda: False)  # e.g. an ARM build
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert default_inference_dtype(cpu)[0] == "bfloat16"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    name, reason = default_inference_dtype(cpu)
-    assert name == "float32" and "AVX512-BF16" in reason and "FBGEMM" in reason
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for fbgemm in (True, False):
+        monkeypatch.setattr(engine, "has_fbgemm", lambda: fbgemm)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+        name, reason = default_inference_dtype(cpu)
+        assert name == "bfloat16" and "--dtype float16" in reason
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+        name, reason = default_inference_dtype(cpu)
+        # x86 builds of torch have FBGEMM: fp16 weights; an ARM build falls back to fp32
+        assert name == ("float16" if fbgemm else "float32") and "AVX512-BF16" in reason
     model = trained_like(SMALL, seed=0)
     assert prepare_for_inference(copy.deepcopy(model), "") == "float32"
     with pytest.raises(ValueError, match="float16.*float32"):
