@@ -1,13 +1,18 @@
 """
 The torch.compile decision every training script takes (common.decide_compile), and the default path it picks on
-a CPU with a C++ compiler: a compiled training step must train exactly like the eager one.
+a CPU with a C++ compiler: a compiled training step must train exactly like the eager one, and repeat bit for bit.
 """
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from nanochat.common import decide_compile, compile_for_training
 from nanochat.gpt import GPT, GPTConfig
+from conftest import REPO
 
 def test_flag_and_env(monkeypatch):
     monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
@@ -71,3 +76,34 @@ def test_default_cpu_path_compiles_and_trains_like_eager(monkeypatch):
     for name, grad in eager_grads.items():
         assert grad.abs().max() > 0, f"{name} has no gradient: the comparison would prove nothing"
         torch.testing.assert_close(compiled_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+def test_compiled_cpu_training_is_bit_reproducible(monkeypatch):
+    """
+    compute_init("cpu") makes compiled training repeat bit for bit. Without it inductor's CPU embedding backward adds
+    rows with atomics across threads, in an order that varies: of ten compiled backward passes over an embedding
+    whose rows are hit many times (8 token ids, 2 threads), 5-9 differed from the first (measured), and the demo's
+    base_train run twice parted at step ~24. With it: one gradient, bit for bit.
+    """
+    monkeypatch.delenv("NANOCHAT_COMPILE", raising=False)
+    use, reason = decide_compile(-1, "cpu")
+    assert use, f"the default CPU path should compile here but: {reason}"
+    script = """
+import torch
+from nanochat.common import compute_init
+compute_init("cpu")
+emb = torch.nn.Embedding(8192, 256)
+step = torch.compile(lambda idx, up: (emb(idx) * up).sum(), dynamic=False)
+g = torch.Generator().manual_seed(0)
+idx, up = torch.randint(0, 8, (16, 256), generator=g), torch.randn(16, 256, 256, generator=g)
+grads = []
+for _ in range(10):
+    emb.weight.grad = None
+    step(idx, up).backward()
+    grads.append(emb.weight.grad.clone())
+print(sum(not torch.equal(grads[0], grad) for grad in grads[1:]), "of 9 repeats differ")
+"""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=REPO)  # one thread cannot race
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "0 of 9 repeats differ", out.stdout
