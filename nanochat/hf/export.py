@@ -30,6 +30,7 @@ import os
 import torch
 
 from nanochat.common import atomic_path, atomic_write_text, read_json
+from nanochat.tokenizer import Tokenizer, _encoding_from_data
 
 MODEL_TYPE = "nanochat_gpt"
 TEMPLATE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +98,6 @@ def hf_tokenizer_json(tokenizer):
 
 def tokenizer_from_hf_json(path):
     """Our Tokenizer from an exported tokenizer.json (the inverse of hf_tokenizer_json)."""
-    from nanochat.tokenizer import Tokenizer, _encoding_from_data
     hf = read_json(path)
     char_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
