@@ -70,9 +70,9 @@ def attention_one_query(q, k, v, mask=None):
     Decoding on CPU: q (B, H, 1, D), k and v (B, Hkv, Tk, D), mask None or broadcasting to
     (B, 1, 1, Tk) -> (B, H, 1, D). Two matmuls and an fp32 softmax: SDPA's CPU flash kernel tiles
     for many queries; for one it is faster below ~100 keys and 1.2-3.5x slower from 128 to 1,024
-    (d20 heads, docs/perf.md, "Decode"). The query heads that share a kv head are stacked as
+    (d20 heads, docs/perf.md, "Decode on CPU"). The query heads that share a kv head are stacked as
     columns, so GQA needs no copies of k and v. Keys times queries rather than queries times
-    transposed keys: CPU matmul runs it 1.5-3x faster (docs/perf.md, "Decode").
+    transposed keys: CPU matmul runs it 1.5-3x faster (docs/perf.md, "Decode on CPU").
     """
     (B, H, _, D), Hkv = q.shape, k.size(1)
     scores = torch.matmul(k, q.view(B, Hkv, H // Hkv, D).transpose(-1, -2)).transpose(-1, -2)

@@ -180,7 +180,7 @@ class Fp16Linear(nn.Module):
     quantization kernels: fp32 activations in and out, fp32 arithmetic). Two bytes per weight as
     in bf16, and its matrix-vector product reads them faster than oneDNN's bf16 one (a 2-core EPYC
     with AVX512-BF16, no AMX: d20's matrices 30 vs 37-48 ms per token); from 8 rows on, oneDNN's
-    bf16 dot products win (docs/perf.md, "Decode").
+    bf16 dot products win (docs/perf.md, "Decode on CPU").
     """
     def __init__(self, linear):
         super().__init__()
@@ -197,7 +197,8 @@ def uses_onednn_bf16(device):
 def _stack_qkv(model):
     """
     c_q, c_k and c_v read the same input: stacked into one matrix (attn.c_qkv) they are one matmul
-    per layer instead of three, which a bandwidth-bound decode step feels (docs/perf.md, "Decode").
+    per layer instead of three, which a bandwidth-bound decode step feels
+    (docs/perf.md, "Decode on CPU").
     """
     for attn in [block.attn for block in model.transformer.h]:
         weight = torch.cat([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight]).detach()

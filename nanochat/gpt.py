@@ -545,7 +545,7 @@ def kv_zeros(shape, device, dtype):
     Zeros of shape (layers, batch, positions, heads, head_dim). On CPU this shape is a view of
     memory laid out heads before positions: a decode step then multiplies each head's cached keys
     as one contiguous matrix, where the positions-first layout makes CPU matmul copy them first
-    (docs/perf.md, "Decode").
+    (docs/perf.md, "Decode on CPU").
     """
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, device=device, dtype=dtype)
