@@ -181,9 +181,8 @@ def compute_init(device_type=""):
     torch.manual_seed(42)  # seeds every device, CUDA included
     if device_type == "cpu":
         # inductor's CPU embedding backward adds rows with atomics across threads, so one command
-        # run twice parted at ~step 24 by 1e-6, and the chat stages amplified it; deterministic
-        # mode compiles that to a sorted index_put, at no measured cost per step (docs/perf.md
-        # "Pretraining step"). Not filling torch.empty with NaN keeps its speed.
+        # run twice gave two models; deterministic mode sorts instead, at no measured cost
+        # (docs/perf.md, "Pretraining step"). The NaN fill of every torch.empty is not needed.
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
     cuda = device_type == "cuda"
