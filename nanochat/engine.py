@@ -118,8 +118,8 @@ def default_inference_dtype(device):
             return "bfloat16", (f"CPU has {feature}: half the bytes of fp32 per decoded token; "
                                 f"--dtype float16 decodes one chat faster, prefills slower")
         if has_fbgemm():
-            return "float16", ("CPU lacks AVX512-BF16/AMX: fp16 weights through FBGEMM, fp32 "
-                               "arithmetic, faster than fp32 at every batch size")
+            return "float16", ("CPU lacks AVX512-BF16/AMX: fp16 weights through FBGEMM (half "
+                               "fp32's bytes per decoded token), fp32 arithmetic")
         return "float32", ("CPU lacks AVX512-BF16/AMX and FBGEMM: bf16 would be converted in "
                            "software (try --dtype bfloat16)")
     return "float32", f"{device.type}: fp32 as in training (bf16 unmeasured; try --dtype bfloat16)"
@@ -178,9 +178,8 @@ class Fp16Linear(nn.Module):
     """
     gpt.Linear with fp16 weights for CPU generation, multiplied by FBGEMM (torch's fp16 dynamic-
     quantization kernels: fp32 activations in and out, fp32 arithmetic). Two bytes per weight as
-    in bf16, and its matrix-vector product reads them faster than oneDNN's bf16 one (a 2-core EPYC
-    with AVX512-BF16, no AMX: d20's matrices 30 vs 37-48 ms per token); from 8 rows on, oneDNN's
-    bf16 dot products win (docs/perf.md, "Decode on CPU").
+    in bf16, read faster one row at a time than oneDNN's bf16 kernel reads them; from ~8 rows on
+    its fp32 arithmetic loses to bf16 dot products (docs/perf.md, "Decode on CPU").
     """
     def __init__(self, linear):
         super().__init__()

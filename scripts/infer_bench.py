@@ -143,7 +143,7 @@ def bench_dtype(dtype):
                                          generator=torch.Generator().manual_seed(0))
     prompt = random_ids(n_prompt)[None].to(device)
     mid_ctx = n_prompt + WARMUP_STEPS + decode_tokens // 2
-    # FLOPs from the shapes, counted before int8 swaps nn.Linear modules out
+    # FLOPs from the shapes, counted before int8 or float16 swaps nn.Linear modules out
     decode_flops = model.estimate_decode_flops(mid_ctx)
     prefill_flops = model.estimate_prefill_flops(n_prompt)
     dtype = prepare_for_inference(model, dtype)  # '' -> the device's default, by name
@@ -152,9 +152,10 @@ def bench_dtype(dtype):
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)
     bytes_by_dtype = {str(d): nbytes(p for p in params if p.dtype == d)
                       for d in dict.fromkeys(p.dtype for p in params)}
+    # FBGEMM's packed fp16 matrices are not parameters: counted beside the fp16 embedding tables
     fp16_bytes = sum(m.nbytes for m in model.modules() if isinstance(m, Fp16Linear))
-    if fp16_bytes:  # FBGEMM's packed fp16 matrices are not parameters
-        bytes_by_dtype["torch.float16"] = fp16_bytes
+    if fp16_bytes:
+        bytes_by_dtype["torch.float16"] += fp16_bytes
     embeddings = {*model.transformer.wte.parameters(), *model.value_embeds.parameters()}
     weight_bytes = nbytes(p for p in params if p not in embeddings) + fp16_bytes
     kv_read, kv_per_token = model.kv_read_bytes(mid_ctx), model.kv_bytes_per_token()
@@ -162,7 +163,8 @@ def bench_dtype(dtype):
     card = {"model": model_name, "dtype": dtype,
             **{k: getattr(config, k) for k in ("n_layer", "n_embd", "n_head", "sequence_len")},
             "window_sizes": model.window_sizes, "compute_dtype": str(model.compute_dtype),
-            "params": sum(p.numel() for p in params), "param_bytes_by_dtype": bytes_by_dtype,
+            "params": sum(p.numel() for p in params) + fp16_bytes // 2,
+            "param_bytes_by_dtype": bytes_by_dtype,
             "weight_bytes_read_per_step": weight_bytes, "kv_bytes_per_token": kv_per_token,
             "kv_read_bytes_per_row_at_mid_ctx": kv_read, "mid_ctx": mid_ctx,
             "peak_bandwidth": peak_bw, "peak_flops": peak_flops, "vram_bytes": vram,

@@ -56,6 +56,10 @@ def test_infer_bench_random_model_json(base_dir):
     cards = {card["dtype"]: card for card in result["cards"]}
     assert {d: card["weight_bytes_read_per_step"] for d, card in cards.items()} == expected
     assert result["card"] == cards["float32"] and cards["float32"]["params"] == numel(model.parameters())
+    if "float16" in cards:  # the packed matrices count as parameters, beside the fp16 embedding tables
+        card, embedding_numel = cards["float16"], numel(model.parameters()) - numel(weights)
+        assert card["params"] == numel(model.parameters())
+        assert sum(card["param_bytes_by_dtype"].values()) == expected["float16"] + 2 * embedding_numel
     for dtype, card in cards.items():
         # the KV cache follows the activations
         cache = KVCache(1, 1, 64, 128, 1, "cpu", dtype=INFERENCE_DTYPES[dtype])
