@@ -19,8 +19,8 @@ Tool use: when a row writes <|python_start|> expr <|python_end|>, the expression
 arithmetic and str.count are supported; it is a calculator, not a Python interpreter
 (nanochat/execution.py is the sandbox for full programs).
 
-Left out: speculative decoding, paged caches (a joining or leaving row copies the batch's cache),
-and sampling beyond temperature/top-k.
+Left out: speculative decoding, paged caches (each row of a batch reserves the whole context), and
+sampling beyond temperature/top-k.
 """
 
 import ast
@@ -399,37 +399,54 @@ class Engine:
 class RowCache(KVCache):
     """
     A decode cache whose rows are independent requests at their own positions (row_positions, on the
-    host, so the model needs no device sync to size its attention). Rows join from a prefilled
-    batch-1 cache and leave between steps; both copy the cache (cheap next to a step, and membership
-    changes once per request).
+    host, so the model needs no device sync to size its attention). k_cache/v_cache are views of the
+    first batch_size rows of a store that doubles when full; a joining row copies its prefilled
+    prefix into the next free row, a leaving one is replaced by the last row: one row copied, not
+    the whole cache (docs/perf.md, "Serving").
     """
     def __init__(self, model, capacity):
         c, device, dtype = model.config, model.get_device(), model.compute_dtype
         super().__init__(0, c.n_kv_head, capacity, c.n_embd // c.n_head, c.n_layer, device, dtype)
+        self.store = self.k_cache, self.v_cache  # (layers, rows allocated, positions, heads, dim)
         self.row_positions = []
         self.prev_embedding = torch.zeros(0, 1, c.n_embd, device=device, dtype=dtype)
 
+    def _use_rows(self, n):
+        self.batch_size = n
+        self.k_cache, self.v_cache = (t[:, :n] for t in self.store)
+
     def add_row(self, prefilled):
-        n = prefilled.get_pos()
+        n, B = prefilled.get_pos(), self.batch_size
         assert prefilled.batch_size == 1 and 0 < n <= self.max_seq_len, \
             f"need a prefilled batch-1 cache of <= {self.max_seq_len} tokens"
-        B, T, H, D = self.batch_size, self.max_seq_len, self.num_heads, self.head_dim
-        k, v = (kv_zeros((self.num_layers, B + 1, T, H, D), t.device, t.dtype)
-                for t in (self.k_cache, self.v_cache))  # torch.cat would lose kv_zeros' layout
-        k[:, :B], v[:, :B] = self.k_cache, self.v_cache
-        k[:, B:, :n], v[:, B:, :n] = prefilled.k_cache[:, :, :n], prefilled.v_cache[:, :, :n]
-        self.k_cache, self.v_cache = k, v
+        if B == self.store[0].size(1):  # full: double (torch.cat would lose kv_zeros' layout)
+            shape = (self.num_layers, max(1, 2 * B), *self.k_cache.shape[2:])
+            grown = [kv_zeros(shape, t.device, t.dtype) for t in self.store]
+            for new, old in zip(grown, self.store):
+                new[:, :B] = old
+            self.store = tuple(grown)
+        for t, p in zip(self.store, (prefilled.k_cache, prefilled.v_cache)):
+            t[:, B, :n] = p[:, 0, :n]  # positions past n keep a former row's values: masked
         prev = prefilled.prev_embedding.to(self.prev_embedding.dtype)
         self.prev_embedding = torch.cat([self.prev_embedding, prev])
         self.row_positions.append(n)
-        self.batch_size += 1
+        self._use_rows(B + 1)
 
-    def keep_rows(self, keep):
-        index = torch.tensor(keep, dtype=torch.long, device=self.k_cache.device)
-        self.k_cache, self.v_cache = self.k_cache[:, index], self.v_cache[:, index]
-        self.prev_embedding = self.prev_embedding[index]
-        self.row_positions = [self.row_positions[i] for i in keep]
-        self.batch_size = len(keep)
+    def remove_rows(self, drop):
+        """Drop rows by index, each replaced by the then-last row -> order: the former index of
+        each row that stays, in its new place."""
+        order = list(range(self.batch_size))
+        for i in sorted(drop, reverse=True):
+            last = order.pop()
+            if i < len(order):  # move the last row into the hole, up to its own length
+                n = self.row_positions[last]
+                for t in self.store:
+                    t[:, i, :n] = t[:, len(order), :n]
+                order[i] = last
+        self.prev_embedding = self.prev_embedding[order]
+        self.row_positions = [self.row_positions[i] for i in order]
+        self._use_rows(len(order))
+        return order
 
     def advance(self, n):
         self.row_positions = [p + n for p in self.row_positions]
@@ -447,14 +464,15 @@ class RowBatch:
     Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row;
     step() gives every row its next token: -> [(request, token, mask, finish)], finish None, "stop"
     (the token is <|assistant_end|> or <|bos|>) or "length" (max_tokens reached). Finished rows
-    leave; cancel(*requests) drops rows at once. Each row samples from its own logits with its own
-    generator, so a seeded request gives the same tokens alone or next to others (up to float
-    rounding, which batch shape can change).
+    leave; cancel(*requests) drops rows at once. step() returns its tokens before they go through
+    the model (the next add() or step() does that), so a server hands them out a forward sooner.
+    Each row samples from its own logits with its own generator, so a seeded request gives the same
+    tokens alone or next to others (up to float rounding, which batch shape can change).
     """
     def __init__(self, engine):
         self.engine, self.model = engine, engine.model
         self.cache = RowCache(self.model, self.model.config.sequence_len)
-        self.rows = []
+        self.rows, self.pending = [], []  # pending: the rows' sampled tokens not yet fed in
 
     def __len__(self):
         return len(self.rows)
@@ -464,18 +482,29 @@ class RowBatch:
         # the cache holds the whole context, and _check_args fits prompt + max_tokens in it
         max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
         request = Request(max_tokens, temperature, top_k, seed, self.model.get_device())
+        self._feed_pending()  # the rows a step ahead of the new one catch up first
         request.logits, prefill_cache = self.engine._prefill(tokens)
         self.cache.add_row(prefill_cache)
         self.rows.append(request)
         return request
 
+    @torch.inference_mode()
     def cancel(self, *requests):
-        keep = [i for i, r in enumerate(self.rows) if r not in requests]
-        self.cache.keep_rows(keep)
-        self.rows = [self.rows[i] for i in keep]
+        order = self.cache.remove_rows([i for i, r in enumerate(self.rows) if r in requests])
+        self.rows = [self.rows[i] for i in order]
+        self.pending = [self.pending[i] for i in order] if self.pending else []
+
+    def _feed_pending(self):
+        if self.pending:
+            ids = torch.tensor(self.pending, dtype=torch.long, device=self.model.get_device())
+            logits = self.model(ids[:, None], kv_cache=self.cache)[:, -1, :]
+            for i, request in enumerate(self.rows):
+                request.logits = logits[i:i + 1]
+        self.pending = []
 
     @torch.inference_mode()
     def step(self):
+        self._feed_pending()
         if not self.rows:
             return []
         sampled = [sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows]
@@ -487,15 +516,8 @@ class RowBatch:
             out_of_tokens = request.generated >= request.max_tokens
             finish = "stop" if request.completed else "length" if out_of_tokens else None
             out.append((request, token, mask, finish))
-        finished = [request for request, *_, finish in out if finish]
-        if finished:
-            self.cancel(*finished)
-        if self.rows:
-            next_tokens = [token for _, token, _, finish in out if finish is None]
-            ids = torch.tensor(next_tokens, dtype=torch.long, device=self.model.get_device())
-            logits = self.model(ids[:, None], kv_cache=self.cache)[:, -1, :]
-            for i, request in enumerate(self.rows):
-                request.logits = logits[i:i + 1]
+        self.pending = [token for _, token, _, _ in out]
+        self.cancel(*[request for request, *_, finish in out if finish])
         return out
 
 class TextStream:

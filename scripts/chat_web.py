@@ -46,6 +46,8 @@ parser.add_argument("--device-type", default="", help="cuda|cpu|mps (empty = aut
 parser.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", ""),
                     help="require 'Authorization: Bearer <key>' (default: $NANOCHAT_API_KEY)")
 parser.add_argument("--max-batch", type=int, default=8, help="requests one worker decodes at once")
+parser.add_argument("--threads", type=int, default=0, help="CPU: torch threads "
+                    "(0 = $OMP_NUM_THREADS if set, else every core but one, left to the HTTP side)")
 add_dtype_flag(parser)
 args = parser.parse_args()
 
@@ -82,9 +84,14 @@ if args.num_gpus < 1 or (device_type != "cuda" and args.num_gpus != 1):
 if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
     parser.error(f"--num-gpus={args.num_gpus} but torch sees {torch.cuda.device_count()} GPUs")
 if not (0 <= args.temperature <= 2 and 0 <= args.top_k <= MAX_TOP_K
-        and 1 <= args.max_tokens <= MAX_TOKENS_LIMIT and args.max_batch >= 1):
-    parser.error(f"need 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, 1 <= -m <= {MAX_TOKENS_LIMIT} and "
-                 f"--max-batch >= 1")
+        and 1 <= args.max_tokens <= MAX_TOKENS_LIMIT and args.max_batch >= 1 and args.threads >= 0):
+    parser.error(f"need 0 <= -t <= 2, 0 <= -k <= {MAX_TOP_K}, 1 <= -m <= {MAX_TOKENS_LIMIT}, "
+                 f"--max-batch >= 1 and --threads >= 0")
+if device_type == "cpu" and (args.threads or "OMP_NUM_THREADS" not in os.environ):
+    # The event loop and the clients' sockets need CPU time too: with every core running a torch
+    # thread, each step's OpenMP threads wait at their barriers for whichever one was descheduled
+    # (docs/perf.md, "Serving")
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads() - 1))
 
 # -----------------------------------------------------------------------------
 # Request validation: every rule answers HTTP 400 with an OpenAI-style error naming the field
@@ -259,7 +266,7 @@ class Worker(threading.Thread):
                 self.wake.wait()
             self.wake.clear()
             gone = [j for j in self.jobs if j.cancelled.is_set()]  # clients gone: free their rows
-            if gone:  # in one call: each cancel copies the whole KV cache
+            if gone:
                 batch.cancel(*(j.row for j in gone))
                 self.jobs = [j for j in self.jobs if j not in gone]
             while len(self.jobs) < args.max_batch and not self.waiting.empty():
@@ -485,8 +492,9 @@ if __name__ == "__main__":
     sock.bind((args.host, args.port))
     sock.listen(2048)  # connections made before uvicorn accepts wait in this backlog
     host, port = sock.getsockname()[:2]
+    threads = f", {torch.get_num_threads()} CPU threads" if device_type == "cpu" else ""
     print(f"nanochat {MODEL_ID} on {len(workers)} worker(s) ({', '.join(map(str, devices))}), up "
-          f"to {args.max_batch} requests decoded together per worker", flush=True)
+          f"to {args.max_batch} requests decoded together per worker{threads}", flush=True)
     key_note = "  (API key required)" if args.api_key else ""
     print(f"serving http://{host}:{port}/{key_note}", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1)

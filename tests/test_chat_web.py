@@ -27,10 +27,11 @@ openai = pytest.importorskip("openai", reason="pip install -e '.[test]' installs
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
 
-def start_server(base_dir, *extra):
+def start_server(base_dir, *extra, omp_threads="1"):
     log_path = base_dir / f"server{len(list(base_dir.glob('server*.log')))}.log"
     log = open(log_path, "w")
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(NANOCHAT_BASE_DIR=str(base_dir), **({"OMP_NUM_THREADS": omp_threads} if omp_threads else {}))
     # fp32 weights: replies are compared token for token with Engine greedy on the fp32 test model
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_web", "--device-type", "cpu", "-p", "0",
                              "--dtype", "float32", *extra],
@@ -119,6 +120,19 @@ def test_openai_client_stream_and_non_stream_equal_engine_greedy(served):
     sampled = [client.chat.completions.create(model="nanochat", messages=messages, temperature=1, max_tokens=24, seed=s,
                                               extra_body={"top_k": 0}).choices[0].message.content for s in (5, 5, 6)]
     assert sampled[0] == sampled[1] != sampled[2]
+
+def test_cpu_server_leaves_a_core_to_the_http_side(served):
+    # Unless OMP_NUM_THREADS or --threads says otherwise: torch's default (every core) minus one, at least 1
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    cores = int(subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"], env=env,
+                               capture_output=True, text=True, check=True).stdout)
+    base_dir = served[3].parent
+    assert "per worker, 1 CPU threads" in served[3].read_text()  # OMP_NUM_THREADS=1
+    for extra, expected in (((), max(1, cores - 1)), (("--threads", "3"), 3)):
+        proc, url, log_path = start_server(base_dir, "--api-key", KEY, *extra, omp_threads=None)
+        proc.terminate()
+        proc.wait(timeout=30)
+        assert f"per worker, {expected} CPU threads" in log_path.read_text()
 
 def test_models_and_api_key(served):
     url, *_ = served

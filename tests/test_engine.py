@@ -132,7 +132,8 @@ def run_rows(batch, joins, steps):
 
 def test_row_batch_rows_at_own_positions_equal_full_recompute():
     # Rows with different prompts (150, 20 and 90 tokens: the long one outgrows the 128-token windows) join at
-    # different steps; each must decode exactly what re-running its own sequence without a cache gives.
+    # different steps; each must decode exactly what re-running its own sequence without a cache gives. c sits
+    # between a and b and leaves first: b moves into its row of the cache, which grew from 1 to 2 to 4 rows.
     model = tiny_gpt()
     engine = Engine(model, TOK)
     g = torch.Generator().manual_seed(1)
@@ -141,7 +142,7 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
     stops = {S["<|assistant_end|>"], S["<|bos|>"]}
     greedy = dict(max_tokens=30, temperature=0.0)
     joins = {0: [("a", prompts["a"], greedy)],
-             3: [("b", prompts["b"], greedy), ("c", prompts["c"], dict(greedy, max_tokens=5))]}
+             3: [("c", prompts["c"], dict(greedy, max_tokens=5)), ("b", prompts["b"], greedy)]}
     out = run_rows(RowBatch(engine), joins, steps=40)
     for name, prompt in prompts.items():
         expected = greedy_by_recompute(model, prompt, 5 if name == "c" else 30, stops)
@@ -150,6 +151,22 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
         assert body == expected, f"row {name}"
         assert finish == ("stop" if len(expected) < len(tokens) or tokens[-1] in stops else "length")
     assert out["c"][1] == "length" and len(out["c"][0]) == 5
+
+def test_row_batch_hands_out_tokens_before_feeding_them():
+    # A server streams what step() returns: the forward of those tokens waits for the next step()
+    # (or add()), so every token, a new request's first one included, reaches its client a forward sooner.
+    model = tiny_gpt()
+    decode_rows = []
+    model.register_forward_pre_hook(lambda m, args: decode_rows.append(args[0].size(0)) if args[0].size(1) == 1 else None)
+    batch = RowBatch(Engine(model, TOK))
+    first = batch.add(PROMPT, max_tokens=10, temperature=0.0)
+    assert [r for r, *_ in batch.step()] == [first] and decode_rows == []  # sampled from the prefill
+    batch.add(PROMPT[:3], max_tokens=10, temperature=0.0)
+    assert decode_rows == [1]  # first's token went in before the cache grew
+    assert len(batch.step()) == 2 and decode_rows == [1]
+    batch.cancel(first)
+    batch.step()
+    assert decode_rows == [1, 1]  # only the row that stayed was fed
 
 def test_cpu_cache_keeps_each_heads_keys_contiguous_as_rows_join_and_leave():
     # A decode step multiplies each head's cached keys as one matrix: (B, H, T, D) views whose
@@ -177,7 +194,7 @@ def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
     batch.step()
     batch.cancel(first)
     assert len(batch) == 1 and [r for r, *_ in batch.step()] == [second]
-    # several at once (a server whose clients left together): one cache copy, the rest go on
+    # several at once (a server whose clients left together): they leave in one call, the rest go on
     third, fourth = (batch.add(PROMPT, max_tokens=20, temperature=0.0) for _ in range(2))
     batch.cancel(second, fourth)
     assert len(batch) == 1 and [r for r, *_ in batch.step()] == [third]
