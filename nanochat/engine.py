@@ -457,22 +457,23 @@ class Request(RowState):
         super().__init__()
         self.max_tokens, self.temperature, self.top_k = max_tokens, temperature, top_k
         self.rng = torch.Generator(device=device).manual_seed(seed)
-        self.generated, self.logits = 0, None  # logits: (1, V) for this row's next token
+        self.generated = 0
 
 class RowBatch:
     """
-    Decode many requests as one batch. add() prefills a request at batch 1 and makes it a row;
-    step() gives every row its next token: -> [(request, token, mask, finish)], finish None, "stop"
-    (the token is <|assistant_end|> or <|bos|>) or "length" (max_tokens reached). Finished rows
-    leave; cancel(*requests) drops rows at once. step() returns its tokens before they go through
-    the model (the next add() or step() does that), so a server hands them out a forward sooner.
-    Each row samples from its own logits with its own generator, so a seeded request gives the same
-    tokens alone or next to others (up to float rounding, which batch shape can change).
+    Decode many requests as one batch. add() prefills a request at batch 1 and samples its first
+    token: -> (request, token, mask, finish), finish None, "stop" (the token is <|assistant_end|> or
+    <|bos|>) or "length" (max_tokens reached); a request its first token finishes does not join.
+    step() gives every row its next token: -> a list of those. Both hand tokens out before they go
+    through the model (the next step() feeds them), so a server streams each a forward sooner.
+    Finished rows leave; cancel(*requests) drops rows at once. Each row samples from its own logits
+    with its own generator, so a seeded request gives the same tokens alone or next to others (up to
+    float rounding, which batch shape can change).
     """
     def __init__(self, engine):
         self.engine, self.model = engine, engine.model
         self.cache = RowCache(self.model, self.model.config.sequence_len)
-        self.rows, self.pending = [], []  # pending: the rows' sampled tokens not yet fed in
+        self.rows, self.pending = [], []  # pending: each row's last token, not yet fed in
 
     def __len__(self):
         return len(self.rows)
@@ -482,42 +483,40 @@ class RowBatch:
         # the cache holds the whole context, and _check_args fits prompt + max_tokens in it
         max_tokens = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k)
         request = Request(max_tokens, temperature, top_k, seed, self.model.get_device())
-        self._feed_pending()  # the rows a step ahead of the new one catch up first
-        request.logits, prefill_cache = self.engine._prefill(tokens)
-        self.cache.add_row(prefill_cache)
-        self.rows.append(request)
-        return request
+        logits, prefill_cache = self.engine._prefill(tokens)
+        first = self._sample([request], logits)[0]
+        if first[3] is None:
+            self.cache.add_row(prefill_cache)
+            self.rows.append(request)
+            self.pending.append(first[1])
+        return first
 
     @torch.inference_mode()
     def cancel(self, *requests):
         order = self.cache.remove_rows([i for i, r in enumerate(self.rows) if r in requests])
         self.rows = [self.rows[i] for i in order]
-        self.pending = [self.pending[i] for i in order] if self.pending else []
-
-    def _feed_pending(self):
-        if self.pending:
-            ids = torch.tensor(self.pending, dtype=torch.long, device=self.model.get_device())
-            logits = self.model(ids[:, None], kv_cache=self.cache)[:, -1, :]
-            for i, request in enumerate(self.rows):
-                request.logits = logits[i:i + 1]
-        self.pending = []
+        self.pending = [self.pending[i] for i in order]
 
     @torch.inference_mode()
     def step(self):
-        self._feed_pending()
         if not self.rows:
             return []
-        sampled = [sample_next_token(r.logits, r.rng, r.temperature, r.top_k) for r in self.rows]
-        sampled = torch.cat(sampled).view(-1).tolist()  # one host sync for the whole batch
+        ids = torch.tensor(self.pending, dtype=torch.long, device=self.model.get_device())
+        out = self._sample(self.rows, self.model(ids[:, None], kv_cache=self.cache)[:, -1, :])
+        self.pending = [token for _, token, _, _ in out]
+        self.cancel(*[request for request, *_, finish in out if finish])
+        return out
+
+    def _sample(self, requests, logits):
+        sampled = [sample_next_token(logits[i:i + 1], r.rng, r.temperature, r.top_k)
+                   for i, r in enumerate(requests)]
         out = []
-        for request, token in zip(self.rows, sampled):
+        for request, token in zip(requests, torch.cat(sampled).view(-1).tolist()):  # one sync
             token, mask = self.engine._advance_row(request, token)
             request.generated += 1
             out_of_tokens = request.generated >= request.max_tokens
             finish = "stop" if request.completed else "length" if out_of_tokens else None
             out.append((request, token, mask, finish))
-        self.pending = [token for _, token, _, _ in out]
-        self.cancel(*[request for request, *_, finish in out if finish])
         return out
 
 class TextStream:

@@ -273,8 +273,10 @@ class Worker(threading.Thread):
                 job = self.waiting.get()
                 try:
                     if not job.cancelled.is_set():
-                        job.row = batch.add(job.tokens, **job.sampling)
-                        self.jobs.append(job)
+                        job.row, token, _, finish = batch.add(job.tokens, **job.sampling)
+                        job.loop.call_soon_threadsafe(deliver, [(job, (token, finish))])
+                        if finish is None:
+                            self.jobs.append(job)
                 except Exception as e:  # a bad setting (ValueError) or prefill: fail the request
                     self.fail([job], "prefill", e, str(e) if isinstance(e, ValueError) else None)
             if not self.jobs:

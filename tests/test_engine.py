@@ -122,10 +122,12 @@ def run_rows(batch, joins, steps):
     """Step a RowBatch, adding joins[step] = [(name, tokens, kwargs)] before that step -> {name: (tokens, finish)}."""
     names, out = {}, {}
     for step in range(steps):
+        firsts = []
         for name, tokens, kwargs in joins.get(step, []):
-            names[id(batch.add(tokens, **kwargs))] = name
+            firsts.append(batch.add(tokens, **kwargs))
+            names[id(firsts[-1][0])] = name
             out[name] = ([], None)
-        for request, token, _, finish in batch.step():
+        for request, token, _, finish in firsts + batch.step():
             out[names[id(request)]][0].append(token)
             out[names[id(request)]] = (out[names[id(request)]][0], finish)
     return out
@@ -153,27 +155,27 @@ def test_row_batch_rows_at_own_positions_equal_full_recompute():
     assert out["c"][1] == "length" and len(out["c"][0]) == 5
 
 def test_row_batch_hands_out_tokens_before_feeding_them():
-    # A server streams what step() returns: the forward of those tokens waits for the next step()
-    # (or add()), so every token, a new request's first one included, reaches its client a forward sooner.
+    # A server streams what add() and step() return: the forward of those tokens waits for the next step(), so
+    # every token, a new request's first one included, reaches its client a forward sooner.
     model = tiny_gpt()
     decode_rows = []
     model.register_forward_pre_hook(lambda m, args: decode_rows.append(args[0].size(0)) if args[0].size(1) == 1 else None)
     batch = RowBatch(Engine(model, TOK))
-    first = batch.add(PROMPT, max_tokens=10, temperature=0.0)
-    assert [r for r, *_ in batch.step()] == [first] and decode_rows == []  # sampled from the prefill
-    batch.add(PROMPT[:3], max_tokens=10, temperature=0.0)
-    assert decode_rows == [1]  # first's token went in before the cache grew
-    assert len(batch.step()) == 2 and decode_rows == [1]
+    first, token, _, finish = batch.add(PROMPT, max_tokens=10, temperature=0.0)  # sampled from the prefill
+    second, *_ = batch.add(PROMPT[:3], max_tokens=10, temperature=0.0)
+    assert isinstance(token, int) and finish is None and len(batch) == 2 and decode_rows == []
+    assert [r for r, *_ in batch.step()] == [first, second] and decode_rows == [2]  # both first tokens, one forward
     batch.cancel(first)
-    batch.step()
-    assert decode_rows == [1, 1]  # only the row that stayed was fed
+    assert [r for r, *_ in batch.step()] == [second] and decode_rows == [2, 1]
+    # a request its first token finishes never joins
+    assert batch.add(PROMPT, max_tokens=1, temperature=0.0)[3] == "length" and len(batch) == 1
 
 def test_cpu_cache_keeps_each_heads_keys_contiguous_as_rows_join_and_leave():
     # A decode step multiplies each head's cached keys as one matrix: (B, H, T, D) views whose
     # (T, D) blocks are contiguous, or CPU matmul copies every layer's keys first, every step.
     model = seeded_gpt(GPTConfig(sequence_len=64, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
     batch = RowBatch(Engine(model, TOK))
-    requests = [batch.add(prompt, max_tokens=4, temperature=0.0) for prompt in (PROMPT, PROMPT[:3], PROMPT)]
+    requests = [batch.add(prompt, max_tokens=4, temperature=0.0)[0] for prompt in (PROMPT, PROMPT[:3], PROMPT)]
     batch.cancel(requests[1])
     batch.step()
     for cache in (batch.cache.k_cache, batch.cache.v_cache):
@@ -189,13 +191,13 @@ def test_row_batch_seeded_row_same_alone_or_batched_and_cancel():
     together = run_rows(batch, {0: [("o", other, dict(sampled, seed=1))], 2: [("s", PROMPT, sampled)]}, steps=14)["s"]
     assert together == alone
     # a cancelled row leaves at once; the others go on
-    first = batch.add(other, max_tokens=20, temperature=0.0)
-    second = batch.add(PROMPT, max_tokens=20, temperature=0.0)
+    first = batch.add(other, max_tokens=20, temperature=0.0)[0]
+    second = batch.add(PROMPT, max_tokens=20, temperature=0.0)[0]
     batch.step()
     batch.cancel(first)
     assert len(batch) == 1 and [r for r, *_ in batch.step()] == [second]
     # several at once (a server whose clients left together): they leave in one call, the rest go on
-    third, fourth = (batch.add(PROMPT, max_tokens=20, temperature=0.0) for _ in range(2))
+    third, fourth = (batch.add(PROMPT, max_tokens=20, temperature=0.0)[0] for _ in range(2))
     batch.cancel(second, fourth)
     assert len(batch) == 1 and [r for r, *_ in batch.step()] == [third]
 
