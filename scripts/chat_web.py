@@ -17,10 +17,11 @@ tokenizer.render_for_completion: user and assistant alternate, the user speaks l
 How it serves: one worker thread per device (one model replica each; one worker on CPU/MPS). Each
 worker decodes every request it holds as one batch (engine.RowBatch: each row with its own prompt,
 cache position, sampling and seed), so concurrent users share the device's steps instead of queueing
-for it; a request joins between steps after its prefill and leaves when it ends or its client
-disconnects. Requests go to the least loaded worker and wait there when it already decodes
---max-batch rows. Tokens reach the event loop through an asyncio queue, so generation never blocks
-it; text is streamed in whole UTF-8 characters.
+for it; a request joins between steps after its prefill, which gives its first token, and leaves
+when it ends or its client disconnects. Requests go to the least loaded worker and wait there when
+it already decodes --max-batch rows. Tokens reach the event loop through an asyncio queue, so
+generation never blocks it; text is streamed in whole UTF-8 characters. On CPU torch runs on every
+core but one (--threads).
 
 Left out: CORS (the page is served from the same origin, so other websites cannot read the API from
 a browser), n > 1, top_p, stop sequences, tools, logprobs (each answered with a 400 naming the
