@@ -400,9 +400,9 @@ class RowCache(KVCache):
     """
     A decode cache whose rows are independent requests at their own positions (row_positions, on the
     host, so the model needs no device sync to size its attention). k_cache/v_cache are views of the
-    first batch_size rows of a store that doubles when full; a joining row copies its prefilled
-    prefix into the next free row, a leaving one is replaced by the last row: one row copied, not
-    the whole cache (docs/perf.md, "Serving").
+    first batch_size rows of a store that doubles when full and keeps its peak size; a joining row
+    copies its prefilled prefix into the next free row, a leaving one is replaced by the last row:
+    one row copied, not the whole cache (docs/perf.md, "Serving").
     """
     def __init__(self, model, capacity):
         c, device, dtype = model.config, model.get_device(), model.compute_dtype
