@@ -159,7 +159,8 @@ def test_row_batch_hands_out_tokens_before_feeding_them():
     # every token, a new request's first one included, reaches its client a forward sooner.
     model = tiny_gpt()
     decode_rows = []
-    model.register_forward_pre_hook(lambda m, args: decode_rows.append(args[0].size(0)) if args[0].size(1) == 1 else None)
+    count_decode = lambda module, args: decode_rows.append(args[0].size(0)) if args[0].size(1) == 1 else None
+    model.register_forward_pre_hook(count_decode)  # (B, 1) ids: a decode forward of B rows
     batch = RowBatch(Engine(model, TOK))
     first, token, _, finish = batch.add(PROMPT, max_tokens=10, temperature=0.0)  # sampled from the prefill
     second, *_ = batch.add(PROMPT[:3], max_tokens=10, temperature=0.0)
