@@ -504,7 +504,8 @@ class RowBatch:
         ids = torch.tensor(self.pending, dtype=torch.long, device=self.model.get_device())
         out = self._sample(self.rows, self.model(ids[:, None], kv_cache=self.cache)[:, -1, :])
         self.pending = [token for _, token, _, _ in out]
-        self.cancel(*[request for request, *_, finish in out if finish])
+        if finished := [request for request, *_, finish in out if finish]:
+            self.cancel(*finished)
         return out
 
     def _sample(self, requests, logits):
