@@ -14,4 +14,6 @@ if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; the
 fi
 bash runs/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest -q "$@"
+# Two pytest workers (pytest-xdist): the suite is mostly single-threaded, so it runs on both cores of the 2-core CI
+# machine; `-n 0` in the arguments runs it in one process
+python -m pytest -q -n 2 "$@"

@@ -51,6 +51,11 @@ TINY_CORPUS = [
     "In 1905 Einstein published four papers. The speed of light is about 299792458 m/s.",
 ] * 20
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first: with two workers (runs/test.sh) the four-minute speedrun test then runs beside the rest
+    of the suite instead of after it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer with 256 bytes + 64 merges + 9 specials, trained on TINY_CORPUS."""
